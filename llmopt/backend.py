@@ -1,0 +1,252 @@
+"""The llmopt backend: capture → freeze → passes → execute.
+
+``torch.compile(model, backend="llmopt", options={...})`` calls :func:`llmopt_backend`
+with TorchDynamo's FX graph. We
+
+1. validate the options (before any work, so a typo fails fast);
+2. capture: AOTAutograd lowers the graph to a functionalized ATen inference graph; in-place
+   updates of inputs (KV caches) stay in it as ``copy_`` into the input;
+3. freeze: graph inputs that are module parameters/buffers and are not mutated become
+   constants (``get_attr``), so passes may concatenate, re-layout and quantize them;
+4. run the pass pipeline (``passes/``), recording everything in a ``CompileReport``;
+5. execute with the inner executor: the FX module as is (``aten``) or Inductor for the
+   rest (``inductor``); llmopt ops stay intact either way.
+
+Frozen-weight contract: the compiled graph holds the weights as they were at compile time.
+Modifying a parameter in place afterwards (``load_state_dict``, ``p.copy_()``) or
+replacing it is detected at the next call (``check_weights``) and raises; recompile after
+changing weights (``torch._dynamo.reset()`` then call the compiled model again).
+
+Only inference is optimized: a graph compiled with autograd recording (grad mode on and
+inputs that require grad) runs unchanged, with a report entry saying so.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import compat
+from .graph import count_ops, networkx_view, op_histogram, tensor_meta
+from .options import Options
+from .passes import PassContext, run_pipeline
+from .report import CompileReport, register_report
+
+log = logging.getLogger("llmopt")
+
+SUPPORTED_DEVICES = ("cpu", "cuda")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The executor chosen by inner="auto", per device; the measurement behind each choice is
+# in the README ("Choosing the inner executor").
+DEFAULT_EXECUTOR = {"cpu": "aten", "cuda": "inductor"}
+
+
+def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Any = None, mode: str | None = None):
+    """TorchDynamo backend entry point (registered as ``llmopt``)."""
+    opts = Options.from_user(options, mode)
+    lifted = _lifted_module_state(gm)
+    full_inputs = [*lifted, *example_inputs]
+    grad_recording = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in full_inputs
+    )
+    if grad_recording:
+        report = CompileReport(options=opts.to_dict(), executor="eager (dynamo graph)")
+        report.fallback(
+            "whole graph",
+            "autograd is recording (grad mode on, inputs require grad): llmopt optimizes inference "
+            "only; call the model under torch.no_grad() or torch.inference_mode()",
+        )
+        _finish_report(report, opts)
+        return gm.forward
+
+    def fw_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]):
+        return compile_inference_graph(aten_gm, list(fake_inputs), full_inputs, len(lifted), opts)
+
+    try:
+        return compat.aot_inference_capture(gm, example_inputs, fw_compiler)
+    except Exception as exc:
+        if opts.strict:
+            raise
+        report = CompileReport(options=opts.to_dict(), executor="eager (dynamo graph)")
+        report.fallback("capture", f"AOTAutograd could not capture the graph: {type(exc).__name__}: {exc}")
+        _finish_report(report, opts)
+        log.warning("llmopt: capture failed, running the graph unoptimized: %s", exc)
+        return gm.forward
+
+
+def _lifted_module_state(gm: fx.GraphModule) -> list[torch.Tensor]:
+    # When Dynamo does not inline nn.Modules, parameters/buffers live on ``gm`` and
+    # aot_module_simplified passes them first; mirror that order.
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    buffers = dict(gm.named_buffers(remove_duplicate=False))
+    return [*params.values(), *buffers.values()]
+
+
+def compile_inference_graph(
+    gm: fx.GraphModule,
+    fake_inputs: list[Any],
+    real_inputs: list[Any],
+    n_lifted: int,
+    opts: Options,
+) -> Callable:
+    """Freeze, run the passes and pick the executor for one ATen inference graph."""
+    start = time.perf_counter()
+    report = CompileReport(options=opts.to_dict())
+    device, dtypes = _device_and_dtypes(fake_inputs)
+    report.device, report.dtypes = str(device), dtypes
+    report.nodes_before = count_ops(gm)
+    report.ops_before = op_histogram(gm)
+    report.graph_before = networkx_view(gm)
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mutated = _mutated_placeholders(gm)
+    report.mutated_inputs = [p.name for p in placeholders if p in mutated]
+
+    frozen: list[tuple[int, torch.Tensor, int]] = []
+    keep = list(range(len(placeholders)))
+    if len(placeholders) != len(real_inputs):
+        report.fallback("freeze", f"{len(placeholders)} graph inputs but {len(real_inputs)} call inputs; not freezing")
+    elif opts.freeze:
+        frozen, keep = _freeze(gm, placeholders, real_inputs, n_lifted, mutated)
+        report.frozen_constants = len(frozen)
+
+    kept_fake = [fake_inputs[i] for i in keep] if len(fake_inputs) == len(placeholders) else fake_inputs
+    unsupported = _unsupported(device, dtypes)
+    if unsupported:
+        report.fallback("passes", unsupported)
+    else:
+        ctx = PassContext(options=opts, report=report, device=device, example_inputs=kept_fake)
+        run_pipeline(gm, ctx)
+    gm.recompile()
+
+    executor = opts.inner if opts.inner != "auto" else DEFAULT_EXECUTOR.get(device.type, "aten")
+    inner = _make_executor(gm, kept_fake, executor, report, opts)
+    report.nodes_after = count_ops(gm)
+    report.ops_after = op_histogram(gm)
+    report.graph_after = networkx_view(gm)
+    report.compile_seconds = time.perf_counter() - start
+    _finish_report(report, opts)
+    return _frozen_call(inner, keep, frozen, opts.check_weights)
+
+
+def _device_and_dtypes(inputs: list[Any]) -> tuple[torch.device, list[str]]:
+    devices, dtypes = [], []
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            devices.append(t.device)
+            name = str(t.dtype).replace("torch.", "")
+            if t.is_floating_point() and name not in dtypes:
+                dtypes.append(name)
+    device = next((d for d in devices if d.type != "cpu"), devices[0] if devices else torch.device("cpu"))
+    return device, sorted(dtypes)
+
+
+def _unsupported(device: torch.device, dtypes: list[str]) -> str | None:
+    if device.type not in SUPPORTED_DEVICES:
+        return f"device {device.type!r} is not supported by llmopt passes (supported: {', '.join(SUPPORTED_DEVICES)}); running unoptimized"
+    names = {str(d).replace("torch.", "") for d in SUPPORTED_DTYPES}
+    bad = [d for d in dtypes if d not in names and d != "float64"]
+    if bad:
+        return f"dtype(s) {bad} are not supported by llmopt passes (supported: {sorted(names)}); running unoptimized"
+    return None
+
+
+def _mutated_placeholders(gm: fx.GraphModule) -> set[fx.Node]:
+    """Placeholders written in place by some op of the graph (e.g. KV caches)."""
+    out = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not hasattr(node.target, "_schema"):
+            continue
+        for arg, spec in zip(node.args, node.target._schema.arguments):
+            if spec.alias_info is not None and spec.alias_info.is_write and isinstance(arg, fx.Node):
+                out.add(_root(arg))
+        for name, arg in node.kwargs.items():
+            spec = next((a for a in node.target._schema.arguments if a.name == name), None)
+            if spec is not None and spec.alias_info is not None and spec.alias_info.is_write and isinstance(arg, fx.Node):
+                out.add(_root(arg))
+    return out
+
+
+def _root(node: fx.Node) -> fx.Node:
+    # Follow views back to the tensor they alias (a write through a view writes the base).
+    while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or not schema.returns or schema.returns[0].alias_info is None:
+            break
+        node = node.args[0]
+    return node
+
+
+def _freeze(gm, placeholders, real_inputs, n_lifted, mutated):
+    frozen, keep = [], []
+    for i, (ph, real) in enumerate(zip(placeholders, real_inputs)):
+        is_state = isinstance(real, torch.Tensor) and (
+            i < n_lifted or isinstance(real, torch.nn.Parameter) or compat.module_state_kind(real) == "unguarded"
+        )
+        if not is_state or ph in mutated or not isinstance(tensor_meta(ph), torch.Tensor):
+            keep.append(i)
+            continue
+        name = "_frozen_" + "".join(c if c.isalnum() else "_" for c in ph.name)
+        with compat.real_tensor_mode():
+            gm.register_buffer(name, real.detach(), persistent=False)
+        with gm.graph.inserting_before(ph):
+            const = gm.graph.get_attr(name)
+        const.meta = dict(ph.meta)
+        ph.replace_all_uses_with(const)
+        gm.graph.erase_node(ph)
+        frozen.append((i, real, real._version))
+    # get_attr nodes must come after placeholders for readability; FX allows any order.
+    gm.graph.lint()
+    return frozen, keep
+
+
+def _make_executor(gm, fake_inputs, executor, report, opts) -> Callable:
+    report.executor = executor
+    if executor == "inductor":
+        try:
+            return compat.inductor_compile(gm, fake_inputs)
+        except Exception as exc:
+            if opts.strict:
+                raise
+            report.fallback("executor", f"Inductor failed ({type(exc).__name__}: {exc}); using the aten executor")
+            report.executor = "aten"
+
+    def run(args):
+        return gm(*args)
+
+    run._boxed_call = True
+    return run
+
+
+def _frozen_call(inner: Callable, keep: list[int], frozen, check_weights: bool) -> Callable:
+    if not frozen and keep == list(range(len(keep))):
+        return inner
+
+    def run(args):
+        if check_weights:
+            for i, tensor, version in frozen:
+                arg = args[i]
+                if arg is not tensor or arg._version != version:
+                    raise RuntimeError(
+                        "llmopt: a model weight changed after compilation (input "
+                        f"{i}: {'replaced' if arg is not tensor else 'modified in place'}); the "
+                        "compiled graph holds the weights frozen at compile time. Recompile: call "
+                        "torch._dynamo.reset() and compile again, or pass options={'freeze': False}."
+                    )
+        kept = [args[i] for i in keep]
+        args.clear()
+        return inner(kept)
+
+    run._boxed_call = True
+    return run
+
+
+def _finish_report(report: CompileReport, opts: Options) -> None:
+    register_report(report)
+    if opts.log:
+        print(report, file=sys.stderr)

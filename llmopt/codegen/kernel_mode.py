@@ -1,0 +1,59 @@
+"""Which implementation an llmopt op runs: the Triton kernel or the PyTorch reference.
+
+Every op in ``codegen/`` has two implementations: a Triton kernel (the fast path on CUDA)
+and ``<op>_ref``, the eager PyTorch reference that is also the CPU implementation. The
+choice is made per call, from the tensors' device and one environment variable, so that
+it needs no global mutable state:
+
+``LLMOPT_KERNELS``
+    ``auto`` (default): Triton on CUDA tensors when Triton imports, the reference elsewhere.
+    ``triton``: always the Triton kernel. With ``TRITON_INTERPRET=1`` this runs the kernel
+    in Triton's interpreter on CPU tensors: that is how the kernel tests run on CPU, through
+    the registered op, inside ``opcheck`` and ``torch.compile``.
+    ``reference``: always the PyTorch reference (debugging a suspected kernel bug).
+
+Why an environment variable and not a Python flag: the interpreter itself is switched by
+an environment variable read when ``@triton.jit`` runs, so both are set together, once,
+by the test session (``tests/conftest.py``) or the user.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+_VALID = ("auto", "triton", "reference")
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("LLMOPT_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _VALID:
+        raise ValueError(f"LLMOPT_KERNELS={mode!r} is not valid; use one of {', '.join(_VALID)}")
+    return mode
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether an op called on ``tensors`` should launch its Triton kernel."""
+    mode = kernel_mode()
+    if mode == "reference":
+        return False
+    if mode == "triton":
+        if not triton_available():
+            raise RuntimeError("LLMOPT_KERNELS=triton but triton is not installed; pip install triton")
+        if not interpreting() and not all(t.is_cuda for t in tensors):
+            raise RuntimeError(
+                "LLMOPT_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
+            )
+        return True
+    return triton_available() and all(t.is_cuda for t in tensors)

@@ -1,0 +1,133 @@
+"""The pass pipeline: an ordered list of named graph rewrites and the manager that runs them.
+
+Each pass is a module in this package with one public entry, ``run(gm, ctx) -> int``: it
+rewrites ``gm`` in place and returns how many rewrites it made, recording each hit and
+each near-miss (with its reason) through ``ctx``. The manager
+
+- runs the enabled passes in ``PIPELINE`` order and times each;
+- snapshots the graph before each pass: a pass that raises is logged in the report and
+  its partial rewrite is rolled back, so the model still runs, correctly
+  (``strict=True`` re-raises instead — the tests run strict);
+- lints the graph after each pass, so a pass that leaves it malformed fails loudly there.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..report import CompileReport, PassRecord
+
+log = logging.getLogger("llmopt")
+
+# Pipeline order matters: normalize makes the spellings uniform; fusions run before
+# attention lowering (RoPE feeds attention); linear kernel selection sees the final
+# (merged, possibly quantized) linears.
+PIPELINE: tuple[str, ...] = (
+    "normalize",
+    "merge_parallel_linears",
+    "fuse_residual_norm",
+    "fuse_gated_activation",
+    "fuse_rope",
+    "lower_attention",
+    "kv_cache",
+    "quantize_linears",
+    "select_linear_kernel",
+)
+PASS_NAMES = PIPELINE
+
+
+@dataclass
+class PassContext:
+    """What a pass sees besides the graph: options, report, device, example inputs."""
+
+    options: Any
+    report: CompileReport
+    device: torch.device
+    example_inputs: list[Any] = field(default_factory=list)
+    current_pass: str = ""
+
+    def rewrite(self, node: Any, detail: str) -> None:
+        self.report.rewrite(self.current_pass, node, detail)
+
+    def near_miss(self, node: Any, reason: str) -> None:
+        self.report.near_miss(self.current_pass, node, reason)
+
+
+class PassFailed(RuntimeError):
+    """A pass raised while ``strict=True``."""
+
+
+def available_passes() -> dict[str, Any]:
+    """Pass name -> module, for the passes of PIPELINE that exist in this build."""
+    out = {}
+    for name in PIPELINE:
+        try:
+            out[name] = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    return out
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """Run every enabled pass on ``gm``; returns the total number of rewrites."""
+    total = 0
+    modules = available_passes()
+    for name in PIPELINE:
+        if name not in modules:
+            ctx.report.passes.append(PassRecord(name, "not-available"))
+            continue
+        if not ctx.options.enabled(name):
+            ctx.report.passes.append(PassRecord(name, "disabled"))
+            continue
+        total += _run_one(name, modules[name], gm, ctx)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return total
+
+
+def _run_one(name: str, module: Any, gm: fx.GraphModule, ctx: PassContext) -> int:
+    ctx.current_pass = name
+    saved_graph = _copy_graph(gm.graph)
+    saved_attrs = set(gm._buffers) | set(gm._parameters) | set(vars(gm))
+    n_rewrites, n_near = len(ctx.report.rewrites), len(ctx.report.near_misses)
+    start = time.perf_counter()
+    try:
+        count = int(module.run(gm, ctx))
+        gm.graph.lint()
+    except Exception as exc:  # a pass must never take the user's model down
+        seconds = time.perf_counter() - start
+        gm.graph = saved_graph
+        for attr in set(gm._buffers) - saved_attrs:
+            delattr(gm, attr)
+        gm.recompile()
+        del ctx.report.rewrites[n_rewrites:]
+        del ctx.report.near_misses[n_near:]
+        message = f"{type(exc).__name__}: {exc}"
+        ctx.report.passes.append(PassRecord(name, "failed", 0, seconds, message))
+        log.warning("llmopt: pass %s failed and was skipped: %s\n%s", name, message, traceback.format_exc())
+        if ctx.options.strict:
+            raise PassFailed(f"llmopt pass {name!r} failed: {message}") from exc
+        return 0
+    finally:
+        ctx.current_pass = ""
+    seconds = time.perf_counter() - start
+    gm.recompile()
+    ctx.report.passes.append(PassRecord(name, "ok", count, seconds))
+    return count
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph(owning_module=graph.owning_module)
+    env: dict[fx.Node, fx.Node] = {}
+    out = new.graph_copy(graph, env)
+    new.output(out)
+    return new

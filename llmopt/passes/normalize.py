@@ -1,0 +1,157 @@
+"""normalize: make equal math look equal, so the later passes match one spelling.
+
+- Remove no-ops: views/reshapes/expands to the same shape, full slices, ``alias`` and
+  ``detach`` in an inference graph, identity ``_to_copy`` (same dtype, device, layout),
+  ``clone`` of an already contiguous tensor, dropout in eval (``train=False``).
+- Canonicalize linears: ``addmm(b, x, t(w))``, ``mm(x, t(w))``, ``matmul``-produced
+  ``view → mm → view`` chains and GPT-2's ``Conv1D`` (``addmm(b, x, w)`` with a frozen
+  ``[K, N]`` weight) all become ``aten.linear(x, w, b)`` with a frozen ``[N, K]`` weight —
+  the single form ``merge_parallel_linears``, the fusions and ``select_linear_kernel``
+  match.
+
+A no-op is only removed when it is provably one (shapes and strides from
+``node.meta["val"]``, without adding guards on symbolic sizes) and when removing it cannot
+create an alias between a graph output and an input that the graph writes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .. import compat
+from ..graph import add_constant, constant_value, is_constant, real_tensors, tensor_meta
+
+aten = torch.ops.aten
+
+_SAME_SHAPE_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}
+_ALIASES = {aten.alias.default, aten.detach.default}
+_TRANSPOSE = {aten.t.default}
+
+
+def run(gm: fx.GraphModule, ctx) -> int:
+    count = 0
+    outputs = _output_nodes(gm)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        src = _noop_source(node)
+        if src is not None and node not in outputs:
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+            count += 1
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in (aten.addmm.default, aten.mm.default):
+            if _canonicalize_matmul(gm, node, ctx):
+                count += 1
+    gm.graph.eliminate_dead_code()
+    return count
+
+
+def _output_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return set(out.all_input_nodes)
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dim() != b.dim():
+        return False
+    return all(compat.statically_true(x == y) for x, y in zip(a.shape, b.shape))
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return _same_shape(a, b) and all(
+        compat.statically_true(x == y) for x, y, n in zip(a.stride(), b.stride(), a.shape) if not compat.statically_true(n == 1)
+    )
+
+
+def _noop_source(node: fx.Node) -> fx.Node | None:
+    """The input this node merely passes through, or None."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    src = node.args[0]
+    a, b = tensor_meta(src), tensor_meta(node)
+    if a is None or b is None:
+        return None
+    t = node.target
+    if t in _ALIASES:
+        return src
+    if t in _SAME_SHAPE_VIEWS:
+        return src if _same_layout(a, b) else None
+    if t == aten.slice.Tensor:
+        return src if _same_layout(a, b) else None
+    if t == aten._to_copy.default:
+        kw = node.kwargs
+        if set(kw) - {"dtype", "device", "layout", "memory_format"}:
+            return None
+        if a.dtype == b.dtype and a.device == b.device and _same_layout(a, b) and src.op != "placeholder":
+            return src
+        return None
+    if t == aten.clone.default:
+        return src if _same_layout(a, b) and a.is_contiguous() and src.op != "placeholder" else None
+    if t in (aten.dropout.default,):
+        return src if len(node.args) >= 3 and node.args[2] is False else None
+    return None
+
+
+def _canonicalize_matmul(gm: fx.GraphModule, node: fx.Node, ctx) -> bool:
+    """Rewrite addmm/mm with a frozen weight into aten.linear(x, w[N,K], b)."""
+    if node.target == aten.addmm.default:
+        bias, x, wt = node.args[:3]
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            ctx.near_miss(node, "addmm with beta/alpha != 1 is not a linear")
+            return False
+        if not is_constant(gm, bias) or tensor_meta(bias) is None or tensor_meta(bias).dim() != 1:
+            ctx.near_miss(node, "addmm bias is not a frozen 1-D constant")
+            return False
+    else:
+        x, wt = node.args[:2]
+        bias = None
+    weight = _frozen_weight_nk(gm, wt)
+    if weight is None:
+        return False
+    # Fold a surrounding view(x3d -> 2d) ... view(2d -> 3d): linear takes any leading dims.
+    x_in = x
+    out_node = node
+    if (
+        isinstance(x, fx.Node)
+        and x.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+        and len(node.users) == 1
+    ):
+        user = next(iter(node.users))
+        src = x.args[0]
+        sv, uv = tensor_meta(src), tensor_meta(user)
+        if (
+            user.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+            and sv is not None
+            and uv is not None
+            and sv.dim() == uv.dim()
+            and all(compat.statically_true(p == q) for p, q in zip(sv.shape[:-1], uv.shape[:-1]))
+        ):
+            x_in, out_node = src, user
+    with gm.graph.inserting_before(out_node):
+        lin = gm.graph.call_function(aten.linear.default, (x_in, weight, bias))
+    lin.meta = dict(out_node.meta)
+    ctx.rewrite(lin, f"{node.target.__name__} → linear")
+    out_node.replace_all_uses_with(lin)
+    if out_node is not node:
+        gm.graph.erase_node(out_node)
+    gm.graph.erase_node(node)
+    return True
+
+
+def _frozen_weight_nk(gm: fx.GraphModule, wt: fx.Node) -> fx.Node | None:
+    """The frozen [N, K] weight behind the right operand of ``x @ wt``, or None."""
+    if not isinstance(wt, fx.Node):
+        return None
+    if wt.target in _TRANSPOSE or (wt.target == aten.permute.default and list(wt.args[1]) == [1, 0]):
+        w = wt.args[0]
+        return w if is_constant(gm, w) else None
+    if is_constant(gm, wt):
+        # [K, N] constant used directly (GPT-2 Conv1D): store its transpose once.
+        value = constant_value(gm, wt)
+        if value.dim() != 2:
+            return None
+        with real_tensors():
+            transposed = value.t().contiguous()
+        return add_constant(gm, wt.target + "_t", transposed, wt)
+    return None

@@ -1,0 +1,209 @@
+"""CompileReport: what llmopt did to one compiled graph, and why it did not do more.
+
+Every graph the backend compiles gets a report: node counts and op histograms before and
+after the passes, per-pass rewrite counts and time, each rewrite and each near-miss with
+the model layer it hit, fallbacks (a pass that failed, an executor that could not be
+used, a dtype/device llmopt does not handle), and each linear's kernel choice. It prints
+as a table, serializes to stable JSON (sorted keys, schema version) and draws the graph
+as DOT through the networkx view of ``graph.py``.
+
+``last_report()`` / ``reports()`` read a bounded, explicit registry of recent reports:
+the one piece of module state here, kept because a user asks for it after
+``torch.compile`` returned (the backend has no other channel back to them).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class PassRecord:
+    name: str
+    status: str  # "ok" | "disabled" | "failed" | "not-applicable"
+    rewrites: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class Rewrite:
+    pass_name: str
+    node: str
+    layer: str
+    detail: str
+
+
+@dataclass
+class NearMiss:
+    pass_name: str
+    node: str
+    layer: str
+    reason: str
+
+
+@dataclass
+class Fallback:
+    what: str
+    reason: str
+
+
+@dataclass
+class KernelChoice:
+    node: str
+    layer: str
+    op: str
+    kernel: str
+    reason: str
+
+
+@dataclass
+class CompileReport:
+    graph_index: int = 0
+    device: str = "cpu"
+    dtypes: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    executor: str = ""
+    nodes_before: int = 0
+    nodes_after: int = 0
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    frozen_constants: int = 0
+    mutated_inputs: list[str] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)
+    rewrites: list[Rewrite] = field(default_factory=list)
+    near_misses: list[NearMiss] = field(default_factory=list)
+    fallbacks: list[Fallback] = field(default_factory=list)
+    kernel_choices: list[KernelChoice] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    compile_seconds: float = 0.0
+    # Graph structure (node -> op, edges) before and after, for drawing; not in to_json().
+    graph_before: Any = field(default=None, repr=False)
+    graph_after: Any = field(default=None, repr=False)
+
+    # -- recording -------------------------------------------------------------------
+    def rewrite(self, pass_name: str, node: Any, detail: str) -> None:
+        self.rewrites.append(Rewrite(pass_name, _node_name(node), layer_of(node), detail))
+
+    def near_miss(self, pass_name: str, node: Any, reason: str) -> None:
+        self.near_misses.append(NearMiss(pass_name, _node_name(node), layer_of(node), reason))
+
+    def fallback(self, what: str, reason: str) -> None:
+        self.fallbacks.append(Fallback(what, reason))
+
+    def kernel_choice(self, node: Any, op: str, kernel: str, reason: str) -> None:
+        self.kernel_choices.append(KernelChoice(_node_name(node), layer_of(node), op, kernel, reason))
+
+    def rewrites_by_pass(self) -> dict[str, int]:
+        return {p.name: p.rewrites for p in self.passes}
+
+    # -- output ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("graph_before")
+        d.pop("graph_after")
+        d["schema_version"] = SCHEMA_VERSION
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True, default=str)
+
+    def to_dot(self, which: str = "after") -> str:
+        """The graph before or after the passes, in Graphviz DOT."""
+        from .graph import to_dot
+
+        graph = {"before": self.graph_before, "after": self.graph_after}.get(which)
+        if which not in ("before", "after"):
+            raise ValueError(f"which must be 'before' or 'after', got {which!r}")
+        if graph is None:
+            raise ValueError("this report holds no graph (it was built without one)")
+        return to_dot(graph, title=f"llmopt graph {self.graph_index} ({which})")
+
+    def __str__(self) -> str:
+        lines = [
+            f"llmopt compile report — graph {self.graph_index} on {self.device} "
+            f"({', '.join(self.dtypes) or 'no tensors'}), executor {self.executor or '?'}",
+            f"nodes: {self.nodes_before} → {self.nodes_after}   frozen constants: {self.frozen_constants}"
+            f"   mutated inputs: {len(self.mutated_inputs)}   compile time: {self.compile_seconds:.2f}s",
+            "",
+            f"{'pass':<26}{'status':<16}{'rewrites':>9}{'ms':>9}",
+        ]
+        for p in self.passes:
+            lines.append(f"{p.name:<26}{p.status:<16}{p.rewrites:>9}{p.seconds * 1e3:>9.1f}")
+            if p.error:
+                lines.append(f"    error: {p.error}")
+        if self.rewrites:
+            lines += ["", "rewrites:"]
+            lines += [f"  {r.pass_name:<24} {r.layer or '-':<28} {r.detail}" for r in self.rewrites]
+        if self.near_misses:
+            lines += ["", "near-misses (not rewritten):"]
+            lines += [f"  {m.pass_name:<24} {m.layer or '-':<28} {m.node}: {m.reason}" for m in self.near_misses]
+        if self.kernel_choices:
+            lines += ["", "kernels:"]
+            lines += [f"  {k.layer or '-':<28} {k.op:<16} {k.kernel:<24} {k.reason}" for k in self.kernel_choices]
+        if self.fallbacks:
+            lines += ["", "fallbacks:"]
+            lines += [f"  {f.what}: {f.reason}" for f in self.fallbacks]
+        for n in self.notes:
+            lines.append(f"note: {n}")
+        return "\n".join(lines)
+
+
+def _node_name(node: Any) -> str:
+    return getattr(node, "name", str(node))
+
+
+def layer_of(node: Any) -> str:
+    """The module path a graph node came from (``model.layers.3.self_attn``), or ''."""
+    meta = getattr(node, "meta", None) or {}
+    stack = meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    # The innermost entry is last; each value is (qualified path, module type).
+    path = list(stack.values())[-1]
+    path = path[0] if isinstance(path, tuple) else path
+    return _clean_module_path(str(path))
+
+
+def _clean_module_path(path: str) -> str:
+    # Dynamo spells paths like "L['self'].model.layers[0].self_attn" or
+    # "L__self___model_layers_0_self_attn"; reduce both to "model.layers.0.self_attn".
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    path = path.replace("['", ".").replace("']", "").replace("[", ".").replace("]", "")
+    path = path.replace("._modules.", ".")
+    return path.strip(".")
+
+
+# -- the registry of recent reports ------------------------------------------------------
+_MAX_REPORTS = 64
+_reports: collections.deque[CompileReport] = collections.deque(maxlen=_MAX_REPORTS)
+_lock = threading.Lock()
+
+
+def register_report(report: CompileReport) -> None:
+    with _lock:
+        report.graph_index = (_reports[-1].graph_index + 1) if _reports else 0
+        _reports.append(report)
+
+
+def last_report() -> CompileReport | None:
+    """The report of the most recently compiled graph (None before any compile)."""
+    with _lock:
+        return _reports[-1] if _reports else None
+
+
+def reports() -> list[CompileReport]:
+    """Reports of recently compiled graphs, oldest first (one per graph; graph breaks and
+    recompiles add more)."""
+    with _lock:
+        return list(_reports)
+
+
+def clear_reports() -> None:
+    with _lock:
+        _reports.clear()
