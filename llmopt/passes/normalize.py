@@ -5,9 +5,9 @@
   ``clone`` of an already contiguous tensor, dropout in eval (``train=False``).
 - Canonicalize linears: ``addmm(b, x, t(w))``, ``mm(x, t(w))``, ``matmul``-produced
   ``view → mm → view`` chains and GPT-2's ``Conv1D`` (``addmm(b, x, w)`` with a frozen
-  ``[K, N]`` weight) all become ``aten.linear(x, w, b)`` with a frozen ``[N, K]`` weight —
-  the single form ``merge_parallel_linears``, the fusions and ``select_linear_kernel``
-  match.
+  ``[K, N]`` weight, transposed once) all become ``aten.linear(x, w[N, K], b)`` — the
+  single form ``merge_parallel_linears``, the fusions and ``select_linear_kernel`` match
+  (they check themselves whether ``w`` is a frozen constant).
 
 A no-op is only removed when it is provably one (shapes and strides from
 ``node.meta["val"]``, without adding guards on symbolic sizes) and when removing it cannot
@@ -100,13 +100,12 @@ def _canonicalize_matmul(gm: fx.GraphModule, node: fx.Node, ctx) -> bool:
         if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
             ctx.near_miss(node, "addmm with beta/alpha != 1 is not a linear")
             return False
-        if not is_constant(gm, bias) or tensor_meta(bias) is None or tensor_meta(bias).dim() != 1:
-            ctx.near_miss(node, "addmm bias is not a frozen 1-D constant")
+        if tensor_meta(bias) is None or tensor_meta(bias).dim() != 1:
             return False
     else:
         x, wt = node.args[:2]
         bias = None
-    weight = _frozen_weight_nk(gm, wt)
+    weight = _weight_nk(gm, wt)
     if weight is None:
         return False
     # Fold a surrounding view(x3d -> 2d) ... view(2d -> 3d): linear takes any leading dims.
@@ -139,13 +138,17 @@ def _canonicalize_matmul(gm: fx.GraphModule, node: fx.Node, ctx) -> bool:
     return True
 
 
-def _frozen_weight_nk(gm: fx.GraphModule, wt: fx.Node) -> fx.Node | None:
-    """The frozen [N, K] weight behind the right operand of ``x @ wt``, or None."""
+def _weight_nk(gm: fx.GraphModule, wt: fx.Node) -> fx.Node | None:
+    """The [N, K] weight behind the right operand of ``x @ wt``, or None.
+
+    ``t(w)`` gives ``w`` whatever it is (later passes check it is a frozen constant and
+    report when it is not); an untransposed ``[K, N]`` operand only when it is a frozen
+    constant, whose transpose is then stored once.
+    """
     if not isinstance(wt, fx.Node):
         return None
     if wt.target in _TRANSPOSE or (wt.target == aten.permute.default and list(wt.args[1]) == [1, 0]):
-        w = wt.args[0]
-        return w if is_constant(gm, w) else None
+        return wt.args[0]
     if is_constant(gm, wt):
         # [K, N] constant used directly (GPT-2 Conv1D): store its transpose once.
         value = constant_value(gm, wt)

@@ -24,7 +24,7 @@ CONFIGS = {
     "qwen2": lambda: tf.Qwen2Config(**_common(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)),
     "gemma": lambda: tf.GemmaConfig(**_common(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=1, head_dim=16)),
     "phi": lambda: tf.PhiConfig(**_common(hidden_size=64, intermediate_size=160, num_attention_heads=4, partial_rotary_factor=0.5)),
-    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=NUM_LAYERS, n_head=4, n_positions=256),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=NUM_LAYERS, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2),
     "bert": lambda: tf.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=NUM_LAYERS, num_attention_heads=4, intermediate_size=128, max_position_embeddings=256),
 }
 

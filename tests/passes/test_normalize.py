@@ -103,9 +103,17 @@ def test_casts_that_change_dtype_are_kept():
     assert report.ops_after.get("aten._to_copy.default") == 2
 
 
-def test_non_constant_weight_is_not_canonicalized():
+def test_non_constant_weight_is_canonicalized_too():
     f = lambda x, w: x @ w.t()  # noqa: E731  (w is an input, not a frozen weight)
     x, w = torch.randn(4, 8), torch.randn(6, 8)
     out, report = compile_and_run(f, x, w)
     assert_close(out, x @ w.t(), torch.float32)
+    assert report.ops_after == {"aten.linear.default": 1}
+
+
+def test_untransposed_non_constant_operand_stays_a_matmul():
+    f = lambda x, w: x @ w  # noqa: E731
+    x, w = torch.randn(4, 8), torch.randn(8, 6)
+    out, report = compile_and_run(f, x, w)
+    assert_close(out, x @ w, torch.float32)
     assert "aten.linear.default" not in report.ops_after

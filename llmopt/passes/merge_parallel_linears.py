@@ -1,0 +1,117 @@
+"""merge_parallel_linears: linears that read the same input become one matmul + views.
+
+    q = x @ Wq^T + bq;  k = x @ Wk^T;  v = x @ Wv^T + bv
+      →  qkv = x @ cat(Wq, Wk, Wv)^T + cat(bq, 0, bv);  q, k, v = qkv[..., slices]
+
+One read of ``x`` and one launch instead of three (Q/K/V, including GQA/MQA where K and
+V are narrower than Q), two for gate/up of a SwiGLU MLP, and any other group sharing an
+input (BERT's Q/K/V with biases). The outputs are ``aten.slice`` views of the merged
+output along its last dimension — no copies; the gated-activation fusion reads the two
+halves of a merged gate/up through their strides.
+
+Grouping follows DESIGN.md's horizontal-fusion shape: ``group_key(node)`` returns a key or
+None (with the reason), ``fuse(gm, nodes)`` merges one group. The key includes the
+weight's storage *scheme* ("dense" today) so quantized members (the quantization pass
+attaches ``meta["llmopt_scheme"]``) only merge with members of the same scheme and group
+size, through that scheme's own concatenation.
+
+Memory: the merged weight is a new tensor; the model's original parameters stay alive
+(they belong to the user's module), so merged weights cost their size once more.
+"""
+from __future__ import annotations
+
+import collections
+
+import torch
+import torch.fx as fx
+
+from ..graph import add_constant, constant_value, is_constant, real_tensors, tensor_meta
+
+aten = torch.ops.aten
+
+
+def group_key(gm: fx.GraphModule, node: fx.Node):
+    """(key, None) when ``node`` can join a merge group, (None, reason) otherwise."""
+    if node.op != "call_function" or node.target != aten.linear.default:
+        return None, None
+    x, w = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    if not is_constant(gm, w):
+        return None, "weight is not a frozen constant"
+    if bias is not None and not is_constant(gm, bias):
+        return None, "bias is not a frozen constant"
+    wv = tensor_meta(w)
+    if wv is None or wv.dim() != 2:
+        return None, "weight is not 2-D"
+    scheme = node.meta.get("llmopt_scheme", "dense")
+    return (x, wv.dtype, wv.device, int(wv.shape[1]), scheme), None
+
+
+def run(gm: fx.GraphModule, ctx) -> int:
+    groups: dict = collections.defaultdict(list)
+    reasons = {}
+    for node in gm.graph.nodes:
+        key, reason = group_key(gm, node)
+        if key is not None:
+            groups[key].append(node)
+        elif reason is not None:
+            reasons[node] = reason
+    # A non-constant member of a group that would otherwise merge is a near-miss worth
+    # reporting; a lone linear is not.
+    shared_inputs = collections.Counter(k[0] for k, v in groups.items() for _ in v)
+    for node, reason in reasons.items():
+        if shared_inputs.get(node.args[0], 0) >= 1:
+            ctx.near_miss(node, f"not merged with the linears sharing its input: {reason}")
+    count = 0
+    for key, nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        if key[4] != "dense":
+            ctx.near_miss(nodes[0], f"merging {key[4]} weights is not supported yet")
+            continue
+        fuse(gm, nodes, ctx)
+        count += 1
+    return count
+
+
+def fuse(gm: fx.GraphModule, nodes: list[fx.Node], ctx) -> fx.Node:
+    """Replace the linears ``nodes`` (same input, frozen weights) by one linear + slices."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = sorted(nodes, key=order.__getitem__)
+    first = nodes[0]
+    x = first.args[0]
+    weights = [constant_value(gm, n.args[1]) for n in nodes]
+    biases = [constant_value(gm, n.args[2]) if len(n.args) > 2 and n.args[2] is not None else None for n in nodes]
+    widths = [int(w.shape[0]) for w in weights]
+    with real_tensors():
+        merged_w = torch.cat([w.detach() for w in weights], dim=0)
+        merged_b = None
+        if any(b is not None for b in biases):
+            ref = next(b for b in biases if b is not None)
+            merged_b = torch.cat(
+                [b.detach() if b is not None else torch.zeros(n, dtype=ref.dtype, device=ref.device) for b, n in zip(biases, widths)]
+            )
+    w_node = add_constant(gm, "merged_weight", merged_w, first)
+    b_node = add_constant(gm, "merged_bias", merged_b, first) if merged_b is not None else None
+    with gm.graph.inserting_before(first):
+        merged = gm.graph.call_function(aten.linear.default, (x, w_node, b_node))
+    merged.meta = dict(first.meta)
+    merged.meta["val"] = aten.linear.default(tensor_meta(x), tensor_meta(w_node), tensor_meta(b_node) if b_node else None)
+    start = 0
+    for node, width in zip(nodes, widths):
+        with gm.graph.inserting_before(node):
+            piece = gm.graph.call_function(aten.slice.Tensor, (merged, -1, start, start + width))
+        piece.meta = dict(node.meta)
+        piece.meta["val"] = aten.slice.Tensor(merged.meta["val"], -1, start, start + width)
+        node.replace_all_uses_with(piece)
+        gm.graph.erase_node(node)
+        start += width
+    names = ", ".join(_short(n) for n in nodes)
+    ctx.rewrite(merged, f"merged {len(nodes)} linears ({names}) → N={sum(widths)}, K={int(merged_w.shape[1])}")
+    return merged
+
+
+def _short(node: fx.Node) -> str:
+    from ..report import layer_of
+
+    return layer_of(node).split(".")[-1] or node.name
