@@ -3,3 +3,6 @@
 ``codegen`` imports nothing from the rest of llmopt. Importing this package registers
 every ``llmopt::*`` op with ``torch.library`` (the explicit op registry).
 """
+from . import attention_decode  # noqa: F401  registers llmopt::attention_decode
+from . import attention_prefill  # noqa: F401  registers llmopt::attention_prefill
+from . import kv_cache  # noqa: F401  registers llmopt::kv_cache_append

@@ -1,0 +1,140 @@
+"""In-place KV-cache append: write this step's K and V rows into preallocated caches.
+
+    k_cache[b, h, positions[b, s], :] = k[b, h, s, :]      (same for v)
+
+Shapes: ``k_cache, v_cache: [B, H, S_max, D]`` (any strides, last dim contiguous — the
+layout of Hugging Face's StaticCache and of ``llmopt.runtime.StaticKVCache``),
+``k, v: [B, H, S_new, D]`` (any strides), ``positions: [S_new]`` (shared by the batch, as
+HF's ``cache_position``) or ``[B, S_new]`` (per sequence), integer. Copies only, no math.
+
+Why an op: in a functionalized graph a cache update is ``index_copy`` (a copy of the whole
+cache) followed by ``copy_`` back into the input — O(S_max) bytes per layer per decode
+step. This op writes the O(S_new) new rows in place, so a decode step's cost no longer
+grows with the cache capacity (``passes/kv_cache.py`` emits it).
+
+Positions outside ``[0, S_max)`` are a caller error: the launcher cannot check device
+values without a host sync, so the kernel masks them (no out-of-bounds write) and the
+reference raises (index_copy's own check). A paged cache would index its blocks through
+a block table in the same kernel shape (one program per written row).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernel_mode import use_triton
+
+
+# --------------------------------------------------------------------------- config space
+def _block_d(d: int) -> int:
+    return triton.next_power_of_2(d)
+
+
+# --------------------------------------------------------------------------- kernel
+@triton.jit
+def _kv_append_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr,
+    H, S_NEW, S_MAX, D,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_kcb, stride_kch, stride_kcs,
+    stride_vcb, stride_vch, stride_vcs,
+    stride_pb, stride_ps,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)  # one program per (b, h, s) written row
+    s = row % S_NEW
+    h = (row // S_NEW) % H
+    b = row // (S_NEW * H)
+    pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    pos_vec = tl.zeros([BLOCK_D], dtype=tl.int64) + pos  # broadcast: a block mask, not a scalar one
+    mask = (offs < D) & (pos_vec >= 0) & (pos_vec < S_MAX)
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + s * stride_ks + offs, mask=mask)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + s * stride_vs + offs, mask=mask)
+    tl.store(kc_ptr + b * stride_kcb + h * stride_kch + pos_vec * stride_kcs + offs, k, mask=mask)
+    tl.store(vc_ptr + b * stride_vcb + h * stride_vch + pos_vec * stride_vcs + offs, v, mask=mask)
+
+
+# --------------------------------------------------------------------------- reference
+def kv_cache_append_ref(k_cache, v_cache, positions, k, v) -> None:
+    if positions.dim() == 1:
+        k_cache.index_copy_(2, positions, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
+        return
+    for b in range(k.shape[0]):  # per-sequence positions (ragged batches)
+        k_cache[b].index_copy_(1, positions[b], k[b].to(k_cache.dtype))
+        v_cache[b].index_copy_(1, positions[b], v[b].to(v_cache.dtype))
+
+
+# --------------------------------------------------------------------------- launcher
+def _check(k_cache, v_cache, positions, k, v) -> None:
+    if k_cache.dim() != 4 or v_cache.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"kv_cache_append: caches and k/v must be 4-D [B, H, S, D], got {tuple(k_cache.shape)}, "
+            f"{tuple(v_cache.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[:2] != k_cache.shape[:2] or k.shape[3] != k_cache.shape[3] or v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"kv_cache_append: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit the cache {tuple(k_cache.shape)} "
+            "(batch, heads and head dim must match)"
+        )
+    if v.shape[3] != v_cache.shape[3] or v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"kv_cache_append: v cache {tuple(v_cache.shape)} does not match k cache {tuple(k_cache.shape)}")
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"kv_cache_append: positions must be int32 or int64, got {positions.dtype}")
+    expected = (k.shape[2],) if positions.dim() == 1 else (k.shape[0], k.shape[2])
+    if tuple(positions.shape) != expected:
+        raise ValueError(f"kv_cache_append: positions shape {tuple(positions.shape)}, expected {expected} or {(k.shape[2],)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("kv_cache_append: the caches' last dimension must be contiguous")
+    if k.shape[2] > k_cache.shape[2]:
+        raise ValueError(
+            f"KV cache full: {k_cache.shape[2]} positions reserved, {k.shape[2]} new tokens in one step; "
+            "use a larger max_seq_len"
+        )
+
+
+def kv_cache_append_triton(k_cache, v_cache, positions, k, v) -> None:
+    _check(k_cache, v_cache, positions, k, v)
+    B, H, S_new, D = k.shape
+    if k.numel() == 0:
+        return
+    k = k.to(k_cache.dtype)
+    v = v.to(v_cache.dtype)
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    pos = positions if positions.dim() == 2 else positions.unsqueeze(0)
+    stride_pb = pos.stride(0) if positions.dim() == 2 else 0
+    _kv_append_kernel[(B * H * S_new,)](
+        k, v, k_cache, v_cache, pos,
+        H, S_new, k_cache.shape[2], D,
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        stride_pb, pos.stride(1),
+        BLOCK_D=_block_d(D),
+    )
+
+
+# --------------------------------------------------------------------------- op
+@torch.library.custom_op("llmopt::kv_cache_append", mutates_args=("k_cache", "v_cache"))
+def kv_cache_append(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Write ``k``/``v`` rows at ``positions`` into the caches, in place."""
+    if use_triton(k_cache, k):
+        kv_cache_append_triton(k_cache, v_cache, positions, k, v)
+    else:
+        _check(k_cache, v_cache, positions, k, v)
+        kv_cache_append_ref(k_cache, v_cache, positions, k, v)
+
+
+@kv_cache_append.register_fake
+def _(k_cache, v_cache, positions, k, v) -> None:
+    _check(k_cache, v_cache, positions, k, v)
+    return None
