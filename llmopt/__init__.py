@@ -5,10 +5,24 @@
 """
 from .options import Options
 from .report import CompileReport, clear_reports, last_report, reports
+from .runtime import SamplingParams, generate
 
 __version__ = "0.1.0"
 
-__all__ = ["Options", "CompileReport", "last_report", "reports", "clear_reports", "compile", "__version__"]
+__all__ = [
+    "Options", "CompileReport", "last_report", "reports", "clear_reports", "compile",
+    "generate", "SamplingParams", "StaticKVCache", "KVCacheFullError", "__version__",
+]
+
+
+def __getattr__(name):
+    # StaticKVCache needs transformers: import it on first use only, so that the backend's
+    # discovery by TorchDynamo never pulls transformers in.
+    if name in ("StaticKVCache", "KVCacheFullError"):
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'llmopt' has no attribute {name!r}")
 
 
 def compile(model, *, options=None, **torch_compile_kwargs):

@@ -1,0 +1,386 @@
+"""``llmopt.generate``: prefill, then a decode loop that keeps every shape static.
+
+The loop of gpt-fast (https://github.com/pytorch-labs/gpt-fast) applied to Hugging Face
+causal LMs, eager or ``torch.compile``d (any backend):
+
+1. The prompts ``[B, P]`` (left-padded, with their 0/1 ``attention_mask``) run in one forward
+   into a :class:`~llmopt.runtime.static_cache.StaticKVCache` of ``max_seq_len`` slots.
+   Position ids count real tokens only (``cumsum(mask) - 1``), as Hugging Face ``generate``.
+2. Each decode step feeds one token per row. What the model sees never changes shape or
+   identity: ``input_ids`` and ``position_ids`` are ``[B, 1]`` tensors, the attention mask is
+   one ``[B, max_seq_len]`` tensor built once (the prompt's mask followed by ones: slots not
+   yet written are excluded by causality, which the model computes from the cache's device
+   counter), and the cache advances its own device counter. A compiled model is therefore
+   traced once for the prefill and once for decode, whatever the number of tokens.
+3. The next token is chosen on the device (:mod:`~llmopt.runtime.sampling`). A sequence
+   that produced a stop token is *finished*: a device mask; later tokens of that row are the
+   pad token, and the model keeps running on it (a batch advances together).
+
+Host synchronisation. Nothing in a step waits for the device, except the stop check: reading
+``finished.all()`` copies a flag to the host and waits for the step to end, which leaves the
+GPU idle while Python prepares the next launch. It is read every ``stop_check_interval``
+steps (default 1 on CPU where it is free, 8 on CUDA): the price is at most ``interval - 1``
+steps computed after the last sequence finished; the returned tokens are the same (the
+output is trimmed exactly, from the device-side step at which each row finished).
+
+On CUDA the decode step is replayed from a CUDA graph per batch-size bucket
+(:mod:`~llmopt.runtime.cuda_graphs`; the batch is padded to the bucket by repeating its last
+row, and the padding is dropped from the output); the prefill runs without graphs.
+
+Output, as Hugging Face ``generate``: ``[B, P + n]`` int64, the prompt (padding included)
+followed by the new tokens, where ``n`` is ``max_new_tokens`` or fewer when every sequence
+finished earlier; rows that finished earlier are filled with ``pad_token_id``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from collections.abc import Callable
+
+import torch
+
+from .cuda_graphs import DecodeGraphs, batch_bucket, pad_batch
+from .sampling import SamplingParams, make_generator, mark_seen, sample_next_token
+
+__all__ = ["generate"]
+
+_FROM_MODEL = object()  # sentinel: "read stop tokens from the model's generation config"
+
+
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    sampling: SamplingParams | dict | None = None,
+    *,
+    stop_token_ids=_FROM_MODEL,
+    pad_token_id: int | None = None,
+    streamer: Callable[[int, torch.Tensor], None] | None = None,
+    progress: bool = False,
+    max_seq_len: int | None = None,
+    cache=None,
+    cuda_graphs: bool | None = None,
+    stop_check_interval: int | None = None,
+    **sampling_kwargs,
+) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` tokens after each prompt row of ``input_ids``.
+
+    ``model``: a Hugging Face causal LM or ``torch.compile`` of one; it is called as
+    ``model(input_ids=, attention_mask=, position_ids=, past_key_values=, use_cache=True)``
+    (plus ``logits_to_keep=1`` / ``cache_position=`` when its forward takes them) and
+    ``.logits[:, -1]`` is read.
+    ``input_ids``: ``[B, P]`` prompts, left-padded; ``attention_mask``: ``[B, P]``, 0 on padding.
+    ``sampling``: a :class:`SamplingParams` (or a dict of its fields); keyword arguments
+    (``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``) override it.
+    Default: greedy.
+    ``stop_token_ids``: ints ending a sequence; default the sampling params', else the model's
+    ``eos_token_id``; ``()`` never stops early. ``pad_token_id`` fills finished rows
+    (default: the model's pad token, else the first stop token, else 0).
+    ``streamer(step, tokens)`` is called after each step with the new tokens ``[B]`` (a
+    device tensor: reading it on the host synchronises). ``progress`` shows a progress bar
+    (tqdm if installed, else a line on stderr).
+    ``max_seq_len``: cache capacity (default ``P + max_new_tokens``); ``cache``: a
+    :class:`StaticKVCache` to reuse (it is rewound, not reallocated; if built for a larger
+    batch, the prompts are padded to its batch by repeating the last row).
+    ``cuda_graphs``: ``None`` = on CUDA, ``False`` = never. ``stop_check_interval``: see the
+    module doc.
+    """
+    params = _resolve_sampling(sampling, sampling_kwargs)
+    if max_new_tokens is None:
+        max_new_tokens = params.max_new_tokens
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    input_ids, attention_mask = _check_prompts(input_ids, attention_mask)
+    hf_model = _hf_model(model)
+    device, dtype = _device_and_dtype(model, hf_model, input_ids, cache)
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device)
+
+    stops = _resolve_stop_tokens(stop_token_ids, params, hf_model)
+    pad_id = _resolve_pad_token(pad_token_id, hf_model, stops)
+    if stop_check_interval is None:
+        stop_check_interval = 8 if device.type == "cuda" else 1
+    if isinstance(stop_check_interval, bool) or not isinstance(stop_check_interval, int) or stop_check_interval < 1:
+        raise ValueError(f"stop_check_interval must be an int >= 1, got {stop_check_interval!r}")
+
+    batch, prompt_len = input_ids.shape
+    use_graphs = device.type == "cuda" and cuda_graphs is not False
+    if cache is not None and getattr(cache, "shape", (0,))[0] >= batch:
+        cache_batch = cache.shape[0]  # a cache sized for a larger batch serves a smaller one
+    else:
+        cache_batch = batch_bucket(batch) if use_graphs else batch
+    if cache_batch != batch:
+        input_ids = pad_batch(input_ids, cache_batch)
+        attention_mask = pad_batch(attention_mask, cache_batch)
+
+    # Slots written: the prompt, then one per decode forward (the last token is never fed).
+    needed = prompt_len + max_new_tokens - 1
+    cache = _prepare_cache(cache, model, hf_model, cache_batch, max_seq_len, prompt_len + max_new_tokens, dtype, device)
+    cache.reserve(needed)
+    seq_len = cache.max_seq_len
+
+    # One mask for the whole run: the prompt's, then ones (causality hides unwritten slots).
+    full_mask = torch.ones((cache_batch, seq_len), dtype=torch.int64, device=device)
+    full_mask[:, :prompt_len] = attention_mask
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    cache.set_left_padding(attention_mask)
+
+    accepts = _forward_parameters(hf_model)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+    wants_cache_position = "cache_position" in accepts
+
+    def forward(ids: torch.Tensor, pos: torch.Tensor, *cache_position: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(extra)
+        if cache_position:
+            kwargs["cache_position"] = cache_position[0]
+        out = model(
+            input_ids=ids,
+            attention_mask=full_mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            **kwargs,
+        )
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return logits[:, -1, :]
+
+    decode_step = DecodeGraphs(forward, enabled=use_graphs)
+    generator = make_generator(params.seed, device)
+    stop_tensor = torch.tensor(stops, dtype=torch.int64, device=device) if stops else None
+
+    tokens = torch.full((cache_batch, prompt_len + max_new_tokens), pad_id, dtype=torch.int64, device=device)
+    tokens[:, :prompt_len] = input_ids
+    finished = torch.zeros(cache_batch, dtype=torch.bool, device=device)
+    finished_at = torch.full((cache_batch,), max_new_tokens, dtype=torch.int64, device=device)
+    bar = _Progress(max_new_tokens) if progress else None
+
+    written = 0
+    steps = 0
+    with torch.no_grad(), cache.uncounted_writes():
+        try:
+            if wants_cache_position:
+                cache_position = torch.arange(prompt_len, device=device)
+                logits = forward(input_ids, positions, cache_position)
+                cache_position = cache_position[-1:].clone()
+            else:
+                logits = forward(input_ids, positions)
+            written = prompt_len
+            seen = None
+            if params.repetition_penalty != 1.0:
+                seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+                mark_seen(seen, input_ids, valid=attention_mask.bool())
+            position = positions[:, -1:].clone()
+            for step in range(max_new_tokens):
+                next_tokens = sample_next_token(logits, params, generator, seen)
+                next_tokens = torch.where(finished, pad_id, next_tokens)
+                tokens[:, prompt_len + step] = next_tokens
+                steps = step + 1
+                if seen is not None:
+                    mark_seen(seen, next_tokens)
+                if stop_tensor is not None:
+                    # Broadcast compare, not torch.isin: isin may sort/unique (a sync on CUDA).
+                    newly = (next_tokens[:, None] == stop_tensor[None, :]).any(-1) & ~finished
+                    finished_at.masked_fill_(newly, step + 1)
+                    finished |= newly
+                if streamer is not None:
+                    streamer(step, next_tokens[:batch])
+                if bar is not None:
+                    bar.update()
+                if steps == max_new_tokens:
+                    break
+                if stop_tensor is not None and steps % stop_check_interval == 0 and bool(finished[:batch].all()):
+                    break
+                position.add_(1)
+                if wants_cache_position:
+                    cache_position.add_(1)
+                    logits = decode_step(next_tokens[:, None], position, cache_position)
+                else:
+                    logits = decode_step(next_tokens[:, None], position)
+                written += 1
+        finally:
+            if bar is not None:
+                bar.close()
+            cache.set_num_tokens(written)
+
+    generated = steps
+    if stop_tensor is not None:
+        # Exactly where Hugging Face stops: when the last real row produced its stop token.
+        per_row = torch.where(finished, finished_at, steps)[:batch]
+        generated = int(per_row.max())
+    return tokens[:batch, : prompt_len + generated]
+
+
+# -- argument resolution ------------------------------------------------------------------
+def _resolve_sampling(sampling, overrides: dict) -> SamplingParams:
+    if sampling is None:
+        sampling = SamplingParams()
+    elif isinstance(sampling, dict):
+        sampling = SamplingParams(**sampling)
+    elif not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be a SamplingParams, a dict or None, got {type(sampling).__name__}")
+    if overrides:
+        valid = {f.name for f in dataclasses.fields(SamplingParams)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise TypeError(
+                f"generate() got unknown keyword arguments {unknown}; sampling keywords are {sorted(valid)}"
+            )
+        sampling = dataclasses.replace(sampling, **overrides)
+    return sampling
+
+
+def _check_prompts(input_ids, attention_mask):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+        torch.int64,
+        torch.int32,
+    ):
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be an int64 tensor [batch, prompt_len], got {got}")
+    if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+    input_ids = input_ids.long()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+        )
+    attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.int64)
+    # One host read per call: a right-padded prompt would decode from a padding position.
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError(
+            "prompts must be left-padded: every row's last token must be real (attention_mask 1); "
+            "tokenize with padding_side='left'"
+        )
+    return input_ids, attention_mask
+
+
+def _hf_model(model):
+    """The Hugging Face model inside ``model`` (itself, or the module a torch.compile wraps)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(model, PreTrainedModel):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    return None
+
+
+def _device_and_dtype(model, hf_model, input_ids, cache):
+    if cache is not None:
+        return cache.device, cache.dtype
+    module = hf_model if hf_model is not None else model
+    if isinstance(module, torch.nn.Module):
+        floating = [p for p in module.parameters() if p.is_floating_point()]
+        if floating:
+            return floating[0].device, floating[0].dtype
+    return input_ids.device, torch.float32
+
+
+def _forward_parameters(hf_model) -> set[str]:
+    if hf_model is None:
+        return set()
+    try:
+        return set(inspect.signature(hf_model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _generation_attr(hf_model, name):
+    for source in (getattr(hf_model, "generation_config", None), getattr(hf_model, "config", None)):
+        value = getattr(source, name, None) if source is not None else None
+        if value is not None:
+            return value
+    return None
+
+
+def _as_token_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _resolve_stop_tokens(stop_token_ids, params: SamplingParams, hf_model) -> tuple[int, ...]:
+    if stop_token_ids is not _FROM_MODEL:
+        return SamplingParams(stop_token_ids=_as_token_tuple(stop_token_ids)).stop_token_ids
+    if params.stop_token_ids is not None:
+        return params.stop_token_ids
+    return _as_token_tuple(_generation_attr(hf_model, "eos_token_id")) if hf_model is not None else ()
+
+
+def _resolve_pad_token(pad_token_id, hf_model, stops) -> int:
+    if pad_token_id is None and hf_model is not None:
+        pad_token_id = _generation_attr(hf_model, "pad_token_id")
+    if pad_token_id is None:
+        pad_token_id = stops[0] if stops else 0
+    if isinstance(pad_token_id, (list, tuple)):
+        pad_token_id = pad_token_id[0]
+    return int(pad_token_id)
+
+
+def _prepare_cache(cache, model, hf_model, batch, max_seq_len, default_len, dtype, device):
+    # Imported here: it needs transformers, which `import llmopt` must not (see runtime/__init__).
+    from .static_cache import StaticKVCache
+
+    if cache is not None:
+        if not isinstance(cache, StaticKVCache):
+            raise TypeError(f"cache must be a StaticKVCache, got {type(cache).__name__}")
+        if cache.shape[0] != batch:
+            raise ValueError(
+                f"the cache was built for batch_size={cache.shape[0]}, this call needs {batch} "
+                "(the prompt batch, padded to its CUDA-graph bucket on CUDA); "
+                f"build StaticKVCache(config, batch_size={batch}, ...)"
+            )
+        if max_seq_len is not None and max_seq_len != cache.max_seq_len:
+            raise ValueError(
+                f"max_seq_len={max_seq_len} differs from the given cache's {cache.max_seq_len}; pass one of them"
+            )
+        cache.reset(zero_memory=False)
+        return cache
+    config = getattr(hf_model, "config", None) or getattr(model, "config", None)
+    if config is None:
+        raise ValueError(
+            "cannot size a KV cache: the model has no Hugging Face config; pass cache=StaticKVCache(...)"
+        )
+    if max_seq_len is None:
+        max_seq_len = default_len
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be an int >= 1, got {max_seq_len!r}")
+    return StaticKVCache(config, batch_size=batch, max_seq_len=max_seq_len, dtype=dtype, device=device)
+
+
+class _Progress:
+    """tqdm if installed, else a one-line counter on stderr."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.count = 0
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self._bar = None
+        else:
+            self._bar = tqdm(total=total, desc="llmopt.generate", unit="tok", leave=False)
+
+    def update(self) -> None:
+        self.count += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        else:
+            sys.stderr.write(f"\rllmopt.generate: {self.count}/{self.total} tokens")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
