@@ -1,0 +1,137 @@
+"""``llmopt::linear``: one linear op that picks GEMV, flat GEMM or cuBLAS by the number of rows.
+
+Math and shapes::
+
+    x:        [..., K]      leading dims are flattened to M rows
+    weight:   [N, K]        nn.Linear layout, a frozen constant
+    bias:     [N]           optional
+    residual: [..., N_out]  optional
+    y = x @ weight.T + bias                                    fp32 accumulation
+    activation "" : out = y (+ residual)                       N_out = N
+    activation "silu" | "gelu" | "gelu_tanh": weight holds merged [gate; up] rows (N = 2 I),
+                    out = act(y[..., :I]) * y[..., I:] (+ residual)    N_out = I
+    out:      [..., N_out]  in x.dtype
+
+Why one op with a run-time choice: decode (M = batch, 1..64) and prefill (M = tokens) run
+through the same graph. FlashDecoding++ (Hong et al., 2023, §5) shows the best kernel
+changes with M — GEMV at M = 1, a "flat GEMM" for small M, a regular GEMM above — so the
+``select_linear_kernel`` pass bakes a compact table ``kernels = "1:gemv,2:flat_gemm,...,
+inf:mm"`` into the call at compile time, and at run time the op reads M, takes its bucket
+``min(next_pow2(M), 64)`` (``"inf"`` above 64) and launches that kernel: switching between
+prefill and decode needs no recompile. ``kernels = ""`` asks the op to choose itself from
+the active tuning table and the heuristic (:mod:`llmopt.codegen.tuning_table`).
+
+Kernels: ``gemv`` (:mod:`llmopt.codegen.gemv`), ``flat_gemm``
+(:mod:`llmopt.codegen.flat_gemm`) — both with the epilogue fused and launched with the
+tuned config of the active table when it has one for this kernel, else their heuristic
+config — and ``mm``, ``torch.nn.functional.linear`` (cuBLAS) with the epilogue in torch.
+On CPU, and for dtypes the Triton kernels are not built for, the op runs :func:`linear_ref`.
+"""
+from typing import Optional
+
+import torch
+
+from llmopt.codegen.flat_gemm import flat_gemm_triton
+from llmopt.codegen.gemv import KERNEL_DTYPES, check_linear_args, gemv_ref, gemv_triton
+from llmopt.codegen.kernel_mode import use_triton
+from llmopt.codegen.tuning_table import choose_kernel, device_name, get_active_table, m_bucket, parse_kernels
+
+# ---------------------------------------------------------------------------------------
+# Contract and reference
+# ---------------------------------------------------------------------------------------
+
+
+def _flatten_checked(x, weight, bias, residual, activation: str):
+    """Check the contract on the N-D input; return (x2 [M, K], residual2 [M, N_out] | None, N_out)."""
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(
+            f"llmopt::linear: expected x [..., K] and weight [N, K], got x {tuple(x.shape)} and "
+            f"weight {tuple(weight.shape)}"
+        )
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"llmopt::linear: x has K={x.shape[-1]} columns but weight {tuple(weight.shape)} has K={weight.shape[-1]}; "
+            "weight must be in the nn.Linear layout [out_features, in_features]"
+        )
+    lead = tuple(x.shape[:-1])
+    n_out = weight.shape[0] // 2 if activation else weight.shape[0]
+    if residual is not None and tuple(residual.shape) != (*lead, n_out):
+        raise ValueError(
+            f"llmopt::linear: residual must have the output shape {(*lead, n_out)}, got {tuple(residual.shape)}"
+        )
+    x2 = x.reshape(-1, x.shape[-1])
+    r2 = residual.reshape(-1, n_out) if residual is not None else None
+    check_linear_args(x2, weight, bias, r2, activation, "llmopt::linear", dtypes=None)
+    return x2, r2, n_out
+
+
+def linear_ref(x, weight, bias=None, residual=None, activation: str = ""):
+    """Eager reference and CPU implementation (also the ``mm`` kernel): ``F.linear`` in the
+    input dtype, then the epilogue in torch; ``x`` may have leading dims."""
+    _flatten_checked(x, weight, bias, residual, activation)
+    return gemv_ref(x, weight, bias, residual, activation)
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------
+
+
+def select_kernel(x2, weight, kernels: str) -> tuple:
+    """(kernel, tuned config or None) for the 2-D input ``x2`` under the ``kernels`` string."""
+    if x2.dtype not in KERNEL_DTYPES:
+        return "mm", None
+    bucket = m_bucket(x2.shape[0])
+    N, K = weight.shape
+    dev = device_name(x2.device)
+    table = get_active_table()
+    if kernels in ("", "auto"):
+        kernel, config, _ = choose_kernel(table, dev, x2.dtype, N, K, bucket)
+        return kernel, config
+    kernel = parse_kernels(kernels)[bucket]
+    if kernel == "mm":
+        return kernel, None
+    entry = table.get(dev, x2.dtype, N, K, bucket)
+    return kernel, (entry.config if entry is not None and entry.kernel == kernel else None)
+
+
+def linear_triton(x, weight, bias=None, residual=None, activation: str = "", kernels: str = ""):
+    """Run the kernel ``kernels`` names for x's M bucket (see the module docstring)."""
+    x2, r2, n_out = _flatten_checked(x, weight, bias, residual, activation)
+    out_shape = (*x.shape[:-1], n_out)
+    kernel, config = select_kernel(x2, weight, kernels)
+    if kernel == "mm" or x2.shape[0] == 0:
+        return gemv_ref(x, weight, bias, residual, activation)
+    launch = gemv_triton if kernel == "gemv" else flat_gemm_triton
+    return launch(x2, weight, bias, r2, activation, config=config).view(out_shape)
+
+
+# ---------------------------------------------------------------------------------------
+# The registered op
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("llmopt::linear", mutates_args=())
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    activation: str,
+    kernels: str,
+) -> torch.Tensor:
+    """``epilogue(x @ weight.T + bias)`` with the kernel chosen per M bucket by ``kernels``."""
+    if use_triton(x, weight):
+        return linear_triton(x, weight, bias, residual, activation, kernels)
+    return linear_ref(x, weight, bias, residual, activation)
+
+
+@linear.register_fake
+def _linear_fake(x, weight, bias, residual, activation, kernels):
+    if kernels not in ("", "auto"):
+        parse_kernels(kernels)  # a bad string fails at compile time, not at the first call
+    _, _, n_out = _flatten_checked(x, weight, bias, residual, activation)
+    return x.new_empty((*x.shape[:-1], n_out))
+
+
+__all__ = ["linear", "linear_ref", "linear_triton", "select_kernel"]

@@ -1,0 +1,585 @@
+"""The persisted tuning table of the linear dispatch, its heuristic, and the timing helper.
+
+Which kernel is fastest for ``x [M, K] @ weight.T`` depends on the GPU, the dtype, the
+weight shape (N, K) and the number of rows M. FlashDecoding++ (Hong et al., 2023, §5)
+profiles the candidates offline and switches kernels at the "inflection points" of M; we
+do the same with one entry per (device name, dtype, N, K, M bucket), where the bucket is
+``min(next_pow2(M), 64)`` and every M above 64 shares the bucket ``"inf"``, so a growing
+sequence never re-tunes.
+
+Candidates (:data:`KERNELS`): ``gemv`` (:mod:`llmopt.codegen.gemv`), ``flat_gemm``
+(:mod:`llmopt.codegen.flat_gemm`) and ``mm`` (``torch.matmul`` / ``addmm``: cuBLAS on CUDA,
+oneDNN on CPU, the epilogue done in torch).
+
+The table is a JSON file (never pickle), by default ``$LLMOPT_CACHE_DIR/tuning.json``, else
+``$XDG_CACHE_HOME/llmopt/tuning.json``, else ``~/.cache/llmopt/tuning.json``. Its header
+records the llmopt and Triton versions and the device it was tuned on; a file that is
+corrupt or comes from another version or device is ignored with a warning (the heuristic
+is used), never a crash. Writes are atomic (temporary file + ``os.replace``) and merge with
+what is already on disk, so an interrupted ``llmopt autotune`` resumes where it stopped.
+
+Heuristic used where the table has no entry (:func:`heuristic_kernel`):
+
+* CPU (any non-CUDA device) → ``mm``: the PyTorch op.
+* dtype other than fp16 / bf16 / fp32 → ``mm`` (the Triton kernels are built for those).
+* tiny weights, ``N * K < 2**18`` (e.g. 512 x 512) → ``mm``: launch cost dominates.
+* M bucket 1 → ``gemv``: a matrix-vector product, bound by reading the weight.
+* M buckets 2..32 → ``flat_gemm``: still weight-bound; small M tile, fine N tiling.
+* M buckets 64 and ``inf`` → ``mm``: compute starts to matter, cuBLAS tiles win.
+
+The active table (:func:`get_active_table`) is, with the op registry, the only global
+mutable state of llmopt: it is loaded lazily on first use and replaced explicitly with
+:func:`set_active_table`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import statistics
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from llmopt.codegen.flat_gemm import (
+    flat_gemm_configs,
+    flat_gemm_heuristic_config,
+    flat_gemm_triton,
+    prune_flat_gemm_configs,
+)
+from llmopt.codegen.gemv import gemv_configs, gemv_heuristic_config, gemv_triton, prune_gemv_configs
+
+M_BUCKETS = ("1", "2", "4", "8", "16", "32", "64", "inf")
+KERNELS = ("gemv", "flat_gemm", "mm")
+MAX_FINITE_BUCKET = 64
+TINY_WEIGHT_ELEMENTS = 1 << 18
+_HALF_AND_FLOAT = ("float16", "bfloat16", "float32")
+_FORMAT = "llmopt-tuning-table"
+_SCHEMA = 1
+
+
+# ---------------------------------------------------------------------------------------
+# Buckets and the compact kernels string
+# ---------------------------------------------------------------------------------------
+
+
+def m_bucket(M: int) -> str:
+    """The M bucket label: ``str(min(next_pow2(M), 64))``, or ``"inf"`` for M > 64."""
+    if M > MAX_FINITE_BUCKET:
+        return "inf"
+    return str(1 if M <= 1 else 1 << (M - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=256)
+def parse_kernels(spec: str) -> dict[str, str]:
+    """Parse ``"1:gemv,2:flat_gemm,...,inf:mm"`` into {bucket: kernel}; missing buckets → ``mm``.
+
+    The result is cached (the op parses its string at every call), so do not mutate it.
+    """
+    table = dict.fromkeys(M_BUCKETS, "mm")
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        bucket, sep, kernel = item.partition(":")
+        bucket, kernel = bucket.strip(), kernel.strip()
+        if not sep or bucket not in M_BUCKETS or kernel not in KERNELS:
+            raise ValueError(
+                f"bad kernels entry {item!r} in {spec!r}: expected 'bucket:kernel' with bucket in "
+                f"{', '.join(M_BUCKETS)} and kernel in {', '.join(KERNELS)}"
+            )
+        table[bucket] = kernel
+    return table
+
+
+def format_kernels(choice: dict[str, str]) -> str:
+    """The compact string of {bucket: kernel}, in bucket order (inverse of :func:`parse_kernels`)."""
+    return ",".join(f"{b}:{choice.get(b, 'mm')}" for b in M_BUCKETS)
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` or ``"bfloat16"`` → ``"bfloat16"`` (the table's dtype key)."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    name = str(dtype).removeprefix("torch.")
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    return aliases.get(name, name)
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device) -> str:
+    """The table's device key: the CUDA device name (``"NVIDIA H100 80GB HBM3"``) or the device type."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+    return device.type
+
+
+def current_llmopt_version() -> str:
+    """This llmopt's version (package metadata), ``"0+unknown"`` when not installed."""
+    try:
+        return version("llmopt")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def current_triton_version() -> str:
+    return triton.__version__
+
+
+def default_table_path() -> Path:
+    """``$LLMOPT_CACHE_DIR/tuning.json``, else ``$XDG_CACHE_HOME/llmopt/tuning.json``,
+    else ``~/.cache/llmopt/tuning.json``."""
+    if os.environ.get("LLMOPT_CACHE_DIR"):
+        return Path(os.environ["LLMOPT_CACHE_DIR"]) / "tuning.json"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "llmopt" / "tuning.json"
+    return Path.home() / ".cache" / "llmopt" / "tuning.json"
+
+
+# ---------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TuningEntry:
+    """The winner for one (device, dtype, N, K, M bucket): its kernel and launch config,
+    its median time and the cuBLAS (``mm``) time it was compared with, in microseconds."""
+
+    kernel: str
+    config: dict = field(default_factory=dict)
+    time_us: float = math.nan
+    baseline_us: float = math.nan
+
+    @property
+    def speedup(self) -> float:
+        """cuBLAS time / this kernel's time (> 1: faster than cuBLAS)."""
+        return self.baseline_us / self.time_us if self.time_us > 0 else math.nan
+
+
+Key = tuple[str, str, int, int, str]
+
+
+def _finite_or_none(value: float):
+    return value if math.isfinite(value) else None  # JSON has no NaN
+
+
+def _float_or_nan(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+class TuningTableError(ValueError):
+    """A tuning table file that cannot be used (unreadable, malformed or foreign)."""
+
+
+class TuningTable:
+    """Tuning entries keyed by (device name, dtype, N, K, M bucket), persisted as JSON.
+
+    ``device_name`` is the device the table is tuned on (recorded in the file header);
+    ``path`` is where :meth:`save` writes (default :func:`default_table_path`).
+    """
+
+    def __init__(self, path=None, *, device_name: str | None = None, llmopt_version: str | None = None,
+                 triton_version: str | None = None):
+        self.path = Path(path) if path is not None else default_table_path()
+        self.device_name = device_name
+        self.llmopt_version = llmopt_version if llmopt_version is not None else current_llmopt_version()
+        self.triton_version = triton_version if triton_version is not None else current_triton_version()
+        self._entries: dict[Key, TuningEntry] = {}
+
+    # -- entries --------------------------------------------------------------------
+    @staticmethod
+    def key(device_name: str, dtype, N: int, K: int, bucket) -> Key:
+        bucket = str(bucket)
+        if bucket not in M_BUCKETS:
+            raise ValueError(f"M bucket {bucket!r} is not one of {', '.join(M_BUCKETS)}; use m_bucket(M)")
+        return (device_name, dtype_name(dtype), int(N), int(K), bucket)
+
+    def get(self, device_name: str, dtype, N: int, K: int, bucket) -> TuningEntry | None:
+        return self._entries.get(self.key(device_name, dtype, N, K, bucket))
+
+    def put(self, device_name: str, dtype, N: int, K: int, bucket, entry: TuningEntry) -> None:
+        if entry.kernel not in KERNELS:
+            raise ValueError(f"kernel {entry.kernel!r} is not one of {', '.join(KERNELS)}")
+        if self.device_name is None:
+            self.device_name = device_name
+        elif device_name != self.device_name:
+            raise ValueError(
+                f"this tuning table is for {self.device_name!r}, not {device_name!r}; "
+                "use a separate table (path) per device"
+            )
+        self._entries[self.key(device_name, dtype, N, K, bucket)] = entry
+
+    def __contains__(self, key) -> bool:
+        return self.key(*key) in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self):
+        return sorted(self._entries.items(), key=lambda kv: (kv[0][:4], M_BUCKETS.index(kv[0][4])))
+
+    def update(self, other: "TuningTable") -> None:
+        """Merge ``other``'s entries into this table (``other`` wins on equal keys)."""
+        for key, entry in other._entries.items():
+            self.put(*key, entry)
+
+    # -- JSON -------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "format": _FORMAT,
+            "schema": _SCHEMA,
+            "llmopt_version": self.llmopt_version,
+            "triton_version": self.triton_version,
+            "device_name": self.device_name,
+            "entries": [
+                {
+                    "device": dev, "dtype": dt, "N": n, "K": k, "m_bucket": b,
+                    "kernel": e.kernel, "config": e.config,
+                    "time_us": _finite_or_none(e.time_us), "baseline_us": _finite_or_none(e.baseline_us),
+                }
+                for (dev, dt, n, k, b), e in self.items()
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data, path=None) -> "TuningTable":
+        """Build a table from parsed JSON; raise :class:`TuningTableError` when malformed."""
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise TuningTableError("not an llmopt tuning table (missing format header)")
+        if data.get("schema") != _SCHEMA:
+            raise TuningTableError(f"schema {data.get('schema')!r}, this llmopt reads schema {_SCHEMA}")
+        table = cls(path, device_name=data.get("device_name"), llmopt_version=str(data.get("llmopt_version")),
+                     triton_version=str(data.get("triton_version")))
+        entries = data.get("entries")
+        if not isinstance(entries, list):
+            raise TuningTableError("'entries' is not a list")
+        for i, raw in enumerate(entries):
+            try:
+                config = raw["config"]
+                if not isinstance(config, dict) or not all(
+                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in config.items()
+                ):
+                    raise TypeError("config must map names to integers")
+                entry = TuningEntry(str(raw["kernel"]), dict(config), _float_or_nan(raw["time_us"]),
+                                    _float_or_nan(raw["baseline_us"]))
+                if int(raw["N"]) <= 0 or int(raw["K"]) <= 0:
+                    raise ValueError("N and K must be positive")
+                table.put(str(raw["device"]), str(raw["dtype"]), int(raw["N"]), int(raw["K"]), str(raw["m_bucket"]),
+                          entry)
+            except (KeyError, TypeError, ValueError) as err:
+                raise TuningTableError(f"entry {i} is malformed: {err}") from err
+        return table
+
+    @classmethod
+    def _read(cls, path: Path) -> "TuningTable":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise TuningTableError(f"not UTF-8 text: {err}") from err
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TuningTableError(f"invalid JSON: {err}") from err
+        return cls.from_json(data, path)
+
+    def _foreign_reason(self, device_name: str | None) -> str | None:
+        """Why a loaded table does not apply to this llmopt / Triton / device, or None."""
+        mine = (current_llmopt_version(), current_triton_version())
+        if (self.llmopt_version, self.triton_version) != mine:
+            return (f"it was written by llmopt {self.llmopt_version} with triton {self.triton_version}, "
+                    f"this is llmopt {mine[0]} with triton {mine[1]}")
+        if device_name is not None and self.device_name is not None and self.device_name != device_name:
+            return f"it was tuned on {self.device_name!r}, this device is {device_name!r}"
+        return None
+
+    @classmethod
+    def load(cls, path=None, *, device_name: str | None = None) -> "TuningTable":
+        """Load the table at ``path`` (default :func:`default_table_path`).
+
+        A missing file gives an empty table. A corrupt file, or one written by another
+        llmopt / Triton version or (when ``device_name`` is given) for another device, gives
+        an empty table and a warning saying what to do; it never raises.
+        """
+        path = Path(path) if path is not None else default_table_path()
+        empty = cls(path, device_name=device_name)
+        if not path.exists():
+            return empty
+        try:
+            table = cls._read(path)
+        except (OSError, TuningTableError) as err:
+            warnings.warn(
+                f"ignoring the tuning table {path}: {err}. The linear kernels fall back to the heuristic; "
+                "delete the file or re-run `llmopt autotune` to rewrite it.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return empty
+        reason = table._foreign_reason(device_name)
+        if reason:
+            warnings.warn(
+                f"ignoring the tuning table {path}: {reason}. The linear kernels fall back to the heuristic; "
+                "re-run `llmopt autotune` on this machine to rebuild it.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return empty
+        return table
+
+    def save(self, path=None, *, merge: bool = True) -> Path:
+        """Write the table atomically (temporary file + ``os.replace``) and return its path.
+
+        With ``merge`` (default), entries already in a compatible file on disk and not in
+        this table are kept, so concurrent or interrupted tuning runs lose nothing; an
+        incompatible or corrupt file is replaced.
+        """
+        path = Path(path) if path is not None else self.path
+        if merge and path.exists():
+            try:
+                on_disk = type(self)._read(path)
+            except (OSError, TuningTableError):
+                on_disk = None
+            if on_disk is not None and on_disk._foreign_reason(self.device_name) is None:
+                if self.device_name is None or on_disk.device_name in (None, self.device_name):
+                    for key, entry in on_disk._entries.items():
+                        self._entries.setdefault(key, entry)
+                    if self.device_name is None:
+                        self.device_name = on_disk.device_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_json(), f, indent=1, allow_nan=False)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.path = path
+        return path
+
+
+# ---------------------------------------------------------------------------------------
+# The active table (explicit global state) and the choice of kernel
+# ---------------------------------------------------------------------------------------
+
+_active_table: TuningTable | None = None
+_active_lock = threading.Lock()
+
+
+def get_active_table() -> TuningTable:
+    """The table the linear op and the ``select_linear_kernel`` pass consult.
+
+    Loaded on first use from :func:`default_table_path` for the current CUDA device (an
+    empty table on a machine without one); replace it with :func:`set_active_table`.
+    """
+    global _active_table
+    with _active_lock:
+        if _active_table is None:
+            name = device_name("cuda") if torch.cuda.is_available() else None
+            _active_table = TuningTable.load(device_name=name)
+        return _active_table
+
+
+def set_active_table(table: TuningTable | None) -> TuningTable | None:
+    """Make ``table`` the active table (``None``: reload from disk on next use); returns the previous one."""
+    global _active_table
+    with _active_lock:
+        previous, _active_table = _active_table, table
+    return previous
+
+
+def heuristic_kernel(device_name: str, dtype, N: int, K: int, bucket: str) -> tuple[str, str]:
+    """The documented default (module docstring) → (kernel, reason)."""
+    if device_name == "cpu" or device_name in ("mps", "xpu", "meta"):
+        return "mm", f"{device_name}: the PyTorch op"
+    dt = dtype_name(dtype)
+    if dt not in _HALF_AND_FLOAT:
+        return "mm", f"heuristic: {dt} has no Triton linear kernel"
+    if N * K < TINY_WEIGHT_ELEMENTS:
+        return "mm", f"heuristic: tiny weight {N}x{K}, launch cost dominates"
+    if bucket == "1":
+        return "gemv", "heuristic: M=1 is a matrix-vector product, bound by reading the weight"
+    if bucket in ("2", "4", "8", "16", "32"):
+        return "flat_gemm", f"heuristic: M<={bucket} is still weight-bound; flat GEMM (small M tile)"
+    return "mm", f"heuristic: M bucket {bucket} is large enough for cuBLAS tiles"
+
+
+def choose_kernel(table: TuningTable | None, device_name: str, dtype, N: int, K: int,
+                  bucket: str) -> tuple[str, dict | None, str]:
+    """(kernel, tuned config or None, reason) for one M bucket: the table's entry, else the heuristic."""
+    if device_name != "cpu" and table is not None:
+        entry = table.get(device_name, dtype, N, K, bucket)
+        if entry is not None:
+            return entry.kernel, entry.config, (
+                f"tuning table: {entry.kernel} {entry.time_us:.1f} us vs cuBLAS {entry.baseline_us:.1f} us "
+                f"({entry.speedup:.2f}x)"
+            )
+    kernel, reason = heuristic_kernel(device_name, dtype, N, K, bucket)
+    return kernel, None, reason
+
+
+def choose_kernels(table: TuningTable | None, device_name: str, dtype, N: int, K: int) -> tuple[str, dict[str, str]]:
+    """The kernels string for a linear with weight [N, K] and the reason for each bucket.
+
+    ``N`` is the weight's row count (2 I for a merged gate/up weight). Returns e.g.
+    ``("1:gemv,2:flat_gemm,...,inf:mm", {"1": "heuristic: ...", ...})``.
+    """
+    choice, reasons = {}, {}
+    for bucket in M_BUCKETS:
+        choice[bucket], _, reasons[bucket] = choose_kernel(table, device_name, dtype, N, K, bucket)
+    return format_kernels(choice), reasons
+
+
+# ---------------------------------------------------------------------------------------
+# Timing the candidates (autotune, benchmarks)
+# ---------------------------------------------------------------------------------------
+
+
+def _require_cuda(device) -> torch.device:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(
+            f"timing linear kernels needs a CUDA GPU (CUDA events), got device {str(device)!r}"
+            f"{'' if torch.cuda.is_available() else ' and no GPU is visible'}; on a CPU machine run "
+            "`llmopt autotune --dry-run` to list the shapes and candidates without timing"
+        )
+    return device
+
+
+def cuda_time_us(fn, *, warmup: int = 10, rep: int = 50) -> float:
+    """Median time of ``fn(i)`` in microseconds with CUDA events (``i``: the call index,
+    so callers can rotate buffers); ``warmup`` calls are not timed."""
+    for i in range(warmup):
+        fn(i)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    torch.cuda.synchronize()
+    for i in range(rep):
+        starts[i].record()
+        fn(warmup + i)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def cold_weight_copies(N: int, K: int, dtype, device) -> list[torch.Tensor]:
+    """Enough weight copies that cycling through them defeats the L2 cache, as in a real
+    decode step where every layer reads different weights."""
+    element = torch.empty((), dtype=dtype).element_size()
+    weight_bytes = N * K * element
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    copies = max(1, min(32, math.ceil(3 * l2 / max(weight_bytes, 1)), (2 << 30) // max(weight_bytes, 1)))
+    return [torch.randn(N, K, device=device).div_(math.sqrt(K)).to(dtype) for _ in range(copies)]
+
+
+def _candidate_fn(kernel: str, x, weights, config):
+    if kernel == "mm":
+        return lambda i: F.linear(x, weights[i % len(weights)])
+    launch = gemv_triton if kernel == "gemv" else flat_gemm_triton
+    outs = [torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device) for w in weights[:1]]
+    return lambda i: launch(x, weights[i % len(weights)], config=config, out=outs[0])
+
+
+def candidate_configs(kernel: str, N: int, K: int, M: int, dtype) -> list[dict | None]:
+    """The pruned config space of ``kernel`` for this shape (``[None]``: its heuristic config)."""
+    if kernel == "gemv":
+        return [None, *prune_gemv_configs(gemv_configs(), N, K)]
+    if kernel == "flat_gemm":
+        element = torch.empty((), dtype=dtype).element_size()
+        return [None, *prune_flat_gemm_configs(flat_gemm_configs(M), N, K, element)]
+    return [None]
+
+
+def time_configs(kernel: str, N: int, K: int, M: int, dtype, device="cuda", *, sweep: bool = True,
+                 configs: list | None = None, warmup: int = 10, rep: int = 50) -> list[tuple[dict | None, float]]:
+    """[(config, median us)] for ``kernel`` at x [M, K] @ w[N, K].T on a CUDA device.
+
+    ``configs``: the configs to time; else with ``sweep`` every pruned config, else only
+    the heuristic one (``None``). Configs that do not fit the GPU (out of shared memory /
+    registers) are skipped. Weights rotate through copies larger than the L2 cache.
+    """
+    device = _require_cuda(device)
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device=device).to(dtype)
+    weights = cold_weight_copies(N, K, dtype, device)
+    if configs is None:
+        configs = candidate_configs(kernel, N, K, M, dtype) if sweep else [None]
+    results = []
+    for config in configs:
+        try:
+            results.append((config, cuda_time_us(_candidate_fn(kernel, x, weights, config), warmup=warmup, rep=rep)))
+        except triton.OutOfResources:
+            continue
+    return results
+
+
+def time_candidates(N: int, K: int, M: int, dtype, device="cuda", *, kernels=KERNELS, sweep: bool = False,
+                    warmup: int = 10, rep: int = 50) -> dict[str, float]:
+    """{kernel: median us} for x [M, K] @ weight[N, K].T on a CUDA GPU (the best config of
+    each kernel when ``sweep``; its heuristic config otherwise). Raises RuntimeError on CPU."""
+    _require_cuda(device)
+    times = {}
+    for kernel in kernels:
+        timed = time_configs(kernel, N, K, M, dtype, device, sweep=sweep, warmup=warmup, rep=rep)
+        if timed:
+            times[kernel] = min(us for _, us in timed)
+    return times
+
+
+def tune_shape(N: int, K: int, M: int, dtype, device="cuda", *, sweep: bool = True, warmup: int = 10,
+               rep: int = 50) -> TuningEntry:
+    """The fastest (kernel, config) for x [M, K] @ weight[N, K].T, as a :class:`TuningEntry`
+    whose ``baseline_us`` is the ``mm`` (cuBLAS) time. Raises RuntimeError on CPU."""
+    device = _require_cuda(device)
+    best: tuple[float, str, dict] | None = None
+    baseline = math.nan
+    for kernel in KERNELS:
+        for config, us in time_configs(kernel, N, K, M, dtype, device, sweep=sweep, warmup=warmup, rep=rep):
+            if kernel == "mm":
+                baseline = us
+            if config is None:  # store the resolved heuristic config, so the entry is explicit
+                config = ({} if kernel == "mm" else gemv_heuristic_config(N, K, M, False, device) if kernel == "gemv"
+                          else flat_gemm_heuristic_config(N, K, M, False, dtype, device))
+            if best is None or us < best[0]:
+                best = (us, kernel, dict(config))
+    assert best is not None, "mm is always timed"
+    return TuningEntry(kernel=best[1], config=best[2], time_us=best[0], baseline_us=baseline)
+
+
+__all__ = [
+    "KERNELS",
+    "M_BUCKETS",
+    "TuningEntry",
+    "TuningTable",
+    "TuningTableError",
+    "candidate_configs",
+    "choose_kernel",
+    "choose_kernels",
+    "cold_weight_copies",
+    "cuda_time_us",
+    "default_table_path",
+    "device_name",
+    "dtype_name",
+    "format_kernels",
+    "get_active_table",
+    "heuristic_kernel",
+    "m_bucket",
+    "parse_kernels",
+    "set_active_table",
+    "time_candidates",
+    "time_configs",
+    "tune_shape",
+]

@@ -1,0 +1,174 @@
+"""Flat GEMM kernel (llmopt/codegen/flat_gemm.py): kernel vs reference vs fp64 truth, in the interpreter.
+
+Specification: for M in 1..64 (odd included), ``flat_gemm_triton`` writes every element of
+``epilogue(x @ weight.T)`` (bias, gated activation over merged [gate; up] rows, residual)
+within the suite's tolerance of the fp64 truth, for N and K not multiples of the tiles,
+any strides, fp32 (ieee dot) / fp16 / bf16, with and without split-K, and with M spread
+over several BLOCK_M tiles.
+"""
+import math
+
+import pytest
+import torch
+from conftest import assert_close, poisoned
+from hypothesis import given
+from hypothesis import strategies as st
+
+import llmopt.codegen.linear  # noqa: F401  (registers llmopt::linear)
+from llmopt.codegen.flat_gemm import (
+    flat_gemm_block_m,
+    flat_gemm_configs,
+    flat_gemm_heuristic_config,
+    flat_gemm_ref,
+    flat_gemm_triton,
+    prune_flat_gemm_configs,
+    shared_memory_bytes,
+)
+from llmopt.codegen.gemv import ACTIVATIONS
+from llmopt.codegen.tuning_table import TuningTable, set_active_table
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ALL_FLAT = "1:flat_gemm,2:flat_gemm,4:flat_gemm,8:flat_gemm,16:flat_gemm,32:flat_gemm,64:flat_gemm,inf:flat_gemm"
+
+
+def make_case(M, n_out, K, dtype, *, bias, residual, activation, strided=False, seed=0):
+    """Inputs scaled so outputs are O(1); ``strided``: x and weight are non-contiguous views."""
+    g = torch.Generator().manual_seed(seed)
+    N = 2 * n_out if activation else n_out
+    x = torch.randn(M, 2 * K if strided else K, generator=g).to(dtype)
+    weight = (torch.randn(K, N, generator=g).t() if strided else torch.randn(N, K, generator=g)) / math.sqrt(K)
+    weight = weight.to(dtype)  # keeps the transposed strides (a dense permutation)
+    if strided:
+        x = x[:, ::2]
+    return {
+        "x": x,
+        "weight": weight,
+        "bias": torch.randn(N, generator=g).to(dtype) if bias else None,
+        "residual": torch.randn(M, n_out, generator=g).to(dtype) if residual else None,
+        "activation": activation,
+    }
+
+
+def truth(args):
+    """The reference run on fp64 copies of the same (rounded) inputs."""
+    as64 = {k: (v.to(torch.float64) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    return flat_gemm_ref(**as64)
+
+
+def check_against_truth(args, config=None):
+    dtype = args["x"].dtype
+    M = args["x"].shape[0]
+    n_out = args["weight"].shape[0] // (2 if args["activation"] else 1)
+    out = poisoned((M, n_out), dtype)
+    result = flat_gemm_triton(**args, config=config, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    expected = truth(args)
+    assert_close(out, expected, dtype, what="flat_gemm kernel vs fp64")
+    assert_close(flat_gemm_ref(**args), expected, dtype, what="flat_gemm_ref vs fp64")
+
+
+@pytest.fixture
+def empty_table(tmp_path):
+    previous = set_active_table(TuningTable(tmp_path / "tuning.json"))
+    yield
+    set_active_table(previous)
+
+
+@given(
+    M=st.integers(1, 64),
+    n_out=st.sampled_from([1, 7, 17, 100]),
+    K=st.sampled_from([1, 7, 17, 100, 257]),
+    dtype=st.sampled_from(DTYPES),
+    bias=st.booleans(),
+    residual=st.booleans(),
+    activation=st.sampled_from(ACTIVATIONS),
+    strided=st.booleans(),
+    split_k=st.sampled_from([1, 2, 3]),
+)
+def test_flat_gemm_matches_fp64(M, n_out, K, dtype, bias, residual, activation, strided, split_k):
+    args = make_case(M, n_out, K, dtype, bias=bias, residual=residual, activation=activation, strided=strided)
+    check_against_truth(args, config={"SPLIT_K": split_k, "BLOCK_K": 32, "BLOCK_N": 32})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_epilogue(dtype, activation):
+    args = make_case(9, 100, 257, dtype, bias=True, residual=True, activation=activation)
+    check_against_truth(args)
+
+
+@pytest.mark.parametrize("M", [17, 33, 63])
+def test_rows_over_several_m_tiles(M):
+    args = make_case(M, 17, 100, torch.float32, bias=True, residual=True, activation="silu", strided=True)
+    check_against_truth(args, config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 8})
+
+
+def test_fp32_long_reduction_holds_fp32_tolerance():
+    # on GPU the launcher asks tl.dot for ieee fp32 (tf32 would give ~1e-3); here the
+    # interpreter checks the fp32 accumulation over a long K
+    args = make_case(16, 64, 512, torch.float32, bias=False, residual=False, activation="")
+    check_against_truth(args)
+
+
+def test_empty_reduction_and_empty_rows():
+    bias = torch.randn(5)
+    assert torch.equal(flat_gemm_triton(torch.randn(3, 0), torch.randn(5, 0), bias), bias.expand(3, 5))
+    assert flat_gemm_triton(torch.randn(0, 4), torch.randn(5, 4)).shape == (0, 5)
+
+
+def test_opcheck_with_flat_gemm_forced(triton_kernels, empty_table):
+    args = make_case(6, 24, 40, torch.float32, bias=True, residual=True, activation="silu")
+    x = args["x"].reshape(2, 3, 40)
+    residual = args["residual"].reshape(2, 3, 24)
+    torch.library.opcheck(
+        torch.ops.llmopt.linear.default, (x, args["weight"], args["bias"], residual, "silu", ALL_FLAT)
+    )
+
+
+def test_inside_torch_compile_fullgraph(triton_kernels, empty_table):
+    args = make_case(5, 16, 48, torch.bfloat16, bias=False, residual=True, activation="gelu_tanh")
+    weight, residual = args["weight"], args["residual"]
+
+    def fn(x):
+        return torch.ops.llmopt.linear(x, weight, None, residual, "gelu_tanh", ALL_FLAT) * 2
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(args["x"]), truth(args) * 2, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"weight": torch.randn(8, 5)}, ValueError, "K=4 columns"),
+        ({"weight": torch.randn(8, 4, dtype=torch.bfloat16)}, TypeError, "weight dtype"),
+        ({"bias": torch.randn(8, dtype=torch.float16)}, TypeError, "bias is"),
+        ({"residual": torch.randn(3, 8)}, ValueError, "residual must have the output shape"),
+        ({"activation": "gelu", "residual": torch.randn(2, 8)}, ValueError, r"output shape \(2, 4\)"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, error, match):
+    args = {"x": torch.randn(2, 4), "weight": torch.randn(8, 4), "bias": torch.randn(8), "residual": None,
+            "activation": ""}
+    args.update(change)
+    with pytest.raises(error, match=match):
+        flat_gemm_triton(**args)
+
+
+def test_block_m_pads_to_dot_minimum():
+    assert [flat_gemm_block_m(m) for m in (1, 2, 9, 16, 17, 33, 64, 500)] == [16, 16, 16, 16, 32, 64, 64, 64]
+
+
+def test_config_space_prunes_by_shared_memory_and_shape():
+    for N, K in [(4096, 4096), (6144, 4096), (2 * 11008, 4096), (4096, 11008), (32000, 4096)]:
+        for M in (1, 8, 33):
+            kept = prune_flat_gemm_configs(flat_gemm_configs(M), N, K, element_size=2, gated=False)
+            assert kept, (N, K, M)
+            assert all(shared_memory_bytes(c, 2, False) <= 160 * 1024 for c in kept)
+            assert all(c["BLOCK_M"] == flat_gemm_block_m(M) for c in kept)
+    gated = prune_flat_gemm_configs(flat_gemm_configs(64), 2 * 14336, 4096, element_size=2, gated=True)
+    assert gated and all(shared_memory_bytes(c, 2, True) <= 160 * 1024 for c in gated)
+
+
+def test_interpreter_heuristic_uses_large_tiles_and_one_split():
+    config = flat_gemm_heuristic_config(4096, 4096, 3, False, torch.float16, torch.device("cpu"))
+    assert config == {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1}

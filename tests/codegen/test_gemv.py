@@ -1,0 +1,190 @@
+"""GEMV kernel (llmopt/codegen/gemv.py): kernel vs reference vs fp64 truth, in the interpreter.
+
+Specification: for one or a few rows of x, ``gemv_triton`` writes every element of
+``epilogue(x @ weight.T)`` (bias, gated activation over merged [gate; up] rows, residual)
+within the suite's tolerance of the fp64 truth, for any N and K (not multiples of the
+block), any strides, fp32/fp16/bf16, with and without split-K.
+"""
+import math
+
+import pytest
+import torch
+from conftest import assert_close, poisoned
+from hypothesis import given
+from hypothesis import strategies as st
+
+import llmopt.codegen.linear  # noqa: F401  (registers llmopt::linear)
+from llmopt.codegen.gemv import (
+    ACTIVATIONS,
+    gemv_configs,
+    gemv_heuristic_config,
+    gemv_ref,
+    gemv_triton,
+    prune_gemv_configs,
+)
+from llmopt.codegen.tuning_table import TuningTable, set_active_table
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ALL_GEMV = "1:gemv,2:gemv,4:gemv,8:gemv,16:gemv,32:gemv,64:gemv,inf:gemv"
+
+
+def make_case(M, n_out, K, dtype, *, bias, residual, activation, strided=False, seed=0):
+    """Inputs scaled so outputs are O(1); ``strided``: x and weight are non-contiguous views."""
+    g = torch.Generator().manual_seed(seed)
+    N = 2 * n_out if activation else n_out
+    x = torch.randn(M, 2 * K if strided else K, generator=g).to(dtype)
+    weight = (torch.randn(K, N, generator=g).t() if strided else torch.randn(N, K, generator=g)) / math.sqrt(K)
+    weight = weight.to(dtype)  # keeps the transposed strides (a dense permutation)
+    if strided:
+        x = x[:, ::2]
+    args = {
+        "x": x,
+        "weight": weight,
+        "bias": torch.randn(N, generator=g).to(dtype) if bias else None,
+        "residual": torch.randn(M, n_out, generator=g).to(dtype) if residual else None,
+        "activation": activation,
+    }
+    return args
+
+
+def truth(args):
+    """The reference run on fp64 copies of the same (rounded) inputs."""
+    as64 = {k: (v.to(torch.float64) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    return gemv_ref(**as64)
+
+
+def check_against_truth(args, config=None):
+    dtype = args["x"].dtype
+    M = args["x"].shape[0]
+    n_out = args["weight"].shape[0] // (2 if args["activation"] else 1)
+    out = poisoned((M, n_out), dtype)
+    result = gemv_triton(**args, config=config, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    expected = truth(args)
+    assert_close(out, expected, dtype, what="gemv kernel vs fp64")
+    assert_close(gemv_ref(**args), expected, dtype, what="gemv_ref vs fp64")
+
+
+@pytest.fixture
+def empty_table(tmp_path):
+    previous = set_active_table(TuningTable(tmp_path / "tuning.json"))
+    yield
+    set_active_table(previous)
+
+
+@given(
+    M=st.integers(1, 4),
+    n_out=st.sampled_from([1, 7, 17, 100]),
+    K=st.sampled_from([1, 7, 17, 100, 257]),
+    dtype=st.sampled_from(DTYPES),
+    bias=st.booleans(),
+    residual=st.booleans(),
+    activation=st.sampled_from(ACTIVATIONS),
+    strided=st.booleans(),
+    split_k=st.sampled_from([1, 2, 3]),
+)
+def test_gemv_matches_fp64(M, n_out, K, dtype, bias, residual, activation, strided, split_k):
+    args = make_case(M, n_out, K, dtype, bias=bias, residual=residual, activation=activation, strided=strided)
+    check_against_truth(args, config={"SPLIT_K": split_k, "BLOCK_K": 32, "BLOCK_N": 16})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_epilogue_single_row(dtype, activation):
+    args = make_case(1, 100, 257, dtype, bias=True, residual=True, activation=activation)
+    check_against_truth(args)
+
+
+@pytest.mark.parametrize("split_k", [4, 8])
+def test_split_k_with_empty_splits(split_k):
+    # K=100 in 16-wide blocks over 8 splits: the last splits have no columns and must write zeros
+    args = make_case(2, 17, 100, torch.float32, bias=True, residual=False, activation="silu")
+    check_against_truth(args, config={"SPLIT_K": split_k, "BLOCK_K": 16, "BLOCK_N": 8})
+
+
+def test_more_rows_than_a_decode_batch():
+    args = make_case(33, 17, 65, torch.float16, bias=True, residual=True, activation="gelu_tanh")
+    check_against_truth(args)
+
+
+def test_activation_extremes_stay_finite():
+    # silu/gelu_tanh of +-1e4 must not produce inf * 0 = NaN in the exp-based formulas
+    x = torch.tensor([[1.0]])
+    weight = torch.tensor([[1e4], [-1e4], [1.0], [1.0]])
+    for activation in ("silu", "gelu", "gelu_tanh"):
+        out = gemv_triton(x, weight, activation=activation, out=poisoned((1, 2), torch.float32))
+        assert_close(out, gemv_ref(x.double(), weight.double(), activation=activation), torch.float32)
+
+
+def test_empty_reduction_and_empty_rows():
+    x = torch.randn(3, 0)
+    weight = torch.randn(5, 0)
+    bias = torch.randn(5)
+    assert torch.equal(gemv_triton(x, weight, bias), bias.expand(3, 5))
+    assert gemv_triton(torch.randn(0, 4), torch.randn(5, 4)).shape == (0, 5)
+
+
+def test_opcheck_with_gemv_forced(triton_kernels, empty_table):
+    args = make_case(3, 24, 40, torch.float32, bias=True, residual=True, activation="gelu")
+    x = args["x"].reshape(1, 3, 40)
+    residual = args["residual"].reshape(1, 3, 24)
+    torch.library.opcheck(
+        torch.ops.llmopt.linear.default, (x, args["weight"], args["bias"], residual, "gelu", ALL_GEMV)
+    )
+
+
+def test_inside_torch_compile_fullgraph(triton_kernels, empty_table):
+    args = make_case(2, 16, 48, torch.float32, bias=True, residual=False, activation="")
+    weight, bias = args["weight"], args["bias"]
+
+    def fn(x):
+        return torch.ops.llmopt.linear(x, weight, bias, None, "", ALL_GEMV).relu()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(args["x"]), torch.relu(truth(args)), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"weight": torch.randn(8, 5)}, ValueError, "K=4 columns"),
+        ({"x": torch.randn(4)}, ValueError, r"x \[M, K\]"),
+        ({"weight": torch.randn(8, 4, dtype=torch.float16)}, TypeError, "weight dtype"),
+        ({"x": torch.randn(2, 4, dtype=torch.float64), "weight": torch.randn(8, 4, dtype=torch.float64)},
+         TypeError, "float16, bfloat16 or float32"),
+        ({"bias": torch.randn(7)}, ValueError, "bias must have shape"),
+        ({"residual": torch.randn(2, 7)}, ValueError, "residual must have the output shape"),
+        ({"activation": "relu"}, ValueError, "not supported"),
+        ({"activation": "silu", "weight": torch.randn(7, 4), "bias": None}, ValueError, "even N"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, error, match):
+    args = {"x": torch.randn(2, 4), "weight": torch.randn(8, 4), "bias": torch.randn(8), "residual": None,
+            "activation": ""}
+    args.update(change)
+    with pytest.raises(error, match=match):
+        gemv_triton(**args)
+
+
+def test_bad_config_and_out_raise():
+    x, weight = torch.randn(2, 4), torch.randn(8, 4)
+    with pytest.raises(ValueError, match="unknown keys"):
+        gemv_triton(x, weight, config={"BLOCK_Q": 4})
+    with pytest.raises(ValueError, match="power of two"):
+        gemv_triton(x, weight, config={"BLOCK_N": 12})
+    with pytest.raises(ValueError, match="out must be"):
+        gemv_triton(x, weight, out=torch.empty(2, 7))
+
+
+def test_config_space_prunes_to_something_for_llama_shapes():
+    for N, K in [(4096, 4096), (6144, 4096), (2 * 14336, 4096), (4096, 14336), (128256, 4096)]:
+        kept = prune_gemv_configs(gemv_configs(), N, K)
+        assert kept, (N, K)
+        assert all(c["SPLIT_K"] == 1 or K >= 2 * c["BLOCK_K"] * c["SPLIT_K"] for c in kept)
+    # a tiny problem keeps only tiles that fit it
+    assert all(c["BLOCK_N"] <= 8 and c["SPLIT_K"] == 1 for c in prune_gemv_configs(gemv_configs(), 8, 256))
+
+
+def test_interpreter_heuristic_uses_one_split():
+    config = gemv_heuristic_config(4096, 4096, 1, False, torch.device("cpu"))
+    assert config["SPLIT_K"] == 1 and config["BLOCK_N"] == 64
