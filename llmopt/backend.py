@@ -125,7 +125,8 @@ def compile_inference_graph(
     gm.recompile()
 
     executor = opts.inner if opts.inner != "auto" else DEFAULT_EXECUTOR.get(device.type, "aten")
-    inner = _make_executor(gm, kept_fake, executor, report, opts)
+    static_idxs = [j for j, i in enumerate(keep) if i < len(real_inputs) and compat.module_state_kind(real_inputs[i])]
+    inner = _make_executor(gm, kept_fake, executor, report, opts, device, static_idxs)
     report.nodes_after = count_ops(gm)
     report.ops_after = op_histogram(gm)
     report.graph_after = networkx_view(gm)
@@ -205,11 +206,16 @@ def _freeze(gm, placeholders, real_inputs, n_lifted, mutated):
     return frozen, keep
 
 
-def _make_executor(gm, fake_inputs, executor, report, opts) -> Callable:
+def _make_executor(gm, fake_inputs, executor, report, opts, device, static_idxs) -> Callable:
     report.executor = executor
     if executor == "inductor":
+        # CUDA graphs through Inductor's cudagraph trees; with the aten executor on CUDA,
+        # llmopt.generate captures the decode step itself (runtime/cuda_graphs.py).
+        graphs = device.type == "cuda" and opts.cuda_graphs in (True, "auto")
+        if graphs:
+            report.notes.append("executor: CUDA graphs (Inductor cudagraph trees)")
         try:
-            return compat.inductor_compile(gm, fake_inputs)
+            return compat.inductor_compile(gm, fake_inputs, cudagraphs=graphs, static_input_idxs=static_idxs)
         except Exception as exc:
             if opts.strict:
                 raise

@@ -47,8 +47,18 @@ def module_state_kind(t: Any) -> str | None:
     return getattr(t, "_dynamo_static_input_type", None)
 
 
-def inductor_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-    """Compile an ATen inference graph with Inductor; returns a boxed callable."""
+def inductor_compile(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    cudagraphs: bool = False,
+    static_input_idxs: Sequence[int] = (),
+) -> Callable:
+    """Compile an ATen inference graph with Inductor; returns a boxed callable.
+
+    ``cudagraphs`` replays the compiled graph from CUDA graphs (Inductor's cudagraph
+    trees); ``static_input_idxs`` are inputs whose address never changes (KV caches marked
+    with ``mark_static_address``), which the replay then reads in place instead of copying.
+    """
     from torch._inductor.compile_fx import compile_fx_inner
 
     # Frozen weights are real tensors in a graph otherwise traced with fake ones; Inductor's
@@ -65,7 +75,12 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
         from torch.fx.experimental.proxy_tensor import make_fx
 
         gm = make_fx(gm, decomposition_table=select_decomp_table())(*example_inputs)
-        compiled = compile_fx_inner(gm, list(example_inputs))
+        kwargs = {}
+        if cudagraphs:
+            from torch._inductor.utils import BoxedBool
+
+            kwargs = {"cudagraphs": BoxedBool(True), "static_input_idxs": list(static_input_idxs)}
+        compiled = compile_fx_inner(gm, list(example_inputs), **kwargs)
     finally:
         if fake_mode is not None:
             fake_mode.allow_non_fake_inputs = previous
