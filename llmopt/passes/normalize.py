@@ -9,6 +9,11 @@
   single form ``merge_parallel_linears``, the fusions and ``select_linear_kernel`` match
   (they check themselves whether ``w`` is a frozen constant).
 
+- Merge duplicates (common-subexpression elimination): the same pure op on the same
+  inputs computed twice — per-layer copies of ``unsqueeze(cos, 1)``, of the cache
+  positions ``arange(n) + counter``, of mask slices — becomes one node, so later passes
+  see one value (and plan its metadata once, e.g. the KV lengths every layer shares).
+
 A no-op is only removed when it is provably one (shapes and strides from
 ``node.meta["val"]``, without adding guards on symbolic sizes) and when removing it cannot
 create an alias between a graph output and an input that the graph writes.
@@ -43,8 +48,58 @@ def run(gm: fx.GraphModule, ctx) -> int:
         if node.op == "call_function" and node.target in (aten.addmm.default, aten.mm.default):
             if _canonicalize_matmul(gm, node, ctx):
                 count += 1
+    count += _merge_duplicates(gm, outputs)
     gm.graph.eliminate_dead_code()
     return count
+
+
+# Ops that allocate without defining their values, or draw random numbers: two calls are
+# two different tensors even with equal arguments.
+_NOT_MERGEABLE_PREFIXES = ("empty", "new_empty", "rand", "normal", "bernoulli", "multinomial", "uniform", "exponential")
+
+
+def _mergeable(target) -> bool:
+    import operator
+
+    if target is operator.getitem:
+        return True
+    schema = getattr(target, "_schema", None)
+    if schema is None or schema.is_mutable:
+        return False
+    name = schema.name.split("::")[-1]
+    if name.startswith(_NOT_MERGEABLE_PREFIXES) or "dropout" in name:
+        return False
+    tags = getattr(target, "tags", ())
+    return torch.Tag.nondeterministic_seeded not in tags
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    hash(value)  # raises TypeError for unhashable values (the caller skips the node)
+    return (type(value), value)
+
+
+def _merge_duplicates(gm: fx.GraphModule, outputs: set[fx.Node]) -> int:
+    seen: dict = {}
+    merged = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not _mergeable(node.target):
+            continue
+        try:
+            key = (node.target, _hashable(node.args), _hashable(node.kwargs))
+        except TypeError:
+            continue
+        first = seen.get(key)
+        if first is None:
+            seen[key] = node
+        elif node not in outputs:
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            merged += 1
+    return merged
 
 
 def _output_nodes(gm: fx.GraphModule) -> set[fx.Node]:

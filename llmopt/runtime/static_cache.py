@@ -10,8 +10,10 @@ Layout (what the attention kernels read). Per decoder layer, two tensors
 
 Slot ``s`` of row ``b`` holds the token written by the ``s``-th cache update of that row. All
 rows advance together (a batch is left-padded, as in Hugging Face ``generate``): the number
-of slots written, ``cumulative_length``, is one int64 device tensor per layer, advanced in
-place by every update, so a compiled graph never sees a changing Python int. Row ``b``'s
+of slots written, ``cumulative_length``, is one int64 device tensor shared by all layers,
+advanced in place by the last layer's update (so every layer writes at the same positions,
+which the compiled graph then computes once), and a compiled graph never sees a changing
+Python int. Row ``b``'s
 valid tokens are the slots ``[left_padding[b], cumulative_length)``; ``valid_lengths()``
 returns their count. Attention runs over all ``max_seq_len`` slots with a mask (the Hugging
 Face contract); the compiler pass ``passes/kv_cache.py`` rewrites it to read only the
@@ -114,11 +116,25 @@ class StaticKVLayer(StaticLayer):
         # Host mirror of cumulative_length, advanced only by eager updates (see module doc).
         self.num_tokens = 0
         self._owner = owner
+        self._advances_counter = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not torch.compiler.is_compiling():
             self._check_update(key_states, value_states)
-        return super().update(key_states, value_states, *args, **kwargs)
+        if self._owner is None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        # Hugging Face's update, with one difference: every layer reads the cache's single
+        # slot counter and only the last layer advances it. All layers then write at the
+        # same ``arange(n) + counter`` — one value in the compiled graph, so the positions
+        # and the valid lengths the attention kernels need are computed once per step, not
+        # once per layer (passes/kv_cache.py).
+        n = key_states.shape[-2]
+        positions = torch.arange(n, device=self.keys.device) + self.cumulative_length
+        self.keys.index_copy_(2, positions, key_states)
+        self.values.index_copy_(2, positions, value_states)
+        if self._advances_counter:
+            self.cumulative_length.add_(n)
+        return self.keys, self.values
 
     def _check_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         expected = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3])
@@ -194,6 +210,12 @@ class StaticKVCache(StaticCache):
         self.dtype = dtype
         self.device = torch.device(device)
         self.early_initialization(batch_size, kv_heads, dim, dtype, self.device)
+        # One slot counter for all layers, advanced by the last layer's update (see
+        # StaticKVLayer.update): all rows and layers advance together anyway.
+        counter = layers[0].cumulative_length
+        for layer in layers:
+            layer.cumulative_length = counter
+            layer._advances_counter = layer is layers[-1]
         # Left padding per row (set by generate from the attention mask); see valid_lengths().
         self.left_padding = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
 

@@ -117,3 +117,23 @@ def test_untransposed_non_constant_operand_stays_a_matmul():
     out, report = compile_and_run(f, x, w)
     assert_close(out, x @ w, torch.float32)
     assert "aten.linear.default" not in report.ops_after
+
+
+def test_duplicate_pure_ops_are_merged():
+    class Twice(nn.Module):
+        def forward(self, x, c):
+            a = x * c.unsqueeze(1)
+            b = (x + 1) * c.unsqueeze(1)  # the same unsqueeze again (one per layer in HF models)
+            return a + b
+
+    x, c = torch.randn(2, 3, 4), torch.randn(2, 4)
+    out, report = compile_and_run(Twice(), x, c)
+    assert_close(out, x * c.unsqueeze(1) + (x + 1) * c.unsqueeze(1), torch.float32)
+    assert report.ops_after.get("aten.unsqueeze.default") == 1
+
+
+def test_random_ops_are_not_merged():
+    f = lambda x: x + torch.rand_like(x) - torch.rand_like(x)  # noqa: E731
+    x = torch.zeros(1000)
+    out, report = compile_and_run(f, x)
+    assert out.abs().sum() > 0  # two different draws do not cancel
