@@ -3,7 +3,8 @@
 ``codegen`` imports nothing from the rest of llmopt. Importing this package registers
 every ``llmopt::*`` op with ``torch.library`` (the explicit op registry).
 """
+from . import residual_norm, gated_activation, rope  # noqa: F401  norms, gated activation, rope
 from . import attention_decode  # noqa: F401  registers llmopt::attention_decode
 from . import attention_prefill  # noqa: F401  registers llmopt::attention_prefill
-from . import kv_cache  # noqa: F401  registers llmopt::kv_cache_append
+from . import kv_cache  # noqa: F401  registers llmopt::kv_cache_append, rope_kv_cache_append
 from . import flat_gemm, gemv, linear, tuning_table  # noqa: F401  registers llmopt::linear

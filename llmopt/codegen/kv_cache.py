@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 
 from .kernel_mode import use_triton
+from .rope import KERNEL_DTYPES as ROPE_DTYPES
+from .rope import _check_rope_inputs, _cos_sin_3d, _rotate_heads, rope_ref
 
 
 # --------------------------------------------------------------------------- config space
@@ -138,3 +140,122 @@ def kv_cache_append(
 def _(k_cache, v_cache, positions, k, v) -> None:
     _check(k_cache, v_cache, positions, k, v)
     return None
+
+
+# =========================================================================================
+# RoPE fused with the append: rotate K as it is written (issue 5's optional fusion).
+#
+#     q_out = rope(q);  k_cache[b, :, pos[s]] = rope(k)[b, :, s];  v_cache[b, :, pos[s]] = v[b, :, s]
+#
+# One launch instead of two (rope, then append): a program per (batch, position) rotates
+# a block of query heads into ``q_out``, or a block of key heads straight into their cache
+# slot, or copies a block of value heads — the rotated K never goes through memory twice.
+# The rotation is rope.py's ``_rotate_heads`` (same math, same rounding); ``positions``
+# is shared by the batch (HF's cache_position), ``[S]``.
+# =========================================================================================
+@triton.jit
+def _rope_append_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr,
+    S, HQ, HK, HALF, D, S_MAX,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_qob, stride_qoh, stride_qos, stride_qod,
+    stride_kcb, stride_kch, stride_kcs, stride_kcd,
+    stride_vcb, stride_vch, stride_vcs, stride_vcd,
+    stride_cb, stride_cs, stride_cd,
+    stride_sb, stride_ss, stride_sd,
+    INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+):
+    pid_bs = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = (pid_bs // S).to(tl.int64)
+    s = (pid_bs % S).to(tl.int64)
+    pos = tl.load(pos_ptr + s).to(tl.int64)
+    pos = tl.minimum(tl.maximum(pos, 0), S_MAX - 1)  # the reference raises; never write out of bounds
+    cos_row = cos_ptr + b * stride_cb + s * stride_cs
+    sin_row = sin_ptr + b * stride_sb + s * stride_ss
+    n_q = tl.cdiv(HQ, BLOCK_H)
+    n_k = tl.cdiv(HK, BLOCK_H)
+    if pid_h < n_q:
+        _rotate_heads(
+            q_ptr + b * stride_qb + s * stride_qs, qo_ptr + b * stride_qob + s * stride_qos, cos_row, sin_row,
+            pid_h * BLOCK_H, HQ, HALF, D,
+            stride_qh, stride_qd, stride_qoh, stride_qod, stride_cd, stride_sd,
+            INTERLEAVED, BLOCK_H, BLOCK_HALF, BLOCK_PASS, HAS_PASS, EMULATE_RTNE,
+        )
+    elif pid_h < n_q + n_k:
+        _rotate_heads(
+            k_ptr + b * stride_kb + s * stride_ks, kc_ptr + b * stride_kcb + pos * stride_kcs, cos_row, sin_row,
+            (pid_h - n_q) * BLOCK_H, HK, HALF, D,
+            stride_kh, stride_kd, stride_kch, stride_kcd, stride_cd, stride_sd,
+            INTERLEAVED, BLOCK_H, BLOCK_HALF, BLOCK_PASS, HAS_PASS, EMULATE_RTNE,
+        )
+    else:
+        heads = (pid_h - n_q - n_k) * BLOCK_H + tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        mask = (heads[:, None] < HK) & (d[None, :] < D)
+        src = v_ptr + b * stride_vb + s * stride_vs + heads[:, None].to(tl.int64) * stride_vh + d[None, :] * stride_vd
+        dst = vc_ptr + b * stride_vcb + pos * stride_vcs + heads[:, None].to(tl.int64) * stride_vch + d[None, :] * stride_vcd
+        tl.store(dst, tl.load(src, mask=mask, other=0.0), mask=mask)
+
+
+def rope_kv_cache_append_ref(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions):
+    """Eager: ``rope`` then ``kv_cache_append``; returns the rotated q."""
+    q_rot, k_rot = rope_ref(q, k, cos, sin, rotary_dim, interleaved)
+    kv_cache_append_ref(k_cache, v_cache, positions, k_rot, v)
+    return q_rot
+
+
+def _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions):
+    _check_rope_inputs(q, k, rotary_dim, interleaved)
+    _cos_sin_3d(cos, sin, q, rotary_dim)
+    if positions.dim() != 1:
+        raise ValueError(f"rope_kv_cache_append: positions must be [S] (shared by the batch), got {tuple(positions.shape)}")
+    _check(k_cache, v_cache, positions, k, v)
+    if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+        raise ValueError(f"rope_kv_cache_append: k/v dtype {k.dtype}/{v.dtype} must equal the caches' {k_cache.dtype}")
+
+
+def rope_kv_cache_append_triton(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions, q_out=None):
+    _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
+    cos3, sin3 = _cos_sin_3d(cos, sin, q, rotary_dim)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
+    B, HQ, S, D = q.shape
+    HK = k.shape[1]
+    if B * S == 0:
+        return q_out
+    half = rotary_dim // 2
+    block_h = min(triton.next_power_of_2(max(HQ, HK)), 16)
+    grid = (B * S, triton.cdiv(HQ, block_h) + 2 * triton.cdiv(HK, block_h))
+    _rope_append_kernel[grid](
+        q, k, v, cos3, sin3, q_out, k_cache, v_cache, positions,
+        S, HQ, HK, half, D, k_cache.shape[2],
+        *q.stride(), *k.stride(), *v.stride(), *q_out.stride(), *k_cache.stride(), *v_cache.stride(),
+        cos3.stride(0) if cos3.shape[0] > 1 else 0, cos3.stride(1), cos3.stride(2),
+        sin3.stride(0) if sin3.shape[0] > 1 else 0, sin3.stride(1), sin3.stride(2),
+        INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_PASS=triton.next_power_of_2(max(D - rotary_dim, 1)), HAS_PASS=D > rotary_dim,
+        BLOCK_D=triton.next_power_of_2(D), EMULATE_RTNE=not q.is_cuda,
+        num_warps=1 if not q.is_cuda else 4,
+    )
+    return q_out
+
+
+@torch.library.custom_op("llmopt::rope_kv_cache_append", mutates_args=("k_cache", "v_cache"))
+def rope_kv_cache_append(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    rotary_dim: int, interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate q (returned) and k (written into ``k_cache`` at ``positions``), append v."""
+    if q.dtype in ROPE_DTYPES and use_triton(q, k, k_cache):
+        return rope_kv_cache_append_triton(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
+    _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
+    return rope_kv_cache_append_ref(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
+
+
+@rope_kv_cache_append.register_fake
+def _(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions):
+    _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
+    return q.new_empty(q.shape)

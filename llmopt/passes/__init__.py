@@ -8,7 +8,8 @@ each near-miss (with its reason) through ``ctx``. The manager
 - snapshots the graph before each pass: a pass that raises is logged in the report and
   its partial rewrite is rolled back, so the model still runs, correctly
   (``strict=True`` re-raises instead — the tests run strict);
-- lints the graph after each pass, so a pass that leaves it malformed fails loudly there.
+- lints the graph after each pass, so a pass that leaves it malformed fails loudly there;
+- merges duplicate pure computations that passes emitted per layer, once at the end.
 """
 from __future__ import annotations
 
@@ -88,6 +89,11 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> int:
             ctx.report.passes.append(PassRecord(name, "disabled"))
             continue
         total += _run_one(name, modules[name], gm, ctx)
+    # Passes may emit the same helper computation per layer (a combined mask, lengths):
+    # merge the twins once at the end.
+    from .normalize import merge_duplicates
+
+    merge_duplicates(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

@@ -48,7 +48,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
         if node.op == "call_function" and node.target in (aten.addmm.default, aten.mm.default):
             if _canonicalize_matmul(gm, node, ctx):
                 count += 1
-    count += _merge_duplicates(gm, outputs)
+    count += merge_duplicates(gm, outputs)
     gm.graph.eliminate_dead_code()
     return count
 
@@ -82,14 +82,34 @@ def _hashable(value):
     return (type(value), value)
 
 
-def _merge_duplicates(gm: fx.GraphModule, outputs: set[fx.Node]) -> int:
+def merge_duplicates(gm: fx.GraphModule, outputs: set[fx.Node] | None = None) -> int:
+    """Merge identical pure nodes; returns how many were removed.
+
+    Safe with in-place ops in the graph (the KV-cache appends of ``passes/kv_cache.py``):
+    a node that reads a tensor some op of the graph writes is only merged with a twin
+    computed since the last write (its key carries the count of writes seen so far).
+    """
+    outputs = _output_nodes(gm) if outputs is None else outputs
+    written = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and getattr(getattr(node.target, "_schema", None), "is_mutable", False):
+            written.update(a for a in node.all_input_nodes if a.op == "placeholder")
+    reads_written: set[fx.Node] = set()
     seen: dict = {}
+    writes = 0
     merged = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or not _mergeable(node.target):
+        if node in written or any(a in reads_written for a in node.all_input_nodes):
+            reads_written.add(node)
+        if node.op != "call_function":
+            continue
+        if getattr(getattr(node.target, "_schema", None), "is_mutable", False):
+            writes += 1
+            continue
+        if not _mergeable(node.target):
             continue
         try:
-            key = (node.target, _hashable(node.args), _hashable(node.kwargs))
+            key = (node.target, _hashable(node.args), _hashable(node.kwargs), writes if node in reads_written else -1)
         except TypeError:
             continue
         first = seen.get(key)

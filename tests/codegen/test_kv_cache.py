@@ -72,3 +72,45 @@ def test_bad_inputs_are_explained():
         torch.ops.llmopt.kv_cache_append(kc, vc, torch.tensor([1.0, 2.0]), k, v)
     with pytest.raises(ValueError, match="do not fit the cache"):
         torch.ops.llmopt.kv_cache_append(kc, vc, torch.tensor([1, 2]), k[:, :1], v[:, :1])
+
+
+# ----------------------------------------------------------------------------- rope + append
+from conftest import assert_close, poisoned  # noqa: E402
+
+
+def rope_inputs(B, HQ, HK, S, D, rd, dtype, S_max=24):
+    q = torch.randn(B, S, HQ, D).to(dtype).transpose(1, 2)
+    k = torch.randn(B, S, HK, D).to(dtype).transpose(1, 2)
+    v = torch.randn(B, S, HK, D).to(dtype).transpose(1, 2)
+    angles = torch.randn(1, S, rd // 2)
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(dtype)
+    kc = torch.randn(B, HK, S_max, D).to(dtype)
+    vc = torch.randn(B, HK, S_max, D).to(dtype)
+    return q, k, v, cos, sin, kc, vc
+
+
+@given(
+    B=st.integers(1, 2), HQ=st.sampled_from([2, 4]), G=st.sampled_from([1, 2]), S=st.integers(1, 5),
+    D=st.sampled_from([16, 32]), partial=st.booleans(), interleaved=st.booleans(), dtype=st.sampled_from(DTYPES),
+)
+def test_rope_append_matches_rope_then_append(B, HQ, G, S, D, partial, interleaved, dtype):
+    rd = D // 2 if partial else D
+    q, k, v, cos, sin, kc, vc = rope_inputs(B, HQ, HQ // G, S, D, rd, dtype)
+    pos = torch.randperm(kc.shape[2])[:S]
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q_ref = K.rope_kv_cache_append_ref(q, k, v, cos, sin, rd, interleaved, kc_ref, vc_ref, pos)
+    out = poisoned(q.shape, dtype)
+    K.rope_kv_cache_append_triton(q, k, v, cos, sin, rd, interleaved, kc, vc, pos, q_out=out)
+    assert_close(out, q_ref, dtype)
+    assert_close(kc, kc_ref, dtype)
+    assert torch.equal(vc, vc_ref)
+
+
+def test_rope_append_opcheck_and_compile(triton_kernels):
+    q, k, v, cos, sin, kc, vc = rope_inputs(1, 4, 2, 1, 16, 16, torch.float32)
+    pos = torch.tensor([7])
+    torch.library.opcheck(torch.ops.llmopt.rope_kv_cache_append.default, (q, k, v, cos, sin, 16, False, kc, vc, pos))
+    f = torch.compile(lambda *a: torch.ops.llmopt.rope_kv_cache_append(*a) * 2, backend="aot_eager", fullgraph=True)
+    out = f(q, k, v, cos, sin, 16, False, kc, vc, pos)
+    assert torch.isfinite(out).all()

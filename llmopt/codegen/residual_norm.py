@@ -1,0 +1,541 @@
+"""Residual add fused with RMSNorm or LayerNorm: one pass over each row.
+
+A pre-norm decoder layer spells ``h = x + residual; y = norm(h)`` twice per layer. Eager
+PyTorch runs that as an add, an upcast, a square, a mean, an rsqrt and two or three
+multiplies, each reading and writing the whole activation. Here one program owns one row:
+it reads ``x`` and ``residual`` once and writes ``h`` (the new residual stream) and ``y``
+(the normalized row) once.
+
+Math, per row of ``N`` elements, accumulated in fp32:
+
+    h = round_to_dtype(x + residual)          exactly the tensor eager materializes
+    RMSNorm:   y = h * rsqrt(mean(h^2) + eps) * (w + weight_offset)
+    LayerNorm: y = (h - mean(h)) * rsqrt(var(h) + eps) * w + b        (biased variance)
+
+``y`` is rounded once to ``x.dtype``. ``weight_offset = 1.0`` is Gemma's ``(1 + w)``; the
+weight may be stored in another dtype than ``x`` (fp32 weight, bf16 activations).
+
+Shapes: ``x, residual: [..., N]`` (leading dims merged into rows without a copy when their
+strides allow; any row and column stride), ``weight, bias: [N]``; ``y, h: [..., N]``
+contiguous, dtype of ``x``.
+
+Long rows: a row of up to ``MAX_BLOCK_N`` elements is held in registers (one read, one
+write). A longer row (16k, 32k hidden) is walked in ``MAX_BLOCK_N`` chunks: pass 1
+accumulates the sum of squares (RMSNorm) or merges per-chunk mean and M2 with Chan et al.'s
+update (LayerNorm), pass 2 reads the row again (``h`` when it was just written) and
+normalizes. Registers never hold more than one chunk, whatever ``N``; the autotune pruning
+keeps at most 32 elements per thread (ptxas for sm_90: no spills at 8192 with 8+ warps).
+
+Also home of three helpers the other row-wise kernels (gated_activation, rope) share:
+``rows_view`` (leading dims merged into one row stride, no copy), ``round_to`` (the final
+fp32 -> dtype rounding) and ``m_bucket`` (the autotune key for a row count).
+
+Sources: RMSNorm, Zhang & Sennrich 2019 (arXiv:1910.07467); LayerNorm, Ba et al. 2016
+(arXiv:1607.06450); pairwise variance update, Chan, Golub & LeVeque 1979; one row per
+program as in the Triton layer-norm tutorial.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernel_mode import use_triton
+
+# Widest row held in registers at once; longer rows are processed in chunks of this size.
+MAX_BLOCK_N = 8192
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- autotune space
+def _norm_configs():
+    return [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8, 16, 32)]
+
+
+def _prune_norm_configs(configs, named_args, **kwargs):
+    """Keep warp counts that give each thread between 1 and 32 elements of the block."""
+    block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
+    kept = [c for c in configs if 32 * c.num_warps <= block_n and block_n // (32 * c.num_warps) <= 32]
+    return kept or [min(configs, key=lambda c: c.num_warps)]
+
+
+def _heuristic_num_warps(block_n: int) -> int:
+    return max(1, min(16, block_n // 512))
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for a row count: ``min(next_pow2(M), 64)`` so decode steps reuse a tuning."""
+    return min(triton.next_power_of_2(max(m, 1)), 64)
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """``x`` (fp32) rounded to ``DTYPE``, to nearest even.
+
+    The GPU's fp32 -> bf16 conversion rounds to nearest even, but Triton's CPU interpreter
+    (3.x) truncates. ``EMULATE_RTNE`` (set by launchers for CPU tensors, i.e. under the
+    interpreter) rounds with integer ops instead, so the interpreter reproduces the GPU's,
+    and eager PyTorch's, bf16 results bit for bit.
+    """
+    if EMULATE_RTNE and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x == x, y, x.to(DTYPE))  # NaN stays NaN
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _load_row_chunk(
+    x_row, r_row, h_row, cols, mask, stride_xn, stride_rn, stride_hn,
+    HAS_RESIDUAL: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+):
+    """Load one chunk of the row as fp32; with a residual, store h = x + r rounded to h's dtype."""
+    hv = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_row + cols * stride_rn, mask=mask, other=0.0).to(tl.float32)
+        # Round exactly like eager's `x + residual` in x.dtype; the norm reads the rounded h.
+        h = round_to(hv + r, h_row.dtype.element_ty, EMULATE_RTNE)
+        tl.store(h_row + cols * stride_hn, h, mask=mask)
+        hv = h.to(tl.float32)
+    return hv
+
+
+@triton.jit
+def _rms_norm_kernel(
+    # pointers
+    x_ptr, res_ptr, w_ptr, y_ptr, h_ptr,
+    # sizes (M_BUCKET is only the autotune key)
+    N, M_BUCKET,
+    # strides
+    stride_xm, stride_xn, stride_rm, stride_rn, stride_w, stride_ym, stride_yn, stride_hm, stride_hn,
+    # scalars
+    eps, weight_offset,
+    # constexprs
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    r_row = res_ptr + row * stride_rm
+    y_row = y_ptr + row * stride_ym
+    h_row = h_ptr + row * stride_hm
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        hv = _load_row_chunk(
+            x_row, r_row, h_row, cols, mask, stride_xn, stride_rn, stride_hn, HAS_RESIDUAL, EMULATE_RTNE
+        )
+        rstd = 1.0 / tl.sqrt(tl.sum(hv * hv, axis=0) / N + eps)
+        w = tl.load(w_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32) + weight_offset
+        tl.store(y_row + cols * stride_yn, round_to(hv * rstd * w, y_ptr.dtype.element_ty, EMULATE_RTNE), mask=mask)
+    else:
+        # Pass 1: per-lane partial sums of squares, chunk by chunk (h written as we go).
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            hv = _load_row_chunk(
+            x_row, r_row, h_row, cols, mask, stride_xn, stride_rn, stride_hn, HAS_RESIDUAL, EMULATE_RTNE
+        )
+            acc += hv * hv
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        # Pass 2: normalize. Re-read h (already rounded) rather than x and residual.
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            if HAS_RESIDUAL:
+                hv = tl.load(h_row + cols * stride_hn, mask=mask, other=0.0).to(tl.float32)
+            else:
+                hv = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32) + weight_offset
+            tl.store(y_row + cols * stride_yn, round_to(hv * rstd * w, y_ptr.dtype.element_ty, EMULATE_RTNE), mask=mask)
+
+
+@triton.jit
+def _layer_norm_kernel(
+    # pointers
+    x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr,
+    # sizes (M_BUCKET is only the autotune key)
+    N, M_BUCKET,
+    # strides
+    stride_xm, stride_xn, stride_rm, stride_rn, stride_w, stride_b, stride_ym, stride_yn, stride_hm, stride_hn,
+    # scalars
+    eps,
+    # constexprs
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    r_row = res_ptr + row * stride_rm
+    y_row = y_ptr + row * stride_ym
+    h_row = h_ptr + row * stride_hm
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        hv = _load_row_chunk(
+            x_row, r_row, h_row, cols, mask, stride_xn, stride_rn, stride_hn, HAS_RESIDUAL, EMULATE_RTNE
+        )
+        mean = tl.sum(hv, axis=0) / N
+        # Two-step variance from registers: no E[x^2] - E[x]^2 cancellation.
+        diff = tl.where(mask, hv - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / N + eps)
+        y = diff * rstd
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + cols * stride_b, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_row + cols * stride_yn, round_to(y, y_ptr.dtype.element_ty, EMULATE_RTNE), mask=mask)
+    else:
+        # Pass 1: exact mean and M2 of each chunk, merged into the running pair (Chan et al.).
+        mean = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), axis=0)
+        m2 = mean
+        count = mean
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            hv = _load_row_chunk(
+            x_row, r_row, h_row, cols, mask, stride_xn, stride_rn, stride_hn, HAS_RESIDUAL, EMULATE_RTNE
+        )
+            n_chunk = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+            chunk_mean = tl.sum(hv, axis=0) / n_chunk
+            diff = tl.where(mask, hv - chunk_mean, 0.0)
+            chunk_m2 = tl.sum(diff * diff, axis=0)
+            total = count + n_chunk
+            delta = chunk_mean - mean
+            mean = mean + delta * (n_chunk / total)
+            m2 = m2 + chunk_m2 + delta * delta * (count * n_chunk / total)
+            count = total
+        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        # Pass 2: normalize. Re-read h (already rounded) rather than x and residual.
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            if HAS_RESIDUAL:
+                hv = tl.load(h_row + cols * stride_hn, mask=mask, other=0.0).to(tl.float32)
+            else:
+                hv = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            y = (hv - mean) * rstd
+            if HAS_WEIGHT:
+                y = y * tl.load(w_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y = y + tl.load(b_ptr + cols * stride_b, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_row + cols * stride_yn, round_to(y, y_ptr.dtype.element_ty, EMULATE_RTNE), mask=mask)
+
+
+_rms_norm_tuned = triton.autotune(
+    configs=_norm_configs(), key=["N", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune_norm_configs}
+)(_rms_norm_kernel)
+_layer_norm_tuned = triton.autotune(
+    configs=_norm_configs(), key=["N", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune_norm_configs}
+)(_layer_norm_kernel)
+
+
+# --------------------------------------------------------------------------- references
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 accumulation, except that an fp64 input (the tests' ground truth) stays fp64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+    """Eager RMSNorm: fp32 math (HF Llama's upcast), one rounding to ``x.dtype``."""
+    acc = _acc_dtype(x.dtype)
+    hf = x.to(acc)
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return (hf * rstd * (weight.to(acc) + weight_offset)).to(x.dtype)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual`` in ``x.dtype`` (as eager), then :func:`rms_norm_ref` of ``h``."""
+    h = x + residual
+    return rms_norm_ref(h, weight, eps, weight_offset), h
+
+
+def layer_norm_ref(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> torch.Tensor:
+    """Eager LayerNorm over the last dim with fp32 statistics, one rounding to ``x.dtype``."""
+    acc = _acc_dtype(x.dtype)
+    hf = x.to(acc)
+    mean = hf.mean(-1, keepdim=True)
+    diff = hf - mean
+    y = diff * torch.rsqrt(diff.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def add_layer_norm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual`` in ``x.dtype`` (as eager), then :func:`layer_norm_ref` of ``h``."""
+    h = x + residual
+    return layer_norm_ref(h, weight, bias, eps), h
+
+
+# --------------------------------------------------------------------------- launchers
+def rows_view(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t: [..., N]`` as an ``[M, N]`` view of the same storage, or None when the leading
+    dims cannot be merged into one row stride (then the caller copies or refuses)."""
+    n = t.shape[-1]
+    m = math.prod(t.shape[:-1])
+    if m == 0:
+        return t.new_empty((0, n))  # nothing to read or write
+    lead = [(size, stride) for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size != 1]
+    for (_, outer), (size, inner) in zip(lead, lead[1:]):
+        if outer != inner * size:
+            return None
+    stride_m = lead[-1][1] if lead else n * t.stride(-1)
+    return t.as_strided((m, n), (stride_m, t.stride(-1)), t.storage_offset())
+
+
+def _input_rows(t: torch.Tensor) -> torch.Tensor:
+    rows = rows_view(t)
+    # Leading dims that no single stride describes (rare: a permuted activation) are copied.
+    return rows if rows is not None else t.reshape(-1, t.shape[-1])
+
+
+def _output_rows(out: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(
+            f"{name} must be a {like.dtype} tensor of shape {tuple(like.shape)} on {like.device}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}; pass out=None to allocate it"
+        )
+    rows = rows_view(out)
+    if rows is None:
+        raise ValueError(f"{name} with strides {out.stride()} cannot be written as rows; pass a contiguous tensor")
+    return rows
+
+
+def _check_norm_inputs(op: str, x, residual, params) -> None:
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must have a non-empty last dim to normalize, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(
+                f"{op}: residual must match x ({x.dtype} {tuple(x.shape)} on {x.device}), got "
+                f"{residual.dtype} {tuple(residual.shape)} on {residual.device}; cast or broadcast it first"
+            )
+    for name, p in params.items():
+        if p is None:
+            continue
+        if p.shape != (x.shape[-1],) or p.device != x.device or not p.is_floating_point():
+            raise ValueError(
+                f"{op}: {name} must be a floating-point [{x.shape[-1]}] tensor on {x.device} (the size of x's "
+                f"last dim), got {p.dtype} {tuple(p.shape)} on {p.device}"
+            )
+
+
+def _check_kernel_dtype(op: str, x: torch.Tensor) -> None:
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: the Triton kernel supports {KERNEL_DTYPES}, got {x.dtype}; use {op}_ref")
+
+
+def _launch_params(x2: torch.Tensor):
+    n = x2.shape[1]
+    block_n = min(triton.next_power_of_2(n), MAX_BLOCK_N)
+    return n, block_n, n <= block_n
+
+
+def _rms_norm_launch(x, residual, weight, eps, weight_offset, y, h) -> None:
+    x2 = _input_rows(x)
+    r2 = _input_rows(residual) if residual is not None else x2
+    y2 = _output_rows(y, x, "out")
+    h2 = _output_rows(h, x, "residual_out") if residual is not None else y2
+    m = x2.shape[0]
+    if m == 0:
+        return
+    n, block_n, single = _launch_params(x2)
+    args = (
+        x2, r2, weight, y2, h2,
+        n, m_bucket(m),
+        x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), weight.stride(0),
+        y2.stride(0), y2.stride(1), h2.stride(0), h2.stride(1),
+        float(eps), float(weight_offset),
+    )
+    meta = dict(HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, SINGLE_BLOCK=single, EMULATE_RTNE=not x.is_cuda)
+    if x.is_cuda:
+        _rms_norm_tuned[(m,)](*args, **meta)
+    else:
+        # Interpreter: one fixed config (autotuning there would only time numpy).
+        _rms_norm_kernel[(m,)](*args, **meta, num_warps=_heuristic_num_warps(block_n))
+
+
+def _layer_norm_launch(x, residual, weight, bias, eps, y, h) -> None:
+    x2 = _input_rows(x)
+    r2 = _input_rows(residual) if residual is not None else x2
+    y2 = _output_rows(y, x, "out")
+    h2 = _output_rows(h, x, "residual_out") if residual is not None else y2
+    m = x2.shape[0]
+    if m == 0:
+        return
+    n, block_n, single = _launch_params(x2)
+    # Absent weight/bias: any valid pointer, never read (HAS_WEIGHT/HAS_BIAS are False).
+    w = weight if weight is not None else x2
+    b = bias if bias is not None else x2
+    args = (
+        x2, r2, w, b, y2, h2,
+        n, m_bucket(m),
+        x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1),
+        weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
+        y2.stride(0), y2.stride(1), h2.stride(0), h2.stride(1),
+        float(eps),
+    )
+    meta = dict(
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, SINGLE_BLOCK=single, EMULATE_RTNE=not x.is_cuda,
+    )
+    if x.is_cuda:
+        _layer_norm_tuned[(m,)](*args, **meta)
+    else:
+        _layer_norm_kernel[(m,)](*args, **meta, num_warps=_heuristic_num_warps(block_n))
+
+
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """RMSNorm of ``x: [..., N]`` with the Triton kernel; returns ``out`` (allocated when None)."""
+    _check_norm_inputs("rms_norm", x, None, {"weight": weight})
+    _check_kernel_dtype("rms_norm", x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    _rms_norm_launch(x, None, weight, eps, weight_offset, y, None)
+    return y
+
+
+def add_rms_norm_triton(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    weight_offset: float = 0.0,
+    out: Optional[torch.Tensor] = None,
+    residual_out: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual; y = rms_norm(h)`` in one kernel; returns ``(y, h)``."""
+    _check_norm_inputs("add_rms_norm", x, residual, {"weight": weight})
+    _check_kernel_dtype("add_rms_norm", x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual_out is None else residual_out
+    _rms_norm_launch(x, residual, weight, eps, weight_offset, y, h)
+    return y, h
+
+
+def layer_norm_triton(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """LayerNorm of ``x: [..., N]`` with the Triton kernel; returns ``out`` (allocated when None)."""
+    _check_norm_inputs("layer_norm", x, None, {"weight": weight, "bias": bias})
+    _check_kernel_dtype("layer_norm", x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    _layer_norm_launch(x, None, weight, bias, eps, y, None)
+    return y
+
+
+def add_layer_norm_triton(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    out: Optional[torch.Tensor] = None,
+    residual_out: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual; y = layer_norm(h)`` in one kernel; returns ``(y, h)``."""
+    _check_norm_inputs("add_layer_norm", x, residual, {"weight": weight, "bias": bias})
+    _check_kernel_dtype("add_layer_norm", x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual_out is None else residual_out
+    _layer_norm_launch(x, residual, weight, bias, eps, y, h)
+    return y, h
+
+
+# --------------------------------------------------------------------------- registered ops
+def _kernel_path(x: torch.Tensor) -> bool:
+    # fp64 (and other dtypes the kernel does not cover) always takes the reference.
+    return x.dtype in KERNEL_DTYPES and use_triton(x)
+
+
+@torch.library.custom_op("llmopt::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm over the last dim, fp32 math, output in ``x.dtype`` (a fresh contiguous tensor)."""
+    if _kernel_path(x):
+        return rms_norm_triton(x, weight, eps, weight_offset)
+    _check_norm_inputs("rms_norm", x, None, {"weight": weight})
+    return rms_norm_ref(x, weight, eps, weight_offset).contiguous()
+
+
+@rms_norm.register_fake
+def _(x, weight, eps, weight_offset=0.0):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("llmopt::add_rms_norm", mutates_args=())
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual`` (rounded to ``x.dtype``), ``y = rms_norm(h)``; returns ``(y, h)``."""
+    if _kernel_path(x):
+        return add_rms_norm_triton(x, residual, weight, eps, weight_offset)
+    _check_norm_inputs("add_rms_norm", x, residual, {"weight": weight})
+    y, h = add_rms_norm_ref(x, residual, weight, eps, weight_offset)
+    return y.contiguous(), h.contiguous()
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps, weight_offset=0.0):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("llmopt::layer_norm", mutates_args=())
+def layer_norm(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> torch.Tensor:
+    """LayerNorm over the last dim, fp32 statistics, output in ``x.dtype`` (fresh, contiguous)."""
+    if _kernel_path(x):
+        return layer_norm_triton(x, weight, bias, eps)
+    _check_norm_inputs("layer_norm", x, None, {"weight": weight, "bias": bias})
+    return layer_norm_ref(x, weight, bias, eps).contiguous()
+
+
+@layer_norm.register_fake
+def _(x, weight, bias, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("llmopt::add_layer_norm", mutates_args=())
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual`` (rounded to ``x.dtype``), ``y = layer_norm(h)``; returns ``(y, h)``."""
+    if _kernel_path(x):
+        return add_layer_norm_triton(x, residual, weight, bias, eps)
+    _check_norm_inputs("add_layer_norm", x, residual, {"weight": weight, "bias": bias})
+    y, h = add_layer_norm_ref(x, residual, weight, bias, eps)
+    return y.contiguous(), h.contiguous()
+
+
+@add_layer_norm.register_fake
+def _(x, residual, weight, bias, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
