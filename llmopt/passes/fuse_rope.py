@@ -1,0 +1,442 @@
+"""fuse_rope: the rotary embedding of Q and K of a layer becomes one ``llmopt.rope`` op.
+
+The function it replaces (Hugging Face ``apply_rotary_pos_emb``)::
+
+    def apply_rotary_pos_emb(q, k, cos, sin):          # cos/sin [B|1, S, rd], unsqueezed at dim 1
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    rotate_half(x)      = cat(-x[..., rd/2:], x[..., :rd/2])           # Llama, Mistral, Qwen, NeoX, Phi
+    rotate_every_two(x) = stack(-x[..., 1::2], x[..., ::2]).flatten(-2)  # GPT-J: interleaved
+
+Per tensor that is a slice, a negation, a concatenation, two multiplies and an add — six
+passes over memory — and the same again for K; the op reads q, k, cos and sin once and
+writes both outputs once (``codegen/rope.py``).
+
+Spellings recognized (after ``normalize``), for q and for k with the *same* cos/sin:
+
+- ``x * cos + rotate_half(x) * sin`` in either operand order (``interleaved=False``);
+- the same with ``rotate_every_two`` (``interleaved=True``; GPT-J repeats cos/sin per pair);
+- partial rotary (Phi, GPT-NeoX, GPT-J): ``x = t[..., :rd]`` rotated, then
+  ``cat((x_rot, t[..., rd:]), -1)`` — the ``cat`` is folded (``rotary_dim=rd``, the op copies
+  the rest);
+- an fp32 upcast around it (``x = t.float()`` … ``.to(t.dtype)``), which the op does anyway;
+- the complex spelling of Meta's Llama / gpt-fast:
+  ``view_as_real(view_as_complex(x.float().reshape(..., -1, 2)) * freqs_cis).flatten(3)``.
+  Complex multiplication by ``freqs_cis = cos θ + i sin θ`` is the interleaved rotation
+  with ``cos = repeat_interleave(freqs.real, 2)``, ``sin = repeat_interleave(freqs.imag, 2)``;
+  the pass inserts those four small nodes once per ``freqs_cis`` (shared by every layer).
+
+Layouts: ``[B, H, S, D]`` (cos/sin broadcast over dim 1, HF) and ``[B, S, H, D]`` (broadcast
+over dim 2: GPT-J, Meta, gpt-fast — passed to the op through a ``transpose`` view and
+transposed back).
+
+Pairing: the op rotates two tensors with one cos/sin, so the matches of one layer
+(same module path, same cos/sin, same rotary dim and layout) are paired in graph order;
+a rotation left without a partner (q without k) is a near-miss. Shapes and dtypes are
+checked on ``meta["val"]`` (the output must keep the input's dtype; batch, sequence and
+head dim of q and k must agree).
+
+Source: Su et al. 2021, "RoFormer" (arXiv:2104.09864); the spellings of Hugging Face
+transformers (Llama, GPT-J, Phi), Meta's llama reference and gpt-fast.
+"""
+from __future__ import annotations
+
+import collections
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .. import compat
+from ..codegen import rope as _rope  # noqa: F401  registers llmopt::rope
+from ..graph import tensor_meta
+from ..report import layer_of
+from .lower_attention import propagate_layout
+
+aten = torch.ops.aten
+
+RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class Rotation:
+    """One rotated tensor: ``out`` holds ``rope(x)`` over its first ``rotary_dim`` dims."""
+
+    x: fx.Node
+    cos: fx.Node  # as used in the graph: broadcasts against x's rotated part
+    sin: fx.Node
+    rotary_dim: int
+    interleaved: bool
+    layout: str  # "bhsd" (cos/sin broadcast over dim 1) or "bshd" (over dim 2)
+    out: fx.Node
+    spelling: str
+    freqs: fx.Node | None = None  # complex spelling: cos/sin are derived from this
+    inner: list = field(default_factory=list)  # matched intermediates (single-user checked)
+
+    def key(self) -> tuple:
+        """Rotations that may share one op: same layer, same cos/sin (looking through the
+        broadcast ``unsqueeze``), same rotary dim, spelling and layout."""
+        tables = (self.freqs,) if self.freqs is not None else (_unsqueezed(self.cos), _unsqueezed(self.sin))
+        shape = tuple(tensor_meta(self.freqs if self.freqs is not None else self.cos).shape)
+        return (layer_of(self.out), tables, shape, self.rotary_dim, self.interleaved, self.layout)
+
+
+def run(gm: fx.GraphModule, ctx) -> int:
+    rotations: list[Rotation] = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        found = None
+        if node.target == aten.add.Tensor:
+            found = match_real(node)
+        elif node.target == aten.view_as_real.default:
+            found = match_complex(node)
+        if found is None:
+            continue
+        if isinstance(found, str):
+            ctx.near_miss(node, found)
+            continue
+        rotations.append(found)
+
+    count = 0
+    derived: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+    for first, second in _pairs(rotations, ctx):
+        reason = fuse(gm, first, second, derived)
+        if reason:
+            ctx.near_miss(first.out, reason)
+            continue
+        ctx.rewrite(first.out, f"{first.spelling} on q and k → llmopt.rope (rotary_dim={first.rotary_dim}, "
+                               f"interleaved={first.interleaved}, layout {first.layout})")
+        count += 1
+    gm.graph.eliminate_dead_code()
+    return count
+
+
+# ------------------------------------------------------------------------------ matching
+def match_real(add: fx.Node) -> Rotation | str | None:
+    """``x * cos + rotate(x) * sin`` (any operand order) rooted at ``add``."""
+    if add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+        return None
+    a, b = add.args
+    for m1, m2 in ((a, b), (b, a)):
+        if not (_is(m1, aten.mul.Tensor) and _is(m2, aten.mul.Tensor)):
+            continue
+        for r, sin in _operand_orders(m2):
+            rotated = _rotated(r)
+            if rotated is None:
+                continue
+            x, interleaved = rotated
+            for x1, cos in _operand_orders(m1):
+                if x1 is x:
+                    spelling = "rotate_every_two" if interleaved else "rotate_half"
+                    inner = [m1, m2, *_rotation_nodes(r)]
+                    return _finish(x, cos, sin, interleaved, add, spelling, inner)
+    return None
+
+
+def match_complex(view_as_real: fx.Node) -> Rotation | str | None:
+    """``view_as_real(view_as_complex(x.reshape(..., -1, 2)) * freqs).flatten(3)``."""
+    mul = view_as_real.args[0]
+    if not _is(mul, aten.mul.Tensor):
+        return None
+    for xc, freqs in _operand_orders(mul):
+        if not _is(xc, aten.view_as_complex.default):
+            continue
+        pairs = xc.args[0]
+        if not (isinstance(pairs, fx.Node) and pairs.target in RESHAPES):
+            return None
+        x = pairs.args[0]
+        xv, pv, fv = tensor_meta(x), tensor_meta(pairs), tensor_meta(freqs)
+        if xv is None or pv is None or fv is None or xv.dim() != 4 or pv.dim() != 5 or not fv.is_complex():
+            return None
+        if not (_eq(pv.shape[-1], 2) and all(_eq(p, s) for p, s in zip(pv.shape[:3], xv.shape[:3]))):
+            return None
+        flat = _single_user(view_as_real)
+        if flat is None or flat.target not in (*RESHAPES, aten.flatten.using_ints):
+            return "complex RoPE: view_as_real is not flattened back to the head dim"
+        if not _same_shape(tensor_meta(flat), tuple(xv.shape)):
+            return "complex RoPE: flattened output does not have the input's shape"
+        return _finish(x, None, None, True, flat, "complex multiplication", [mul, xc, pairs, view_as_real], freqs=freqs)
+    return None
+
+
+def _finish(x, cos, sin, interleaved, out, spelling, inner, freqs=None) -> Rotation | str | None:
+    """Fold the fp32 upcast and the partial-rotary cat, then check shapes and dtypes."""
+    xv = tensor_meta(x)
+    if xv is None or xv.dim() != 4:
+        return None
+    # Upcast: x = t.float() ... out.to(t.dtype).
+    if _is(x, aten._to_copy.default) and _only_dtype(x):
+        cast = _single_user(out)
+        t = x.args[0]
+        tv = tensor_meta(t)
+        if cast is not None and _is(cast, aten._to_copy.default) and _only_dtype(cast) and tv is not None \
+                and tensor_meta(cast).dtype == tv.dtype:
+            inner = inner + [out]
+            x, out, xv = t, cast, tv
+    rotary_dim = xv.shape[-1]
+    # Partial rotary: x = t[..., :rd]; out = cat((rope(x), t[..., rd:]), -1).
+    sl = _slice(x)
+    if sl is not None and sl[1] == 3 and sl[2] == 0 and sl[4] == 1:
+        t = sl[0]
+        tv = tensor_meta(t)
+        cat = _single_user(out)
+        if cat is not None and _is(cat, aten.cat.default) and len(cat.args[0]) == 2 and cat.args[0][0] is out \
+                and _last_dim(cat, 4):
+            rest = _slice(cat.args[0][1])
+            if rest is not None and rest[0] is t and rest[1] == 3 and rest[2] == rotary_dim and rest[4] == 1 \
+                    and _eq(tv.shape[3], rest[3]):
+                inner = inner + [out]
+                x, out, xv = t, cat, tv
+    ov = tensor_meta(out)
+    if not isinstance(rotary_dim, int) or rotary_dim % 2:
+        return "rotary dim is not a static even number"
+    if xv.dtype not in FLOAT_DTYPES:
+        return None
+    if ov is None or ov.dtype != xv.dtype or not _same_shape(ov, tuple(xv.shape)):
+        return f"RoPE output {getattr(ov, 'dtype', None)} differs from its input's dtype {xv.dtype} (upcast without a cast back)"
+    for n in inner:
+        if len(n.users) != 1:
+            return f"RoPE intermediate {n.name} has another user"
+    probe = cos if freqs is None else freqs
+    layout = _layout(tensor_meta(probe), xv, rotary_dim, complex_freqs=freqs is not None)
+    if layout is None:
+        return f"cos/sin of shape {tuple(tensor_meta(probe).shape)} do not broadcast over heads of q/k {tuple(xv.shape)}"
+    if freqs is None:
+        cv, sv = tensor_meta(cos), tensor_meta(sin)
+        if not (cv.is_floating_point() and sv.is_floating_point() and _same_shape(cv, tuple(sv.shape))):
+            return "cos and sin differ in shape or are not floating point"
+    return Rotation(x, cos, sin, rotary_dim, interleaved, layout, out, spelling, freqs, inner)
+
+
+def _layout(cv, xv, rotary_dim, complex_freqs: bool) -> str | None:
+    """``"bhsd"`` when cos/sin broadcast over dim 1 of x, ``"bshd"`` over dim 2."""
+    if cv is None or cv.dim() > 4:
+        return None
+    c = (1,) * (4 - cv.dim()) + tuple(cv.shape)
+    last = rotary_dim // 2 if complex_freqs else rotary_dim
+    if not _eq(c[3], last) or not (_eq(c[0], 1) or _eq(c[0], xv.shape[0])):
+        return None
+    if _eq(c[1], 1) and _eq(c[2], xv.shape[2]):
+        return "bhsd"
+    if _eq(c[2], 1) and _eq(c[1], xv.shape[1]):
+        return "bshd"
+    return None
+
+
+def _rotated(r: fx.Node) -> tuple[fx.Node, bool] | None:
+    """(x, interleaved) when ``r`` is ``rotate_half(x)`` or ``rotate_every_two(x)``."""
+    if _is(r, aten.cat.default):
+        parts = r.args[0]
+        if len(parts) != 2 or not _last_dim(r, tensor_meta(r).dim()):
+            return None
+        neg, first = parts
+        if not _is(neg, aten.neg.default):
+            return None
+        second, lo = _slice(neg.args[0]), _slice(first)
+        if second is None or lo is None or second[0] is not lo[0]:
+            return None
+        x = lo[0]
+        d = tensor_meta(x).shape[-1]
+        last = tensor_meta(x).dim() - 1
+        if not (isinstance(d, int) and d % 2 == 0):
+            return None
+        half = d // 2
+        if lo[1:] == (last, 0, half, 1) and second[1:] == (last, half, d, 1):
+            return x, False
+        return None
+    if r.target in (*RESHAPES, aten.flatten.using_ints):
+        st = r.args[0]
+        if not _is(st, aten.stack.default) or len(st.args[0]) != 2:
+            return None
+        sv = tensor_meta(st)
+        dim = st.args[1] if len(st.args) > 1 else 0
+        if dim % sv.dim() != sv.dim() - 1:
+            return None
+        neg, even = st.args[0]
+        if not _is(neg, aten.neg.default):
+            return None
+        odd, ev = _slice(neg.args[0]), _slice(even)
+        if odd is None or ev is None or odd[0] is not ev[0]:
+            return None
+        x = ev[0]
+        xv = tensor_meta(x)
+        d, last = xv.shape[-1], xv.dim() - 1
+        if ev[1:] == (last, 0, d, 2) and odd[1:] == (last, 1, d, 2) and _same_shape(tensor_meta(r), tuple(xv.shape)):
+            return x, True
+    return None
+
+
+def _rotation_nodes(r: fx.Node) -> list[fx.Node]:
+    """The intermediates of a rotate_half / rotate_every_two (for the single-user check)."""
+    if _is(r, aten.cat.default):
+        neg, first = r.args[0]
+        return [r, neg, neg.args[0], first]
+    st = r.args[0]
+    neg, even = st.args[0]
+    return [r, st, neg, neg.args[0], even]
+
+
+# ------------------------------------------------------------------------------ pairing
+def _pairs(rotations: list[Rotation], ctx) -> list[tuple[Rotation, Rotation]]:
+    groups: dict[tuple, list[Rotation]] = collections.defaultdict(list)
+    for r in rotations:
+        groups[r.key()].append(r)
+    pairs = []
+    for members in groups.values():
+        pending: list[Rotation] = []
+        for r in members:  # graph order: q then k of a layer, layer after layer
+            partner = next((p for p in pending if _compatible(p, r)), None)
+            if partner is None:
+                pending.append(r)
+            else:
+                pending.remove(partner)
+                pairs.append((partner, r))
+        for r in pending:
+            ctx.near_miss(r.out, "rotary embedding without a partner (q without k, or cos/sin not shared); left as is")
+    return pairs
+
+
+def _compatible(a: Rotation, b: Rotation) -> bool:
+    av, bv = tensor_meta(a.x), tensor_meta(b.x)
+    seq = 2 if a.layout == "bhsd" else 1
+    return (
+        av.dtype == bv.dtype and av.device == bv.device
+        and _eq(av.shape[0], bv.shape[0]) and _eq(av.shape[seq], bv.shape[seq]) and _eq(av.shape[3], bv.shape[3])
+    )
+
+
+# ------------------------------------------------------------------------------ rewrite
+def fuse(gm: fx.GraphModule, q: Rotation, k: Rotation, derived: dict) -> str | None:
+    g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    inputs = [q.x, k.x] + ([q.freqs] if q.freqs is not None else [q.cos, q.sin])
+    anchor = max(inputs, key=order.__getitem__)
+    first_use = min((order[u] for r in (q, k) for u in r.out.users), default=len(order))
+    if first_use <= order[anchor]:
+        return "q or k is used before the other is computed; cannot rotate both in one op"
+    with g.inserting_before(anchor.next):
+        if q.freqs is not None:
+            cos, sin = _cos_sin_from_freqs(g, q.freqs, derived)
+        else:
+            cos, sin = q.cos, q.sin
+        cos3, sin3 = _as_3d(g, cos, q.layout), _as_3d(g, sin, q.layout)
+        q_in, k_in = (q.x, k.x) if q.layout == "bhsd" else (_call(g, aten.transpose.int, (q.x, 1, 2)), _call(g, aten.transpose.int, (k.x, 1, 2)))
+        rope = _call(g, torch.ops.llmopt.rope.default, (q_in, k_in, cos3, sin3, q.rotary_dim, q.interleaved))
+        rope.meta.update({key: v for key, v in q.out.meta.items() if key != "val"})
+        outs = []
+        for i, r in enumerate((q, k)):
+            o = _call(g, operator.getitem, (rope, i))
+            if r.layout == "bshd":
+                o = _call(g, aten.transpose.int, (o, 1, 2))
+            outs.append(o)
+    for r, o in zip((q, k), outs):
+        r.out.replace_all_uses_with(o)
+    propagate_layout(g, {q.out: outs[0], k.out: outs[1]})
+    return None
+
+
+def _cos_sin_from_freqs(g: fx.Graph, freqs: fx.Node, derived: dict) -> tuple[fx.Node, fx.Node]:
+    """cos/sin per dim for the interleaved rotation, from complex ``freqs`` (once per freqs)."""
+    if freqs in derived:
+        return derived[freqs]
+    real = _call(g, aten.view_as_real.default, (freqs,))
+    out = []
+    for part in (0, 1):
+        half = _call(g, aten.select.int, (real, -1, part))
+        pair = _call(g, aten.stack.default, ([half, half], -1))  # repeat_interleave(·, 2, -1)
+        out.append(_call(g, aten.flatten.using_ints, (pair, -2, -1)))
+    derived[freqs] = (out[0], out[1])
+    return derived[freqs]
+
+
+def _as_3d(g: fx.Graph, c: fx.Node, layout: str) -> fx.Node:
+    """cos/sin as the op takes them, ``[B|1, S, rd]``: drop the broadcast head dim."""
+    cv = tensor_meta(c)
+    head = 1 if layout == "bhsd" else 2
+    if cv.dim() == 4 and c.target == aten.unsqueeze.default and c.args[1] % 4 == head:
+        src = tensor_meta(c.args[0])
+        if src is not None and src.dim() == 3:
+            return c.args[0]
+    while cv.dim() < 4:
+        c = _call(g, aten.unsqueeze.default, (c, 0))
+        cv = tensor_meta(c)
+    return _call(g, aten.squeeze.dim, (c, head))
+
+
+def _call(g: fx.Graph, target, args) -> fx.Node:
+    node = g.call_function(target, args)
+    fake = fx.node.map_arg(args, lambda n: n.meta["val"])
+    node.meta["val"] = target(*fake)
+    return node
+
+
+# ------------------------------------------------------------------------------ helpers
+def _is(node: Any, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target
+
+
+def _unsqueezed(node: fx.Node) -> fx.Node:
+    while _is(node, aten.unsqueeze.default):
+        node = node.args[0]
+    return node
+
+
+def _operand_orders(mul: fx.Node):
+    a, b = mul.args[:2]
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        yield a, b
+        yield b, a
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _only_dtype(node: fx.Node) -> bool:
+    if set(node.kwargs) - {"dtype", "layout", "device", "memory_format"}:
+        return False
+    src, out = tensor_meta(node.args[0]), tensor_meta(node)
+    return src is not None and out is not None and src.device == out.device and node.kwargs.get("layout", torch.strided) == torch.strided
+
+
+def _slice(node: Any) -> tuple | None:
+    """(src, dim, start, end, step) of ``aten.slice``, dim normalized, end clipped."""
+    if not _is(node, aten.slice.Tensor):
+        return None
+    src = node.args[0]
+    sv = tensor_meta(src)
+    if sv is None:
+        return None
+    dim = (node.args[1] if len(node.args) > 1 else 0) % sv.dim()
+    start = node.args[2] if len(node.args) > 2 else 0
+    end = node.args[3] if len(node.args) > 3 else None
+    step = node.args[4] if len(node.args) > 4 else 1
+    size = sv.shape[dim]
+    if start is None:
+        start = 0
+    if not (isinstance(start, int) and isinstance(step, int) and isinstance(size, int)):
+        return None
+    if end is None or (isinstance(end, int) and end >= size):
+        end = size
+    if not isinstance(end, int) or start < 0 or end < 0:
+        return None
+    return src, dim, start, end, step
+
+
+def _last_dim(node: fx.Node, ndim: int) -> bool:
+    dim = node.args[1] if len(node.args) > 1 else 0
+    return isinstance(dim, int) and dim % ndim == ndim - 1
+
+
+def _eq(a, b) -> bool:
+    return compat.statically_true(a == b)
+
+
+def _same_shape(v, shape: tuple) -> bool:
+    if v is None or v.dim() != len(shape):
+        return False
+    return all(_eq(a, b) for a, b in zip(v.shape, shape))
