@@ -1,0 +1,127 @@
+"""kv_cache: static-cache updates become in-place appends; attention reads the valid length."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import llmopt
+from conftest import assert_close
+from models.tiny import tiny_model, tokens
+
+PASS = "kv_cache"
+
+
+class GptFastAttention(nn.Module):
+    """gpt-fast's cache: ``k_cache[:, :, input_pos] = k``, SDPA with a causal-buffer mask."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2, max_len=64, batch=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.wq = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
+        self.register_buffer("k_cache", torch.zeros(batch, kv_heads, max_len, self.head_dim))
+        self.register_buffer("v_cache", torch.zeros(batch, kv_heads, max_len, self.head_dim))
+        self.register_buffer("causal", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)))
+
+    def forward(self, x, input_pos):
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.wkv(x).view(B, S, 2 * self.kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        mask = self.causal[None, None, input_pos]
+        out = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
+        return out.transpose(1, 2).reshape(B, S, -1)
+
+
+def compiled_steps(model, steps, **options):
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="llmopt", options={"strict": True, **options})
+    outs = []
+    with torch.no_grad():
+        for x, pos in steps:
+            outs.append(f(x, pos))
+    return outs
+
+
+def steps_for(prompt_len=5, decode=4, batch=2, dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = [(torch.randn(batch, prompt_len, dim, generator=g), torch.arange(prompt_len))]
+    for i in range(decode):
+        out.append((torch.randn(batch, 1, dim, generator=g), torch.tensor([prompt_len + i])))
+    return out
+
+
+def test_gpt_fast_cache_is_appended_in_place_and_matches_eager():
+    model = GptFastAttention().eval()
+    ref = GptFastAttention().eval()
+    ref.load_state_dict(model.state_dict())
+    steps = steps_for()
+    outs = compiled_steps(model, steps)
+    with torch.no_grad():
+        for (x, pos), out in zip(steps, outs):
+            assert_close(out, ref(x, pos), torch.float32)
+    assert_close(model.k_cache, ref.k_cache, torch.float32)
+    report = llmopt.last_report()  # the decode graph
+    assert report.rewrites_by_pass()[PASS] == 1
+    assert "llmopt.kv_cache_append.default" in report.ops_after
+    assert "llmopt.attention_decode.default" in report.ops_after
+    assert "aten.index_put.default" not in report.ops_after
+    assert "aten.copy_.default" not in report.ops_after
+
+
+def test_decode_never_reads_past_the_valid_length():
+    """Slots past the written positions hold NaN: eager would read them, llmopt must not."""
+    model = GptFastAttention(max_len=4096).eval()
+    ref = GptFastAttention(max_len=4096).eval()
+    ref.load_state_dict(model.state_dict())
+    model.k_cache.fill_(float("nan"))
+    model.v_cache.fill_(float("nan"))
+    steps = steps_for(prompt_len=3, decode=3)
+    outs = compiled_steps(model, steps)
+    with torch.no_grad():
+        for (x, pos), out in zip(steps, outs):
+            assert_close(out, ref(x, pos), torch.float32)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_hf_static_cache_generate_equals_eager(family):
+    model = tiny_model(family)
+    x = tokens(1, 6)
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, cache_implementation="static")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model.generate(x, **kwargs)
+        model.forward = torch.compile(model.forward, backend="llmopt", options={"strict": True})
+        actual = model.generate(x, **kwargs)
+    assert torch.equal(actual, expected)
+    decode = llmopt.last_report()
+    assert decode.rewrites_by_pass()[PASS] == model.config.num_hidden_layers
+    assert decode.ops_after.get("llmopt.attention_decode.default") == model.config.num_hidden_layers
+    assert "aten.index_copy.default" not in decode.ops_after
+
+
+def test_dynamic_cache_is_reported_and_left_alone():
+    model = tiny_model("llama")
+    x = tokens(1, 4)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        model.forward = torch.compile(model.forward, backend="llmopt", options={"strict": True})
+        actual = model.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(actual, expected)
+    notes = " ".join(n for r in llmopt.reports() for n in r.notes)
+    assert "DynamicCache" in notes
+
+
+def test_unified_max_option_reaches_the_decode_op():
+    model = GptFastAttention().eval()
+    ref = GptFastAttention().eval()
+    ref.load_state_dict(model.state_dict())
+    steps = steps_for(decode=2)
+    outs = compiled_steps(model, steps, unified_max_softmax=True)
+    with torch.no_grad():
+        for (x, pos), out in zip(steps, outs):
+            assert_close(out, ref(x, pos), torch.float32)
