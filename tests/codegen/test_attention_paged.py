@@ -1,0 +1,427 @@
+"""Specification of the paged-attention ops: ``llmopt::paged_kv_append``,
+``llmopt::paged_attention_decode`` and ``llmopt::paged_attention_prefill``.
+
+The oracle is the dense attention on each request's gathered, contiguous KV: the ground
+truth is the dense reference run in fp64 on ``gather_kv`` of the pools, and the dense
+Triton kernels run on the same gathered KV must agree with the paged kernels. The pools are
+built so that reading the wrong thing fails: every slot that holds no token is NaN, blocks
+are handed out in a shuffled order, and block-table entries past a sequence's last block
+point outside the pool. Outputs are NaN-poisoned before each kernel run. Kernels run in
+Triton's interpreter on CPU.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from conftest import assert_close, poisoned, relative_error
+from llmopt.codegen.attention_decode import attention_decode_ref, attention_decode_triton
+from llmopt.codegen.attention_paged import (
+    gather_kv,
+    paged_attention_decode_ref,
+    paged_attention_decode_triton,
+    paged_attention_prefill_ref,
+    paged_attention_prefill_triton,
+    paged_kv_append_ref,
+    paged_kv_append_triton,
+)
+from llmopt.codegen.attention_prefill import attention_prefill_ref, attention_prefill_triton
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK_SIZES = (8, 16, 32)
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def make_paged(lens, hkv, d, bs, dtype, spare_blocks=2, seed=0, strided=False):
+    """Pools holding ``len(lens)`` sequences of ``lens`` tokens in shuffled blocks.
+
+    Unwritten slots are NaN; table entries past each sequence's last block are -1 (out of
+    the pool). ``strided`` gives the pools a padded head dim and a permuted storage, so no
+    dimension but the last is contiguous. Returns (k_pool, v_pool, block_tables [int32]).
+    """
+    g = torch.Generator().manual_seed(seed)
+    blocks = [math.ceil(n / bs) for n in lens]
+    num_blocks = sum(blocks) + spare_blocks
+    width = max(blocks + [1]) + 1
+    if strided:
+        k_store = torch.full((bs, num_blocks, hkv, d + 8), float("nan"), dtype=dtype)
+        v_store = torch.full((bs, num_blocks, hkv, d + 8), float("nan"), dtype=dtype)
+        k_pool = k_store.permute(1, 2, 0, 3)[..., :d]
+        v_pool = v_store.permute(1, 2, 0, 3)[..., :d]
+    else:
+        k_pool = torch.full((num_blocks, hkv, bs, d), float("nan"), dtype=dtype)
+        v_pool = torch.full((num_blocks, hkv, bs, d), float("nan"), dtype=dtype)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    table = torch.full((len(lens), width), -1, dtype=torch.int32)
+    for b, n in enumerate(lens):
+        for j in range(blocks[b]):
+            blk = order.pop()
+            table[b, j] = blk
+            filled = min(bs, n - j * bs)
+            k_pool[blk, :, :filled] = torch.randn(hkv, filled, d, generator=g)
+            v_pool[blk, :, :filled] = torch.randn(hkv, filled, d, generator=g)
+    return k_pool, v_pool, table
+
+
+def fp64(x):
+    return x.to(torch.float64)
+
+
+def decode_truth(q, kp, vp, table, lens, scale, **kw):
+    """Dense reference in fp64 on the gathered KV."""
+    k, v = gather_kv(fp64(kp), table, lens), gather_kv(fp64(vp), table, lens)
+    return attention_decode_ref(fp64(q), k, v, lens, None, scale, **kw)
+
+
+def check_decode(q, kp, vp, table, lens, scale, num_splits=None, **kw):
+    out = poisoned(q.shape, q.dtype)
+    got = paged_attention_decode_triton(q, kp, vp, table, lens, scale, out=out, num_splits=num_splits, **kw)
+    assert got is out
+    truth = decode_truth(q, kp, vp, table, lens, scale, **kw)
+    assert_close(out, truth, dtype=q.dtype, what="paged kernel vs dense fp64 truth")
+    assert_close(paged_attention_decode_ref(q, kp, vp, table, lens, scale, **kw), truth, dtype=q.dtype,
+                 what="paged ref vs dense fp64 truth")
+    return out, truth
+
+
+def packed_queries(q_lens, hq, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = sum(q_lens)
+    q = torch.randn(t, hq, d, generator=g).to(dtype)
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(torch.tensor(q_lens), 0)
+    return q, qsl
+
+
+def prefill_truth(q, kp, vp, table, lens, qsl, scale, **kw):
+    return paged_attention_prefill_ref(fp64(q), fp64(kp), fp64(vp), table, lens, qsl, scale, **kw)
+
+
+def check_prefill(q, kp, vp, table, lens, qsl, scale, **kw):
+    out = poisoned(q.shape, q.dtype)
+    got = paged_attention_prefill_triton(q, kp, vp, table, lens, qsl, scale, out=out, **kw)
+    assert got is out
+    truth = prefill_truth(q, kp, vp, table, lens, qsl, scale, **kw)
+    assert_close(out, truth, dtype=q.dtype, what="paged prefill kernel vs fp64 truth")
+    assert_close(paged_attention_prefill_ref(q, kp, vp, table, lens, qsl, scale, **kw), truth, dtype=q.dtype,
+                 what="paged prefill ref vs fp64 truth")
+    return out, truth
+
+
+# ---------------------------------------------------------------------------------------
+# decode
+# ---------------------------------------------------------------------------------------
+
+
+@given(data=st.data())
+def test_decode_kernel_matches_dense_truth(data):
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    bs = data.draw(st.sampled_from(BLOCK_SIZES), label="block_size")
+    hkv = data.draw(st.sampled_from([1, 2]), label="hkv")
+    g = data.draw(st.sampled_from([1, 2, 4]), label="group")
+    d = data.draw(st.sampled_from([16, 24, 64]), label="head_dim")
+    lens = data.draw(st.lists(st.sampled_from([0, 1, 7, 17, 33, 70]), min_size=1, max_size=3), label="lens")
+    splits = data.draw(st.sampled_from([None, 1, 3]), label="num_splits")
+    strided = data.draw(st.booleans(), label="strided")
+    kp, vp, table = make_paged(lens, hkv, d, bs, dtype, strided=strided)
+    q = torch.randn(len(lens), 1, hkv * g, d + 4)[..., :d].transpose(1, 2).to(dtype)  # non-contiguous
+    check_decode(q, kp, vp, table, torch.tensor(lens, dtype=torch.int32), d ** -0.5, num_splits=splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_equals_dense_kernel_on_gathered_kv(dtype):
+    lens = [1, 19, 40]
+    kp, vp, table = make_paged(lens, 2, 32, 16, dtype)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(3, 4, 1, 32).to(dtype)
+    paged, truth = check_decode(q, kp, vp, table, lens_t, 0.2, num_splits=2)
+    k, v = gather_kv(kp, table, lens_t), gather_kv(vp, table, lens_t)
+    dense = attention_decode_triton(q, k, v, lens_t, None, 0.2, num_splits=2)
+    assert_close(dense, truth, dtype=dtype, what="dense kernel on gathered KV")
+    # both are within the tolerance of the truth, so within twice of each other
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert relative_error(paged, dense) <= tol
+
+
+@pytest.mark.parametrize("window,softcap", [(5, 0.0), (0, 3.0), (20, 2.0)])
+def test_decode_sliding_window_and_softcap(window, softcap):
+    lens = [3, 30, 45]
+    kp, vp, table = make_paged(lens, 1, 16, 8, torch.float32)
+    q = torch.randn(3, 2, 1, 16)
+    check_decode(q, kp, vp, table, torch.tensor(lens), 0.5, num_splits=2, window=window, softcap=softcap)
+
+
+def test_decode_empty_sequences_give_zero():
+    kp, vp, table = make_paged([0, 5], 1, 16, 8, torch.float32)
+    q = torch.randn(2, 2, 1, 16)
+    for splits in (1, 2):
+        out = paged_attention_decode_triton(q, kp, vp, table, torch.tensor([0, 5]), 0.25, num_splits=splits)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        assert torch.isfinite(out).all()
+
+
+def test_decode_reads_only_valid_slots():
+    """A table row that is all -1 past the used blocks and NaN slots inside the last block
+    never reach the output; an int64 table and lengths work too."""
+    kp, vp, table = make_paged([9], 2, 16, 8, torch.float16)
+    q = torch.randn(1, 2, 1, 16).half()
+    out, _ = check_decode(q, kp, vp, table.long(), torch.tensor([9], dtype=torch.int64), 0.25)
+    assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------
+# prefill
+# ---------------------------------------------------------------------------------------
+
+
+@given(data=st.data())
+def test_prefill_kernel_matches_dense_truth(data):
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    bs = data.draw(st.sampled_from(BLOCK_SIZES), label="block_size")
+    hkv = data.draw(st.sampled_from([1, 2]), label="hkv")
+    g = data.draw(st.sampled_from([1, 2]), label="group")
+    d = data.draw(st.sampled_from([16, 24]), label="head_dim")
+    n = data.draw(st.integers(1, 3), label="num_seqs")
+    q_lens = data.draw(st.lists(st.sampled_from([1, 7, 17, 20]), min_size=n, max_size=n), label="q_lens")
+    prefix = data.draw(st.lists(st.sampled_from([0, 1, 9, 16]), min_size=n, max_size=n), label="prefix")
+    window = data.draw(st.sampled_from([0, 6]), label="window")
+    lens = [p + q for p, q in zip(prefix, q_lens)]
+    kp, vp, table = make_paged(lens, hkv, d, bs, dtype, strided=data.draw(st.booleans(), label="strided"))
+    q, qsl = packed_queries(q_lens, hkv * g, d, dtype)
+    check_prefill(q, kp, vp, table, torch.tensor(lens, dtype=torch.int32), qsl, d ** -0.5, window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_equals_dense_kernel_on_gathered_kv(dtype):
+    """Each sequence's chunk against the dense prefill kernel (queries at an offset into its
+    gathered cache, kv_lens), one sequence at a time."""
+    q_lens, prefix = [5, 18], [11, 0]
+    lens = [p + q for p, q in zip(prefix, q_lens)]
+    kp, vp, table = make_paged(lens, 2, 32, 16, dtype)
+    q, qsl = packed_queries(q_lens, 4, 32, dtype)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    paged, truth = check_prefill(q, kp, vp, table, lens_t, qsl, 0.2)
+    for s in range(2):
+        rows = slice(int(qsl[s]), int(qsl[s + 1]))
+        k = gather_kv(kp, table[s:s + 1], lens_t[s:s + 1])
+        v = gather_kv(vp, table[s:s + 1], lens_t[s:s + 1])
+        qs = q[rows].transpose(0, 1)[None]
+        dense = attention_prefill_triton(qs, k, v, None, lens_t[s:s + 1], torch.tensor([prefix[s]]), 0.2, True)
+        assert_close(dense[0].transpose(0, 1), truth[rows], dtype=dtype, what="dense kernel on gathered KV")
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert relative_error(paged[rows], dense[0].transpose(0, 1)) <= tol
+
+
+@pytest.mark.parametrize("window,softcap", [(0, 4.0), (7, 1.5)])
+def test_prefill_softcap_and_window(window, softcap):
+    q_lens, lens = [9, 3], [25, 3]
+    kp, vp, table = make_paged(lens, 1, 16, 8, torch.float32)
+    q, qsl = packed_queries(q_lens, 2, 16, torch.float32)
+    check_prefill(q, kp, vp, table, torch.tensor(lens), qsl, 0.3, window=window, softcap=softcap)
+
+
+def test_mixed_step_decode_rows_equal_decode_kernel():
+    """One-token chunks in a prefill launch (a mixed step) equal the decode kernel."""
+    q_lens, lens = [1, 12, 1], [20, 12, 5]
+    kp, vp, table = make_paged(lens, 2, 16, 8, torch.float32)
+    q, qsl = packed_queries(q_lens, 4, 16, torch.float32)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    mixed, _ = check_prefill(q, kp, vp, table, lens_t, qsl, 0.25)
+    for s, row in ((0, 0), (2, 13)):
+        dec = paged_attention_decode_triton(q[row:row + 1, :, None], kp, vp, table[s:s + 1], lens_t[s:s + 1], 0.25)
+        assert relative_error(mixed[row], dec[0, :, 0]) <= 1e-5
+
+
+def test_prefill_sequence_without_new_tokens():
+    """A sequence with zero new rows owns no output row and must not disturb the others."""
+    q_lens, lens = [4, 0, 6], [4, 8, 10]
+    kp, vp, table = make_paged(lens, 1, 16, 16, torch.float16)
+    q, qsl = packed_queries(q_lens, 1, 16, torch.float16)
+    check_prefill(q, kp, vp, table, torch.tensor(lens), qsl, 0.25)
+
+
+# ---------------------------------------------------------------------------------------
+# append
+# ---------------------------------------------------------------------------------------
+
+
+@given(data=st.data())
+def test_append_kernel_matches_reference(data):
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    bs = data.draw(st.sampled_from(BLOCK_SIZES), label="block_size")
+    hkv = data.draw(st.sampled_from([1, 2, 3]), label="hkv")
+    d = data.draw(st.sampled_from([8, 24, 64]), label="head_dim")
+    num_blocks = data.draw(st.integers(1, 5), label="num_blocks")
+    t = data.draw(st.integers(1, min(7, num_blocks * bs)), label="tokens")
+    slots = data.draw(st.lists(st.integers(0, num_blocks * bs - 1), min_size=t, max_size=t, unique=True),
+                      label="slots")
+    skip = data.draw(st.lists(st.booleans(), min_size=t, max_size=t), label="skip")
+    slots = torch.tensor([-1 if s else x for x, s in zip(slots, skip)], dtype=torch.int64)
+    kp = torch.randn(num_blocks, hkv, bs, d).to(dtype)
+    vp = torch.randn(num_blocks, hkv, bs, d).to(dtype)
+    k = torch.randn(hkv, t, d + 2)[..., :d].transpose(0, 1).to(dtype)  # [T, H, D], strided
+    v = torch.randn(t, hkv, d).to(dtype)
+    kp_ref, vp_ref = kp.clone(), vp.clone()
+    paged_kv_append_triton(kp, vp, slots.to(torch.int32), k, v)
+    paged_kv_append_ref(kp_ref, vp_ref, slots, k, v)
+    assert torch.equal(kp, kp_ref) and torch.equal(vp, vp_ref)
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert torch.equal(kp[s // bs, :, s % bs], k[i]) and torch.equal(vp[s // bs, :, s % bs], v[i])
+
+
+def test_append_then_attend_equals_dense_attention(triton_kernels):
+    """Write a prompt through the registered ops, then read it back: the paged ops agree
+    with dense attention over the same tokens."""
+    bs, hkv, d, n = 8, 2, 16, 13
+    kp = torch.full((4, hkv, bs, d), float("nan"))
+    vp = torch.full((4, hkv, bs, d), float("nan"))
+    table = torch.tensor([[2, 0, -1]], dtype=torch.int32)
+    slots = torch.tensor([table[0, p // bs].item() * bs + p % bs for p in range(n)])
+    k, v, q = torch.randn(n, hkv, d), torch.randn(n, hkv, d), torch.randn(n, 2 * hkv, d)
+    torch.ops.llmopt.paged_kv_append(kp, vp, slots, k, v)
+    lens = torch.tensor([n], dtype=torch.int32)
+    qsl = torch.tensor([0, n], dtype=torch.int32)
+    out = torch.ops.llmopt.paged_attention_prefill(q, kp, vp, table, lens, qsl, 0.25)
+    dense = attention_prefill_ref(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                  None, None, None, 0.25, True)
+    assert_close(out, dense[0].transpose(0, 1), dtype=torch.float32)
+    last = torch.ops.llmopt.paged_attention_decode(q[-1:, :, None], kp, vp, table, lens, 0.25)
+    assert_close(last[0, :, 0], dense[0, :, -1], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# registration: opcheck, torch.compile, CPU default
+# ---------------------------------------------------------------------------------------
+
+
+def _small():
+    kp, vp, table = make_paged([5, 12], 2, 16, 8, torch.float32)
+    kp, vp = torch.nan_to_num(kp), torch.nan_to_num(vp)
+    return kp, vp, table, torch.tensor([5, 12], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"window": 4, "softcap": 5.0}], ids=["plain", "window-softcap"])
+def test_opcheck_attention(triton_kernels, kwargs):
+    kp, vp, table, lens = _small()
+    q = torch.randn(2, 4, 1, 16)
+    torch.library.opcheck(torch.ops.llmopt.paged_attention_decode.default, (q, kp, vp, table, lens, 0.25), kwargs)
+    qp, qsl = packed_queries([2, 3], 4, 16, torch.float32)
+    torch.library.opcheck(torch.ops.llmopt.paged_attention_prefill.default,
+                          (qp, kp, vp, table, lens, qsl, 0.25), kwargs)
+
+
+def test_opcheck_append(triton_kernels):
+    kp, vp, _, _ = _small()
+    slots = torch.tensor([3, 17, -1], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.llmopt.paged_kv_append.default,
+                          (kp, vp, slots, torch.randn(3, 2, 16), torch.randn(3, 2, 16)))
+
+
+def test_torch_compile_fullgraph(triton_kernels):
+    kp, vp, table, lens = _small()
+    kp, vp = kp.half(), vp.half()
+    slots = torch.tensor([int(table[0, 0]) * 8 + 4, int(table[1, 1]) * 8 + 3])  # the last token of each
+    k, v = torch.randn(2, 2, 16).half(), torch.randn(2, 2, 16).half()
+    q = torch.randn(2, 4, 1, 16).half()
+    qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
+
+    def step(kp, vp, slots, k, v, q, table, lens, qsl):
+        torch.ops.llmopt.paged_kv_append(kp, vp, slots, k, v)
+        dec = torch.ops.llmopt.paged_attention_decode(q, kp, vp, table, lens, 0.25)
+        pre = torch.ops.llmopt.paged_attention_prefill(q[:, :, 0], kp, vp, table, lens, qsl, 0.25)
+        return dec[:, :, 0] + pre
+
+    eager_kp, eager_vp = kp.clone(), vp.clone()
+    expected = step(eager_kp, eager_vp, slots, k, v, q, table, lens, qsl)
+    torch.compiler.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = compiled(kp, vp, slots, k, v, q, table, lens, qsl)
+    assert torch.equal(kp, eager_kp) and torch.equal(vp, eager_vp), "the pools must be written in place"
+    assert_close(got, expected.to(torch.float64), dtype=torch.float16)
+
+
+def test_ops_run_the_reference_on_cpu_by_default(monkeypatch):
+    monkeypatch.delenv("LLMOPT_KERNELS", raising=False)
+    kp, vp, table, lens = _small()
+    q = torch.randn(2, 4, 1, 16)
+    got = torch.ops.llmopt.paged_attention_decode(q, kp, vp, table, lens, 0.25)
+    assert torch.equal(got, paged_attention_decode_ref(q, kp, vp, table, lens, 0.25))
+
+
+# ---------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------
+
+
+def _decode_args(**change):
+    kp, vp, table, lens = _small()
+    args = dict(q=torch.randn(2, 4, 1, 16), k_pool=kp, v_pool=vp, block_tables=table, seq_lens=lens, scale=0.25)
+    args.update(change)
+    return args
+
+
+DECODE_BAD = [
+    (dict(q=torch.randn(2, 4, 2, 16)), ValueError, "one new token"),
+    (dict(q=torch.randn(2, 3, 1, 16)), ValueError, "multiple of 2 KV heads"),
+    (dict(q=torch.randn(2, 4, 1, 8)), ValueError, "head dim"),
+    (dict(q=torch.randn(2, 4, 1, 16).half()), TypeError, "pools are torch.float32"),
+    (dict(v_pool=torch.randn(3, 2, 8, 16)), ValueError, "num_blocks, num_kv_heads, block_size, head_dim"),
+    (dict(block_tables=torch.zeros(3, 3, dtype=torch.int32)), ValueError, "block_tables must have shape"),
+    (dict(block_tables=torch.zeros(2, 3)), TypeError, "block_tables must be int32 or int64"),
+    (dict(seq_lens=torch.tensor([5, 40])), ValueError, "seq_lens must lie in"),
+    (dict(block_tables=torch.full((2, 3), 99, dtype=torch.int32)), ValueError, "outside the pool"),
+    (dict(window=-1), ValueError, "window"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+]
+
+
+@pytest.mark.parametrize("change,error,message", DECODE_BAD)
+@pytest.mark.parametrize("path", ["op", "triton"])
+def test_decode_bad_inputs(change, error, message, path):
+    fn = torch.ops.llmopt.paged_attention_decode if path == "op" else paged_attention_decode_triton
+    with pytest.raises(error, match=message):
+        fn(**_decode_args(**change))
+
+
+def test_prefill_bad_inputs():
+    kp, vp, table, lens = _small()
+    q, qsl = packed_queries([2, 3], 4, 16, torch.float32)
+    for fn in (paged_attention_prefill_ref, paged_attention_prefill_triton):
+        with pytest.raises(ValueError, match="packed"):
+            fn(q[None], kp, vp, table, lens, qsl, 0.25)
+        with pytest.raises(ValueError, match="query_start_loc must have shape"):
+            fn(q, kp, vp, table, lens, qsl[:-1], 0.25)
+        with pytest.raises(ValueError, match="number of query rows"):
+            fn(q[:4], kp, vp, table, lens, qsl, 0.25)
+        with pytest.raises(ValueError, match="more new tokens than seq_lens"):
+            fn(q, kp, vp, table, torch.tensor([1, 12], dtype=torch.int32), qsl, 0.25)
+
+
+def test_append_bad_inputs():
+    kp, vp, _, _ = _small()
+    k = torch.randn(3, 2, 16)
+    for fn in (paged_kv_append_ref, paged_kv_append_triton):
+        with pytest.raises(ValueError, match="num_tokens, num_kv_heads=2, head_dim=16"):
+            fn(kp, vp, torch.tensor([0, 1, 2]), k[None], k[None])
+        with pytest.raises(TypeError, match="build the cache with the model's dtype"):
+            fn(kp, vp, torch.tensor([0, 1, 2]), k.half(), k.half())
+        with pytest.raises(ValueError, match="slot_mapping must have shape"):
+            fn(kp, vp, torch.tensor([0, 1]), k, k)
+        with pytest.raises(ValueError, match="outside the pool"):
+            fn(kp, vp, torch.tensor([0, 1, 10_000]), k, k)
+
+
+def test_bad_out_buffers():
+    kp, vp, table, lens = _small()
+    with pytest.raises(ValueError, match="out must be"):
+        paged_attention_decode_triton(torch.randn(2, 4, 1, 16), kp, vp, table, lens, 0.25,
+                                      out=torch.empty(2, 4, 1, 16, dtype=torch.float16))
+    q, qsl = packed_queries([2, 3], 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="out must be"):
+        paged_attention_prefill_triton(q, kp, vp, table, lens, qsl, 0.25, out=torch.empty(4, 4, 16))

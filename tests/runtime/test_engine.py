@@ -1,0 +1,339 @@
+"""``llmopt.Engine``: continuous batching over the paged cache, checked against running each
+request alone.
+
+Oracle: each request's tokens from the engine (requests arriving at different steps, of
+different lengths, some finishing early, some preempted and recomputed, prompts prefilled
+in chunks) equal ``llmopt.generate`` on that request alone (static cache, dense attention),
+greedy and seeded sampling, for tiny random Llama (GQA), Mistral (sliding window shorter
+than the sequences), Qwen2 and GPT-2. References are computed before the engine switches
+the model to the paged attention.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
+    pytest.skip("the paged engine needs transformers >= 5", allow_module_level=True)
+
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from llmopt.runtime import SamplingParams, generate  # noqa: E402
+from llmopt.runtime.engine import Engine, StepOutput  # noqa: E402
+from llmopt.runtime.paged_cache import KVCacheExhaustedError  # noqa: E402
+from llmopt.runtime.paged_model import ATTENTION_NAME  # noqa: E402
+
+VOCAB = 160
+PAD, EOS, BOS = 0, 1, 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models on a shared 2-core machine: threads cost more than they give
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, **common)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**llama_like))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=8, **llama_like))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**llama_like))
+    elif kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common))
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def prompts_of(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def alone(model, prompt, max_new, **kw):
+    """The oracle: llmopt.generate on one request (no stop tokens unless given)."""
+    kw.setdefault("stop_token_ids", ())
+    out = generate(model, torch.tensor([prompt]), max_new, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+def run_with_arrivals(engine, arrivals, params):
+    """Add request i at step arrivals[i]; step until all are done. Returns (ids, streamed)."""
+    ids, streamed = {}, {}
+
+    def record(rid, token, finished):
+        streamed.setdefault(rid, []).append((token, finished))
+
+    step = 0
+    while len(ids) < len(arrivals) or engine.has_unfinished():
+        for i, (at, prompt) in enumerate(arrivals):
+            if at == step:
+                ids[i] = engine.add_request(prompt, params[i], callback=record)
+        engine.step()
+        step += 1
+        assert step < 500, "the engine made no progress"
+    return ids, streamed
+
+
+# ---------------------------------------------------------------------------------------
+# the oracle
+# ---------------------------------------------------------------------------------------
+
+LENGTHS = [5, 17, 1, 30, 9, 12]
+NEW = [12, 4, 20, 7, 16, 1]
+ARRIVE = [0, 0, 1, 3, 3, 8]
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gpt2"])
+def test_greedy_equals_each_request_alone(kind):
+    model = tiny_model(kind)
+    prompts = prompts_of(LENGTHS)
+    expected = [alone(model, p, n) for p, n in zip(prompts, NEW)]
+    engine = Engine(model, max_num_seqs=4, block_size=8, max_model_len=64)
+    params = [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in NEW]
+    ids, streamed = run_with_arrivals(engine, list(zip(ARRIVE, prompts)), params)
+    for i, rid in ids.items():
+        assert engine.output(rid) == expected[i], f"request {i}"
+        assert [t for t, _ in streamed[rid]] == expected[i], "streamed tokens differ from the output"
+        assert [f for _, f in streamed[rid]] == [False] * (NEW[i] - 1) + [True]
+    assert engine.cache.num_free_blocks == engine.cache.allocator.num_blocks, "finished requests free their blocks"
+    engine.close()
+    assert model.config._attn_implementation != ATTENTION_NAME
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "decode_first"])
+def test_preemption_chunked_prefill_and_policies_keep_outputs(policy):
+    """A pool too small for everyone (preemption by recompute) and a step budget smaller
+    than the prompts (chunked prefill): each request still gets its own greedy tokens."""
+    model = tiny_model("llama")
+    prompts = prompts_of([20, 11, 26, 3, 14], seed=3)
+    news = [18, 25, 9, 30, 12]
+    expected = [alone(model, p, n) for p, n in zip(prompts, news)]
+    engine = Engine(model, max_num_seqs=4, block_size=4, num_blocks=20, max_model_len=64,
+                    max_num_batched_tokens=12, policy=policy)
+    params = [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in news]
+    ids, _ = run_with_arrivals(engine, [(0, p) for p in prompts], params)
+    assert [engine.output(ids[i]) for i in range(len(prompts))] == expected
+    if policy == "fcfs":
+        assert engine.stats.preemptions > 0, "the workload was meant to exhaust the pool"
+    else:
+        assert engine.stats.preemptions == 0, "decode_first reserves the running requests' growth"
+    assert engine.stats.peak_blocks_used <= 20
+    assert engine.cache.num_free_blocks == 20
+
+
+def test_stop_tokens_finish_early_and_free_blocks():
+    model = tiny_model("llama")
+    prompts = prompts_of([7, 13])
+    free_run = alone(model, prompts[0], 10)
+    stop = free_run[3]
+    expected0 = alone(model, prompts[0], 10, stop_token_ids=(stop,))
+    expected1 = alone(model, prompts[1], 10)
+    assert expected0 == free_run[: free_run.index(stop) + 1]
+    engine = Engine(model, max_num_seqs=2, block_size=4, max_model_len=32)
+    r0 = engine.add_request(prompts[0], SamplingParams(max_new_tokens=10, stop_token_ids=(stop,)))
+    r1 = engine.add_request(prompts[1], SamplingParams(max_new_tokens=10, stop_token_ids=()))
+    reasons = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert isinstance(out, StepOutput) and len(out.token_ids) == 1
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+    assert engine.output(r0) == expected0 and engine.output(r1) == expected1
+    assert reasons == {r0: "stop", r1: "length"}
+    assert engine.is_finished(r0)
+
+
+def test_model_eos_is_the_default_stop_token():
+    model = tiny_model("llama")
+    prompt = prompts_of([6])[0]
+    first = alone(model, prompt, 1)[0]
+    model.generation_config.eos_token_id = first
+    with Engine(model, max_num_seqs=1, max_model_len=32) as engine:
+        assert engine.generate([prompt], SamplingParams(max_new_tokens=5)) == [[first]]
+
+
+def test_seeded_sampling_equals_generate_alone():
+    model = tiny_model("llama")
+    prompts = prompts_of([9, 4, 15], seed=5)
+    params = [SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=s, max_new_tokens=8, stop_token_ids=())
+              for s in (11, 12, 13)]
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_new_tokens=8, stop_token_ids=())
+    expected = [alone(model, p, 8, sampling=sp) for p, sp in zip(prompts, params)]
+    expected.append(alone(model, prompts[0], 8, sampling=penalised))
+    with Engine(model, max_num_seqs=4, block_size=8, max_model_len=32) as engine:
+        got = engine.generate(prompts + [prompts[0]], params + [penalised])
+    assert got == expected
+
+
+# ---------------------------------------------------------------------------------------
+# forks: parallel sampling over a shared prompt (copy-on-write)
+# ---------------------------------------------------------------------------------------
+
+
+def test_fork_shares_the_prompt_and_samples_independently():
+    model = tiny_model("llama")
+    prompt = prompts_of([21], seed=7)[0]  # 2 full blocks of 8 + a partial one: copy-on-write
+    seeds = (21, 22, 23)
+    params = [SamplingParams(temperature=1.0, seed=s, max_new_tokens=6, stop_token_ids=()) for s in seeds]
+    expected = [alone(model, prompt, 6, sampling=sp) for sp in params]
+    greedy = alone(model, prompt, 6)
+    engine = Engine(model, max_num_seqs=5, block_size=8, max_model_len=32)
+    parent = engine.add_request(prompt, params[0])
+    children = [engine.fork(parent, sp) for sp in params[1:]]
+    g_parent = engine.add_request(prompt, SamplingParams(max_new_tokens=6, stop_token_ids=()))
+    g_child = engine.fork(g_parent)
+    engine.step()  # the prompts' prefill; the forks start sharing it
+    shared_blocks = engine.cache.allocator.num_used
+    assert shared_blocks == 2 * 3, "each prompt's 3 blocks are stored once for the parent and its forks"
+    while engine.has_unfinished():
+        engine.step()
+    assert [engine.output(r) for r in [parent, *children]] == expected
+    assert engine.output(g_parent) == greedy and engine.output(g_child) == greedy
+    assert engine.cache.num_free_blocks == engine.cache.allocator.num_blocks
+
+
+def test_fork_of_a_running_request_continues_from_its_next_token():
+    model = tiny_model("llama")
+    prompt = prompts_of([5])[0]
+    greedy = alone(model, prompt, 9)
+    with Engine(model, max_num_seqs=2, block_size=4, max_model_len=32) as engine:
+        parent = engine.add_request(prompt, SamplingParams(max_new_tokens=9, stop_token_ids=()))
+        for _ in range(3):
+            engine.step()
+        child = engine.fork(parent, SamplingParams(max_new_tokens=9, stop_token_ids=()))
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.output(parent) == greedy
+        assert engine.output(child) == greedy, "a greedy fork continues exactly like its parent"
+        with pytest.raises(ValueError, match="cannot fork request"):
+            engine.fork(parent)
+
+
+# ---------------------------------------------------------------------------------------
+# compiled model, Triton kernels, CUDA-graph decode path
+# ---------------------------------------------------------------------------------------
+
+
+def test_compiled_with_llmopt_backend():
+    """The model compiled with backend="llmopt": the graph holds the paged ops and the
+    tokens are the eager ones. (Two graphs: the prefill step and the decode steps, whose
+    shapes do not change; a workload with changing shapes recompiles with dynamic shapes.)"""
+    model = tiny_model("llama")
+    prompts = prompts_of([6, 11])
+    news = [4, 4]
+    expected = [alone(model, p, n) for p, n in zip(prompts, news)]
+    torch.compiler.reset()
+    compiled = torch.compile(model, backend="llmopt", options={"strict": True})
+    with Engine(compiled, max_num_seqs=2, block_size=8, max_model_len=32) as engine:
+        got = engine.generate(prompts, [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in news])
+    assert got == expected
+    import llmopt
+
+    ops = llmopt.last_report().ops_after
+    assert any("paged_attention" in name for name in ops), ops
+    torch.compiler.reset()
+
+
+def test_triton_kernels_in_the_engine(triton_kernels):
+    """The paged Triton kernels (interpreter) drive a short mixed workload."""
+    model = tiny_model("llama")
+    prompts = prompts_of([9, 3])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMOPT_KERNELS", "reference")
+        expected = [alone(model, p, 3) for p in prompts]
+    with Engine(model, max_num_seqs=2, block_size=8, max_model_len=16) as engine:
+        assert engine.generate(prompts, SamplingParams(max_new_tokens=3, stop_token_ids=())) == expected
+
+
+def test_bucketed_decode_path_falls_back_on_cpu():
+    """cuda_graphs=True pads decode-only steps to batch buckets (length-0, slot -1 rows); on
+    CPU the graphs fall back to eager calls and the tokens are unchanged."""
+    model = tiny_model("llama")
+    prompts = prompts_of([4, 9, 6])
+    news = [6, 3, 5]
+    expected = [alone(model, p, n) for p, n in zip(prompts, news)]
+    with Engine(model, max_num_seqs=3, block_size=4, max_model_len=32, cuda_graphs=True) as engine:
+        assert engine._graphs.enabled
+        got = engine.generate(prompts, [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in news])
+        assert engine._buckets == (1, 2, 4)
+        assert engine.stats.decode_only_steps > 0
+    assert got == expected
+
+
+# ---------------------------------------------------------------------------------------
+# bookkeeping and errors
+# ---------------------------------------------------------------------------------------
+
+
+def test_abort_and_stats():
+    model = tiny_model("llama")
+    with Engine(model, max_num_seqs=2, block_size=4, max_model_len=32) as engine:
+        a = engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=20, stop_token_ids=()))
+        b = engine.add_request([8, 9], SamplingParams(max_new_tokens=3, stop_token_ids=()))
+        engine.step()
+        engine.abort(a)
+        assert engine.is_finished(a) and engine.cache.num_free_blocks == engine.cache.allocator.num_blocks - 1
+        while engine.has_unfinished():
+            engine.step()
+        assert len(engine.output(b)) == 3
+        stats = engine.stats
+        assert stats.finished_requests == 2 and stats.generated_tokens == 1 + 3
+        assert stats.prefill_tokens == 5 and stats.decode_tokens == 2
+        assert 0.0 < stats.mean_kv_utilization <= 1.0
+        engine.release(b)
+        with pytest.raises(KeyError):
+            engine.output(b)
+
+
+def test_max_model_len_ends_a_request():
+    model = tiny_model("llama")
+    with Engine(model, max_num_seqs=1, block_size=4, max_model_len=10) as engine:
+        rid = engine.add_request(list(range(3, 9)), SamplingParams(max_new_tokens=50, stop_token_ids=()))
+        while engine.has_unfinished():
+            engine.step()
+        assert len(engine.output(rid)) == 4 and engine._requests[rid].finish_reason == "length"
+
+
+def test_bad_requests_and_arguments():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="policy="):
+        Engine(model, policy="lifo")
+    with pytest.raises(TypeError, match="Hugging Face causal LM"):
+        Engine(torch.nn.Linear(2, 2))
+    with Engine(model, max_num_seqs=2, block_size=4, num_blocks=3, max_model_len=64) as engine:
+        with pytest.raises(ValueError, match="no room under max_model_len=64"):
+            engine.add_request(list(range(3, 67)))
+        with pytest.raises(KVCacheExhaustedError, match="even alone"):
+            engine.add_request([5] * 10, SamplingParams(max_new_tokens=20))
+        with pytest.raises(ValueError, match=r"lie in \[0, 160\)"):
+            engine.add_request([5, 999])
+        with pytest.raises(ValueError, match="at least one token"):
+            engine.add_request([])
+        with pytest.raises(TypeError, match="SamplingParams"):
+            engine.add_request([5], sampling_params=0.5)
+    assert model.config._attn_implementation != ATTENTION_NAME
+    # a model switched to the paged attention refuses to run without the engine's metadata
+    engine = Engine(model, max_num_seqs=1, max_model_len=16)
+    with pytest.raises(RuntimeError, match="needs the step's paged-cache metadata"):
+        model(torch.tensor([[5, 6]]))
+    engine.close()
