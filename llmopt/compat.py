@@ -142,3 +142,93 @@ def real_tensor_mode():
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     return unset_fake_temporarily()
+
+
+def explain_graph_breaks(fn: Callable, args: Sequence[Any] = (), kwargs: dict | None = None) -> dict[str, Any]:
+    """Run ``fn(*args, **kwargs)`` once under Dynamo's ``explain`` and return its findings.
+
+    Returns ``{"graph_count", "graph_break_count", "break_reasons": [{"reason",
+    "location", "stack"}], "ops_per_graph": [int]}`` as plain data. Dynamo traces with its
+    own recording backend (the ops run eagerly, nothing is optimized); ``explain`` resets
+    Dynamo's caches before and after, so compiled functions recompile on their next call.
+    """
+    import torch._dynamo
+
+    out = torch._dynamo.explain(fn)(*args, **(kwargs or {}))
+    breaks = []
+    for reason in out.break_reasons:
+        frames = list(getattr(reason, "user_stack", None) or [])
+        stack = [f"{f.filename}:{f.lineno} in {f.name}" for f in frames]
+        breaks.append({"reason": str(reason.reason).strip(), "location": stack[-1] if stack else "", "stack": stack})
+    return {
+        "graph_count": int(out.graph_count),
+        "graph_break_count": int(out.graph_break_count),
+        "break_reasons": breaks,
+        "ops_per_graph": [len(ops) for ops in (out.ops_per_graph or [])],
+    }
+
+
+class _RecompileRecorder:
+    """Collects Dynamo's "Recompiling function ..." messages (with the failed guards)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.messages: list[str] = []
+        self.available = False
+        self._saved: list[tuple[Any, int, bool]] = []
+        self._enabled_here = False
+        recorder = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record):  # noqa: D401 - logging API
+                recorder.messages.append(record.getMessage())
+
+        self._handler = _Handler(level=logging.DEBUG)
+
+    def __enter__(self) -> "_RecompileRecorder":
+        import logging
+
+        try:
+            import torch._dynamo.guards  # noqa: F401 - registers the artifact logger
+            from torch._logging import _internal
+
+            state = _internal.log_state
+            qnames = [q for q in _internal.log_registry.artifact_log_qnames if q.endswith(".__recompiles")]
+        except (ImportError, AttributeError):
+            return self  # this torch names things differently: no messages, available=False
+        if not qnames:
+            return self
+        for qname in qnames:
+            logger = logging.getLogger(qname)
+            self._saved.append((logger, logger.level, logger.propagate))
+            logger.addHandler(self._handler)
+            logger.setLevel(logging.DEBUG)
+            # Ours alone: do not also print them unless the user asked (TORCH_LOGS).
+            if not state.is_artifact_enabled("recompiles"):
+                logger.propagate = False
+        if not state.is_artifact_enabled("recompiles"):
+            state.enable_artifact("recompiles")
+            self._enabled_here = True
+        self._state = state
+        self.available = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for logger, level, propagate in self._saved:
+            logger.removeHandler(self._handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
+        if self._enabled_here:
+            self._state.artifact_names.discard("recompiles")
+        self._saved.clear()
+
+
+def recording_recompiles() -> _RecompileRecorder:
+    """Context manager collecting Dynamo's recompilation messages while active.
+
+    ``with recording_recompiles() as rec: ...`` then ``rec.messages`` lists one message per
+    recompilation (function, file:line and the guards that failed); ``rec.available`` is
+    False on a torch whose logging internals differ (then no messages are collected).
+    """
+    return _RecompileRecorder()
