@@ -1,0 +1,59 @@
+"""Smoke test of the kernel benchmark scripts: each ``main()`` on its smallest grid.
+
+``benchmarks/bench_fusions.py`` and ``benchmarks/bench_attention.py`` call the llmopt ops
+by their registered names and signatures; this runs both end to end (tiny shapes, one
+timed run, no Inductor, ``--no-write``) so that a change to an op they time breaks a test,
+not the next benchmark run on a GPU machine. The timings themselves are not checked; the
+outputs are (the scripts compare llmopt with eager / SDPA on every row).
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+TINY = ["--inductor", "none", "--rep", "1", "--warmup", "0", "--copy-mib", "1", "--no-write"]
+
+
+@pytest.fixture
+def keep_num_threads():
+    # The scripts set torch's thread count (1 on CPU); give the rest of the session its own back.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_fusions_smallest_grid(keep_num_threads):
+    import bench_fusions
+
+    payload = bench_fusions.main(
+        ["--tokens", "3", "--hidden", "32", "--intermediate", "48", "--heads", "2", "--kv-heads", "1",
+         "--head-dim", "16", *TINY]
+    )
+    assert payload["benchmark"] == "fusions"
+    ran = {row["op"] for row in payload["results"]}
+    skipped = {entry["op"] for entry in payload["skipped"]}
+    assert ran | skipped == set(bench_fusions.OPS), "every op is either timed or skipped with a reason"
+    assert ran, "no fused op could be imported"
+    for row in payload["results"]:
+        assert "llmopt-failed" not in row["flags"], row
+        assert row["us"]["eager"] > 0, row
+        tol = 1e-4 if row["dtype"] == "float32" else 1e-2
+        assert row["rel_err_vs_eager"] < tol, row
+
+
+def test_bench_attention_smallest_grid(keep_num_threads):
+    import bench_attention
+
+    payload = bench_attention.main(
+        ["--prefill-seq", "16", "--prefill-batch", "1", "--decode-context", "16", "--decode-batch", "1",
+         "--heads", "2", "--kv-heads", "1", "--head-dim", "16", *TINY]
+    )
+    assert payload["benchmark"] == "attention"
+    assert [row["phase"] for row in payload["results"]] == ["prefill", "decode"]
+    for row in payload["results"]:
+        assert "llmopt-failed" not in row["flags"], row
+        tol = 1e-4 if row["dtype"] == "float32" else 1e-2
+        assert row["rel_err_vs_sdpa"] < tol, row
