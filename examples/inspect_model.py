@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from llmopt.explain import compress_ops, explain
+from llmopt.inspection import compress_ops, explain
 from llmopt.model_spec import resolve
 
 

@@ -9,19 +9,39 @@ from .runtime import SamplingParams, generate
 
 __version__ = "0.1.0"
 
+# Imported on first use only, so that the backend's discovery by TorchDynamo (which imports
+# this package) never pulls in transformers, the quantization kernels or the engine.
+_LAZY = {
+    "StaticKVCache": "llmopt.runtime",
+    "KVCacheFullError": "llmopt.runtime",
+    "Engine": "llmopt.runtime.engine",
+    "PagedKVCache": "llmopt.runtime.paged_cache",
+    "KVCacheExhaustedError": "llmopt.runtime.paged_cache",
+    "quantize_": "llmopt.quant",
+    "save_quantized": "llmopt.quant",
+    "load_quantized": "llmopt.quant",
+    "load_hf_quantized": "llmopt.quant",
+    "Int8WeightOnly": "llmopt.quant",
+    "Int4WeightOnly": "llmopt.quant",
+    "W8A8": "llmopt.quant",
+    "GPTQ": "llmopt.quant",
+    "Int8KVCache": "llmopt.quant",
+    "explain": "llmopt.inspection",
+}
+
 __all__ = [
     "Options", "CompileReport", "last_report", "reports", "clear_reports", "compile",
-    "generate", "SamplingParams", "StaticKVCache", "KVCacheFullError", "__version__",
+    "generate", "SamplingParams", "__version__", *_LAZY,
 ]
 
 
 def __getattr__(name):
-    # StaticKVCache needs transformers: import it on first use only, so that the backend's
-    # discovery by TorchDynamo never pulls transformers in.
-    if name in ("StaticKVCache", "KVCacheFullError"):
-        from . import runtime
+    if name in _LAZY:
+        import importlib
 
-        return getattr(runtime, name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'llmopt' has no attribute {name!r}")
 
 

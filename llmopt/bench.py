@@ -132,7 +132,7 @@ def run_bench(spec, settings: BenchSettings, progress: Callable[[str], None] | N
                 result.roofline_fraction = result.achieved_gbs / copy_gbs
         results.append(result)
     _add_ratios(results)
-    from .explain import versions
+    from .inspection import versions
 
     return {
         "schema": SCHEMA,

@@ -18,7 +18,6 @@ error or a subcommand this build does not have.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from typing import Any, Sequence
@@ -90,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     ben.set_defaults(run=_bench)
 
-    sub.add_parser("autotune", help="tune the linear kernels of a model (if this build has it)", add_help=False)
+    sub.add_parser("autotune", help="tune the linear kernels of a model on this GPU (--dry-run lists shapes on CPU)", add_help=False)
     mod = sub.add_parser("models", help="list the preset model names")
     mod.set_defaults(run=_models)
     return p
@@ -128,7 +127,7 @@ def parse_options(pairs: Sequence[str], quantize: str | None = None) -> dict[str
 def _inspect(args) -> int:
     import torch
 
-    from .explain import explain
+    from .inspection import explain
     from .model_spec import resolve
     from .options import Options
 
@@ -208,15 +207,9 @@ def _bench(args) -> int:
 
 # -- autotune, models -------------------------------------------------------------------------
 def _autotune(argv: list[str]) -> int:
-    try:
-        module = importlib.import_module("llmopt.autotune_cli")
-    except ModuleNotFoundError as exc:
-        if exc.name != "llmopt.autotune_cli":
-            raise
-        print("llmopt autotune: not available in this build (llmopt.autotune_cli is missing); "
-              "the linear kernels use their heuristic choices", file=sys.stderr)
-        return EXIT_USAGE
-    return int(module.main(argv) or 0)
+    from . import autotune_cli
+
+    return int(autotune_cli.main(argv) or 0)
 
 
 def _models(args) -> int:

@@ -1,4 +1,4 @@
-"""A self-contained HTML page for an :class:`~llmopt.explain.Explanation` (``llmopt inspect --html``).
+"""A self-contained HTML page for an :class:`~llmopt.inspection.Explanation` (``llmopt inspect --html``).
 
 One file, no scripts, no network: inline CSS and inline SVG, so it opens from disk, from a
 CI artifact or an e-mail. Sections: a summary (graphs, graph breaks with reasons,
@@ -24,7 +24,7 @@ import subprocess
 import time
 from typing import Any
 
-from .explain import Explanation, GraphExplanation, block_of, compress_ops, short_op
+from .inspection import Explanation, GraphExplanation, block_of, compress_ops, short_op
 
 # Box geometry of the Python layout (px).
 BOX_W, BOX_H, GAP_X, GAP_Y, MARGIN = 176, 34, 22, 30, 16
@@ -392,7 +392,7 @@ def _node_class(kind: str, op: str) -> str:
         return {"placeholder": "k-in", "get_attr": "k-w", "output": "k-out"}[kind]
     if op.startswith("llmopt."):
         return "k-llm"
-    from .explain import _is_linear, _view_op_names
+    from .inspection import _is_linear, _view_op_names
 
     if op in _view_op_names():
         return "k-view"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmopt import html_report
-from llmopt.explain import explain
+from llmopt.inspection import explain
 from llmopt.html_report import BOX_H, BOX_W, graph_svg, layered_svg, layout_positions, render_html
 
 

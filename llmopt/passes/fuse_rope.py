@@ -80,7 +80,9 @@ class Rotation:
         """Rotations that may share one op: same layer, same cos/sin (looking through the
         broadcast ``unsqueeze``), same rotary dim, spelling and layout."""
         tables = (self.freqs,) if self.freqs is not None else (_unsqueezed(self.cos), _unsqueezed(self.sin))
-        shape = tuple(tensor_meta(self.freqs if self.freqs is not None else self.cos).shape)
+        shape = tensor_meta(self.freqs if self.freqs is not None else self.cos).shape
+        # Symbolic sizes (dynamic shapes) are unhashable: key them by their expression.
+        shape = tuple(s if isinstance(s, int) else str(s) for s in shape)
         return (layer_of(self.out), tables, shape, self.rotary_dim, self.interleaved, self.layout)
 
 
@@ -318,11 +320,15 @@ def fuse(gm: fx.GraphModule, q: Rotation, k: Rotation, derived: dict) -> str | N
     first_use = min((order[u] for r in (q, k) for u in r.out.users), default=len(order))
     if first_use <= order[anchor]:
         return "q or k is used before the other is computed; cannot rotate both in one op"
+    if q.freqs is not None:
+        cos, sin = _cos_sin_from_freqs(g, q.freqs, derived)
+        # The op goes after cos/sin too: they sit right after freqs, so after the anchor
+        # when freqs is the anchor (and anchor.next may be one of them).
+        order = {n: i for i, n in enumerate(g.nodes)}
+        anchor = max([anchor, cos, sin], key=order.__getitem__)
+    else:
+        cos, sin = q.cos, q.sin
     with g.inserting_before(anchor.next):
-        if q.freqs is not None:
-            cos, sin = _cos_sin_from_freqs(g, q.freqs, derived)
-        else:
-            cos, sin = q.cos, q.sin
         cos3, sin3 = _as_3d(g, cos, q.layout), _as_3d(g, sin, q.layout)
         q_in, k_in = (q.x, k.x) if q.layout == "bhsd" else (_call(g, aten.transpose.int, (q.x, 1, 2)), _call(g, aten.transpose.int, (k.x, 1, 2)))
         rope = _call(g, torch.ops.llmopt.rope.default, (q_in, k_in, cos3, sin3, q.rotary_dim, q.interleaved))
@@ -340,15 +346,25 @@ def fuse(gm: fx.GraphModule, q: Rotation, k: Rotation, derived: dict) -> str | N
 
 
 def _cos_sin_from_freqs(g: fx.Graph, freqs: fx.Node, derived: dict) -> tuple[fx.Node, fx.Node]:
-    """cos/sin per dim for the interleaved rotation, from complex ``freqs`` (once per freqs)."""
+    """cos/sin per dim for the interleaved rotation, from complex ``freqs`` (once per freqs).
+
+    The nodes go right after ``freqs``, not at the op of the pair that first needs them:
+    pairs are fused in pairing order, which need not be graph order (a pair whose
+    rotations come first may read tensors computed later than another pair's), and every
+    pair that shares ``freqs`` must see them defined.
+    """
     if freqs in derived:
         return derived[freqs]
-    real = _call(g, aten.view_as_real.default, (freqs,))
-    out = []
-    for part in (0, 1):
-        half = _call(g, aten.select.int, (real, -1, part))
-        pair = _call(g, aten.stack.default, ([half, half], -1))  # repeat_interleave(·, 2, -1)
-        out.append(_call(g, aten.flatten.using_ints, (pair, -2, -1)))
+    at = freqs.next
+    while at.op == "placeholder":  # keep the placeholders first
+        at = at.next
+    with g.inserting_before(at):
+        real = _call(g, aten.view_as_real.default, (freqs,))
+        out = []
+        for part in (0, 1):
+            half = _call(g, aten.select.int, (real, -1, part))
+            pair = _call(g, aten.stack.default, ([half, half], -1))  # repeat_interleave(·, 2, -1)
+            out.append(_call(g, aten.flatten.using_ints, (pair, -2, -1)))
     derived[freqs] = (out[0], out[1])
     return derived[freqs]
 

@@ -280,6 +280,9 @@ def match_eager(gm: fx.GraphModule, softmax: fx.Node, analysis: "MaskAnalysis") 
         if nxt is None:
             break
         p3 = nxt
+    if len(p3.users) != 1:
+        # e.g. a clone of the probabilities that the module also returns (output_attentions)
+        return f"attention probabilities {p3.name} have {len(p3.users)} users (e.g. returned as attention weights); left alone"
     bmm2 = _single_user(p3, lambda u: u.target == aten.bmm.default and u.args[0] is p3)
     if bmm2 is None:
         return "softmax output does not feed a matmul with V"
@@ -672,7 +675,7 @@ class MaskAnalysis:
             if (not hard and (opaque or not nonempty)) or (off and not isinstance(target[0], int)):
                 return self._passthrough(original)
             plan.causal, plan.q_offset, plan.window = True, off, window
-            notes.append("proven causal" + (f" + window {window}" if window else ""))
+            notes.append(_position_rule_text(off, window, target))
         elif pattern is not None:
             notes.append("constant all-true part dropped")
         if opaque:
@@ -699,7 +702,7 @@ class MaskAnalysis:
         _, off, window, nonempty = pattern
         if (not hard and not nonempty) or (off and not isinstance(target[0], int)):
             return self._passthrough(("node", mask))
-        what = "mask: constant, proven causal" + (f" + window {window}" if window else "")
+        what = "mask: constant, " + _position_rule_text(off, window, target)
         return MaskPlan(causal=True, q_offset=off, window=window, what=what)
 
     def _passthrough(self, original: tuple) -> MaskPlan:
@@ -821,6 +824,16 @@ def _fit_positions(value: torch.Tensor, target: tuple):
     if not bool((expected == first).all()):
         return None
     return ("causal", off, window, bool(first.any(dim=-1).all()))
+
+
+def _position_rule_text(off: int, window: int, target: tuple) -> str:
+    """What a proven position rule is, for the report. ``j <= i + off`` never binds when
+    ``off >= Skv - 1`` (e.g. an anti-causal ``triu`` mask is exactly the window rule with
+    the causal bound out of reach): then it is not called causal."""
+    skv = target[3]
+    if window and isinstance(skv, int) and off >= skv - 1:
+        return f"proven window {window} (no upper bound on the keys)"
+    return "proven causal" + (f" + window {window}" if window else "")
 
 
 def _conjunction(factors: list[tuple]) -> tuple:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llmopt import compat
-from llmopt.explain import (
+from llmopt.inspection import (
     Explanation,
     _attribute_layers,
     block_of,
@@ -108,7 +108,7 @@ def test_graph_break_is_explained_with_its_reason_and_place():
     assert e.dynamo_graph_count >= 2 and len(e.graph_breaks) >= 1
     brk = e.graph_breaks[0]
     assert "item" in brk.reason.lower()
-    assert "test_explain.py" in brk.location  # points at the user's line
+    assert "test_inspection.py" in brk.location  # points at the user's line
     assert len(e.graphs) >= 2  # llmopt compiled each piece
     assert "graph break at" in str(e)
 
