@@ -33,7 +33,8 @@ Models that are not causal LMs (encoders, ``module:factory`` models without a
 ``generate``-able config) are timed as forward passes: prefill tokens/s only.
 
 Backends: ``eager``, ``inductor`` (``torch.compile`` default), ``inductor-max-autotune``,
-``llmopt`` (``--quantize`` goes to its ``quantize`` option; the label says so). The
+``llmopt`` (``--quantize`` goes to its ``quantize`` option; the label says so), and
+``llmopt-aten`` / ``llmopt-inductor`` (llmopt with ``inner`` forced, to compare executors). The
 runtime's CUDA-graph decode replay is used for ``llmopt`` only; ``inductor-max-autotune``
 brings its own CUDA graphs.
 """
@@ -54,7 +55,10 @@ import torch
 from . import compat
 
 SCHEMA = "llmopt.bench/1"
-BACKENDS = ("eager", "inductor", "inductor-max-autotune", "llmopt")
+BACKENDS = ("eager", "inductor", "inductor-max-autotune", "llmopt", "llmopt-aten", "llmopt-inductor")
+# llmopt-aten / llmopt-inductor: llmopt with its inner executor forced (how the per-device
+# default of ``inner="auto"`` was measured: docs/executors.md).
+
 
 
 @dataclass
@@ -126,7 +130,7 @@ def run_bench(spec, settings: BenchSettings, progress: Callable[[str], None] | N
             compat.reset_dynamo()
         if result.status == "ok" and result.decode_step_ms and spec.is_causal_lm:
             result.bytes_per_decode_step = bytes_per_decode_step(spec, settings, quantize=settings.quantize
-                                                                 if backend == "llmopt" else None)
+                                                                 if _is_llmopt(backend) else None)
             result.achieved_gbs = result.bytes_per_decode_step / (result.decode_step_ms * 1e-3) / 1e9
             if copy_gbs:
                 result.roofline_fraction = result.achieved_gbs / copy_gbs
@@ -146,8 +150,12 @@ def run_bench(spec, settings: BenchSettings, progress: Callable[[str], None] | N
     }
 
 
+def _is_llmopt(backend: str) -> bool:
+    return backend == "llmopt" or backend.startswith("llmopt-")
+
+
 def _label(backend: str, settings: BenchSettings) -> str:
-    return f"llmopt ({settings.quantize})" if backend == "llmopt" and settings.quantize else backend
+    return f"{backend} ({settings.quantize})" if _is_llmopt(backend) and settings.quantize else backend
 
 
 def _compile(model: torch.nn.Module, backend: str, settings: BenchSettings):
@@ -160,6 +168,8 @@ def _compile(model: torch.nn.Module, backend: str, settings: BenchSettings):
     options = dict(settings.options)
     if settings.quantize:
         options["quantize"] = settings.quantize
+    if backend.startswith("llmopt-"):
+        options["inner"] = backend.removeprefix("llmopt-")
     return torch.compile(model, backend="llmopt", options=options)
 
 
@@ -198,7 +208,7 @@ def _bench_backend(spec, backend: str, label: str, settings: BenchSettings, say)
         result.decode_tokens_per_s = settings.batch * steps / decode
     result.compile_s = max(cold.total - total, 0.0) if backend != "eager" else 0.0
     result.peak_memory_mb, result.peak_memory_delta_mb, result.memory_method = memory.result()
-    if backend == "llmopt":
+    if _is_llmopt(backend):
         result.llmopt = _llmopt_summary(first_report, settings, result)
     say(_one_line(result))
     return result
@@ -227,7 +237,7 @@ def _runner(spec, model, backend: str, settings: BenchSettings, result: BackendR
             cache = StaticKVCache(spec.config, batch_size=settings.batch,
                                   max_seq_len=settings.prompt_len + settings.new_tokens,
                                   dtype=spec.dtype, device=spec.device)
-            graphs = backend == "llmopt" and spec.device.type == "cuda"
+            graphs = _is_llmopt(backend) and spec.device.type == "cuda"
             result.method = "llmopt.generate + StaticKVCache" + (" + CUDA graphs" if graphs else "")
             last = settings.new_tokens - 1
 
@@ -581,7 +591,8 @@ def plot(data: dict[str, Any], path: str) -> None:
         ("ttft_ms", "time to first token, ms (lower is better)"),
         ("peak_memory_mb", "peak memory, MB (lower is better)"),
     ]
-    colors = {"eager": "#8a94a6", "inductor": "#5b8def", "inductor-max-autotune": "#2f5fb3", "llmopt": "#2e9d57"}
+    colors = {"eager": "#8a94a6", "inductor": "#5b8def", "inductor-max-autotune": "#2f5fb3", "llmopt": "#2e9d57",
+              "llmopt-aten": "#6cbf84", "llmopt-inductor": "#1f6e3c"}
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
     for ax, (key, title) in zip(axes.flat, panels):
         values = [r.get(key) or 0.0 for r in ok]

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "time per backend, medians after warm-up, in one process.")
     _model_args(ben, seq_default=None)
     ben.add_argument("--backends", default="eager,inductor,llmopt",
-                     help="comma-separated: eager, inductor, inductor-max-autotune, llmopt (default: %(default)s)")
+                     help="comma-separated: eager, inductor, inductor-max-autotune, llmopt, llmopt-aten, llmopt-inductor (default: %(default)s)")
     ben.add_argument("--quantize", default=None, help="quantize option passed to the llmopt backend (int8, int4-g128...)")
     ben.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                      help="an llmopt backend option, as for inspect")
@@ -186,7 +186,7 @@ def _bench(args) -> int:
         quantize=args.quantize,
         options=parse_options(args.option),
     )
-    if "llmopt" in settings.backends:
+    if any(b == "llmopt" or b.startswith("llmopt-") for b in settings.backends):
         from .options import Options
 
         Options.from_user({**settings.options, **({"quantize": settings.quantize} if settings.quantize else {})})

@@ -212,7 +212,11 @@ def match_sdpa(gm: fx.GraphModule, node: fx.Node, analysis: "MaskAnalysis") -> L
         return reason
     scale = args.get("scale")
     if scale is None:
-        scale = 1.0 / math.sqrt(_static_int(qv.shape[-1]))
+        if not isinstance(qv.shape[-1], int):
+            return "symbolic head dim: the default scale 1/sqrt(D) is not a compile-time constant"
+        scale = 1.0 / math.sqrt(qv.shape[-1])
+    if not isinstance(scale, (int, float)):
+        return f"scale {scale} is not a compile-time constant"
     causal = bool(args.get("is_causal") or False)
     raw_mask = args.get("attn_mask", args.get("attn_bias"))
     target = _score_shape(qv, kv)
@@ -1025,12 +1029,6 @@ def _same_shape(v, shape: tuple) -> bool:
     if v is None or v.dim() != len(shape):
         return False
     return all(_eq(a, b) for a, b in zip(v.shape, shape))
-
-
-def _static_int(x) -> int:
-    if isinstance(x, int):
-        return x
-    raise ValueError("symbolic head dim")
 
 
 def _is_cast(node: fx.Node) -> bool:

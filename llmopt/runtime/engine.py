@@ -54,7 +54,7 @@ import bisect
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -330,12 +330,7 @@ class Engine:
         """Add every prompt, step until they are all finished; returns each one's generated
         tokens (without the prompt), in order. Requests added earlier also progress."""
         prompts = list(prompts)
-        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
-            params = [sampling_params] * len(prompts)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        params = self._params_per_prompt(prompts, sampling_params)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         while any(self._requests[i].state != _FINISHED for i in ids):
             self.step()
@@ -343,6 +338,37 @@ class Engine:
         for i in ids:
             self.release(i)
         return outputs
+
+    def stream(self, prompts: Iterable, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+               ) -> Iterator[tuple[int, StepOutput]]:
+        """Add every prompt and yield ``(prompt_index, StepOutput)`` for each token as soon as
+        the step that produced it ends, until all are finished (tokens of one request arrive
+        in order; requests interleave). Leaving the loop early aborts the requests not
+        finished yet; finished ones are released as ``generate`` does."""
+        prompts = list(prompts)
+        params = self._params_per_prompt(prompts, sampling_params)
+        index = {self.add_request(p, sp): i for i, (p, sp) in enumerate(zip(prompts, params))}
+        pending = set(index)
+        try:
+            while pending:
+                for out in self.step():
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield index[out.request_id], out
+        finally:
+            for rid in index:
+                if rid in self._requests:
+                    self.abort(rid)  # a no-op for the finished ones
+                    self.release(rid)
+
+    def _params_per_prompt(self, prompts: list, sampling_params) -> list:
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            return [sampling_params] * len(prompts)
+        params = list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        return params
 
     def close(self) -> None:
         """Abort what is left and give the model back its previous attention implementation."""
