@@ -574,7 +574,9 @@ def _check_qkv(qv, kv, vv) -> str | None:
     if not (_eq(qv.shape[0], kv.shape[0]) and _eq(qv.shape[3], kv.shape[3])):
         return f"q {tuple(qv.shape)} and k {tuple(kv.shape)} disagree on batch or head dim"
     hq, hkv = qv.shape[1], kv.shape[1]
-    if not (isinstance(hq, int) and isinstance(hkv, int)) or hkv == 0 or hq % hkv:
+    if not (isinstance(hq, int) and isinstance(hkv, int)):
+        return f"symbolic head counts ({hq} query, {hkv} KV heads): the GQA grouping is not static"
+    if hkv == 0 or hq % hkv:
         return f"{hq} query heads are not a multiple of {hkv} KV heads"
     if qv.device != kv.device or qv.device != vv.device:
         return "q/k/v on different devices"
