@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from .. import compat
-from ..graph import add_constant, constant_value, is_constant, real_tensors, tensor_meta
+from ..graph import VIEW_OPS, add_constant, constant_value, is_constant, real_tensors, tensor_meta
 
 aten = torch.ops.aten
 
@@ -85,31 +85,37 @@ def _hashable(value):
 def merge_duplicates(gm: fx.GraphModule, outputs: set[fx.Node] | None = None) -> int:
     """Merge identical pure nodes; returns how many were removed.
 
-    Safe with in-place ops in the graph (the KV-cache appends of ``passes/kv_cache.py``):
-    a node that reads a tensor some op of the graph writes is only merged with a twin
-    computed since the last write (its key carries the count of writes seen so far).
+    Safe with in-place ops in the graph (the KV-cache appends of ``passes/kv_cache.py``,
+    the ``copy_`` that advances a cache's slot counter): a node that reads a graph input
+    some op writes is merged only with a twin that saw the same writes *of that input*
+    (its key carries, per written input it depends on, the count of writes to it so far).
+    So the mask a static cache's layers all compute from the positions is computed once,
+    even though the KV appends of every layer run in between.
     """
     outputs = _output_nodes(gm) if outputs is None else outputs
-    written = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and getattr(getattr(node.target, "_schema", None), "is_mutable", False):
-            written.update(a for a in node.all_input_nodes if a.op == "placeholder")
-    reads_written: set[fx.Node] = set()
+    mutated = {node: _mutated_roots(node) for node in gm.graph.nodes
+               if node.op == "call_function" and _is_mutable(node.target)}
+    written = set().union(*mutated.values()) if mutated else set()
+    writes = dict.fromkeys(written, 0)
+    deps: dict[fx.Node, frozenset] = {}
     seen: dict = {}
-    writes = 0
     merged = 0
     for node in list(gm.graph.nodes):
-        if node in written or any(a in reads_written for a in node.all_input_nodes):
-            reads_written.add(node)
+        mine = frozenset(a for a in node.all_input_nodes if a in written)
+        deps[node] = mine.union(*(deps.get(a, frozenset()) for a in node.all_input_nodes))
+        if node in written:
+            deps[node] = deps[node] | {node}
         if node.op != "call_function":
             continue
-        if getattr(getattr(node.target, "_schema", None), "is_mutable", False):
-            writes += 1
+        if node in mutated:
+            for root in mutated[node]:
+                writes[root] += 1
             continue
         if not _mergeable(node.target):
             continue
         try:
-            key = (node.target, _hashable(node.args), _hashable(node.kwargs), writes if node in reads_written else -1)
+            state = tuple(sorted((r.name, writes[r]) for r in deps[node]))
+            key = (node.target, _hashable(node.args), _hashable(node.kwargs), state)
         except TypeError:
             continue
         first = seen.get(key)
@@ -120,6 +126,29 @@ def merge_duplicates(gm: fx.GraphModule, outputs: set[fx.Node] | None = None) ->
             gm.graph.erase_node(node)
             merged += 1
     return merged
+
+
+def _is_mutable(target) -> bool:
+    return bool(getattr(getattr(target, "_schema", None), "is_mutable", False))
+
+
+def _mutated_roots(node: fx.Node) -> set[fx.Node]:
+    """The tensors ``node`` writes: its arguments the schema marks written, followed
+    through views to their base (a graph input, or an intermediate). Where the schema
+    marks none, everything the node reads counts as written: conservative."""
+    schema = node.target._schema
+    args = [*node.args, *(node.kwargs.get(a.name) for a in schema.arguments[len(node.args):])]
+    roots: set[fx.Node] = set()
+    for arg, spec in zip(args, schema.arguments):
+        if not (spec.alias_info is not None and spec.alias_info.is_write):
+            continue
+        for value in (arg if isinstance(arg, (list, tuple)) else [arg]):
+            base = value
+            while isinstance(base, fx.Node) and base.op == "call_function" and base.target in VIEW_OPS and base.args:
+                base = base.args[0]
+            if isinstance(base, fx.Node):
+                roots.add(base)
+    return roots or set(node.all_input_nodes)
 
 
 def _output_nodes(gm: fx.GraphModule) -> set[fx.Node]:

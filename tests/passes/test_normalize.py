@@ -1,6 +1,7 @@
 """normalize: linear spellings become one ``aten.linear``; provable no-ops disappear."""
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -137,3 +138,32 @@ def test_random_ops_are_not_merged():
     x = torch.zeros(1000)
     out, report = compile_and_run(f, x)
     assert out.abs().sum() > 0  # two different draws do not cancel
+
+
+def _graph_with_writes():
+    """``m1 = pos < 4`` twice around two in-place writes: one of ``cache`` (which ``m``
+    does not read) and one of ``pos`` (which it does)."""
+    g = fx.Graph()
+    pos, cache, new = g.placeholder("pos"), g.placeholder("cache"), g.placeholder("new")
+    m1 = g.call_function(torch.ops.aten.lt.Scalar, (pos, 4))
+    g.call_function(torch.ops.aten.copy_.default, (cache, new))          # writes cache only
+    m2 = g.call_function(torch.ops.aten.lt.Scalar, (pos, 4))             # same as m1
+    g.call_function(torch.ops.aten.add_.Tensor, (pos, 1))                # writes pos
+    m3 = g.call_function(torch.ops.aten.lt.Scalar, (pos, 4))             # differs from m1
+    g.output((m1, m2, m3, g.call_function(torch.ops.aten.logical_and.default, (m2, m3))))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_merge_across_writes_of_other_inputs_only():
+    from llmopt.passes.normalize import merge_duplicates
+
+    gm = _graph_with_writes()
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    merged = merge_duplicates(gm, outputs=set())
+    gm.graph.lint()
+    assert merged == 1  # m2 → m1 (the cache write does not touch pos); m3 stays
+    lts = [n for n in gm.graph.nodes if n.target == torch.ops.aten.lt.Scalar]
+    assert len(lts) == 2 and out.args[0][1] is lts[0]
+    pos = torch.tensor(3)
+    m1, m2, m3, both = gm(pos, torch.zeros(2), torch.ones(2))
+    assert bool(m1) and bool(m2) and not bool(m3)
