@@ -58,6 +58,8 @@ def make_forward(model, backend: str):
         return torch.compile(model.forward, mode="max-autotune")
     if backend == "llmopt":
         return torch.compile(model.forward, backend="llmopt")
+    if backend in ("llmopt-aten", "llmopt-inductor"):  # the inner executor forced (docs/executors.md)
+        return torch.compile(model.forward, backend="llmopt", options={"inner": backend.removeprefix("llmopt-")})
     raise ValueError(backend)
 
 
@@ -117,7 +119,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--max-cache-len", type=int, default=4096)
-    p.add_argument("--backends", default=None, help="comma list: eager,inductor,inductor-max-autotune,llmopt")
+    p.add_argument("--backends", default=None, help="comma list: eager,inductor,inductor-max-autotune,llmopt,llmopt-aten,llmopt-inductor")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
 
