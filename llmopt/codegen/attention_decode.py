@@ -68,6 +68,7 @@ import contextlib
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -559,6 +560,59 @@ def attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window=0, so
     return o.reshape(B, Hq, 1, D).to(q.dtype)
 
 
+def attention_decode_cpu(q, k_cache, v_cache, kv_lens, mask, scale, window=0, softcap=0.0, unified_max=None):
+    """The CPU implementation: PyTorch's fused SDPA over the valid prefix of the cache.
+
+    Same contract and result as :func:`attention_decode_ref` (tested against it); it exists
+    because the reference spells the softmax out in half a dozen eager ops, and on CPU each
+    costs a dispatch and a pass over ``[B, Hq, L]``, while SDPA's CPU kernel does it in one
+    (about 8x faster on a 4-layer 256-wide Llama decode step). Cases SDPA cannot express
+    exactly go to the reference: soft-capping, float64, rows of different valid lengths
+    (positions past a shorter row's end may hold NaN, which a masked SDPA still multiplies
+    by zero) and rows with nothing to attend to.
+    """
+    if (softcap > 0 or q.dtype == torch.float64 or q.device.type != "cpu" or q.shape[0] == 0
+            or q.shape[-1] == 0 or q.shape[1] % k_cache.shape[1] != 0):
+        return attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
+    B, Hq, Hkv, S_max, D = check_decode_args(
+        q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max, dtypes=KERNEL_DTYPES,
+    )
+    L, shortest = int(kv_lens.max()), int(kv_lens.min())
+    if shortest != L or L <= 0 or L > S_max:
+        return attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
+    keep = None
+    if window > 0 and window < L:
+        keep = torch.arange(L, device=q.device) >= L - window  # [L]
+        keep = keep.view(1, 1, 1, L)
+    bias = None
+    if mask is not None:
+        user = mask.expand(B, Hq, 1, S_max)[..., :L]
+        if user.dtype == torch.bool:
+            keep = user if keep is None else keep & user
+            if not bool(keep.any(-1).all()):  # a row with every key masked: defined as 0
+                return attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap,
+                                            unified_max)
+        else:
+            bias = user.to(q.dtype)
+    if keep is not None:
+        if bias is None:
+            bias = keep  # SDPA's bool mask: True attends
+        else:
+            bias = bias.masked_fill(~keep, float("-inf"))
+    if bias is not None and mask is not None and mask.dtype != torch.bool:
+        if not bool((bias > float("-inf")).any(-1).all()):  # every key at -inf: defined as 0
+            return attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
+    k, v = k_cache[:, :, :L], v_cache[:, :, :L]
+    G = Hq // Hkv
+    if G > 1:  # one query group per KV head: [B, Hkv, G, D] against [B, Hkv, L, D], no K/V copy
+        qg = q.reshape(B, Hkv, G, D)
+        if bias is not None:
+            bias = bias.expand(B, Hq, 1, L).reshape(B, Hkv, G, L)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias, scale=scale)
+        return out.reshape(B, Hq, 1, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
 # ---------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------
@@ -674,7 +728,7 @@ def attention_decode(
     tensors = (q, k_cache, v_cache, kv_lens) + ((mask,) if mask is not None else ())
     if use_triton(*tensors):
         return attention_decode_triton(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
-    return attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
+    return attention_decode_cpu(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
 
 
 @attention_decode.register_fake
@@ -689,6 +743,7 @@ __all__ = [
     "KERNEL_DTYPES",
     "UNIFIED_RANGE",
     "attention_decode",
+    "attention_decode_cpu",
     "attention_decode_ref",
     "attention_decode_triton",
     "check_decode_args",

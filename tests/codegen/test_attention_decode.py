@@ -18,6 +18,7 @@ from hypothesis import given, strategies as st
 from conftest import assert_close, poisoned, relative_error, tolerance
 from llmopt.codegen.attention_decode import (
     UNIFIED_RANGE,
+    attention_decode_cpu,
     attention_decode_ref,
     attention_decode_triton,
     decode_configs,
@@ -307,12 +308,49 @@ def test_torch_compile_fullgraph(triton_kernels):
     assert_close(got, 2 * ground_truth(q, k, v, lens, mask, 0.125, window=8), dtype=torch.float16)
 
 
-def test_op_runs_the_reference_on_cpu_by_default(monkeypatch):
+def test_op_runs_the_cpu_implementation_by_default(monkeypatch):
     monkeypatch.delenv("LLMOPT_KERNELS", raising=False)
     q, k, v, lens = _small_args()
     got = torch.ops.llmopt.attention_decode(q, k, v, lens, None, 0.125)
-    torch.testing.assert_close(got, attention_decode_ref(q, k, v, lens, None, 0.125), rtol=0, atol=0)
-    assert got.shape == q.shape and got.is_contiguous()
+    torch.testing.assert_close(got, attention_decode_cpu(q, k, v, lens, None, 0.125), rtol=0, atol=0)
+    assert_close(got, ground_truth(q, k, v, lens, None, 0.125), dtype=q.dtype)
+    assert got.shape == q.shape
+
+
+@given(data=st.data())
+def test_cpu_implementation_matches_fp64(data):
+    """The CPU path (fused SDPA over the valid prefix, the reference where SDPA cannot
+    express the case) against the fp64 truth, masks and windows included."""
+    B = data.draw(st.integers(1, 3), label="B")
+    Hkv = data.draw(st.integers(1, 3), label="Hkv")
+    G = data.draw(st.sampled_from([1, 2, 4]), label="group")
+    D = data.draw(st.sampled_from([16, 64, 80]), label="D")
+    S = data.draw(st.sampled_from([1, 7, 17, 100]), label="S_max")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    same = data.draw(st.booleans(), label="equal lengths")
+    length = st.integers(1, S)
+    lens = [data.draw(length, label="len")] * B if same else data.draw(st.lists(length, min_size=B, max_size=B))
+    strided = data.draw(st.booleans(), label="strided")
+    window = data.draw(st.sampled_from([0, 0, 1, 5]), label="window")
+    softcap = data.draw(st.sampled_from([0.0, 0.0, 30.0]), label="softcap")
+    kind = data.draw(st.sampled_from([None, "bool", "-inf", "min"]), label="mask")
+    q, k, v, kv_lens = make_inputs(B, Hkv, G, D, S, dtype, lens, strided)
+    mask = None
+    if kind is not None:
+        pads = [data.draw(st.integers(0, n - 1), label="pad") for n in lens]
+        mask = left_padding_mask(lens, pads, S, kind, dtype)
+    got = attention_decode_cpu(q, k, v, kv_lens, mask, 0.125, window=window, softcap=softcap)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    truth = ground_truth(q, k, v, kv_lens, mask, 0.125, window=window, softcap=softcap)
+    assert_close(got, truth, dtype=dtype, what="cpu path vs fp64")
+
+
+def test_cpu_implementation_fully_masked_row_is_zero():
+    q, k, v, lens = make_inputs(2, 2, 2, 64, 9, torch.float32, [9, 9])
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1] = False
+    got = attention_decode_cpu(q, k, v, lens, mask, 0.125)
+    assert torch.equal(got[1], torch.zeros_like(got[1])) and torch.isfinite(got).all()
 
 
 # ---------------------------------------------------------------------------------------
