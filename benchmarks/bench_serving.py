@@ -21,37 +21,43 @@ Modes, all in one process on the same random-weight Llama:
 Time is virtual but made of measured compute: the clock advances by the wall time of each
 forward (generate call or engine step) and jumps over idle gaps to the next arrival, so
 the result does not depend on sleeping and every mode sees the same arrival schedule.
-Reported per mode: output tokens/s (generated tokens / makespan), requests/s, latency
-(arrival -> last token) and time to first token p50/p90/p99, normalized latency
-(latency / output tokens), and KV memory utilisation = used / reserved token slots:
-for the engine, the mean over steps of tokens stored / slots of allocated blocks
-(``PagedKVCache.utilization``); for static batching, the mean over decode steps of the
-tokens rows actually hold / the batch's ``rows x max_seq_len`` reservation; one at a
-time, the same for one row.
+Reported per mode: output tokens/s (generated tokens / makespan), requests/s, time to
+first token (arrival -> first token), time per output token after the first (TPOT,
+``(last - first token) / (output tokens - 1)``), latency (arrival -> last token), each as
+p50/p90/p99, normalized latency (latency / output tokens), and KV memory utilisation =
+used / reserved token slots: for the engine, the mean over steps of tokens stored / slots
+of allocated blocks (``PagedKVCache.utilization``); for static batching, the mean over
+decode steps of the tokens rows actually hold / the batch's ``rows x (longest prompt +
+longest output)`` reservation; one at a time, the same for one row. (A static batch's
+requests all finish when the batch does, so its TPOT includes waiting for the batch.)
 
-    python benchmarks/bench_serving.py                     # CPU, small model, < 3 min on 2 cores
-    python benchmarks/bench_serving.py --size tiny --requests 50       # a quick look
+    python benchmarks/bench_serving.py                     # CPU: small model, 200 requests, ~3 min on 2 cores
+    python benchmarks/bench_serving.py --size tiny --requests 20 --no-write     # a quick look (seconds)
     python benchmarks/bench_serving.py --device cuda --size 1b --requests 200 --rate 8
+    python benchmarks/bench_serving.py --compile --modes continuous   # the engine on backend="llmopt"
 
-Writes ``benchmarks/results/<device>-<date>-serving.json``.
+Writes ``benchmarks/results/<device>-<date>-serving.json`` (``common.write_results``): the
+``results`` rows (one figure per row, one value per mode, the throughput ratios) are what
+``make_tables.py`` renders; ``modes`` keeps each mode's full summary and ``config`` the
+model and workload.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from llmopt.runtime import SamplingParams, StaticKVCache, generate  # noqa: E402
+from common import environment, write_results  # noqa: E402
+from llmopt import compat  # noqa: E402
+from llmopt.runtime import SamplingParams, generate  # noqa: E402
 from llmopt.runtime.engine import Engine  # noqa: E402
 
 # Model configs (random weights) and workload shapes per size. Log-normal (median, sigma)
@@ -121,6 +127,8 @@ def summarize(name, requests, finish, first, makespan, kv_util, extra=None):
     latency = [finish[i] - requests[i][0] for i in range(len(requests))]
     ttft = [first[i] - requests[i][0] for i in range(len(requests))]
     per_token = [lat / requests[i][2] for i, lat in enumerate(latency)]
+    # time per output token after the first (vLLM's TPOT); one-token requests have none
+    tpot = [(finish[i] - first[i]) / (requests[i][2] - 1) for i in range(len(requests)) if requests[i][2] > 1]
     result = {
         "mode": name,
         "makespan_s": makespan,
@@ -129,6 +137,7 @@ def summarize(name, requests, finish, first, makespan, kv_util, extra=None):
         "requests_per_s": len(requests) / makespan,
         "latency_s": percentiles(latency),
         "ttft_s": percentiles(ttft),
+        "tpot_s": percentiles(tpot),
         "latency_per_output_token_s": percentiles(per_token),
         "kv_utilization": kv_util,
     }
@@ -253,27 +262,7 @@ def run_continuous(model, requests, device, batch, block_size, num_blocks, polic
     return summarize("continuous", requests, finish, first, clock, stats.mean_kv_utilization, extra)
 
 
-def environment(device, threads):
-    import transformers
-    import triton
-
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
-    return {
-        "date": datetime.date.today().isoformat(),
-        "device": name,
-        "device_kind": device.type,
-        "python": platform.python_version(),
-        "threads": threads,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
-def main(argv=None):
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", choices=sorted(SIZES), default=None, help="model + workload size (default: small "
@@ -284,9 +273,15 @@ def main(argv=None):
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--policy", choices=["fcfs", "decode_first"], default="fcfs")
     parser.add_argument("--modes", default="continuous,static,one_at_a_time")
+    parser.add_argument("--compile", action="store_true",
+                        help='every mode runs torch.compile(model, backend="llmopt"); the warm-up is then the whole '
+                             "workload, untimed, so that every graph is compiled before timing (twice the run time). "
+                             "The generate modes (static, one_at_a_time) may still recompile while timed, since their "
+                             "batch shapes depend on timing: compare --modes continuous")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (shared machines: 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="results JSON path")
+    parser.add_argument("--out", default=None, help="results JSON path (default: results/<device>-<date>-serving.json)")
+    parser.add_argument("--no-write", action="store_true", help="print only, write no results file")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -295,74 +290,137 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     rate = args.rate or SIZES[size]["rate"]
     model, config, dtype = build_model(size, device, args.seed)
+    served = torch.compile(model, backend="llmopt") if args.compile else model
     requests = workload(args.requests, size, rate, args.seed, config.vocab_size)
     longest = max(len(p) + o for _, p, o in requests)
     # the engine gets the KV memory one full static batch would reserve at the longest lengths
     num_blocks = args.batch * -(-longest // args.block_size)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
 
-    # warm-up (excluded): a few requests through every path
-    warm = workload(4, size, 1e6, args.seed + 1, config.vocab_size)
-    warm = [(0.0, p[:16], min(o, 4)) for _, p, o in warm]
-    run_one_at_a_time(model, warm[:1], device)
-    run_static(model, warm, device, args.batch)
-    run_continuous(model, warm, device, args.batch, args.block_size, num_blocks, args.policy)
+    # Warm-up (excluded), per mode: a few short requests through its path. With --compile,
+    # Dynamo's graphs are reset first, because its recompile limit counts the graphs of one
+    # function and generate's static-cache graphs and the engine's paged ones would share it.
+    warm = workload(8, size, 1e6, args.seed + 1, config.vocab_size)
+    warm = [(0.0, p[: 4 + 3 * i], 2 + i % 4) for i, (_, p, _) in enumerate(warm)]
 
-    results = {}
+    def run(mode, reqs):
+        with torch.no_grad():
+            if mode == "one_at_a_time":
+                return run_one_at_a_time(served, reqs, device)
+            if mode == "static":
+                return run_static(served, reqs, device, args.batch)
+            return run_continuous(served, reqs, device, args.batch, args.block_size, num_blocks, args.policy)
+
+    modes_out = {}
     for mode in modes:
+        if args.compile:
+            compat.reset_dynamo()
+        # a compiled model meets a graph per size-1 specialisation and per dynamic variant
+        # (decode-only or not, one sequence or many): run the whole workload once untimed
+        for rnd in ((warm, warm[1::2]) if not args.compile else (requests,)):
+            run(mode, rnd[:2] if mode == "one_at_a_time" else rnd)
         t0 = time.perf_counter()
-        if mode == "one_at_a_time":
-            results[mode] = run_one_at_a_time(model, requests, device)
-        elif mode == "static":
-            results[mode] = run_static(model, requests, device, args.batch)
-        elif mode == "continuous":
-            results[mode] = run_continuous(model, requests, device, args.batch, args.block_size, num_blocks,
-                                           args.policy)
-        else:
-            raise SystemExit(f"unknown mode {mode!r}")
-        r = results[mode]
-        print(f"{mode:>14}: {r['output_tokens_per_s']:8.1f} tok/s  latency p50/p90/p99 "
-              f"{r['latency_s']['p50']:.2f}/{r['latency_s']['p90']:.2f}/{r['latency_s']['p99']:.2f} s  "
-              f"TTFT p50 {r['ttft_s']['p50']:.2f} s  KV used/reserved {r['kv_utilization']:.1%}  "
-              f"({time.perf_counter() - t0:.0f} s wall)", flush=True)
+        modes_out[mode] = r = run(mode, requests)
+        print(f"{mode:>14}: {r['output_tokens_per_s']:8.1f} tok/s  TTFT p50/p90/p99 "
+              f"{_ms(r['ttft_s'], 'p50')}/{_ms(r['ttft_s'], 'p90')}/{_ms(r['ttft_s'], 'p99')} ms  "
+              f"TPOT p50/p90/p99 {_ms(r['tpot_s'], 'p50')}/{_ms(r['tpot_s'], 'p90')}/{_ms(r['tpot_s'], 'p99')} ms  "
+              f"KV used/reserved {r['kv_utilization']:.1%}  ({time.perf_counter() - t0:.0f} s wall)", flush=True)
 
     ratios = {}
-    if "continuous" in results:
+    if "continuous" in modes_out:
         for base in ("one_at_a_time", "static"):
-            if base in results:
+            if base in modes_out:
+                ours, theirs = modes_out["continuous"], modes_out[base]
                 ratios[f"continuous_vs_{base}"] = {
-                    "throughput": results["continuous"]["output_tokens_per_s"] / results[base]["output_tokens_per_s"],
-                    "latency_p50": results["continuous"]["latency_s"]["p50"] / results[base]["latency_s"]["p50"],
-                    "latency_p99": results["continuous"]["latency_s"]["p99"] / results[base]["latency_s"]["p99"],
+                    "throughput": ours["output_tokens_per_s"] / theirs["output_tokens_per_s"],
+                    "latency_p50": ours["latency_s"]["p50"] / theirs["latency_s"]["p50"],
+                    "latency_p99": ours["latency_s"]["p99"] / theirs["latency_s"]["p99"],
                 }
     prompt_lens = [len(p) for _, p, _ in requests]
     out_lens = [o for _, _, o in requests]
-    report = {
+    payload = {
         "benchmark": "serving",
-        "environment": environment(device, torch.get_num_threads() if device.type == "cpu" else None),
-        "model": {"family": "llama", "dtype": str(dtype).replace("torch.", ""), "random_weights": True,
-                  "parameters": sum(p.numel() for p in model.parameters()), **SIZES[size]["model"]},
-        "workload": {
-            "size": size, "requests": args.requests, "arrival": f"Poisson, {rate} requests/s", "seed": args.seed,
-            "prompt_lognormal_median_sigma_min_max": SIZES[size]["prompt"],
-            "output_lognormal_median_sigma_min_max": SIZES[size]["output"],
-            "prompt_tokens": percentiles(prompt_lens), "output_tokens": percentiles(out_lens),
-            "sampling": "greedy, exactly the drawn output length (no stop token)",
+        "environment": environment(),
+        "config": {
+            "model": {"family": "llama", "dtype": str(dtype).replace("torch.", ""), "random_weights": True,
+                      "parameters": sum(p.numel() for p in model.parameters()), **SIZES[size]["model"]},
+            "workload": {
+                "size": size, "requests": args.requests, "arrival": f"Poisson, {rate} requests/s", "seed": args.seed,
+                "prompt_lognormal_median_sigma_min_max": SIZES[size]["prompt"],
+                "output_lognormal_median_sigma_min_max": SIZES[size]["output"],
+                "prompt_tokens": percentiles(prompt_lens), "output_tokens": percentiles(out_lens),
+                "sampling": "greedy, exactly the drawn output length (no stop token)",
+            },
+            "batch": args.batch, "block_size": args.block_size, "num_blocks": num_blocks, "policy": args.policy,
+            "compiled": "llmopt" if args.compile else "eager",
         },
+        "kernel": f"model {'compiled with backend=llmopt' if args.compile else 'eager'}; {size} Llama, "
+                  f"{args.requests} requests",
         "timing": "virtual clock: measured wall time of each forward, idle gaps skipped; warm-up excluded",
-        "kv_utilization": "used / reserved token slots, mean over steps (see the script's docstring)",
+        "note": "KV used/reserved: mean over steps of token slots holding data / slots reserved "
+                "(paged: allocated blocks; static and one at a time: rows x longest prompt + output)",
         "targets": {"continuous_kv_utilization": 0.9},
-        "results": results,
+        "results": table_rows(modes_out),
+        "modes": modes_out,
         "ratios": ratios,
     }
-    out = Path(args.out) if args.out else (
-        Path(__file__).resolve().parent / "results" / f"{device.type}-{report['environment']['date']}-serving.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     for name, r in ratios.items():
         print(f"{name}: throughput x{r['throughput']:.2f}, latency p50 x{r['latency_p50']:.2f}, "
               f"p99 x{r['latency_p99']:.2f}")
-    print(f"wrote {out}")
+    if not args.no_write:
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+        else:
+            out = write_results("serving", payload)
+        print(f"wrote {out}")
+    return payload
+
+
+MODES = ("continuous", "static", "one_at_a_time")
+
+# (figure, key in a mode's summary, percentile or None, scale): one results row each
+_FIGURES = (
+    ("output tokens/s", "output_tokens_per_s", None, 1.0),
+    ("requests/s", "requests_per_s", None, 1.0),
+    ("TTFT p50 ms", "ttft_s", "p50", 1e3),
+    ("TTFT p90 ms", "ttft_s", "p90", 1e3),
+    ("TTFT p99 ms", "ttft_s", "p99", 1e3),
+    ("TPOT p50 ms", "tpot_s", "p50", 1e3),
+    ("TPOT p90 ms", "tpot_s", "p90", 1e3),
+    ("TPOT p99 ms", "tpot_s", "p99", 1e3),
+    ("latency p50 s", "latency_s", "p50", 1.0),
+    ("latency p90 s", "latency_s", "p90", 1.0),
+    ("latency p99 s", "latency_s", "p99", 1.0),
+    ("KV used/reserved", "kv_utilization", None, 1.0),
+)
+
+
+def table_rows(modes_out: dict) -> list[dict]:
+    """The ``results`` rows of ``benchmarks/make_tables.py``: one figure per row, one value
+    per mode; the throughput row also carries the continuous / baseline ratios."""
+    rows = []
+    for figure, key, pct, scale in _FIGURES:
+        value = {}
+        for mode, summary in modes_out.items():
+            v = summary.get(key)
+            v = v.get(pct) if isinstance(v, dict) else v
+            value[mode] = None if v is None else v * scale
+        row = {"figure": figure, "value": value}
+        if key == "output_tokens_per_s" and value.get("continuous"):
+            row["speedup"] = {f"continuous vs {m.replace('_', ' ')}": value["continuous"] / value[m]
+                              for m in ("static", "one_at_a_time") if value.get(m)}
+        rows.append(row)
+    return rows
+
+
+def _ms(pcts: dict, key: str) -> str:
+    v = pcts.get(key) if pcts else None
+    return "–" if v is None else f"{v * 1e3:.0f}"
 
 
 if __name__ == "__main__":

@@ -57,3 +57,14 @@ def test_bench_attention_smallest_grid(keep_num_threads):
         assert "llmopt-failed" not in row["flags"], row
         tol = 1e-4 if row["dtype"] == "float32" else 1e-2
         assert row["rel_err_vs_sdpa"] < tol, row
+
+
+def test_bench_serving_tiny_workload(keep_num_threads):
+    import bench_serving
+
+    payload = bench_serving.main(["--size", "tiny", "--requests", "6", "--batch", "4", "--no-write"])
+    assert payload["benchmark"] == "serving"
+    assert set(payload["modes"]) == {"continuous", "static", "one_at_a_time"}
+    figures = {row["figure"]: row["value"] for row in payload["results"]}
+    assert all(v > 0 for v in figures["output tokens/s"].values())
+    assert 0 < figures["KV used/reserved"]["continuous"] <= 1

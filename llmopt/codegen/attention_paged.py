@@ -554,8 +554,8 @@ def _check_values(op, block_tables, seq_lens, num_blocks, block_size, q_lens=Non
 
 def gather_kv(pool: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
     """The contiguous ``[B, Hkv, S, D]`` cache of each sequence (``S`` = the longest length
-    rounded up to blocks), read through the block table. Slots past a sequence's length hold whatever their block holds; table entries past its
-    last block are not read."""
+    rounded up to blocks), read through the block table. Slots past a sequence's length
+    hold whatever their block holds; table entries past its last block are not read."""
     bs = pool.shape[2]
     lens = seq_lens.to(torch.int64)
     nb = -(-int(lens.max()) // bs) if lens.numel() else 0
@@ -589,26 +589,30 @@ def paged_kv_append_ref(k_pool, v_pool, slot_mapping, k, v) -> None:
 def _decode_gathered(q, k, v, lens, scale, window, softcap):
     """Decode attention of q ``[B, Hq, 1, D]`` over gathered ``[B, Hkv, S, D]`` K/V.
 
-    Without softcap: per sequence, ``scaled_dot_product_attention`` on exactly its attended
-    keys (views, GQA through ``enable_gqa``): no mask to build and no slot past a sequence's
-    end is ever read (they may hold stale data or NaN). Empty sequences give 0. With
-    softcap: the dense decode reference.
+    Without softcap: one batched ``scaled_dot_product_attention`` (GQA through
+    ``enable_gqa``) under a key mask ``lens - window <= j < lens``. Slots outside it may hold
+    stale data or NaN (a block's unwritten tail): their K/V are zeroed first, because a
+    masked-out key still enters ``p @ v`` as ``0 * v``. Empty sequences give 0. With softcap:
+    the dense decode reference. (One call for the batch, not one per sequence: on CPU this
+    is the engine's decode attention, and a per-sequence loop would cost O(B) launches per layer.)
     """
     if softcap > 0:
         return attention_decode_ref(q, k, v, lens, None, scale, window, softcap)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     gqa = q.shape[1] != k.shape[1]
-    out = q.new_zeros(q.shape)
-    for b, n in enumerate(lens.tolist()):
-        n = min(n, k.shape[2])
-        if n <= 0:
-            continue
-        lo = max(0, n - window) if window > 0 else 0
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q[b:b + 1].to(compute), k[b:b + 1, :, lo:n].to(compute), v[b:b + 1, :, lo:n].to(compute),
-            scale=scale, enable_gqa=gqa)
-        out[b:b + 1] = o.to(q.dtype)
-    return out
+    pos = torch.arange(k.shape[2], device=k.device)
+    n = lens.to(device=k.device, dtype=torch.int64).clamp(max=k.shape[2])[:, None]
+    valid = pos[None, :] < n  # [B, S]
+    if window > 0:
+        valid &= pos[None, :] >= n - window
+    keep = valid[:, None, :, None]
+    k = torch.where(keep, k.to(compute), 0.0)
+    v = torch.where(keep, v.to(compute), 0.0)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.to(compute), k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=gqa)
+    # a row with no key: SDPA's softmax over nothing is NaN; the op's contract says 0.
+    # Contiguous, as the fake implementation promises (SDPA may return another layout).
+    return torch.where((n > 0)[:, :, None, None], out, 0.0).to(q.dtype).contiguous()
 
 
 def paged_attention_decode_ref(q, k_pool, v_pool, block_tables, seq_lens, scale, window=0, softcap=0.0):

@@ -38,6 +38,7 @@ PIPELINE: tuple[str, ...] = (
     "fuse_rope",
     "lower_attention",
     "kv_cache",
+    "reinplace_kv",
     "quantize_linears",
     "select_linear_kernel",
 )

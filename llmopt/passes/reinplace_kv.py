@@ -74,7 +74,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
             continue  # another library's op: not ours to reason about
         plan, reason = _plan(node, op, kind, order)
         if reason:
-            ctx.near_miss(node, f"{op.name()}: {reason}; left functional (the pools are copied each call)")
+            ctx.near_miss(node, f"{op.name()}: {reason}; left functional (its mutated inputs are copied at each call)")
             continue
         new = _rewrite(gm, node, op, plan)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -167,8 +167,15 @@ def _is_copy_into(node: fx.Node, base: fx.Node, result: fx.Node) -> bool:
 
 
 def _is_view(node: fx.Node) -> bool:
+    """A node whose result aliases its input: a view op (its schema says so), an element of
+    a list of views (``getitem`` of ``split``), or ``_unsafe_view`` (a view whose schema
+    does not say so)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem or node.target == aten._unsafe_view.default:
+        return True
     schema = getattr(node.target, "_schema", None)
-    return (node.op == "call_function" and schema is not None and bool(schema.returns)
+    return (schema is not None and bool(schema.returns)
             and schema.returns[0].alias_info is not None and not schema.returns[0].alias_info.is_write)
 
 

@@ -22,7 +22,8 @@ Scheduling, per step (``policy``):
   order, and a waiting request is admitted only if the blocks it may need until it
   finishes, plus those every running request still needs to reach its maximum length,
   are free: running requests are then never preempted by growth (forks of running
-  requests excepted), at the cost of admitting later (a lower memory utilisation).
+  requests excepted), at the cost of admitting later (a lower memory utilisation). When
+  nothing is running, the oldest waiting request is admitted as under FCFS (progress).
 
 Preemption (by recompute). When a running request needs a block and none is free, the
 newest running request not yet scheduled in this step (the request itself if it is the
@@ -35,7 +36,14 @@ the cache is never corrupted (``PagedKVCache.append_slots`` is all-or-nothing).
 
 Parallel sampling / shared prefixes: :meth:`Engine.fork` makes a child that shares the
 parent's KV blocks from the parent's next sampling point (the prompt, for a request not
-started yet), copy-on-write for the partial last block, and samples its own tokens.
+started yet), copy-on-write for the partial last block, and samples its own tokens. A
+parent and its pending forks are admitted together, so a family never needs more than
+``max_num_seqs`` seats (``fork`` refuses one more).
+
+Streaming: ``add_request(..., callback=fn)`` calls ``fn(request_id, token, finished)`` for
+each token as soon as its step ends; :meth:`Engine.stream` yields ``(prompt_index,
+StepOutput)`` the same way for a list of prompts; :meth:`Engine.step` returns the step's
+:class:`StepOutput` list to a caller that runs its own loop.
 
 Sampling uses :func:`~.sampling.sample_next_token` (greedy, temperature, top-k/top-p,
 repetition penalty; a seeded request owns its generator, so its tokens are those of
@@ -254,6 +262,12 @@ class Engine:
         if parent is None or parent.state in (_FINISHED, _FORKING):
             state = "unknown" if parent is None else parent.state
             raise ValueError(f"cannot fork request {request_id} ({state}); fork a waiting or running request")
+        family = 2 + len(parent.children)  # parent, its pending forks, this one: admitted together
+        if family > self.max_num_seqs:
+            raise ValueError(
+                f"cannot fork request {request_id}: with its forks it would need {family} sequences at once, "
+                f"more than max_num_seqs={self.max_num_seqs}; pass a larger max_num_seqs"
+            )
         params = self._check_params(sampling_params) if sampling_params is not None else parent.params
         max_new = params.max_new_tokens or self.default_max_new_tokens
         self._check_fits(len(parent.prompt), max_new)
@@ -409,11 +423,12 @@ class Engine:
             elif req.state == _WAITING and admitting:
                 n = min(req.num_pending, budget)
                 seats = 1 + len(req.children)
-                if self.policy == "decode_first":
+                needed = self.cache.blocks_for(n)
+                if self.policy == "decode_first" and self._running:
                     # the request's whole future and the running requests' growth must fit
+                    # (with nothing running, the oldest request is admitted as under FCFS, so a
+                    # family of forks larger than the pool still progresses, by preempting its own)
                     needed = self._future_blocks(req) + self._decode_reserve()
-                else:
-                    needed = self.cache.blocks_for(n)
                 if self._seats_used() + seats > self.max_num_seqs or needed > self.cache.num_free_blocks:
                     admitting = False  # no later request jumps ahead of this one
                     continue
@@ -446,8 +461,11 @@ class Engine:
     def _future_blocks(self, req: _Request) -> int:
         """Blocks a waiting request (and its pending forks) may take until it finishes."""
         own = self.cache.blocks_for(self._final_len(req))
-        shared = len(req.prompt) // self.block_size  # full prompt blocks its forks share
-        return own + sum(self.cache.blocks_for(self._final_len(c)) - shared for c in req.children)
+        prompt = len(req.prompt)
+        shared = prompt // self.block_size  # full prompt blocks its forks share
+        # a fork that writes past the prompt copies the partial prompt block and grows on its own
+        return own + sum(self.cache.blocks_for(self._final_len(c)) - shared
+                         for c in req.children if self._final_len(c) > prompt)
 
     def _decode_reserve(self) -> int:
         """Blocks the running requests still need to reach their maximum length (plus a

@@ -28,11 +28,13 @@ for the models that have them). So:
 
 Compiled models. ``torch.compile(model, backend="llmopt")`` traces through the same path,
 so the graph contains the three paged ops (the metadata's tensors and the pools are graph
-inputs). AOTAutograd functionalizes the in-place append: the graph holds
-``auto_functionalized(paged_kv_append)`` and a ``copy_`` of the result into the pool
-input. Results are exact; the Inductor executor re-inplaces it, while the ``aten``
-executor (llmopt's CPU default) then copies each pool once per layer and step, which is
-slow for large pools (see docs/engine.md).
+inputs). AOTAutograd functionalizes the in-place append: the captured graph holds
+``auto_functionalized(paged_kv_append)``, which clones both pools, and a ``copy_`` of the
+result into each pool input. The ``reinplace_kv`` pass (:mod:`llmopt.passes.reinplace_kv`)
+turns this back into the in-place call when nothing reads a pool in between (always, for
+this attention function), so the ``aten`` executor (llmopt's CPU default) writes only the
+new tokens; Inductor re-inplaces it on its own. Without the pass the tokens are the same,
+but every layer copies its pools at every step (see docs/engine.md, "Compiled models").
 """
 from __future__ import annotations
 

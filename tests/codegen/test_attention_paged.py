@@ -306,8 +306,12 @@ def _small():
     return kp, vp, table, torch.tensor([5, 12], dtype=torch.int32)
 
 
+@pytest.mark.parametrize("kernels", ["triton_kernels", "reference_kernels"])
 @pytest.mark.parametrize("kwargs", [{}, {"window": 4, "softcap": 5.0}], ids=["plain", "window-softcap"])
-def test_opcheck_attention(triton_kernels, kwargs):
+def test_opcheck_attention(kernels, kwargs, request):
+    """The registration (fake vs real shapes and strides, schema) for both implementations:
+    the CPU reference is what a compiled model runs on CPU."""
+    request.getfixturevalue(kernels)
     kp, vp, table, lens = _small()
     q = torch.randn(2, 4, 1, 16)
     torch.library.opcheck(torch.ops.llmopt.paged_attention_decode.default, (q, kp, vp, table, lens, 0.25), kwargs)
@@ -349,9 +353,11 @@ def test_torch_compile_fullgraph(triton_kernels):
 def test_ops_run_the_reference_on_cpu_by_default(monkeypatch):
     monkeypatch.delenv("LLMOPT_KERNELS", raising=False)
     kp, vp, table, lens = _small()
-    q = torch.randn(2, 4, 1, 16)
+    q = torch.randn(1, 4, 2, 16)[0].transpose(0, 1).unsqueeze(2)  # as the paged attention passes it
     got = torch.ops.llmopt.paged_attention_decode(q, kp, vp, table, lens, 0.25)
     assert torch.equal(got, paged_attention_decode_ref(q, kp, vp, table, lens, 0.25))
+    # the fake implementation promises a contiguous output; a compiled graph views it so
+    assert got.is_contiguous()
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,8 +10,12 @@ the model to the paged attention.
 """
 from __future__ import annotations
 
+import collections
+import functools
+
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
@@ -186,6 +190,176 @@ def test_seeded_sampling_equals_generate_alone():
 
 
 # ---------------------------------------------------------------------------------------
+# random workloads (hypothesis)
+# ---------------------------------------------------------------------------------------
+
+MAX_NEW = 12
+_FREE_RUNS: dict[tuple, list[int]] = {}
+
+
+@functools.cache
+def shared_llama():
+    return tiny_model("llama", seed=3)
+
+
+def free_run(prompt: list[int]) -> list[int]:
+    """The greedy tokens of ``prompt`` alone (no stop token), MAX_NEW of them; with greedy
+    decoding a shorter or stopped request's tokens are a prefix of these."""
+    key = tuple(prompt)
+    if key not in _FREE_RUNS:
+        _FREE_RUNS[key] = alone(shared_llama(), prompt, MAX_NEW)
+    return _FREE_RUNS[key]
+
+
+def check_cache_bookkeeping(engine):
+    """Blocks in use are exactly those the running requests' tables hold, each counted
+    once per holder; nothing else holds a block."""
+    cache = engine.cache
+    assert set(cache.sequences) == {r.id for r in engine._running}
+    holders = collections.Counter(b for sid in cache.sequences for b in cache.block_table(sid))
+    assert sorted(holders) == sorted(cache.allocator.used_blocks()), "a leaked or unowned block"
+    for block, count in holders.items():
+        assert cache.allocator.ref_count(block) == count
+    assert 0.0 < cache.utilization() <= 1.0
+
+
+REQUEST = st.tuples(
+    st.integers(0, 5),  # arrival step
+    st.integers(1, 20),  # prompt length
+    st.integers(1, MAX_NEW),  # max_new_tokens
+    st.one_of(st.none(), st.integers(0, MAX_NEW - 1)),  # stop on the token at this position
+    st.integers(0, 2**16),  # prompt seed
+)
+
+
+@given(
+    requests=st.lists(REQUEST, min_size=1, max_size=5),
+    forks=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 4)), max_size=2),  # (step, request)
+    block_size=st.sampled_from([1, 2, 4, 8]),
+    max_num_seqs=st.integers(1, 4),
+    budget=st.sampled_from([None, 3, 8]),
+    extra_blocks=st.integers(0, 10),
+    policy=st.sampled_from(["fcfs", "decode_first"]),
+)
+def test_random_workloads_equal_each_request_alone(requests, forks, block_size, max_num_seqs, budget, extra_blocks,
+                                                    policy):
+    """Random arrivals, lengths, stop tokens, greedy forks, pool sizes (from just enough for
+    the longest request, so preemption is common), step budgets (chunked prefill) and
+    policies: every request's tokens are its tokens alone, the block bookkeeping holds
+    after every step, and every block is free at the end."""
+    model = shared_llama()
+    max_model_len = 40
+    prompts = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+               for _, n, _, _, seed in requests]
+    params, expected = [], []
+    for prompt, (_, _, new, stop_at, _) in zip(prompts, requests):
+        run = free_run(prompt)[:new]
+        stops = () if stop_at is None or stop_at >= new else (run[stop_at],)
+        params.append(SamplingParams(max_new_tokens=new, stop_token_ids=stops))
+        expected.append(run[: run.index(stops[0]) + 1] if stops else run)
+    longest = max(len(p) + n - 1 for p, (_, _, n, _, _) in zip(prompts, requests))
+    num_blocks = -(-longest // block_size) + extra_blocks
+    engine = Engine(model, max_num_seqs=max_num_seqs, block_size=block_size, num_blocks=num_blocks,
+                    max_model_len=max_model_len, max_num_batched_tokens=budget, policy=policy)
+    try:
+        run_random_workload(engine, requests, prompts, params, expected, forks, policy)
+    finally:
+        engine.close()  # the shared model gets its attention back even when a check fails
+
+
+def run_random_workload(engine, requests, prompts, params, expected, forks, policy):
+    num_blocks = engine.cache.allocator.num_blocks
+    ids, streamed, children = {}, {}, []  # children: (child id, index of the request it copies)
+
+    def record(rid, token, finished):
+        streamed.setdefault(rid, []).append(token)
+
+    step = 0
+    while len(ids) < len(requests) or engine.has_unfinished():
+        for i, (at, *_rest) in enumerate(requests):
+            if at == step:
+                ids[i] = engine.add_request(prompts[i], params[i], callback=record)
+        for at, which in forks:
+            parent = which % len(requests)
+            if at == step and parent in ids and not engine.is_finished(ids[parent]):
+                try:
+                    children.append((engine.fork(ids[parent], callback=record), parent))
+                except ValueError as error:  # a fork not started yet, or no seat for one more
+                    assert "cannot fork" in str(error)
+        engine.step()
+        check_cache_bookkeeping(engine)
+        step += 1
+        assert step < 1000, "the engine made no progress"
+    for i, rid in ids.items():
+        assert engine.output(rid) == expected[i], f"request {i}"
+        assert streamed.get(rid, []) == expected[i], f"request {i} streamed"
+    for rid, parent in children:
+        if engine._requests[rid].finish_reason != "abort":  # aborted with a parent that finished first
+            assert engine.output(rid) == expected[parent], "a greedy fork continues like its parent"
+    assert engine.cache.num_free_blocks == num_blocks and engine.stats.peak_blocks_used <= num_blocks
+    if policy == "decode_first" and not children:
+        assert engine.stats.preemptions == 0
+
+
+# ---------------------------------------------------------------------------------------
+# policies and streaming
+# ---------------------------------------------------------------------------------------
+
+
+def test_decode_first_keeps_running_requests_decoding():
+    """Two long requests and a pool that holds one of them to its end (plus a few blocks):
+    FCFS admits the second at once and preempts it (recompute) when the pool runs out;
+    decode_first admits it only once the first's growth is covered, so every running
+    request gets a token at every step and none is preempted. The tokens are the same."""
+    model = tiny_model("llama")
+    prompts = prompts_of([9, 10], seed=4)
+    news = [20, 20]
+    expected = [alone(model, p, n) for p, n in zip(prompts, news)]
+    params = [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in news]
+    first_token_step = {}
+    for policy in ("fcfs", "decode_first"):
+        engine = Engine(model, max_num_seqs=2, block_size=4, num_blocks=10, max_model_len=32, policy=policy)
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        step, stalls = 0, 0
+        while engine.has_unfinished():
+            running = {r.id for r in engine._running if r.output}
+            produced = {out.request_id for out in engine.step()}
+            stalls += len(running - produced)
+            for out_id in produced:
+                first_token_step.setdefault((policy, out_id), step)
+            step += 1
+        assert [engine.output(i) for i in ids] == expected, policy
+        if policy == "fcfs":
+            assert engine.stats.preemptions > 0 and stalls > 0
+        else:
+            assert engine.stats.preemptions == 0 and stalls == 0, "decode_first never stalls a running request"
+            assert first_token_step[(policy, ids[1])] > first_token_step[("fcfs", ids[1])], "admitted later"
+        engine.close()
+
+
+def test_stream_yields_each_token_when_its_step_ends():
+    model = tiny_model("llama")
+    prompts = prompts_of([4, 12, 7], seed=6)
+    news = [5, 2, 8]
+    expected = [alone(model, p, n) for p, n in zip(prompts, news)]
+    with Engine(model, max_num_seqs=3, block_size=4, max_model_len=32) as engine:
+        got: dict[int, list[int]] = {}
+        order = []
+        for index, out in engine.stream(prompts, [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in news]):
+            got.setdefault(index, []).extend(out.token_ids)
+            order.append(index)
+            assert out.finished == (len(got[index]) == news[index])
+        assert [got[i] for i in range(3)] == expected
+        assert order[:3] == [0, 1, 2], "the first step gives every request its first token"
+        assert not engine.has_unfinished() and not engine._requests, "finished requests are released"
+        # leaving the loop early aborts what is left and frees its blocks
+        for _ in engine.stream(prompts, SamplingParams(max_new_tokens=10, stop_token_ids=())):
+            break
+        assert not engine.has_unfinished()
+        assert engine.cache.num_free_blocks == engine.cache.allocator.num_blocks
+
+
+# ---------------------------------------------------------------------------------------
 # forks: parallel sampling over a shared prompt (copy-on-write)
 # ---------------------------------------------------------------------------------------
 
@@ -235,22 +409,32 @@ def test_fork_of_a_running_request_continues_from_its_next_token():
 
 
 def test_compiled_with_llmopt_backend():
-    """The model compiled with backend="llmopt": the graph holds the paged ops and the
-    tokens are the eager ones. (Two graphs: the prefill step and the decode steps, whose
-    shapes do not change; a workload with changing shapes recompiles with dynamic shapes.)"""
+    """The model compiled with backend="llmopt" drives the oracle workload (arrivals at
+    different steps, prefill chunks mixed with decodes, a request ending on a stop token):
+    the graphs hold the paged ops and the tokens are those of each request alone. Shapes
+    change from step to step, so Dynamo recompiles once with dynamic shapes."""
     model = tiny_model("llama")
-    prompts = prompts_of([6, 11])
-    news = [4, 4]
-    expected = [alone(model, p, n) for p, n in zip(prompts, news)]
-    torch.compiler.reset()
-    compiled = torch.compile(model, backend="llmopt", options={"strict": True})
-    with Engine(compiled, max_num_seqs=2, block_size=8, max_model_len=32) as engine:
-        got = engine.generate(prompts, [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in news])
-    assert got == expected
+    prompts = prompts_of(LENGTHS)
+    stop = alone(model, prompts[0], NEW[0])[5]
+    params = [SamplingParams(max_new_tokens=n, stop_token_ids=(stop,) if i == 0 else ()) for i, n in enumerate(NEW)]
+    expected = [alone(model, p, n, stop_token_ids=sp.stop_token_ids) for p, n, sp in zip(prompts, NEW, params)]
+    assert len(expected[0]) <= 6, "request 0 finishes early on its stop token"
     import llmopt
 
-    ops = llmopt.last_report().ops_after
-    assert any("paged_attention" in name for name in ops), ops
+    llmopt.clear_reports()
+    torch.compiler.reset()
+    compiled = torch.compile(model, backend="llmopt", options={"strict": True})
+    with Engine(compiled, max_num_seqs=4, block_size=8, max_model_len=64, max_num_batched_tokens=24) as engine:
+        ids, streamed = run_with_arrivals(engine, list(zip(ARRIVE, prompts)), params)
+        for i, rid in ids.items():
+            assert engine.output(rid) == expected[i], f"request {i}"
+            assert [t for t, _ in streamed[rid]] == expected[i]
+        assert engine.stats.decode_only_steps > 0 and engine.stats.steps > engine.stats.decode_only_steps
+    ops = set().union(*(r.ops_after for r in llmopt.reports()))
+    for op in ("paged_attention_decode", "paged_attention_prefill"):
+        assert f"llmopt.{op}.default" in ops, sorted(ops)
+    # the append: in place once the reinplace_kv pass has run, else functionalized
+    assert "llmopt.paged_kv_append.default" in ops or "auto_functionalized_v2" in ops or "auto_functionalized" in ops
     torch.compiler.reset()
 
 
