@@ -213,3 +213,19 @@ def test_log_prints_report(capsys):
     with torch.no_grad():
         torch.compile(MLP().eval(), backend="llmopt", options={"log": True})(torch.randn(2, 16))
     assert "llmopt compile report" in capsys.readouterr().err
+
+
+def test_aten_executor_on_cpu_calls_llmopt_ops_directly():
+    """The report still names the llmopt ops; the executed module calls their CPU code."""
+    from models.tiny import tiny_model, tokens
+
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="llmopt", options={"inner": "aten", "strict": True})
+    with torch.no_grad():
+        got = compiled(tokens(1, 5)).logits
+        want = model(tokens(1, 5)).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    report = llmopt.last_report()
+    assert any(op.startswith("llmopt.") for op in report.ops_after)
+    assert any("run their CPU implementation directly" in note for note in report.notes)

@@ -50,3 +50,17 @@ def test_statically_true():
 def test_real_tensor_mode_is_a_context_manager():
     with compat.real_tensor_mode():
         assert torch.ones(2).sum().item() == 2
+
+
+def test_custom_op_python_impl_is_what_the_dispatcher_runs():
+    import llmopt.codegen  # noqa: F401  registers the llmopt ops
+    from llmopt.codegen.residual_norm import add_rms_norm_ref
+
+    fn = compat.custom_op_python_impl(torch.ops.llmopt.add_rms_norm.default, "cpu")
+    assert fn is not None, "torch.library.custom_op's registry moved: update compat.custom_op_python_impl"
+    x, r, w = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
+    for got, want in zip(fn(x, r, w, 1e-6), torch.ops.llmopt.add_rms_norm(x, r, w, 1e-6)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(fn(x, r, w, 1e-6), add_rms_norm_ref(x, r, w, 1e-6)):
+        torch.testing.assert_close(got, want)
+    assert compat.custom_op_python_impl(torch.ops.aten.add.Tensor, "cpu") is None

@@ -18,6 +18,7 @@ by the test session (``tests/conftest.py``) or the user.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -26,8 +27,10 @@ import torch
 _VALID = ("auto", "triton", "reference")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """True when the ``triton`` package can be imported."""
+    """True when the ``triton`` package can be imported (looked up once: it is on every
+    op call's path, and installing Triton into a running process is not supported)."""
     return importlib.util.find_spec("triton") is not None
 
 
