@@ -586,6 +586,12 @@ def attention_decode_cpu(q, k_cache, v_cache, kv_lens, mask, scale, window=0, so
         keep = keep.view(1, 1, 1, L)
     bias = None
     if mask is not None:
+        user = mask[..., :L]
+        # The usual decode mask (no padding) keeps every valid key: SDPA without a mask
+        # is then the same math, and about 3x faster than with one.
+        if bool(user.all()) if user.dtype == torch.bool else bool((user == 0).all()):
+            mask = None
+    if mask is not None:
         user = mask.expand(B, Hq, 1, S_max)[..., :L]
         if user.dtype == torch.bool:
             keep = user if keep is None else keep & user
