@@ -216,6 +216,33 @@ def bench_linear(device: str, shapes: list[tuple[int, int]], runs: int, copies: 
     return rows
 
 
+def with_table_rows(report: dict) -> dict:
+    """The report in the layout of the other benchmark scripts (``benchmarks/common.py``):
+    ``environment`` and ``results`` rows of ``{"figure": ..., "value": {variant: number}}``,
+    which ``make_tables.py`` renders; the full measurements stay under ``details``."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import environment
+
+    rows = []
+    for device, entry in report["results"].items() if isinstance(report["results"], dict) else ():
+        decode = entry["decode"]
+        rows.append({"device": device, "figure": "decode tokens/s",
+                     "value": {k: v["decode_tokens_per_s"] for k, v in decode.items()}})
+        rows.append({"device": device, "figure": "decode speedup vs fp32",
+                     "value": {k: v["speedup_vs_fp32"] for k, v in decode.items()}})
+        rows.append({"device": device, "figure": "linear weight MB",
+                     "value": {k: v["linear_weight_bytes"] / 2**20 for k, v in decode.items()}})
+        for case in entry["linear_m1"]:
+            rows.append({"device": device, "figure": f"linear M=1 N={case['N']} K={case['K']}: us",
+                         "value": dict(case["us"])})
+    if not rows:
+        return report
+    return {"benchmark": "quant", "environment": environment(), "results": rows,
+            "note": "CPU: quantized linears compute in bf16 with PyTorch's int8/int4 weight-pack kernels; "
+                    "lm_head stays float; CPU time per step",
+            "details": report}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=16, help="decode steps timed per variant")
@@ -255,6 +282,7 @@ def main() -> None:
         }
         report["results"][device] = entry
 
+    report = with_table_rows(report)
     os.makedirs(args.out, exist_ok=True)
     tag = "cuda" if "cuda" in devices else "cpu"
     path = os.path.join(args.out, f"{tag}-{dt.date.today().isoformat()}-quant.json")
