@@ -69,10 +69,55 @@ def run(gm: fx.GraphModule, ctx) -> int:
             continue
         _rewrite(gm, node, args, k_upd, v_upd, write_backs, plans, ctx)
         count += 1
+    if _aten_executor(ctx):
+        count += _fresh_cache_updates_in_place(gm, ctx)
     if count:
         ctx.report.notes.append(f"kv_cache: static cache (index_copy/index_put) updates in {count} attention(s) → in-place append")
     if dynamic_layers:
         ctx.report.notes.append(f"kv_cache: DynamicCache seen in {dynamic_layers} attention(s); left as is")
+    return count
+
+
+FRESH_ALLOCATIONS = (aten.zeros.default, aten.full.default, aten.empty.memory_format)
+
+
+def _aten_executor(ctx) -> bool:
+    inner = ctx.options.inner
+    return inner == "aten" or (inner == "auto" and ctx.device.type != "cuda")
+
+
+def _fresh_cache_updates_in_place(gm: fx.GraphModule, ctx) -> int:
+    """``index_copy(zeros(...), dim, pos, new)`` → ``index_copy_`` into a private ``zeros``.
+
+    Hugging Face's ``StaticCache`` allocates its tensors lazily, inside the first forward:
+    the prefill graph then allocates each cache and writes the prompt's K/V into it with a
+    functional ``index_copy``, which copies the whole freshly zeroed cache once more (for a
+    4096-slot cache of a 12-layer model, 24 extra copies of a few MB in the prefill). The
+    allocation has no other reader, so writing into it in place is the same result. Each
+    update gets its own allocation (CSE may have merged the identical ``zeros`` of K and V).
+    Only for the aten executor, which runs in-place ATen ops as written.
+    """
+    g = gm.graph
+    count = 0
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target != aten.index_copy.default:
+            continue
+        cache = node.args[0]
+        if not (isinstance(cache, fx.Node) and cache.op == "call_function" and cache.target in FRESH_ALLOCATIONS):
+            continue
+        if any(u.target != aten.index_copy.default or u.args[0] is not cache for u in cache.users):
+            continue  # the allocation is read as is somewhere: keep the functional form
+        with g.inserting_before(node):
+            buf = g.call_function(cache.target, cache.args, dict(cache.kwargs))
+            buf.meta = dict(cache.meta)
+            inplace = g.call_function(aten.index_copy_.default, (buf, *node.args[1:]), dict(node.kwargs))
+            inplace.meta = dict(node.meta)
+        node.replace_all_uses_with(inplace)
+        g.erase_node(node)
+        if not cache.users:
+            g.erase_node(cache)
+        ctx.rewrite(inplace, "cache allocated in the graph (lazy StaticCache): update written in place")
+        count += 1
     return count
 
 

@@ -125,3 +125,32 @@ def test_unified_max_option_reaches_the_decode_op():
     with torch.no_grad():
         for (x, pos), out in zip(steps, outs):
             assert_close(out, ref(x, pos), torch.float32)
+
+
+@pytest.mark.parametrize("inner", ["aten", "inductor"])
+def test_lazily_allocated_hf_static_cache_is_written_in_place(inner):
+    """transformers' StaticCache allocates its tensors in the first forward: the prefill
+    graph's functional index_copy into a fresh zeros() becomes index_copy_ (aten executor
+    only), and prefill + decode logits still equal eager."""
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    compiled = torch.compile(model.forward, backend="llmopt", options={"strict": True, "inner": inner})
+    prompt = tokens(1, 6)
+    outs = {}
+    with torch.no_grad():
+        for name, fwd in (("eager", model.forward), ("llmopt", compiled)):
+            cache = StaticCache(config=model.config, max_cache_len=16)
+            first = fwd(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(6), use_cache=True)
+            if name == "llmopt":
+                report = llmopt.reports()[-1]
+            nxt = first.logits[:, -1:].argmax(-1)
+            pos = torch.tensor([6])
+            second = fwd(input_ids=nxt, past_key_values=cache, cache_position=pos, position_ids=pos[None], use_cache=True)
+            outs[name] = (first.logits, second.logits)
+    for got, want in zip(outs["llmopt"], outs["eager"]):
+        assert_close(got, want, torch.float32)
+    in_place = [r for r in report.rewrites if r.pass_name == PASS and "written in place" in r.detail]
+    layers = model.config.num_hidden_layers
+    assert len(in_place) == (2 * layers if inner == "aten" else 0)
