@@ -21,51 +21,17 @@ transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
     pytest.skip("the paged engine needs transformers >= 5", allow_module_level=True)
 
-from transformers import (  # noqa: E402
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
 from llmopt.runtime import SamplingParams, generate  # noqa: E402
+from runtime.tiny_lm import BOS, EOS, PAD, VOCAB  # noqa: E402,F401
+from runtime.tiny_lm import tiny_model as _tiny_model  # noqa: E402
 from llmopt.runtime.engine import Engine, StepOutput  # noqa: E402
 from llmopt.runtime.paged_cache import KVCacheExhaustedError  # noqa: E402
 from llmopt.runtime.paged_model import ATTENTION_NAME  # noqa: E402
 
-VOCAB = 160
-PAD, EOS, BOS = 0, 1, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models on a shared 2-core machine: threads cost more than they give
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model(kind: str, seed: int = 0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
-    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, **common)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**llama_like))
-    elif kind == "mistral":
-        model = MistralForCausalLM(MistralConfig(sliding_window=8, **llama_like))
-    elif kind == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**llama_like))
-    elif kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common))
-    else:
-        raise ValueError(kind)
-    return model.eval()
+    return _tiny_model(kind, seed, sliding_window=8)
 
 
 def prompts_of(lengths, seed=1):

@@ -14,59 +14,12 @@ if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
     pytest.skip("StaticKVCache needs transformers >= 5", allow_module_level=True)
 
 from conftest import assert_close  # noqa: E402
-from transformers import (  # noqa: E402
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-)
+
+from transformers import LlamaConfig  # noqa: E402
 
 from llmopt.runtime import generate  # noqa: E402
+from runtime.tiny_lm import PAD, VOCAB, ragged_prompts, tiny_model  # noqa: E402,F401
 from llmopt.runtime.static_cache import KVCacheFullError, StaticKVCache, kv_cache_shape  # noqa: E402
-
-VOCAB = 160
-PAD, EOS, BOS = 0, 1, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: threads cost more than they give.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(kind: str, seed: int = 0):
-    """A 2-layer, hidden-64 causal LM with random weights (fp32, eval mode)."""
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
-    if kind == "llama":
-        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=256, **common)
-        return LlamaForCausalLM(config).eval()
-    if kind == "mistral":
-        config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, sliding_window=5, max_position_embeddings=256, **common)
-        return MistralForCausalLM(config).eval()
-    if kind == "gpt2":
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
-        return GPT2LMHeadModel(config).eval()
-    raise ValueError(kind)
-
-
-def ragged_prompts(batch: int, length: int = 8, seed: int = 1):
-    """Left-padded prompts with 0..length-1 padding tokens per row."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate([0, 3, 5, 1, 6, 2, 4, 7][:batch]):
-        ids[row, :pad] = PAD
-        mask[row, :pad] = 0
-    return ids, mask
-
 
 # -- layout ------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind, heads, dim", [("llama", 2, 16), ("mistral", 2, 16), ("gpt2", 4, 16)])
