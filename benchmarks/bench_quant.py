@@ -44,7 +44,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import environment  # noqa: E402
 from llmopt.quant import W8A8, Int4WeightOnly, Int8WeightOnly, QuantizedLinear, quantize_, quantize_weight  # noqa: E402
 
 CPU_CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -220,9 +222,6 @@ def with_table_rows(report: dict) -> dict:
     """The report in the layout of the other benchmark scripts (``benchmarks/common.py``):
     ``environment`` and ``results`` rows of ``{"figure": ..., "value": {variant: number}}``,
     which ``make_tables.py`` renders; the full measurements stay under ``details``."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import environment
-
     rows = []
     for device, entry in report["results"].items() if isinstance(report["results"], dict) else ():
         decode = entry["decode"]

@@ -116,15 +116,15 @@ def compile_inference_graph(
         report.frozen_constants = len(frozen)
 
     kept_fake = [fake_inputs[i] for i in keep] if len(fake_inputs) == len(placeholders) else fake_inputs
+    executor = opts.inner if opts.inner != "auto" else DEFAULT_EXECUTOR.get(device.type, "aten")
     unsupported = _unsupported(device, dtypes)
     if unsupported:
         report.fallback("passes", unsupported)
     else:
-        ctx = PassContext(options=opts, report=report, device=device, example_inputs=kept_fake)
+        ctx = PassContext(options=opts, report=report, device=device, example_inputs=kept_fake, executor=executor)
         run_pipeline(gm, ctx)
     gm.recompile()
 
-    executor = opts.inner if opts.inner != "auto" else DEFAULT_EXECUTOR.get(device.type, "aten")
     static_idxs = [j for j, i in enumerate(keep) if i < len(real_inputs) and compat.module_state_kind(real_inputs[i])]
     inner = _make_executor(gm, kept_fake, executor, report, opts, device, static_idxs)
     report.nodes_after = count_ops(gm)

@@ -130,7 +130,7 @@ def run_bench(spec, settings: BenchSettings, progress: Callable[[str], None] | N
             compat.reset_dynamo()
         if result.status == "ok" and result.decode_step_ms and spec.is_causal_lm:
             result.bytes_per_decode_step = bytes_per_decode_step(spec, settings, quantize=settings.quantize
-                                                                 if _is_llmopt(backend) else None)
+                                                                 if is_llmopt_backend(backend) else None)
             result.achieved_gbs = result.bytes_per_decode_step / (result.decode_step_ms * 1e-3) / 1e9
             if copy_gbs:
                 result.roofline_fraction = result.achieved_gbs / copy_gbs
@@ -150,12 +150,13 @@ def run_bench(spec, settings: BenchSettings, progress: Callable[[str], None] | N
     }
 
 
-def _is_llmopt(backend: str) -> bool:
+def is_llmopt_backend(backend: str) -> bool:
+    """``llmopt`` or one of its executor-forcing variants (``llmopt-aten``, ``llmopt-inductor``)."""
     return backend == "llmopt" or backend.startswith("llmopt-")
 
 
 def _label(backend: str, settings: BenchSettings) -> str:
-    return f"{backend} ({settings.quantize})" if _is_llmopt(backend) and settings.quantize else backend
+    return f"{backend} ({settings.quantize})" if is_llmopt_backend(backend) and settings.quantize else backend
 
 
 def _compile(model: torch.nn.Module, backend: str, settings: BenchSettings):
@@ -208,7 +209,7 @@ def _bench_backend(spec, backend: str, label: str, settings: BenchSettings, say)
         result.decode_tokens_per_s = settings.batch * steps / decode
     result.compile_s = max(cold.total - total, 0.0) if backend != "eager" else 0.0
     result.peak_memory_mb, result.peak_memory_delta_mb, result.memory_method = memory.result()
-    if _is_llmopt(backend):
+    if is_llmopt_backend(backend):
         result.llmopt = _llmopt_summary(first_report, settings, result)
     say(_one_line(result))
     return result
@@ -237,7 +238,7 @@ def _runner(spec, model, backend: str, settings: BenchSettings, result: BackendR
             cache = StaticKVCache(spec.config, batch_size=settings.batch,
                                   max_seq_len=settings.prompt_len + settings.new_tokens,
                                   dtype=spec.dtype, device=spec.device)
-            graphs = _is_llmopt(backend) and spec.device.type == "cuda"
+            graphs = is_llmopt_backend(backend) and spec.device.type == "cuda"
             result.method = "llmopt.generate + StaticKVCache" + (" + CUDA graphs" if graphs else "")
             last = settings.new_tokens - 1
 
@@ -635,6 +636,6 @@ def validate(data: dict[str, Any]) -> list[str]:
     return problems
 
 
-__all__ = ["BACKENDS", "SCHEMA", "BenchSettings", "BackendResult", "PeakMemory", "run_bench", "format_table",
+__all__ = ["BACKENDS", "SCHEMA", "is_llmopt_backend", "BenchSettings", "BackendResult", "PeakMemory", "run_bench", "format_table",
            "write_json", "plot", "validate", "copy_bandwidth_gbs", "bytes_per_decode_step", "device_info",
            "device_slug"]

@@ -169,7 +169,7 @@ def _inspect(args) -> int:
 def _bench(args) -> int:
     import torch
 
-    from .bench import BenchSettings, format_table, plot, run_bench, write_json
+    from .bench import BenchSettings, format_table, is_llmopt_backend, plot, run_bench, write_json
     from .model_spec import default_device, resolve
 
     device = torch.device(args.device) if args.device else default_device()
@@ -186,7 +186,7 @@ def _bench(args) -> int:
         quantize=args.quantize,
         options=parse_options(args.option),
     )
-    if any(b == "llmopt" or b.startswith("llmopt-") for b in settings.backends):
+    if any(is_llmopt_backend(b) for b in settings.backends):
         from .options import Options
 
         Options.from_user({**settings.options, **({"quantize": settings.quantize} if settings.quantize else {})})

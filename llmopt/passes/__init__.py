@@ -47,12 +47,14 @@ PASS_NAMES = PIPELINE
 
 @dataclass
 class PassContext:
-    """What a pass sees besides the graph: options, report, device, example inputs."""
+    """What a pass sees besides the graph: options, report, device, example inputs, and the
+    inner executor that will run the result (``"aten"`` or ``"inductor"``)."""
 
     options: Any
     report: CompileReport
     device: torch.device
     example_inputs: list[Any] = field(default_factory=list)
+    executor: str = "aten"
     current_pass: str = ""
 
     def rewrite(self, node: Any, detail: str) -> None:

@@ -69,7 +69,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
             continue
         _rewrite(gm, node, args, k_upd, v_upd, write_backs, plans, ctx)
         count += 1
-    if _aten_executor(ctx):
+    if ctx.executor == "aten":
         count += _fresh_cache_updates_in_place(gm, ctx)
     if count:
         ctx.report.notes.append(f"kv_cache: static cache (index_copy/index_put) updates in {count} attention(s) → in-place append")
@@ -79,11 +79,6 @@ def run(gm: fx.GraphModule, ctx) -> int:
 
 
 FRESH_ALLOCATIONS = (aten.zeros.default, aten.full.default, aten.empty.memory_format)
-
-
-def _aten_executor(ctx) -> bool:
-    inner = ctx.options.inner
-    return inner == "aten" or (inner == "auto" and ctx.device.type != "cuda")
 
 
 def _fresh_cache_updates_in_place(gm: fx.GraphModule, ctx) -> int:
