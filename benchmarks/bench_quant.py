@@ -2,13 +2,18 @@
 
 What it measures, in one process, same model and inputs:
 
-Timing: wall clock with synchronisation on CUDA; on CPU the process's
-CPU time (see ``clock``), with the wall-clock figure kept alongside.
+Timing: wall clock with synchronisation on CUDA; on CPU the process's CPU time (see
+``clock``), with the wall-clock figure kept alongside.
 
-* ``decode``: greedy decode tokens/s of a randomly initialised Llama (Hugging Face
-  ``LlamaForCausalLM``, ``DynamicCache``) after a short prompt: median time per step over
-  the generated tokens, warm-up excluded. CPU: a ~100M-parameter config (hidden 768,
-  12 layers, MLP 2048, vocab 32000). CUDA: a Llama-2-7B-shaped config cut to 4 layers.
+* ``decode`` (eager): greedy decode tokens/s of a randomly initialised Llama (Hugging Face
+  ``LlamaForCausalLM``, ``DynamicCache``), quantized in place with ``quantize_``, after a
+  short prompt: median time per step over the generated tokens, warm-up excluded (a first
+  full generation runs before timing, so kernel compilation is excluded too). CPU: a
+  ~100M-parameter config (hidden 768, 12 layers, MLP 2048, vocab 32000). CUDA: a
+  Llama-2-7B-shaped config cut to 4 layers.
+* ``compiled``: the same model under ``torch.compile(backend="llmopt")`` with a
+  ``StaticCache``, float vs ``options={"quantize": ...}`` (quantized inside the graph), and
+  eager float as the common baseline (``bench_decode.run_backend``).
 * ``model bytes``: bytes of all persistent tensors (what ``save_quantized`` writes) and
   of the linear weights alone.
 * ``linear``: one linear at M = 1 (the decode GEMV), weights streamed from memory (see
@@ -16,12 +21,12 @@ CPU time (see ``clock``), with the wall-clock figure kept alongside.
   2048 -> 768), CUDA at 4096 x 11008 (the issue's target: int4 >= 3x and
   int8 >= 1.8x the bf16 GEMV).
 
-On CPU the quantized variants start from the float32 model and compute their linears in
-bf16 (``compute_dtype="bfloat16"``: PyTorch's fast int8/int4 CPU kernels are bf16-only, see
-llmopt/codegen/quant_linear.py); the rest of the model stays float32 (bf16 elementwise ops
-are slow on CPU). ``lm_head`` stays float unless the name says ``+lm_head`` (it is 22% of
-the 100M model's weights). ``int8-fp32-compute`` is the exact fp32-activation path, slower:
-shown for honesty. On CUDA everything is bf16.
+CPU variants: float32 model; ``int8`` computes in float32 through the generated int8 GEMV
+(llmopt/codegen/quant_linear_cpu.py) and quantizes the untied ``lm_head`` too (the int8
+default, ``quantize_head``); ``int8-head-float`` keeps it float; ``int8-bf16`` computes in
+bf16 with aten's int8 weight-pack kernel (``compute_dtype="bfloat16"``); int4 computes in
+bf16 (PyTorch's fast int4 CPU kernel is bf16-only), its head float unless ``+head``. On
+CUDA everything is bf16.
 
     python benchmarks/bench_quant.py [--tokens 16] [--threads 1] [--device cpu|cuda]
 
@@ -127,10 +132,6 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, tokens: int, device: str) -
     return 1.0 / statistics.median(times), 1.0 / statistics.median(walls)
 
 
-def _with_head(module, fqn):
-    return type(module) is torch.nn.Linear
-
-
 def variants(base, device: str) -> dict:
     """name -> builder. CPU: the float32 model with bf16 compute inside the quantized linears
     (``compute_dtype="bfloat16"``); CUDA: the bf16 model."""
@@ -146,19 +147,37 @@ def variants(base, device: str) -> dict:
         return {
             "fp32": lambda: copy.deepcopy(base),
             "bf16": lambda: copy.deepcopy(base).to(torch.bfloat16),
-            "int8": quant(Int8WeightOnly(compute_dtype="bfloat16"), torch.float32),
-            "int8+lm_head": quant(Int8WeightOnly(compute_dtype="bfloat16"), torch.float32, _with_head),
+            "int8": quant(Int8WeightOnly(), torch.float32),
+            "int8-head-float": quant(Int8WeightOnly(quantize_head=False), torch.float32),
+            "int8-bf16": quant(Int8WeightOnly(compute_dtype="bfloat16"), torch.float32),
             "int4-g128": quant(Int4WeightOnly(128, compute_dtype="bfloat16"), torch.float32),
-            "int4-g128+lm_head": quant(Int4WeightOnly(128, compute_dtype="bfloat16"), torch.float32, _with_head),
+            "int4-g128+head": quant(Int4WeightOnly(128, compute_dtype="bfloat16", quantize_head=True), torch.float32),
             "w8a8": quant(W8A8(), torch.float32),
-            "int8-fp32-compute": quant(Int8WeightOnly(), torch.float32),
         }
     return {
         "bf16": lambda: copy.deepcopy(base).to(torch.bfloat16),
         "int8": quant(Int8WeightOnly(), torch.bfloat16),
         "int4-g128": quant(Int4WeightOnly(128), torch.bfloat16),
-        "int4-g128+lm_head": quant(Int4WeightOnly(128), torch.bfloat16, _with_head),
+        "int4-g128+head": quant(Int4WeightOnly(128, quantize_head=True), torch.bfloat16),
         "w8a8": quant(W8A8(), torch.bfloat16),
+    }
+
+
+def compiled_variants(device: str) -> dict:
+    """name -> llmopt options (None: eager), for the compiled comparison."""
+    if device == "cpu":
+        return {
+            "eager fp32": None,
+            "llmopt fp32": {},
+            "llmopt int8": {"quantize": Int8WeightOnly()},
+            "llmopt int8-head-float": {"quantize": Int8WeightOnly(quantize_head=False)},
+            "llmopt int4-g128 (bf16 compute)": {"quantize": Int4WeightOnly(128, compute_dtype="bfloat16")},
+        }
+    return {
+        "eager bf16": None,
+        "llmopt bf16": {},
+        "llmopt int8": {"quantize": Int8WeightOnly()},
+        "llmopt int4-g128": {"quantize": Int4WeightOnly(128)},
     }
 
 
@@ -171,6 +190,7 @@ def bench_decode(device: str, config: dict, tokens: int, prompt_len: int) -> dic
     results = {}
     for name, build in variants(base, device).items():
         model = build().to(device)
+        decode_tokens_per_s(model, prompt, 4, device)  # compiles the kernels the variant uses
         tps, wall_tps = decode_tokens_per_s(model, prompt, tokens, device)
         results[name] = {"decode_tokens_per_s": tps, "decode_tokens_per_s_wall": wall_tps, **tensor_bytes(model)}
         print(f"  decode {name:13s} {tps:8.1f} tok/s (wall {wall_tps:6.1f})  state {results[name]['state_dict_bytes'] / 2**20:8.1f} MiB  "
@@ -181,6 +201,32 @@ def bench_decode(device: str, config: dict, tokens: int, prompt_len: int) -> dic
             if ref in results:
                 results[name][f"speedup_vs_{ref}"] = (results[name]["decode_tokens_per_s"]
                                                       / results[ref]["decode_tokens_per_s"])
+    return results
+
+
+def bench_compiled(device: str, config: dict, tokens: int, prompt_len: int) -> dict:
+    """Eager float vs llmopt float vs llmopt quantized, HF StaticCache, one process."""
+    from bench_decode import run_backend
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config)).eval().to(device=device, dtype=dtype)
+    prompt = torch.randint(0, config["vocab_size"], (1, prompt_len), device=device)
+    max_len = prompt_len + tokens + 8
+    results = {}
+    for name, options in compiled_variants(device).items():
+        torch._dynamo.reset()
+        forward = model.forward if options is None else torch.compile(model.forward, backend="llmopt", options=options)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = run_backend(model, forward, prompt, tokens, max_len)
+        results[name] = r
+        print(f"  compiled {name:32s} {r['decode_tokens_per_s']:8.1f} tok/s  TTFT {r['ttft_s'] * 1e3:7.1f} ms  "
+              f"warm-up {r['warmup_s']:5.1f} s", flush=True)
+    base = next(iter(results.values()))["decode_tokens_per_s"]
+    for r in results.values():
+        r["speedup_vs_eager"] = r["decode_tokens_per_s"] / base
     return results
 
 
@@ -196,10 +242,12 @@ def bench_linear(device: str, shapes: list[tuple[int, int]], runs: int, copies: 
         ws = [torch.randn(n, k, device=device) * 0.02 for _ in range(copies)]
         wbs = [w.to(torch.bfloat16) for w in ws]
         q8s = [quantize_weight(w, "int8") for w in wbs]
+        q8s32 = [quantize_weight(w, "int8") for w in ws]
         q4s = [QuantizedLinear(quantize_weight(w, "int4-g128")).to(torch.bfloat16) for w in wbs]
         cases = {
             "fp32 F.linear": lambda i: F.linear(x32, ws[i]),
             "bf16 F.linear": lambda i: F.linear(xb, wbs[i]),
+            "int8 (fp32 x)": lambda i: torch.ops.llmopt.int8_weight_only_linear(x32, q8s32[i].data, q8s32[i].scales),
             "int8 (bf16 x)": lambda i: torch.ops.llmopt.int8_weight_only_linear(xb, q8s[i].data, q8s[i].scales),
             "int4-g128 (bf16 x)": lambda i: q4s[i](xb),
             "w8a8": lambda i: torch.ops.llmopt.w8a8_linear(xb, q8s[i].data, q8s[i].scales),
@@ -214,7 +262,7 @@ def bench_linear(device: str, shapes: list[tuple[int, int]], runs: int, copies: 
         row["speedup"] = {name: base / t for name, t in row["us"].items()}
         print(f"  linear N={n} K={k}: " + ", ".join(f"{k_}: {v:.1f} us" for k_, v in row["us"].items()), flush=True)
         rows.append(row)
-        del ws, wbs, q8s, q4s
+        del ws, wbs, q8s, q8s32, q4s
     return rows
 
 
@@ -227,18 +275,26 @@ def with_table_rows(report: dict) -> dict:
         decode = entry["decode"]
         rows.append({"device": device, "figure": "decode tokens/s",
                      "value": {k: v["decode_tokens_per_s"] for k, v in decode.items()}})
-        rows.append({"device": device, "figure": "decode speedup vs fp32",
-                     "value": {k: v["speedup_vs_fp32"] for k, v in decode.items()}})
+        ref = "fp32" if "fp32" in decode else "bf16"
+        rows.append({"device": device, "figure": f"decode speedup vs {ref}",
+                     "value": {k: v[f"speedup_vs_{ref}"] for k, v in decode.items()}})
         rows.append({"device": device, "figure": "linear weight MB",
                      "value": {k: v["linear_weight_bytes"] / 2**20 for k, v in decode.items()}})
+        compiled = entry.get("compiled", {})
+        if compiled:
+            rows.append({"device": device, "figure": "compiled decode tokens/s (StaticCache)",
+                         "value": {k: v["decode_tokens_per_s"] for k, v in compiled.items()}})
+            rows.append({"device": device, "figure": "compiled decode speedup vs eager",
+                         "value": {k: v["speedup_vs_eager"] for k, v in compiled.items()}})
         for case in entry["linear_m1"]:
             rows.append({"device": device, "figure": f"linear M=1 N={case['N']} K={case['K']}: us",
                          "value": dict(case["us"])})
     if not rows:
         return report
     return {"benchmark": "quant", "environment": environment(), "results": rows,
-            "note": "CPU: quantized linears compute in bf16 with PyTorch's int8/int4 weight-pack kernels; "
-                    "lm_head stays float; CPU time per step",
+            "note": "CPU: int8 computes in fp32 through the generated int8 GEMV, lm_head int8 too unless "
+                    "'head-float'; int8-bf16 and int4 compute in bf16 with PyTorch's weight-pack kernels; "
+                    "CPU time per step (eager); compiled rows: wall time, StaticCache",
             "details": report}
 
 
@@ -278,6 +334,7 @@ def main() -> None:
             "linear_m1": bench_linear(device, shapes, runs=7 if device == "cpu" else 50,
                                       copies=32 if device == "cpu" else 4),
             "decode": bench_decode(device, config, args.tokens, args.prompt),
+            "compiled": bench_compiled(device, config, args.tokens, args.prompt),
         }
         report["results"][device] = entry
 

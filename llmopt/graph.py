@@ -65,11 +65,11 @@ def add_constant(gm: fx.GraphModule, name_hint: str, tensor: torch.Tensor, befor
     gm.register_buffer(name, tensor, persistent=False)  # a real tensor, computed under real_tensors()
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
-    node.meta["val"] = _fake_like(before, tensor)
+    node.meta["val"] = fake_like(before, tensor)
     return node
 
 
-def _fake_like(anchor: fx.Node, tensor: torch.Tensor):
+def fake_like(anchor: fx.Node, tensor: torch.Tensor):
     """A fake tensor for ``tensor`` in the anchor node's fake mode (meta of a new constant)."""
     from .compat import detect_fake_mode
 

@@ -29,16 +29,21 @@ row, which is the decode case) and a flat GEMM for larger M (``BLOCK_M x BLOCK_N
 autotuning), following FlashDecoding++ (Hong et al. 2023, arXiv:2311.01282) for the
 GEMV / flat-GEMM split and gpt-fast for the weight-only formats.
 
-CPU: PyTorch's weight-pack kernels (``aten._weight_int8pack_mm``,
-``aten._weight_int4pack_mm_for_cpu``) are the fast path, but only for bfloat16
-activations: measured on an AVX512-bf16 CPU at M=1, K=768, N=2048 they take 86 us (int8)
-and 45 us (int4) against 116 us for fp32 ``F.linear``, while their fp32 and fp16 paths take
-0.9-9 ms (slower than dequantize + fp32 matmul, 250 us). So the references below use them
-for bfloat16 inputs, when the running torch has them (``hasattr``) and the shape is inside
-their contract, and dequantize + ``F.linear`` otherwise. ``_weight_int8pack_mm`` crashes
-or returns garbage for K not a multiple of 16 (torch 2.13), hence that check. The int4 CPU
-kernel reads its own blocked weight layout: ``pack_int4_for_cpu`` converts once (at load
-time), and ``int4_weight_only_linear_cpu`` is the op that consumes it.
+CPU: for float32 / float16 activations and up to ``CPU_GEMV_MAX_M`` rows (decode),
+``int8_weight_only_linear`` runs an int8 GEMV that Inductor generates from an eager
+multiply-and-reduce (llmopt/codegen/quant_linear_cpu.py: it streams the int8 weight once,
+3-4.5x faster than the float32 ``F.linear`` at M = 1). PyTorch's weight-pack kernels
+(``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``) are the fast path for
+bfloat16 activations only: measured on an AVX512-bf16 CPU at M=1, K=768, N=2048 they take
+86 us (int8) and 45 us (int4) against 116 us for fp32 ``F.linear``, while their fp32 and
+fp16 paths take 0.9-9 ms (slower than dequantize + fp32 matmul, 250 us). So the
+references below use them for bfloat16 inputs, when the running torch has them
+(``hasattr``) and the shape is inside their contract, and dequantize + ``F.linear``
+otherwise (for float32 int8, ``F.linear`` on the int8 codes then the per-channel scale on
+the output: one pass over the weight). ``_weight_int8pack_mm`` crashes or returns garbage
+for K not a multiple of 16 (torch 2.13), hence that check. The int4 CPU kernel reads its
+own blocked weight layout: ``pack_int4_for_cpu`` converts once (at load time), and
+``int4_weight_only_linear_cpu`` is the op that consumes it.
 """
 from __future__ import annotations
 
@@ -49,7 +54,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .kernel_mode import use_triton
+from .kernel_mode import kernel_mode, use_triton
+from .quant_linear_cpu import int8_gemv_cpu
 
 # Rows up to which the GEMV kernel is used instead of the flat GEMM.
 GEMV_MAX_M = 2
@@ -553,11 +559,29 @@ def int8_weight_only_linear_ref(x, w_int8, scales, bias=None):
         y = torch.ops.aten._weight_int8pack_mm(_aligned(x2), w_int8, _aligned(scales.to(x.dtype)))
         if bias is not None:
             y = y + bias.to(y.dtype)
+    elif x.dtype in (torch.float32, torch.float64):
+        # The per-channel scale leaves the K sum: scale the [M, N] output, not the [N, K]
+        # weight (one conversion pass over the weight instead of two; |q| <= 127 keeps
+        # the unscaled sums far inside the float32 range).
+        y = F.linear(x2, w_int8.to(x.dtype)) * scales.to(x.dtype)
+        if bias is not None:
+            y = y + bias.to(x.dtype)
     else:
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        w = dequantize_int8(w_int8, scales, compute).to(x.dtype)
+        w = dequantize_int8(w_int8, scales, torch.float32).to(x.dtype)
         y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
     return y.reshape(*lead, n)
+
+
+def int8_weight_only_linear_cpu_fast(x, w_int8, scales, bias=None):
+    """The CPU path: aten's int8 kernel for bfloat16, the generated int8 GEMV
+    (llmopt/codegen/quant_linear_cpu.py) for a few rows of other dtypes, the reference
+    (dequantize + matmul) otherwise."""
+    n, k = _check_int8_weight("int8_weight_only_linear", x, w_int8, scales, bias)
+    x2 = x.reshape(-1, k)
+    y = None if int8pack_cpu_supported(x2, w_int8) else int8_gemv_cpu(x2, w_int8, scales, bias)
+    if y is None:
+        return int8_weight_only_linear_ref(x, w_int8, scales, bias)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def int4_weight_only_linear_ref(x, w_packed, scales, zeros, group_size, bias=None):
@@ -729,6 +753,8 @@ def int8_weight_only_linear(
     """``y = x @ (w_int8 * scales[:, None])^T + bias`` (x: [..., K], w_int8: int8 [N, K])."""
     if use_triton(x):
         return int8_weight_only_linear_triton(x, w_int8, scales, bias)
+    if x.device.type == "cpu" and kernel_mode() == "auto":
+        return int8_weight_only_linear_cpu_fast(x, w_int8, scales, bias)
     return int8_weight_only_linear_ref(x, w_int8, scales, bias)
 
 

@@ -6,7 +6,7 @@ model quantized in eager mode also traces under ``torch.compile`` (the ops have 
 implementations). State-dict keys are stable: they are what ``save_quantized`` writes.
 
 ``compute_dtype`` (from the config) casts the input to that dtype and the output back
-(float32 models on CPU use bf16 this way: PyTorch's int8/int4 CPU kernels are bf16-only).
+(float32 models on CPU use bf16 this way for int4: PyTorch's int4 CPU kernel is bf16-only).
 
 On CPU, the int4 kernel of PyTorch needs its own blocked weight layout. When the module
 computes in bfloat16 (bf16 scales or ``compute_dtype``: the only dtype for which that
@@ -86,17 +86,22 @@ class QuantizedLinear(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        op, args = self.kernel(x.dtype, x.device.type)
+        return op(x, *(getattr(self, a) if isinstance(a, str) else a for a in args))
+
+    def kernel(self, dtype: torch.dtype, device_type: str) -> tuple[object, tuple]:
+        """The registered op this module runs on an input of ``dtype`` (after the
+        ``compute_dtype`` cast) on ``device_type``, and its arguments after ``x``: buffer
+        names (str) and constants. ``quantize_linears`` emits the same call into a graph."""
         if self.scheme == "int8":
-            return torch.ops.llmopt.int8_weight_only_linear(x, self.qdata, self.scales, self.bias)
+            return torch.ops.llmopt.int8_weight_only_linear.default, ("qdata", "scales", "bias")
         if self.scheme == "w8a8":
-            return torch.ops.llmopt.w8a8_linear(x, self.qdata, self.scales, self.bias)
-        if self.cpu_int4_packed is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            return torch.ops.llmopt.int4_weight_only_linear_cpu(
-                x, self.cpu_int4_packed, self.cpu_int4_scales_zeros, self.group_size, self.bias
-            )
-        return torch.ops.llmopt.int4_weight_only_linear(
-            x, self.qdata, self.scales, self.zeros, self.group_size, self.bias
-        )
+            return torch.ops.llmopt.w8a8_linear.default, ("qdata", "scales", "bias")
+        if self.cpu_int4_packed is not None and dtype == torch.bfloat16 and device_type == "cpu":
+            return (torch.ops.llmopt.int4_weight_only_linear_cpu.default,
+                    ("cpu_int4_packed", "cpu_int4_scales_zeros", self.group_size, "bias"))
+        return (torch.ops.llmopt.int4_weight_only_linear.default,
+                ("qdata", "scales", "zeros", self.group_size, "bias"))
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.scheme == "int4" else ""

@@ -1,13 +1,15 @@
 """``quantize_(model, config)``: swap a model's linears for quantized ones, in place.
 
-Which linears: by default every module whose type is exactly ``nn.Linear``, except the
-output head (``lm_head`` / ``embed_out`` / ``output``, or ``model.get_output_embeddings()``)
-and, for int4, linears whose ``in_features`` the group size does not divide (skipped with a
-warning). The head is skipped because it is often tied to the input embeddings (quantizing
-it would untie them and add a copy), because logits are the most sensitive output, and
-because GPTQ/AWQ checkpoints keep it in float by convention. ``filter_fn(module, fqn) ->
-bool`` replaces the default choice entirely (return True for ``lm_head`` to quantize it);
-a linear it selects that the scheme cannot handle raises an error.
+Which linears: by default every module whose type is exactly ``nn.Linear``, except, for
+int4, linears whose ``in_features`` the group size does not divide (skipped with a
+warning), and except the output head (``lm_head`` / ``embed_out`` / ``output``, or
+``model.get_output_embeddings()``) unless the config's ``quantize_head`` is set (the
+int8 default) and the head is not tied to an input embedding: a tied head stays float
+(quantizing it would add a copy), and int4 / W8A8 / GPTQ keep it float because logits are
+the most sensitive output and GPTQ/AWQ checkpoints do so by convention (see
+``llmopt.quant.config``). ``filter_fn(module, fqn) -> bool`` replaces the default choice
+entirely (return True for ``lm_head`` to quantize it); a linear it selects that the
+scheme cannot handle raises an error.
 
 Calibrated schemes: ``GPTQ`` requires ``calibration`` (batches of token ids, or dicts of
 model kwargs); ``W8A8`` uses it for SmoothQuant, and without it quantizes without
@@ -46,6 +48,17 @@ def default_filter(module: nn.Module, fqn: str) -> bool:
     return type(module) is nn.Linear and fqn.rsplit(".", 1)[-1] not in HEAD_NAMES
 
 
+def is_head(module: nn.Module, fqn: str, head: nn.Module | None) -> bool:
+    """Whether ``module`` is the output head: ``get_output_embeddings()`` or a head name."""
+    return module is head or fqn.rsplit(".", 1)[-1] in HEAD_NAMES
+
+
+def tied_to_embedding(model: nn.Module, linear: nn.Linear) -> bool:
+    """Whether the linear's weight shares storage with an ``nn.Embedding`` of ``model``."""
+    ptr = linear.weight.data_ptr()
+    return any(isinstance(m, nn.Embedding) and m.weight.data_ptr() == ptr for m in model.modules())
+
+
 def _group_size(config) -> int | None:
     if isinstance(config, Int4WeightOnly):
         return config.group_size
@@ -71,9 +84,12 @@ def select_linears(model: nn.Module, config, filter_fn: Callable[[nn.Module, str
     head = _head_module(model)
     chosen: dict[str, nn.Linear] = {}
     skipped = []
+    with_head = bool(getattr(config, "quantize_head", False))
     for fqn, module in model.named_modules():
         if filter_fn is None:
-            if not default_filter(module, fqn) or module is head:
+            if type(module) is not nn.Linear:
+                continue
+            if is_head(module, fqn, head) and not (with_head and not tied_to_embedding(model, module)):
                 continue
         elif not filter_fn(module, fqn):
             continue
@@ -125,13 +141,14 @@ def quantize_(
             for name, linear in targets.items():
                 replace(name, quantize_weight(linear.weight, config), linear.bias)
 
-    if isinstance(config, (Int8WeightOnly, Int4WeightOnly, GPTQ)) and compute_dtype is None and any(
+    int4 = isinstance(config, Int4WeightOnly) or (isinstance(config, GPTQ) and config.bits == 4)
+    if int4 and compute_dtype is None and any(
         lin.weight.dtype == torch.float32 and lin.weight.device.type == "cpu" for lin in targets.values()
     ):
         warnings.warn(
-            "quantize_: weight-only int8/int4 with float32 activations on CPU runs the dequantize + matmul "
-            "reference (PyTorch's fast int8/int4 CPU kernels are bfloat16-only); for speed, convert the model "
-            "with model.to(torch.bfloat16) before or after quantizing",
+            "quantize_: weight-only int4 with float32 activations on CPU runs the dequantize + matmul "
+            "reference (PyTorch's fast int4 CPU kernel is bfloat16-only); for speed, pass "
+            "compute_dtype='bfloat16' or convert the model with model.to(torch.bfloat16)",
             stacklevel=2,
         )
     return model

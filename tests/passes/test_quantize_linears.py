@@ -23,10 +23,34 @@ def test_compile_time_quantization_of_llama(scheme):
         out = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": scheme})(x).logits
     report = llmopt.last_report()
     layers = model.config.num_hidden_layers
-    # merged QKV, o_proj, merged gate/up, down per layer; lm_head stays float
-    assert report.rewrites_by_pass()[PASS] == 4 * layers
-    assert any("output head" in m.reason for m in report.near_misses if m.pass_name == PASS)
+    # merged QKV, o_proj, merged gate/up, down per layer; the untied lm_head for int8 only
+    head = scheme == "int8"
+    assert report.rewrites_by_pass()[PASS] == 4 * layers + head
+    assert any("output head" in m.reason for m in report.near_misses if m.pass_name == PASS) != head
     assert relative_error(out, expected) < BOUNDS[scheme]
+
+
+def test_tied_head_stays_float():
+    model = tiny_model("gemma")  # Gemma ties lm_head to the input embedding
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(tokens(1, 5)).logits
+        out = torch.compile(model, backend="llmopt", options={"quantize": "int8"})(tokens(1, 5)).logits
+    misses = [m.reason for m in llmopt.last_report().near_misses if m.pass_name == PASS]
+    assert any("tied to the input embedding" in r for r in misses), misses
+    assert relative_error(out, expected) < BOUNDS["int8"]
+
+
+def test_quantized_linear_is_a_direct_op_call():
+    """The pass emits the registered op itself (not a call_module): the aten executor
+    then calls its Python implementation directly."""
+    model = tiny_model("llama")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="llmopt", options={"quantize": "int8"})(tokens(1, 4))
+    hist = llmopt.last_report().ops_after
+    assert hist.get("llmopt.int8_weight_only_linear.default", 0) == 4 * model.config.num_hidden_layers + 1, hist
 
 
 def test_gptq_needs_calibration_and_says_so():

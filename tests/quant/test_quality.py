@@ -16,7 +16,7 @@ import torch
 
 from quant.trained_model import perplexity, split_tokens, trained_model, windows
 
-from llmopt.quant import GPTQ, W8A8, Int4WeightOnly, quantize_
+from llmopt.quant import GPTQ, W8A8, Int4WeightOnly, Int8WeightOnly, quantize_
 
 pytestmark = pytest.mark.filterwarnings("ignore:quantize_. weight-only")
 
@@ -53,7 +53,8 @@ def test_perplexity_per_scheme(lm, request, one_thread):
 
     ppl = {"fp32": perplexity(lm, held)}
     for name, cfg, calib in (
-        ("int8", "int8", None),
+        ("int8", "int8", None),  # lm_head included (quantize_head: the int8 default)
+        ("int8-head-float", Int8WeightOnly(quantize_head=False), None),
         ("w8a8-smoothquant", W8A8(0.5), calibration),
         ("int4-g128-rtn", Int4WeightOnly(group_size=128), None),
         ("int4-g128-gptq", GPTQ(bits=4, group_size=128), calibration),
@@ -66,4 +67,5 @@ def test_perplexity_per_scheme(lm, request, one_thread):
 
     assert ppl["fp32"] < 40, "the fixture model did not train"  # uniform over bytes would be 256
     assert ppl["int8"] <= ppl["fp32"] * 1.01
+    assert ppl["int8-head-float"] <= ppl["fp32"] * 1.01
     assert ppl["int4-g128-gptq"] <= ppl["int4-g128-rtn"]

@@ -38,9 +38,22 @@ def test_logits_close_to_eager(scheme):
     ids = token_batches(1, batch=2, seq=12, seed=5)[0]
     ref = _logits(tiny_llama(), ids)
     model = quantize_(tiny_llama(), scheme)
-    assert len(_quantized_names(model)) == 14  # 7 linears x 2 layers; lm_head kept in float
-    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, QuantizedLinear)
+    # 7 linears x 2 layers; the (untied) head too for int8 only (quantize_head's default)
+    head = scheme == "int8"
+    assert len(_quantized_names(model)) == 14 + head
+    assert isinstance(model.lm_head, QuantizedLinear) == head
     assert relative_error(_logits(model, ids), ref) <= LOGIT_BOUNDS[scheme]
+
+
+def test_head_policy():
+    """quantize_head: int8 quantizes an untied head by default, never a tied one; the
+    other schemes keep the head float unless asked."""
+    assert isinstance(quantize_(tiny_llama(), Int8WeightOnly(quantize_head=False)).lm_head, nn.Linear)
+    assert isinstance(quantize_(tiny_llama(), Int4WeightOnly(32, quantize_head=True)).lm_head, QuantizedLinear)
+    tied = tiny_llama(tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    quantize_(tied, "int8")
+    assert type(tied.lm_head) is nn.Linear and tied.lm_head.weight is tied.model.embed_tokens.weight
 
 
 def test_triton_kernels_inside_a_model(triton_kernels):

@@ -1,0 +1,103 @@
+"""The generated CPU int8 GEMV (llmopt/codegen/quant_linear_cpu.py) vs an fp64 truth, and
+how ``int8_weight_only_linear`` routes CPU calls to it or to the reference.
+
+The truth is the reference run in fp64 on the same codes, scales and activations. Each
+new (M, N, K, dtype, bias) signature compiles one Inductor kernel (~0.3-1 s), hence the
+small hypothesis budget of the CI profile.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import assert_close
+
+import llmopt.codegen.quant_linear as ql
+import llmopt.codegen.quant_linear_cpu as qcpu
+
+
+def _int8_weight(n, k):
+    return torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 0.02 + 1e-3
+
+
+def _f64(t):
+    return None if t is None else t.to(torch.float64)
+
+
+@given(m=st.integers(1, qcpu.CPU_GEMV_MAX_M), n=st.sampled_from([1, 7, 40, 130]), k=st.sampled_from([1, 17, 96, 768]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), with_bias=st.booleans(),
+       transposed=st.booleans())
+def test_generated_gemv_matches_truth(m, n, k, dtype, with_bias, transposed):
+    x = torch.randn(k, m).to(dtype).t() if transposed else torch.randn(m, k).to(dtype)
+    w, s = _int8_weight(n, k)
+    bias = torch.randn(n) if with_bias else None
+    out = qcpu.int8_gemv_cpu(x, w, s, bias)
+    assert out is not None and out.shape == (m, n) and out.dtype == dtype
+    truth = ql.int8_weight_only_linear_ref(_f64(x), w, _f64(s), _f64(bias))
+    assert_close(out, truth, dtype, "generated int8 GEMV vs fp64")
+
+
+def test_registered_op_uses_it_for_few_float32_rows():
+    """On CPU (kernel mode auto) a float32 decode-sized call goes to the generated GEMV; a
+    prefill-sized one (M > CPU_GEMV_MAX_M) to the reference; bf16 to aten's int8 kernel."""
+    n, k = 48, 64
+    w, s = _int8_weight(n, k)
+    x = torch.randn(2, 1, k)
+    before = len(qcpu._GEMVS)
+    y = torch.ops.llmopt.int8_weight_only_linear(x, w, s)
+    assert len(qcpu._GEMVS) == before + 1 and y.shape == (2, 1, n)
+    assert_close(y, ql.int8_weight_only_linear_ref(_f64(x), w, _f64(s)), torch.float32)
+    torch.ops.llmopt.int8_weight_only_linear(torch.randn(qcpu.CPU_GEMV_MAX_M + 1, k), w, s)
+    torch.ops.llmopt.int8_weight_only_linear(torch.randn(1, k, dtype=torch.bfloat16), w, s)
+    assert len(qcpu._GEMVS) == before + 1, "no kernel compiled for prefill sizes or bf16"
+    torch.ops.llmopt.int8_weight_only_linear(torch.randn(2, 1, k), w, s)
+    assert len(qcpu._GEMVS) == before + 1, "same signature: the compiled kernel is reused"
+
+
+def test_reference_mode_bypasses_it(reference_kernels):
+    w, s = _int8_weight(24, 32)
+    before = len(qcpu._GEMVS)
+    torch.ops.llmopt.int8_weight_only_linear(torch.randn(3, 32), w, s)
+    assert len(qcpu._GEMVS) == before
+
+
+def test_compile_failure_falls_back_to_the_reference(monkeypatch, caplog):
+    gemvs = qcpu.CompiledCpuGemv()
+    monkeypatch.setattr(qcpu, "_GEMVS", gemvs)
+
+    def no_compiler(args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(qcpu, "_compile", no_compiler)
+    w, s = _int8_weight(16, 32)
+    x = torch.randn(1, 32)
+    with caplog.at_level(logging.WARNING, logger=qcpu.__name__):
+        assert qcpu.int8_gemv_cpu(x, w, s) is None
+        y = torch.ops.llmopt.int8_weight_only_linear(x, w, s)
+    assert "no C++ compiler" in caplog.text and gemvs.failed
+    assert_close(y, ql.int8_weight_only_linear_ref(_f64(x), w, _f64(s)), torch.float32)
+    assert qcpu.int8_gemv_cpu(x, w, s) is None, "a failed compiler is not retried on every call"
+
+
+def test_out_of_contract_calls_are_declined():
+    w, s = _int8_weight(8, 16)
+    assert qcpu.int8_gemv_cpu(torch.randn(qcpu.CPU_GEMV_MAX_M + 1, 16), w, s) is None
+    assert qcpu.int8_gemv_cpu(torch.randn(0, 16), w, s) is None
+    assert qcpu.int8_gemv_cpu(torch.randn(1, 16, dtype=torch.float64), w, s) is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_count_is_part_of_the_key(threads):
+    w, s = _int8_weight(8, 16)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(1, 16)
+        assert_close(qcpu.int8_gemv_cpu(x, w, s), ql.int8_weight_only_linear_ref(_f64(x), w, _f64(s)), torch.float32)
+        assert any(key[0] == threads for key in qcpu._GEMVS._compiled)
+    finally:
+        torch.set_num_threads(previous)
