@@ -64,3 +64,18 @@ def test_custom_op_python_impl_is_what_the_dispatcher_runs():
     for got, want in zip(fn(x, r, w, 1e-6), add_rms_norm_ref(x, r, w, 1e-6)):
         torch.testing.assert_close(got, want)
     assert compat.custom_op_python_impl(torch.ops.aten.add.Tensor, "cpu") is None
+
+
+def test_inductor_compile_of_a_make_fx_graph_with_real_inputs():
+    """What the CPU int8 GEMV does (llmopt/codegen/quant_linear_cpu.py): trace an eager
+    expression with make_fx on real tensors, compile it with Inductor, call it boxed."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def body(x, w):
+        return ((x[:, None, :] * w.to(torch.float32)).sum(-1),)
+
+    x, w = torch.randn(2, 8), torch.randint(-5, 5, (3, 8), dtype=torch.int8)
+    run = compat.inductor_compile(make_fx(body)(x, w), [x, w])
+    assert getattr(run, "_boxed_call", False)
+    (out,) = run([x, w])
+    torch.testing.assert_close(out, x @ w.float().t())
