@@ -54,7 +54,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from bench_fusions import gpu_time_us, input_copies, kernel_label, relative_error  # noqa: E402
-from common import copy_bandwidth, environment, median_time, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_run_arguments, apply_run_arguments, copy_bandwidth, environment, median_time, write_results,
+)
 
 import llmopt.codegen.attention_decode  # noqa: E402,F401  registers llmopt::attention_decode
 import llmopt.codegen.attention_prefill  # noqa: E402,F401  registers llmopt::attention_prefill
@@ -279,23 +281,14 @@ def main(argv=None) -> dict:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default=None, help="comma list of fp32,fp16,bf16 (default bf16 CUDA, fp32 CPU)")
     p.add_argument("--inductor", choices=["none", "default"], default="default")
-    p.add_argument("--timing", choices=["graph", "events"], default="graph",
-                   help="CUDA: time CUDA-graph replays (GPU time) or plain launches (includes host overhead)")
-    p.add_argument("--warmup", type=int, default=None, help="default 5 (CUDA), 1 (CPU)")
     p.add_argument("--rep", type=int, default=None,
                    help="timed runs, median (default 30 CUDA; CPU: 3 for prefill, 10 for decode)")
     p.add_argument("--max-kv-gib", type=float, default=24.0, help="skip decode cases whose K/V copy is larger")
-    p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer (default 1024 CUDA, 256 CPU)")
     p.add_argument("--quick", action="store_true", help="CUDA: prefill 2k/8k, decode 8k at batch 1 and 16, 8 KV heads")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads; default 1 on CPU (on a shared machine a second OpenMP thread "
-                        "mostly waits: Inductor's parallel regions stalled 40+ ms per call), untouched on CUDA")
-    p.add_argument("--no-write", action="store_true", help="print only, write no results file")
+    add_run_arguments(p)
     args = p.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
-    if args.threads or not cuda:
-        torch.set_num_threads(args.threads or 1)
+    cuda = apply_run_arguments(args)
     device = torch.device("cuda" if cuda else "cpu")
     dtypes = [DTYPES[d] for d in (args.dtype or ("bf16" if cuda else "fp32")).split(",")]
     heads = args.heads or (32 if cuda else 8)
@@ -303,7 +296,6 @@ def main(argv=None) -> dict:
     prefill_seq = args.prefill_seq or ([512, 1024, 2048, 4096, 8192, 16384] if cuda else [512, 1024, 2048])
     decode_context = args.decode_context or ([512, 1024, 2048, 4096, 8192, 16384] if cuda else [512, 2048])
     decode_batch = args.decode_batch or ([1, 4, 16, 64] if cuda else [1, 2])
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     # CPU decode calls are short and, on a shared machine, noisy: more runs for the median.
     args.decode_rep = args.rep if args.rep is not None else (30 if cuda else 10)
     args.rep = args.rep if args.rep is not None else (30 if cuda else 3)

@@ -52,7 +52,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from common import copy_bandwidth, environment, median_time, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_run_arguments, apply_run_arguments, copy_bandwidth, environment, median_time, write_results,
+)
 
 from llmopt.codegen.kernel_mode import interpreting, use_triton  # noqa: E402
 
@@ -349,26 +351,16 @@ def main(argv=None) -> dict:
                    help="comma list of fp32,fp16,bf16 (default fp16,bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--inductor", choices=["none", "default", "max-autotune", "all"], default=None,
                    help="Inductor modes to time (default: all on CUDA, default on CPU)")
-    p.add_argument("--timing", choices=["graph", "events"], default="graph",
-                   help="CUDA: time CUDA-graph replays (GPU time) or plain launches (includes host overhead)")
-    p.add_argument("--warmup", type=int, default=None, help="default 5 (CUDA), 1 (CPU)")
     p.add_argument("--rep", type=int, default=None, help="timed runs, median (default 50 CUDA, 3 CPU)")
-    p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer (default 1024 CUDA, 256 CPU)")
     p.add_argument("--quick", action="store_true", help="one dtype, one intermediate size, 8 KV heads, fewer runs")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads; default 1 on CPU (on a shared machine a second OpenMP thread "
-                        "mostly waits: Inductor's parallel regions stalled 40+ ms per call), untouched on CUDA")
-    p.add_argument("--no-write", action="store_true", help="print only, write no results file")
+    add_run_arguments(p)
     args = p.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
-    if args.threads or not cuda:
-        torch.set_num_threads(args.threads or 1)
+    cuda = apply_run_arguments(args)
     device = torch.device("cuda" if cuda else "cpu")
     dtypes = [DTYPES[d] for d in (args.dtype or ("fp16,bf16" if cuda else "fp32")).split(",")]
     args.intermediate = args.intermediate or ([11008, 14336] if cuda else [11008])
     args.kv_heads = args.kv_heads or ([32, 8] if cuda else [8])
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     args.rep = args.rep if args.rep is not None else (50 if cuda else 3)
     inductor = args.inductor or ("all" if cuda else "default")
     if args.quick:

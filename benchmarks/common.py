@@ -82,3 +82,29 @@ def write_results(name: str, payload: dict) -> Path:
     path = RESULTS / f"{device_slug(env)}-{env['date']}-{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     return path
+
+
+def add_run_arguments(parser) -> None:
+    """The options every kernel benchmark script shares: timing mode, warm-up, threads,
+    copy-bandwidth buffer, no-write. ``--rep`` stays per script (its defaults differ)."""
+    parser.add_argument("--timing", choices=["graph", "events"], default="graph",
+                        help="CUDA: time CUDA-graph replays (GPU time) or plain launches (includes host overhead)")
+    parser.add_argument("--warmup", type=int, default=None, help="default 5 (CUDA), 1 (CPU)")
+    parser.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer (default 1024 CUDA, 256 CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads; default 1 on CPU (on a shared machine a second OpenMP thread "
+                             "mostly waits: Inductor's parallel regions stalled 40+ ms per call), untouched on CUDA")
+    parser.add_argument("--no-write", action="store_true", help="print only, write no results file")
+
+
+def apply_run_arguments(args) -> bool:
+    """Set the thread count and the warm-up default from :func:`add_run_arguments`'s
+    options; returns whether CUDA is used."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if args.threads or not cuda:
+        torch.set_num_threads(args.threads or 1)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    return cuda
+

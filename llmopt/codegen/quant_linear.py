@@ -645,28 +645,50 @@ def _fp32_dot(x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float64) or (x.dtype == torch.bfloat16 and not x.is_cuda)
 
 
+def _output(op: str, x: torch.Tensor, k: int, n: int, out):
+    """``(x2 [M, K], M, y [..., N], y2 [M, N])``: the flattened input and the (checked or
+    new) output of a quantized linear."""
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    _check_out(op, out, (*x.shape[:-1], n), x)
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device) if out is None else out
+    return x2, m, y, y.view(m, n)
+
+
+def _grid_gemv(n: int, m: int):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
+
+
+def _grid_gemm(n: int, m: int):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+
+
+def _launch_weight_only(scheme: str, x, m: int, n: int, args: tuple, block_k=None, **constexprs) -> None:
+    """The ``<scheme>_gemv`` kernel for ``M <= GEMV_MAX_M``, the ``<scheme>_gemm`` one above;
+    ``block_k(default_block_k)`` narrows the interpreter's fixed BLOCK_K (int4: inside a group)."""
+    gemv = m <= GEMV_MAX_M
+    default = _GEMV_DEFAULT if gemv else _GEMM_DEFAULT
+    if block_k is not None:
+        default = dict(default, BLOCK_K=block_k(default["BLOCK_K"]))
+    name = f"{scheme}_{'gemv' if gemv else 'gemm'}"
+    kernel = {"int8_gemv": _int8_wo_gemv_kernel, "int8_gemm": _int8_wo_gemm_kernel,
+              "int4_gemv": _int4_wo_gemv_kernel, "int4_gemm": _int4_wo_gemm_kernel}[name]
+    if not gemv:
+        constexprs["FP32_DOT"] = _fp32_dot(x)
+    _launch(name, kernel, (_grid_gemv if gemv else _grid_gemm)(n, m), default, x.is_cuda, *args,
+            M_BUCKET=m_bucket(m), **constexprs)
+
+
 def int8_weight_only_linear_triton(x, w_int8, scales, bias=None, out=None):
     """Launch the int8 weight-only GEMV (M <= GEMV_MAX_M) or flat GEMM; returns ``[..., N]``."""
     n, k = _check_int8_weight("int8_weight_only_linear", x, w_int8, scales, bias)
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    _check_out("int8_weight_only_linear", out, (*x.shape[:-1], n), x)
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device) if out is None else out
-    y2 = y.view(m, n)
+    x2, m, y, y2 = _output("int8_weight_only_linear", x, k, n, out)
     if m == 0 or n == 0:
         return y
     b = bias if bias is not None else scales
-    common = (m, n, k, x2.stride(0), x2.stride(1), w_int8.stride(0), w_int8.stride(1), y2.stride(0), y2.stride(1))
-    if m <= GEMV_MAX_M:
-        _launch("int8_gemv", _int8_wo_gemv_kernel,
-                lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m),
-                _GEMV_DEFAULT, x.is_cuda, x2, w_int8, scales, b, y2, *common,
-                M_BUCKET=m_bucket(m), HAS_BIAS=bias is not None)
-    else:
-        _launch("int8_gemm", _int8_wo_gemm_kernel,
-                lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"])),
-                _GEMM_DEFAULT, x.is_cuda, x2, w_int8, scales, b, y2, *common,
-                M_BUCKET=m_bucket(m), HAS_BIAS=bias is not None, FP32_DOT=_fp32_dot(x))
+    args = (x2, w_int8, scales, b, y2,
+            m, n, k, x2.stride(0), x2.stride(1), w_int8.stride(0), w_int8.stride(1), y2.stride(0), y2.stride(1))
+    _launch_weight_only("int8", x, m, n, args, HAS_BIAS=bias is not None)
     return y
 
 
@@ -681,30 +703,17 @@ def _int4_block_k(default_bk: int, group_size: int) -> int:
 def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias=None, out=None):
     """Launch the int4 weight-only GEMV or flat GEMM; returns ``[..., N]``."""
     n, k = _check_int4_weight("int4_weight_only_linear", x, w_packed, scales, zeros, group_size, bias)
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    _check_out("int4_weight_only_linear", out, (*x.shape[:-1], n), x)
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device) if out is None else out
-    y2 = y.view(m, n)
+    x2, m, y, y2 = _output("int4_weight_only_linear", x, k, n, out)
     if m == 0 or n == 0:
         return y
     b = bias if bias is not None else scales
-    common = (
+    args = (
+        x2, w_packed, scales, zeros, b, y2,
         m, n, k, x2.stride(0), x2.stride(1), w_packed.stride(0), w_packed.stride(1),
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), y2.stride(0), y2.stride(1),
     )
-    if m <= GEMV_MAX_M:
-        default = dict(_GEMV_DEFAULT, BLOCK_K=_int4_block_k(_GEMV_DEFAULT["BLOCK_K"], group_size))
-        _launch("int4_gemv", _int4_wo_gemv_kernel,
-                lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m),
-                default, x.is_cuda, x2, w_packed, scales, zeros, b, y2, *common,
-                GROUP_SIZE=group_size, M_BUCKET=m_bucket(m), HAS_BIAS=bias is not None)
-    else:
-        default = dict(_GEMM_DEFAULT, BLOCK_K=_int4_block_k(_GEMM_DEFAULT["BLOCK_K"], group_size))
-        _launch("int4_gemm", _int4_wo_gemm_kernel,
-                lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"])),
-                default, x.is_cuda, x2, w_packed, scales, zeros, b, y2, *common,
-                GROUP_SIZE=group_size, M_BUCKET=m_bucket(m), HAS_BIAS=bias is not None, FP32_DOT=_fp32_dot(x))
+    _launch_weight_only("int4", x, m, n, args, block_k=lambda bk: _int4_block_k(bk, group_size),
+                        GROUP_SIZE=group_size, HAS_BIAS=bias is not None)
     return y
 
 
@@ -726,19 +735,13 @@ def quantize_rows_int8_triton(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def w8a8_linear_triton(x, w_int8, w_scales, bias=None, out=None):
     """Quantize activations per token (one kernel), then the int8 GEMM with scale epilogue."""
     n, k = _check_int8_weight("w8a8_linear", x, w_int8, w_scales, bias)
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    _check_out("w8a8_linear", out, (*x.shape[:-1], n), x)
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device) if out is None else out
-    y2 = y.view(m, n)
+    x2, m, y, y2 = _output("w8a8_linear", x, k, n, out)
     if m == 0 or n == 0:
         return y
     xq, sx = quantize_rows_int8_triton(x2)
     b = bias if bias is not None else w_scales
-    _launch("w8a8_gemm", _w8a8_gemm_kernel,
-            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"])),
-            _GEMM_DEFAULT, x.is_cuda, xq, sx, w_int8, w_scales, b, y2,
-            m, n, k, xq.stride(0), xq.stride(1), w_int8.stride(0), w_int8.stride(1), y2.stride(0), y2.stride(1),
+    _launch("w8a8_gemm", _w8a8_gemm_kernel, _grid_gemm(n, m), _GEMM_DEFAULT, x.is_cuda,
+            xq, sx, w_int8, w_scales, b, y2, m, n, k, xq.stride(0), xq.stride(1), w_int8.stride(0), w_int8.stride(1), y2.stride(0), y2.stride(1),
             M_BUCKET=m_bucket(m), HAS_BIAS=bias is not None)
     return y
 

@@ -5,10 +5,12 @@ Specification: for one or a few rows of x, ``gemv_triton`` writes every element 
 within the suite's tolerance of the fp64 truth, for any N and K (not multiples of the
 block), any strides, fp32/fp16/bf16, with and without split-K.
 """
-import math
+import functools
 
 import pytest
 import torch
+from codegen import linear_cases
+from codegen.linear_cases import empty_table, make_case  # noqa: F401  (empty_table: a fixture)
 from conftest import assert_close, poisoned
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,54 +24,14 @@ from llmopt.codegen.gemv import (
     gemv_triton,
     prune_gemv_configs,
 )
-from llmopt.codegen.tuning_table import TuningTable, set_active_table
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ALL_GEMV = "1:gemv,2:gemv,4:gemv,8:gemv,16:gemv,32:gemv,64:gemv,inf:gemv"
 
 
-def make_case(M, n_out, K, dtype, *, bias, residual, activation, strided=False, seed=0):
-    """Inputs scaled so outputs are O(1); ``strided``: x and weight are non-contiguous views."""
-    g = torch.Generator().manual_seed(seed)
-    N = 2 * n_out if activation else n_out
-    x = torch.randn(M, 2 * K if strided else K, generator=g).to(dtype)
-    weight = (torch.randn(K, N, generator=g).t() if strided else torch.randn(N, K, generator=g)) / math.sqrt(K)
-    weight = weight.to(dtype)  # keeps the transposed strides (a dense permutation)
-    if strided:
-        x = x[:, ::2]
-    args = {
-        "x": x,
-        "weight": weight,
-        "bias": torch.randn(N, generator=g).to(dtype) if bias else None,
-        "residual": torch.randn(M, n_out, generator=g).to(dtype) if residual else None,
-        "activation": activation,
-    }
-    return args
-
-
-def truth(args):
-    """The reference run on fp64 copies of the same (rounded) inputs."""
-    as64 = {k: (v.to(torch.float64) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-    return gemv_ref(**as64)
-
-
-def check_against_truth(args, config=None):
-    dtype = args["x"].dtype
-    M = args["x"].shape[0]
-    n_out = args["weight"].shape[0] // (2 if args["activation"] else 1)
-    out = poisoned((M, n_out), dtype)
-    result = gemv_triton(**args, config=config, out=out)
-    assert result.data_ptr() == out.data_ptr()
-    expected = truth(args)
-    assert_close(out, expected, dtype, what="gemv kernel vs fp64")
-    assert_close(gemv_ref(**args), expected, dtype, what="gemv_ref vs fp64")
-
-
-@pytest.fixture
-def empty_table(tmp_path):
-    previous = set_active_table(TuningTable(tmp_path / "tuning.json"))
-    yield
-    set_active_table(previous)
+# The shared case builder and checks (tests/codegen/linear_cases.py), bound to this kernel.
+check_against_truth = functools.partial(linear_cases.check_against_truth, gemv_triton, gemv_ref)
+truth = functools.partial(linear_cases.truth, gemv_ref)
 
 
 @given(
