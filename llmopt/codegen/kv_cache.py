@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .kernel_mode import use_triton
 from .rope import KERNEL_DTYPES as ROPE_DTYPES
-from .rope import _check_rope_inputs, _cos_sin_3d, _rotate_heads, rope_ref
+from .rope import _check_rope_inputs, _cos_sin_3d, _rotate_heads, rotate_pair_ref
 
 
 # --------------------------------------------------------------------------- config space
@@ -202,20 +202,24 @@ def _rope_append_kernel(
 
 
 def rope_kv_cache_append_ref(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions):
-    """Eager: ``rope`` then ``kv_cache_append``; returns the rotated q."""
-    q_rot, k_rot = rope_ref(q, k, cos, sin, rotary_dim, interleaved)
+    """Eager: ``rope`` then ``kv_cache_append``; returns the rotated q. Inputs as checked by
+    ``_check_rope_append`` (the op checks once; this is on every CPU decode step)."""
+    cos3, sin3 = _cos_sin_3d(cos, sin, q, rotary_dim)
+    q_rot, k_rot = rotate_pair_ref(q, k, cos3, sin3, rotary_dim, interleaved)
     kv_cache_append_ref(k_cache, v_cache, positions, k_rot, v)
     return q_rot
 
 
 def _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions):
+    """Raises on a bad call; returns cos/sin as ``[B or 1, S, rotary_dim]`` views."""
     _check_rope_inputs(q, k, rotary_dim, interleaved)
-    _cos_sin_3d(cos, sin, q, rotary_dim)
+    cos3, sin3 = _cos_sin_3d(cos, sin, q, rotary_dim)
     if positions.dim() != 1:
         raise ValueError(f"rope_kv_cache_append: positions must be [S] (shared by the batch), got {tuple(positions.shape)}")
     _check(k_cache, v_cache, positions, k, v)
     if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
         raise ValueError(f"rope_kv_cache_append: k/v dtype {k.dtype}/{v.dtype} must equal the caches' {k_cache.dtype}")
+    return cos3, sin3
 
 
 def rope_kv_cache_append_triton(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions, q_out=None):
@@ -251,8 +255,10 @@ def rope_kv_cache_append(
     """Rotate q (returned) and k (written into ``k_cache`` at ``positions``), append v."""
     if q.dtype in ROPE_DTYPES and use_triton(q, k, k_cache):
         return rope_kv_cache_append_triton(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
-    _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
-    return rope_kv_cache_append_ref(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
+    cos3, sin3 = _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
+    q_rot, k_rot = rotate_pair_ref(q, k, cos3, sin3, rotary_dim, interleaved)
+    kv_cache_append_ref(k_cache, v_cache, positions, k_rot, v)
+    return q_rot
 
 
 @rope_kv_cache_append.register_fake

@@ -246,7 +246,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offse
     acc = _acc_dtype(x.dtype)
     hf = x.to(acc)
     rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    return (hf * rstd * (weight.to(acc) + weight_offset)).to(x.dtype)
+    w = weight.to(acc) + weight_offset if weight_offset else weight.to(acc)  # Gemma's (1 + w)
+    return (hf * rstd * w).to(x.dtype)
 
 
 def add_rms_norm_ref(
