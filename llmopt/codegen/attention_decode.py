@@ -72,7 +72,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .kernel_mode import use_triton
+from .kernel_mode import kernel_mode, use_triton
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -734,6 +734,8 @@ def attention_decode(
     tensors = (q, k_cache, v_cache, kv_lens) + ((mask,) if mask is not None else ())
     if use_triton(*tensors):
         return attention_decode_triton(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
+    if kernel_mode() == "reference":
+        return attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
     return attention_decode_cpu(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
 
 

@@ -10,7 +10,9 @@ it needs no global mutable state:
     ``triton``: always the Triton kernel. With ``TRITON_INTERPRET=1`` this runs the kernel
     in Triton's interpreter on CPU tensors: that is how the kernel tests run on CPU, through
     the registered op, inside ``opcheck`` and ``torch.compile``.
-    ``reference``: always the PyTorch reference (debugging a suspected kernel bug).
+    ``reference``: always the PyTorch reference (debugging a suspected kernel bug), also
+    instead of the faster CPU paths of a few ops (``attention_decode_cpu``, the generated
+    CPU int8 GEMV).
 
 Why an environment variable and not a Python flag: the interpreter itself is switched by
 an environment variable read when ``@triton.jit`` runs, so both are set together, once,

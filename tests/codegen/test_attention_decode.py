@@ -317,6 +317,18 @@ def test_op_runs_the_cpu_implementation_by_default(monkeypatch):
     assert got.shape == q.shape
 
 
+def test_reference_mode_runs_the_reference(reference_kernels, monkeypatch):
+    import llmopt.codegen.attention_decode as ad
+
+    def not_this(*args, **kwargs):
+        raise AssertionError("LLMOPT_KERNELS=reference must not take the SDPA path")
+
+    monkeypatch.setattr(ad, "attention_decode_cpu", not_this)
+    q, k, v, lens = _small_args()
+    got = torch.ops.llmopt.attention_decode(q, k, v, lens, None, 0.125)
+    assert_close(got, ground_truth(q, k, v, lens, None, 0.125), dtype=q.dtype)
+
+
 @given(data=st.data())
 def test_cpu_implementation_matches_fp64(data):
     """The CPU path (fused SDPA over the valid prefix, the reference where SDPA cannot
