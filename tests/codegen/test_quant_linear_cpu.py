@@ -101,3 +101,18 @@ def test_thread_count_is_part_of_the_key(threads):
         assert any(key[0] == threads for key in qcpu._GEMVS._compiled)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_converts_the_weight_in_blocks(dtype):
+    """Prefill-sized float calls convert the int8 weight a block of rows at a time
+    (``_DEQUANT_BLOCK_BYTES``): a ragged last block, same result as the fp64 truth."""
+    k = 4096
+    rows = max(64, ql._DEQUANT_BLOCK_BYTES // (torch.tensor([], dtype=dtype).element_size() * k))
+    n = 2 * rows + 37
+    w, s = _int8_weight(n, k)
+    x = torch.randn(qcpu.CPU_GEMV_MAX_M + 3, k, dtype=dtype)
+    bias = torch.randn(n, dtype=dtype)
+    out = ql.int8_weight_only_linear_ref(x, w, s, bias)
+    truth = x.double() @ (w.double() * s.double()[:, None]).t() + bias.double()
+    assert_close(out, truth, dtype, "blockwise int8 reference vs fp64")
