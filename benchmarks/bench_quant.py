@@ -8,8 +8,9 @@ Timing: wall clock with synchronisation on CUDA; on CPU the process's CPU time (
 * ``decode`` (eager): greedy decode tokens/s of a randomly initialised Llama (Hugging Face
   ``LlamaForCausalLM``, ``DynamicCache``), quantized in place with ``quantize_``, after a
   short prompt: median time per step over the generated tokens, warm-up excluded (a first
-  full generation runs before timing, so kernel compilation is excluded too). CPU: a
-  ~100M-parameter config (hidden 768, 12 layers, MLP 2048, vocab 32000). CUDA: a
+  short generation runs before timing, so kernel compilation is excluded too); the
+  variants are timed in ``ROUNDS`` interleaved rounds and the median round is reported.
+  CPU: a ~100M-parameter config (hidden 768, 12 layers, MLP 2048, vocab 32000). CUDA: a
   Llama-2-7B-shaped config cut to 4 layers.
 * ``compiled``: the same model under ``torch.compile(backend="llmopt")`` with a
   ``StaticCache``, float vs ``options={"quantize": ...}`` (quantized inside the graph), and
@@ -181,21 +182,35 @@ def compiled_variants(device: str) -> dict:
     }
 
 
+ROUNDS = 3
+
+
 def bench_decode(device: str, config: dict, tokens: int, prompt_len: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**config)).eval().to(device)
     prompt = torch.randint(0, config["vocab_size"], (1, prompt_len), device=device)
-    results = {}
+    models = {}
     for name, build in variants(base, device).items():
-        model = build().to(device)
-        decode_tokens_per_s(model, prompt, 4, device)  # compiles the kernels the variant uses
-        tps, wall_tps = decode_tokens_per_s(model, prompt, tokens, device)
-        results[name] = {"decode_tokens_per_s": tps, "decode_tokens_per_s_wall": wall_tps, **tensor_bytes(model)}
-        print(f"  decode {name:13s} {tps:8.1f} tok/s (wall {wall_tps:6.1f})  state {results[name]['state_dict_bytes'] / 2**20:8.1f} MiB  "
+        models[name] = build().to(device)
+        decode_tokens_per_s(models[name], prompt, 4, device)  # compiles the kernels the variant uses
+    # Interleaved rounds, median per variant: a slow spell of a shared machine then hits
+    # every variant of one round instead of one variant's whole measurement.
+    rounds = {name: [] for name in models}
+    for _ in range(ROUNDS):
+        for name, model in models.items():
+            rounds[name].append(decode_tokens_per_s(model, prompt, tokens, device))
+    results = {}
+    for name, model in models.items():
+        tps = statistics.median(r[0] for r in rounds[name])
+        wall_tps = statistics.median(r[1] for r in rounds[name])
+        results[name] = {"decode_tokens_per_s": tps, "decode_tokens_per_s_wall": wall_tps,
+                         "rounds_tokens_per_s": [r[0] for r in rounds[name]], **tensor_bytes(model)}
+        print(f"  decode {name:16s} {tps:8.1f} tok/s (wall {wall_tps:6.1f}; rounds "
+              f"{', '.join(f'{r[0]:.1f}' for r in rounds[name])})  state {results[name]['state_dict_bytes'] / 2**20:8.1f} MiB  "
               f"linears {results[name]['linear_weight_bytes'] / 2**20:8.1f} MiB", flush=True)
-        del model
+    del models
     for name in results:
         for ref in ("fp32", "bf16"):
             if ref in results:
