@@ -90,6 +90,26 @@ def test_greedy_equals_each_request_alone(kind):
     assert model.config._attn_implementation != ATTENTION_NAME
 
 
+@pytest.mark.filterwarnings("ignore:quantize_. weight-only int4")
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+def test_quantized_model_in_the_engine(scheme):
+    """Linears quantized with ``llmopt.quantize_`` run inside the engine's batched steps
+    (int8 on CPU: the generated GEMV for decode rows, the reference for prefill chunks)
+    and give the tokens of the same quantized model generating alone."""
+    from llmopt.quant import QuantizedLinear, quantize_
+
+    model = quantize_(tiny_model("llama"), scheme)
+    assert any(isinstance(m, QuantizedLinear) for m in model.modules())
+    prompts = prompts_of(LENGTHS[:4])
+    expected = [alone(model, p, n) for p, n in zip(prompts, NEW[:4])]
+    engine = Engine(model, max_num_seqs=2, block_size=8, max_model_len=64)
+    params = [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in NEW[:4]]
+    ids, _ = run_with_arrivals(engine, list(zip(ARRIVE[:4], prompts)), params)
+    for i, rid in ids.items():
+        assert engine.output(rid) == expected[i], f"request {i}"
+    engine.close()
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "decode_first"])
 def test_preemption_chunked_prefill_and_policies_keep_outputs(policy):
     """A pool too small for everyone (preemption by recompute) and a step budget smaller
