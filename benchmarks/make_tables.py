@@ -89,12 +89,19 @@ def script_table(data: dict) -> list[str]:
             if not any(isinstance(r.get(key), float) for r in rows):
                 keys.append(key)
     candidates = list(dict.fromkeys(c for r in rows for c in (r.get(metric) or {}))) if metric else []
+    # Rows of plain numbers (bench_decode: one row per backend): each numeric field a column.
+    scalars = [] if metric else [
+        k for k in rows[0]
+        if k not in keys and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows)
+    ]
     speedups = list(dict.fromkeys(c for r in rows for c in (r.get("speedup") or {})))
-    head = keys + [f"{metric} {c}" for c in candidates] + [f"{s.replace('_', ' ')}" for s in speedups]
+    head = (keys + [f"{metric} {c}" for c in candidates] + [k.replace("_", " ") for k in scalars]
+            + [f"{s.replace('_', ' ')}" for s in speedups])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(keys) + "---:|" * (len(head) - len(keys))]
     for r in rows[:_MAX_ROWS]:
         cells = [_cell(r.get(k, "")) for k in keys]
         cells += [_cell((r.get(metric) or {}).get(c, "–")) for c in candidates]
+        cells += [_cell(float(r[k])) for k in scalars]
         cells += [(f"{v:.2f}×" if isinstance(v, (int, float)) else "–")
                   for v in ((r.get("speedup") or {}).get(s) for s in speedups)]
         out.append("| " + " | ".join(cells) + " |")

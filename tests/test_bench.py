@@ -200,3 +200,15 @@ def test_make_tables_writes_between_markers(results, tmp_path):
 def test_committed_readme_tables_are_up_to_date():
     mt = _make_tables()
     assert mt.main(["--check"]) == 0, "run: python benchmarks/make_tables.py"
+
+
+def test_script_table_renders_rows_of_plain_numbers():
+    """bench_decode writes one row per backend with plain numeric fields: each is a column."""
+    mt = _make_tables()
+    data = {"benchmark": "decode", "results": [
+        {"backend": "eager", "batch": 1, "decode_tokens_per_s": 26.4, "ttft_s": 0.134},
+        {"backend": "llmopt-aten", "batch": 1, "decode_tokens_per_s": 29.4, "ttft_s": 0.254},
+    ]}
+    lines = mt.script_table(data)
+    assert lines[0] == "| backend | batch | decode tokens per s | ttft s |"
+    assert lines[3] == "| llmopt-aten | 1 | 29.4 | 0.254 |"
