@@ -203,7 +203,7 @@ def _rope_append_kernel(
 
 def rope_kv_cache_append_ref(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions):
     """Eager: ``rope`` then ``kv_cache_append``; returns the rotated q. Inputs as checked by
-    ``_check_rope_append`` (the op checks once; this is on every CPU decode step)."""
+    ``_check_rope_append`` (the op checks them; this runs in every CPU decode step)."""
     cos3, sin3 = _cos_sin_3d(cos, sin, q, rotary_dim)
     q_rot, k_rot = rotate_pair_ref(q, k, cos3, sin3, rotary_dim, interleaved)
     kv_cache_append_ref(k_cache, v_cache, positions, k_rot, v)
@@ -223,8 +223,7 @@ def _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_ca
 
 
 def rope_kv_cache_append_triton(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions, q_out=None):
-    _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
-    cos3, sin3 = _cos_sin_3d(cos, sin, q, rotary_dim)
+    cos3, sin3 = _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
     B, HQ, S, D = q.shape
     HK = k.shape[1]
@@ -255,10 +254,8 @@ def rope_kv_cache_append(
     """Rotate q (returned) and k (written into ``k_cache`` at ``positions``), append v."""
     if q.dtype in ROPE_DTYPES and use_triton(q, k, k_cache):
         return rope_kv_cache_append_triton(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
-    cos3, sin3 = _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
-    q_rot, k_rot = rotate_pair_ref(q, k, cos3, sin3, rotary_dim, interleaved)
-    kv_cache_append_ref(k_cache, v_cache, positions, k_rot, v)
-    return q_rot
+    _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
+    return rope_kv_cache_append_ref(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
 
 
 @rope_kv_cache_append.register_fake

@@ -750,7 +750,8 @@ def w8a8_linear_triton(x, w_int8, w_scales, bias=None, out=None):
     xq, sx = quantize_rows_int8_triton(x2)
     b = bias if bias is not None else w_scales
     _launch("w8a8_gemm", _w8a8_gemm_kernel, _grid_gemm(n, m), _GEMM_DEFAULT, x.is_cuda,
-            xq, sx, w_int8, w_scales, b, y2, m, n, k, xq.stride(0), xq.stride(1), w_int8.stride(0), w_int8.stride(1), y2.stride(0), y2.stride(1),
+            xq, sx, w_int8, w_scales, b, y2,
+            m, n, k, xq.stride(0), xq.stride(1), w_int8.stride(0), w_int8.stride(1), y2.stride(0), y2.stride(1),
             M_BUCKET=m_bucket(m), HAS_BIAS=bias is not None)
     return y
 

@@ -57,14 +57,12 @@ CPU_GEMV_MAX_M = 4
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _int8_gemv(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor]:
-    acc = (x[:, None, :].to(torch.float32) * w_int8.to(torch.float32)).sum(-1)
-    return ((acc * scales.to(torch.float32)).to(x.dtype),)
-
-
-def _int8_gemv_bias(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor]:
-    acc = (x[:, None, :].to(torch.float32) * w_int8.to(torch.float32)).sum(-1)
-    return ((acc * scales.to(torch.float32) + bias.to(torch.float32)).to(x.dtype),)
+def _int8_gemv(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, *bias: torch.Tensor) -> tuple[torch.Tensor]:
+    """The traced expression; ``bias``: none, or one ``[N]`` tensor."""
+    y = (x[:, None, :].to(torch.float32) * w_int8.to(torch.float32)).sum(-1) * scales.to(torch.float32)
+    if bias:
+        y = y + bias[0].to(torch.float32)
+    return (y.to(x.dtype),)
 
 
 def _compile(args: tuple[torch.Tensor, ...]):
@@ -72,9 +70,8 @@ def _compile(args: tuple[torch.Tensor, ...]):
 
     from ..compat import inductor_compile
 
-    body = _int8_gemv_bias if len(args) == 4 else _int8_gemv
     example = [a.clone() for a in args]
-    return inductor_compile(make_fx(body)(*example), example)
+    return inductor_compile(make_fx(_int8_gemv)(*example), example)
 
 
 class CompiledCpuGemv:

@@ -28,8 +28,6 @@ from ..report import layer_of
 
 aten = torch.ops.aten
 
-HEAD_NAMES = ("lm_head", "embed_out", "output")
-
 
 def run(gm: fx.GraphModule, ctx) -> int:
     config = ctx.options.quantize
@@ -37,6 +35,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
         return 0
     from ..quant import GPTQ, Int4WeightOnly, Int8KVCache
     from ..quant.modules import QuantizedLinear
+    from ..quant.quantize import HEAD_NAMES
     from ..quant.schemes import quantize_weight
 
     if isinstance(config, GPTQ):

@@ -89,7 +89,7 @@ def select_linears(model: nn.Module, config, filter_fn: Callable[[nn.Module, str
         if filter_fn is None:
             if type(module) is not nn.Linear:
                 continue
-            if is_head(module, fqn, head) and not (with_head and not tied_to_embedding(model, module)):
+            if is_head(module, fqn, head) and (not with_head or tied_to_embedding(model, module)):
                 continue
         elif not filter_fn(module, fqn):
             continue

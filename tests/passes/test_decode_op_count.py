@@ -21,18 +21,16 @@ per step outside the layers and is not counted per layer; so is the one scalar a
 which the last layer advances the cache's slot counter (an op whose value only feeds the
 write-back ``copy_`` of that counter).
 """
-import dataclasses
 import operator
 
 import torch
 
 import llmopt
-from llmopt import backend, passes
 from llmopt.graph import VIEW_OPS, op_name
 from llmopt.codegen import tuning_table
-from llmopt.passes import select_linear_kernel as slk
 from llmopt.report import layer_of
 from models.tiny import tiny_model, tokens
+from passes.final_graphs import capture_final_graphs
 
 CPU_OPS_PER_LAYER = 9
 CUDA_OPS_PER_LAYER = 8
@@ -56,19 +54,8 @@ def layer_ops(gm, layer: int) -> list[str]:
 
 
 def compiled_decode_graph(monkeypatch, as_cuda: bool):
-    graphs = []
-    pipeline = backend.run_pipeline
-
-    def run_pipeline(gm, ctx):
-        total = pipeline(gm, ctx)
-        if as_cuda:  # the CUDA branch of the kernel selection, as in test_select_linear_kernel
-            cuda_ctx = dataclasses.replace(ctx, device=torch.device("cuda"))
-            total += passes._run_one("select_linear_kernel", slk, gm, cuda_ctx)
-        graphs.append(gm)
-        return total
-
-    monkeypatch.setattr(backend, "run_pipeline", run_pipeline)
-    monkeypatch.setattr(slk, "device_name", lambda device: "NVIDIA Test GPU")
+    # as_cuda: the CUDA branch of the kernel selection, as in test_select_linear_kernel
+    graphs = capture_final_graphs(monkeypatch, as_cuda=as_cuda)
     # The tiny model stands in for a real one: its weights are below the heuristic's
     # "tiny weight, launch cost dominates -> cuBLAS" threshold, real Llama weights are not.
     monkeypatch.setattr(tuning_table, "TINY_WEIGHT_ELEMENTS", 0)

@@ -31,10 +31,10 @@ import torch.fx as fx
 import transformers
 
 import llmopt
-from llmopt import backend
 from llmopt.graph import op_name
 from llmopt.report import layer_of
 from models.tiny import tiny_model, tokens
+from passes.final_graphs import capture_final_graphs
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("LLMOPT_UPDATE_GOLDEN", "") not in ("", "0")
@@ -111,16 +111,8 @@ def _value(v) -> str:
 @pytest.fixture(scope="module")
 def llama_graphs():
     """(prefill, decode) final graphs of the seeded tiny Llama, compiled once for the module."""
-    captured = []
-    pipeline = backend.run_pipeline
-
-    def run_pipeline(gm, ctx):
-        total = pipeline(gm, ctx)
-        captured.append(gm)
-        return total
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(backend, "run_pipeline", run_pipeline)
+        captured = capture_final_graphs(mp)
         torch._dynamo.reset()
         model = tiny_model("llama", torch.float32, seed=0)
         compiled = torch.compile(model, backend="llmopt", options={"strict": True, "autotune": "off"})

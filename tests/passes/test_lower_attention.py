@@ -14,9 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llmopt
-from llmopt import backend
 from conftest import assert_close
 from models.tiny import CONFIGS, NUM_LAYERS, tiny_model, tokens
+from passes.final_graphs import capture_final_graphs
 
 PASS = "lower_attention"
 PASSES = ["normalize", PASS]
@@ -34,16 +34,7 @@ def _fresh_dynamo():
 @pytest.fixture
 def graphs(monkeypatch):
     """The final (post-pass) FX graph of each compile, in compile order."""
-    captured = []
-    pipeline = backend.run_pipeline
-
-    def run_pipeline(gm, ctx):
-        total = pipeline(gm, ctx)
-        captured.append(gm)
-        return total
-
-    monkeypatch.setattr(backend, "run_pipeline", run_pipeline)
-    return captured
+    return capture_final_graphs(monkeypatch)
 
 
 def compile_and_run(fn, *inputs, only=PASSES, **kwargs):

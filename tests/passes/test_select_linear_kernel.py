@@ -8,7 +8,6 @@ GPU name), inside the same fake mode; the rewritten graph then runs on CPU, wher
 ``llmopt.linear`` executes its PyTorch reference — or, with the ``triton_kernels``
 fixture, the chosen GEMV / flat GEMM Triton kernels in the interpreter.
 """
-import dataclasses
 import json
 
 import pytest
@@ -18,7 +17,6 @@ import torch.nn.functional as F
 
 import llmopt
 from conftest import assert_close
-from llmopt import backend, passes
 from llmopt.codegen import linear as linear_module
 from llmopt.codegen.tuning_table import (
     M_BUCKETS,
@@ -32,6 +30,7 @@ from llmopt.codegen.tuning_table import (
 )
 from llmopt.passes import select_linear_kernel as slk
 from models.tiny import NUM_LAYERS, tiny_model, tokens
+from passes.final_graphs import capture_final_graphs
 
 PASS = "select_linear_kernel"
 GPU = "NVIDIA Test GPU"
@@ -50,20 +49,9 @@ def isolated_tables(monkeypatch, tmp_path):
 
 @pytest.fixture
 def cuda_branch(monkeypatch):
-    """Run this pass as on CUDA (see the module docstring); returns a dict holding the final graph."""
-    box = {}
-    pipeline = backend.run_pipeline
-
-    def run_pipeline(gm, ctx):
-        total = pipeline(gm, ctx)
-        cuda_ctx = dataclasses.replace(ctx, device=torch.device("cuda"))
-        total += passes._run_one(PASS, slk, gm, cuda_ctx)
-        box["gm"] = gm
-        return total
-
-    monkeypatch.setattr(backend, "run_pipeline", run_pipeline)
-    monkeypatch.setattr(slk, "device_name", lambda device: GPU)
-    return box
+    """Run this pass as on CUDA (see the module docstring); returns the final graphs, the
+    last compiled one last."""
+    return capture_final_graphs(monkeypatch, as_cuda=True, gpu_name=GPU)
 
 
 def compile_run(module, *inputs, only=BEFORE, **options):
@@ -186,7 +174,7 @@ def test_dispatch_per_bucket_follows_the_table(cuda_branch, tmp_path):
     x = torch.randn(3, 512)
     out, report = compile_run(m, x, tuning_table=path)
     assert_close(out, m(x).detach(), torch.float32)
-    (node,) = linear_nodes(cuda_branch["gm"])
+    (node,) = linear_nodes(cuda_branch[-1])
     expected = {b: table.get(b) or heuristic_kernel(GPU, torch.float32, 1024, 512, b)[0] for b in M_BUCKETS}
     assert parse_kernels(node.args[5]) == expected
     (choice,) = report.kernel_choices
@@ -256,7 +244,7 @@ def test_all_mm_linears_stay_aten_on_cuda(cuda_branch):
     x = torch.randn(4, 32)
     out, report = compile_run(m, x)
     assert_close(out, m(x).detach(), torch.float32)
-    assert report.rewrites_by_pass()[PASS] == 0 and not linear_nodes(cuda_branch["gm"])
+    assert report.rewrites_by_pass()[PASS] == 0 and not linear_nodes(cuda_branch[-1])
     (choice,) = report.kernel_choices
     assert choice.kernel == "mm" and "tiny weight" in choice.reason
 
@@ -271,7 +259,7 @@ def test_tiny_llama_cuda_branch(cuda_branch, tmp_path, dtype):
     x = tokens(2, 7)
     out, report = compile_run(model, x, tuning_table=path)
     assert_close(out.logits, model(x).logits.detach(), dtype)
-    gm = cuda_branch["gm"]
+    gm = cuda_branch[-1]
     lins = linear_nodes(gm)
     assert report.rewrites_by_pass()[PASS] == len(lins) == 4 * NUM_LAYERS + 1
     assert sum(n.args[4] == "silu" for n in lins) == NUM_LAYERS  # gated epilogue per layer
@@ -299,12 +287,12 @@ def test_gated_and_residual_epilogues(cuda_branch, tmp_path, monkeypatch, act, d
     x = torch.randn(1, 3, 32, dtype=dtype)  # M = 3: flat_gemm
     out, report = compile_run(m, x, tuning_table=path)
     assert_close(out, m(x).detach(), dtype)
-    gate_up, down = linear_nodes(cuda_branch["gm"])
+    gate_up, down = linear_nodes(cuda_branch[-1])
     assert gate_up.args[4] == act and gate_up.args[3] is None  # [gate; up] rows, output width I
     assert down.args[4] == "" and down.args[3] is not None  # + x in the epilogue
     assert report.rewrites_by_pass()[PASS] == 2
-    assert ops(cuda_branch["gm"], torch.ops.aten.add.Tensor) == 0
-    assert ops(cuda_branch["gm"], torch.ops.llmopt.gated_activation.default) == 0
+    assert ops(cuda_branch[-1], torch.ops.aten.add.Tensor) == 0
+    assert ops(cuda_branch[-1], torch.ops.llmopt.gated_activation.default) == 0
     details = [r.detail for r in report.rewrites if r.pass_name == PASS]
     assert f"gated {act}" in details[0] and "+ residual" in details[1]
     if kernels == "reference":
@@ -324,9 +312,9 @@ def test_residual_add_in_either_order(cuda_branch, tmp_path, order):
     x = torch.randn(5, 32)
     out, _ = compile_run(m, x, tuning_table=path)
     assert_close(out, m(x).detach(), torch.float32)
-    (node,) = linear_nodes(cuda_branch["gm"])
+    (node,) = linear_nodes(cuda_branch[-1])
     assert node.args[3] is not None
-    assert ops(cuda_branch["gm"], torch.ops.aten.add.Tensor) == 0
+    assert ops(cuda_branch[-1], torch.ops.aten.add.Tensor) == 0
 
 
 @pytest.mark.parametrize("case", ["extra_user", "broadcast", "promotion"])
@@ -355,7 +343,7 @@ def test_residual_not_fused_when_the_graph_forbids(cuda_branch, tmp_path, case):
         out, expected = (out,), (expected,)
     for a, e in zip(out, expected):
         assert_close(a, e.detach(), a.dtype)
-    (node,) = linear_nodes(cuda_branch["gm"])
+    (node,) = linear_nodes(cuda_branch[-1])
     assert node.args[3] is None
     assert report.rewrites_by_pass()[PASS] == 1
     if case != "extra_user":
@@ -369,9 +357,9 @@ def test_gated_not_fused_when_a_half_has_another_user(cuda_branch, tmp_path):
     out, report = compile_run(m, x, tuning_table=path)
     for a, e in zip(out, m(x)):
         assert_close(a, e.detach(), torch.float32)
-    gate_up = linear_nodes(cuda_branch["gm"])[0]
+    gate_up = linear_nodes(cuda_branch[-1])[0]
     assert gate_up.args[4] == ""
-    assert ops(cuda_branch["gm"], torch.ops.llmopt.gated_activation.default) == 1
+    assert ops(cuda_branch[-1], torch.ops.llmopt.gated_activation.default) == 1
     assert any(nm.pass_name == PASS and "other users" in nm.reason for nm in report.near_misses)
 
 
@@ -396,7 +384,7 @@ def test_dynamic_rows_keep_one_graph(cuda_branch, tmp_path):
         for seq in (3, 5, 9):
             x = torch.randn(2, seq, 32)
             assert_close(f(x), m(x), torch.float32)
-    gate_up, down = linear_nodes(cuda_branch["gm"])
+    gate_up, down = linear_nodes(cuda_branch[-1])
     assert gate_up.args[4] == "silu" and down.args[3] is not None
 
 
