@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -159,23 +160,55 @@ def _node_name(node: Any) -> str:
 
 
 def layer_of(node: Any) -> str:
-    """The module path a graph node came from (``model.layers.3.self_attn``), or ''."""
+    """The module path a graph node came from (``model.layers.3.self_attn``), or ''.
+
+    The innermost entry of ``nn_module_stack`` that hangs off the same root as the
+    outermost one: transformers >= 5.2x wraps some functions (``apply_rotary_pos_emb``) in
+    modules reached through a global (``G['__import_…'].apply_rotary_pos_emb``), which
+    would otherwise name the node after the function instead of its layer."""
     meta = getattr(node, "meta", None) or {}
     stack = meta.get("nn_module_stack")
     if not stack:
         return ""
-    # The innermost entry is last; each value is (qualified path, module type).
-    path = list(stack.values())[-1]
-    path = path[0] if isinstance(path, tuple) else path
-    return _clean_module_path(str(path))
+    # Outermost first; each value is (qualified path, module type).
+    paths = [str(v[0] if isinstance(v, tuple) else v) for v in stack.values()]
+    root = _source_of(paths[0])
+    chosen = next((p for p in reversed(paths) if _source_of(p) == root), paths[-1])
+    return clean_module_path(chosen)
 
 
-def _clean_module_path(path: str) -> str:
-    # Dynamo spells paths like "L['self'].model.layers[0].self_attn" or
-    # "L__self___model_layers_0_self_attn"; reduce both to "model.layers.0.self_attn".
-    path = path.replace("L['self'].", "").replace("L['self']", "")
-    path = path.replace("['", ".").replace("']", "").replace("[", ".").replace("]", "")
-    path = path.replace("._modules.", ".")
+def _source_of(path: str) -> str:
+    m = _SOURCE_PREFIX.match(path.strip())
+    return m.group(0) if m else ""
+
+
+# A Dynamo source names the object a module path starts from: ``L['self']``,
+# ``L['args'][0]`` (transformers >= 5.2x wraps ``forward`` in a decorator),
+# ``L['fn'].__self__`` (a compiled bound method), ``G['model']``, ``L['kwargs']['m']``,
+# or its flattened identifier (``L__self___``, ``L_args_0_``). Everything after it is the
+# module path proper. One regex strips any of them, so a new spelling in a Dynamo or
+# transformers release changes this line only.
+_SOURCE_PREFIX = re.compile(
+    r"""^(?:
+        [LG]\[(?:'[^']*'|"[^"]*"|\d+)\]          # L['self'], G['model']
+        (?:\[(?:'[^']*'|"[^"]*"|\d+)\])*          # ['args'][0], ['kwargs']['m']
+        (?:\.__self__)?                           # a bound method's receiver
+      | [LG]_{1,2}(?:self|args_\d+|fn___self__|[A-Za-z0-9]+)_{1,3}  # flattened spellings
+    )""",
+    re.VERBOSE,
+)
+
+
+def clean_module_path(path: str) -> str:
+    """A Dynamo module path reduced to the model's own: ``L['args'][0].model.layers[0].mlp``
+    → ``model.layers.0.mlp``, whatever source prefix Dynamo put in front of it."""
+    path = path.strip()
+    m = _SOURCE_PREFIX.match(path)
+    if m:
+        path = path[m.end():]
+    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
+    path = path.replace("._modules.", ".").replace(".__self__", "")
     return path.strip(".")
 
 
