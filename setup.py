@@ -11,18 +11,21 @@ setup(
     description="A torch.compile backend for fast, memory-lean LLM inference",
     packages=find_packages(include=["llmopt", "llmopt.*"]),
     python_requires=">=3.10",
-    # torch is deliberately unpinned above 2.6: with a CPU build already installed, pip
-    # must not resolve (and download) another torch.
-    install_requires=["torch>=2.6", "networkx>=3.0", "safetensors>=0.4"],
+    # Tested ranges, lower and upper bounds (the exact versions CI runs are in
+    # .ci/constraints.txt; README "Testing against the newest releases" runs the suite on
+    # whatever the registry serves newest). torch's range admits every build from 2.6 on
+    # that we test, so that with a CPU build already installed pip never resolves (and
+    # downloads) another torch.
+    install_requires=["torch>=2.6,<2.14", "networkx>=3.0,<4", "safetensors>=0.4,<1"],
     extras_require={
-        "triton": ["triton>=3.2"],
+        "triton": ["triton>=3.2,<3.10"],
         "dev": [
-            "triton>=3.2",
-            "pytest>=8",
-            "pytest-timeout>=2.3",
-            "hypothesis>=6.100",
-            "transformers>=4.48",
-            "matplotlib>=3.8",
+            "triton>=3.2,<3.10",
+            "pytest>=8,<10",
+            "pytest-timeout>=2.3,<3",
+            "hypothesis>=6.100,<7",
+            "transformers>=4.48,<5.26",
+            "matplotlib>=3.8,<4",
         ],
     },
     entry_points={
