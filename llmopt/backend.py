@@ -34,7 +34,7 @@ from . import compat
 from .graph import count_ops, networkx_view, op_histogram, tensor_meta
 from .options import Options
 from .passes import PassContext, run_pipeline
-from .report import CompileReport, register_report
+from .report import CompileReport, one_line_error, register_report
 
 log = logging.getLogger("llmopt")
 
@@ -70,12 +70,13 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
     try:
         return compat.aot_inference_capture(gm, example_inputs, fw_compiler)
     except Exception as exc:
-        if opts.strict:
+        if opts.strict or compat.is_dynamo_control_flow(exc):
             raise
         report = CompileReport(options=opts.to_dict(), executor="eager (dynamo graph)")
         report.fallback("capture", f"AOTAutograd could not capture the graph: {type(exc).__name__}: {exc}")
         _finish_report(report, opts)
-        log.warning("llmopt: capture failed, running the graph unoptimized: %s", exc)
+        log.warning("llmopt: capture failed, running the graph unoptimized (detail in llmopt.last_report()): %s",
+                    one_line_error(exc))
         return gm.forward
 
 
@@ -217,7 +218,7 @@ def _make_executor(gm, fake_inputs, executor, report, opts, device, static_idxs)
         try:
             return compat.inductor_compile(gm, fake_inputs, cudagraphs=graphs, static_input_idxs=static_idxs)
         except Exception as exc:
-            if opts.strict:
+            if opts.strict or compat.is_dynamo_control_flow(exc):
                 raise
             report.fallback("executor", f"Inductor failed ({type(exc).__name__}: {exc}); using the aten executor")
             report.executor = "aten"

@@ -256,3 +256,19 @@ def recording_recompiles() -> _RecompileRecorder:
     False on a torch whose logging internals differ (then no messages are collected).
     """
     return _RecompileRecorder()
+
+
+def dynamo_control_flow_exceptions() -> tuple[type[BaseException], ...]:
+    """Exceptions with which Dynamo steers its own tracing (restart the analysis with other
+    settings, skip a frame). A backend must let them propagate: catching one as a failure
+    runs the graph unoptimized for no reason (``dynamic=True`` raises
+    ``TensorifyScalarRestartAnalysis`` from inside AOTAutograd)."""
+    import torch._dynamo.exc as dynamo_exc
+
+    names = ("RestartAnalysis", "SkipFrame", "ResetRequired", "RecompileError")
+    return tuple(c for c in (getattr(dynamo_exc, n, None) for n in names) if isinstance(c, type))
+
+
+def is_dynamo_control_flow(exc: BaseException) -> bool:
+    """True when ``exc`` is one of Dynamo's control-flow exceptions (never swallow it)."""
+    return isinstance(exc, dynamo_control_flow_exceptions())

@@ -159,3 +159,41 @@ def to_dot(g: nx.DiGraph, title: str = "llmopt") -> str:
 def replace_all_uses(old: fx.Node, new: fx.Node) -> None:
     """Point every user of ``old`` at ``new`` (metadata of users stays valid: same value)."""
     old.replace_all_uses_with(new)
+
+
+def is_side_effect_free(node: fx.Node) -> bool:
+    """True for nodes that may move in the graph: no in-place writes, no outputs,
+    no placeholders (an op whose schema mutates an argument is pinned where it is)."""
+    if node.op != "call_function":
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return not schema.is_mutable
+    return True  # operator.getitem and other Python callables on values
+
+
+def move_users_after(node: fx.Node) -> int:
+    """Move the (transitive) users of ``node`` that stand before it to just after it.
+
+    A pass that inserts ``new`` late and then points an earlier node's users at it (say a
+    ``sym_size`` of the tensor it replaces, read for a symbolic batch size) leaves those
+    users before their input. They are moved after ``node`` in their original order;
+    only side-effect-free nodes are moved (a mutating one raises: moving it could reorder
+    a write and a read). Returns how many nodes moved."""
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    here = order[node]
+    early: set[fx.Node] = set()
+    stack = [u for u in node.users if order[u] < here]
+    while stack:
+        n = stack.pop()
+        if n in early:
+            continue
+        if not is_side_effect_free(n):
+            raise RuntimeError(f"{n.name} ({n.target}) stands before its input {node.name} and writes memory: cannot reorder")
+        early.add(n)
+        stack.extend(u for u in n.users if order[u] < here)
+    anchor = node
+    for n in sorted(early, key=order.__getitem__):
+        anchor.append(n)
+        anchor = n
+    return len(early)

@@ -29,7 +29,8 @@ class PassRecord:
     status: str  # "ok" | "disabled" | "failed" | "not-applicable"
     rewrites: int = 0
     seconds: float = 0.0
-    error: str | None = None
+    error: str | None = None   # one line: exception type and the first line of its message
+    detail: str | None = None  # the whole message and traceback of a failed pass
 
 
 @dataclass
@@ -153,6 +154,13 @@ class CompileReport:
         for n in self.notes:
             lines.append(f"note: {n}")
         return "\n".join(lines)
+
+
+def one_line_error(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    text = f"{type(exc).__name__}: {first}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _node_name(node: Any) -> str:

@@ -229,3 +229,63 @@ def test_aten_executor_on_cpu_calls_llmopt_ops_directly():
     report = llmopt.last_report()
     assert any(op.startswith("llmopt.") for op in report.ops_after)
     assert any("run their CPU implementation directly" in note for note in report.notes)
+
+
+def test_failed_pass_logs_one_line_and_keeps_the_detail_in_the_report(monkeypatch, caplog):
+    graph_dump = "\n".join(f"    %n{i} = call_function[...]" for i in range(700))
+
+    def boom(gm, ctx):
+        raise RuntimeError("Argument 'x' was used before it has been defined!\n" + graph_dump)
+
+    real = passes.available_passes
+    monkeypatch.setattr(passes, "available_passes", lambda: {**real(), "fuse_rope": types.SimpleNamespace(run=boom)})
+    m = MLP().eval()
+    x = torch.randn(2, 16)
+    with caplog.at_level("WARNING", logger="llmopt"), torch.no_grad():
+        torch.compile(m, backend="llmopt")(x)
+    lines = [r.getMessage() for r in caplog.records if "fuse_rope" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and len(lines[0]) < 400, lines
+    rec = {p.name: p for p in llmopt.last_report().passes}["fuse_rope"]
+    assert rec.error == "RuntimeError: Argument 'x' was used before it has been defined!"
+    assert "%n699" in rec.detail and "Traceback" in rec.detail
+
+
+def test_dynamo_control_flow_exceptions_propagate_from_a_pass(monkeypatch):
+    import torch._dynamo.exc as dynamo_exc
+
+    calls = []
+
+    def restart(gm, ctx):
+        calls.append(1)
+        if len(calls) == 1:
+            raise dynamo_exc.RestartAnalysis("restart")  # Dynamo re-traces; never a pass failure
+        return 0
+
+    real = passes.available_passes
+    monkeypatch.setattr(passes, "available_passes", lambda: {**real(), "fuse_rope": types.SimpleNamespace(run=restart)})
+    with pytest.raises(dynamo_exc.RestartAnalysis):
+        passes._run_one("fuse_rope", types.SimpleNamespace(run=restart), torch.fx.symbolic_trace(MLP()),
+                        passes.PassContext(options=Options(), report=llmopt.CompileReport(), device=torch.device("cpu")))
+
+
+def test_dynamic_true_end_to_end_is_optimized_not_a_capture_fallback():
+    # dynamic=True makes AOTAutograd raise TensorifyScalarRestartAnalysis on the first
+    # attempt; swallowing it as a capture failure ran the graph unoptimized.
+    import sys as _sys
+    _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from models.tiny import tiny_model, tokens
+
+    torch._dynamo.reset()
+    llmopt.clear_reports()
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="llmopt", dynamic=True)
+    with torch.no_grad():
+        for batch, seq in ((1, 6), (2, 9)):
+            ids = tokens(batch, seq)
+            assert torch.equal(llmopt.generate(compiled, ids, max_new_tokens=4), llmopt.generate(model, ids, max_new_tokens=4))
+    reports = llmopt.reports()
+    assert reports and all(not r.fallbacks for r in reports), [r.fallbacks for r in reports]
+    assert all(r.executor == "aten" for r in reports)
+    for report in reports[:2]:  # the prefill and decode graphs of the first call
+        by_pass = report.rewrites_by_pass()
+        assert by_pass["merge_parallel_linears"] == 4 and by_pass["lower_attention"] == 2 and by_pass["kv_cache"] == 2

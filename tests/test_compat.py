@@ -79,3 +79,14 @@ def test_inductor_compile_of_a_make_fx_graph_with_real_inputs():
     assert getattr(run, "_boxed_call", False)
     (out,) = run([x, w])
     torch.testing.assert_close(out, x @ w.float().t())
+
+
+def test_dynamo_control_flow_exceptions_are_recognized():
+    import torch._dynamo.exc as dynamo_exc
+
+    assert compat.is_dynamo_control_flow(dynamo_exc.RestartAnalysis())
+    tensorify = getattr(dynamo_exc, "TensorifyScalarRestartAnalysis", None)
+    if tensorify is not None:
+        assert compat.is_dynamo_control_flow(tensorify())
+    assert compat.is_dynamo_control_flow(dynamo_exc.SkipFrame("skip"))
+    assert not compat.is_dynamo_control_flow(RuntimeError("a real failure"))

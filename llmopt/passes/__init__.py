@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..report import CompileReport, PassRecord
+from .. import compat
+from ..report import CompileReport, PassRecord, one_line_error
 
 log = logging.getLogger("llmopt")
 
@@ -113,6 +114,8 @@ def _run_one(name: str, module: Any, gm: fx.GraphModule, ctx: PassContext) -> in
         count = int(module.run(gm, ctx))
         gm.graph.lint()
     except Exception as exc:  # a pass must never take the user's model down
+        if compat.is_dynamo_control_flow(exc):
+            raise  # Dynamo steers its tracing with these: never swallow them
         seconds = time.perf_counter() - start
         gm.graph = saved_graph
         for attr in set(gm._buffers) - saved_attrs:
@@ -120,9 +123,12 @@ def _run_one(name: str, module: Any, gm: fx.GraphModule, ctx: PassContext) -> in
         gm.recompile()
         del ctx.report.rewrites[n_rewrites:]
         del ctx.report.near_misses[n_near:]
-        message = f"{type(exc).__name__}: {exc}"
-        ctx.report.passes.append(PassRecord(name, "failed", 0, seconds, message))
-        log.warning("llmopt: pass %s failed and was skipped: %s\n%s", name, message, traceback.format_exc())
+        message = one_line_error(exc)
+        detail = traceback.format_exc()
+        ctx.report.passes.append(PassRecord(name, "failed", 0, seconds, message, detail))
+        # One line in the log (an FX error message can hold the whole graph); the message
+        # and traceback are in the report (PassRecord.detail).
+        log.warning("llmopt: pass %s failed and was skipped (detail in llmopt.last_report()): %s", name, message)
         if ctx.options.strict:
             raise PassFailed(f"llmopt pass {name!r} failed: {message}") from exc
         return 0

@@ -37,7 +37,7 @@ import torch.fx as fx
 from ..codegen import attention_decode as _decode  # noqa: F401  (registers the op)
 from ..codegen import attention_prefill as _prefill  # noqa: F401
 from ..codegen import kv_cache as _kv  # noqa: F401
-from ..graph import tensor_meta
+from ..graph import move_users_after, tensor_meta
 
 aten = torch.ops.aten
 llmopt = torch.ops.llmopt
@@ -238,6 +238,9 @@ def _rewrite(gm, node, args, k_upd, v_upd, write_backs, plans, ctx) -> None:
             fused.meta["val"] = tensor_meta(q)
             q_getitem = next(u for u in rope.users if u.args[1] == 0)
             q_getitem.replace_all_uses_with(fused)
+            # Readers of q's size placed earlier (a symbolic batch size for kv_lens, once
+            # the batch size has changed between calls) now read ``fused``: keep them after it.
+            move_users_after(fused)
             q = fused
         else:
             append = g.call_function(llmopt.kv_cache_append.default, (kc, vc, pos, knew, vnew))

@@ -154,3 +154,25 @@ def test_lazily_allocated_hf_static_cache_is_written_in_place(inner):
     in_place = [r for r in report.rewrites if r.pass_name == PASS and "written in place" in r.detail]
     layers = model.config.num_hidden_layers
     assert len(in_place) == (2 * layers if inner == "aten" else 0)
+
+
+def test_gemma2_batch_size_change_keeps_the_graph_ordered():
+    # A second batch size makes the batch symbolic: the kv_lens plan reads q's size, and
+    # q is replaced by the fused rope+append node inserted later. Under strict this raised
+    # "used before it has been defined"; by default the pass was rolled back.
+    import transformers as tf
+
+    torch._dynamo.reset()
+    llmopt.clear_reports()
+    torch.manual_seed(0)
+    config = tf.Gemma2Config(vocab_size=256, num_hidden_layers=2, max_position_embeddings=256, hidden_size=64,
+                             intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             sliding_window=8)
+    model = tf.Gemma2ForCausalLM(config).eval()
+    compiled = torch.compile(model, backend="llmopt", options={"strict": True})
+    with torch.no_grad():
+        for batch in (1, 2, 3):
+            ids = tokens(batch, 6)
+            assert torch.equal(llmopt.generate(compiled, ids, max_new_tokens=3), llmopt.generate(model, ids, max_new_tokens=3))
+    assert all(p.status != "failed" for r in llmopt.reports() for p in r.passes)
+    assert any(r.rewrites_by_pass().get(PASS) == 2 for r in llmopt.reports()[2:])
