@@ -4,9 +4,12 @@
 
 Builds the model from a config (random weights, nothing downloaded), compiles its
 forward with ``backend="llmopt"``, generates greedily with a static KV cache, prints the
-compile report of the decode graph and tokens/s of eager vs llmopt.
+compile report of the decode graph and tokens/s of eager vs llmopt. The timing runs
+eager and llmopt in interleaved rounds (``--rounds``) and prints the median with its
+spread (min–max over rounds): one sample on a busy machine is noise, not a result.
 """
 import argparse
+import statistics
 import time
 
 import torch
@@ -15,13 +18,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import llmopt
 
 
-def tokens_per_second(model, prompt, new_tokens):
+def timed_generate(model, prompt, new_tokens):
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   cache_implementation="static", pad_token_id=0)
-    model.generate(prompt, **kwargs)  # warm-up (and compilation, for the compiled model)
     start = time.perf_counter()
     out = model.generate(prompt, **kwargs)
     return out, new_tokens * prompt.shape[0] / (time.perf_counter() - start)
+
+
+def summary(values):
+    return f"{statistics.median(values):8.1f} (min {min(values):.1f}, max {max(values):.1f})"
 
 
 def main():
@@ -30,6 +36,7 @@ def main():
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -39,16 +46,29 @@ def main():
     model = LlamaForCausalLM(config).eval()
     prompt = torch.randint(1, config.vocab_size, (1, args.prompt_len))
 
+    eager_forward = model.forward
+    llmopt_forward = torch.compile(model.forward, backend="llmopt")
+    rates = {"eager": [], "llmopt": []}
+    outputs = {}
     with torch.no_grad():
-        eager_tokens, eager_tps = tokens_per_second(model, prompt, args.new_tokens)
-        model.forward = torch.compile(model.forward, backend="llmopt")
-        llmopt_tokens, llmopt_tps = tokens_per_second(model, prompt, args.new_tokens)
+        for forward in (eager_forward, llmopt_forward):  # warm-up (and compilation)
+            model.forward = forward
+            timed_generate(model, prompt, args.new_tokens)
+        for _ in range(args.rounds):  # interleaved, so both see the same machine load
+            for name, forward in (("eager", eager_forward), ("llmopt", llmopt_forward)):
+                model.forward = forward
+                outputs[name], rate = timed_generate(model, prompt, args.new_tokens)
+                rates[name].append(rate)
+    model.forward = eager_forward
 
+    ratios = [b / a for a, b in zip(rates["eager"], rates["llmopt"])]
     print(llmopt.last_report())
     print()
-    print(f"generated tokens identical to eager: {torch.equal(eager_tokens, llmopt_tokens)}")
-    print(f"eager : {eager_tps:8.1f} tokens/s")
-    print(f"llmopt: {llmopt_tps:8.1f} tokens/s  ({llmopt_tps / eager_tps:.2f}x)")
+    print(f"generated tokens identical to eager: {torch.equal(outputs['eager'], outputs['llmopt'])}")
+    print(f"tokens/s, median of {args.rounds} interleaved rounds:")
+    print(f"eager : {summary(rates['eager'])}")
+    print(f"llmopt: {summary(rates['llmopt'])}")
+    print(f"llmopt / eager: {statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
 
 
 if __name__ == "__main__":
