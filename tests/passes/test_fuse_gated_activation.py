@@ -146,11 +146,12 @@ def gelu_hand_written(t):
     return t * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * t + math.sqrt(2.0 / math.pi) * 0.044715 * t * t * t)) / 2
 
 
+# gelu_new: GPT-2, GPT-J, Phi (NewGELUActivation); gelu_fast: x * 0.7978845608 * (1 + 0.044715 x²);
+# gelu_python_tanh (transformers >= 4.5x): x * 0.5 * (1 + tanh(.)) with pow(x, 3.0);
+# gelu_accurate: 1 + tanh with integer 1 and pow(x, 3). Each spelling the installed
+# transformers has.
 TANH_GELUS = {
-    "gelu_new": ACT2FN["gelu_new"],  # GPT-2, GPT-J, Phi: NewGELUActivation
-    "gelu_fast": ACT2FN["gelu_fast"],  # x * 0.7978845608 * (1 + 0.044715 x²)
-    "gelu_python_tanh": ACT2FN["gelu_python_tanh"],  # x * 0.5 * (1 + tanh(.)) with pow(x, 3.0)
-    "gelu_accurate": ACT2FN["gelu_accurate"],  # 1 + tanh with integer 1 and pow(x, 3)
+    **{name: ACT2FN[name] for name in ("gelu_new", "gelu_fast", "gelu_python_tanh", "gelu_accurate") if name in ACT2FN},
     "hand_written": gelu_hand_written,
 }
 
