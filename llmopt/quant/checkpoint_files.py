@@ -51,7 +51,7 @@ def read_json_object(path: str | os.PathLike) -> dict:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); "
                               "the file is truncated or corrupted") from e
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: not UTF-8 text ({e.reason}); the file is corrupted") from e

@@ -25,6 +25,11 @@ AWQ (AutoAWQ ``WQLinear_GEMM``, ``version: "gemm"``):
 Only 4-bit checkpoints are read (8-bit GPTQ uses per-group zero points, which llmopt's
 symmetric per-channel int8 cannot hold). The writers (``quantized_to_gptq`` /
 ``quantized_to_awq``) produce the same layouts, for export and for the round-trip tests.
+
+A malformed checkpoint (invalid JSON, a non-integer ``bits``, a tensor missing or in two
+shards, tensors that disagree in shape, a shard the index names but the directory lacks)
+raises :class:`~llmopt.quant.checkpoint_files.CheckpointError` or ``FileNotFoundError``
+naming the file and the field or tensor. These formats carry no checksums.
 """
 from __future__ import annotations
 
@@ -171,21 +176,21 @@ def _config_field(qc: dict, path: str, name: str, default, *, allowed=None):
     return value
 
 
-def read_hf_quantization_config(directory: str | os.PathLike) -> dict:
-    """``quantization_config`` of ``config.json``, else AutoGPTQ's ``quantize_config.json``.
-    The result carries the path it came from under ``"_path"`` (for error messages)."""
+def read_hf_quantization_config(directory: str | os.PathLike) -> tuple[dict, str]:
+    """``quantization_config`` of ``config.json``, else AutoGPTQ's ``quantize_config.json``,
+    and the path of the file it came from."""
     cfg_path = os.path.join(directory, "config.json")
     if os.path.exists(cfg_path):
         qc = read_json_object(cfg_path).get("quantization_config")
         if qc is not None and not isinstance(qc, dict):
             raise CheckpointError(f"{cfg_path}: quantization_config must be a JSON object, found {qc!r}")
         if qc:
-            return dict(qc, _path=cfg_path)
+            return qc, cfg_path
     alt = os.path.join(directory, "quantize_config.json")
     if os.path.exists(alt):
         qc = read_json_object(alt)
         qc.setdefault("quant_method", "gptq")
-        return dict(qc, _path=alt)
+        return qc, alt
     raise FileNotFoundError(f"no quantization_config in {cfg_path} and no {alt}: not a GPTQ/AWQ checkpoint?")
 
 
@@ -218,8 +223,7 @@ def load_hf_quantized(
     biases (fp16 in the files) to the model's compute dtype. A malformed file raises
     :class:`CheckpointError` naming the file and the field or tensor.
     """
-    qc = read_hf_quantization_config(directory)
-    qc_path = qc["_path"]
+    qc, qc_path = read_hf_quantization_config(directory)
     method = str(qc.get("quant_method", "")).lower()
     bits = _config_field(qc, qc_path, "bits", qc.get("w_bit", 4))
     group_size = _config_field(qc, qc_path, "group_size", None, allowed=(None, -1))
