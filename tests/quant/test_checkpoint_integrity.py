@@ -204,15 +204,17 @@ def test_tensor_dtype_is_checked(tmp_path):
 
 
 def test_act_order_permutation_is_checked(tmp_path):
-    from llmopt.quant import GPTQ
+    _saved(tmp_path, "int4-g32")
+    _old_format(tmp_path)
+    perm = torch.arange(64)
+    perm[0] = 1  # column 1 twice, column 0 never
 
-    save_quantized(quantize_(tiny_llama(), GPTQ(group_size=32, act_order=True), calibration=token_batches(1)), tmp_path)
+    def add_perm(tensors):
+        tensors[f"{MODULE}.perm"] = perm
 
-    def duplicate(t):
-        t[f"{MODULE}.perm"][0] = t[f"{MODULE}.perm"][1]
-
-    _rewrite(tmp_path, edit_tensors=duplicate)
-    with pytest.raises(CheckpointError, match=rf"{MODULE}.*perm.*permutation"):
+    _rewrite(tmp_path, edit_tensors=add_perm, edit_meta=lambda m: m["modules"][MODULE].update(act_order=True))
+    with pytest.warns(UserWarning, match="no sha256"), \
+            pytest.raises(CheckpointError, match=rf"{MODULE}\.perm is not a permutation of 0\.\.63"):
         load_quantized(tmp_path, tiny_llama)
 
 
