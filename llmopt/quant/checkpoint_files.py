@@ -104,13 +104,22 @@ def prepare_directory(directory: str | os.PathLike, replaces: list[str], overwri
                               "alone), or choose an empty directory")
 
 
-def _fsync(path: str, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_directory(path: str) -> None:
+    """Make the renames durable where the platform allows it (not on Windows, nor on some
+    network file systems): best effort, the files themselves are already synced."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
     try:
         os.fsync(fd)
     except OSError:
-        if not directory:  # some file systems cannot sync a directory; a file must sync
-            raise
+        pass
     finally:
         os.close(fd)
 
@@ -128,10 +137,10 @@ def staged_files(directory: str | os.PathLike, names: list[str]) -> Iterator[dic
         for name in names:
             if not os.path.isfile(staged[name]):
                 raise RuntimeError(f"staged_files: {name} was not written")
-            _fsync(staged[name])
+            _fsync_file(staged[name])
         for name in names:
             os.replace(staged[name], os.path.join(directory, name))
-        _fsync(directory, directory=True)
+        _fsync_directory(directory)
     finally:
         for path in staged.values():
             with contextlib.suppress(FileNotFoundError):
