@@ -76,11 +76,26 @@ def _pack_int32(values: torch.Tensor, dim: int) -> torch.Tensor:
     return words.to(torch.int32)
 
 
+def _check_dtypes(fmt: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                  g_idx: torch.Tensor | None = None) -> None:
+    """The packed words are int32 and the scales float: anything else would be silently
+    converted into wrong codes."""
+    for name, t in (("qweight", qweight), ("qzeros", qzeros)):
+        if t.dtype != torch.int32 or t.dim() != 2:
+            raise ValueError(f"{fmt} {name} must be a 2-D int32 tensor (eight 4-bit values per word), "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    if not scales.is_floating_point() or scales.dim() != 2:
+        raise ValueError(f"{fmt} scales must be a 2-D float tensor, got {scales.dtype} {tuple(scales.shape)}")
+    if g_idx is not None and (g_idx.is_floating_point() or g_idx.dtype == torch.bool or g_idx.dim() != 1):
+        raise ValueError(f"{fmt} g_idx must be a 1-D integer tensor, got {g_idx.dtype} {tuple(g_idx.shape)}")
+
+
 def gptq_to_quantized(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None = None,
     group_size: int | None = None, zero_offset: int = 1,
 ) -> QuantizedWeight:
     """One GPTQ linear (4-bit) -> :class:`QuantizedWeight` (``int4``, maybe with ``perm``)."""
+    _check_dtypes("GPTQ", qweight, qzeros, scales, g_idx)
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     groups = scales.shape[0]
     if scales.shape != (groups, n) or qzeros.shape != (groups, n // 8) or k % groups:
@@ -134,6 +149,7 @@ def quantized_to_gptq(qw: QuantizedWeight, zero_offset: int = 1) -> dict[str, to
 
 def awq_to_quantized(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
     """One AWQ GEMM linear -> :class:`QuantizedWeight` (``int4``)."""
+    _check_dtypes("AWQ", qweight, qzeros, scales)
     k, n = qweight.shape[0], qweight.shape[1] * 8
     groups = scales.shape[0]
     if scales.shape != (groups, n) or qzeros.shape != (groups, n // 8) or k % groups:

@@ -223,6 +223,11 @@ def test_load_hf_tensor_errors_name_file_and_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=rf"model\.safetensors.*{QPROJ}.*GPTQ tensors disagree"):
         load_hf_quantized(tmp_path, tiny_llama)
 
+    float_words = dict(state, **{f"{QPROJ}.qweight": state[f"{QPROJ}.qweight"].float()})
+    save_file(float_words, str(path))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors.*{QPROJ}.*qweight must be a 2-D int32"):
+        load_hf_quantized(tmp_path, tiny_llama)
+
     renamed = {k.replace("q_proj", "zz_proj"): v for k, v in state.items()}
     save_file(renamed, str(path))
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.zz_proj.*no such module"):
