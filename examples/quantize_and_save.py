@@ -1,6 +1,6 @@
 """Quantize a model, check its logits, save it, load it back.
 
-    python examples/quantize_and_save.py [--scheme int8|int4-g128|w8a8|gptq] [--out DIR] [--small]
+    python examples/quantize_and_save.py [--scheme int8|int4-g128|w8a8|gptq] [--out DIR [--overwrite]] [--small]
 
 The model is a randomly initialised Llama (no download); with your own model, replace
 ``make_model`` by e.g. ``AutoModelForCausalLM.from_pretrained(...)``. ``--small`` uses a tiny
@@ -37,6 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scheme", default="int4-g128", choices=["int8", "int4-g128", "w8a8", "gptq"])
     parser.add_argument("--out", default=None, help="directory to save into (default: a temporary one)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a checkpoint already in --out (a non-empty directory is refused otherwise)")
     parser.add_argument("--small", action="store_true", help="tiny model (seconds)")
     args = parser.parse_args()
 
@@ -66,7 +68,7 @@ def main() -> None:
     print(f"relative logits error vs float: {err:.4f}")
 
     out = args.out or tempfile.mkdtemp(prefix="llmopt-quantized-")
-    save_quantized(model, out)
+    save_quantized(model, out, overwrite=args.overwrite)
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     print(f"saved to {out}: {sorted(os.listdir(out))}, {size / 2**20:.1f} MiB")
 

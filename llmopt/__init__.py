@@ -21,6 +21,7 @@ _LAZY = {
     "save_quantized": "llmopt.quant",
     "load_quantized": "llmopt.quant",
     "load_hf_quantized": "llmopt.quant",
+    "CheckpointError": "llmopt.quant",
     "Int8WeightOnly": "llmopt.quant",
     "Int4WeightOnly": "llmopt.quant",
     "W8A8": "llmopt.quant",

@@ -25,6 +25,7 @@ from .config import (
     parse_quantize,
 )
 from .gptq import HessianAccumulator, gptq_quantize, reconstruction_error
+from .checkpoint_files import CheckpointError
 from .io import load_quantized, save_quantized
 from .kv_cache import dequantize_kv, kv_head_scales, quantize_kv
 from .modules import QuantizedLinear
@@ -37,7 +38,7 @@ __all__ = [
     "QuantizedWeight", "quantize_weight", "dequantize", "concat_quantized",
     "QuantizedLinear", "quantize_", "default_filter", "select_linears",
     "gptq_quantize", "HessianAccumulator", "reconstruction_error",
-    "save_quantized", "load_quantized",
+    "save_quantized", "load_quantized", "CheckpointError",
     "load_hf_quantized", "gptq_to_quantized", "quantized_to_gptq", "awq_to_quantized", "quantized_to_awq",
     "quantize_kv", "dequantize_kv", "kv_head_scales",
 ]

@@ -15,6 +15,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .linears import is_quantizable_linear
+
 
 class _StopForward(Exception):
     """Raised by the hook on the last block of interest; caught by run_calibration."""
@@ -83,7 +85,7 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     best_name, best = None, None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if any(isinstance(m, nn.Linear) for m in module[0].modules()):
+            if any(is_quantizable_linear(m) for m in module[0].modules()):
                 if best is None or len(module) > len(best):
                     best_name, best = name, module
     if best is None:

@@ -25,22 +25,27 @@ AWQ (AutoAWQ ``WQLinear_GEMM``, ``version: "gemm"``):
 Only 4-bit checkpoints are read (8-bit GPTQ uses per-group zero points, which llmopt's
 symmetric per-channel int8 cannot hold). The writers (``quantized_to_gptq`` /
 ``quantized_to_awq``) produce the same layouts, for export and for the round-trip tests.
+
+A malformed checkpoint (invalid JSON, a non-integer ``bits``, a tensor missing or in two
+shards, tensors that disagree in shape, a shard the index names but the directory lacks)
+raises :class:`~llmopt.quant.checkpoint_files.CheckpointError` or ``FileNotFoundError``
+naming the file and the field or tensor. These formats carry no checksums.
 """
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from llmopt.codegen.quant_linear import pack_int4, unpack_int4
 
 from .calibration import set_submodule
+from .checkpoint_files import CheckpointError, load_safetensors, read_json_object
 from .io import unloaded_keys
+from .linears import is_quantizable_linear, linear_shape
 from .modules import QuantizedLinear
 from .schemes import QuantizedWeight
 
@@ -71,11 +76,26 @@ def _pack_int32(values: torch.Tensor, dim: int) -> torch.Tensor:
     return words.to(torch.int32)
 
 
+def _check_dtypes(fmt: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                  g_idx: torch.Tensor | None = None) -> None:
+    """The packed words are int32 and the scales float: anything else would be silently
+    converted into wrong codes."""
+    for name, t in (("qweight", qweight), ("qzeros", qzeros)):
+        if t.dtype != torch.int32 or t.dim() != 2:
+            raise ValueError(f"{fmt} {name} must be a 2-D int32 tensor (eight 4-bit values per word), "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    if not scales.is_floating_point() or scales.dim() != 2:
+        raise ValueError(f"{fmt} scales must be a 2-D float tensor, got {scales.dtype} {tuple(scales.shape)}")
+    if g_idx is not None and (g_idx.is_floating_point() or g_idx.dtype == torch.bool or g_idx.dim() != 1):
+        raise ValueError(f"{fmt} g_idx must be a 1-D integer tensor, got {g_idx.dtype} {tuple(g_idx.shape)}")
+
+
 def gptq_to_quantized(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None = None,
     group_size: int | None = None, zero_offset: int = 1,
 ) -> QuantizedWeight:
     """One GPTQ linear (4-bit) -> :class:`QuantizedWeight` (``int4``, maybe with ``perm``)."""
+    _check_dtypes("GPTQ", qweight, qzeros, scales, g_idx)
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     groups = scales.shape[0]
     if scales.shape != (groups, n) or qzeros.shape != (groups, n // 8) or k % groups:
@@ -129,6 +149,7 @@ def quantized_to_gptq(qw: QuantizedWeight, zero_offset: int = 1) -> dict[str, to
 
 def awq_to_quantized(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
     """One AWQ GEMM linear -> :class:`QuantizedWeight` (``int4``)."""
+    _check_dtypes("AWQ", qweight, qzeros, scales)
     k, n = qweight.shape[0], qweight.shape[1] * 8
     groups = scales.shape[0]
     if scales.shape != (groups, n) or qzeros.shape != (groups, n // 8) or k % groups:
@@ -161,21 +182,49 @@ def quantized_to_awq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     return {"qweight": interleave(codes), "qzeros": interleave(z), "scales": qw.scales.t().to(torch.float16).contiguous()}
 
 
-def read_hf_quantization_config(directory: str | os.PathLike) -> dict:
-    """``quantization_config`` of ``config.json``, else AutoGPTQ's ``quantize_config.json``."""
+def _config_field(qc: dict, path: str, name: str, default, *, allowed=None):
+    """``qc[name]`` as an int (or one of ``allowed``); a wrong value names the file and field."""
+    value = qc.get(name, default)
+    if allowed is not None and value in allowed:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{path}: quantization_config.{name} must be an integer, found {value!r}")
+    return value
+
+
+def read_hf_quantization_config(directory: str | os.PathLike) -> tuple[dict, str]:
+    """``quantization_config`` of ``config.json``, else AutoGPTQ's ``quantize_config.json``,
+    and the path of the file it came from."""
     cfg_path = os.path.join(directory, "config.json")
     if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            qc = json.load(f).get("quantization_config")
+        qc = read_json_object(cfg_path).get("quantization_config")
+        if qc is not None and not isinstance(qc, dict):
+            raise CheckpointError(f"{cfg_path}: quantization_config must be a JSON object, found {qc!r}")
         if qc:
-            return qc
+            return qc, cfg_path
     alt = os.path.join(directory, "quantize_config.json")
     if os.path.exists(alt):
-        with open(alt) as f:
-            qc = json.load(f)
+        qc = read_json_object(alt)
         qc.setdefault("quant_method", "gptq")
-        return qc
+        return qc, alt
     raise FileNotFoundError(f"no quantization_config in {cfg_path} and no {alt}: not a GPTQ/AWQ checkpoint?")
+
+
+def _shard_files(directory: str | os.PathLike) -> list[str]:
+    """Every ``*.safetensors`` file; the shards a ``model.safetensors.index.json`` names must exist."""
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        weight_map = read_json_object(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: weight_map must be a JSON object (tensor name -> shard file)")
+        for shard in sorted(set(map(str, weight_map.values()))):
+            if not os.path.isfile(os.path.join(directory, shard)):
+                raise FileNotFoundError(f"{os.path.join(directory, shard)} not found, but {index_path} (the index) "
+                                        "names it: the checkpoint is incomplete")
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {directory}")
+    return files
 
 
 def load_hf_quantized(
@@ -187,11 +236,13 @@ def load_hf_quantized(
 
     Each ``<prefix>.qweight`` becomes a :class:`QuantizedLinear` at ``<prefix>``; every other
     tensor is loaded with a strict key check. ``dtype`` (optional) casts scales, zeros and
-    biases (fp16 in the files) to the model's compute dtype.
+    biases (fp16 in the files) to the model's compute dtype. A malformed file raises
+    :class:`CheckpointError` naming the file and the field or tensor.
     """
-    qc = read_hf_quantization_config(directory)
+    qc, qc_path = read_hf_quantization_config(directory)
     method = str(qc.get("quant_method", "")).lower()
-    bits = int(qc.get("bits", qc.get("w_bit", 4)))
+    bits = _config_field(qc, qc_path, "bits", qc.get("w_bit", 4))
+    group_size = _config_field(qc, qc_path, "group_size", None, allowed=(None, -1))
     if method not in ("gptq", "awq"):
         raise ValueError(f"quant_method {method!r} is not supported; llmopt reads 'gptq' and 'awq'")
     if bits != 4:
@@ -202,29 +253,45 @@ def load_hf_quantized(
         raise ValueError("AWQ without zero points is not supported")
     zero_offset = 0 if str(qc.get("checkpoint_format", "gptq")).lower() == "gptq_v2" else 1
 
-    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {directory}")
     tensors: dict[str, torch.Tensor] = {}
-    for path in files:
-        tensors.update({k: v.clone() for k, v in load_file(path).items()})  # fresh, aligned allocations
+    source: dict[str, str] = {}  # tensor name -> file, for messages
+    for path in _shard_files(directory):
+        for key, value in load_safetensors(path).items():
+            if key in tensors:
+                raise CheckpointError(f"tensor {key!r} is in both {path} and {source[key]}: which one to load "
+                                      "is ambiguous; remove the stale shard")
+            tensors[key], source[key] = value, path
 
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     prefixes = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
     for prefix in prefixes:
-        qweight, qzeros, scales = (tensors.pop(f"{prefix}.{s}") for s in ("qweight", "qzeros", "scales"))
+        where = source[f"{prefix}.qweight"]
+        needed = ("qweight", "qzeros", "scales")
+        for name in needed:
+            if f"{prefix}.{name}" not in tensors:
+                raise CheckpointError(f"{where}: {prefix}.{name} is missing ({method} stores qweight, qzeros and "
+                                      "scales for each quantized linear)")
+        qweight, qzeros, scales = (tensors.pop(f"{prefix}.{s}") for s in needed)
         g_idx = tensors.pop(f"{prefix}.g_idx", None)
         bias = tensors.pop(f"{prefix}.bias", None)
-        if method == "gptq":
-            qw = gptq_to_quantized(qweight, qzeros, scales, g_idx, qc.get("group_size"), zero_offset)
-        else:
-            qw = awq_to_quantized(qweight, qzeros, scales)
+        try:
+            if method == "gptq":
+                qw = gptq_to_quantized(qweight, qzeros, scales, g_idx, group_size, zero_offset)
+            else:
+                qw = awq_to_quantized(qweight, qzeros, scales)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {prefix}: {e}") from e
         if dtype is not None:
             qw.scales, qw.zeros = qw.scales.to(dtype), qw.zeros.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        old = model.get_submodule(prefix)
-        if isinstance(old, nn.Linear) and (old.out_features, old.in_features) != (qw.out_features, qw.in_features):
-            raise ValueError(f"{prefix}: the model's linear is [{old.out_features}, {old.in_features}], "
+        try:
+            old = model.get_submodule(prefix)
+        except AttributeError:
+            raise CheckpointError(f"{where}: {prefix}.qweight belongs to {prefix!r}, but the model has no such "
+                                  "module: wrong architecture?") from None
+        if is_quantizable_linear(old) and linear_shape(old) != (qw.out_features, qw.in_features):
+            shape = linear_shape(old)
+            raise ValueError(f"{prefix}: the model's linear is [{shape[0]}, {shape[1]}], "
                              f"the checkpoint's [{qw.out_features}, {qw.in_features}]")
         set_submodule(model, prefix, QuantizedLinear(qw, bias))
     result = model.load_state_dict(tensors, strict=False)

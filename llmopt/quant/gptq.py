@@ -32,6 +32,7 @@ from llmopt.codegen.quant_linear import pack_int4
 
 from .calibration import find_blocks, run_calibration
 from .config import GPTQ
+from .linears import linear_weight
 from .schemes import QuantizedWeight, _storage_dtype, int4_params, int8_scales, quantize_int4_with_params
 
 
@@ -132,7 +133,7 @@ def reconstruction_error(weight: torch.Tensor, qweight_dequantized: torch.Tensor
     return float(((x @ qweight_dequantized.to(torch.float64).t() - ref).pow(2).sum() / ref.pow(2).sum()))
 
 
-def gptq_quantize_model(model: nn.Module, config: GPTQ, batches: list, targets: dict[str, nn.Linear], replace) -> None:
+def gptq_quantize_model(model: nn.Module, config: GPTQ, batches: list, targets: dict[str, nn.Module], replace) -> None:
     """Quantize ``targets`` (name -> linear) block by block; ``replace(name, QuantizedWeight, bias)``."""
     blocks = find_blocks(model)
     groups: list[tuple[nn.Module | None, list[str]]] = []
@@ -187,6 +188,6 @@ def gptq_quantize_model(model: nn.Module, config: GPTQ, batches: list, targets: 
                 raise RuntimeError(f"GPTQ: linear {name!r} never ran on the calibration batches; "
                                    "exclude it with filter_fn or use calibration data that reaches it")
             linear = targets[name]
-            qw = gptq_quantize(linear.weight, accumulators[owner].hessian, config)
+            qw = gptq_quantize(linear_weight(linear), accumulators[owner].hessian, config)
             replace(name, qw, linear.bias)
         accumulators.clear()

@@ -22,6 +22,7 @@ from torch import nn
 
 import llmopt.codegen.quant_linear as qlin
 
+from .linears import linear_weight
 from .schemes import QuantizedWeight, dequantize, quantize_weight
 
 
@@ -48,9 +49,10 @@ class QuantizedLinear(nn.Module):
         self._refresh_cpu_layout()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config) -> "QuantizedLinear":
-        """Round-to-nearest quantization of ``linear`` under ``config``."""
-        return cls(quantize_weight(linear.weight.detach(), config), linear.bias, getattr(config, "compute_dtype", None))
+    def from_linear(cls, linear: nn.Module, config) -> "QuantizedLinear":
+        """Round-to-nearest quantization of ``linear`` (``nn.Linear`` or HF ``Conv1D``) under ``config``."""
+        return cls(quantize_weight(linear_weight(linear).detach(), config), linear.bias,
+                   getattr(config, "compute_dtype", None))
 
     @property
     def qweight(self) -> QuantizedWeight:

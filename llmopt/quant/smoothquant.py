@@ -16,6 +16,8 @@ norm                        linears                                models
 ``post_attention_layernorm`` ``mlp.{gate,up}_proj``                 Llama, Mistral, Qwen2, ...
 ``self_attn_layer_norm``    ``self_attn.{q,k,v}_proj``             OPT
 ``final_layer_norm``        ``fc1``                                OPT
+``ln_1``                    ``attn.c_attn`` (``Conv1D``)           GPT-2
+``ln_2``                    ``mlp.c_fc`` (``Conv1D``)              GPT-2
 ========================== ====================================== ==========================
 
 Before folding, each norm is checked numerically to scale its output by ``1 / s`` when its
@@ -29,12 +31,15 @@ import torch
 from torch import nn
 
 from .calibration import get_submodule, run_calibration
+from .linears import linear_shape, linear_weight
 
 SMOOTH_PATTERNS = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("final_layer_norm", ("fc1",)),
+    ("ln_1", ("attn.c_attn",)),
+    ("ln_2", ("mlp.c_fc",)),
 )
 _MIN = 1e-5  # floor of max|X| and max|W|: a dead channel must not give s = 0 or inf
 
@@ -63,7 +68,7 @@ def _norm_is_foldable(norm: nn.Module, width: int) -> bool:
     return bool(torch.allclose(after, expected, rtol=2e-2, atol=1e-3 * float(expected.abs().max()) + 1e-6))
 
 
-def find_smooth_groups(model: nn.Module, targets: dict[str, nn.Linear]) -> list[tuple[str, nn.Module, list[str]]]:
+def find_smooth_groups(model: nn.Module, targets: dict[str, nn.Module]) -> list[tuple[str, nn.Module, list[str]]]:
     """``(norm name, norm, [linear names])`` for every supported norm -> linears structure."""
     groups = []
     for block_name, block in model.named_modules():
@@ -75,14 +80,14 @@ def find_smooth_groups(model: nn.Module, targets: dict[str, nn.Linear]) -> list[
             names = [prefix + a for a in linear_attrs]
             if not all(n in targets for n in names):
                 continue
-            width = targets[names[0]].in_features
-            if any(targets[n].in_features != width for n in names) or not _norm_is_foldable(norm, width):
+            width = linear_shape(targets[names[0]])[1]
+            if any(linear_shape(targets[n])[1] != width for n in names) or not _norm_is_foldable(norm, width):
                 continue
             groups.append((prefix + norm_attr, norm, names))
     return groups
 
 
-def activation_absmax(model: nn.Module, batches: list, linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+def activation_absmax(model: nn.Module, batches: list, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Per-input-channel ``max |x|`` (fp32 ``[K]``) of each linear over all calibration tokens."""
     stats: dict[str, torch.Tensor] = {}
 
@@ -109,7 +114,7 @@ def smoothing_factors(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha
     return s.clamp(min=_MIN)
 
 
-def smooth_model(model: nn.Module, alpha: float, batches: list, targets: dict[str, nn.Linear]) -> list[str]:
+def smooth_model(model: nn.Module, alpha: float, batches: list, targets: dict[str, nn.Module]) -> list[str]:
     """Fold SmoothQuant factors into the supported norms; returns the smoothed norms' names."""
     groups = find_smooth_groups(model, targets)
     if not groups:
@@ -121,12 +126,12 @@ def smooth_model(model: nn.Module, alpha: float, batches: list, targets: dict[st
         for norm_name, norm, names in groups:
             if names[0] not in stats:
                 continue  # never ran on the calibration data: leave it unsmoothed
-            s = smoothing_factors(stats[names[0]], [targets[n].weight for n in names], alpha)
+            s = smoothing_factors(stats[names[0]], [linear_weight(targets[n]) for n in names], alpha)
             norm.weight.div_(s.to(norm.weight.dtype))
             if isinstance(getattr(norm, "bias", None), torch.Tensor):
                 norm.bias.div_(s.to(norm.bias.dtype))
             for n in names:
-                w = targets[n].weight
+                w = linear_weight(targets[n])  # [N, K] (a view of a Conv1D's [K, N])
                 w.mul_(s.to(w.dtype)[None, :])
             done.append(norm_name)
     return done

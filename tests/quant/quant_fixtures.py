@@ -5,6 +5,10 @@ import torch
 
 VOCAB = 128
 
+# Relative Frobenius error of the logits vs the float model, per scheme (tiny random Llama,
+# hidden 64). Observed: int8 0.007, w8a8 0.009, int4-g32 0.08, GPTQ int4-g32 0.08.
+LOGIT_BOUNDS = {"int8": 0.02, "w8a8": 0.03, "int4-g32": 0.2, "int4-g64": 0.2}
+
 
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig

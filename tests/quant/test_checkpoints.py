@@ -168,3 +168,87 @@ def test_load_hf_checkpoint_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bnb"}}))
     with pytest.raises(ValueError, match="gptq"):
         load_hf_quantized(tmp_path, tiny_llama)
+
+
+def _gptq_checkpoint(tmp_path, config_text=None):
+    """A GPTQ (gptq_v2) checkpoint of tiny_llama written with llmopt's own packer (fast)."""
+    model = tiny_llama()
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            for key, value in quantized_to_gptq(quantize_weight(module.weight.detach(), "int4-g32"), 0).items():
+                state[f"{name}.{key}"] = value
+    quantized = {k.rsplit(".", 1)[0] for k in state}
+    state.update({k: v.contiguous() for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in quantized})
+    save_file(state, str(tmp_path / "model.safetensors"))
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "gptq_v2"}
+    (tmp_path / "config.json").write_text(config_text or json.dumps({"quantization_config": qc}))
+    return state
+
+
+QPROJ = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ('{"quantization_config": {"quant_method": "gp', r"config\.json.*not valid JSON"),
+    ('[1]', r"config\.json.*JSON object"),
+    ('{"quantization_config": "gptq"}', r"config\.json.*quantization_config.*object"),
+    ('{"quantization_config": {"quant_method": "gptq", "bits": "four"}}', r"config\.json.*bits.*'four'"),
+    ('{"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": "32"}}',
+     r"config\.json.*group_size.*'32'"),
+])
+def test_load_hf_malformed_config_names_file_and_field(tmp_path, text, pattern):
+    from llmopt.quant import CheckpointError
+
+    _gptq_checkpoint(tmp_path, config_text=text)
+    with pytest.raises(CheckpointError, match=pattern):
+        load_hf_quantized(tmp_path, tiny_llama)
+
+
+def test_load_hf_tensor_errors_name_file_and_tensor(tmp_path):
+    from llmopt.quant import CheckpointError
+
+    state = _gptq_checkpoint(tmp_path)
+    assert len([n for n, m in load_hf_quantized(tmp_path, tiny_llama).named_modules()
+                if isinstance(m, QuantizedLinear)]) == 14
+    path = tmp_path / "model.safetensors"
+
+    missing = {k: v for k, v in state.items() if k != f"{QPROJ}.qzeros"}
+    save_file(missing, str(path))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors.*{QPROJ}\.qzeros.*missing"):
+        load_hf_quantized(tmp_path, tiny_llama)
+
+    bad_shape = dict(state, **{f"{QPROJ}.scales": state[f"{QPROJ}.scales"][:1]})
+    save_file(bad_shape, str(path))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors.*{QPROJ}.*GPTQ tensors disagree"):
+        load_hf_quantized(tmp_path, tiny_llama)
+
+    float_words = dict(state, **{f"{QPROJ}.qweight": state[f"{QPROJ}.qweight"].float()})
+    save_file(float_words, str(path))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors.*{QPROJ}.*qweight must be a 2-D int32"):
+        load_hf_quantized(tmp_path, tiny_llama)
+
+    renamed = {k.replace("q_proj", "zz_proj"): v for k, v in state.items()}
+    save_file(renamed, str(path))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.zz_proj.*no such module"):
+        load_hf_quantized(tmp_path, tiny_llama)
+
+    save_file(state, str(path))
+    dup = {f"{QPROJ}.qweight": state[f"{QPROJ}.qweight"]}
+    save_file(dup, str(tmp_path / "model-extra.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"{QPROJ}\.qweight.* in both ") as info:
+        load_hf_quantized(tmp_path, tiny_llama)
+    assert "model-extra.safetensors" in str(info.value) and f"{tmp_path}/model.safetensors" in str(info.value)
+    (tmp_path / "model-extra.safetensors").unlink()
+
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*cannot be read"):
+        load_hf_quantized(tmp_path, tiny_llama)
+
+
+def test_load_hf_index_names_a_missing_shard(tmp_path):
+    _gptq_checkpoint(tmp_path)
+    index = {"weight_map": {f"{QPROJ}.qweight": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match=r"model-00002-of-00002\.safetensors.*index"):
+        load_hf_quantized(tmp_path, tiny_llama)
