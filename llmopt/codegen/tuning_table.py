@@ -15,8 +15,16 @@ The table is a JSON file (never pickle), by default ``$LLMOPT_CACHE_DIR/tuning.j
 ``$XDG_CACHE_HOME/llmopt/tuning.json``, else ``~/.cache/llmopt/tuning.json``. Its header
 records the llmopt and Triton versions and the device it was tuned on; a file that is
 corrupt or comes from another version or device is ignored with a warning (the heuristic
-is used), never a crash. Writes are atomic (temporary file + ``os.replace``) and merge with
-what is already on disk, so an interrupted ``llmopt autotune`` resumes where it stopped.
+is used), never a crash. Each entry is checked when the file is read (:func:`config_problem`:
+the kernel's config keys, block sizes that are powers of two, ``SPLIT_K``, ``num_warps``,
+``num_stages`` >= 1...); an impossible one is skipped with a warning naming the file and the
+entry, and the others are kept, so a hand-edited entry cannot make every linear call fail.
+
+Writers never lose each other's entries: :meth:`TuningTable.save` takes an exclusive lock
+on the sidecar ``<table>.lock`` (``fcntl.flock``; where there is no ``fcntl``, a lock file
+created with ``O_EXCL``), merges with what is on disk under the lock, and replaces the file
+atomically (temporary file in the same directory, fsync, ``os.replace``). So concurrent
+``llmopt autotune`` runs add up, and an interrupted one resumes where it stopped.
 
 Heuristic used where the table has no entry (:func:`heuristic_kernel`):
 
@@ -29,17 +37,24 @@ Heuristic used where the table has no entry (:func:`heuristic_kernel`):
 
 The active table (:func:`get_active_table`) is, with the op registry, the only global
 mutable state of llmopt: it is loaded lazily on first use and replaced explicitly with
-:func:`set_active_table`.
+:func:`set_active_table`. A compiled graph does not read it at run time: the
+``select_linear_kernel`` pass bakes each bucket's tuned config into the kernels string
+(``"1:gemv[BLOCK_N=16,BLOCK_K=512,...],2:flat_gemm,..."``), so every compiled graph keeps
+the table it was compiled with. Only a direct call with ``kernels=""`` consults the active
+table.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
+import re
 import statistics
 import tempfile
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -48,14 +63,28 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 from llmopt.codegen.flat_gemm import (
+    FLAT_GEMM_CONFIG_KEYS,
     flat_gemm_configs,
     flat_gemm_heuristic_config,
     flat_gemm_triton,
     prune_flat_gemm_configs,
 )
-from llmopt.codegen.gemv import gemv_configs, gemv_heuristic_config, gemv_triton, prune_gemv_configs
+from llmopt.codegen.gemv import (
+    GEMV_CONFIG_KEYS,
+    gemv_configs,
+    gemv_heuristic_config,
+    gemv_triton,
+    prune_gemv_configs,
+    validate_config,
+)
+
+try:
+    import fcntl
+except ImportError:  # Windows: the O_EXCL lock file below
+    fcntl = None
 
 M_BUCKETS = ("1", "2", "4", "8", "16", "32", "64", "inf")
 KERNELS = ("gemv", "flat_gemm", "mm")
@@ -64,6 +93,69 @@ TINY_WEIGHT_ELEMENTS = 1 << 18
 _HALF_AND_FLOAT = ("float16", "bfloat16", "float32")
 _FORMAT = "llmopt-tuning-table"
 _SCHEMA = 1
+# How long save() waits for another writer's lock before giving up (a save holds it for
+# one read-merge-write, milliseconds).
+LOCK_TIMEOUT_S = 60.0
+
+
+# ---------------------------------------------------------------------------------------
+# Which launch configs a kernel can run
+# ---------------------------------------------------------------------------------------
+
+# The config keys each kernel's launcher takes (its own tuple; ``mm`` takes none).
+_CONFIG_KEYS = {"gemv": GEMV_CONFIG_KEYS, "flat_gemm": FLAT_GEMM_CONFIG_KEYS, "mm": ()}
+# flat_gemm's tiles go through tl.dot, which needs every tile side >= 16 on a GPU (the
+# launcher refuses less on CUDA).
+_DOT_MIN_BLOCK = {"flat_gemm": 16}
+# A CUDA thread block holds at most 1024 threads: 32 warps.
+_MAX_WARPS = 32
+
+
+def config_keys(kernel: str) -> tuple[str, ...]:
+    """The launch-config keys ``kernel`` accepts (the kernel module's own key tuple)."""
+    return _CONFIG_KEYS[kernel]
+
+
+def _power_of_two(value: int) -> bool:
+    return value >= 1 and not value & (value - 1)
+
+
+def config_problem(kernel: str, config) -> str | None:
+    """Why ``config`` cannot launch ``kernel`` (one sentence), or None when it can.
+
+    The rules are the kernels' own: the keys of their config tuples and their
+    ``validate_config`` (BLOCK_* powers of two, ``SPLIT_K`` >= 1); Triton's (``num_warps`` a
+    power of two, at most 32; ``num_stages`` >= 1; a tile of at most
+    ``TRITON_MAX_TENSOR_NUMEL`` elements); ``tl.dot``'s 16-wide minimum for ``flat_gemm``.
+    A partial config is valid (the launcher fills the rest from its heuristic config).
+    """
+    if kernel not in _CONFIG_KEYS:
+        return f"kernel {kernel!r} is not one of {', '.join(KERNELS)}"
+    if not isinstance(config, dict):
+        return f"config must be an object of NAME: integer, got {type(config).__name__}"
+    for name, value in config.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"config {name}={value!r} must be an integer"
+    try:
+        validate_config(config, _CONFIG_KEYS[kernel], kernel)
+    except ValueError as err:
+        return str(err)
+    blocks = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
+    smallest = _DOT_MIN_BLOCK.get(kernel, 1)
+    for name, value in blocks.items():
+        if value < smallest:
+            return f"{kernel} config {name}={value} is below {smallest} (tl.dot tiles are at least 16 wide)"
+    sides = sorted(blocks.values())
+    if len(sides) >= 2 and sides[-1] * sides[-2] > tl.TRITON_MAX_TENSOR_NUMEL:
+        return (f"{kernel} config {blocks} makes a tile of more than {tl.TRITON_MAX_TENSOR_NUMEL} elements, "
+                "Triton's limit")
+    warps = config.get("num_warps")
+    if warps is not None and not (_power_of_two(warps) and warps <= _MAX_WARPS):
+        return f"{kernel} config num_warps={warps} must be a power of two from 1 to {_MAX_WARPS}"
+    stages = config.get("num_stages")
+    if stages is not None and stages < 1:
+        return f"{kernel} config num_stages={stages} must be >= 1"
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,28 +170,80 @@ def m_bucket(M: int) -> str:
     return str(1 if M <= 1 else 1 << (M - 1).bit_length())
 
 
+_KERNELS_ITEM = re.compile(r"\s*(\w+)\s*:\s*(\w+)\s*(?:\[([^\[\]]*)\])?\s*")
+_CONFIG_ITEM = re.compile(r"\s*(\w+)\s*=\s*(-?\d+)\s*")
+
+
+def _split_top_level(spec: str) -> list[str]:
+    """``spec`` split at the commas outside ``[...]``."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(spec):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(spec[start:i])
+            start = i + 1
+    items.append(spec[start:])
+    return items
+
+
 @functools.lru_cache(maxsize=256)
+def _parse_spec(spec: str) -> tuple[dict[str, str], dict[str, dict | None]]:
+    kernels, configs = dict.fromkeys(M_BUCKETS, "mm"), dict.fromkeys(M_BUCKETS)
+    for item in filter(str.strip, _split_top_level(spec)):
+        m = _KERNELS_ITEM.fullmatch(item)
+        if m is None or m.group(1) not in M_BUCKETS or m.group(2) not in KERNELS:
+            raise ValueError(
+                f"bad kernels entry {item!r} in {spec!r}: expected 'bucket:kernel' or 'bucket:kernel[NAME=int,...]' "
+                f"with bucket in {', '.join(M_BUCKETS)} and kernel in {', '.join(KERNELS)}"
+            )
+        bucket, kernel, body = m.groups()
+        kernels[bucket] = kernel
+        if body is not None and body.strip():
+            config = {}
+            for part in body.split(","):
+                cm = _CONFIG_ITEM.fullmatch(part)
+                if cm is None:
+                    raise ValueError(f"bad kernels entry {item!r} in {spec!r}: config item {part!r} is not "
+                                     "NAME=integer")
+                config[cm.group(1)] = int(cm.group(2))
+            problem = config_problem(kernel, config)
+            if problem:
+                raise ValueError(f"bad kernels entry {item!r} in {spec!r}: {problem}")
+            configs[bucket] = config
+    return kernels, configs
+
+
 def parse_kernels(spec: str) -> dict[str, str]:
     """Parse ``"1:gemv,2:flat_gemm,...,inf:mm"`` into {bucket: kernel}; missing buckets → ``mm``.
 
-    The result is cached (the op parses its string at every call), so do not mutate it.
+    A bucket may carry its launch config, ``"1:gemv[BLOCK_N=16,SPLIT_K=4]"``
+    (:func:`parse_kernel_configs`); an impossible one raises ValueError. The result is
+    cached (the op parses its string at every call), so do not mutate it.
     """
-    table = dict.fromkeys(M_BUCKETS, "mm")
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        bucket, sep, kernel = item.partition(":")
-        bucket, kernel = bucket.strip(), kernel.strip()
-        if not sep or bucket not in M_BUCKETS or kernel not in KERNELS:
-            raise ValueError(
-                f"bad kernels entry {item!r} in {spec!r}: expected 'bucket:kernel' with bucket in "
-                f"{', '.join(M_BUCKETS)} and kernel in {', '.join(KERNELS)}"
-            )
-        table[bucket] = kernel
-    return table
+    return _parse_spec(spec)[0]
 
 
-def format_kernels(choice: dict[str, str]) -> str:
-    """The compact string of {bucket: kernel}, in bucket order (inverse of :func:`parse_kernels`)."""
-    return ",".join(f"{b}:{choice.get(b, 'mm')}" for b in M_BUCKETS)
+def parse_kernel_configs(spec: str) -> dict[str, dict | None]:
+    """{bucket: launch config or None (the kernel's heuristic config)} of a kernels string.
+
+    Cached like :func:`parse_kernels`: copy a config before changing it.
+    """
+    return _parse_spec(spec)[1]
+
+
+def format_kernels(choice: dict[str, str], configs: dict[str, dict | None] | None = None) -> str:
+    """The compact string of {bucket: kernel} and their configs, in bucket order (inverse of
+    :func:`parse_kernels` / :func:`parse_kernel_configs`); config keys in the kernel's order."""
+    items = []
+    for b in M_BUCKETS:
+        kernel = choice.get(b, "mm")
+        config = (configs or {}).get(b)
+        if config:
+            keys = [k for k in config_keys(kernel) if k in config] + sorted(set(config) - set(config_keys(kernel)))
+            items.append(f"{b}:{kernel}[{','.join(f'{k}={config[k]}' for k in keys)}]")
+        else:
+            items.append(f"{b}:{kernel}")
+    return ",".join(items)
 
 
 def dtype_name(dtype) -> str:
@@ -182,6 +326,52 @@ class TuningTableError(ValueError):
     """A tuning table file that cannot be used (unreadable, malformed or foreign)."""
 
 
+class TuningTableLocked(TimeoutError):
+    """Another process held the table's lock for longer than the save was willing to wait."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry_label(raw: dict) -> str:
+    """``"NVIDIA H100 float16 N=4096 K=4096 M bucket 1"``: an entry's key as far as it has one."""
+    parts = [str(raw[f]) for f in ("device", "dtype") if f in raw]
+    parts += [f"{f}={raw[f]!r}" if not _is_int(raw[f]) else f"{f}={raw[f]}" for f in ("N", "K") if f in raw]
+    if "m_bucket" in raw:
+        parts.append(f"M bucket {raw['m_bucket']}")
+    return " ".join(parts)
+
+
+def _entry_from_json(raw, table_device: str | None) -> tuple[Key, "TuningEntry"]:
+    """One JSON entry → (key, entry); ValueError saying what is wrong with it."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"an entry must be an object, got {type(raw).__name__}")
+    missing = [f for f in ("device", "dtype", "N", "K", "m_bucket", "kernel", "config") if f not in raw]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)}")
+    device, dtype, N, K, bucket, kernel = (raw[f] for f in ("device", "dtype", "N", "K", "m_bucket", "kernel"))
+    if not isinstance(device, str) or (table_device is not None and device != table_device):
+        raise ValueError(f"device {device!r} is not the table's device {table_device!r} (one table per device)")
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype_name(dtype), None), torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype name")
+    for name, value in (("N", N), ("K", K)):
+        if not _is_int(value) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    if bucket not in M_BUCKETS:
+        raise ValueError(f"M bucket {bucket!r} is not one of {', '.join(M_BUCKETS)}")
+    problem = config_problem(kernel, raw["config"]) if isinstance(kernel, str) else f"kernel {kernel!r} is not a name"
+    if problem:
+        raise ValueError(problem)
+    times = []
+    for name in ("time_us", "baseline_us"):
+        value = raw.get(name)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ValueError(f"{name}={value!r} must be a number or null")
+        times.append(_float_or_nan(value))
+    return (device, dtype_name(dtype), N, K, bucket), TuningEntry(kernel, dict(raw["config"]), *times)
+
+
 class TuningTable:
     """Tuning entries keyed by (device name, dtype, N, K, M bucket), persisted as JSON.
 
@@ -209,8 +399,9 @@ class TuningTable:
         return self._entries.get(self.key(device_name, dtype, N, K, bucket))
 
     def put(self, device_name: str, dtype, N: int, K: int, bucket, entry: TuningEntry) -> None:
-        if entry.kernel not in KERNELS:
-            raise ValueError(f"kernel {entry.kernel!r} is not one of {', '.join(KERNELS)}")
+        problem = config_problem(entry.kernel, entry.config)
+        if problem:
+            raise ValueError(f"tuning entry for N={N} K={K} M bucket {bucket}: {problem}")
         if self.device_name is None:
             self.device_name = device_name
         elif device_name != self.device_name:
@@ -254,31 +445,41 @@ class TuningTable:
 
     @classmethod
     def from_json(cls, data, path=None) -> "TuningTable":
-        """Build a table from parsed JSON; raise :class:`TuningTableError` when malformed."""
+        """Build a table from parsed JSON.
+
+        A malformed header raises :class:`TuningTableError`. A malformed or impossible entry
+        (:func:`config_problem`, an unknown kernel, M bucket or dtype, N or K <= 0, another
+        device) is skipped with one ``RuntimeWarning`` naming the file and the entry; the
+        other entries are kept.
+        """
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise TuningTableError("not an llmopt tuning table (missing format header)")
         if data.get("schema") != _SCHEMA:
             raise TuningTableError(f"schema {data.get('schema')!r}, this llmopt reads schema {_SCHEMA}")
-        table = cls(path, device_name=data.get("device_name"), llmopt_version=str(data.get("llmopt_version")),
-                     triton_version=str(data.get("triton_version")))
+        device = data.get("device_name")
+        if device is not None and not isinstance(device, str):
+            raise TuningTableError(f"device_name {device!r} is not a string")
+        table = cls(path, device_name=device, llmopt_version=str(data.get("llmopt_version")),
+                    triton_version=str(data.get("triton_version")))
         entries = data.get("entries")
         if not isinstance(entries, list):
             raise TuningTableError("'entries' is not a list")
         for i, raw in enumerate(entries):
             try:
-                config = raw["config"]
-                if not isinstance(config, dict) or not all(
-                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in config.items()
-                ):
-                    raise TypeError("config must map names to integers")
-                entry = TuningEntry(str(raw["kernel"]), dict(config), _float_or_nan(raw["time_us"]),
-                                    _float_or_nan(raw["baseline_us"]))
-                if int(raw["N"]) <= 0 or int(raw["K"]) <= 0:
-                    raise ValueError("N and K must be positive")
-                table.put(str(raw["device"]), str(raw["dtype"]), int(raw["N"]), int(raw["K"]), str(raw["m_bucket"]),
-                          entry)
-            except (KeyError, TypeError, ValueError) as err:
-                raise TuningTableError(f"entry {i} is malformed: {err}") from err
+                key, entry = _entry_from_json(raw, table.device_name)
+            except ValueError as err:
+                label = _entry_label(raw) if isinstance(raw, dict) else ""
+                warnings.warn(
+                    f"tuning table {path if path is not None else '(in memory)'}: entry {i} "
+                    f"{f'({label}) ' if label else ''}skipped: {err}. The other entries are used; this shape "
+                    "and M bucket falls back to the heuristic. Fix or delete the entry, or re-run "
+                    "`llmopt autotune` to time it again.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            table.device_name = table.device_name or key[0]
+            table._entries[key] = entry
         return table
 
     @classmethod
@@ -336,39 +537,110 @@ class TuningTable:
             return empty
         return table
 
-    def save(self, path=None, *, merge: bool = True) -> Path:
-        """Write the table atomically (temporary file + ``os.replace``) and return its path.
+    def save(self, path=None, *, merge: bool = True, lock_timeout: float | None = None) -> Path:
+        """Write the table and return its path; concurrent writers lose nothing.
 
-        With ``merge`` (default), entries already in a compatible file on disk and not in
-        this table are kept, so concurrent or interrupted tuning runs lose nothing; an
-        incompatible or corrupt file is replaced.
+        Under an exclusive lock on ``<path>.lock`` (waiting at most ``lock_timeout`` seconds,
+        default :data:`LOCK_TIMEOUT_S`, then :class:`TuningTableLocked`): with ``merge``
+        (default), entries already in a compatible file on disk and not in this table are
+        added to it (this table wins on equal keys; an incompatible or corrupt file is
+        replaced); then the file is replaced atomically (temporary file in the same
+        directory, fsync, ``os.replace``), so a reader sees the old table or the new one,
+        never a part. With ``fcntl`` the ``.lock`` file stays: removing it while another
+        writer waits on it would let two writers in.
         """
         path = Path(path) if path is not None else self.path
-        if merge and path.exists():
-            try:
-                on_disk = type(self)._read(path)
-            except (OSError, TuningTableError):
-                on_disk = None
-            if on_disk is not None and on_disk._foreign_reason(self.device_name) is None:
-                if self.device_name is None or on_disk.device_name in (None, self.device_name):
-                    for key, entry in on_disk._entries.items():
-                        self._entries.setdefault(key, entry)
-                    if self.device_name is None:
-                        self.device_name = on_disk.device_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json(), f, indent=1, allow_nan=False)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        timeout = LOCK_TIMEOUT_S if lock_timeout is None else lock_timeout
+        with _exclusive_lock(path.with_name(path.name + ".lock"), timeout):
+            if merge and path.exists():
+                self._merge_from_disk(path)
+            _atomic_write_json(path, self.to_json())
         self.path = path
         return path
+
+    def _merge_from_disk(self, path: Path) -> None:
+        try:
+            on_disk = type(self)._read(path)
+        except (OSError, TuningTableError):
+            return  # corrupt: replaced
+        if on_disk._foreign_reason(self.device_name) is not None:
+            return  # another version or device: replaced
+        if self.device_name is None or on_disk.device_name in (None, self.device_name):
+            for key, entry in on_disk._entries.items():
+                self._entries.setdefault(key, entry)
+            if self.device_name is None:
+                self.device_name = on_disk.device_name
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to a temporary file next to ``path``, fsync it, ``os.replace`` it over
+    ``path`` and fsync the directory (so the rename itself survives a power cut)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # directories cannot be opened on Windows
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path, timeout: float):
+    """Hold an exclusive inter-process lock on ``lock_path`` for the ``with`` block.
+
+    ``fcntl.flock`` where available: the kernel releases it when the holder exits, even on
+    a crash. Elsewhere a lock file created with ``O_EXCL`` and removed afterwards; one left
+    by a crashed process is reported after ``timeout`` with what to delete.
+    """
+    deadline = time.monotonic() + timeout
+    if fcntl is not None:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TuningTableLocked(
+                            f"could not lock {lock_path} within {timeout:g} s: another process (an `llmopt "
+                            "autotune` or a compile with autotune='on') is writing the tuning table; wait for it "
+                            "to finish and retry"
+                        ) from None
+                    time.sleep(0.005)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+        return
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            if time.monotonic() >= deadline:
+                raise TuningTableLocked(
+                    f"could not lock {lock_path} within {timeout:g} s: another process is writing the tuning "
+                    f"table, or one crashed while writing it; if no llmopt process is running, delete {lock_path} "
+                    "and retry"
+                ) from None
+            time.sleep(0.01)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        Path(lock_path).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,12 +707,13 @@ def choose_kernels(table: TuningTable | None, device_name: str, dtype, N: int, K
     """The kernels string for a linear with weight [N, K] and the reason for each bucket.
 
     ``N`` is the weight's row count (2 I for a merged gate/up weight). Returns e.g.
-    ``("1:gemv,2:flat_gemm,...,inf:mm", {"1": "heuristic: ...", ...})``.
+    ``("1:gemv[BLOCK_N=16,...],2:flat_gemm,...,inf:mm", {"1": "tuning table: ...", ...})``:
+    a bucket whose table entry has a config carries it, so the string alone says what runs.
     """
-    choice, reasons = {}, {}
+    choice, configs, reasons = {}, {}, {}
     for bucket in M_BUCKETS:
-        choice[bucket], _, reasons[bucket] = choose_kernel(table, device_name, dtype, N, K, bucket)
-    return format_kernels(choice), reasons
+        choice[bucket], configs[bucket], reasons[bucket] = choose_kernel(table, device_name, dtype, N, K, bucket)
+    return format_kernels(choice, configs), reasons
 
 
 # ---------------------------------------------------------------------------------------
@@ -561,14 +834,18 @@ def tune_shape(N: int, K: int, M: int, dtype, device="cuda", *, sweep: bool = Tr
 
 __all__ = [
     "KERNELS",
+    "LOCK_TIMEOUT_S",
     "M_BUCKETS",
     "TuningEntry",
     "TuningTable",
     "TuningTableError",
+    "TuningTableLocked",
     "candidate_configs",
     "choose_kernel",
     "choose_kernels",
     "cold_weight_copies",
+    "config_keys",
+    "config_problem",
     "cuda_time_us",
     "default_table_path",
     "device_name",
@@ -577,6 +854,7 @@ __all__ = [
     "get_active_table",
     "heuristic_kernel",
     "m_bucket",
+    "parse_kernel_configs",
     "parse_kernels",
     "set_active_table",
     "time_candidates",
