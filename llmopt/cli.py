@@ -27,7 +27,6 @@ import json
 import os
 import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -213,20 +212,13 @@ def check_distinct_outputs(named: dict[str, str | None]) -> None:
 
 
 def _write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
+    """Replace ``path`` with ``text`` through a temporary file in the same directory; the
+    file keeps the mode of the one it replaces, else the usual 0644."""
+    from .codegen.locked_file import atomic_write
+
     target = Path(path)
-    # mkstemp creates the file private (0600); a report gets the mode of the file it
-    # replaces, else the usual 0644
     mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(target, lambda f: f.write(text), mode=mode)
 
 
 # -- inspect ----------------------------------------------------------------------------------

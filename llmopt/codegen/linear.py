@@ -37,14 +37,8 @@ import torch
 from llmopt.codegen.flat_gemm import flat_gemm_triton
 from llmopt.codegen.gemv import KERNEL_DTYPES, check_linear_args, gemv_ref, gemv_triton
 from llmopt.codegen.kernel_mode import use_triton
-from llmopt.codegen.tuning_table import (
-    choose_kernel,
-    device_name,
-    get_active_table,
-    m_bucket,
-    parse_kernel_configs,
-    parse_kernels,
-)
+from llmopt.codegen.kernels_spec import m_bucket, parse_kernel_configs, parse_kernels
+from llmopt.codegen.tuning_table import choose_kernel, device_name, get_active_table
 
 # ---------------------------------------------------------------------------------------
 # Contract and reference

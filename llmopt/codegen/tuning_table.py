@@ -15,16 +15,11 @@ The table is a JSON file (never pickle), by default ``$LLMOPT_CACHE_DIR/tuning.j
 ``$XDG_CACHE_HOME/llmopt/tuning.json``, else ``~/.cache/llmopt/tuning.json``. Its header
 records the llmopt and Triton versions and the device it was tuned on; a file that is
 corrupt or comes from another version or device is ignored with a warning (the heuristic
-is used), never a crash. Each entry is checked when the file is read (:func:`config_problem`:
-the kernel's config keys, block sizes that are powers of two, ``SPLIT_K``, ``num_warps``,
-``num_stages`` >= 1...); an impossible one is skipped with a warning naming the file and the
-entry, and the others are kept, so a hand-edited entry cannot make every linear call fail.
-
-Writers never lose each other's entries: :meth:`TuningTable.save` takes an exclusive lock
-on the sidecar ``<table>.lock`` (``fcntl.flock``; where there is no ``fcntl``, a lock file
-created with ``O_EXCL``), merges with what is on disk under the lock, and replaces the file
-atomically (temporary file in the same directory, fsync, ``os.replace``). So concurrent
-``llmopt autotune`` runs add up, and an interrupted one resumes where it stopped.
+is used), never a crash; an impossible entry (:func:`config_problem`) is skipped with a
+warning naming the file and the entry, and the others are kept. :meth:`TuningTable.save`
+merges with the file on disk under an exclusive lock and replaces it atomically
+(:mod:`llmopt.codegen.locked_file`), so concurrent ``llmopt autotune`` runs add up and an
+interrupted one resumes where it stopped.
 
 Heuristic used where the table has no entry (:func:`heuristic_kernel`):
 
@@ -37,24 +32,17 @@ Heuristic used where the table has no entry (:func:`heuristic_kernel`):
 
 The active table (:func:`get_active_table`) is, with the op registry, the only global
 mutable state of llmopt: it is loaded lazily on first use and replaced explicitly with
-:func:`set_active_table`. A compiled graph does not read it at run time: the
-``select_linear_kernel`` pass bakes each bucket's tuned config into the kernels string
-(``"1:gemv[BLOCK_N=16,BLOCK_K=512,...],2:flat_gemm,..."``), so every compiled graph keeps
-the table it was compiled with. Only a direct call with ``kernels=""`` consults the active
-table.
+:func:`set_active_table`. Compiled graphs do not read it at run time: their tuned configs
+are baked into their kernels strings (:mod:`llmopt.codegen.kernels_spec`).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
 import os
-import re
 import statistics
-import tempfile
 import threading
-import time
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -63,32 +51,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 from llmopt.codegen.flat_gemm import (
-    FLAT_GEMM_CONFIG_KEYS,
     flat_gemm_configs,
     flat_gemm_heuristic_config,
     flat_gemm_triton,
     prune_flat_gemm_configs,
 )
-from llmopt.codegen.gemv import (
-    GEMV_CONFIG_KEYS,
-    gemv_configs,
-    gemv_heuristic_config,
-    gemv_triton,
-    prune_gemv_configs,
-    validate_config,
+from llmopt.codegen.gemv import gemv_configs, gemv_heuristic_config, gemv_triton, prune_gemv_configs
+from llmopt.codegen.kernels_spec import (  # noqa: F401  the kernels string, re-exported as the table's API
+    KERNELS,
+    M_BUCKETS,
+    MAX_FINITE_BUCKET,
+    config_keys,
+    config_problem,
+    format_kernels,
+    m_bucket,
+    parse_kernel_configs,
+    parse_kernels,
 )
+from llmopt.codegen.locked_file import LockTimeout, atomic_write_json, exclusive_lock
 
-try:
-    import fcntl
-except ImportError:  # Windows: the O_EXCL lock file below
-    fcntl = None
-
-M_BUCKETS = ("1", "2", "4", "8", "16", "32", "64", "inf")
-KERNELS = ("gemv", "flat_gemm", "mm")
-MAX_FINITE_BUCKET = 64
 TINY_WEIGHT_ELEMENTS = 1 << 18
 _HALF_AND_FLOAT = ("float16", "bfloat16", "float32")
 _FORMAT = "llmopt-tuning-table"
@@ -96,154 +79,6 @@ _SCHEMA = 1
 # How long save() waits for another writer's lock before giving up (a save holds it for
 # one read-merge-write, milliseconds).
 LOCK_TIMEOUT_S = 60.0
-
-
-# ---------------------------------------------------------------------------------------
-# Which launch configs a kernel can run
-# ---------------------------------------------------------------------------------------
-
-# The config keys each kernel's launcher takes (its own tuple; ``mm`` takes none).
-_CONFIG_KEYS = {"gemv": GEMV_CONFIG_KEYS, "flat_gemm": FLAT_GEMM_CONFIG_KEYS, "mm": ()}
-# flat_gemm's tiles go through tl.dot, which needs every tile side >= 16 on a GPU (the
-# launcher refuses less on CUDA).
-_DOT_MIN_BLOCK = {"flat_gemm": 16}
-# A CUDA thread block holds at most 1024 threads: 32 warps.
-_MAX_WARPS = 32
-
-
-def config_keys(kernel: str) -> tuple[str, ...]:
-    """The launch-config keys ``kernel`` accepts (the kernel module's own key tuple)."""
-    return _CONFIG_KEYS[kernel]
-
-
-def _power_of_two(value: int) -> bool:
-    return value >= 1 and not value & (value - 1)
-
-
-def config_problem(kernel: str, config) -> str | None:
-    """Why ``config`` cannot launch ``kernel`` (one sentence), or None when it can.
-
-    The rules are the kernels' own: the keys of their config tuples and their
-    ``validate_config`` (BLOCK_* powers of two, ``SPLIT_K`` >= 1); Triton's (``num_warps`` a
-    power of two, at most 32; ``num_stages`` >= 1; a tile of at most
-    ``TRITON_MAX_TENSOR_NUMEL`` elements); ``tl.dot``'s 16-wide minimum for ``flat_gemm``.
-    A partial config is valid (the launcher fills the rest from its heuristic config).
-    """
-    if kernel not in _CONFIG_KEYS:
-        return f"kernel {kernel!r} is not one of {', '.join(KERNELS)}"
-    if not isinstance(config, dict):
-        return f"config must be an object of NAME: integer, got {type(config).__name__}"
-    for name, value in config.items():
-        if not isinstance(value, int) or isinstance(value, bool):
-            return f"config {name}={value!r} must be an integer"
-    try:
-        validate_config(config, _CONFIG_KEYS[kernel], kernel)
-    except ValueError as err:
-        return str(err)
-    blocks = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
-    smallest = _DOT_MIN_BLOCK.get(kernel, 1)
-    for name, value in blocks.items():
-        if value < smallest:
-            return f"{kernel} config {name}={value} is below {smallest} (tl.dot tiles are at least 16 wide)"
-    sides = sorted(blocks.values())
-    if len(sides) >= 2 and sides[-1] * sides[-2] > tl.TRITON_MAX_TENSOR_NUMEL:
-        return (f"{kernel} config {blocks} makes a tile of more than {tl.TRITON_MAX_TENSOR_NUMEL} elements, "
-                "Triton's limit")
-    warps = config.get("num_warps")
-    if warps is not None and not (_power_of_two(warps) and warps <= _MAX_WARPS):
-        return f"{kernel} config num_warps={warps} must be a power of two from 1 to {_MAX_WARPS}"
-    stages = config.get("num_stages")
-    if stages is not None and stages < 1:
-        return f"{kernel} config num_stages={stages} must be >= 1"
-    return None
-
-
-# ---------------------------------------------------------------------------------------
-# Buckets and the compact kernels string
-# ---------------------------------------------------------------------------------------
-
-
-def m_bucket(M: int) -> str:
-    """The M bucket label: ``str(min(next_pow2(M), 64))``, or ``"inf"`` for M > 64."""
-    if M > MAX_FINITE_BUCKET:
-        return "inf"
-    return str(1 if M <= 1 else 1 << (M - 1).bit_length())
-
-
-_KERNELS_ITEM = re.compile(r"\s*(\w+)\s*:\s*(\w+)\s*(?:\[([^\[\]]*)\])?\s*")
-_CONFIG_ITEM = re.compile(r"\s*(\w+)\s*=\s*(-?\d+)\s*")
-
-
-def _split_top_level(spec: str) -> list[str]:
-    """``spec`` split at the commas outside ``[...]``."""
-    items, depth, start = [], 0, 0
-    for i, ch in enumerate(spec):
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            items.append(spec[start:i])
-            start = i + 1
-    items.append(spec[start:])
-    return items
-
-
-@functools.lru_cache(maxsize=256)
-def _parse_spec(spec: str) -> tuple[dict[str, str], dict[str, dict | None]]:
-    kernels, configs = dict.fromkeys(M_BUCKETS, "mm"), dict.fromkeys(M_BUCKETS)
-    for item in filter(str.strip, _split_top_level(spec)):
-        m = _KERNELS_ITEM.fullmatch(item)
-        if m is None or m.group(1) not in M_BUCKETS or m.group(2) not in KERNELS:
-            raise ValueError(
-                f"bad kernels entry {item!r} in {spec!r}: expected 'bucket:kernel' or 'bucket:kernel[NAME=int,...]' "
-                f"with bucket in {', '.join(M_BUCKETS)} and kernel in {', '.join(KERNELS)}"
-            )
-        bucket, kernel, body = m.groups()
-        kernels[bucket] = kernel
-        if body is not None and body.strip():
-            config = {}
-            for part in body.split(","):
-                cm = _CONFIG_ITEM.fullmatch(part)
-                if cm is None:
-                    raise ValueError(f"bad kernels entry {item!r} in {spec!r}: config item {part!r} is not "
-                                     "NAME=integer")
-                config[cm.group(1)] = int(cm.group(2))
-            problem = config_problem(kernel, config)
-            if problem:
-                raise ValueError(f"bad kernels entry {item!r} in {spec!r}: {problem}")
-            configs[bucket] = config
-    return kernels, configs
-
-
-def parse_kernels(spec: str) -> dict[str, str]:
-    """Parse ``"1:gemv,2:flat_gemm,...,inf:mm"`` into {bucket: kernel}; missing buckets → ``mm``.
-
-    A bucket may carry its launch config, ``"1:gemv[BLOCK_N=16,SPLIT_K=4]"``
-    (:func:`parse_kernel_configs`); an impossible one raises ValueError. The result is
-    cached (the op parses its string at every call), so do not mutate it.
-    """
-    return _parse_spec(spec)[0]
-
-
-def parse_kernel_configs(spec: str) -> dict[str, dict | None]:
-    """{bucket: launch config or None (the kernel's heuristic config)} of a kernels string.
-
-    Cached like :func:`parse_kernels`: copy a config before changing it.
-    """
-    return _parse_spec(spec)[1]
-
-
-def format_kernels(choice: dict[str, str], configs: dict[str, dict | None] | None = None) -> str:
-    """The compact string of {bucket: kernel} and their configs, in bucket order (inverse of
-    :func:`parse_kernels` / :func:`parse_kernel_configs`); config keys in the kernel's order."""
-    items = []
-    for b in M_BUCKETS:
-        kernel = choice.get(b, "mm")
-        config = (configs or {}).get(b)
-        if config:
-            keys = [k for k in config_keys(kernel) if k in config] + sorted(set(config) - set(config_keys(kernel)))
-            items.append(f"{b}:{kernel}[{','.join(f'{k}={config[k]}' for k in keys)}]")
-        else:
-            items.append(f"{b}:{kernel}")
-    return ",".join(items)
 
 
 def dtype_name(dtype) -> str:
@@ -326,8 +161,8 @@ class TuningTableError(ValueError):
     """A tuning table file that cannot be used (unreadable, malformed or foreign)."""
 
 
-class TuningTableLocked(TimeoutError):
-    """Another process held the table's lock for longer than the save was willing to wait."""
+# Raised by save() when another writer holds the table's lock too long (an OSError).
+TuningTableLocked = LockTimeout
 
 
 def _is_int(value) -> bool:
@@ -552,10 +387,11 @@ class TuningTable:
         path = Path(path) if path is not None else self.path
         path.parent.mkdir(parents=True, exist_ok=True)
         timeout = LOCK_TIMEOUT_S if lock_timeout is None else lock_timeout
-        with _exclusive_lock(path.with_name(path.name + ".lock"), timeout):
+        holders = "another process (an `llmopt autotune`, a compile with autotune='on')"
+        with exclusive_lock(path.with_name(path.name + ".lock"), timeout, holders):
             if merge and path.exists():
                 self._merge_from_disk(path)
-            _atomic_write_json(path, self.to_json())
+            atomic_write_json(path, self.to_json())
         self.path = path
         return path
 
@@ -571,76 +407,6 @@ class TuningTable:
                 self._entries.setdefault(key, entry)
             if self.device_name is None:
                 self.device_name = on_disk.device_name
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    """Write ``data`` to a temporary file next to ``path``, fsync it, ``os.replace`` it over
-    ``path`` and fsync the directory (so the rename itself survives a power cut)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # directories cannot be opened on Windows
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path, timeout: float):
-    """Hold an exclusive inter-process lock on ``lock_path`` for the ``with`` block.
-
-    ``fcntl.flock`` where available: the kernel releases it when the holder exits, even on
-    a crash. Elsewhere a lock file created with ``O_EXCL`` and removed afterwards; one left
-    by a crashed process is reported after ``timeout`` with what to delete.
-    """
-    deadline = time.monotonic() + timeout
-    if fcntl is not None:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise TuningTableLocked(
-                            f"could not lock {lock_path} within {timeout:g} s: another process (an `llmopt "
-                            "autotune` or a compile with autotune='on') is writing the tuning table; wait for it "
-                            "to finish and retry"
-                        ) from None
-                    time.sleep(0.005)
-            yield
-        finally:
-            os.close(fd)  # releases the flock
-        return
-    while True:
-        try:
-            fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            if time.monotonic() >= deadline:
-                raise TuningTableLocked(
-                    f"could not lock {lock_path} within {timeout:g} s: another process is writing the tuning "
-                    f"table, or one crashed while writing it; if no llmopt process is running, delete {lock_path} "
-                    "and retry"
-                ) from None
-            time.sleep(0.01)
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.close(fd)
-        yield
-    finally:
-        Path(lock_path).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------

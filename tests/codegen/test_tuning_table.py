@@ -1,5 +1,7 @@
-"""The tuning table (llmopt/codegen/tuning_table.py): location, JSON round trip, atomic and
-merging writes, and the timing helper's refusal on CPU.
+"""The tuning table (llmopt/codegen/tuning_table.py): location, JSON round trip, atomic,
+locked and merging writes (llmopt/codegen/locked_file.py), entries checked at load, the
+kernels string with its configs (llmopt/codegen/kernels_spec.py), and the timing helper's
+refusal on CPU.
 
 Specification: a table saved and loaded again has the same entries and a header with the
 llmopt and Triton versions and the device; it lives under $LLMOPT_CACHE_DIR, else
@@ -19,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import llmopt.codegen.tuning_table as tt
+from llmopt.codegen import locked_file
 from llmopt.codegen.tuning_table import (
     M_BUCKETS,
     TuningEntry,
@@ -316,11 +319,15 @@ def test_put_refuses_an_impossible_config(tmp_path):
     assert len(table) == 0
 
 
-def test_valid_configs_come_from_the_kernels_config_spaces():
-    """Every config the autotuner can sweep or store (the spaces and the heuristic configs)
-    is valid; the valid keys are the kernels' own."""
+def test_valid_configs_come_from_the_kernels_config_spaces(monkeypatch):
+    """Every config the autotuner can sweep or store (the spaces and the heuristic configs,
+    CUDA's and the interpreter's) is valid; the valid keys are the kernels' own."""
+    from llmopt.codegen import flat_gemm, gemv
     from llmopt.codegen.flat_gemm import FLAT_GEMM_CONFIG_KEYS, flat_gemm_configs, flat_gemm_heuristic_config
     from llmopt.codegen.gemv import GEMV_CONFIG_KEYS, gemv_configs, gemv_heuristic_config
+
+    for module in (gemv, flat_gemm):
+        monkeypatch.setattr(module, "sm_count", lambda device: 132)  # the CUDA heuristics without a GPU
 
     assert tt.config_keys("gemv") == GEMV_CONFIG_KEYS and tt.config_keys("flat_gemm") == FLAT_GEMM_CONFIG_KEYS
     assert tt.config_keys("mm") == ()
@@ -328,10 +335,13 @@ def test_valid_configs_come_from_the_kernels_config_spaces():
                                                      for c in flat_gemm_configs(M)]
     for kernel, config in sweep:
         assert tt.config_problem(kernel, config) is None, (kernel, config)
-    for N, K in ((4096, 4096), (64, 40), (24, 8)):
-        cpu = torch.device("cpu")
-        assert tt.config_problem("gemv", gemv_heuristic_config(N, K, 1, False, cpu)) is None
-        assert tt.config_problem("flat_gemm", flat_gemm_heuristic_config(N, K, 16, False, torch.float16, cpu)) is None
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        for N, K, M in ((4096, 4096, 1), (28672, 4096, 4), (64, 40, 17), (24, 8, 64)):
+            for gated in (False, True):
+                assert tt.config_problem("gemv", gemv_heuristic_config(N, K, M, gated, device)) is None
+                for dtype in (torch.float16, torch.float32):
+                    config = flat_gemm_heuristic_config(N, K, M, gated, dtype, device)
+                    assert tt.config_problem("flat_gemm", config) is None, config
 
 
 def test_kernels_string_carries_the_tuned_configs():
@@ -354,7 +364,7 @@ def _entry_table(path, bucket="1"):
     return table
 
 
-@pytest.mark.skipif(tt.fcntl is None, reason="fcntl.flock: POSIX only (the fallback is tested below)")
+@pytest.mark.skipif(locked_file.fcntl is None, reason="fcntl.flock: POSIX only (the fallback is tested below)")
 def test_save_waits_for_the_lock_then_fails_clearly(tmp_path):
     import fcntl
 
@@ -368,7 +378,7 @@ def test_save_waits_for_the_lock_then_fails_clearly(tmp_path):
 
 
 def test_lock_file_fallback_without_fcntl(tmp_path, monkeypatch):
-    monkeypatch.setattr(tt, "fcntl", None)
+    monkeypatch.setattr(locked_file, "fcntl", None)
     path, lock = tmp_path / "tuning.json", tmp_path / "tuning.json.lock"
     _entry_table(path, "1").save()
     _entry_table(path, "2").save()
