@@ -19,6 +19,7 @@ and must not depend on how tables are stored.
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import triton.language as tl
@@ -78,8 +79,8 @@ def config_problem(kernel: str, config) -> str | None:
     for name, value in blocks.items():
         if value < smallest:
             return f"{kernel} config {name}={value} is below {smallest} (tl.dot tiles are at least 16 wide)"
-    sides = sorted(blocks.values())
-    if len(sides) >= 2 and sides[-1] * sides[-2] > tl.TRITON_MAX_TENSOR_NUMEL:
+    sides = sorted(blocks.values(), reverse=True)[:2]  # the largest tile is the two largest sides
+    if sides and math.prod(sides) > tl.TRITON_MAX_TENSOR_NUMEL:
         return (f"{kernel} config {blocks} makes a tile of more than {tl.TRITON_MAX_TENSOR_NUMEL} elements, "
                 "Triton's limit")
     warps = config.get("num_warps")

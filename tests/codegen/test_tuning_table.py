@@ -269,6 +269,7 @@ BAD_ENTRIES = [
     ({"kernel": "flat_gemm", "config": {"num_stages": 0}}, "num_stages=0"),
     ({"config": {"BLOCK_N": 24}}, "power of two"),
     ({"config": {"BLOCK_N": 1 << 14, "BLOCK_K": 1 << 14}}, "elements"),
+    ({"config": {"BLOCK_K": 1 << 21}}, "elements"),
     ({"kernel": "flat_gemm", "config": {"BLOCK_N": 8}}, "BLOCK_N=8"),
     ({"config": {"BLOCK_M": 16}}, "unknown"),
     ({"config": {"block_n": 16}}, "unknown"),
