@@ -349,7 +349,8 @@ def test_kernels_string_carries_the_tuned_configs():
     """The pass bakes each bucket's tuned config into the string, so a compiled graph needs
     no table at run time; a bucket without one runs its kernel's heuristic config."""
     spec = tt.format_kernels({"1": "gemv", "2": "flat_gemm"}, {"1": dict(reversed(GOOD_GEMV.items()))})
-    assert spec == "1:gemv[BLOCK_N=16,BLOCK_K=512,SPLIT_K=2,num_warps=4,num_stages=2],2:flat_gemm,4:mm,8:mm,16:mm,32:mm,64:mm,inf:mm"
+    assert spec == ("1:gemv[BLOCK_N=16,BLOCK_K=512,SPLIT_K=2,num_warps=4,num_stages=2],"
+                    "2:flat_gemm,4:mm,8:mm,16:mm,32:mm,64:mm,inf:mm")
     assert tt.parse_kernels(spec) == {**dict.fromkeys(M_BUCKETS, "mm"), "1": "gemv", "2": "flat_gemm"}
     assert tt.parse_kernel_configs(spec) == {**dict.fromkeys(M_BUCKETS), "1": GOOD_GEMV}
     assert tt.format_kernels(tt.parse_kernels(spec), tt.parse_kernel_configs(spec)) == spec
