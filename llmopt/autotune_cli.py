@@ -282,8 +282,11 @@ def run(args: argparse.Namespace) -> int:
     table_path = Path(args.table) if args.table else default_table_path()
     gpu = _cuda_available()
     if not gpu and not args.dry_run:
-        return _error("no CUDA GPU is visible, and timing the kernels needs one (CUDA events). "
-                      "Run on the GPU you deploy on, or add --dry-run to list the shapes and candidates here.")
+        from .cli import cuda_unavailable_reason
+
+        instead = "add --dry-run to list the shapes and candidates here"
+        why = cuda_unavailable_reason(instead) or f"no CUDA GPU is visible; run on the GPU you deploy on, or {instead}"
+        return _error(f"no CUDA GPU to time the kernels on (CUDA events): {why}")
     if args.warmup < 0 or args.rep < 1:
         return _error(f"--warmup must be >= 0 and --rep >= 1, got {args.warmup} and {args.rep}")
     try:
@@ -356,7 +359,13 @@ def _tune(tasks, done, shapes, ms, table, dev, dtype, args) -> int:
                 progress.update()
                 continue
             table.put(dev, dtype, shape.N, shape.K, bucket, entry)
-            table.save(table.path)  # after every pair: Ctrl-C loses at most the one being timed
+            try:
+                table.save(table.path)  # after every pair: Ctrl-C loses at most the one being timed
+            except OSError as exc:  # locked by another writer for too long, disk full, permissions
+                progress.close()
+                print(f"llmopt autotune: error: could not save the tuning table {table.path}: {exc}. The pairs "
+                      "saved before this one are in it; run the same command again to resume.", file=sys.stderr)
+                return EXIT_FAILED
             progress.write(_result_line(shape, M, entry))
             progress.update()
     except KeyboardInterrupt:

@@ -13,16 +13,28 @@ Hugging Face model_type (``llama``: a small default config), a local directory w
 :mod:`llmopt.model_spec`. Nothing is downloaded.
 
 Exit status: 0 on success, 1 when the work failed (message on stderr), 2 for a usage
-error or a subcommand this build does not have.
+error or a subcommand this build does not have. Arguments that cannot work are refused
+before any model is built or compiled, with exit status 2 and one line saying what to do:
+``--device cuda`` where this torch has no CUDA or sees no GPU, and an output path
+(``--html``, ``--json``, ``--out``, ``--plot``) whose directory is missing or not writable,
+or that is a directory. An existing file at an output path is replaced (the user named
+it), atomically: a failed write leaves the old file whole.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot work; the command exits with status 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmopt: interrupted", file=sys.stderr)
         return 130
+    except UsageError as exc:
+        print(f"llmopt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, TypeError, RuntimeError, OSError, ImportError) as exc:
         print(f"llmopt {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -123,18 +138,107 @@ def parse_options(pairs: Sequence[str], quantize: str | None = None) -> dict[str
     return out
 
 
+# -- arguments checked before the work --------------------------------------------------------
+def cuda_unavailable_reason(instead: str = "run with --device cpu") -> str | None:
+    """Why this process cannot use CUDA, naming the torch build, and what to do (``instead``
+    is the way to go on without a GPU); None when CUDA is available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return (f"CUDA is not available: this torch ({torch.__version__}) is built without CUDA. Install a CUDA "
+                f"build of torch (https://pytorch.org/get-started/locally/) or {instead}")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"CUDA is not available: this torch ({torch.__version__}) is built for CUDA {torch.version.cuda}, but no "
+            f"CUDA GPU is visible{f' (CUDA_VISIBLE_DEVICES={visible!r})' if visible is not None else ''}. Check "
+            f"the GPU and its driver (nvidia-smi), or {instead}")
+
+
+def check_device(name: str | None):
+    """``--device`` as a torch.device (None: the default device), or UsageError."""
+    import torch
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        reason = cuda_unavailable_reason()
+        if reason:
+            raise UsageError(f"--device {name}: {reason}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered from 0; use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name}: llmopt inspect and bench run on cpu or cuda")
+    return device
+
+
+def check_output_path(path: str, flag: str) -> Path:
+    """Refuse, before any work, an output path the command could not write at the end."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name in it, e.g. {p / ('out' + _suffix(flag))}")
+    parent = p.parent
+    if not parent.exists():
+        raise UsageError(f"{flag} {path}: the directory {parent} does not exist; create it first "
+                         f"(mkdir -p {parent}) or choose another path")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: the directory {parent} is not writable; choose another path")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UsageError(f"{flag} {path}: the file is read-only; make it writable or choose another path")
+    return p
+
+
+def _suffix(flag: str) -> str:
+    return {"--html": ".html", "--plot": ".png"}.get(flag, ".json")
+
+
+def check_distinct_outputs(named: dict[str, str | None]) -> None:
+    """Two output flags naming one file would overwrite each other's result."""
+    seen: dict[Path, str] = {}
+    for flag, path in named.items():
+        if path is None or path == "-":
+            continue
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise UsageError(f"{seen[resolved]} and {flag} name the same file {path}; give each its own")
+        seen[resolved] = flag
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` through a temporary file in the same directory; the
+    file keeps the mode of the one it replaces, else the usual 0644."""
+    from .codegen.locked_file import atomic_write
+
+    target = Path(path)
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644
+    atomic_write(target, lambda f: f.write(text), mode=mode)
+
+
 # -- inspect ----------------------------------------------------------------------------------
 def _inspect(args) -> int:
     import torch
 
+    from . import model_spec
     from .inspection import explain
-    from .model_spec import resolve
     from .options import Options
 
+    device = check_device(args.device)
+    outputs = {"--json": args.json if args.json != "-" else None, "--html": args.html}
+    for flag, path in outputs.items():
+        if path is not None:
+            check_output_path(path, flag)
+    check_distinct_outputs(outputs)
     options = parse_options(args.option, args.quantize)
     Options.from_user(options)  # reject a bad option before building the model
-    spec = resolve(args.model, dtype=args.dtype, device=args.device, batch=args.batch, seq=args.seq,
-                   layers=args.layers, seed=args.seed)
+    spec = model_spec.resolve(args.model, dtype=args.dtype, device=device, batch=args.batch, seq=args.seq,
+                              layers=args.layers, seed=args.seed)
     calls = None
     if args.decode:
         if not spec.is_causal_lm:
@@ -156,11 +260,10 @@ def _inspect(args) -> int:
     else:
         print(explanation)
     if args.json and args.json != "-":
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(explanation.to_json() + "\n")
+        _write_atomically(args.json, explanation.to_json() + "\n")
         _status(f"wrote {args.json}")
     if args.html:
-        explanation.to_html(args.html, layout=args.layout)
+        _write_atomically(args.html, explanation.to_html(layout=args.layout))
         _status(f"wrote {args.html}")
     return EXIT_OK
 
@@ -169,10 +272,15 @@ def _inspect(args) -> int:
 def _bench(args) -> int:
     import torch
 
+    from . import model_spec
     from .bench import BenchSettings, format_table, is_llmopt_backend, plot, run_bench, write_json
-    from .model_spec import default_device, resolve
 
-    device = torch.device(args.device) if args.device else default_device()
+    device = check_device(args.device) or model_spec.default_device()
+    outputs = {"--out": args.out, "--plot": args.plot}
+    for flag, path in outputs.items():
+        if path is not None:
+            check_output_path(path, flag)
+    check_distinct_outputs(outputs)
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
@@ -190,8 +298,8 @@ def _bench(args) -> int:
         from .options import Options
 
         Options.from_user({**settings.options, **({"quantize": settings.quantize} if settings.quantize else {})})
-    spec = resolve(args.model, dtype=args.dtype, device=device, batch=settings.batch, seq=settings.prompt_len,
-                   layers=args.layers, seed=args.seed)
+    spec = model_spec.resolve(args.model, dtype=args.dtype, device=device, batch=settings.batch,
+                              seq=settings.prompt_len, layers=args.layers, seed=args.seed)
     progress = None if args.quiet else _status
     _status(f"llmopt bench: {spec.name} ({spec.num_parameters():,} parameters, {args.dtype}, {device})", args.quiet)
     data = run_bench(spec, settings, progress=progress)

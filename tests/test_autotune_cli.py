@@ -105,6 +105,37 @@ def test_without_gpu_exits_2_with_a_clear_message(capsys, monkeypatch, tmp_path)
     assert "no CUDA GPU" in err and "--dry-run" in err
 
 
+def test_without_cuda_in_torch_the_message_names_the_build(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(autotune_cli, "_cuda_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert autotune_cli.main(["tiny-llama", "--table", str(tmp_path / "t.json")]) == 2
+    err = capsys.readouterr().err
+    assert "built without CUDA" in err and torch.__version__ in err and "--dry-run" in err
+
+
+def test_table_locked_by_another_writer_fails_clearly(fake_gpu, capsys, monkeypatch, tmp_path):
+    """A save that cannot get the lock in time stops the run with exit 1 and says what is
+    kept; the pairs saved before are in the table (no traceback, no half-written file)."""
+    from llmopt.codegen import tuning_table
+
+    path = tmp_path / "t.json"
+    saves = []
+    real_save = TuningTable.save
+
+    def save_then_locked(self, *args, **kwargs):
+        saves.append(len(self))
+        if len(saves) == 3:
+            raise tuning_table.TuningTableLocked(f"could not lock {path}.lock within 60 s: another process ...")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(TuningTable, "save", save_then_locked)
+    assert autotune_cli.main(["tiny-llama", "--batch", "1,2", "--table", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "could not save the tuning table" in err and "could not lock" in err and "resume" in err
+    assert len(TuningTable.load(path, device_name=GPU)) == 2
+
+
 def test_usage_errors_exit_2(capsys):
     assert autotune_cli.main(["tiny-llama", "--dry-run", "--batch", "0,1"]) == 2
     assert autotune_cli.main(["no-such-model-xyz", "--dry-run"]) == 2

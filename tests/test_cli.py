@@ -159,6 +159,59 @@ def test_bench_rejects_unknown_backend():
     assert code == 1 and "tvm" in err and "inductor" in err
 
 
+# -- a device this torch cannot use, output paths checked before the work ----------------------
+@pytest.fixture
+def never_build_the_model(monkeypatch):
+    """Fail the test if the command gets as far as building (then compiling) the model."""
+    import llmopt.model_spec
+
+    def resolve_called(*args, **kwargs):
+        raise AssertionError("the command built the model before checking its arguments")
+
+    monkeypatch.setattr(llmopt.model_spec, "resolve", resolve_called)
+
+
+@pytest.mark.parametrize("command", ["inspect", "bench"])
+@pytest.mark.parametrize("build", ["cpu-only torch", "CUDA torch, no GPU visible"])
+def test_cuda_device_without_cuda_is_a_usage_error(monkeypatch, never_build_the_model, command, build):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None if build == "cpu-only torch" else "12.8")
+    code, out, err = run_cli(command, "tiny-llama", "--device", "cuda")
+    assert code == 2, err
+    assert "CUDA" in err and torch.__version__ in err and "--device cpu" in err
+    assert ("without CUDA" in err) if build == "cpu-only torch" else ("no CUDA GPU is visible" in err)
+    assert "Traceback" not in err + out and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_device_is_a_usage_error(never_build_the_model):
+    code, _, err = run_cli("inspect", "tiny-llama", "--device", "gpu0")
+    assert code == 2 and "'gpu0'" in err and "cpu" in err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--html"])
+def test_inspect_output_path_is_checked_before_the_compile(tmp_path, never_build_the_model, flag):
+    missing = tmp_path / "no" / "such" / "dir" / "r.out"
+    code, _, err = run_cli("inspect", "tiny-llama", flag, str(missing))
+    assert code == 2 and flag in err and str(missing.parent) in err and "does not exist" in err
+    assert "mkdir" in err
+    code, _, err = run_cli("inspect", "tiny-llama", flag, str(tmp_path))
+    assert code == 2 and "is a directory" in err
+    (tmp_path / "file").write_text("mine")
+    code, _, err = run_cli("inspect", "tiny-llama", flag, str(tmp_path / "file" / "r.out"))
+    assert code == 2 and "not a directory" in err
+
+
+def test_inspect_json_and_html_must_differ(tmp_path, never_build_the_model):
+    same = str(tmp_path / "r.out")
+    code, _, err = run_cli("inspect", "tiny-llama", "--json", same, "--html", same)
+    assert code == 2 and "same file" in err
+
+
+@pytest.mark.parametrize("flag", ["--out", "--plot"])
+def test_bench_output_path_is_checked_before_the_run(tmp_path, never_build_the_model, flag):
+    code, _, err = run_cli("bench", "tiny-llama", "--backends", "eager", flag, str(tmp_path))
+    assert code == 2 and flag in err and "is a directory" in err
+
 # -- usage, stubs -----------------------------------------------------------------------------
 def test_usage_errors_exit_2():
     assert run_cli()[0] == 2
@@ -284,3 +337,23 @@ def test_inspect_a_factory_model(tmp_path, monkeypatch):
     code, out, err = run_cli("inspect", "my_factory_mod2:build", "--no-graph-breaks")
     assert code == 0, err
     assert "graphs compiled: 1" in out
+
+
+def test_inspect_replaces_a_named_file_atomically(tmp_path, monkeypatch):
+    """The user named the file, so it is replaced; through a temporary file in the same
+    directory, so a failed write leaves the old one whole."""
+    from llmopt import cli
+
+    target = tmp_path / "r.json"
+    target.write_text("old report")
+    target.chmod(0o640)
+    cli._write_atomically(str(target), "new report")
+    assert target.read_text() == "new report" and (target.stat().st_mode & 0o777) == 0o640
+
+    def failing_write(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cli.os, "replace", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        cli._write_atomically(str(target), "newer report")
+    assert target.read_text() == "new report" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

@@ -18,13 +18,16 @@ changes with M — GEMV at M = 1, a "flat GEMM" for small M, a regular GEMM abov
 ``select_linear_kernel`` pass bakes a compact table ``kernels = "1:gemv,2:flat_gemm,...,
 inf:mm"`` into the call at compile time, and at run time the op reads M, takes its bucket
 ``min(next_pow2(M), 64)`` (``"inf"`` above 64) and launches that kernel: switching between
-prefill and decode needs no recompile. ``kernels = ""`` asks the op to choose itself from
-the active tuning table and the heuristic (:mod:`llmopt.codegen.tuning_table`).
+prefill and decode needs no recompile. A bucket may carry its tuned launch config,
+``"1:gemv[BLOCK_N=16,BLOCK_K=512,SPLIT_K=4]"``, baked in by the pass from the table the
+graph was compiled with; a bucket without one runs the kernel's heuristic config. So a
+compiled graph never reads the process-wide table, and compiling another model with
+another table cannot change it. ``kernels = ""`` asks the op to choose itself, kernel and
+config, from the active tuning table and the heuristic (:mod:`llmopt.codegen.tuning_table`).
 
 Kernels: ``gemv`` (:mod:`llmopt.codegen.gemv`), ``flat_gemm``
-(:mod:`llmopt.codegen.flat_gemm`) — both with the epilogue fused and launched with the
-tuned config of the active table when it has one for this kernel, else their heuristic
-config — and ``mm``, ``torch.nn.functional.linear`` (cuBLAS) with the epilogue in torch.
+(:mod:`llmopt.codegen.flat_gemm`) — both with the epilogue fused — and ``mm``,
+``torch.nn.functional.linear`` (cuBLAS) with the epilogue in torch.
 On CPU, and for dtypes the Triton kernels are not built for, the op runs :func:`linear_ref`.
 """
 from typing import Optional
@@ -34,7 +37,8 @@ import torch
 from llmopt.codegen.flat_gemm import flat_gemm_triton
 from llmopt.codegen.gemv import KERNEL_DTYPES, check_linear_args, gemv_ref, gemv_triton
 from llmopt.codegen.kernel_mode import use_triton
-from llmopt.codegen.tuning_table import choose_kernel, device_name, get_active_table, m_bucket, parse_kernels
+from llmopt.codegen.kernels_spec import m_bucket, parse_kernel_configs, parse_kernels
+from llmopt.codegen.tuning_table import choose_kernel, device_name, get_active_table
 
 # ---------------------------------------------------------------------------------------
 # Contract and reference
@@ -78,21 +82,19 @@ def linear_ref(x, weight, bias=None, residual=None, activation: str = ""):
 
 
 def select_kernel(x2, weight, kernels: str) -> tuple:
-    """(kernel, tuned config or None) for the 2-D input ``x2`` under the ``kernels`` string."""
+    """(kernel, launch config or None) for the 2-D input ``x2`` under the ``kernels`` string:
+    the string's kernel and config for x2's M bucket (None: the kernel's heuristic config),
+    or with ``""`` / ``"auto"`` the active table's entry, else the heuristic."""
     if x2.dtype not in KERNEL_DTYPES:
         return "mm", None
     bucket = m_bucket(x2.shape[0])
-    N, K = weight.shape
-    dev = device_name(x2.device)
-    table = get_active_table()
     if kernels in ("", "auto"):
-        kernel, config, _ = choose_kernel(table, dev, x2.dtype, N, K, bucket)
+        N, K = weight.shape
+        kernel, config, _ = choose_kernel(get_active_table(), device_name(x2.device), x2.dtype, N, K, bucket)
         return kernel, config
     kernel = parse_kernels(kernels)[bucket]
-    if kernel == "mm":
-        return kernel, None
-    entry = table.get(dev, x2.dtype, N, K, bucket)
-    return kernel, (entry.config if entry is not None and entry.kernel == kernel else None)
+    config = parse_kernel_configs(kernels)[bucket] if kernel != "mm" else None
+    return kernel, (dict(config) if config else None)  # a copy: the parsed string is cached
 
 
 def linear_triton(x, weight, bias=None, residual=None, activation: str = "", kernels: str = ""):

@@ -15,8 +15,11 @@ The table is a JSON file (never pickle), by default ``$LLMOPT_CACHE_DIR/tuning.j
 ``$XDG_CACHE_HOME/llmopt/tuning.json``, else ``~/.cache/llmopt/tuning.json``. Its header
 records the llmopt and Triton versions and the device it was tuned on; a file that is
 corrupt or comes from another version or device is ignored with a warning (the heuristic
-is used), never a crash. Writes are atomic (temporary file + ``os.replace``) and merge with
-what is already on disk, so an interrupted ``llmopt autotune`` resumes where it stopped.
+is used), never a crash; an impossible entry (:func:`config_problem`) is skipped with a
+warning naming the file and the entry, and the others are kept. :meth:`TuningTable.save`
+merges with the file on disk under an exclusive lock and replaces it atomically
+(:mod:`llmopt.codegen.locked_file`), so concurrent ``llmopt autotune`` runs add up and an
+interrupted one resumes where it stopped.
 
 Heuristic used where the table has no entry (:func:`heuristic_kernel`):
 
@@ -29,7 +32,8 @@ Heuristic used where the table has no entry (:func:`heuristic_kernel`):
 
 The active table (:func:`get_active_table`) is, with the op registry, the only global
 mutable state of llmopt: it is loaded lazily on first use and replaced explicitly with
-:func:`set_active_table`.
+:func:`set_active_table`. Compiled graphs do not read it at run time: their tuned configs
+are baked into their kernels strings (:mod:`llmopt.codegen.kernels_spec`).
 """
 from __future__ import annotations
 
@@ -38,7 +42,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -56,50 +59,26 @@ from llmopt.codegen.flat_gemm import (
     prune_flat_gemm_configs,
 )
 from llmopt.codegen.gemv import gemv_configs, gemv_heuristic_config, gemv_triton, prune_gemv_configs
+from llmopt.codegen.kernels_spec import (  # noqa: F401  the kernels string, re-exported as the table's API
+    KERNELS,
+    M_BUCKETS,
+    MAX_FINITE_BUCKET,
+    config_keys,
+    config_problem,
+    format_kernels,
+    m_bucket,
+    parse_kernel_configs,
+    parse_kernels,
+)
+from llmopt.codegen.locked_file import LockTimeout, atomic_write_json, exclusive_lock
 
-M_BUCKETS = ("1", "2", "4", "8", "16", "32", "64", "inf")
-KERNELS = ("gemv", "flat_gemm", "mm")
-MAX_FINITE_BUCKET = 64
 TINY_WEIGHT_ELEMENTS = 1 << 18
 _HALF_AND_FLOAT = ("float16", "bfloat16", "float32")
 _FORMAT = "llmopt-tuning-table"
 _SCHEMA = 1
-
-
-# ---------------------------------------------------------------------------------------
-# Buckets and the compact kernels string
-# ---------------------------------------------------------------------------------------
-
-
-def m_bucket(M: int) -> str:
-    """The M bucket label: ``str(min(next_pow2(M), 64))``, or ``"inf"`` for M > 64."""
-    if M > MAX_FINITE_BUCKET:
-        return "inf"
-    return str(1 if M <= 1 else 1 << (M - 1).bit_length())
-
-
-@functools.lru_cache(maxsize=256)
-def parse_kernels(spec: str) -> dict[str, str]:
-    """Parse ``"1:gemv,2:flat_gemm,...,inf:mm"`` into {bucket: kernel}; missing buckets → ``mm``.
-
-    The result is cached (the op parses its string at every call), so do not mutate it.
-    """
-    table = dict.fromkeys(M_BUCKETS, "mm")
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        bucket, sep, kernel = item.partition(":")
-        bucket, kernel = bucket.strip(), kernel.strip()
-        if not sep or bucket not in M_BUCKETS or kernel not in KERNELS:
-            raise ValueError(
-                f"bad kernels entry {item!r} in {spec!r}: expected 'bucket:kernel' with bucket in "
-                f"{', '.join(M_BUCKETS)} and kernel in {', '.join(KERNELS)}"
-            )
-        table[bucket] = kernel
-    return table
-
-
-def format_kernels(choice: dict[str, str]) -> str:
-    """The compact string of {bucket: kernel}, in bucket order (inverse of :func:`parse_kernels`)."""
-    return ",".join(f"{b}:{choice.get(b, 'mm')}" for b in M_BUCKETS)
+# How long save() waits for another writer's lock before giving up (a save holds it for
+# one read-merge-write, milliseconds).
+LOCK_TIMEOUT_S = 60.0
 
 
 def dtype_name(dtype) -> str:
@@ -182,6 +161,52 @@ class TuningTableError(ValueError):
     """A tuning table file that cannot be used (unreadable, malformed or foreign)."""
 
 
+# Raised by save() when another writer holds the table's lock too long (an OSError).
+TuningTableLocked = LockTimeout
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry_label(raw: dict) -> str:
+    """``"NVIDIA H100 float16 N=4096 K=4096 M bucket 1"``: an entry's key as far as it has one."""
+    parts = [str(raw[f]) for f in ("device", "dtype") if f in raw]
+    parts += [f"{f}={raw[f]!r}" if not _is_int(raw[f]) else f"{f}={raw[f]}" for f in ("N", "K") if f in raw]
+    if "m_bucket" in raw:
+        parts.append(f"M bucket {raw['m_bucket']}")
+    return " ".join(parts)
+
+
+def _entry_from_json(raw, table_device: str | None) -> tuple[Key, "TuningEntry"]:
+    """One JSON entry → (key, entry); ValueError saying what is wrong with it."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"an entry must be an object, got {type(raw).__name__}")
+    missing = [f for f in ("device", "dtype", "N", "K", "m_bucket", "kernel", "config") if f not in raw]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)}")
+    device, dtype, N, K, bucket, kernel = (raw[f] for f in ("device", "dtype", "N", "K", "m_bucket", "kernel"))
+    if not isinstance(device, str) or (table_device is not None and device != table_device):
+        raise ValueError(f"device {device!r} is not the table's device {table_device!r} (one table per device)")
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype_name(dtype), None), torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype name")
+    for name, value in (("N", N), ("K", K)):
+        if not _is_int(value) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    if bucket not in M_BUCKETS:
+        raise ValueError(f"M bucket {bucket!r} is not one of {', '.join(M_BUCKETS)}")
+    problem = config_problem(kernel, raw["config"]) if isinstance(kernel, str) else f"kernel {kernel!r} is not a name"
+    if problem:
+        raise ValueError(problem)
+    times = []
+    for name in ("time_us", "baseline_us"):
+        value = raw.get(name)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ValueError(f"{name}={value!r} must be a number or null")
+        times.append(_float_or_nan(value))
+    return (device, dtype_name(dtype), N, K, bucket), TuningEntry(kernel, dict(raw["config"]), *times)
+
+
 class TuningTable:
     """Tuning entries keyed by (device name, dtype, N, K, M bucket), persisted as JSON.
 
@@ -209,8 +234,9 @@ class TuningTable:
         return self._entries.get(self.key(device_name, dtype, N, K, bucket))
 
     def put(self, device_name: str, dtype, N: int, K: int, bucket, entry: TuningEntry) -> None:
-        if entry.kernel not in KERNELS:
-            raise ValueError(f"kernel {entry.kernel!r} is not one of {', '.join(KERNELS)}")
+        problem = config_problem(entry.kernel, entry.config)
+        if problem:
+            raise ValueError(f"tuning entry for N={N} K={K} M bucket {bucket}: {problem}")
         if self.device_name is None:
             self.device_name = device_name
         elif device_name != self.device_name:
@@ -254,31 +280,41 @@ class TuningTable:
 
     @classmethod
     def from_json(cls, data, path=None) -> "TuningTable":
-        """Build a table from parsed JSON; raise :class:`TuningTableError` when malformed."""
+        """Build a table from parsed JSON.
+
+        A malformed header raises :class:`TuningTableError`. A malformed or impossible entry
+        (:func:`config_problem`, an unknown kernel, M bucket or dtype, N or K <= 0, another
+        device) is skipped with one ``RuntimeWarning`` naming the file and the entry; the
+        other entries are kept.
+        """
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise TuningTableError("not an llmopt tuning table (missing format header)")
         if data.get("schema") != _SCHEMA:
             raise TuningTableError(f"schema {data.get('schema')!r}, this llmopt reads schema {_SCHEMA}")
-        table = cls(path, device_name=data.get("device_name"), llmopt_version=str(data.get("llmopt_version")),
-                     triton_version=str(data.get("triton_version")))
+        device = data.get("device_name")
+        if device is not None and not isinstance(device, str):
+            raise TuningTableError(f"device_name {device!r} is not a string")
+        table = cls(path, device_name=device, llmopt_version=str(data.get("llmopt_version")),
+                    triton_version=str(data.get("triton_version")))
         entries = data.get("entries")
         if not isinstance(entries, list):
             raise TuningTableError("'entries' is not a list")
         for i, raw in enumerate(entries):
             try:
-                config = raw["config"]
-                if not isinstance(config, dict) or not all(
-                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in config.items()
-                ):
-                    raise TypeError("config must map names to integers")
-                entry = TuningEntry(str(raw["kernel"]), dict(config), _float_or_nan(raw["time_us"]),
-                                    _float_or_nan(raw["baseline_us"]))
-                if int(raw["N"]) <= 0 or int(raw["K"]) <= 0:
-                    raise ValueError("N and K must be positive")
-                table.put(str(raw["device"]), str(raw["dtype"]), int(raw["N"]), int(raw["K"]), str(raw["m_bucket"]),
-                          entry)
-            except (KeyError, TypeError, ValueError) as err:
-                raise TuningTableError(f"entry {i} is malformed: {err}") from err
+                key, entry = _entry_from_json(raw, table.device_name)
+            except ValueError as err:
+                label = _entry_label(raw) if isinstance(raw, dict) else ""
+                warnings.warn(
+                    f"tuning table {path if path is not None else '(in memory)'}: entry {i} "
+                    f"{f'({label}) ' if label else ''}skipped: {err}. The other entries are used; this shape "
+                    "and M bucket falls back to the heuristic. Fix or delete the entry, or re-run "
+                    "`llmopt autotune` to time it again.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            table.device_name = table.device_name or key[0]
+            table._entries[key] = entry
         return table
 
     @classmethod
@@ -336,39 +372,41 @@ class TuningTable:
             return empty
         return table
 
-    def save(self, path=None, *, merge: bool = True) -> Path:
-        """Write the table atomically (temporary file + ``os.replace``) and return its path.
+    def save(self, path=None, *, merge: bool = True, lock_timeout: float | None = None) -> Path:
+        """Write the table and return its path; concurrent writers lose nothing.
 
-        With ``merge`` (default), entries already in a compatible file on disk and not in
-        this table are kept, so concurrent or interrupted tuning runs lose nothing; an
-        incompatible or corrupt file is replaced.
+        Under an exclusive lock on ``<path>.lock`` (waiting at most ``lock_timeout`` seconds,
+        default :data:`LOCK_TIMEOUT_S`, then :class:`TuningTableLocked`): with ``merge``
+        (default), entries already in a compatible file on disk and not in this table are
+        added to it (this table wins on equal keys; an incompatible or corrupt file is
+        replaced); then the file is replaced atomically (temporary file in the same
+        directory, fsync, ``os.replace``), so a reader sees the old table or the new one,
+        never a part. With ``fcntl`` the ``.lock`` file stays: removing it while another
+        writer waits on it would let two writers in.
         """
         path = Path(path) if path is not None else self.path
-        if merge and path.exists():
-            try:
-                on_disk = type(self)._read(path)
-            except (OSError, TuningTableError):
-                on_disk = None
-            if on_disk is not None and on_disk._foreign_reason(self.device_name) is None:
-                if self.device_name is None or on_disk.device_name in (None, self.device_name):
-                    for key, entry in on_disk._entries.items():
-                        self._entries.setdefault(key, entry)
-                    if self.device_name is None:
-                        self.device_name = on_disk.device_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json(), f, indent=1, allow_nan=False)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        timeout = LOCK_TIMEOUT_S if lock_timeout is None else lock_timeout
+        holders = "another process (an `llmopt autotune`, a compile with autotune='on')"
+        with exclusive_lock(path.with_name(path.name + ".lock"), timeout, holders):
+            if merge and path.exists():
+                self._merge_from_disk(path)
+            atomic_write_json(path, self.to_json())
         self.path = path
         return path
+
+    def _merge_from_disk(self, path: Path) -> None:
+        try:
+            on_disk = type(self)._read(path)
+        except (OSError, TuningTableError):
+            return  # corrupt: replaced
+        if on_disk._foreign_reason(self.device_name) is not None:
+            return  # another version or device: replaced
+        if self.device_name is None or on_disk.device_name in (None, self.device_name):
+            for key, entry in on_disk._entries.items():
+                self._entries.setdefault(key, entry)
+            if self.device_name is None:
+                self.device_name = on_disk.device_name
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,12 +473,13 @@ def choose_kernels(table: TuningTable | None, device_name: str, dtype, N: int, K
     """The kernels string for a linear with weight [N, K] and the reason for each bucket.
 
     ``N`` is the weight's row count (2 I for a merged gate/up weight). Returns e.g.
-    ``("1:gemv,2:flat_gemm,...,inf:mm", {"1": "heuristic: ...", ...})``.
+    ``("1:gemv[BLOCK_N=16,...],2:flat_gemm,...,inf:mm", {"1": "tuning table: ...", ...})``:
+    a bucket whose table entry has a config carries it, so the string alone says what runs.
     """
-    choice, reasons = {}, {}
+    choice, configs, reasons = {}, {}, {}
     for bucket in M_BUCKETS:
-        choice[bucket], _, reasons[bucket] = choose_kernel(table, device_name, dtype, N, K, bucket)
-    return format_kernels(choice), reasons
+        choice[bucket], configs[bucket], reasons[bucket] = choose_kernel(table, device_name, dtype, N, K, bucket)
+    return format_kernels(choice, configs), reasons
 
 
 # ---------------------------------------------------------------------------------------
@@ -561,14 +600,18 @@ def tune_shape(N: int, K: int, M: int, dtype, device="cuda", *, sweep: bool = Tr
 
 __all__ = [
     "KERNELS",
+    "LOCK_TIMEOUT_S",
     "M_BUCKETS",
     "TuningEntry",
     "TuningTable",
     "TuningTableError",
+    "TuningTableLocked",
     "candidate_configs",
     "choose_kernel",
     "choose_kernels",
     "cold_weight_copies",
+    "config_keys",
+    "config_problem",
     "cuda_time_us",
     "default_table_path",
     "device_name",
@@ -577,6 +620,7 @@ __all__ = [
     "get_active_table",
     "heuristic_kernel",
     "m_bucket",
+    "parse_kernel_configs",
     "parse_kernels",
     "set_active_table",
     "time_candidates",

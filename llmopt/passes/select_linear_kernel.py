@@ -15,9 +15,11 @@ prefill and decode without recompiling (docs/linear_dispatch.md). The choice per
 documented heuristic. Which table (``Options``):
 
 * ``autotune="off"``: no table, the heuristic only;
-* ``autotune="cached"`` (default): the table at ``tuning_table`` (which then becomes the
-  active table, so the op launches the tuned configs of the same file), else the active
-  table (``$LLMOPT_CACHE_DIR/tuning.json`` or the XDG cache, loaded lazily);
+* ``autotune="cached"`` (default): the table at ``tuning_table``, read for this compile
+  only, else the active table (``$LLMOPT_CACHE_DIR/tuning.json`` or the XDG cache, loaded
+  lazily). Either way the tuned configs are baked into the kernels string
+  (``1:gemv[BLOCK_N=16,...]``), so the graph launches the configs of the table it was
+  compiled with, whatever is compiled or made active later;
 * ``autotune="on"``: as ``cached``, and on CUDA every (shape, bucket) the table lacks is
   timed now (``tune_shape``, each kernel at its heuristic config, no config sweep; run
   ``llmopt autotune`` for the sweep), stored and saved.
@@ -81,7 +83,6 @@ from ..codegen.tuning_table import (
     dtype_name,
     get_active_table,
     parse_kernels,
-    set_active_table,
     tune_shape,
 )
 from ..graph import is_constant, real_tensors, tensor_meta
@@ -184,12 +185,11 @@ class _Chooser:
 
 
 def _load_table(path, device: str) -> TuningTable:
-    """The table at ``path``, made active so that the op launches its tuned configs; else the active table."""
+    """The table at ``path`` for this compile only (the process-wide one is left alone: the
+    configs this graph launches are baked into its kernels strings); else the active table."""
     if path is None:
         return get_active_table()
-    table = TuningTable.load(path, device_name=device)  # corrupt / foreign: empty + RuntimeWarning
-    set_active_table(table)
-    return table
+    return TuningTable.load(path, device_name=device)  # corrupt / foreign: empty + RuntimeWarning
 
 
 def _describe(N: int, K: int, dtype, kernels: str, reasons: dict[str, str]) -> str:

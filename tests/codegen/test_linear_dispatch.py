@@ -1,8 +1,9 @@
 """``llmopt::linear`` (llmopt/codegen/linear.py): the run-time choice of kernel by M bucket.
 
 Specification: the op reads M, takes its bucket ``min(next_pow2(M), 64)`` (``"inf"`` above
-64) and launches the kernel its ``kernels`` string names for that bucket, with the tuned
-config of the active table when the table's entry is for that kernel; one compiled graph
+64) and launches the kernel its ``kernels`` string names for that bucket, with the config
+the string carries for it (else the kernel's heuristic config; the active table is read
+only when the string is empty, never behind a compiled graph's back); one compiled graph
 serves every M without recompiling; the choice per bucket comes from the tuning table
 when it has an entry, else from the documented heuristic (also when the table file is
 corrupt or foreign); on CPU without forced Triton the op is the PyTorch path.
@@ -106,14 +107,14 @@ def test_op_launches_the_kernel_of_its_bucket(triton_kernels, table, launches, M
 def test_tuned_config_reaches_the_launcher(triton_kernels, table, launches):
     x, weight, bias, residual = inputs(3)
     config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 2}
-    table.put("cpu", torch.float32, 24, 40, "4", TuningEntry("flat_gemm", config, 5.0, 9.0))
-    table.put("cpu", torch.float32, 24, 40, "1", TuningEntry("flat_gemm", {"BLOCK_M": 16}, 5.0, 9.0))
-    out = torch.ops.llmopt.linear(x, weight, bias, None, "", PASS_STRING)
+    kernels = format_kernels(parse_kernels(PASS_STRING), {"4": config})  # as the pass bakes a table entry
+    out = torch.ops.llmopt.linear(x, weight, bias, None, "", kernels)
     assert launches == [("flat_gemm", config)]
     assert_close(out, truth(x, weight, bias, None, ""), torch.float32)
-    # the bucket-1 entry is for flat_gemm but the string says gemv: gemv with its own heuristic config
+    # a bucket without a config runs its kernel's heuristic config; the active table is not read
+    table.put("cpu", torch.float32, 24, 40, "1", TuningEntry("gemv", {"BLOCK_N": 8}, 5.0, 9.0))
     launches.clear()
-    torch.ops.llmopt.linear(x[:1], weight, bias, None, "", PASS_STRING)
+    torch.ops.llmopt.linear(x[:1], weight, bias, None, "", kernels)
     assert launches == [("gemv", None)]
 
 
@@ -284,14 +285,16 @@ def test_foreign_table_falls_back_to_heuristic_with_warning(tmp_path, field, val
 
 
 def test_active_table_is_loaded_from_the_cache_dir(tmp_path, monkeypatch, triton_kernels, launches):
+    """``kernels=""``: the op chooses kernel and config from the active table itself."""
     monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(linear_module, "device_name", lambda device: H100)  # the table's key, as on that GPU
     t = TuningTable(tmp_path / "tuning.json")
-    t.put("cpu", torch.float32, 24, 40, "2", TuningEntry("gemv", {"BLOCK_N": 8, "SPLIT_K": 2}, 3.0, 4.0))
+    t.put(H100, torch.float32, 24, 40, "2", TuningEntry("gemv", {"BLOCK_N": 8, "SPLIT_K": 2}, 3.0, 4.0))
     t.save()
     previous = set_active_table(None)  # reload lazily from $LLMOPT_CACHE_DIR
     try:
         x, weight, bias, _ = inputs(2)
-        out = torch.ops.llmopt.linear(x, weight, bias, None, "", "2:gemv")
+        out = torch.ops.llmopt.linear(x, weight, bias, None, "", "")
         assert launches == [("gemv", {"BLOCK_N": 8, "SPLIT_K": 2})]
         assert_close(out, truth(x, weight, bias, None, ""), torch.float32)
     finally:

@@ -61,12 +61,13 @@ def compile_run(module, *inputs, only=BEFORE, **options):
     return out, llmopt.last_report()
 
 
-def write_table(path, shapes, dtype, choice, device=GPU):
-    """A hand-written table: ``choice`` {bucket: kernel} for every (N, K) in ``shapes``."""
+def write_table(path, shapes, dtype, choice, device=GPU, config=None):
+    """A hand-written table: ``choice`` {bucket: kernel} for every (N, K) in ``shapes``, each
+    entry with ``config`` (default: none, the kernel's heuristic config)."""
     table = TuningTable(path, device_name=device)
     for N, K in shapes:
         for bucket, kernel in choice.items():
-            table.put(device, dtype, N, K, bucket, TuningEntry(kernel, {}, 1.0, 2.0))
+            table.put(device, dtype, N, K, bucket, TuningEntry(kernel, dict(config or {}), 1.0, 2.0))
     table.save(path)
     return str(path)
 
@@ -181,7 +182,42 @@ def test_dispatch_per_bucket_follows_the_table(cuda_branch, tmp_path):
     assert choice.kernel == node.args[5] == format_kernels(expected)
     assert "M 1: flat_gemm (tuning table" in choice.reason and "M 32: flat_gemm (heuristic" in choice.reason
     assert report.rewrites_by_pass()[PASS] == 1
-    assert get_active_table().path == tmp_path / "t.json"  # the op launches the same table's configs
+
+
+def test_each_compiled_graph_keeps_its_own_table(cuda_branch, tmp_path, monkeypatch):
+    """Compiling model B with another table changes neither model A's kernels nor the
+    configs A launches, nor the process-wide table (issue 21: the option used to call
+    set_active_table, so B's compile silently retuned A)."""
+    monkeypatch.setenv("LLMOPT_KERNELS", "triton")  # the flat GEMM runs in the interpreter
+    monkeypatch.setattr(linear_module, "device_name", lambda device: GPU)  # the op's table key, as on the GPU
+    launched = []
+    launch = linear_module.flat_gemm_triton
+    monkeypatch.setattr(linear_module, "flat_gemm_triton",
+                        lambda *a, **k: launched.append(k.get("config")) or launch(*a, **k))
+    config_a = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1}
+    config_b = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}
+    path_a = write_table(tmp_path / "a.json", [(1024, 512)], torch.float32, {"2": "flat_gemm"}, config=config_a)
+    path_b = write_table(tmp_path / "b.json", [(1024, 512)], torch.float32, {"2": "flat_gemm"}, config=config_b)
+    default = get_active_table()
+    a, b = Wide().eval(), Wide().eval()
+    x = torch.randn(2, 512)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled_a = torch.compile(a, backend="llmopt", options={"strict": True, "only": BEFORE,
+                                                                 "tuning_table": path_a})
+        compiled_a(x)
+        (choice_a,) = llmopt.last_report().kernel_choices
+        compiled_b = torch.compile(b, backend="llmopt", options={"strict": True, "only": BEFORE,
+                                                                 "tuning_table": path_b})
+        compiled_b(x)
+        (choice_b,) = llmopt.last_report().kernel_choices
+        launched.clear()
+        out_a, out_b = compiled_a(x), compiled_b(x)
+    assert launched == [config_a, config_b]
+    assert_close(out_a, a(x).detach(), torch.float32)
+    assert_close(out_b, b(x).detach(), torch.float32)
+    assert "2:flat_gemm[BLOCK_M=16,BLOCK_N=64," in choice_a.kernel and "BLOCK_N=128" in choice_b.kernel
+    assert get_active_table() is default  # the process-wide table is left alone
 
 
 def _heuristic_string(N, K, dtype=torch.float32):
@@ -198,15 +234,17 @@ def test_unusable_table_falls_back_to_the_heuristic_with_a_warning(cuda_branch, 
         path.write_text('{"format": "llmopt-tuning-table", "entries": [')
     elif damage == "not utf-8":
         path.write_bytes(b"\xff\xfe\x00garbage")
-    elif damage == "malformed entry":
-        data["entries"][0]["N"] = "many"
+    elif damage == "malformed entry":  # every entry (each is skipped with its own warning)
+        for entry in data["entries"]:
+            entry["N"] = "many"
         path.write_text(json.dumps(data))
     elif damage == "other version":
         data["triton_version"] = "0.0.1"
         path.write_text(json.dumps(data))
     m = Wide().eval()
     x = torch.randn(2, 512)
-    with pytest.warns(RuntimeWarning, match="ignoring the tuning table"):
+    match = "entry 0 .*skipped" if damage == "malformed entry" else "ignoring the tuning table"
+    with pytest.warns(RuntimeWarning, match=match):
         out, report = compile_run(m, x, tuning_table=str(path))
     assert_close(out, m(x).detach(), torch.float32)
     (choice,) = report.kernel_choices
