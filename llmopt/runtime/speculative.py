@@ -397,9 +397,11 @@ def run_speculative(
                 "must share the target's tokenizer (same vocabulary)"
             )
         config = getattr(hf_draft, "config", None) or getattr(draft, "config", None)
+        # The draft writes at most k + 1 slots past the target's reservation (module doc). Its
+        # size follows the target cache's, not the request: a compiled draft is not re-traced.
         if config is None:
             raise ValueError("the draft model has no Hugging Face config to size its KV cache from")
-        draft_cache = StaticKVCache(config, batch_size=batch, max_seq_len=prompt_len + max_new_tokens + 2 * k + 1,
+        draft_cache = StaticKVCache(config, batch_size=batch, max_seq_len=cache.max_seq_len + k + 1,
                                     dtype=cache.dtype, device=device)
         proposer = DraftModelProposer(draft, hf_draft, draft_cache, k, _forward_parameters(hf_draft), attention_mask)
 
