@@ -136,6 +136,8 @@ def generate(
                     bar.close()
         from .beam_search import run_beam_search
 
+        if cache is not None:
+            raise ValueError("beam search builds its own cache of batch * num_beams rows; do not pass cache=")
         return run_beam_search(model, hf_model, input_ids, attention_mask, params, max_new_tokens,
                                num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
                                max_seq_len=max_seq_len, dtype=dtype, **extra_loop)
