@@ -166,6 +166,9 @@ class Engine:
     (default ``max(2048, max_num_seqs)``); longer prompts are prefilled in chunks.
     ``policy``: ``"fcfs"`` or ``"decode_first"``. ``cuda_graphs``: ``None`` = on CUDA.
     ``default_max_new_tokens``: for requests whose sampling params set none.
+    ``speculative``: ``llmopt.Speculative(ngram=n, k=k)``: decode-only steps feed each request's
+    last token plus ``k`` prompt-lookup proposals and keep the accepted ones (same tokens under
+    greedy, same distribution under sampling; :meth:`speculative_stats` per request).
     """
 
     def __init__(
@@ -182,6 +185,7 @@ class Engine:
         device: torch.device | str | None = None,
         cuda_graphs: bool | None = None,
         default_max_new_tokens: int = 16,
+        speculative=None,
     ):
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r} is not valid; use one of {', '.join(POLICIES)}")
@@ -189,6 +193,20 @@ class Engine:
                             ("default_max_new_tokens", default_max_new_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.speculative = speculative  # checked before the model is switched to paged attention
+        self._proposer = None
+        self._spec_counts: dict[int, list[int]] = {}  # request id -> [proposed, accepted, steps]
+        if speculative is not None:
+            from .speculative import NgramProposer, Speculative
+
+            if not isinstance(speculative, Speculative):
+                raise TypeError(f"speculative must be a llmopt.Speculative, got {type(speculative).__name__}")
+            if speculative.ngram is None:
+                raise NotImplementedError(
+                    "Engine speculation supports the n-gram proposer (Speculative(ngram=n, k=k)); a draft "
+                    "model would need its own paged cache, not implemented yet: use llmopt.generate for it"
+                )
+            self._proposer = NgramProposer(speculative.ngram, speculative.ngram_min, speculative.k)
         self.runner = PagedModelRunner(model)
         hf = self.runner.hf_model
         param = next((p for p in hf.parameters() if p.is_floating_point()), None)
@@ -308,6 +326,10 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """One iteration: schedule, run one forward over every scheduled token, sample,
         retire finished requests. Returns what each request produced in this step."""
+        if self._proposer is not None:
+            outputs = self._speculative_step()
+            if outputs is not None:
+                return outputs
         scheduled = self._schedule()
         if not scheduled:
             return []
@@ -589,6 +611,83 @@ class Engine:
         if not picked:
             return []
         return torch.cat(picked).tolist()
+
+    # -- speculative decoding -------------------------------------------------------------
+    def speculative_stats(self, request_id: int):
+        """Acceptance of one request's proposals so far (a one-row
+        :class:`~.speculative.SpeculativeStats`); zeros without ``speculative=``."""
+        from .speculative import SpeculativeStats
+
+        proposed, accepted, steps = self._spec_counts.get(request_id, (0, 0, 0))
+        return SpeculativeStats(proposed=[proposed], accepted=[accepted], steps=[steps])
+
+    def _speculative_step(self) -> list[StepOutput] | None:
+        """A decode step where each running request also feeds ``k`` proposals and keeps the
+        accepted ones (llmopt/runtime/speculative.py); ``None`` when this step needs the normal
+        path (requests to admit, prompt chunks, forks, a penalty, too few free blocks)."""
+        from .speculative import verify_proposals
+
+        reqs = list(self._running)
+        if self._waiting or not reqs or any(
+                r.num_pending != 1 or not r.output or r.children or r.params.repetition_penalty != 1.0 for r in reqs):
+            return None
+        # Proposals past max_new_tokens / max_model_len would be dropped: do not feed them.
+        counts = [1 + max(0, min(self.speculative.k, r.max_new_tokens - len(r.output) - 1,
+                                 self.max_model_len - r.num_tokens)) for r in reqs]
+        if sum(counts) > self.max_num_batched_tokens or sum(
+                self.cache.blocks_needed(r.id, n) for r, n in zip(reqs, counts)) > self.cache.num_free_blocks:
+            return None
+        self.stats.steps += 1
+        ids, positions, seq_ids, slots, windows = [], [], [], [], []
+        for req, n in zip(reqs, counts):
+            start = req.num_computed
+            window = [req.output[-1]] + self._proposer.propose_row(req.prompt + req.output)[: n - 1]
+            windows.append(window)
+            ids.extend(window)
+            positions.extend(range(start, start + n))
+            seq_ids.append(req.id)
+            slots.append(self.cache.append_slots(req.id, n))
+        self.stats.decode_tokens += len(reqs)
+        self._sample_kv_stats()
+        start_time = time.perf_counter()
+        with torch.no_grad():
+            logits = self._forward(ids, positions, seq_ids, counts, slots, list(range(len(ids))), False)
+            verdicts, offset = [], 0
+            one = torch.ones(1, dtype=torch.int64, device=logits.device)
+            for req, window in zip(reqs, windows):
+                n = len(window)
+                window_t = torch.tensor([window], dtype=torch.int64, device=logits.device)
+                verdicts.append(torch.cat(verify_proposals(
+                    window_t, one, logits[None, offset:offset + n], req.params, None, req.generator)))
+                offset += n
+            verdicts = torch.stack(verdicts).tolist()  # one host read for the step
+        self.stats.forward_seconds += time.perf_counter() - start_time
+        outputs = []
+        for req, window, (correct, new) in zip(reqs, windows, verdicts):
+            counts_r = self._spec_counts.setdefault(req.id, [0, 0, 0])
+            counts_r[0] += len(window) - 1
+            counts_r[1] += correct - 1
+            counts_r[2] += 1
+            # Rollback: the cache keeps the fed token and the accepted proposals only.
+            req.num_computed += correct
+            self.cache.truncate(req.id, req.num_computed)
+            tokens, reason = [], None
+            for token in window[1:correct] + [new]:
+                req.output.append(token)
+                tokens.append(token)
+                self.stats.generated_tokens += 1
+                if token in req.stops:
+                    reason = "stop"
+                elif len(req.output) >= req.max_new_tokens or req.num_tokens >= self.max_model_len:
+                    reason = "length"
+                if reason is not None:
+                    self._finish(req, reason)
+                if req.callback is not None:
+                    req.callback(req.id, token, reason is not None)
+                if reason is not None:
+                    break
+            outputs.append(StepOutput(req.id, tokens, reason is not None, reason))
+        return outputs
 
     # -- bookkeeping --------------------------------------------------------------------
     def _finish(self, req: _Request, reason: str) -> None:

@@ -1,0 +1,120 @@
+"""``Engine(model, speculative=Speculative(ngram=n, k=k))``: speculative decode steps in the
+continuous-batching engine (llmopt/runtime/engine.py, ``_speculative_step``).
+
+Oracle: greedy tokens equal ``llmopt.generate`` on each request alone (requests arriving at
+different steps, of different lengths, with stop tokens), each request accepting its own
+number of proposals; the paged cache's rejected slots are rolled back (block-table
+truncation) so every block is free at the end; per-request acceptance stats.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from llmopt.runtime import SamplingParams, generate  # noqa: E402
+from llmopt.runtime.engine import Engine  # noqa: E402
+from llmopt.runtime.paged_cache import PagedKVCache  # noqa: E402
+from llmopt.runtime.speculative import Speculative  # noqa: E402
+from runtime.tiny_lm import VOCAB  # noqa: E402
+from runtime.tiny_lm import tiny_model as _tiny_model  # noqa: E402
+
+LENGTHS = [5, 17, 9, 12]
+NEW = [20, 9, 16, 24]
+ARRIVE = [0, 0, 2, 5]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    # half random, half a repeated motif: prompt lookup is right for some requests only
+    out = []
+    for i, n in enumerate(LENGTHS):
+        if i % 2:
+            motif = torch.randint(3, VOCAB, (3,), generator=g).tolist()
+            out.append((motif * n)[:n])
+        else:
+            out.append(torch.randint(3, VOCAB, (n,), generator=g).tolist())
+    return out
+
+
+def alone(model, prompt, max_new, stops=()):
+    out = generate(model, torch.tensor([prompt]), max_new, stop_token_ids=stops)
+    return out[0, len(prompt):].tolist()
+
+
+def run(engine, arrivals, params):
+    ids, streamed, step = {}, {}, 0
+    while len(ids) < len(arrivals) or engine.has_unfinished():
+        for i, (at, prompt) in enumerate(arrivals):
+            if at == step:
+                ids[i] = engine.add_request(prompt, params[i], callback=lambda r, t, f: streamed.setdefault(r, []).append(t))
+        engine.step()
+        step += 1
+        assert step < 500
+    return ids, streamed
+
+
+@pytest.mark.parametrize("kind, k", [("llama", 3), ("gpt2", 5)])
+def test_speculative_engine_greedy_equals_each_request_alone(kind, k):
+    model = _tiny_model(kind, 0, sliding_window=8)
+    ps = prompts()
+    expected = [alone(model, p, n) for p, n in zip(ps, NEW)]
+    engine = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64, speculative=Speculative(ngram=3, k=k))
+    params = [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in NEW]
+    ids, streamed = run(engine, list(zip(ARRIVE, ps)), params)
+    for i, rid in ids.items():
+        assert engine.output(rid) == expected[i], f"request {i}"
+        assert streamed[rid] == expected[i]
+    accepted = [engine.speculative_stats(rid).accepted[0] for rid in ids.values()]
+    assert len(set(accepted)) > 1, accepted  # requests accept different numbers of tokens
+    assert max(accepted) > 0
+    assert engine.cache.num_free_blocks == engine.cache.allocator.num_blocks
+    engine.close()
+
+
+def test_speculative_engine_stops_like_generate():
+    model = _tiny_model("llama", 0)
+    ps = prompts()
+    free = [alone(model, p, n) for p, n in zip(ps, NEW)]
+    stops = (free[1][4], free[3][10])
+    expected = [alone(model, p, n, stops) for p, n in zip(ps, NEW)]
+    engine = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64, speculative=Speculative(ngram=2, k=4))
+    params = [SamplingParams(max_new_tokens=n, stop_token_ids=stops) for n in NEW]
+    ids, _ = run(engine, list(zip(ARRIVE, ps)), params)
+    for i, rid in ids.items():
+        assert engine.output(rid) == expected[i], f"request {i}"
+    assert any(engine.output(rid)[-1] in stops for rid in ids.values())
+    engine.close()
+
+
+def test_paged_truncate_frees_the_blocks_past_the_kept_tokens():
+    model = _tiny_model("llama", 0)
+    cache = PagedKVCache.from_config(model.config, num_blocks=8, block_size=4)
+    cache.add_sequence("a")
+    cache.append_slots("a", 6)
+    cache.append_slots("a", 5)  # 11 tokens: 3 blocks
+    assert cache.num_free_blocks == 5
+    cache.truncate("a", 5)
+    assert cache.seq_len("a") == 5 and len(cache.block_table("a")) == 2 and cache.num_free_blocks == 6
+    assert cache.append_slots("a", 1)[0] == cache.block_table("a")[1] * 4 + 1  # next slot after the kept ones
+    with pytest.raises(ValueError, match="cannot truncate"):
+        cache.truncate("a", 7)
+
+
+def test_engine_speculation_errors():
+    model = _tiny_model("llama", 0)
+    with pytest.raises(NotImplementedError, match="n-gram proposer"):
+        Engine(model, speculative=Speculative(draft=model, k=2))
+    with pytest.raises(TypeError, match="llmopt.Speculative"):
+        Engine(model, speculative=3)
+    assert model.config._attn_implementation != "llmopt_paged"  # refused before switching the model
