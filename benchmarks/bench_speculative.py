@@ -44,11 +44,11 @@ from llmopt.runtime.speculative import Speculative, layer_skip_draft  # noqa: E4
 
 VOCAB = 96
 SIZES = {
-    "default": dict(target=dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+    "default": dict(target=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                                 num_key_value_heads=2),
-                    draft=dict(hidden_size=64, intermediate_size=176, num_hidden_layers=1, num_attention_heads=4,
-                               num_key_value_heads=2),
-                    train_steps=(150, 150), batch=16, seq=64, prompts=4, prompt_len=32, new_tokens=64, rounds=3),
+                    draft=dict(hidden_size=48, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1),
+                    train_steps=(200, 200), batch=12, seq=48, prompts=2, prompt_len=24, new_tokens=48, rounds=3),
     "tiny": dict(target=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                              num_key_value_heads=1),
                  draft=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
