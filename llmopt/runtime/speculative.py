@@ -184,7 +184,8 @@ def verify_proposals(
     correct = 1 + ok.long().cumprod(-1).sum(-1)
     last = (correct - 1)[:, None, None].expand(batch, 1, p.shape[-1])
     p_at = p.gather(1, last)[:, 0]  # target distribution of the new token
-    rejected_q = torch.cat([q, torch.zeros_like(q[:, :1])], 1).gather(1, last)[:, 0]
+    # q of the rejected proposal (a zero row past the last one: the all-accepted case; W = 1 works too)
+    rejected_q = torch.cat([q, p.new_zeros(batch, 1, p.shape[-1])], 1).gather(1, last)[:, 0]
     residual = (p_at - rejected_q).clamp_min(0)
     # All accepted (bonus): draw from p. Rejected: from norm(max(0, p - q)); it sums to > 0
     # whenever a rejection can happen (p == q accepts surely), the fallback only guards rounding.

@@ -118,3 +118,25 @@ def test_engine_speculation_errors():
     with pytest.raises(TypeError, match="llmopt.Speculative"):
         Engine(model, speculative=3)
     assert model.config._attn_implementation != "llmopt_paged"  # refused before switching the model
+
+
+def test_speculative_engine_sampling_is_seeded():
+    model = _tiny_model("llama", 0)
+    ps = prompts()
+
+    def run():
+        engine = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64, speculative=Speculative(ngram=2, k=3))
+        params = [SamplingParams(max_new_tokens=n, stop_token_ids=(), temperature=0.8, seed=i)
+                  for i, n in enumerate(NEW)]
+        ids, _ = run_engine(engine, params, ps)
+        out = [engine.output(rid) for rid in ids.values()]
+        engine.close()
+        return out
+
+    first, second = run(), run()
+    assert first == second
+    assert [len(o) for o in first] == NEW
+
+
+def run_engine(engine, params, ps):
+    return run(engine, list(zip(ARRIVE, ps)), params)

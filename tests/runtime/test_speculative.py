@@ -259,3 +259,21 @@ def test_layer_skip_draft_shares_the_targets_weights():
     assert draft.config.num_hidden_layers == 1 and TARGET.config.num_hidden_layers == 2
     assert draft.model.layers[0].self_attn.q_proj.weight is TARGET.model.layers[0].self_attn.q_proj.weight
     assert draft.lm_head.weight is TARGET.lm_head.weight
+
+
+def test_streamer_gets_every_token_column_in_order():
+    columns = []
+    spec = Speculative(ngram=3, k=4)
+    out = generate(TARGET, IDS, 24, attention_mask=MASK, stop_token_ids=(), speculative=spec,
+                   streamer=lambda step, tokens: columns.append((step, tokens.tolist())))
+    assert [s for s, _ in columns] == list(range(24))
+    assert torch.equal(torch.tensor([t for _, t in columns]).T, out[:, 8:])
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    def run(seed):
+        return generate(TARGET, IDS, 16, attention_mask=MASK, stop_token_ids=(), temperature=0.9, top_p=0.9,
+                        seed=seed, speculative=Speculative(layer_skip=1, k=3))
+
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
