@@ -4,8 +4,8 @@ Random weights agree on nothing, so acceptance is measured on models that learne
 thing: a tiny Llama *target* and a smaller *draft* are trained here, seeded, on a synthetic
 corpus (sentences of "words" drawn from a fixed dictionary of short token strings, with
 a Zipf-like word frequency: inside a word the next token is certain, at a word boundary
-it is a guess, as in text). Then, on held-out prompts, ``llmopt.generate`` decodes greedily and by sampling at temperature 1
-with each proposer and k in {2, 4, 8}:
+it is a guess, as in text). Then, on held-out prompts, ``llmopt.generate`` decodes with
+each proposer and k in {2, 4, 8}, greedily and by sampling at temperature 1 (seeded):
 
 - ``draft``: the trained draft model (its own static KV cache);
 - ``ngram``: prompt lookup, 3-grams down to 1-grams, no second model;
@@ -13,10 +13,10 @@ with each proposer and k in {2, 4, 8}:
 
 Reported per proposer and k: acceptance rate (accepted / proposed), mean accepted tokens
 per verify step (the step also yields one token of its own), tokens/s and its ratio to
-plain greedy decoding of the same prompts in the same process. Timing: the variants run in
+plain decoding (same mode) of the same prompts in the same process. Timing: the variants run in
 interleaved rounds (every variant once per round), median round per variant; the run-to-run
 spread is ``(max - min) / median`` over the rounds. Every variant's tokens are checked equal
-to plain greedy decoding (the benchmark fails otherwise).
+to plain greedy decoding under greedy (the benchmark fails otherwise).
 
     python benchmarks/bench_speculative.py                 # CPU, ~2 minutes on 2 cores
     python benchmarks/bench_speculative.py --tiny --no-write   # seconds: a smoke run

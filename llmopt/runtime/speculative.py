@@ -398,12 +398,13 @@ def run_speculative(
                 "must share the target's tokenizer (same vocabulary)"
             )
         config = getattr(hf_draft, "config", None) or getattr(draft, "config", None)
-        # The draft writes at most k + 1 slots past the target's reservation (module doc). Its
-        # size follows the target cache's, not the request: a compiled draft is not re-traced.
         if config is None:
             raise ValueError("the draft model has no Hugging Face config to size its KV cache from")
+        weight = next((p for p in (hf_draft or draft).parameters() if p.is_floating_point()), None)
+        # The draft writes at most k + 1 slots past the target's reservation (module doc). Its
+        # size follows the target cache's, not the request: a compiled draft is not re-traced.
         draft_cache = StaticKVCache(config, batch_size=batch, max_seq_len=cache.max_seq_len + k + 1,
-                                    dtype=cache.dtype, device=device)
+                                    dtype=weight.dtype if weight is not None else cache.dtype, device=device)
         proposer = DraftModelProposer(draft, hf_draft, draft_cache, k, _forward_parameters(hf_draft), attention_mask)
 
     full_mask = torch.ones((batch, cache.max_seq_len), dtype=torch.int64, device=device)
