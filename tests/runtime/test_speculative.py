@@ -79,6 +79,17 @@ def test_greedy_tokens_equal_plain_greedy(proposer, k):
         assert stats.accepted == stats.proposed and stats.acceptance_rate == 1.0
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "mistral", "qwen2"])
+def test_greedy_equals_plain_greedy_on_other_architectures(kind):
+    # GPT-2: learned positions and `transformer.h` layers (layer skip); Mistral: a sliding
+    # window shorter than the sequence (the draft's masked catch-up padding shifts its window,
+    # which changes proposals, never the tokens).
+    model = _tiny_model(kind, 0, max_positions=512)
+    plain = generate(model, IDS, 20, attention_mask=MASK, stop_token_ids=())
+    for spec in (Speculative(ngram=2, k=3), Speculative(draft=model, k=4), Speculative(layer_skip=1, k=2)):
+        assert torch.equal(generate(model, IDS, 20, attention_mask=MASK, stop_token_ids=(), speculative=spec), plain)
+
+
 @pytest.mark.parametrize("proposer", ["ngram", "self-draft", "layer_skip"])
 def test_greedy_with_stop_tokens_equals_plain_greedy(proposer):
     # Stop tokens that rows produce at different steps: rows finish at different times.
