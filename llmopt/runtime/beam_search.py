@@ -171,7 +171,8 @@ def run_beam_search(
             if not go:
                 break
             position.add_(1)
-            logits = forward(live[:, :, cur - 1].reshape(-1, 1), position, cur - 1)
+            # contiguous: a strided view's strides change with the length, which a compiled step guards on
+            logits = forward(live[:, :, cur - 1].reshape(-1, 1).contiguous(), position, cur - 1)
         cache.set_num_tokens(cur - 1)
 
     length = int(done_lengths[:, 0].max())

@@ -224,8 +224,8 @@ class NgramProposer:
 class DraftModelProposer:
     """A draft causal LM with its own static KV cache, run ``k`` times per step (see module doc)."""
 
-    def __init__(self, draft, hf_draft, cache, k: int, forward_parameters: set[str], attention_mask: torch.Tensor):
-        self.draft, self.hf_draft, self.cache, self.k = draft, hf_draft, cache, k
+    def __init__(self, draft, cache, k: int, forward_parameters: set[str], attention_mask: torch.Tensor):
+        self.draft, self.cache, self.k = draft, cache, k
         batch, prompt_len = attention_mask.shape
         device = attention_mask.device
         self.mask = torch.ones((batch, cache.max_seq_len), dtype=torch.int64, device=device)
@@ -289,8 +289,7 @@ class DraftModelProposer:
             if i + 1 < k:
                 position = position + 1
                 logits = self._forward(token[:, None], start + width + i, position[:, None])[:, -1]
-        proposals = torch.stack(tokens, 1)
-        return proposals, (torch.stack(probs, 1) if probs else None), counts
+        return torch.stack(tokens, 1), (torch.stack(probs, 1) if probs else None)
 
     def commit(self, committed: int) -> None:
         self.committed = committed
@@ -348,8 +347,7 @@ def layer_skip_draft(model, num_layers: int):
 class _RowState:
     tokens: list[int]  # padded prompt, then generated tokens
     generated: int = 0
-    finished: bool = False  # produced a stop token
-    done: bool = False  # finished, or max_new_tokens reached
+    done: bool = False  # produced a stop token or max_new_tokens
 
 
 def run_speculative(
@@ -405,7 +403,7 @@ def run_speculative(
         # size follows the target cache's, not the request: a compiled draft is not re-traced.
         draft_cache = StaticKVCache(config, batch_size=batch, max_seq_len=cache.max_seq_len + k + 1,
                                     dtype=weight.dtype if weight is not None else cache.dtype, device=device)
-        proposer = DraftModelProposer(draft, hf_draft, draft_cache, k, _forward_parameters(hf_draft), attention_mask)
+        proposer = DraftModelProposer(draft, draft_cache, k, _forward_parameters(hf_draft), attention_mask)
 
     full_mask = torch.ones((batch, cache.max_seq_len), dtype=torch.int64, device=device)
     full_mask[:, :prompt_len] = attention_mask
@@ -433,7 +431,7 @@ def run_speculative(
             row.tokens.append(token)
             row.generated += 1
             if token in stops:
-                row.finished = row.done = True
+                row.done = True
                 return
             if row.generated >= max_new_tokens:
                 row.done = True
@@ -475,7 +473,7 @@ def run_speculative(
                         [r.tokens[lp:] for r, lp in zip(rows, pads)]).tolist()
                     draft_probs_rows = None
                 else:
-                    proposed, draft_probs_rows, _ = proposer.propose(
+                    proposed, draft_probs_rows = proposer.propose(
                         [r.tokens for r in rows], active, params, generator, target_vocab)
                     proposals = proposed.tolist()
                 window, pending = [], []

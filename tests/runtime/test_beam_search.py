@@ -106,3 +106,25 @@ def test_bad_beam_arguments_raise_clear_errors():
         from llmopt.runtime.speculative import Speculative
 
         generate(model, ids, 4, attention_mask=mask, num_beams=2, speculative=Speculative(ngram=2))
+
+
+def test_compiled_model_beam_search_equals_hf_without_recompiling():
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = tiny_model("llama")
+    ids, mask = ragged_prompts(2)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, num_beams=3,
+                              eos_token_id=None)
+    torch.compiler.reset()
+    compiled = torch.compile(model, backend=counting_backend, dynamic=False)
+    short = generate(compiled, ids, 4, attention_mask=mask, num_beams=3, stop_token_ids=(), max_seq_len=32)
+    after_short = len(graphs)
+    assert after_short == 2  # prefill and the one-token step over batch * beams rows
+    out = generate(compiled, ids, NEW, attention_mask=mask, num_beams=3, stop_token_ids=(), max_seq_len=32)
+    assert torch.equal(out, expected)
+    assert len(graphs) == after_short  # the in-place reorder keeps the buffers: nothing re-traced
+    assert short.shape == (2, ids.shape[1] + 4)
