@@ -288,3 +288,18 @@ def test_sampling_is_reproducible_with_a_seed():
 
     assert torch.equal(run(5), run(5))
     assert not torch.equal(run(5), run(6))
+
+
+@pytest.mark.parametrize("new", [1, 2, 3])
+def test_fewer_new_tokens_than_k(new):
+    for spec in (Speculative(ngram=2, k=8), Speculative(draft=TARGET, k=8)):
+        out = generate(TARGET, IDS, new, attention_mask=MASK, stop_token_ids=(), speculative=spec)
+        assert torch.equal(out, PLAIN[:, :8 + new])
+
+
+def test_sampling_with_top_k_1_is_greedy():
+    # Sampling path (acceptance rule, residual draws) with a point-mass target distribution.
+    for spec in (Speculative(layer_skip=1, k=3), Speculative(ngram=3, k=2)):
+        out = generate(TARGET, IDS, 24, attention_mask=MASK, stop_token_ids=(), temperature=1.0, top_k=1, seed=0,
+                       speculative=spec)
+        assert torch.equal(out, PLAIN)
