@@ -186,7 +186,8 @@ def main(argv=None) -> dict:
     payload = {
         "benchmark": "speculative",
         "environment": environment(),
-        "kernel": (f"llmopt.generate (greedy; sampling at temperature 1, seeded), batch 1, {len(held_out)} prompts x {size['prompt_len']} tokens, "
+        "kernel": (f"llmopt.generate (greedy; sampling at temperature 1, seeded), batch 1, "
+                   f"{len(held_out)} prompts x {size['prompt_len']} tokens, "
                    f"{new} new tokens; models {'compiled (llmopt)' if args.compile else 'eager'}, "
                    f"{args.threads} thread(s); target {size['target']} (loss {target_loss:.2f}), "
                    f"draft {size['draft']} (loss {draft_loss:.2f}), trained {train_s:.0f} s on the synthetic corpus"),

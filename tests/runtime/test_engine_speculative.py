@@ -54,10 +54,14 @@ def alone(model, prompt, max_new, stops=()):
 
 def run(engine, arrivals, params):
     ids, streamed, step = {}, {}, 0
+
+    def record(request_id, token, finished):
+        streamed.setdefault(request_id, []).append(token)
+
     while len(ids) < len(arrivals) or engine.has_unfinished():
         for i, (at, prompt) in enumerate(arrivals):
             if at == step:
-                ids[i] = engine.add_request(prompt, params[i], callback=lambda r, t, f: streamed.setdefault(r, []).append(t))
+                ids[i] = engine.add_request(prompt, params[i], callback=record)
         engine.step()
         step += 1
         assert step < 500
