@@ -224,8 +224,10 @@ class NgramProposer:
 class DraftModelProposer:
     """A draft causal LM with its own static KV cache, run ``k`` times per step (see module doc)."""
 
-    def __init__(self, draft, cache, k: int, forward_parameters: set[str], attention_mask: torch.Tensor):
+    def __init__(self, draft, cache, k: int, forward_parameters: set[str], attention_mask: torch.Tensor,
+                 last_position: torch.Tensor):
         self.draft, self.cache, self.k = draft, cache, k
+        self.last_position = last_position  # [B]: positions past it only feed tokens nobody reads
         batch, prompt_len = attention_mask.shape
         device = attention_mask.device
         self.mask = torch.ones((batch, cache.max_seq_len), dtype=torch.int64, device=device)
@@ -268,8 +270,10 @@ class DraftModelProposer:
         self.mask[:, start:] = 1
         self.mask[:, start:start + width] = (cols[None, :] < counts_t[:, None]).long()
         positions = (start + cols)[None, :] - self.left_padding[:, None]
+        # Padding slots are masked out: give them the last real position (never out of range).
+        positions = torch.minimum(positions, (start + counts_t - 1 - self.left_padding)[:, None])
         self.cache.layers[0].cumulative_length.fill_(start)
-        logits = self._forward(ids, start, positions.clamp_min(0))
+        logits = self._forward(ids, start, positions.clamp(0, None))
         if logits.shape[-1] != vocab:
             raise ValueError(
                 f"the draft model's vocabulary has {logits.shape[-1]} tokens, the target's {vocab}; "
@@ -287,7 +291,7 @@ class DraftModelProposer:
                 probs.append(q)
             tokens.append(token)
             if i + 1 < k:
-                position = position + 1
+                position = torch.minimum(position + 1, self.last_position)
                 logits = self._forward(token[:, None], start + width + i, position[:, None])[:, -1]
         return torch.stack(tokens, 1), (torch.stack(probs, 1) if probs else None)
 
@@ -403,12 +407,17 @@ def run_speculative(
         # size follows the target cache's, not the request: a compiled draft is not re-traced.
         draft_cache = StaticKVCache(config, batch_size=batch, max_seq_len=cache.max_seq_len + k + 1,
                                     dtype=weight.dtype if weight is not None else cache.dtype, device=device)
-        proposer = DraftModelProposer(draft, draft_cache, k, _forward_parameters(hf_draft), attention_mask)
+        proposer = DraftModelProposer(draft, draft_cache, k, _forward_parameters(hf_draft), attention_mask,
+                                      prompt_len - (attention_mask.cumsum(-1) == 0).sum(-1) + max_new_tokens - 2)
 
     full_mask = torch.ones((batch, cache.max_seq_len), dtype=torch.int64, device=device)
     full_mask[:, :prompt_len] = attention_mask
     left_padding = (attention_mask.cumsum(-1) == 0).sum(-1)
     positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    # The last position whose logits matter: the one predicting token max_new_tokens. Window
+    # slots past it (proposals beyond the request) are clamped to it, so no position ever goes
+    # past what plain decoding uses (learned position tables end at max_position_embeddings).
+    last_position = prompt_len - left_padding + max_new_tokens - 2
     cache.set_left_padding(attention_mask)
     wants_cache_position = "cache_position" in forward_parameters
     generator = make_generator(params.seed, device)
@@ -488,7 +497,7 @@ def run_speculative(
                     index = (cols[None, :] - pending_t[:, None]).clamp(0, k - 1)
                     draft_probs = draft_probs_rows.gather(
                         1, index[..., None].expand(-1, -1, draft_probs_rows.shape[-1]))
-                pos = (committed + cols)[None, :] - left_padding[:, None]
+                pos = torch.minimum((committed + cols)[None, :] - left_padding[:, None], last_position[:, None])
                 cache.layers[0].cumulative_length.fill_(committed)
                 logits = forward(window_t, committed, pos)
                 correct, new = verify_proposals(window_t, pending_t, logits, params, draft_probs, generator)

@@ -303,3 +303,12 @@ def test_sampling_with_top_k_1_is_greedy():
         out = generate(TARGET, IDS, 24, attention_mask=MASK, stop_token_ids=(), temperature=1.0, top_k=1, seed=0,
                        speculative=spec)
         assert torch.equal(out, PLAIN)
+
+
+def test_positions_never_pass_what_plain_decoding_uses():
+    # GPT-2's learned position table ends at n_positions = prompt + new tokens: proposals past
+    # the request (k = 8 near the end) must not index past it.
+    model = _tiny_model("gpt2", 0, max_positions=8 + 20)
+    plain = generate(model, IDS, 20, attention_mask=MASK, stop_token_ids=())
+    for spec in (Speculative(ngram=2, k=8), Speculative(draft=model, k=8), Speculative(layer_skip=1, k=8)):
+        assert torch.equal(generate(model, IDS, 20, attention_mask=MASK, stop_token_ids=(), speculative=spec), plain)
