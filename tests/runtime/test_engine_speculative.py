@@ -144,3 +144,19 @@ def test_speculative_engine_sampling_is_seeded():
 
 def run_engine(engine, params, ps):
     return run(engine, list(zip(ARRIVE, ps)), params)
+
+
+def test_speculative_engine_with_preemption_and_a_small_token_budget():
+    model = _tiny_model("llama", 0)
+    ps = prompts()
+    expected = [alone(model, p, n) for p, n in zip(ps, NEW)]
+    for num_blocks, budget in ((14, None), (20, 8)):  # too few blocks: preemption; budget: fallback steps
+        engine = Engine(model, max_num_seqs=4, block_size=4, num_blocks=num_blocks, max_model_len=64,
+                        max_num_batched_tokens=budget, speculative=Speculative(ngram=2, k=4))
+        params = [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in NEW]
+        ids, _ = run(engine, list(zip(ARRIVE, ps)), params)
+        assert [engine.output(ids[i]) for i in range(len(ps))] == expected
+        assert engine.cache.num_free_blocks == num_blocks
+        if budget is None:
+            assert engine.stats.preemptions >= 1
+        engine.close()
