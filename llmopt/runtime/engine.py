@@ -67,7 +67,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 
 from .cuda_graphs import DEFAULT_BATCH_BUCKETS, DecodeGraphs, batch_bucket
-from .generate import _as_token_tuple, _generation_attr
+from .generate import _as_token_tuple, _generation_attr, _hf_model
 from .paged_cache import KVCacheExhaustedError, PagedAttentionMetadata, PagedCacheLayout, PagedKVCache
 from .paged_model import PagedModelRunner
 from .sampling import SamplingParams, make_generator, mark_seen, sample_next_token
@@ -166,9 +166,11 @@ class Engine:
     (default ``max(2048, max_num_seqs)``); longer prompts are prefilled in chunks.
     ``policy``: ``"fcfs"`` or ``"decode_first"``. ``cuda_graphs``: ``None`` = on CUDA.
     ``default_max_new_tokens``: for requests whose sampling params set none.
-    ``speculative``: ``llmopt.Speculative(ngram=n, k=k)``: decode-only steps feed each request's
-    last token plus ``k`` prompt-lookup proposals and keep the accepted ones (same tokens under
-    greedy, same distribution under sampling; :meth:`speculative_stats` per request).
+    ``speculative``: ``llmopt.Speculative(ngram=n, k=k)`` or ``Speculative(draft=model, k=k)`` (a
+    separate model): decode-only steps feed each request's last token plus ``k`` proposals and
+    keep the accepted ones (same tokens under greedy, same distribution under sampling;
+    :meth:`speculative_stats` per request). A draft runs per request over its own batch-1
+    ``StaticKVCache`` (not batched across requests).
     """
 
     def __init__(
@@ -201,12 +203,23 @@ class Engine:
 
             if not isinstance(speculative, Speculative):
                 raise TypeError(f"speculative must be a llmopt.Speculative, got {type(speculative).__name__}")
-            if speculative.ngram is None:
+            if speculative.layer_skip is not None or _shares_weights(speculative.draft, model):
                 raise NotImplementedError(
-                    "Engine speculation supports the n-gram proposer (Speculative(ngram=n, k=k)); a draft "
-                    "model would need its own paged cache, not implemented yet: use llmopt.generate for it"
+                    "Engine speculation takes Speculative(ngram=n, k=k) or a separate draft model; a draft "
+                    "sharing the target's layers (layer_skip, the target itself) would run the paged attention "
+                    "the engine installs in them: use llmopt.generate for it"
                 )
-            self._proposer = NgramProposer(speculative.ngram, speculative.ngram_min, speculative.k)
+            if speculative.draft is not None:
+                vocab = [getattr(getattr(m, "config", None), "vocab_size", None)
+                         for m in (_hf_model(speculative.draft), _hf_model(model))]
+                if None not in vocab and vocab[0] != vocab[1]:
+                    raise ValueError(
+                        f"the draft model's vocab_size is {vocab[0]}, the target's {vocab[1]}; a draft must "
+                        "share the target's tokenizer (same vocabulary)"
+                    )
+            self._proposer = (NgramProposer(speculative.ngram, speculative.ngram_min, speculative.k)
+                              if speculative.ngram is not None else speculative.draft)
+        self._draft_states: dict = {}  # request id -> its DraftModelProposer (draft model only)
         self.runner = PagedModelRunner(model)
         hf = self.runner.hf_model
         param = next((p for p in hf.parameters() if p.is_floating_point()), None)
@@ -638,11 +651,15 @@ class Engine:
                 self.cache.blocks_needed(r.id, n) for r, n in zip(reqs, counts)) > self.cache.num_free_blocks:
             return None
         self.stats.steps += 1
-        ids, positions, seq_ids, slots, windows = [], [], [], [], []
+        for rid in [rid for rid in self._draft_states if rid not in {r.id for r in reqs}]:
+            del self._draft_states[rid]  # finished, aborted or preempted: rebuilt when it decodes again
+        ids, positions, seq_ids, slots, windows, draft_probs = [], [], [], [], [], []
         for req, n in zip(reqs, counts):
             start = req.num_computed
-            window = [req.output[-1]] + self._proposer.propose_row(req.prompt + req.output)[: n - 1]
+            guess, q = self._propose(req, n - 1)
+            window = [req.output[-1]] + guess
             windows.append(window)
+            draft_probs.append(q)
             ids.extend(window)
             positions.extend(range(start, start + n))
             seq_ids.append(req.id)
@@ -654,11 +671,11 @@ class Engine:
             logits = self._forward(ids, positions, seq_ids, counts, slots, list(range(len(ids))), False)
             verdicts, offset = [], 0
             one = torch.ones(1, dtype=torch.int64, device=logits.device)
-            for req, window in zip(reqs, windows):
+            for req, window, q in zip(reqs, windows, draft_probs):
                 n = len(window)
                 window_t = torch.tensor([window], dtype=torch.int64, device=logits.device)
                 verdicts.append(torch.cat(verify_proposals(
-                    window_t, one, logits[None, offset:offset + n], req.params, None, req.generator)))
+                    window_t, one, logits[None, offset:offset + n], req.params, q, req.generator)))
                 offset += n
             verdicts = torch.stack(verdicts).tolist()  # one host read for the step
         self.stats.forward_seconds += time.perf_counter() - start_time
@@ -668,6 +685,9 @@ class Engine:
             counts_r[0] += len(window) - 1
             counts_r[1] += correct - 1
             counts_r[2] += 1
+            state = self._draft_states.get(req.id)
+            if state is not None:
+                state.commit(req.num_tokens)  # every known token is in the draft's cache now
             # Rollback: the cache keeps the fed token and the accepted proposals only.
             req.num_computed += correct
             self.cache.truncate(req.id, req.num_computed)
@@ -688,6 +708,45 @@ class Engine:
                     break
             outputs.append(StepOutput(req.id, tokens, reason is not None, reason))
         return outputs
+
+    def _propose(self, req: _Request, count: int) -> tuple[list[int], torch.Tensor | None]:
+        """``count`` proposals for ``req`` and, for a sampling draft model, their draft
+        distributions aligned with the window (``[1, 1 + count, V]``, row 0 unused)."""
+        from .speculative import NgramProposer
+
+        tokens = req.prompt + req.output
+        if isinstance(self._proposer, NgramProposer):
+            return self._proposer.propose_row(tokens)[:count], None
+        k = self.speculative.k
+        state = self._draft_states.get(req.id)
+        if state is None or len(tokens) - state.committed > k + 1:
+            # A draft cache per request (batch 1), filled with all but the last token; rebuilt
+            # when normal steps advanced the request further than one catch-up can feed.
+            state = self._draft_states[req.id] = self._new_draft_state(tokens)
+        guess, probs = state.propose([tokens], [True], req.params, req.generator, self.vocab_size)
+        q = None
+        if probs is not None:
+            q = torch.cat([torch.zeros_like(probs[:, :1]), probs[:, :count]], 1)
+        return guess[0, :count].tolist(), q
+
+    def _new_draft_state(self, tokens: list[int]):
+        from .generate import _forward_parameters
+        from .speculative import DraftModelProposer
+        from .static_cache import StaticKVCache
+
+        draft = self._proposer
+        hf_draft = _hf_model(draft)
+        config = getattr(hf_draft, "config", None) or getattr(draft, "config", None)
+        weight = next((p for p in (hf_draft or draft).parameters() if p.is_floating_point()), None)
+        k = self.speculative.k
+        cache = StaticKVCache(config, batch_size=1, max_seq_len=self.max_model_len + 2 * k + 2,
+                              dtype=weight.dtype if weight is not None else self.dtype, device=self.device)
+        known = torch.tensor([tokens[:-1]], dtype=torch.int64, device=self.device)
+        state = DraftModelProposer(draft, cache, k, _forward_parameters(hf_draft), torch.ones_like(known),
+                                   torch.tensor([self.max_model_len - 1], device=self.device))
+        with torch.no_grad():
+            state.prefill(known, torch.arange(known.shape[1], device=self.device)[None])
+        return state
 
     # -- bookkeeping --------------------------------------------------------------------
     def _finish(self, req: _Request, reason: str) -> None:
@@ -753,3 +812,11 @@ class Engine:
             f"Engine(policy={self.policy!r}, max_num_seqs={self.max_num_seqs}, running={len(self._running)}, "
             f"waiting={len(self._waiting)}, {self.cache!r})"
         )
+
+
+def _shares_weights(draft, model) -> bool:
+    """Whether ``draft`` holds any tensor of ``model`` (the same model, a layer-skip view)."""
+    if not isinstance(draft, torch.nn.Module) or not isinstance(model, torch.nn.Module):
+        return False
+    target = {p.data_ptr() for p in model.parameters()}
+    return any(p.data_ptr() in target for p in draft.parameters())

@@ -47,6 +47,17 @@ def prompts():
     return out
 
 
+def perturbed_copy(model):
+    import copy
+
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in draft.named_parameters():
+            if "mlp" in name or ".h.1." in name:
+                param.add_(torch.randn_like(param) * 0.02, alpha=1.0)
+    return draft
+
+
 def alone(model, prompt, max_new, stops=()):
     out = generate(model, torch.tensor([prompt]), max_new, stop_token_ids=stops)
     return out[0, len(prompt):].tolist()
@@ -68,12 +79,15 @@ def run(engine, arrivals, params):
     return ids, streamed
 
 
-@pytest.mark.parametrize("kind, k", [("llama", 3), ("gpt2", 5)])
-def test_speculative_engine_greedy_equals_each_request_alone(kind, k):
+@pytest.mark.parametrize("kind, k, proposer", [("llama", 3, "ngram"), ("gpt2", 5, "ngram"), ("llama", 4, "draft"),
+                                               ("qwen2", 2, "draft")])
+def test_speculative_engine_greedy_equals_each_request_alone(kind, k, proposer):
     model = _tiny_model(kind, 0, sliding_window=8)
     ps = prompts()
     expected = [alone(model, p, n) for p, n in zip(ps, NEW)]
-    engine = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64, speculative=Speculative(ngram=3, k=k))
+    # The draft: a separate copy of the target with its last layer's MLP perturbed (it agrees often, not always).
+    spec = Speculative(ngram=3, k=k) if proposer == "ngram" else Speculative(draft=perturbed_copy(model), k=k)
+    engine = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64, speculative=spec)
     params = [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in NEW]
     ids, streamed = run(engine, list(zip(ARRIVE, ps)), params)
     for i, rid in ids.items():
@@ -117,19 +131,28 @@ def test_paged_truncate_frees_the_blocks_past_the_kept_tokens():
 
 def test_engine_speculation_errors():
     model = _tiny_model("llama", 0)
-    with pytest.raises(NotImplementedError, match="n-gram proposer"):
+    with pytest.raises(NotImplementedError, match="sharing the target's layers"):
         Engine(model, speculative=Speculative(draft=model, k=2))
+    with pytest.raises(NotImplementedError, match="sharing the target's layers"):
+        Engine(model, speculative=Speculative(layer_skip=1, k=2))
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="vocab_size is 200, the target's 160"):
+        Engine(model, speculative=Speculative(draft=other, k=2))
     with pytest.raises(TypeError, match="llmopt.Speculative"):
         Engine(model, speculative=3)
     assert model.config._attn_implementation != "llmopt_paged"  # refused before switching the model
 
 
-def test_speculative_engine_sampling_is_seeded():
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_speculative_engine_sampling_is_seeded(proposer):
     model = _tiny_model("llama", 0)
     ps = prompts()
+    draft = perturbed_copy(model)
 
     def run():
-        engine = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64, speculative=Speculative(ngram=2, k=3))
+        spec = Speculative(ngram=2, k=3) if proposer == "ngram" else Speculative(draft=draft, k=3)
+        engine = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64, speculative=spec)
         params = [SamplingParams(max_new_tokens=n, stop_token_ids=(), temperature=0.8, seed=i)
                   for i, n in enumerate(NEW)]
         ids, _ = run_engine(engine, params, ps)
@@ -150,9 +173,13 @@ def test_speculative_engine_with_preemption_and_a_small_token_budget():
     model = _tiny_model("llama", 0)
     ps = prompts()
     expected = [alone(model, p, n) for p, n in zip(ps, NEW)]
-    for num_blocks, budget in ((14, None), (20, 8)):  # too few blocks: preemption; budget: fallback steps
+    draft = perturbed_copy(model)
+    # too few blocks: preemption; a small budget: normal (fallback) steps between speculative ones,
+    # after which a draft's cache is behind by more than one catch-up and is rebuilt
+    for num_blocks, budget, spec in ((14, None, Speculative(ngram=2, k=4)), (20, 8, Speculative(ngram=2, k=4)),
+                                     (14, None, Speculative(draft=draft, k=3)), (20, 8, Speculative(draft=draft, k=3))):
         engine = Engine(model, max_num_seqs=4, block_size=4, num_blocks=num_blocks, max_model_len=64,
-                        max_num_batched_tokens=budget, speculative=Speculative(ngram=2, k=4))
+                        max_num_batched_tokens=budget, speculative=spec)
         params = [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in NEW]
         ids, _ = run(engine, list(zip(ARRIVE, ps)), params)
         assert [engine.output(ids[i]) for i in range(len(ps))] == expected
