@@ -68,3 +68,12 @@ def test_bench_serving_tiny_workload(keep_num_threads):
     figures = {row["figure"]: row["value"] for row in payload["results"]}
     assert all(v > 0 for v in figures["output tokens/s"].values())
     assert 0 < figures["KV used/reserved"]["continuous"] <= 1
+
+
+def test_bench_speculative_tiny(keep_num_threads):
+    import bench_speculative
+
+    payload = bench_speculative.main(["--tiny", "--ks", "2", "--no-write"])
+    assert payload["benchmark"] == "speculative"
+    assert {row["proposer"] for row in payload["results"]} == {"none", "draft", "ngram", "layer_skip"}
+    assert all(row["tokens_per_s"]["llmopt.generate"] > 0 for row in payload["results"])

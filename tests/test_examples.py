@@ -27,6 +27,8 @@ SMALL: dict[str, tuple[list[str], list[str]]] = {
                          ["graphs compiled: 1", "rewrites per pass:", "wrote {tmp}/report.html"]),
     "serve_batch.py": (["--layers", "1", "--hidden", "64", "--requests", "3", "--new-tokens", "3"],
                        ["tokens/s", "KV cache used/reserved", "tokens equal to llmopt.generate alone: True"]),
+    "speculative.py": (["--layers", "2", "--hidden", "64", "--new-tokens", "8"],
+                       ["tokens identical to plain greedy: True", "acceptance", "beam search (4 beams)"]),
     # Written with other issues:
     "quantize_and_save.py": (["--small", "--scheme", "int8", "--out", "{tmp}/quantized"], []),
 }

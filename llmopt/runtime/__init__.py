@@ -4,7 +4,9 @@
   a Hugging Face ``Cache``;
 - :mod:`.sampling`: ``SamplingParams`` and device-side next-token selection (no host sync);
 - :mod:`.generate`: ``generate``, prefill + static-shape decode loop over a ``StaticKVCache``;
-- :mod:`.cuda_graphs`: decode-step capture and replay per batch-size bucket.
+- :mod:`.cuda_graphs`: decode-step capture and replay per batch-size bucket;
+- :mod:`.speculative` / :mod:`.beam_search`: the loops behind ``generate(speculative=...)`` and
+  ``generate(num_beams=...)``.
 
 Depends on ``llmopt.codegen`` at most, never on the backend or the passes. ``transformers``
 (a test/extra dependency) is imported only when ``StaticKVCache`` is first used, so that

@@ -67,7 +67,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 
 from .cuda_graphs import DEFAULT_BATCH_BUCKETS, DecodeGraphs, batch_bucket
-from .generate import _as_token_tuple, _generation_attr
+from .generate import _as_token_tuple, _generation_attr, _hf_model
 from .paged_cache import KVCacheExhaustedError, PagedAttentionMetadata, PagedCacheLayout, PagedKVCache
 from .paged_model import PagedModelRunner
 from .sampling import SamplingParams, make_generator, mark_seen, sample_next_token
@@ -166,6 +166,11 @@ class Engine:
     (default ``max(2048, max_num_seqs)``); longer prompts are prefilled in chunks.
     ``policy``: ``"fcfs"`` or ``"decode_first"``. ``cuda_graphs``: ``None`` = on CUDA.
     ``default_max_new_tokens``: for requests whose sampling params set none.
+    ``speculative``: ``llmopt.Speculative(ngram=n, k=k)`` or ``Speculative(draft=model, k=k)`` (a
+    separate model): decode-only steps feed each request's last token plus ``k`` proposals and
+    keep the accepted ones (same tokens under greedy, same distribution under sampling;
+    :meth:`speculative_stats` per request). A draft runs per request over its own batch-1
+    ``StaticKVCache`` (not batched across requests).
     """
 
     def __init__(
@@ -182,6 +187,7 @@ class Engine:
         device: torch.device | str | None = None,
         cuda_graphs: bool | None = None,
         default_max_new_tokens: int = 16,
+        speculative=None,
     ):
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r} is not valid; use one of {', '.join(POLICIES)}")
@@ -189,6 +195,31 @@ class Engine:
                             ("default_max_new_tokens", default_max_new_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.speculative = speculative  # checked before the model is switched to paged attention
+        self._proposer = None
+        self._spec_counts: dict[int, list[int]] = {}  # request id -> [proposed, accepted, steps]
+        if speculative is not None:
+            from .speculative import NgramProposer, Speculative
+
+            if not isinstance(speculative, Speculative):
+                raise TypeError(f"speculative must be a llmopt.Speculative, got {type(speculative).__name__}")
+            if speculative.layer_skip is not None or _shares_weights(speculative.draft, model):
+                raise NotImplementedError(
+                    "Engine speculation takes Speculative(ngram=n, k=k) or a separate draft model; a draft "
+                    "sharing the target's layers (layer_skip, the target itself) would run the paged attention "
+                    "the engine installs in them: use llmopt.generate for it"
+                )
+            if speculative.draft is not None:
+                vocab = [getattr(getattr(m, "config", None), "vocab_size", None)
+                         for m in (_hf_model(speculative.draft), _hf_model(model))]
+                if None not in vocab and vocab[0] != vocab[1]:
+                    raise ValueError(
+                        f"the draft model's vocab_size is {vocab[0]}, the target's {vocab[1]}; a draft must "
+                        "share the target's tokenizer (same vocabulary)"
+                    )
+            self._proposer = (NgramProposer(speculative.ngram, speculative.ngram_min, speculative.k)
+                              if speculative.ngram is not None else speculative.draft)
+        self._draft_states: dict = {}  # request id -> its DraftModelProposer (draft model only)
         self.runner = PagedModelRunner(model)
         hf = self.runner.hf_model
         param = next((p for p in hf.parameters() if p.is_floating_point()), None)
@@ -308,6 +339,10 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """One iteration: schedule, run one forward over every scheduled token, sample,
         retire finished requests. Returns what each request produced in this step."""
+        if self._proposer is not None:
+            outputs = self._speculative_step()
+            if outputs is not None:
+                return outputs
         scheduled = self._schedule()
         if not scheduled:
             return []
@@ -590,6 +625,129 @@ class Engine:
             return []
         return torch.cat(picked).tolist()
 
+    # -- speculative decoding -------------------------------------------------------------
+    def speculative_stats(self, request_id: int):
+        """Acceptance of one request's proposals so far (a one-row
+        :class:`~.speculative.SpeculativeStats`); zeros without ``speculative=``."""
+        from .speculative import SpeculativeStats
+
+        proposed, accepted, steps = self._spec_counts.get(request_id, (0, 0, 0))
+        return SpeculativeStats(proposed=[proposed], accepted=[accepted], steps=[steps])
+
+    def _speculative_step(self) -> list[StepOutput] | None:
+        """A decode step where each running request also feeds ``k`` proposals and keeps the
+        accepted ones (llmopt/runtime/speculative.py); ``None`` when this step needs the normal
+        path (requests to admit, prompt chunks, forks, a penalty, too few free blocks)."""
+        from .speculative import verify_proposals
+
+        reqs = list(self._running)
+        if self._waiting or not reqs or any(
+                r.num_pending != 1 or not r.output or r.children or r.params.repetition_penalty != 1.0 for r in reqs):
+            return None
+        # Proposals past max_new_tokens / max_model_len would be dropped: do not feed them.
+        counts = [1 + max(0, min(self.speculative.k, r.max_new_tokens - len(r.output) - 1,
+                                 self.max_model_len - r.num_tokens)) for r in reqs]
+        if sum(counts) > self.max_num_batched_tokens or sum(
+                self.cache.blocks_needed(r.id, n) for r, n in zip(reqs, counts)) > self.cache.num_free_blocks:
+            return None
+        self.stats.steps += 1
+        for rid in [rid for rid in self._draft_states if rid not in {r.id for r in reqs}]:
+            del self._draft_states[rid]  # finished, aborted or preempted: rebuilt when it decodes again
+        ids, positions, seq_ids, slots, windows, draft_probs = [], [], [], [], [], []
+        for req, n in zip(reqs, counts):
+            start = req.num_computed
+            guess, q = self._propose(req, n - 1)
+            window = [req.output[-1]] + guess
+            windows.append(window)
+            draft_probs.append(q)
+            ids.extend(window)
+            positions.extend(range(start, start + n))
+            seq_ids.append(req.id)
+            slots.append(self.cache.append_slots(req.id, n))
+        self.stats.decode_tokens += len(reqs)
+        self._sample_kv_stats()
+        start_time = time.perf_counter()
+        with torch.no_grad():
+            logits = self._forward(ids, positions, seq_ids, counts, slots, list(range(len(ids))), False)
+            verdicts, offset = [], 0
+            one = torch.ones(1, dtype=torch.int64, device=logits.device)
+            for req, window, q in zip(reqs, windows, draft_probs):
+                n = len(window)
+                window_t = torch.tensor([window], dtype=torch.int64, device=logits.device)
+                verdicts.append(torch.cat(verify_proposals(
+                    window_t, one, logits[None, offset:offset + n], req.params, q, req.generator)))
+                offset += n
+            verdicts = torch.stack(verdicts).tolist()  # one host read for the step
+        self.stats.forward_seconds += time.perf_counter() - start_time
+        outputs = []
+        for req, window, (correct, new) in zip(reqs, windows, verdicts):
+            counts_r = self._spec_counts.setdefault(req.id, [0, 0, 0])
+            counts_r[0] += len(window) - 1
+            counts_r[1] += correct - 1
+            counts_r[2] += 1
+            state = self._draft_states.get(req.id)
+            if state is not None:
+                state.commit(req.num_tokens)  # every known token is in the draft's cache now
+            # Rollback: the cache keeps the fed token and the accepted proposals only.
+            req.num_computed += correct
+            self.cache.truncate(req.id, req.num_computed)
+            tokens, reason = [], None
+            for token in window[1:correct] + [new]:
+                req.output.append(token)
+                tokens.append(token)
+                self.stats.generated_tokens += 1
+                if token in req.stops:
+                    reason = "stop"
+                elif len(req.output) >= req.max_new_tokens or req.num_tokens >= self.max_model_len:
+                    reason = "length"
+                if reason is not None:
+                    self._finish(req, reason)
+                if req.callback is not None:
+                    req.callback(req.id, token, reason is not None)
+                if reason is not None:
+                    break
+            outputs.append(StepOutput(req.id, tokens, reason is not None, reason))
+        return outputs
+
+    def _propose(self, req: _Request, count: int) -> tuple[list[int], torch.Tensor | None]:
+        """``count`` proposals for ``req`` and, for a sampling draft model, their draft
+        distributions aligned with the window (``[1, 1 + count, V]``, row 0 unused)."""
+        from .speculative import NgramProposer
+
+        tokens = req.prompt + req.output
+        if isinstance(self._proposer, NgramProposer):
+            return self._proposer.propose_row(tokens)[:count], None
+        k = self.speculative.k
+        state = self._draft_states.get(req.id)
+        if state is None or len(tokens) - state.committed > k + 1:
+            # A draft cache per request (batch 1), filled with all but the last token; rebuilt
+            # when normal steps advanced the request further than one catch-up can feed.
+            state = self._draft_states[req.id] = self._new_draft_state(tokens)
+        guess, probs = state.propose([tokens], [True], req.params, req.generator, self.vocab_size)
+        q = None
+        if probs is not None:
+            q = torch.cat([torch.zeros_like(probs[:, :1]), probs[:, :count]], 1)
+        return guess[0, :count].tolist(), q
+
+    def _new_draft_state(self, tokens: list[int]):
+        from .generate import _forward_parameters
+        from .speculative import DraftModelProposer
+        from .static_cache import StaticKVCache
+
+        draft = self._proposer
+        hf_draft = _hf_model(draft)
+        config = getattr(hf_draft, "config", None) or getattr(draft, "config", None)
+        weight = next((p for p in (hf_draft or draft).parameters() if p.is_floating_point()), None)
+        k = self.speculative.k
+        cache = StaticKVCache(config, batch_size=1, max_seq_len=self.max_model_len + 2 * k + 2,
+                              dtype=weight.dtype if weight is not None else self.dtype, device=self.device)
+        known = torch.tensor([tokens[:-1]], dtype=torch.int64, device=self.device)
+        state = DraftModelProposer(draft, cache, k, _forward_parameters(hf_draft), torch.ones_like(known),
+                                   torch.tensor([self.max_model_len - 1], device=self.device))
+        with torch.no_grad():
+            state.prefill(known, torch.arange(known.shape[1], device=self.device)[None])
+        return state
+
     # -- bookkeeping --------------------------------------------------------------------
     def _finish(self, req: _Request, reason: str) -> None:
         if req.state == _RUNNING:
@@ -654,3 +812,11 @@ class Engine:
             f"Engine(policy={self.policy!r}, max_num_seqs={self.max_num_seqs}, running={len(self._running)}, "
             f"waiting={len(self._waiting)}, {self.cache!r})"
         )
+
+
+def _shares_weights(draft, model) -> bool:
+    """Whether ``draft`` holds any tensor of ``model`` (the same model, a layer-skip view)."""
+    if not isinstance(draft, torch.nn.Module) or not isinstance(model, torch.nn.Module):
+        return False
+    target = {p.data_ptr() for p in model.parameters()}
+    return any(p.data_ptr() in target for p in draft.parameters())

@@ -63,6 +63,10 @@ def generate(
     cache=None,
     cuda_graphs: bool | None = None,
     stop_check_interval: int | None = None,
+    speculative=None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
     **sampling_kwargs,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after each prompt row of ``input_ids``.
@@ -86,6 +90,10 @@ def generate(
     batch, the prompts are padded to its batch by repeating the last row).
     ``cuda_graphs``: ``None`` = on CUDA, ``False`` = never. ``stop_check_interval``: see the
     module doc.
+    ``speculative``: a :class:`~llmopt.runtime.speculative.Speculative` (draft model, n-gram or
+    layer-skip proposer and ``k``): same tokens under greedy, same distribution under sampling
+    (docs/speculative.md). ``num_beams > 1``: beam search (with ``length_penalty`` and
+    ``early_stopping`` as in Hugging Face; :mod:`~llmopt.runtime.beam_search`).
     """
     params = _resolve_sampling(sampling, sampling_kwargs)
     if max_new_tokens is None:
@@ -106,6 +114,33 @@ def generate(
         raise ValueError(f"stop_check_interval must be an int >= 1, got {stop_check_interval!r}")
 
     batch, prompt_len = input_ids.shape
+    if speculative is not None or num_beams != 1:
+        # Hooks: both loops take the resolved arguments and own their caches' bookkeeping.
+        extra_loop = dict(stops=stops, pad_id=pad_id, forward_parameters=_forward_parameters(hf_model))
+        if speculative is not None:
+            from .speculative import Speculative, run_speculative
+
+            if not isinstance(speculative, Speculative):
+                raise TypeError(f"speculative must be a llmopt.Speculative, got {type(speculative).__name__}")
+            if num_beams != 1:
+                raise ValueError("speculative decoding and beam search cannot be combined; pass one of them")
+            k = speculative.k
+            cache = _prepare_cache(cache, model, hf_model, batch, max_seq_len,
+                                   prompt_len + max_new_tokens + k, dtype, device)
+            bar = _Progress(max_new_tokens) if progress else None
+            try:
+                return run_speculative(model, hf_model, speculative, cache, input_ids, attention_mask, params,
+                                       max_new_tokens, streamer=streamer, bar=bar, **extra_loop)
+            finally:
+                if bar is not None:
+                    bar.close()
+        from .beam_search import run_beam_search
+
+        if cache is not None:
+            raise ValueError("beam search builds its own cache of batch * num_beams rows; do not pass cache=")
+        return run_beam_search(model, hf_model, input_ids, attention_mask, params, max_new_tokens,
+                               num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                               max_seq_len=max_seq_len, dtype=dtype, **extra_loop)
     use_graphs = device.type == "cuda" and cuda_graphs is not False
     if cache is not None and getattr(cache, "shape", (0,))[0] >= batch:
         cache_batch = cache.shape[0]  # a cache sized for a larger batch serves a smaller one

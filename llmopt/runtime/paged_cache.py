@@ -353,6 +353,22 @@ class PagedKVCache:
         self._tables[child_id] = list(table)
         self._lens[child_id] = self._lens[parent_id]
 
+    def truncate(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Keep the sequence's first ``num_tokens`` tokens and free the blocks past them (the
+        rollback of rejected speculative tokens; their stale slots are overwritten later)."""
+        table, length = self._tables[seq_id], self._lens[seq_id]
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 0 <= num_tokens <= length:
+            raise ValueError(f"cannot truncate sequence {seq_id!r} of {length} tokens to {num_tokens!r}")
+        keep = self.blocks_for(num_tokens)
+        for block in table[keep:]:
+            self.allocator.free(block)
+            if self.allocator.ref_count(block) == 0:
+                self._fill[block] = 0
+        del table[keep:]
+        if table and num_tokens % self.block_size and self.allocator.ref_count(table[-1]) == 1:
+            self._fill[table[-1]] = num_tokens % self.block_size
+        self._lens[seq_id] = num_tokens
+
     def free(self, seq_id: Hashable) -> None:
         """Release the sequence's blocks (a shared block stays until its last owner frees it)."""
         for block in self._tables.pop(seq_id):
