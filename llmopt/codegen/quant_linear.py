@@ -80,10 +80,11 @@ def m_bucket(m: int) -> int:
 
 
 def _gemv_configs():
+    # BLOCK_K 32: int4 with group size 32 needs a K tile inside one group
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn in (16, 32, 64, 128)
-        for bk in (64, 128, 256, 512)
+        for bk in (32, 64, 128, 256, 512)
         for w in (4, 8)
         for s in (2, 4)
     ]
@@ -101,23 +102,33 @@ def _gemm_configs():
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose tiles exceed the problem or straddle an int4 group."""
+    """Drop configs whose tiles exceed the problem or straddle an int4 group.
+
+    The int4 kernels apply one group's scale and zero to a whole K tile, so a tile must lie
+    inside one group (``GROUP_SIZE % BLOCK_K == 0``); that rule is a correctness rule, not a
+    speed one, so there is no fallback past it: an empty result raises.
+    """
     args = {**named_args, **kwargs}
     m_b = args.get("M_BUCKET", 64)
     k = args["K"]
     group = args.get("GROUP_SIZE", None)
+    exact = [cfg for cfg in configs if group is None or group % cfg.kwargs["BLOCK_K"] == 0]
+    if not exact:
+        raise ValueError(
+            f"int4 weight-only linear: no config has a K tile inside a group of {group} columns "
+            f"(BLOCK_K must divide the group size); use a group size that is a multiple of 32"
+        )
     kept = []
-    for cfg in configs:
+    for cfg in exact:
         bm = cfg.kwargs.get("BLOCK_M", 16)
         bk = cfg.kwargs["BLOCK_K"]
         if bm > max(16, m_b):
             continue
         if bk > max(32, _next_pow2(k)):
             continue
-        if group is not None and group % bk != 0:
-            continue
         kept.append(cfg)
-    return kept or configs[:1]
+    # tiles past the problem only waste work: the smallest exact tile is a correct fallback
+    return kept or [min(exact, key=lambda c: (c.kwargs.get("BLOCK_M", 16), c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"]))]
 
 
 # Interpreter / fallback configs: small tiles keep the CPU interpreter fast.
@@ -360,9 +371,24 @@ def _autotuned(name: str):
     return triton.autotune(configs=configs(), key=key, prune_configs_by={"early_config_prune": _prune_configs})(kernel)
 
 
-def _launch(name: str, kernel, grid_fn, default: dict, is_cuda: bool, *args, **kwargs):
-    """Autotuned launch on CUDA; one fixed config in the interpreter (autotuning there is slow)."""
-    if is_cuda:
+_CONFIG_SPACES = {"int8_gemv": _gemv_configs, "int8_gemm": _gemm_configs, "int4_gemv": _gemv_configs,
+                  "int4_gemm": _gemm_configs, "w8a8_gemm": _gemm_configs}
+
+
+def autotune_configs(name: str, **args) -> list[dict]:
+    """The configs the CUDA autotuner of ``name`` (``int4_gemv``, ``int8_gemm``...) times for
+    these launch arguments (``K``, ``M_BUCKET``, ``GROUP_SIZE``), after pruning, as dicts a
+    launcher's ``config=`` takes. Tests run each of them in the interpreter."""
+    kept = _prune_configs(_CONFIG_SPACES[name](), {}, **args)
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
+
+
+def _launch(name: str, kernel, grid_fn, default: dict, is_cuda: bool, *args, config=None, **kwargs):
+    """Autotuned launch on CUDA; one fixed config in the interpreter (autotuning there is
+    slow); ``config`` (a dict of :func:`autotune_configs`) forces one config anywhere."""
+    if config:
+        kernel[grid_fn(config)](*args, **kwargs, **config)
+    elif is_cuda:
         _autotuned(name)[grid_fn](*args, **kwargs)
     else:
         kernel[grid_fn(default)](*args, **kwargs, **default)
@@ -672,7 +698,8 @@ def _grid_gemm(n: int, m: int):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
 
 
-def _launch_weight_only(scheme: str, x, m: int, n: int, args: tuple, block_k=None, **constexprs) -> None:
+def _launch_weight_only(scheme: str, x, m: int, n: int, args: tuple, block_k=None, config=None,
+                        **constexprs) -> None:
     """The ``<scheme>_gemv`` kernel for ``M <= GEMV_MAX_M``, the ``<scheme>_gemm`` one above;
     ``block_k(default_block_k)`` narrows the interpreter's fixed BLOCK_K (int4: inside a group)."""
     gemv = m <= GEMV_MAX_M
@@ -685,7 +712,7 @@ def _launch_weight_only(scheme: str, x, m: int, n: int, args: tuple, block_k=Non
     if not gemv:
         constexprs["FP32_DOT"] = _fp32_dot(x)
     _launch(name, kernel, (_grid_gemv if gemv else _grid_gemm)(n, m), default, x.is_cuda, *args,
-            M_BUCKET=m_bucket(m), **constexprs)
+            config=config, M_BUCKET=m_bucket(m), **constexprs)
 
 
 def int8_weight_only_linear_triton(x, w_int8, scales, bias=None, out=None):
@@ -709,8 +736,9 @@ def _int4_block_k(default_bk: int, group_size: int) -> int:
     return bk
 
 
-def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias=None, out=None):
-    """Launch the int4 weight-only GEMV or flat GEMM; returns ``[..., N]``."""
+def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias=None, out=None, *, config=None):
+    """Launch the int4 weight-only GEMV or flat GEMM; returns ``[..., N]``. ``config``: one
+    of :func:`autotune_configs` instead of the autotuner (tests, benchmarks)."""
     n, k = _check_int4_weight("int4_weight_only_linear", x, w_packed, scales, zeros, group_size, bias)
     x2, m, y, y2 = _output("int4_weight_only_linear", x, k, n, out)
     if m == 0 or n == 0:
@@ -721,7 +749,10 @@ def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias=
         m, n, k, x2.stride(0), x2.stride(1), w_packed.stride(0), w_packed.stride(1),
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), y2.stride(0), y2.stride(1),
     )
-    _launch_weight_only("int4", x, m, n, args, block_k=lambda bk: _int4_block_k(bk, group_size),
+    if config and group_size % config["BLOCK_K"]:
+        raise ValueError(f"int4_weight_only_linear: config BLOCK_K={config['BLOCK_K']} straddles groups of "
+                         f"{group_size} columns; BLOCK_K must divide the group size")
+    _launch_weight_only("int4", x, m, n, args, block_k=lambda bk: _int4_block_k(bk, group_size), config=config,
                         GROUP_SIZE=group_size, HAS_BIAS=bias is not None)
     return y
 

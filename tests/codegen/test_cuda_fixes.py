@@ -1,0 +1,98 @@
+"""The CUDA-path bugs of issue 17, each pinned by a test that runs on CPU.
+
+Each test exercises the code a GPU would run — the CUDA config selection and pruning,
+the launcher's device handling, the shared device functions — in Triton's interpreter or
+with the CUDA pieces faked, since no session has a GPU. Each failed before its fix.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from conftest import assert_close, poisoned
+
+import llmopt.codegen.quant_linear as ql
+from llmopt.codegen import tuning_table
+from llmopt.model_spec import PRESETS
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def _preset_linear_shapes():
+    shapes = set()
+    for preset in PRESETS.values():
+        c = preset.config
+        if "hidden_size" not in c or preset.encoder:
+            continue
+        h, heads = c["hidden_size"], c["num_attention_heads"]
+        d = c.get("head_dim", h // heads)
+        kv = c.get("num_key_value_heads", heads)
+        shapes |= {((heads + 2 * kv) * d, h), (h, heads * d), (2 * c["intermediate_size"], h),
+                   (h, c["intermediate_size"]), (c["vocab_size"], h)}
+    return sorted(shapes)
+
+
+# --------------------------------------------------------------------------- int4 group size 32
+@pytest.mark.parametrize("n,k", _preset_linear_shapes())
+def test_int4_config_selection_keeps_every_k_tile_inside_one_group(n, k):
+    """For every preset shape, group size and row bucket, each config the CUDA autotuner
+    would time has BLOCK_K dividing the group (it applies one group's scale to a tile);
+    before the fix group 32 pruned every GEMV config and fell back to BLOCK_K 64."""
+    for group in GROUP_SIZES:
+        if k % group:
+            continue
+        for m_bucket in (1, 2, 4, 16, 64):
+            for name in ("int4_gemv", "int4_gemm"):
+                configs = ql.autotune_configs(name, K=k, M_BUCKET=m_bucket, GROUP_SIZE=group)
+                assert configs, (name, group, m_bucket)
+                assert all(group % c["BLOCK_K"] == 0 for c in configs), (name, group, m_bucket, configs)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_int4_gemv_group_32_with_the_cuda_configs_matches_fp64(triton_kernels, m):
+    """M <= 2 takes the GEMV; run it in the interpreter with each config CUDA would pick
+    (narrowest tiles first, to stay fast) for group size 32."""
+    n, k, group = 48, 128, 32
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scales = torch.rand(n, k // group) * 0.02 + 1e-3
+    zeros = torch.randint(0, 16, (n, k // group)).float()
+    packed = ql.pack_int4(q)
+    x = torch.randn(m, k)
+    truth = ql.int4_weight_only_linear_ref(x.double(), packed, scales.double(), zeros.double(), group)
+    configs = ql.autotune_configs("int4_gemv", K=k, M_BUCKET=m, GROUP_SIZE=group)
+    for config in sorted(configs, key=lambda c: c["BLOCK_N"])[:2]:
+        out = ql.int4_weight_only_linear_triton(x, packed, scales, zeros, group, config=config,
+                                                out=poisoned((m, n), torch.float32))
+        assert_close(out, truth, torch.float32, f"int4 GEMV group 32 with {config}")
+
+
+def test_int4_rejects_a_config_that_straddles_groups(triton_kernels):
+    packed = ql.pack_int4(torch.zeros(16, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="straddles groups"):
+        ql.int4_weight_only_linear_triton(torch.randn(1, 64), packed, torch.ones(16, 2), torch.zeros(16, 2), 32,
+                                          config={"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2})
+
+
+# --------------------------------------------------------------------------- time_configs
+def test_time_configs_skips_a_failing_config_and_keeps_the_shape(monkeypatch, triton_kernels):
+    """A config that fails with anything (here a compile-time error of a bad config) is
+    skipped and reported; the shape keeps the timings of the others. Before the fix any
+    error but OutOfResources dropped the whole shape."""
+    monkeypatch.setattr(tuning_table, "_require_cuda", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(tuning_table, "cold_weight_copies",
+                        lambda n, k, dtype, device: [torch.randn(n, k).to(dtype)])
+    monkeypatch.setattr(tuning_table, "cuda_time_us", lambda fn, warmup, rep: (fn(0), 1.0)[1])
+    good = {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1}
+    bad = dict(good, BLOCK_K=24)  # not a power of two: the launcher raises ValueError
+    failures = []
+    timed = tuning_table.time_configs("gemv", 32, 64, 1, torch.float32, "cuda", configs=[good, bad, None],
+                                      warmup=0, rep=1, failures=failures)
+    assert [c for c, _ in timed] == [good, None]
+    assert len(failures) == 1 and failures[0][0] == bad and "ValueError" in failures[0][1]
+    with pytest.warns(RuntimeWarning, match="failed"):
+        timed = tuning_table.time_configs("gemv", 32, 64, 1, torch.float32, "cuda", configs=[bad, good],
+                                          warmup=0, rep=1)
+    assert [c for c, _ in timed] == [good]
