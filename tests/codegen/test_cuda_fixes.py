@@ -96,3 +96,65 @@ def test_time_configs_skips_a_failing_config_and_keeps_the_shape(monkeypatch, tr
         timed = tuning_table.time_configs("gemv", 32, 64, 1, torch.float32, "cuda", configs=[bad, good],
                                           warmup=0, rep=1)
     assert [c for c, _ in timed] == [good]
+
+
+# --------------------------------------------------------------------------- Inductor / CUDA graphs
+def _capture_inductor_kwargs(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx
+
+    seen = {}
+
+    def spy(gm, example_inputs, **kwargs):  # no GPU (and no time for a C++ compile): run the graph
+        seen.update(kwargs)
+
+        def run(args):
+            return gm(*args)
+
+        run._boxed_call = True
+        return run
+
+    monkeypatch.setattr(compile_fx, "compile_fx_inner", spy)
+    return seen
+
+
+@pytest.mark.parametrize("cudagraphs", [False, True])
+def test_inductor_compile_marks_the_graph_as_inference(monkeypatch, cudagraphs):
+    """Without is_inference=True, cudagraph trees record in forward mode and wait for a
+    backward that never comes: their replay fast path is never reached."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from llmopt import compat
+
+    seen = _capture_inductor_kwargs(monkeypatch)
+    x = torch.randn(2, 8)
+    run = compat.inductor_compile(make_fx(lambda x: (x * 2,))(x), [x], cudagraphs=cudagraphs)
+    assert seen["is_inference"] is True
+    assert bool(seen.get("cudagraphs")) == cudagraphs
+    torch.testing.assert_close(run([x])[0], x * 2)
+
+
+@pytest.mark.parametrize("cuda_graphs,trees", [("auto", False), (False, False), (True, True)])
+def test_one_cuda_graph_owner_per_executor(monkeypatch, cuda_graphs, trees):
+    """The inductor executor on CUDA turns on Inductor's cudagraph trees only when asked
+    (cuda_graphs=True); by default the llmopt runtime owns the graphs. Before the fix both
+    captured ("auto" turned the trees on under the runtime's own capture)."""
+    from llmopt import backend, compat
+    from llmopt.options import Options
+    from llmopt.report import CompileReport
+
+    calls = []
+    monkeypatch.setattr(compat, "inductor_compile",
+                        lambda gm, inputs, cudagraphs=False, static_input_idxs=(): calls.append(cudagraphs) or (
+                            lambda args: [a * 2 for a in args]))
+    report = CompileReport()
+    run = backend._make_executor(None, [], "inductor", report, Options(cuda_graphs=cuda_graphs),
+                                 torch.device("cuda"), [])
+    assert calls == [trees]
+    x = torch.ones(2)
+    torch.testing.assert_close(run([x])[0], x * 2)
+    if trees:
+        # called while the runtime captures: a clear error, not a capture inside a capture
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        with pytest.raises(RuntimeError, match="cuda_graphs=False"):
+            run([x])
