@@ -82,7 +82,6 @@ from .attention_decode import (
     _SPLIT_ALIGN_INTERPRETER,
     _decode_combine_kernel,
     _split_bounds,
-    _tanh,
     attention_decode_ref,
     decode_heuristic_config,
     decode_num_splits,
@@ -96,6 +95,7 @@ from .attention_prefill import (
     attention_prefill_ref,
     q_bucket,
 )
+from .device_math import tanh
 from .kernel_mode import interpreting, use_triton
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -184,7 +184,7 @@ def _paged_decode_keys(
         else:
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
         if HAS_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
+            s = softcap * tanh(s / softcap)
         s = tl.where(g_valid[:, None] & n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         # a row with no key yet keeps m = -inf; shift by 0 so -inf - -inf never makes NaN
@@ -296,7 +296,7 @@ def _paged_prefill_block(
     else:
         qk = tl.dot(q, k)
     if HAS_SOFTCAP:
-        s = softcap * _tanh(qk * (scale / softcap)) * LOG2E
+        s = softcap * tanh(qk * (scale / softcap)) * LOG2E
     else:
         s = qk * qk_scale
     allowed = kv_ok[None, :] & (offs_n[None, :] <= pos_q[:, None])
