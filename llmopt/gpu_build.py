@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import dataclasses
 import importlib
 import inspect
@@ -104,6 +105,7 @@ class Launch:
     args: tuple
     kwargs: dict
     origin: str  # which exercise made it
+    current_device: int = 0  # the CUDA device current at the launch (Triton launches there)
 
     @property
     def name(self) -> str:
@@ -141,6 +143,21 @@ class Recorder:
         self.launches: list[Launch] = []
         self.origin = "?"
         self.full_space = False
+        self.current_device = 0
+
+    def device(self, device):
+        """Stands for ``torch.cuda.device(device)``: makes ``device`` current within."""
+        index = device.index if isinstance(device, torch.device) else device
+        recorder = self
+
+        class _Current:
+            def __enter__(self):
+                self.previous, recorder.current_device = recorder.current_device, index or 0
+
+            def __exit__(self, *exc):
+                recorder.current_device = self.previous
+
+        return _Current()
 
     @contextlib.contextmanager
     def exercise(self, name: str):
@@ -157,6 +174,7 @@ def recording(target: Target) -> Iterator[Recorder]:
     target's properties, and every Triton launch is recorded instead of run."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     from llmopt.codegen import gemv
@@ -169,7 +187,7 @@ def recording(target: Target) -> Iterator[Recorder]:
     )
 
     def jit_run(self, *args, grid, warmup, **kwargs):
-        recorder.launches.append(Launch(self, args, kwargs, recorder.origin))
+        recorder.launches.append(Launch(self, args, kwargs, recorder.origin, recorder.current_device))
 
     def autotune_run(self, *args, **kwargs):
         kwargs.pop("grid", None)
@@ -177,7 +195,8 @@ def recording(target: Target) -> Iterator[Recorder]:
         self.nargs = dict(zip(self.arg_names, args))
         configs = self.prune_configs(kwargs)
         for config in configs if recorder.full_space else configs[:1]:
-            recorder.launches.append(Launch(self.fn, args, {**kwargs, **config.all_kwargs()}, recorder.origin))
+            recorder.launches.append(Launch(self.fn, args, {**kwargs, **config.all_kwargs()}, recorder.origin,
+                                            recorder.current_device))
         self.nargs = None
 
     def heuristics_run(self, *args, **kwargs):
@@ -187,12 +206,13 @@ def recording(target: Target) -> Iterator[Recorder]:
 
     patches = [
         (JITFunction, "run", jit_run), (Autotuner, "run", autotune_run), (Heuristics, "run", heuristics_run),
-        (torch.cuda, "device", lambda *a, **k: contextlib.nullcontext()),
+        (InterpretedFunction, "run", jit_run),  # recording also works in a TRITON_INTERPRET=1 session
+        (torch.cuda, "device", recorder.device),
         (torch.cuda, "get_device_properties", lambda *a, **k: props),
         (torch.cuda, "get_device_name", lambda *a, **k: target.name),
-        (torch.cuda, "current_device", lambda: 0),
+        (torch.cuda, "current_device", lambda: recorder.current_device),
         (torch.cuda, "is_available", lambda: True),
-        (torch.cuda, "device_count", lambda: 1),
+        (torch.cuda, "device_count", lambda: 8),
     ]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     gemv._sm_count.cache_clear()
@@ -249,8 +269,13 @@ def preset_shapes(names=PRESETS) -> list[ModelShapes]:
     return shapes
 
 
+# The device the exercises allocate on: "cuda" (cuda:0), or "cuda:1" to check that every
+# launcher makes its tensors' device current (tests/codegen/test_cuda_fixes.py).
+EXERCISE_DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("EXERCISE_DEVICE", default="cuda")
+
+
 def _cuda(*shape, dtype=torch.bfloat16):
-    return torch.empty(shape, dtype=dtype, device="cuda")
+    return torch.empty(shape, dtype=dtype, device=EXERCISE_DEVICE.get())
 
 
 @dataclasses.dataclass(frozen=True)

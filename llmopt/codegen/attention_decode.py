@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 
 from .device_math import tanh
-from .kernel_mode import kernel_mode, use_triton
+from .kernel_mode import kernel_mode, on_tensor_device, use_triton
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -612,6 +612,7 @@ def attention_decode_cpu(q, k_cache, v_cache, kv_lens, mask, scale, window=0, so
 # ---------------------------------------------------------------------------------------
 
 
+@on_tensor_device
 def attention_decode_triton(q, k_cache, v_cache, kv_lens, mask, scale, window=0, softcap=0.0, unified_max=None,
                             *, out=None, num_splits=None, config=None, exact_fallback=True):
     """Launch the split kernel (and the combine kernel when num_splits > 1).

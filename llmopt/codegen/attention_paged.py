@@ -96,7 +96,7 @@ from .attention_prefill import (
     q_bucket,
 )
 from .device_math import tanh
-from .kernel_mode import interpreting, use_triton
+from .kernel_mode import interpreting, on_tensor_device, use_triton
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -690,6 +690,7 @@ def _check_out(op, out, shape, like):
     return out
 
 
+@on_tensor_device
 def paged_kv_append_triton(k_pool, v_pool, slot_mapping, k, v) -> None:
     """Launch the append kernel (one program per token)."""
     check_append_args(k_pool, v_pool, slot_mapping, k, v, dtypes=KERNEL_DTYPES)
@@ -707,6 +708,7 @@ def paged_kv_append_triton(k_pool, v_pool, slot_mapping, k, v) -> None:
         )
 
 
+@on_tensor_device
 def paged_attention_decode_triton(q, k_pool, v_pool, block_tables, seq_lens, scale, window=0, softcap=0.0,
                                   *, out=None, num_splits=None, config=None):
     """Launch the paged split kernel (and the dense combine kernel when num_splits > 1).
@@ -772,6 +774,7 @@ def paged_attention_decode_triton(q, k_pool, v_pool, block_tables, seq_lens, sca
     return out
 
 
+@on_tensor_device
 def paged_attention_prefill_triton(q, k_pool, v_pool, block_tables, seq_lens, query_start_loc, scale,
                                    window=0, softcap=0.0, *, out=None):
     """Launch the varlen paged prefill kernel; ``out``: optional [T, Hq, D] buffer."""

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .device_math import tanh
-from .kernel_mode import interpreting, use_triton
+from .kernel_mode import interpreting, on_tensor_device, use_triton
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -467,6 +467,7 @@ def attention_prefill_ref(
 
 
 # --------------------------------------------------------------------------- launcher
+@on_tensor_device
 def attention_prefill_triton(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .device_math import apply_activation
-from .kernel_mode import use_triton
+from .kernel_mode import on_tensor_device, use_triton
 from .residual_norm import m_bucket, round_to, rows_view
 
 # The activation is a compile-time constant (its name) of the kernel: one specialization each.
@@ -137,6 +137,7 @@ def _input_rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows is not None else t.reshape(-1, t.shape[-1])
 
 
+@on_tensor_device
 def gated_activation_triton(
     gate: torch.Tensor, up: torch.Tensor, activation: str, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .kernel_mode import on_tensor_device
+
 from .device_math import apply_activation
 
 ACTIVATIONS = ("", "silu", "gelu", "gelu_tanh")
@@ -358,6 +360,7 @@ def k_per_split(K: int, split_k: int, block_k: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+@on_tensor_device
 def gemv_triton(x, weight, bias=None, residual=None, activation: str = "", *, config=None, out=None):
     """Launch the GEMV kernel on a 2-D ``x`` [M, K] (one program row per row of x).
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .kernel_mode import kernel_mode, use_triton
+from .kernel_mode import kernel_mode, on_tensor_device, use_triton
 from .quant_linear_cpu import int8_gemv_cpu
 
 # Rows up to which the GEMV kernel is used instead of the flat GEMM.
@@ -715,6 +715,7 @@ def _launch_weight_only(scheme: str, x, m: int, n: int, args: tuple, block_k=Non
             config=config, M_BUCKET=m_bucket(m), **constexprs)
 
 
+@on_tensor_device
 def int8_weight_only_linear_triton(x, w_int8, scales, bias=None, out=None):
     """Launch the int8 weight-only GEMV (M <= GEMV_MAX_M) or flat GEMM; returns ``[..., N]``."""
     n, k = _check_int8_weight("int8_weight_only_linear", x, w_int8, scales, bias)
@@ -736,6 +737,7 @@ def _int4_block_k(default_bk: int, group_size: int) -> int:
     return bk
 
 
+@on_tensor_device
 def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias=None, out=None, *, config=None):
     """Launch the int4 weight-only GEMV or flat GEMM; returns ``[..., N]``. ``config``: one
     of :func:`autotune_configs` instead of the autotuner (tests, benchmarks)."""
@@ -757,6 +759,7 @@ def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias=
     return y
 
 
+@on_tensor_device
 def quantize_rows_int8_triton(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`quantize_rows_int8_ref` for ``x2: [M, K]``."""
     m, k = x2.shape
@@ -772,6 +775,7 @@ def quantize_rows_int8_triton(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return xq, sx
 
 
+@on_tensor_device
 def w8a8_linear_triton(x, w_int8, w_scales, bias=None, out=None):
     """Quantize activations per token (one kernel), then the int8 GEMM with scale epilogue."""
     n, k = _check_int8_weight("w8a8_linear", x, w_int8, w_scales, bias)

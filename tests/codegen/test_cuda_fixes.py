@@ -235,3 +235,22 @@ def test_one_gelu_and_one_tanh_in_codegen():
             continue
         assert "tl.math.erf" not in src, f"{path.name}: use device_math.apply_activation (erfc form)"
         assert not re.search(r"^def _?(tanh|erfc\w*)\(", src, re.M), f"{path.name}: use device_math's tanh/erfc"
+
+
+# --------------------------------------------------------------------------- multi-GPU device context
+def test_every_launcher_launches_on_its_tensors_device():
+    """Triton launches on the current CUDA device, not on the tensors': every launcher must
+    make its tensors' device current. All launchers, driven by the GPU build check's
+    exercises on fake ``cuda:1`` tensors, with each launch's current device recorded."""
+    from llmopt import gpu_build
+
+    token = gpu_build.EXERCISE_DEVICE.set("cuda:1")
+    try:
+        launches, errors = gpu_build.collect_launches(gpu_build.TARGETS[90])
+    finally:
+        gpu_build.EXERCISE_DEVICE.reset(token)
+    assert not errors
+    wrong = sorted({f"{launch.module}.{launch.name} (from {launch.origin})"
+                    for launch in launches if launch.current_device != 1})
+    assert not wrong, f"launched on the current device instead of cuda:1: {wrong}"
+    assert len({launch.name for launch in launches}) >= 20
