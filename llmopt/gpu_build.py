@@ -136,13 +136,22 @@ def _as_binder_arg(value):
     return _Pointer(value) if isinstance(value, torch.Tensor) else value
 
 
+def _tile_size(config) -> tuple:
+    size = 1
+    for key, value in config.kwargs.items():
+        if key.startswith("BLOCK") and isinstance(value, int):
+            size *= value
+    return (size * max(1, config.num_stages or 1), config.num_warps)
+
+
 class Recorder:
     """The launches recorded so far, and what the next ones are recorded as."""
 
     def __init__(self):
         self.launches: list[Launch] = []
         self.origin = "?"
-        self.full_space = False
+        self.full_space = False  # record every pruned config of an autotuned launch
+        self.ends = False  # else the smallest and the largest (else only the smallest)
         self.current_device = 0
 
     def device(self, device):
@@ -194,7 +203,12 @@ def recording(target: Target) -> Iterator[Recorder]:
         kwargs.pop("warmup", None)
         self.nargs = dict(zip(self.arg_names, args))
         configs = self.prune_configs(kwargs)
-        for config in configs if recorder.full_space else configs[:1]:
+        if not recorder.full_space:
+            # CI: the smallest tile (every code path, quick to build) and the largest (the
+            # shared memory and register high-water mark) of the pruned space
+            ordered = sorted(configs, key=_tile_size)
+            configs = [ordered[0], ordered[-1]] if recorder.ends and len(ordered) > 1 else ordered[:1]
+        for config in configs:
             recorder.launches.append(Launch(self.fn, args, {**kwargs, **config.all_kwargs()}, recorder.origin,
                                             recorder.current_device))
         self.nargs = None
@@ -280,9 +294,9 @@ def _cuda(*shape, dtype=torch.bfloat16):
 
 @dataclasses.dataclass(frozen=True)
 class Call:
-    """One launcher call of an exercise. ``full_space``: record every config that survives
-    the kernel's pruning (autotuned kernels); else only the first one (variants of flags
-    and dtypes, which the full space at the model dtype already covers config by config)."""
+    """One launcher call of an exercise. ``full_space``: at the full level, record every
+    config that survives an autotuned kernel's pruning, at the CI level its smallest and
+    largest tile; otherwise (variants of flags and dtypes) only its smallest tile."""
     run: Callable[[], Any]
     full_space: bool = False
 
@@ -350,7 +364,7 @@ def exercise_quant_linear(models: list[ModelShapes], full_space: bool) -> Iterat
             g4 = 128 if k % 128 == 0 else 32
             s4 = _cuda(n, k // g4, dtype=dtype)
             for m in (1, 64):
-                space = primary and full_space and m in (1, 64)
+                space = primary and m in (1, 64)
                 x = _cuda(m, k, dtype=dtype)
                 yield Call(lambda x=x, w8=w8, s8=s8: ql.int8_weight_only_linear_triton(x, w8, s8), space)
                 yield Call(lambda x=x, w8=w8, s8=s8: ql.w8a8_linear_triton(x, w8, s8), space)
@@ -399,11 +413,11 @@ def exercise_attention(models: list[ModelShapes], full_space: bool) -> Iterator[
             q = _cuda(1, hq, 512, d, dtype=dtype)
             kk = _cuda(1, hkv, 512, d, dtype=dtype)
             yield Call(lambda q=q, kk=kk: apf.attention_prefill_triton(q, kk, kk, None, None, None, 0.1, True),
-                       primary and full_space)
+                       primary)
             tq = _cuda(512, hq, d, dtype=dtype)
             t2, l2, qsl = _cuda(2, 32, dtype=torch.int32), _cuda(2, dtype=torch.int32), _cuda(3, dtype=torch.int32)
             yield Call(lambda tq=tq, pool=pool, t=t2, pl=l2, qsl=qsl: ap.paged_attention_prefill_triton(
-                tq, pool, pool, t, pl, qsl, 0.1), primary and full_space)
+                tq, pool, pool, t, pl, qsl, 0.1), primary)
             kc = _cuda(4, hkv, 1024, d, dtype=dtype)
             kn = _cuda(4, hkv, 1, d, dtype=dtype)
             yield Call(lambda kc=kc, kn=kn: kv_cache.kv_cache_append_triton(
@@ -460,7 +474,7 @@ def exercise_rowwise(models: list[ModelShapes], full_space: bool) -> Iterator[Ca
     from llmopt.codegen import rope
 
     for dtype, primary in _dtype_axis():
-        space = primary and full_space
+        space = primary
         for m in models if primary else models[-1:]:
             x = _cuda(64, m.hidden, dtype=dtype)
             w = _cuda(m.hidden, dtype=dtype)
@@ -506,6 +520,7 @@ def collect_launches(target: Target, presets=PRESETS, full_space: bool = False) 
             with launches.exercise(name):
                 for call in exercise(models, full_space):
                     launches.full_space = call.full_space and full_space
+                    launches.ends = call.full_space
                     try:
                         call.run()
                     except Exception as exc:  # noqa: BLE001 - reported, the check fails on it
@@ -559,6 +574,8 @@ class BuildResult:
     shared: int = -1
     spills: int = -1  # LOCAL bytes per thread
     vector_bits: int = 0  # widest global load in the PTX
+    params: dict = dataclasses.field(default_factory=dict)  # integer constexprs and num_warps
+    weight_bits: int = 0  # bits per weight element of w_ptr (int4: 4), 0 when none
     seconds: float = 0.0
     error: str = ""
     problems: list = dataclasses.field(default_factory=list)
@@ -619,13 +636,30 @@ def resource_usage(cubin: bytes) -> tuple[int, int, int]:
 
 
 def widest_global_load(ptx: str) -> int:
-    """Bits of the widest vector global load in ``ptx`` (a scalar load counts as its width)."""
+    """Bits of the widest global load in ``ptx``: ``ld.global`` (a vector counts as its
+    total width) or an asynchronous copy to shared memory (``cp.async`` of 16 bytes: how
+    pipelined ``tl.dot`` loops load on sm_80+), or a TMA bulk copy (counted as 128)."""
     best = 0
     for count, _, bits in _VECTOR_LOAD.findall(ptx):
         best = max(best, int(count) * int(bits))
-    for bits in re.findall(r"ld\.global(?:\.[a-z]+)*\.[a-z](\d+)\s", ptx):
+    for bits in re.findall(r"ld\.global(?:\.[a-z0-9]+)*?\.[bfsu](\d+)\s", ptx):
         best = max(best, int(bits))
+    copies = re.findall(r"cp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)", ptx)
+    for nbytes in copies:
+        best = max(best, 8 * int(nbytes, 0))
+    if re.search(r"cp\.async\.bulk\.tensor", ptx):
+        best = max(best, 128)
     return best
+
+
+_POINTER_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "i8": 8, "u8": 8}
+
+
+def weight_bytes_per_thread(params: dict, weight_bits: int) -> float:
+    """Weight bytes one thread loads per K step of a [BLOCK_N, BLOCK_K] weight tile: under
+    16, no code can give it a 128-bit load (a narrow tile, not a code generation miss)."""
+    tile = params.get("BLOCK_N", 1) * params.get("BLOCK_K", 1)
+    return tile * weight_bits / 8 / (32 * params.get("num_warps", 4))
 
 
 _WORK: list = []
@@ -660,7 +694,8 @@ def evaluate(result: BuildResult) -> list[str]:
         problems.append(f"{where}: {result.shared} bytes of shared memory > {target.shared_limit} on {target.name}")
     if name in DECODE_PATH and result.spills > 0:
         problems.append(f"{where}: {result.spills} LOCAL (spill) bytes per thread in a decode-path kernel")
-    if name in WEIGHT_STREAMING and result.vector_bits < 128:
+    if (name in WEIGHT_STREAMING and result.vector_bits < 128
+            and weight_bytes_per_thread(result.params, result.weight_bits) >= 16):
         problems.append(f"{where}: widest global load is {result.vector_bits} bits; a contiguous, 16-byte "
                         "aligned weight must stream with 128-bit loads")
     return problems
@@ -708,7 +743,13 @@ def run_check(targets=(80, 90), jobs: int = 2, presets=PRESETS, full_space: bool
                 continue
             seen.add(key)
             config, dtype = _describe(launch, signature, constexprs)
-            work.append((BuildResult(f"{launch.module}.{launch.name}", cc, config, dtype, launch.origin), src, options))
+            params = {names[p[0]]: v for p, v in constexprs.items()
+                      if names[p[0]].isupper() and isinstance(v, int) and not isinstance(v, bool)}
+            params["num_warps"] = options.num_warps
+            weight = str(signature.get("w_ptr", ""))[1:]
+            weight_bits = _POINTER_BITS.get(weight, 0) // (2 if "GROUP_SIZE" in params else 1)
+            work.append((BuildResult(f"{launch.module}.{launch.name}", cc, config, dtype, launch.origin,
+                                     params=params, weight_bits=weight_bits), src, options))
     unexercised = sorted(set(discover_kernels()) - launched)
     _WORK[:] = work
     if jobs > 1:
@@ -788,6 +829,8 @@ def main(argv=None) -> int:
     parser.add_argument("--table", default=None, help="write the markdown table here (e.g. docs/gpu_build.md)")
     parser.add_argument("--json", default=None, help="write every result as JSON here")
     parser.add_argument("--presets", default=",".join(PRESETS), help="model presets whose shapes are built")
+    parser.add_argument("--full", action="store_true",
+                        help="also every config of each pruned config space (thousands of builds; cached)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("llmopt.gpu_build: unset TRITON_INTERPRET (it turns @triton.jit into the CPU interpreter, "
@@ -798,7 +841,7 @@ def main(argv=None) -> int:
     if unknown:
         print(f"llmopt.gpu_build: unknown targets {unknown}; use some of {sorted(TARGETS)}", file=sys.stderr)
         return 2
-    report = run_check(targets, args.jobs, tuple(args.presets.split(",")))
+    report = run_check(targets, args.jobs, tuple(args.presets.split(",")), full_space=args.full)
     if args.table:
         _write_atomic(Path(args.table), render_table(report))
     if args.json:

@@ -220,11 +220,11 @@ def _int4_wo_gemv_kernel(
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    half_k = K // 2
+    half_k = tl.multiple_of(K // 2, 16)  # K % GROUP_SIZE == 0 and GROUP_SIZE % 32 == 0: 16-byte rows
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         # byte j of the tile holds columns 2j (low nibble) and 2j + 1 (high nibble)
-        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        offs_b = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         mask_b = offs_b < half_k
         x_row = x_ptr + pid_m * stride_xm
         x_even = tl.load(x_row + (2 * offs_b) * stride_xk, mask=mask_b, other=0.0).to(tl.float32)
@@ -260,10 +260,10 @@ def _int4_wo_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    half_k = K // 2
+    half_k = tl.multiple_of(K // 2, 16)  # K % GROUP_SIZE == 0 and GROUP_SIZE % 32 == 0: 16-byte rows
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        offs_b = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         mask_b = offs_b < half_k
         mask_x = mask_m[:, None] & mask_b[None, :]
         x_rows = x_ptr + offs_m[:, None] * stride_xm
