@@ -537,18 +537,20 @@ def discover_kernels() -> dict[str, Any]:
     """Every ``@triton.jit`` function defined in ``llmopt.codegen`` that is a kernel (not
     a device function called from another kernel), by ``module.name``."""
     import llmopt.codegen as codegen
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
+    kinds = (JITFunction, InterpretedFunction)  # the latter under TRITON_INTERPRET=1
     functions = {}
     for info in pkgutil.iter_modules(codegen.__path__):
         module = importlib.import_module(f"llmopt.codegen.{info.name}")
         for value in vars(module).values():
             fn = value
-            while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):  # autotune/heuristics wrap it
+            while not isinstance(fn, kinds) and hasattr(fn, "fn"):  # autotune/heuristics wrap it
                 fn = fn.fn
-            if isinstance(fn, JITFunction) and fn.fn.__module__ == module.__name__:
+            if isinstance(fn, kinds) and fn.fn.__module__ == module.__name__:
                 functions[f"{module.__name__}.{fn.fn.__name__}"] = fn
-    sources = {key: fn.src for key, fn in functions.items()}
+    sources = {key: inspect.getsource(fn.fn) for key, fn in functions.items()}
     kernels = {}
     for key, fn in functions.items():
         name = fn.fn.__name__
