@@ -6,16 +6,20 @@ with the CUDA pieces faked, since no session has a GPU. Each failed before its f
 """
 from __future__ import annotations
 
-import contextlib
 import math
+import pathlib
+import re
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from conftest import assert_close, poisoned
 
 import llmopt.codegen.quant_linear as ql
 from llmopt.codegen import tuning_table
+from llmopt.codegen.device_math import apply_activation, tanh
 from llmopt.model_spec import PRESETS
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -161,15 +165,6 @@ def test_one_cuda_graph_owner_per_executor(monkeypatch, cuda_graphs, trees):
 
 
 # --------------------------------------------------------------------------- shared device functions
-import pathlib  # noqa: E402
-import re  # noqa: E402
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from llmopt.codegen.device_math import apply_activation, tanh  # noqa: E402
-
-
 @triton.jit
 def _elementwise_kernel(x_ptr, out_ptr, n, FN: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
