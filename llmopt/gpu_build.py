@@ -21,10 +21,14 @@ are). A new constexpr in a launcher is therefore covered without editing this fi
 ``@triton.jit`` kernel that no exercise launches fails the check (a new kernel module,
 e.g. ``moe*.py``, must add its exercise to :data:`EXERCISES`).
 
-Coverage, a covering design rather than the full product (which would take hours): for
-each op, the whole pruned config space at every dtype the launcher accepts, for the
-shapes and flags each preset layer uses; and every other flag combination the launcher
-offers at its heuristic config.
+Coverage, a covering design rather than the product of every axis (thousands of builds,
+hours on two cores): in bf16, the presets' dtype, every preset layer shape with the
+launcher's own config and, for autotuned kernels, the smallest and the largest tile of
+the pruned space; fp16 and fp32 at one shape; every flag value the launchers offer once.
+``--full`` (``run_check(full_space=True)``) adds every config of each pruned space,
+including the tuning sweep's (``tuning_table.candidate_configs``). One build stands for
+each (kernel, target, pointer dtypes, constexprs, warps, stages): the integer
+specializations of the first shape that produced it stand for the others.
 
 It fails on: a compile error; shared memory above the target (sm_80 164 KiB, sm_90 227
 KiB); LOCAL (spill) bytes in a decode-path kernel (:data:`DECODE_PATH`); a
