@@ -78,8 +78,10 @@ def copy_bandwidth(device: str, nbytes: int = 256 * 2**20, repeats: int = 10) ->
 
 def write_results(name: str, payload: dict) -> Path:
     env = payload.setdefault("environment", environment())
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{device_slug(env)}-{env['date']}-{name}.json"
+    # LLMOPT_BENCH_RESULTS: another directory (python -m llmopt.gpu_check --out DIR sets it)
+    results = Path(os.environ.get("LLMOPT_BENCH_RESULTS") or RESULTS)
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{device_slug(env)}-{env['date']}-{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     return path
 

@@ -207,16 +207,38 @@ def _freeze(gm, placeholders, real_inputs, n_lifted, mutated):
     return frozen, keep
 
 
+def _refuse_nested_capture(run: Callable) -> Callable:
+    """Inductor's cudagraph trees own this graph's CUDA graphs: being called while another
+    owner captures (llmopt.generate / Engine with CUDA graphs on) is an error, not a hang."""
+
+    def guarded(args):
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "this model was compiled with cuda_graphs=True and executor 'inductor', so Inductor's "
+                "cudagraph trees own its CUDA graphs, and it is being captured by another CUDA graph "
+                "(llmopt.generate / Engine capture the decode step); pass cuda_graphs=False to "
+                "generate/Engine, or compile with cuda_graphs='auto' to let the runtime own the graphs"
+            )
+        return run(args)
+
+    guarded._boxed_call = True
+    return guarded
+
+
 def _make_executor(gm, fake_inputs, executor, report, opts, device, static_idxs) -> Callable:
     report.executor = executor
     if executor == "inductor":
-        # CUDA graphs through Inductor's cudagraph trees; with the aten executor on CUDA,
-        # llmopt.generate captures the decode step itself (runtime/cuda_graphs.py).
-        graphs = device.type == "cuda" and opts.cuda_graphs in (True, "auto")
+        # One CUDA-graph owner per executor (docs/executors.md): by default ("auto") the llmopt
+        # runtime (generate, Engine) captures the whole decode step (runtime/cuda_graphs.py),
+        # for both executors; Inductor's cudagraph trees only on cuda_graphs=True, and then the
+        # runtime must not capture around them (a capture inside a capture breaks both).
+        graphs = device.type == "cuda" and opts.cuda_graphs is True
         if graphs:
-            report.notes.append("executor: CUDA graphs (Inductor cudagraph trees)")
+            report.notes.append("executor: CUDA graphs (Inductor cudagraph trees; run the runtime with "
+                                "cuda_graphs=False)")
         try:
-            return compat.inductor_compile(gm, fake_inputs, cudagraphs=graphs, static_input_idxs=static_idxs)
+            run = compat.inductor_compile(gm, fake_inputs, cudagraphs=graphs, static_input_idxs=static_idxs)
+            return _refuse_nested_capture(run) if graphs else run
         except Exception as exc:
             if opts.strict or compat.is_dynamo_control_flow(exc):
                 raise

@@ -75,11 +75,14 @@ def inductor_compile(
         from torch.fx.experimental.proxy_tensor import make_fx
 
         gm = make_fx(gm, decomposition_table=select_decomp_table())(*example_inputs)
-        kwargs = {}
+        # is_inference: the graph has no backward. Without it cudagraph trees record in
+        # forward mode, expect a backward that never comes, and never reach their replay
+        # fast path; the post-grad passes also assume training.
+        kwargs = {"is_inference": True}
         if cudagraphs:
             from torch._inductor.utils import BoxedBool
 
-            kwargs = {"cudagraphs": BoxedBool(True), "static_input_idxs": list(static_input_idxs)}
+            kwargs.update(cudagraphs=BoxedBool(True), static_input_idxs=list(static_input_idxs))
         compiled = compile_fx_inner(gm, list(example_inputs), **kwargs)
     finally:
         if fake_mode is not None:

@@ -72,7 +72,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .kernel_mode import kernel_mode, use_triton
+from .device_math import tanh
+from .kernel_mode import kernel_mode, on_tensor_device, use_triton
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -187,19 +188,6 @@ def validate_config(config: dict) -> dict:
 
 
 @triton.jit
-def _tanh(x):
-    """tanh without libdevice: (1 - e^{-2|x|}) / (1 + e^{-2|x|}), and its odd Taylor series
-    below |x| = 0.1 where the subtraction would lose digits (error < 1e-9 there)."""
-    ax = tl.abs(x)
-    t = tl.exp(-2.0 * ax)
-    big = (1.0 - t) / (1.0 + t)
-    x2 = ax * ax
-    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
-    r = tl.where(ax < 0.1, small, big)
-    return tl.where(x < 0, -r, r)
-
-
-@triton.jit
 def _split_bounds(lens_ptr, pid_b, S_max, window, num_splits,
                   SPLIT_ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """(kv_len, lo, chunk) of sequence ``pid_b``: attended keys are [lo, kv_len), split i
@@ -246,7 +234,7 @@ def _attend_keys(
         else:
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
         if HAS_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
+            s = softcap * tanh(s / softcap)
         valid = g_valid[:, None] & n_valid[None, :]
         if MASK_KIND == 1:
             keep = tl.load(m_base + offs_g[:, None] * stride_mh + offs_n[None, :] * stride_mn, mask=valid, other=0)
@@ -624,6 +612,7 @@ def attention_decode_cpu(q, k_cache, v_cache, kv_lens, mask, scale, window=0, so
 # ---------------------------------------------------------------------------------------
 
 
+@on_tensor_device
 def attention_decode_triton(q, k_cache, v_cache, kv_lens, mask, scale, window=0, softcap=0.0, unified_max=None,
                             *, out=None, num_splits=None, config=None, exact_fallback=True):
     """Launch the split kernel (and the combine kernel when num_splits > 1).

@@ -82,7 +82,6 @@ from .attention_decode import (
     _SPLIT_ALIGN_INTERPRETER,
     _decode_combine_kernel,
     _split_bounds,
-    _tanh,
     attention_decode_ref,
     decode_heuristic_config,
     decode_num_splits,
@@ -96,7 +95,8 @@ from .attention_prefill import (
     attention_prefill_ref,
     q_bucket,
 )
-from .kernel_mode import interpreting, use_triton
+from .device_math import tanh
+from .kernel_mode import interpreting, on_tensor_device, use_triton
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -184,7 +184,7 @@ def _paged_decode_keys(
         else:
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
         if HAS_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
+            s = softcap * tanh(s / softcap)
         s = tl.where(g_valid[:, None] & n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         # a row with no key yet keeps m = -inf; shift by 0 so -inf - -inf never makes NaN
@@ -296,7 +296,7 @@ def _paged_prefill_block(
     else:
         qk = tl.dot(q, k)
     if HAS_SOFTCAP:
-        s = softcap * _tanh(qk * (scale / softcap)) * LOG2E
+        s = softcap * tanh(qk * (scale / softcap)) * LOG2E
     else:
         s = qk * qk_scale
     allowed = kv_ok[None, :] & (offs_n[None, :] <= pos_q[:, None])
@@ -690,6 +690,7 @@ def _check_out(op, out, shape, like):
     return out
 
 
+@on_tensor_device
 def paged_kv_append_triton(k_pool, v_pool, slot_mapping, k, v) -> None:
     """Launch the append kernel (one program per token)."""
     check_append_args(k_pool, v_pool, slot_mapping, k, v, dtypes=KERNEL_DTYPES)
@@ -707,6 +708,7 @@ def paged_kv_append_triton(k_pool, v_pool, slot_mapping, k, v) -> None:
         )
 
 
+@on_tensor_device
 def paged_attention_decode_triton(q, k_pool, v_pool, block_tables, seq_lens, scale, window=0, softcap=0.0,
                                   *, out=None, num_splits=None, config=None):
     """Launch the paged split kernel (and the dense combine kernel when num_splits > 1).
@@ -772,6 +774,7 @@ def paged_attention_decode_triton(q, k_pool, v_pool, block_tables, seq_lens, sca
     return out
 
 
+@on_tensor_device
 def paged_attention_prefill_triton(q, k_pool, v_pool, block_tables, seq_lens, query_start_loc, scale,
                                    window=0, softcap=0.0, *, out=None):
     """Launch the varlen paged prefill kernel; ``out``: optional [T, Hq, D] buffer."""

@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_mode import interpreting, use_triton
+from .device_math import tanh
+from .kernel_mode import interpreting, on_tensor_device, use_triton
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -113,15 +114,6 @@ def q_bucket(sq: int) -> int:
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _tanh(x):
-    # tanh from exp2 (no libdevice call, so the interpreter and every backend run it):
-    # tanh|x| = (1 - e^-2|x|) / (1 + e^-2|x|), which never overflows.
-    t = tl.exp2(-2.8853900817779268 * tl.abs(x))  # 2 * log2(e)
-    r = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -r, r)
-
-
-@triton.jit
 def _attend_block(
     acc, l_i, m_i, q,
     k_base, v_base, mask_base,
@@ -155,7 +147,7 @@ def _attend_block(
         qk = tl.dot(q, k)
 
     if HAS_SOFTCAP:
-        s = softcap * _tanh(qk * (scale / softcap))
+        s = softcap * tanh(qk * (scale / softcap))
         s = s * LOG2E
     else:
         s = qk * qk_scale  # scale * log2(e): the softmax below uses exp2
@@ -475,6 +467,7 @@ def attention_prefill_ref(
 
 
 # --------------------------------------------------------------------------- launcher
+@on_tensor_device
 def attention_prefill_triton(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmopt.codegen.kernel_mode import on_tensor_device
+
 from llmopt.codegen.gemv import (
     next_pow2,
     check_linear_args,
@@ -211,6 +213,7 @@ def flat_gemm_ref(x, weight, bias=None, residual=None, activation: str = "") -> 
     return gemv_ref(x, weight, bias, residual, activation)
 
 
+@on_tensor_device
 def flat_gemm_triton(x, weight, bias=None, residual=None, activation: str = "", *, config=None, out=None):
     """Launch the flat GEMM kernel on a 2-D ``x`` [M, K]; any M works (M is tiled by
     BLOCK_M <= 64), it is meant for M <= 64.

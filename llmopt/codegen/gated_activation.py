@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_mode import use_triton
+from .device_math import apply_activation
+from .kernel_mode import on_tensor_device, use_triton
 from .residual_norm import m_bucket, round_to, rows_view
 
 # The activation is a compile-time constant (its name) of the kernel: one specialization each.
@@ -70,47 +71,6 @@ def _heuristic_blocks(m: int, n: int):
 
 
 # --------------------------------------------------------------------------- kernel
-@triton.jit
-def _erfc_nonneg(z):
-    """erfc(z) for z >= 0 in fp32, relative error about (1 + z^2) * 1.2e-7, tail included.
-
-    Chebyshev fit of Numerical Recipes' ``erfcc`` (fractional error < 1.2e-7), with
-    ``exp(-z^2)`` split as ``exp(-zh^2) * exp(-(z - zh)(z + zh))``, ``zh`` being ``z`` cut to
-    12 significant bits so ``zh^2`` is exact: no rounding of ``z^2`` adds to the error that
-    ``z``'s own fp32 rounding already costs (z^2 * 1.2e-7, the conditioning of exp(-z^2)).
-    """
-    t = 1.0 / (1.0 + 0.5 * z)
-    p = 0.17087277
-    p = -0.82215223 + t * p
-    p = 1.48851587 + t * p
-    p = -1.13520398 + t * p
-    p = 0.27886807 + t * p
-    p = -0.18628806 + t * p
-    p = 0.09678418 + t * p
-    p = 0.37409196 + t * p
-    p = 1.00002368 + t * p
-    p = -1.26551223 + t * p
-    zh = (z.to(tl.int32, bitcast=True) & -4096).to(tl.float32, bitcast=True)
-    return t * tl.exp(-zh * zh) * tl.exp((zh - z) * (z + zh) + p)
-
-
-@triton.jit
-def apply_activation(g, ACTIVATION: tl.constexpr):
-    """act(g) for fp32 ``g``, ``ACTIVATION`` one of :data:`ACTIVATIONS` (usable in GEMM epilogues)."""
-    if ACTIVATION == "silu":
-        # exp overflows to inf for very negative g, giving g / inf = -0: the right limit.
-        act = g / (1.0 + tl.exp(-g))
-    elif ACTIVATION == "gelu":
-        # Phi(g) = erfc(-g / sqrt 2) / 2, from erfc(|g| / sqrt 2): 1 + erf(g) would cancel for g << 0.
-        e = _erfc_nonneg(tl.abs(g) * 0.7071067811865476)
-        act = g * tl.where(g >= 0, 1.0 - 0.5 * e, 0.5 * e)
-    else:
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        # 0.5 (1 + tanh(z)) = sigmoid(2z): no cancellation for negative z, no inf / inf.
-        act = g / (1.0 + tl.exp(-2.0 * z))
-    return act
-
-
 @triton.jit
 def _gated_activation_kernel(
     # pointers
@@ -177,6 +137,7 @@ def _input_rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows is not None else t.reshape(-1, t.shape[-1])
 
 
+@on_tensor_device
 def gated_activation_triton(
     gate: torch.Tensor, up: torch.Tensor, activation: str, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:

@@ -38,6 +38,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .kernel_mode import on_tensor_device
+
+from .device_math import apply_activation
+
 ACTIVATIONS = ("", "silu", "gelu", "gelu_tanh")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -136,16 +140,8 @@ def validate_config(config: dict, keys: tuple[str, ...], kernel: str) -> dict:
 
 @triton.jit
 def gated_activation(gate, up, ACTIVATION: tl.constexpr):
-    """act(gate) * up in fp32, with exp-based forms that need no libdevice and give no
-    inf * 0 for large |gate|."""
-    if ACTIVATION == "silu":
-        act = gate / (1.0 + tl.exp(-gate))
-    elif ACTIVATION == "gelu":
-        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-    else:  # gelu_tanh: 0.5 g (1 + tanh z) = g * sigmoid(2 z), z = sqrt(2/pi) (g + 0.044715 g^3)
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        act = gate / (1.0 + tl.exp(-2.0 * inner))
-    return act * up
+    """act(gate) * up in fp32 (the shared activations of :mod:`llmopt.codegen.device_math`)."""
+    return apply_activation(gate, ACTIVATION) * up
 
 
 @triton.jit
@@ -364,6 +360,7 @@ def k_per_split(K: int, split_k: int, block_k: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+@on_tensor_device
 def gemv_triton(x, weight, bias=None, residual=None, activation: str = "", *, config=None, out=None):
     """Launch the GEMV kernel on a 2-D ``x`` [M, K] (one program row per row of x).
 

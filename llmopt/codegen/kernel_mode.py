@@ -62,3 +62,21 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             )
         return True
     return triton_available() and all(t.is_cuda for t in tensors)
+
+
+def on_tensor_device(launcher):
+    """Decorator of a Triton launcher: run it with its first tensor argument's CUDA device
+    current. Triton launches on the *current* device, not on the tensors': without this a
+    launch on ``cuda:1`` tensors runs on ``cuda:0`` with foreign pointers."""
+
+    @functools.wraps(launcher)
+    def launch_on_device(*args, **kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                if value.is_cuda:
+                    with torch.cuda.device(value.device):
+                        return launcher(*args, **kwargs)
+                break
+        return launcher(*args, **kwargs)
+
+    return launch_on_device

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_mode import use_triton
+from .kernel_mode import on_tensor_device, use_triton
 from .rope import KERNEL_DTYPES as ROPE_DTYPES
 from .rope import _check_rope_inputs, _cos_sin_3d, _rotate_heads, rotate_pair_ref
 
@@ -98,6 +98,7 @@ def _check(k_cache, v_cache, positions, k, v) -> None:
         )
 
 
+@on_tensor_device
 def kv_cache_append_triton(k_cache, v_cache, positions, k, v) -> None:
     _check(k_cache, v_cache, positions, k, v)
     B, H, S_new, D = k.shape
@@ -222,6 +223,7 @@ def _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_ca
     return cos3, sin3
 
 
+@on_tensor_device
 def rope_kv_cache_append_triton(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions, q_out=None):
     cos3, sin3 = _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out

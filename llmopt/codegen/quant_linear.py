@@ -54,7 +54,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .kernel_mode import kernel_mode, use_triton
+from .kernel_mode import kernel_mode, on_tensor_device, use_triton
 from .quant_linear_cpu import int8_gemv_cpu
 
 # Rows up to which the GEMV kernel is used instead of the flat GEMM.
@@ -80,10 +80,11 @@ def m_bucket(m: int) -> int:
 
 
 def _gemv_configs():
+    # BLOCK_K 32: int4 with group size 32 needs a K tile inside one group
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn in (16, 32, 64, 128)
-        for bk in (64, 128, 256, 512)
+        for bk in (32, 64, 128, 256, 512)
         for w in (4, 8)
         for s in (2, 4)
     ]
@@ -101,23 +102,33 @@ def _gemm_configs():
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose tiles exceed the problem or straddle an int4 group."""
+    """Drop configs whose tiles exceed the problem or straddle an int4 group.
+
+    The int4 kernels apply one group's scale and zero to a whole K tile, so a tile must lie
+    inside one group (``GROUP_SIZE % BLOCK_K == 0``); that rule is a correctness rule, not a
+    speed one, so there is no fallback past it: an empty result raises.
+    """
     args = {**named_args, **kwargs}
     m_b = args.get("M_BUCKET", 64)
     k = args["K"]
     group = args.get("GROUP_SIZE", None)
+    exact = [cfg for cfg in configs if group is None or group % cfg.kwargs["BLOCK_K"] == 0]
+    if not exact:
+        raise ValueError(
+            f"int4 weight-only linear: no config has a K tile inside a group of {group} columns "
+            f"(BLOCK_K must divide the group size); use a group size that is a multiple of 32"
+        )
     kept = []
-    for cfg in configs:
+    for cfg in exact:
         bm = cfg.kwargs.get("BLOCK_M", 16)
         bk = cfg.kwargs["BLOCK_K"]
         if bm > max(16, m_b):
             continue
         if bk > max(32, _next_pow2(k)):
             continue
-        if group is not None and group % bk != 0:
-            continue
         kept.append(cfg)
-    return kept or configs[:1]
+    # tiles past the problem only waste work: the smallest exact tile is a correct fallback
+    return kept or [min(exact, key=lambda c: (c.kwargs.get("BLOCK_M", 16), c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"]))]
 
 
 # Interpreter / fallback configs: small tiles keep the CPU interpreter fast.
@@ -209,11 +220,11 @@ def _int4_wo_gemv_kernel(
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    half_k = K // 2
+    half_k = tl.multiple_of(K // 2, 16)  # K % GROUP_SIZE == 0 and GROUP_SIZE % 32 == 0: 16-byte rows
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         # byte j of the tile holds columns 2j (low nibble) and 2j + 1 (high nibble)
-        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        offs_b = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         mask_b = offs_b < half_k
         x_row = x_ptr + pid_m * stride_xm
         x_even = tl.load(x_row + (2 * offs_b) * stride_xk, mask=mask_b, other=0.0).to(tl.float32)
@@ -249,10 +260,10 @@ def _int4_wo_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    half_k = K // 2
+    half_k = tl.multiple_of(K // 2, 16)  # K % GROUP_SIZE == 0 and GROUP_SIZE % 32 == 0: 16-byte rows
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        offs_b = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         mask_b = offs_b < half_k
         mask_x = mask_m[:, None] & mask_b[None, :]
         x_rows = x_ptr + offs_m[:, None] * stride_xm
@@ -360,9 +371,24 @@ def _autotuned(name: str):
     return triton.autotune(configs=configs(), key=key, prune_configs_by={"early_config_prune": _prune_configs})(kernel)
 
 
-def _launch(name: str, kernel, grid_fn, default: dict, is_cuda: bool, *args, **kwargs):
-    """Autotuned launch on CUDA; one fixed config in the interpreter (autotuning there is slow)."""
-    if is_cuda:
+_CONFIG_SPACES = {"int8_gemv": _gemv_configs, "int8_gemm": _gemm_configs, "int4_gemv": _gemv_configs,
+                  "int4_gemm": _gemm_configs, "w8a8_gemm": _gemm_configs}
+
+
+def autotune_configs(name: str, **args) -> list[dict]:
+    """The configs the CUDA autotuner of ``name`` (``int4_gemv``, ``int8_gemm``...) times for
+    these launch arguments (``K``, ``M_BUCKET``, ``GROUP_SIZE``), after pruning, as dicts a
+    launcher's ``config=`` takes. Tests run each of them in the interpreter."""
+    kept = _prune_configs(_CONFIG_SPACES[name](), {}, **args)
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
+
+
+def _launch(name: str, kernel, grid_fn, default: dict, is_cuda: bool, *args, config=None, **kwargs):
+    """Autotuned launch on CUDA; one fixed config in the interpreter (autotuning there is
+    slow); ``config`` (a dict of :func:`autotune_configs`) forces one config anywhere."""
+    if config:
+        kernel[grid_fn(config)](*args, **kwargs, **config)
+    elif is_cuda:
         _autotuned(name)[grid_fn](*args, **kwargs)
     else:
         kernel[grid_fn(default)](*args, **kwargs, **default)
@@ -672,7 +698,8 @@ def _grid_gemm(n: int, m: int):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
 
 
-def _launch_weight_only(scheme: str, x, m: int, n: int, args: tuple, block_k=None, **constexprs) -> None:
+def _launch_weight_only(scheme: str, x, m: int, n: int, args: tuple, block_k=None, config=None,
+                        **constexprs) -> None:
     """The ``<scheme>_gemv`` kernel for ``M <= GEMV_MAX_M``, the ``<scheme>_gemm`` one above;
     ``block_k(default_block_k)`` narrows the interpreter's fixed BLOCK_K (int4: inside a group)."""
     gemv = m <= GEMV_MAX_M
@@ -685,9 +712,10 @@ def _launch_weight_only(scheme: str, x, m: int, n: int, args: tuple, block_k=Non
     if not gemv:
         constexprs["FP32_DOT"] = _fp32_dot(x)
     _launch(name, kernel, (_grid_gemv if gemv else _grid_gemm)(n, m), default, x.is_cuda, *args,
-            M_BUCKET=m_bucket(m), **constexprs)
+            config=config, M_BUCKET=m_bucket(m), **constexprs)
 
 
+@on_tensor_device
 def int8_weight_only_linear_triton(x, w_int8, scales, bias=None, out=None):
     """Launch the int8 weight-only GEMV (M <= GEMV_MAX_M) or flat GEMM; returns ``[..., N]``."""
     n, k = _check_int8_weight("int8_weight_only_linear", x, w_int8, scales, bias)
@@ -709,8 +737,10 @@ def _int4_block_k(default_bk: int, group_size: int) -> int:
     return bk
 
 
-def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias=None, out=None):
-    """Launch the int4 weight-only GEMV or flat GEMM; returns ``[..., N]``."""
+@on_tensor_device
+def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias=None, out=None, *, config=None):
+    """Launch the int4 weight-only GEMV or flat GEMM; returns ``[..., N]``. ``config``: one
+    of :func:`autotune_configs` instead of the autotuner (tests, benchmarks)."""
     n, k = _check_int4_weight("int4_weight_only_linear", x, w_packed, scales, zeros, group_size, bias)
     x2, m, y, y2 = _output("int4_weight_only_linear", x, k, n, out)
     if m == 0 or n == 0:
@@ -721,11 +751,15 @@ def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias=
         m, n, k, x2.stride(0), x2.stride(1), w_packed.stride(0), w_packed.stride(1),
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), y2.stride(0), y2.stride(1),
     )
-    _launch_weight_only("int4", x, m, n, args, block_k=lambda bk: _int4_block_k(bk, group_size),
+    if config and group_size % config["BLOCK_K"]:
+        raise ValueError(f"int4_weight_only_linear: config BLOCK_K={config['BLOCK_K']} straddles groups of "
+                         f"{group_size} columns; BLOCK_K must divide the group size")
+    _launch_weight_only("int4", x, m, n, args, block_k=lambda bk: _int4_block_k(bk, group_size), config=config,
                         GROUP_SIZE=group_size, HAS_BIAS=bias is not None)
     return y
 
 
+@on_tensor_device
 def quantize_rows_int8_triton(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`quantize_rows_int8_ref` for ``x2: [M, K]``."""
     m, k = x2.shape
@@ -741,6 +775,7 @@ def quantize_rows_int8_triton(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return xq, sx
 
 
+@on_tensor_device
 def w8a8_linear_triton(x, w_int8, w_scales, bias=None, out=None):
     """Quantize activations per token (one kernel), then the int8 GEMM with scale epilogue."""
     n, k = _check_int8_weight("w8a8_linear", x, w_int8, w_scales, bias)

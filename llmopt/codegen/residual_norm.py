@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_mode import use_triton
+from .kernel_mode import on_tensor_device, use_triton
 
 # Widest row held in registers at once; longer rows are processed in chunks of this size.
 MAX_BLOCK_N = 8192
@@ -406,6 +406,7 @@ def _layer_norm_launch(x, residual, weight, bias, eps, y, h) -> None:
         _layer_norm_kernel[(m,)](*args, **meta, num_warps=_heuristic_num_warps(block_n))
 
 
+@on_tensor_device
 def rms_norm_triton(
     x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -417,6 +418,7 @@ def rms_norm_triton(
     return y
 
 
+@on_tensor_device
 def add_rms_norm_triton(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -435,6 +437,7 @@ def add_rms_norm_triton(
     return y, h
 
 
+@on_tensor_device
 def layer_norm_triton(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -450,6 +453,7 @@ def layer_norm_triton(
     return y
 
 
+@on_tensor_device
 def add_layer_norm_triton(
     x: torch.Tensor,
     residual: torch.Tensor,

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_mode import use_triton
+from .kernel_mode import on_tensor_device, use_triton
 from .residual_norm import m_bucket, round_to
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -235,6 +235,7 @@ def _check_out(out: torch.Tensor, like: torch.Tensor, name: str) -> None:
         )
 
 
+@on_tensor_device
 def rope_triton(
     q: torch.Tensor,
     k: torch.Tensor,

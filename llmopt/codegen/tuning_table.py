@@ -543,12 +543,17 @@ def candidate_configs(kernel: str, N: int, K: int, M: int, dtype) -> list[dict |
 
 
 def time_configs(kernel: str, N: int, K: int, M: int, dtype, device="cuda", *, sweep: bool = True,
-                 configs: list | None = None, warmup: int = 10, rep: int = 50) -> list[tuple[dict | None, float]]:
+                 configs: list | None = None, warmup: int = 10, rep: int = 50,
+                 failures: list | None = None) -> list[tuple[dict | None, float]]:
     """[(config, median us)] for ``kernel`` at x [M, K] @ w[N, K].T on a CUDA device.
 
     ``configs``: the configs to time; else with ``sweep`` every pruned config, else only
-    the heuristic one (``None``). Configs that do not fit the GPU (out of shared memory /
-    registers) are skipped. Weights rotate through copies larger than the L2 cache.
+    the heuristic one (``None``). Weights rotate through copies larger than the L2 cache.
+
+    A config that fails (out of shared memory or registers, a compile error, a launch
+    error) is skipped, never the shape: the others are still timed. Each failure is
+    appended to ``failures`` as ``(config, "ErrorType: message")`` when a list is given,
+    and warned about otherwise. ``KeyboardInterrupt`` still stops the sweep.
     """
     device = _require_cuda(device)
     torch.manual_seed(0)
@@ -560,8 +565,13 @@ def time_configs(kernel: str, N: int, K: int, M: int, dtype, device="cuda", *, s
     for config in configs:
         try:
             results.append((config, cuda_time_us(_candidate_fn(kernel, x, weights, config), warmup=warmup, rep=rep)))
-        except triton.OutOfResources:
-            continue
+        except Exception as exc:  # noqa: BLE001 - one bad config must not lose the shape
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if failures is not None:
+                failures.append((config, reason))
+            else:
+                warnings.warn(f"{kernel} config {config} failed at N={N} K={K} M={M} {dtype}, skipped: {reason}",
+                              RuntimeWarning, stacklevel=2)
     return results
 
 
