@@ -148,6 +148,7 @@ def share_storage(gm: torch.fx.GraphModule, new: str, parts: Sequence[tuple[str,
 def _share_storage(gm, led: FrozenWeights, new: str, parts) -> int:
     storage = _attr(gm, new)
     rebound = 0
+    seen: set[int] = set()
     for old, part in parts:
         if old == new:
             continue
@@ -164,6 +165,12 @@ def _share_storage(gm, led: FrozenWeights, new: str, parts) -> int:
             value = fn(storage)
             if value.shape != tensor.shape or value.dtype != tensor.dtype or value.device != tensor.device:
                 raise ValueError(f"share_storage: {led.weights[number].name} would change shape or dtype")
+            if number in seen:
+                # The same weight twice in ``new`` (a group reading one tensor twice): it can
+                # be a view of one place only, so the other copy would go stale.
+                led.weights[number].derived = f"the compiled graph holds it twice ({new})"
+                continue
+            seen.add(number)
             if value.stride() != tensor.stride():
                 # Dynamo guards parameter strides: a view with other strides would fail the
                 # guards of the frame being compiled. Keep the original; the new constant is

@@ -188,6 +188,30 @@ def test_inductor_executor_reads_weights_in_place():
             assert_close(f(x), m(x), torch.float32)
 
 
+def test_a_weight_merged_twice_is_derived():
+    """One linear applied twice to the same input: the merged weight holds it twice, and a
+    parameter can be a view of one place only, so an in-place change raises."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 8, bias=False)
+            self.b = nn.Parameter(torch.randn(8))
+
+        def forward(self, x):  # two different linears (one has a bias), one weight
+            return self.a(x) * nn.functional.linear(x, self.a.weight, self.b).sigmoid()
+
+    m = Twice().eval()
+    x = torch.randn(3, 16)
+    f = torch.compile(m, backend="llmopt", options={"strict": True, "only": ["normalize", "merge_parallel_linears"]})
+    with torch.no_grad():
+        assert_close(f(x), m(x), torch.float32)
+        assert llmopt.last_report().rewrites_by_pass().get("merge_parallel_linears") == 1
+        m.a.weight.copy_(torch.randn(8, 16))
+        with pytest.raises(RuntimeError, match=f"{CHANGED}: a.weight was modified in place"):
+            f(x)
+
+
 def test_reusable_storage_only_for_adjacent_pieces():
     base = torch.randn(10, 4)
     a, b, c = base[0:2], base[2:7], base[7:10]
