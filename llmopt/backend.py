@@ -12,10 +12,13 @@ with TorchDynamo's FX graph. We
 5. execute with the inner executor: the FX module as is (``aten``) or Inductor for the
    rest (``inductor``); llmopt ops stay intact either way.
 
-Frozen-weight contract: the compiled graph holds the weights as they were at compile time.
-Modifying a parameter in place afterwards (``load_state_dict``, ``p.copy_()``) or
-replacing it is detected at the next call (``check_weights``) and raises; recompile after
-changing weights (``torch._dynamo.reset()`` then call the compiled model again).
+Frozen-weight contract (``frozen_weights``): each weight is held once — a merged or
+re-laid-out constant becomes the storage and the module's parameters are rebound as views
+into it, so in-place writes (``p.copy_``, ``p.data.copy_``, ``load_state_dict``) reach the
+compiled graph. A weight whose value the compiler consumed (quantized) raises at the next
+call when modified in place through the parameter; a replaced weight (``p.data = new``, a
+new ``nn.Parameter``) always raises at the next call. Recompile after such a change
+(``torch._dynamo.reset()`` then call the compiled model again).
 
 Only inference is optimized: a graph compiled with autograd recording (grad mode on and
 inputs that require grad) runs unchanged, with a report entry saying so.
@@ -30,11 +33,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from . import compat
+from . import compat, frozen_weights
+from .frozen_weights import FrozenWeights
 from .graph import count_ops, networkx_view, op_histogram, tensor_meta
 from .options import Options
 from .passes import PassContext, run_pipeline
-from .report import CompileReport, one_line_error, register_report
+from .report import CompileReport, clean_module_path, one_line_error, register_report
 
 log = logging.getLogger("llmopt")
 
@@ -51,6 +55,7 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
     opts = Options.from_user(options, mode)
     lifted = _lifted_module_state(gm)
     full_inputs = [*lifted, *example_inputs]
+    input_names = [*_lifted_module_names(gm), *_input_names(gm)]
     grad_recording = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in full_inputs
     )
@@ -65,7 +70,7 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
         return gm.forward
 
     def fw_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]):
-        return compile_inference_graph(aten_gm, list(fake_inputs), full_inputs, len(lifted), opts)
+        return compile_inference_graph(aten_gm, list(fake_inputs), full_inputs, len(lifted), opts, input_names)
 
     try:
         return compat.aot_inference_capture(gm, example_inputs, fw_compiler)
@@ -88,12 +93,31 @@ def _lifted_module_state(gm: fx.GraphModule) -> list[torch.Tensor]:
     return [*params.values(), *buffers.values()]
 
 
+def _input_names(gm: fx.GraphModule) -> list[str]:
+    """The model path of each Dynamo graph input (``model.layers.0.mlp.up_proj.weight``),
+    for error messages; the placeholder name where Dynamo recorded no source."""
+    names = []
+    for node, source in zip([n for n in gm.graph.nodes if n.op == "placeholder"], compat.graph_input_sources(gm)):
+        path = clean_module_path(source) if source else ""
+        for hop in ("_parameters.", "_buffers."):
+            path = path.replace(hop, "")
+        names.append(path or node.name)
+    return names
+
+
+def _lifted_module_names(gm: fx.GraphModule) -> list[str]:
+    params = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    buffers = [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    return [*params, *buffers]
+
+
 def compile_inference_graph(
     gm: fx.GraphModule,
     fake_inputs: list[Any],
     real_inputs: list[Any],
     n_lifted: int,
     opts: Options,
+    input_names: Sequence[str] = (),
 ) -> Callable:
     """Freeze, run the passes and pick the executor for one ATen inference graph."""
     start = time.perf_counter()
@@ -108,13 +132,15 @@ def compile_inference_graph(
     mutated = _mutated_placeholders(gm)
     report.mutated_inputs = [p.name for p in placeholders if p in mutated]
 
-    frozen: list[tuple[int, torch.Tensor, int]] = []
+    weights = FrozenWeights()
     keep = list(range(len(placeholders)))
     if len(placeholders) != len(real_inputs):
         report.fallback("freeze", f"{len(placeholders)} graph inputs but {len(real_inputs)} call inputs; not freezing")
     elif opts.freeze:
-        frozen, keep = _freeze(gm, placeholders, real_inputs, n_lifted, mutated)
-        report.frozen_constants = len(frozen)
+        names = list(input_names) if len(input_names) == len(real_inputs) else [p.name for p in placeholders]
+        keep = _freeze(gm, placeholders, real_inputs, n_lifted, mutated, names, weights)
+        report.frozen_constants = len(weights.weights)
+    frozen_weights.attach(gm, weights)
 
     kept_fake = [fake_inputs[i] for i in keep] if len(fake_inputs) == len(placeholders) else fake_inputs
     executor = opts.inner if opts.inner != "auto" else DEFAULT_EXECUTOR.get(device.type, "aten")
@@ -125,6 +151,12 @@ def compile_inference_graph(
         ctx = PassContext(options=opts, report=report, device=device, example_inputs=kept_fake, executor=executor)
         run_pipeline(gm, ctx)
     gm.recompile()
+    if weights.weights:
+        counts = weights.seal()
+        report.notes.append(
+            f"weights: {counts['frozen']} frozen; {counts['shared']} read in place by the graph (in-place "
+            f"writes reach it), {counts['derived']} derived at compile time (in-place writes raise)"
+        )
 
     static_idxs = [j for j, i in enumerate(keep) if i < len(real_inputs) and compat.module_state_kind(real_inputs[i])]
     inner = _make_executor(gm, kept_fake, executor, report, opts, device, static_idxs)
@@ -133,7 +165,7 @@ def compile_inference_graph(
     report.graph_after = networkx_view(gm)
     report.compile_seconds = time.perf_counter() - start
     _finish_report(report, opts)
-    return _frozen_call(inner, keep, frozen, opts.check_weights)
+    return _frozen_call(inner, keep, weights, opts.check_weights)
 
 
 def _device_and_dtypes(inputs: list[Any]) -> tuple[torch.device, list[str]]:
@@ -184,8 +216,8 @@ def _root(node: fx.Node) -> fx.Node:
     return node
 
 
-def _freeze(gm, placeholders, real_inputs, n_lifted, mutated):
-    frozen, keep = [], []
+def _freeze(gm, placeholders, real_inputs, n_lifted, mutated, names, weights: FrozenWeights) -> list[int]:
+    keep = []
     for i, (ph, real) in enumerate(zip(placeholders, real_inputs)):
         is_state = isinstance(real, torch.Tensor) and (
             i < n_lifted or isinstance(real, torch.nn.Parameter) or compat.module_state_kind(real) == "unguarded"
@@ -201,10 +233,10 @@ def _freeze(gm, placeholders, real_inputs, n_lifted, mutated):
         const.meta = dict(ph.meta)
         ph.replace_all_uses_with(const)
         gm.graph.erase_node(ph)
-        frozen.append((i, real, real._version))
+        weights.add(i, names[i], real, name)
     # get_attr nodes must come after placeholders for readability; FX allows any order.
     gm.graph.lint()
-    return frozen, keep
+    return keep
 
 
 def _refuse_nested_capture(run: Callable) -> Callable:
@@ -286,21 +318,14 @@ def _call_python_impls(gm: fx.GraphModule, device_type: str) -> tuple[fx.GraphMo
     return fx.GraphModule(gm, graph), count
 
 
-def _frozen_call(inner: Callable, keep: list[int], frozen, check_weights: bool) -> Callable:
-    if not frozen and keep == list(range(len(keep))):
+def _frozen_call(inner: Callable, keep: list[int], weights: FrozenWeights, check_weights: bool) -> Callable:
+    if not weights.weights and keep == list(range(len(keep))):
         return inner
+    check = weights.checker() if check_weights and weights.weights else None
 
     def run(args):
-        if check_weights:
-            for i, tensor, version in frozen:
-                arg = args[i]
-                if arg is not tensor or arg._version != version:
-                    raise RuntimeError(
-                        "llmopt: a model weight changed after compilation (input "
-                        f"{i}: {'replaced' if arg is not tensor else 'modified in place'}); the "
-                        "compiled graph holds the weights frozen at compile time. Recompile: call "
-                        "torch._dynamo.reset() and compile again, or pass options={'freeze': False}."
-                    )
+        if check is not None:
+            check(args)
         kept = [args[i] for i in keep]
         args.clear()
         return inner(kept)

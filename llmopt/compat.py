@@ -47,6 +47,20 @@ def module_state_kind(t: Any) -> str | None:
     return getattr(t, "_dynamo_static_input_type", None)
 
 
+def graph_input_sources(gm: torch.fx.GraphModule) -> list[str | None]:
+    """Dynamo's source name of each input of its graph (``L['self']._modules['lm_head']
+    ._parameters['weight']``), None where it recorded none. Reads the private
+    ``meta["grapharg"]`` Dynamo attaches to placeholders."""
+    names: list[str | None] = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name = getattr(getattr(node.meta.get("grapharg"), "source", None), "name", None)
+        name = name() if callable(name) else name
+        names.append(name if isinstance(name, str) else None)
+    return names
+
+
 def inductor_compile(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -75,6 +89,7 @@ def inductor_compile(
         from torch.fx.experimental.proxy_tensor import make_fx
 
         gm = make_fx(gm, decomposition_table=select_decomp_table())(*example_inputs)
+        _constants_by_reference(gm)
         # is_inference: the graph has no backward. Without it cudagraph trees record in
         # forward mode, expect a backward that never comes, and never reach their replay
         # fast path; the post-grad passes also assume training.
@@ -99,6 +114,24 @@ def inductor_compile(
 
     run._boxed_call = True
     return run
+
+
+def _constants_by_reference(gm: torch.fx.GraphModule) -> None:
+    """Make Inductor read the graph's constants (frozen weights) in place, never a copy.
+
+    Inductor's FX graph cache otherwise hashes every constant's values (``tolist()`` of the
+    whole model) and, on a cache hit, runs on the copies stored in the cache: double the
+    weight memory, and in-place writes to the weights would not reach the graph. Tagged as
+    frozen parameters (what Inductor's own freezing does), constants are keyed by metadata
+    only and looked up by name on this module when the compiled graph is loaded."""
+    from torch._inductor.freezing_utils import record_has_frozen_params
+
+    for _, tensor in gm.named_buffers():
+        tensor._is_frozen_param = True
+    for name, value in vars(gm).items():
+        if isinstance(value, torch.Tensor):
+            value._is_frozen_param = True
+    record_has_frozen_params(gm)
 
 
 def custom_op_python_impl(op: Any, device_type: str) -> Callable | None:

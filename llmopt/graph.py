@@ -48,10 +48,20 @@ def real_tensors():
     return real_tensor_mode()
 
 
-def constant_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+def constant_value(gm: fx.GraphModule, node: fx.Node, layout_only: bool = False) -> torch.Tensor:
+    """The real tensor behind a ``get_attr`` node.
+
+    Reading it tells the frozen-weight ledger that the compiled graph depends on this
+    value as of compile time (in-place writes to the weights behind it then raise), unless
+    ``layout_only``: the caller only re-arranges it into a new constant that it makes the
+    weights' storage with ``frozen_weights.share_storage``."""
     obj = gm
     for part in node.target.split("."):
         obj = getattr(obj, part)
+    if not layout_only:
+        from .frozen_weights import note_read
+
+        note_read(gm, node.target)
     return obj
 
 

@@ -33,8 +33,9 @@ class Options:
         an entry), ``"on"`` (also time missing shapes at compile time, CUDA only).
     tuning_table: path of the tuning table JSON (default: the user cache directory).
     freeze: turn parameters/buffers the model does not mutate into graph constants.
-    check_weights: at every call, detect parameters modified in place after compilation
-        and raise (the compiled graph holds the values frozen at compile time).
+    check_weights: at every call, raise when a frozen weight was replaced (``p.data =``,
+        a new Parameter) or a weight the graph holds a derived copy of (quantized) was
+        modified in place (``llmopt/frozen_weights.py``).
     unified_max_softmax: decode attention uses FlashDecoding++'s unified max value
         (exact fallback for rows that overflow it).
     log: print the compile report at compile time (also ``LLMOPT_LOG=1``).

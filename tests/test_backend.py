@@ -89,7 +89,7 @@ def test_executors_match_eager(inner):
     assert r.frozen_constants == 3  # a.weight, a.bias, b.weight
 
 
-def test_frozen_weights_are_constants_and_changes_are_detected():
+def test_frozen_weights_are_constants_read_in_place_and_replacement_is_detected():
     m = MLP().eval()
     f = torch.compile(m, backend="llmopt")
     x = torch.randn(2, 16)
@@ -97,8 +97,10 @@ def test_frozen_weights_are_constants_and_changes_are_detected():
         f(x)
         r = llmopt.last_report()
         assert r.ops_after.get("aten.linear.default") == 2
-        m.a.weight.mul_(2.0)  # an in-place change after compilation
-        with pytest.raises(RuntimeError, match="weight changed after compilation"):
+        m.a.weight.mul_(2.0)  # in place: the graph reads this storage (tests/test_weight_storage.py)
+        torch.testing.assert_close(f(x), m(x))
+        m.a.weight.data = m.a.weight.data * 2.0  # new storage: the graph cannot see it
+        with pytest.raises(RuntimeError, match="weight changed after compilation: a.weight was given new storage"):
             f(x)
 
 

@@ -15,8 +15,13 @@ weight's storage *scheme* ("dense" today) so quantized members (the quantization
 attaches ``meta["llmopt_scheme"]``) only merge with members of the same scheme and group
 size, through that scheme's own concatenation.
 
-Memory: the merged weight is a new tensor; the model's original parameters stay alive
-(they belong to the user's module), so merged weights cost their size once more.
+Memory: the merged weight becomes the members' storage (``frozen_weights.share_storage``):
+the model's parameters are rebound as row views into it and their old memory is freed, so
+each weight is held once and in-place writes to a member (``load_state_dict``,
+``p.data.copy_``) reach the merged matmul. A recompile of the same model (a new shape)
+finds the members already adjacent in one storage and merges them without a copy
+(``frozen_weights.reusable_storage``), so every compiled graph reads the same memory.
+Members without a bias get zero rows in the merged bias.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import collections
 import torch
 import torch.fx as fx
 
+from ..frozen_weights import reusable_storage, share_storage
 from ..graph import add_constant, constant_value, is_constant, real_tensors, tensor_meta
 
 aten = torch.ops.aten
@@ -80,19 +86,28 @@ def fuse(gm: fx.GraphModule, nodes: list[fx.Node], ctx) -> fx.Node:
     nodes = sorted(nodes, key=order.__getitem__)
     first = nodes[0]
     x = first.args[0]
-    weights = [constant_value(gm, n.args[1]) for n in nodes]
-    biases = [constant_value(gm, n.args[2]) if len(n.args) > 2 and n.args[2] is not None else None for n in nodes]
+    bias_nodes = [n.args[2] if len(n.args) > 2 else None for n in nodes]
+    weights = [constant_value(gm, n.args[1], layout_only=True) for n in nodes]
+    biases = [constant_value(gm, b, layout_only=True) if b is not None else None for b in bias_nodes]
     widths = [int(w.shape[0]) for w in weights]
     with real_tensors():
-        merged_w = torch.cat([w.detach() for w in weights], dim=0)
+        merged_w = reusable_storage(weights, widths)
+        if merged_w is None:
+            merged_w = torch.cat([w.detach() for w in weights], dim=0)
         merged_b = None
         if any(b is not None for b in biases):
-            ref = next(b for b in biases if b is not None)
-            merged_b = torch.cat(
-                [b.detach() if b is not None else torch.zeros(n, dtype=ref.dtype, device=ref.device) for b, n in zip(biases, widths)]
-            )
+            merged_b = reusable_storage(biases, widths)
+            if merged_b is None:
+                ref = next(b for b in biases if b is not None)
+                merged_b = torch.cat(
+                    [b.detach() if b is not None else torch.zeros(n, dtype=ref.dtype, device=ref.device) for b, n in zip(biases, widths)]
+                )
     w_node = add_constant(gm, "merged_weight", merged_w, first)
     b_node = add_constant(gm, "merged_bias", merged_b, first) if merged_b is not None else None
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    share_storage(gm, w_node.target, [(n.args[1].target, _rows(s, w)) for n, s, w in zip(nodes, starts, widths)])
+    if b_node is not None:
+        share_storage(gm, b_node.target, [(b.target, _rows(s, w)) for b, s, w in zip(bias_nodes, starts, widths) if b is not None])
     with gm.graph.inserting_before(first):
         merged = gm.graph.call_function(aten.linear.default, (x, w_node, b_node))
     merged.meta = dict(first.meta)
@@ -109,6 +124,10 @@ def fuse(gm: fx.GraphModule, nodes: list[fx.Node], ctx) -> fx.Node:
     names = ", ".join(_short(n) for n in nodes)
     ctx.rewrite(merged, f"merged {len(nodes)} linears ({names}) → N={sum(widths)}, K={int(merged_w.shape[1])}")
     return merged
+
+
+def _rows(start: int, width: int):
+    return lambda merged: merged.narrow(0, start, width)
 
 
 def _short(node: fx.Node) -> str:

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from .. import compat
+from ..frozen_weights import alias_constant
 from ..graph import VIEW_OPS, add_constant, constant_value, is_constant, real_tensors, tensor_meta
 
 aten = torch.ops.aten
@@ -242,6 +243,10 @@ def _canonicalize_matmul(gm: fx.GraphModule, node: fx.Node, ctx) -> bool:
     return True
 
 
+def _transpose(t: torch.Tensor) -> torch.Tensor:
+    return t.t()
+
+
 def _weight_nk(gm: fx.GraphModule, wt: fx.Node) -> fx.Node | None:
     """The [N, K] weight behind the right operand of ``x @ wt``, or None.
 
@@ -254,11 +259,15 @@ def _weight_nk(gm: fx.GraphModule, wt: fx.Node) -> fx.Node | None:
     if wt.target in _TRANSPOSE or (wt.target == aten.permute.default and list(wt.args[1]) == [1, 0]):
         return wt.args[0]
     if is_constant(gm, wt):
-        # [K, N] constant used directly (GPT-2 Conv1D): store its transpose once.
-        value = constant_value(gm, wt)
+        # [K, N] constant used directly (GPT-2 Conv1D): its transposed *view* — no copy, so
+        # the weight is held once and in-place writes to it reach the graph (the kernels
+        # take strides).
+        value = constant_value(gm, wt, layout_only=True)
         if value.dim() != 2:
             return None
         with real_tensors():
-            transposed = value.t().contiguous()
-        return add_constant(gm, wt.target + "_t", transposed, wt)
+            transposed = value.t()
+        node = add_constant(gm, wt.target + "_t", transposed, wt)
+        alias_constant(gm, node.target, wt.target, _transpose)
+        return node
     return None

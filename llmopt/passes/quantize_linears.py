@@ -8,6 +8,13 @@ share one implementation (scheme ops, CPU int4 layout, ``compute_dtype``). It ru
 giving one quantized QKV matmul per layer (per-output-channel and per-group scales do not
 cross the members' boundaries, so this equals quantizing the members separately).
 
+Memory and weight changes: the float weights stay the model's parameters (eager calls and
+Dynamo recompiles for new shapes read them), so a compiled ``quantize=`` model holds the
+quantized copy on top of them; ``llmopt.quantize_`` before compiling holds only the
+quantized weights. An in-place change to a quantized weight through the parameter raises
+at the next call (``frozen_weights``); one through ``p.data`` cannot be seen (README,
+"Frozen weights").
+
 Which linears: as ``quantize_``'s default, all of them, except the output head
 (``lm_head``, ``embed_out``, ``output``) unless the config's ``quantize_head`` is set (the
 int8 default) and the head's weight is not also read by an embedding lookup (tied: the
@@ -23,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..frozen_weights import note_read
 from ..graph import constant_value, fake_like, is_constant, real_tensors, tensor_meta
 from ..report import layer_of
 
@@ -68,6 +76,9 @@ def run(gm: fx.GraphModule, ctx) -> int:
         if isinstance(config, Int4WeightOnly) and wv.shape[1] % config.group_size:
             ctx.near_miss(node, f"K={wv.shape[1]} is not a multiple of group_size={config.group_size}")
             continue
+        # The graph will read the quantized copy: an in-place write to the float weight can
+        # no longer reach it, so the frozen-weight check raises on one (frozen_weights).
+        note_read(gm, w.target, f"it was quantized with {type(config).__name__}")
         with real_tensors():
             weight = constant_value(gm, w)
             bias = constant_value(gm, b) if b is not None else None
