@@ -415,11 +415,12 @@ def moe_route_triton(logits: torch.Tensor, top_k: int, scoring: str, renormalize
     return weights, ids
 
 
-def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int):
+def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int, exact: bool = False):
     """Pairs sorted by expert, each expert's run padded to a multiple of ``block_m``.
 
     Returns (sorted_pairs [P], block_expert [P / block_m]) with ``P = S + E (block_m - 1)``
-    rounded up to ``block_m``, the upper bound of the padded length (no host sync).
+    rounded up to ``block_m``, the upper bound of the padded length (no host sync), or with
+    ``exact`` the padded length itself (one sync; the interpreter then runs no dead tiles).
     ``sorted_pairs`` holds pair indices ``t k + j``; padding slots hold ``S`` (masked).
     ``block_expert[b]`` is the expert of tile b, -1 past the padded end.
     """
@@ -434,13 +435,21 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int):
     expert_sorted = flat[order]
     first = torch.cumsum(counts, 0) - counts
     dest = padded_start[expert_sorted] + torch.arange(s, device=device) - first[expert_sorted]
-    length = triton.cdiv(s + num_experts * (block_m - 1), block_m) * block_m
+    if exact:
+        length = int(padded_end[-1]) if num_experts else 0
+    else:
+        length = triton.cdiv(s + num_experts * (block_m - 1), block_m) * block_m
     sorted_pairs = torch.full((length,), s, dtype=torch.int32, device=device)
     sorted_pairs[dest] = order.to(torch.int32)
     block_starts = torch.arange(0, length, block_m, device=device)
     block_expert = torch.searchsorted(padded_end, block_starts, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
     return sorted_pairs, block_expert
+
+
+def _interpreter_block(n: int) -> int:
+    """A tile edge for the interpreter: the whole dim up to 64 (16 at least, for tl.dot)."""
+    return min(64, max(16, triton.next_power_of_2(n)))
 
 
 def _check_kernel_inputs(x, w_gate_up, w_down, weights, ids, activation):
@@ -468,21 +477,22 @@ def fused_experts_triton(x, w_gate_up, w_down, weights, ids, activation: str, de
         decode = use_decode_path(t, k, num_experts)
     if decode:
         h = torch.empty(s, inter, dtype=x.dtype, device=x.device)
-        block_n, block_k = (64, 64) if x.is_cuda else (32, 32)
-        _decode_gate_up_kernel[(s, triton.cdiv(inter, block_n))](
+        gu_n, gu_k = (64, 64) if x.is_cuda else (_interpreter_block(inter), _interpreter_block(hidden))
+        d_n, d_k = (64, 64) if x.is_cuda else (_interpreter_block(hidden), _interpreter_block(inter))
+        _decode_gate_up_kernel[(s, triton.cdiv(inter, gu_n))](
             x, w_gate_up, ids, h, inter, hidden, k,
             x.stride(0), x.stride(1), *w_gate_up.stride(), ids.stride(0), h.stride(0),
-            ACTIVATION=activation, BLOCK_N=block_n, BLOCK_K=block_k, EMULATE_RTNE=emulate, num_warps=4,
+            ACTIVATION=activation, BLOCK_N=gu_n, BLOCK_K=gu_k, EMULATE_RTNE=emulate, num_warps=4,
         )
-        _decode_down_kernel[(s, triton.cdiv(hidden, block_n))](
+        _decode_down_kernel[(s, triton.cdiv(hidden, d_n))](
             h, w_down, ids, weights, y, hidden, inter, k,
             h.stride(0), *w_down.stride(), ids.stride(0), weights.stride(0), y.stride(0),
-            BLOCK_N=block_n, BLOCK_K=block_k, EMULATE_RTNE=emulate, num_warps=4,
+            BLOCK_N=d_n, BLOCK_K=d_k, EMULATE_RTNE=emulate, num_warps=4,
         )
         return y.view(t, k, hidden).sum(dim=1).to(x.dtype)
 
     block_m = grouped_block_m(s, num_experts)
-    sorted_pairs, block_expert = align_block_size(ids, num_experts, block_m)
+    sorted_pairs, block_expert = align_block_size(ids, num_experts, block_m, exact=not x.is_cuda)
     h = torch.empty(sorted_pairs.numel(), inter, dtype=x.dtype, device=x.device)
     rw = weights.reshape(-1) if weights.is_contiguous() else weights.contiguous().view(-1)
     m_bucket = min(triton.next_power_of_2(max(1, s)), 4096)
@@ -505,10 +515,17 @@ def fused_experts_triton(x, w_gate_up, w_down, weights, ids, activation: str, de
         _grouped_gate_up_tuned[grid](*gate_args, ACTIVATION=activation, **common)
         _grouped_down_tuned[grid](*down_args, **common)
     else:
-        # Interpreter: one fixed tile (autotuning there would only time numpy).
-        tiles = dict(BLOCK_N=32, BLOCK_K=32, num_warps=4)
-        _grouped_gate_up_kernel[(n_blocks, triton.cdiv(inter, 32))](*gate_args, ACTIVATION=activation, **common, **tiles)
-        _grouped_down_kernel[(n_blocks, triton.cdiv(hidden, 32))](*down_args, **common, **tiles)
+        # Interpreter: one fixed tile (autotuning there would only time numpy), as few
+        # programs as the sizes allow (each costs the interpreter milliseconds).
+        for kernel, n, kk, extra in (
+            (_grouped_gate_up_kernel, inter, hidden, dict(ACTIVATION=activation)),
+            (_grouped_down_kernel, hidden, inter, {}),
+        ):
+            block_n, block_k = _interpreter_block(n), _interpreter_block(kk)
+            args = gate_args if kernel is _grouped_gate_up_kernel else down_args
+            kernel[(n_blocks, triton.cdiv(n, block_n))](
+                *args, **extra, **common, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4
+            )
     return y.view(t, k, hidden).sum(dim=1).to(x.dtype)
 
 
