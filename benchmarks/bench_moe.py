@@ -138,8 +138,11 @@ def main(argv=None) -> dict:
                 llmopt.generate(model, short, 1)
                 step.append((long - (time.perf_counter() - t)) / (args.new - 1))
         row = {
-            "prefill_tok_s": args.prompt / statistics.median(prefill),
-            "decode_tok_s": 1.0 / statistics.median(step) if statistics.median(step) > 0 else math.inf,
+            "backend": backend,
+            "tokens_per_s": {
+                "prefill": args.prompt / statistics.median(prefill),
+                "decode": 1.0 / statistics.median(step) if statistics.median(step) > 0 else math.inf,
+            },
             "decode_step_ms": 1e3 * statistics.median(step),
             "prefill_ms": 1e3 * statistics.median(prefill),
             "warmup_s": compile_s,
@@ -153,14 +156,12 @@ def main(argv=None) -> dict:
             reps = llmopt.reports()[start:]
             row["fuse_moe_rewrites_per_graph"] = [r.rewrites_by_pass().get("fuse_moe", 0) for r in reps]
         results[backend] = row
-        print(f"{backend:>9}: prefill {row['prefill_tok_s']:8.1f} tok/s   decode {row['decode_tok_s']:7.1f} tok/s"
-              f"   ({row['decode_step_ms']:.2f} ms/step)")
+        print(f"{backend:>9}: prefill {row['tokens_per_s']['prefill']:8.1f} tok/s   "
+              f"decode {row['tokens_per_s']['decode']:7.1f} tok/s   ({row['decode_step_ms']:.2f} ms/step)")
     if "eager" in results:
-        for backend, row in results.items():
-            row["speedup_vs_eager"] = {
-                "prefill": row["prefill_tok_s"] / results["eager"]["prefill_tok_s"],
-                "decode": row["decode_tok_s"] / results["eager"]["decode_tok_s"],
-            }
+        base = results["eager"]["tokens_per_s"]
+        for row in results.values():
+            row["speedup"] = {f"{phase} vs eager": row["tokens_per_s"][phase] / base[phase] for phase in base}
     nbytes = decode_bytes(moe, dense, args.top_k, args.experts)
     print(f"bytes per decode step: MoE active {nbytes['moe_active']:,} / all experts {nbytes['moe_all_experts']:,}"
           f" / dense of the same active size {nbytes['dense_same_active_size']:,}")
@@ -170,7 +171,7 @@ def main(argv=None) -> dict:
                                                   "kv_heads", "vocab", "prompt", "new", "rep", "quick")},
         "dtype": "float32",
         "kernel": "triton" if cuda else "CPU implementation",
-        "results": results,
+        "results": list(results.values()),
         "decode_bytes": nbytes,
         "environment": environment(),
         "note": "decode step = (generate(new) - generate(1)) / (new - 1); medians of interleaved rounds",
