@@ -83,10 +83,12 @@ def prune_grouped_configs(configs, named_args, **kwargs):
     """Drop tiles much wider than N or deeper than K, and 8 warps on tiles too small to feed them."""
     n_cap = max(triton.next_power_of_2(named_args["N"]), 32)
     k_cap = max(triton.next_power_of_2(named_args["K"]), 32)
+    # BLOCK_M comes from the routing, passed by keyword: the autotuner hands it in kwargs.
+    block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 64))
     kept = [
         c for c in configs
         if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap
-        and not (c.num_warps == 8 and c.kwargs["BLOCK_N"] * named_args["BLOCK_M"] < 64 * 64)
+        and not (c.num_warps == 8 and c.kwargs["BLOCK_N"] * block_m < 64 * 64)
     ]
     return kept or configs[:1]
 
@@ -305,10 +307,10 @@ def _grouped_down_kernel(
 
 
 _grouped_gate_up_tuned = triton.autotune(
-    configs=grouped_configs(), key=["N", "K", "M_BUCKET"], prune_configs_by={"early_config_prune": prune_grouped_configs}
+    configs=grouped_configs(), key=["N", "K", "M_BUCKET", "BLOCK_M"], prune_configs_by={"early_config_prune": prune_grouped_configs}
 )(_grouped_gate_up_kernel)
 _grouped_down_tuned = triton.autotune(
-    configs=grouped_configs(), key=["N", "K", "M_BUCKET"], prune_configs_by={"early_config_prune": prune_grouped_configs}
+    configs=grouped_configs(), key=["N", "K", "M_BUCKET", "BLOCK_M"], prune_configs_by={"early_config_prune": prune_grouped_configs}
 )(_grouped_down_kernel)
 
 
@@ -495,6 +497,7 @@ def fused_experts_triton(x, w_gate_up, w_down, weights, ids, activation: str, de
     sorted_pairs, block_expert = align_block_size(ids, num_experts, block_m, exact=not x.is_cuda)
     h = torch.empty(sorted_pairs.numel(), inter, dtype=x.dtype, device=x.device)
     rw = weights.reshape(-1) if weights.is_contiguous() else weights.contiguous().view(-1)
+    # Autotune key: pairs bucketed to powers of two (at most 13 tunings, never per step).
     m_bucket = min(triton.next_power_of_2(max(1, s)), 4096)
     # Triton's interpreter multiplies bf16 tiles as raw bits (triton 3.9): upcast there
     # (bf16 x bf16 products are exact in fp32).

@@ -12,8 +12,8 @@ What this pass replaces, as eager code (Mixtral, Qwen2-MoE, Qwen3-MoE; the exper
          out = llmopt.fused_experts(x, w_gate_up, w_down, weights, ids, act)
 
 Why not a node-by-node pattern: transformers spells the expert sum many ways (5.x: a sort +
-two grouped matmuls + a gather, or a repeat + two batched matmuls; 4.4x-4.5x: a Python loop
-over experts with ``index_add_``), each changing between releases. The pass finds the block
+two grouped matmuls + a gather, or a repeat + two batched matmuls), each changing between
+releases. The pass finds the block
 by its shape in the graph instead, and proves it by computing:
 
 1. **Anchor.** ``aten.topk(p, k)`` over the last dim of ``p = softmax(z, -1)`` or
@@ -38,8 +38,11 @@ Near-misses, with their reason: a top-k not over router probabilities; routing r
 used outside the block; a region reading other tensors (biases, a post-expert norm's
 weight) or more than two weight stacks; a block whose output has another dtype; a region
 that does not compute the fused ops' result (e.g. interleaved gate/up rows); a graph break
-inside the block (the block's output in another graph: the per-expert loop of transformers
-4.4x-4.5x breaks on its data-dependent ``torch.where``).
+inside the block (its output in another graph).
+
+Not covered: the per-expert loop of transformers 4.4x-4.5x (and 5.x's "eager" experts). Its
+data-dependent ``torch.where`` inside a ``for`` loop makes Dynamo run the whole block
+eagerly and compile only the expert MLPs, so no llmopt graph ever holds the block.
 
 Source: vLLM ``fused_moe`` (the fused form); transformers ``integrations/moe.py`` (the
 spellings).
@@ -133,7 +136,7 @@ def block_region(topk: fx.Node) -> tuple[list[fx.Node], fx.Node]:
     raise NearMiss(
         topk,
         "the routing results are not gathered back into one [tokens, hidden] output in this graph "
-        "(used outside the block, or a graph break inside it, as in the per-expert loop of transformers 4.4x)",
+        "(used outside the block, or a graph break inside it)",
     )
 
 

@@ -262,3 +262,14 @@ def test_dead_tiles_past_the_padded_end_write_nothing(triton_kernels, poisoned_e
     weights, ids = routing(9, 8, 2, "one_expert")
     out = run_kernel(x, w_gu, w_d, weights, ids, "silu", decode=False)
     assert_close(out, truth_of(x, w_gu, w_d, weights, ids, "silu"), torch.float16)
+
+
+def test_autotune_pruning_keeps_tiles_that_fit():
+    """The CUDA autotuner's space: tiles no wider than N / deeper than K (BLOCK_M arrives by
+    keyword, from the routing), never empty."""
+    kept = moe.prune_grouped_configs(moe.grouped_configs(), {"N": 48, "K": 20}, BLOCK_M=16)
+    assert kept and all(c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_K"] <= 32 for c in kept)
+    assert all(c.num_warps == 4 for c in kept)  # 8 warps on a 16 x 64 tile would idle
+    big = moe.prune_grouped_configs(moe.grouped_configs(), {"N": 14336, "K": 4096}, BLOCK_M=64)
+    assert len(big) == len(moe.grouped_configs())
+    assert moe.grouped_block_m(pairs=2, num_experts=8) == 16 and moe.grouped_block_m(4096, 8) == 64
