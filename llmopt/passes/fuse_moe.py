@@ -27,7 +27,8 @@ by its shape in the graph instead, and proves it by computing:
    router logits (two draws) with the real expert weights, and compared with the fused ops
    for each reading of the parameters the shapes allow (renormalized or not; the stacks as
    ``[E, 2I, H] / [E, H, I]`` or transposed). Exactly the matching reading is used; none
-   matching is a near-miss. The check's tolerance (relative Frobenius error 1e-4 in fp32,
+   matching is a near-miss. With dynamic shapes the region runs at the sizes Dynamo
+   traced with (its symbolic sizes bound to their example values). The check's tolerance (relative Frobenius error 1e-4 in fp32,
    2e-2 in fp16/bf16) is far below the effect of any real difference (a skipped
    renormalization changes the output by tens of percent).
 
@@ -191,13 +192,26 @@ def derived_chain(node: fx.Node, source: fx.Node, limit: int = 64) -> list[fx.No
         seen.add(n)
         if n is source:
             continue
+        if n.op == "placeholder" and _is_size(n):
+            chain.append(n)  # a symbolic size (dynamic shapes): bound to its hint by the proof
+            continue
         if n.op == "placeholder" or len(seen) > limit:
             return None
-        if n.op == "call_function" and not hasattr(n.target, "_schema") and n.target is not operator.getitem:
-            return None  # a Python callable: not known to be pure
+        if n.op == "call_function" and not (hasattr(n.target, "_schema") or n.target is operator.getitem or _is_size(n)):
+            return None  # a Python callable that is not size arithmetic: not known to be pure
         chain.append(n)
         stack.extend(n.all_input_nodes)
     return chain
+
+
+def _is_size(n: fx.Node) -> bool:
+    v = n.meta.get("val")
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def _hints(shape) -> tuple[int, ...] | None:
+    sizes = tuple(compat.size_hint(d) for d in shape)
+    return None if any(d is None for d in sizes) else sizes
 
 
 def _order(gm: fx.GraphModule):
@@ -241,20 +255,24 @@ def fuse_block(gm: fx.GraphModule, topk: fx.Node) -> tuple[fx.Node, str] | None:
     others = [i for i, chain in chains.items() if chain is None]
     if others:
         raise NearMiss(topk, f"the block reads {', '.join(o.name for o in others)}, computed from other inputs "
-                       "than the tokens and frozen constants (a bias, a norm weight, symbolic sizes?)")
+                       "than the tokens and frozen constants (a bias, a norm weight?)")
     prelude = sorted({n for chain in chains.values() for n in chain} - {x}, key=_order(gm))
     stacks = [n for n in prelude if n.op == "get_attr"]
+    sizes = [n for n in prelude if n.op == "placeholder"]
+    prelude = [n for n in prelude if n.op != "placeholder"]
     if len(stacks) != 2 or any(tensor_meta(s) is None or tensor_meta(s).dim() != 3 for s in stacks):
         shapes = [tuple(tensor_meta(s).shape) if tensor_meta(s) is not None else "?" for s in stacks]
         raise NearMiss(topk, f"the block reads {len(stacks)} frozen constants {shapes}, expected the two 3-D expert weight stacks")
     xv, ov = tensor_meta(x), tensor_meta(exit_node)
+    if tuple(ov.shape) != tuple(xv.shape) and not all(isinstance(d, int) for d in ov.shape):
+        raise NearMiss(exit_node, f"block output {tuple(ov.shape)} has another, symbolic shape than the tokens {tuple(xv.shape)}")
     if xv.dim() != 2 or xv.dtype != ov.dtype or not xv.is_floating_point():
         raise NearMiss(exit_node, f"tokens {xv.dtype} {tuple(xv.shape)} and block output {ov.dtype} {tuple(ov.shape)}: "
                        "expected [T, H] tokens and an output of their dtype")
     activation = activation_in(region)
     if activation is None:
         raise NearMiss(topk, "no single gated activation (silu, gelu, tanh gelu) in the block")
-    reading = prove(gm, prelude + region, exit_node, x, p, logits, scoring, k, stacks, activation)
+    reading = prove(gm, prelude + region, exit_node, x, p, logits, scoring, k, stacks, activation, sizes)
     if reading is None:
         raise NearMiss(exit_node, "the block does not compute sum_j w_j expert_j(x) for any reading of its weights "
                        "(renormalized or not, stacks transposed or not): left as is")
@@ -293,10 +311,15 @@ def fuse_block(gm: fx.GraphModule, topk: fx.Node) -> tuple[fx.Node, str] | None:
 
 
 # --------------------------------------------------------------------------- the proof
-def prove(gm, region, exit_node, x, p, logits, scoring, k, stacks, activation):
+def prove(gm, region, exit_node, x, p, logits, scoring, k, stacks, activation, sizes=()):
     """The (renormalize, gate_up, down, transposed) reading under which the region equals
-    the fused ops on random inputs, or None."""
+    the fused ops on random inputs, or None. With dynamic shapes the region runs at the
+    traced example sizes (``sizes``: the symbolic size inputs, bound to their hints)."""
     xv, lv = tensor_meta(x), tensor_meta(logits)
+    x_shape, l_shape = _hints(xv.shape), _hints(lv.shape)
+    size_values = [compat.size_hint(s.meta["val"]) for s in sizes]
+    if x_shape is None or l_shape is None or any(v is None for v in size_values):
+        return None
     readings = []
     for gu, dn in (stacks, stacks[::-1]):
         gv, dv = tensor_meta(gu).shape, tensor_meta(dn).shape
@@ -306,23 +329,23 @@ def prove(gm, region, exit_node, x, p, logits, scoring, k, stacks, activation):
             d_shape = (dv[0], dv[2], dv[1]) if transposed else tuple(dv)
             e, two_i, hh = g_shape
             if not (compat.statically_true(hh == h) and two_i % 2 == 0
-                    and tuple(d_shape) == (e, h, two_i // 2) and e == lv.shape[-1]):
+                    and tuple(d_shape) == (e, h, two_i // 2) and e == l_shape[-1]):
                 continue
             for renormalize in (True, False):
                 readings.append((renormalize, gu, dn, transposed))
     if not readings:
         return None
-    module = _region_module(gm, region, exit_node, x, p)
+    module = _region_module(gm, region, exit_node, x, p, sizes)
     with real_tensors(), torch.no_grad():
         device = constant_value(gm, stacks[0]).device
         draws = []
         for seed in _CHECK_SEEDS:
             g = torch.Generator(device="cpu").manual_seed(seed)
-            xs = torch.randn(tuple(xv.shape), generator=g).to(device=device, dtype=xv.dtype)
-            z = (2 * torch.randn(tuple(lv.shape), generator=g)).to(device=device, dtype=lv.dtype)
+            xs = torch.randn(x_shape, generator=g).to(device=device, dtype=xv.dtype)
+            z = (2 * torch.randn(l_shape, generator=g)).to(device=device, dtype=lv.dtype)
             probs = tensor_meta(p)
             pz = torch.softmax(z, -1) if scoring == "softmax" else torch.sigmoid(z)
-            draws.append((xs, z, pz.to(probs.dtype), module(xs, pz.to(probs.dtype))))
+            draws.append((xs, z, pz.to(probs.dtype), module(xs, pz.to(probs.dtype), *size_values)))
         tol = _CHECK_TOLERANCE.get(xv.dtype, _HALF_TOLERANCE)
         for renormalize, gu, dn, transposed in readings:
             w_gu, w_d = constant_value(gm, gu), constant_value(gm, dn)
@@ -349,10 +372,12 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return num / den if den else num
 
 
-def _region_module(gm, region, exit_node, x, p) -> fx.GraphModule:
-    """The region as a module of its own: (tokens, probabilities) -> block output."""
+def _region_module(gm, region, exit_node, x, p, sizes=()) -> fx.GraphModule:
+    """The region as a module of its own: (tokens, probabilities, *sizes) -> block output."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {x: graph.placeholder("x"), p: graph.placeholder("probs")}
+    for i, size in enumerate(sizes):
+        env[size] = graph.placeholder(f"size_{i}")
 
     def lookup(n: fx.Node) -> fx.Node:
         if n not in env:  # a frozen constant

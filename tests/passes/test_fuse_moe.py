@@ -97,6 +97,20 @@ def test_greedy_generate_tokens_equal_eager(family, monkeypatch):
         assert sum(n.target == torch.ops.llmopt.fused_experts.default for n in gm.graph.nodes) == NUM_LAYERS
 
 
+def test_dynamic_shapes_fuse_and_serve_every_length():
+    """With symbolic token counts the proof runs at the traced sizes; the fused graph then
+    serves other lengths (the Engine's batched steps compile this way after a recompile)."""
+    model = tiny_model("mixtral")
+    compiled = torch.compile(model, backend="llmopt", dynamic=True, options={"strict": True})
+    with torch.no_grad():
+        for length in (7, 12):
+            x = tokens(2, length)
+            assert_close(compiled(x).logits, model(x).logits, torch.float32, what=f"{length} tokens")
+    report = llmopt.last_report()
+    assert report.rewrites_by_pass()[PASS] == NUM_LAYERS, near_misses(report)
+    assert report.ops_after.get("llmopt.fused_experts.default") == NUM_LAYERS
+
+
 # --------------------------------------------------------------------------- hand-written blocks
 HIDDEN, INTER, EXPERTS, TOP_K = 32, 24, 4, 2
 
