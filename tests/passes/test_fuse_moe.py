@@ -97,6 +97,34 @@ def test_greedy_generate_tokens_equal_eager(family, monkeypatch):
         assert sum(n.target == torch.ops.llmopt.fused_experts.default for n in gm.graph.nodes) == NUM_LAYERS
 
 
+def test_engine_on_a_compiled_moe_model_equals_each_request_alone():
+    """Continuous batching (paged attention, mixed prefill/decode steps, recompiled with
+    symbolic token counts) over the fused MoE graphs: each request's tokens are those of
+    llmopt.generate on it alone, with the eager model."""
+    from llmopt.runtime import SamplingParams
+    from llmopt.runtime.engine import Engine
+
+    model = tiny_model("mixtral")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    new = [6, 4, 7]
+    with torch.no_grad():
+        expected = [llmopt.generate(model, torch.tensor([p]), n, stop_token_ids=())[0, len(p):].tolist()
+                    for p, n in zip(prompts, new)]
+    start = len(llmopt.reports())
+    engine = Engine(torch.compile(model, backend="llmopt", options={"strict": True}),
+                    max_num_seqs=2, block_size=8, max_model_len=32)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n, stop_token_ids=())) for p, n in zip(prompts, new)]
+    for _ in range(60):
+        if all(engine.is_finished(i) for i in ids):
+            break
+        engine.step()
+    assert [engine.output(i) for i in ids] == expected
+    engine.close()
+    reports = llmopt.reports()[start:]
+    assert all(r.rewrites_by_pass().get(PASS) == NUM_LAYERS for r in reports), [near_misses(r) for r in reports]
+
+
 def test_dynamic_shapes_fuse_and_serve_every_length():
     """With symbolic token counts the proof runs at the traced sizes; the fused graph then
     serves other lengths (the Engine's batched steps compile this way after a recompile)."""
