@@ -465,6 +465,8 @@ def _check_kernel_inputs(x, w_gate_up, w_down, weights, ids, activation):
 def fused_experts_triton(x, w_gate_up, w_down, weights, ids, activation: str, decode: bool | None = None):
     """The fused experts with the Triton kernels; ``decode`` forces a path (None: by size)."""
     _check_kernel_inputs(x, w_gate_up, w_down, weights, ids, activation)
+    # The kernels index the [T, k] routing tensors with a unit slot stride.
+    weights, ids = weights.contiguous(), ids.contiguous()
     t, hidden = x.shape
     k = ids.shape[1]
     num_experts, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
@@ -496,7 +498,7 @@ def fused_experts_triton(x, w_gate_up, w_down, weights, ids, activation: str, de
     block_m = grouped_block_m(s, num_experts)
     sorted_pairs, block_expert = align_block_size(ids, num_experts, block_m, exact=not x.is_cuda)
     h = torch.empty(sorted_pairs.numel(), inter, dtype=x.dtype, device=x.device)
-    rw = weights.reshape(-1) if weights.is_contiguous() else weights.contiguous().view(-1)
+    rw = weights.view(-1)
     # Autotune key: pairs bucketed to powers of two (at most 13 tunings, never per step).
     m_bucket = min(triton.next_power_of_2(max(1, s)), 4096)
     # Triton's interpreter multiplies bf16 tiles as raw bits (triton 3.9): upcast there

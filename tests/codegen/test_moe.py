@@ -119,6 +119,7 @@ def test_routing_weights_in_x_dtype_and_strided_inputs(triton_kernels, poisoned_
     x = torch.cat([x_full, x_full], dim=1)[:, ::2]  # column stride 2
     weights, ids = routing(9, 8, 2, "random")
     weights, ids = weights.to(torch.bfloat16), ids.to(torch.int32)
+    weights, ids = weights.t().contiguous().t(), ids.t().contiguous().t()  # slot-major layouts
     truth = truth_of(x, w_gu, w_d, weights, ids.long(), "silu")
     for decode in (True, False):
         assert_close(run_kernel(x, w_gu, w_d, weights, ids, "silu", decode), truth, torch.bfloat16)
