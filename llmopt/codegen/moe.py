@@ -158,7 +158,7 @@ def _decode_gate_up_kernel(
     ACTIVATION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE_RTNE: tl.constexpr,
 ):
     """h[s, n] = act(x_t . Wg[e, n]) * (x_t . Wu[e, n]) for pair s = (t, j): one expert's rows."""
-    s = tl.program_id(0)
+    s = tl.program_id(0).to(tl.int64)  # int64: s * stride passes 2**31 for large batches
     t = s // TOP_K
     e = tl.load(ids_ptr + t * stride_it + (s % TOP_K)).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -195,7 +195,7 @@ def _decode_down_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE_RTNE: tl.constexpr,
 ):
     """y[s, n] = weights[t, j] * round(h_s . Wd[e, n]) in fp32, for pair s = (t, j)."""
-    s = tl.program_id(0)
+    s = tl.program_id(0).to(tl.int64)  # int64: s * stride passes 2**31 for large batches
     t = s // TOP_K
     j = s % TOP_K
     e = tl.load(ids_ptr + t * stride_it + j).to(tl.int64)
