@@ -193,6 +193,17 @@ def statically_true(expr: Any) -> bool:
     return bool(statically_known_true(expr))
 
 
+def size_hint(value: Any) -> int | None:
+    """A concrete value for a size: the int itself, or the example value Dynamo traced a
+    ``SymInt`` with (its hint); None when there is none (an unbacked size)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt):
+        hint = getattr(value.node, "hint", None)
+        return int(hint) if hint is not None else None
+    return None
+
+
 def real_tensor_mode():
     """Context manager that suspends the active FakeTensorMode.
 

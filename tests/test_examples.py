@@ -29,6 +29,9 @@ SMALL: dict[str, tuple[list[str], list[str]]] = {
                        ["tokens/s", "KV cache used/reserved", "tokens equal to llmopt.generate alone: True"]),
     "speculative.py": (["--layers", "2", "--hidden", "64", "--new-tokens", "8"],
                        ["tokens identical to plain greedy: True", "acceptance", "beam search (4 beams)"]),
+    "moe_generate.py": (["--layers", "1", "--hidden", "64", "--intermediate", "96", "--new-tokens", "3"],
+                        ["→ moe_route(softmax, top_k=2, renormalize=True) + fused_experts(silu, 8 experts, I=96)",
+                         "tokens equal to eager: True"]),
     # Written with other issues:
     "quantize_and_save.py": (["--small", "--scheme", "int8", "--out", "{tmp}/quantized"], []),
 }

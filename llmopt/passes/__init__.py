@@ -30,9 +30,11 @@ log = logging.getLogger("llmopt")
 
 # Pipeline order matters: normalize makes the spellings uniform; fusions run before
 # attention lowering (RoPE feeds attention); linear kernel selection sees the final
-# (merged, possibly quantized) linears.
+# (merged, possibly quantized) linears. fuse_moe runs before the linears are merged (the
+# router and a shared expert read the same tokens).
 PIPELINE: tuple[str, ...] = (
     "normalize",
+    "fuse_moe",
     "merge_parallel_linears",
     "fuse_residual_norm",
     "fuse_gated_activation",

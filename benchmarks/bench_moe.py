@@ -1,0 +1,191 @@
+"""Mixture of experts end to end: a Mixtral-shaped model (8 experts, top-2) with llmopt vs
+eager and Inductor, and the bytes a decode step reads against a dense model.
+
+    python benchmarks/bench_moe.py                 # CPU: fp32, hidden 256, 2 layers
+    python benchmarks/bench_moe.py --quick --no-write
+
+Same model object and inputs for every backend, in one process; every backend is compiled
+and warmed up first, then the timed rounds alternate between the backends:
+
+* ``eager``: transformers' own MoE block (its default "grouped_mm" experts);
+* ``inductor``: ``torch.compile`` default mode (``freezing=True`` on CPU);
+* ``llmopt``: ``backend="llmopt"``, where ``fuse_moe`` turns each block into
+  ``moe_route`` + ``fused_experts`` (the run checks it fired once per layer).
+
+Figures, medians of ``--rep`` rounds:
+
+* **prefill tokens/s**: one forward over a ``--prompt``-token prompt, no cache;
+* **decode tokens/s**: ``llmopt.generate`` with ``--new`` tokens minus with 1 token (the
+  prefill and per-call setup cancel), per decoded token;
+* **bytes per decode step** (batch 1), from the weights: the non-expert weights (input
+  embedding excluded) plus the k active experts' weights, against all experts' weights
+  (what a loop over every expert, or a dense layout, reads) and a dense model of the same
+  active size (a Mistral with intermediate k x I).
+
+On CPU the llmopt ops run their CPU implementations (the Triton kernels need a GPU).
+Writes ``benchmarks/results/<device>-<date>-moe.json`` (``common.write_results``).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from common import add_run_arguments, apply_run_arguments, environment, write_results  # noqa: E402
+
+import llmopt  # noqa: E402
+
+BACKENDS = ("eager", "inductor", "llmopt")
+
+
+def build_models(args):
+    import transformers as tf
+
+    common = dict(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, max_position_embeddings=1024,
+    )
+    torch.manual_seed(0)
+    moe = tf.MixtralForCausalLM(tf.MixtralConfig(
+        **common, intermediate_size=args.intermediate, num_local_experts=args.experts, num_experts_per_tok=args.top_k,
+    )).eval()
+    dense = tf.MistralForCausalLM(tf.MistralConfig(**common, intermediate_size=args.top_k * args.intermediate)).eval()
+    return moe, dense
+
+
+def decode_bytes(moe, dense, top_k: int, num_experts: int) -> dict:
+    """Weight bytes one batch-1 decode step reads (the input embedding is a gather, excluded)."""
+    def size(params):
+        return sum(p.numel() * p.element_size() for p in params)
+
+    embed = {id(p) for p in moe.get_input_embeddings().parameters()}
+    expert = [p for n, p in moe.named_parameters() if ".experts." in n]
+    other = [p for p in moe.parameters() if id(p) not in embed and all(p is not q for q in expert)]
+    dense_embed = {id(p) for p in dense.get_input_embeddings().parameters()}
+    dense_bytes = size(p for p in dense.parameters() if id(p) not in dense_embed)
+    active = size(other) + size(expert) * top_k // num_experts
+    return {
+        "moe_active": active,
+        "moe_all_experts": size(other) + size(expert),
+        "dense_same_active_size": dense_bytes,
+        "active_over_all_experts": active / (size(other) + size(expert)),
+    }
+
+
+def compile_for(model, backend: str):
+    torch._dynamo.reset()
+    return _compile_keeping_cache(model, backend)
+
+
+def _compile_keeping_cache(model, backend: str):
+    """torch.compile without a Dynamo reset: each backend keeps its compiled graphs (Dynamo
+    guards on the backend), so rounds can alternate between backends."""
+    if backend == "eager":
+        return model
+    if backend == "inductor":
+        return torch.compile(model, options={"freezing": True} if not torch.cuda.is_available() else None)
+    return torch.compile(model, backend="llmopt")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=17)
+    p.add_argument("--rep", type=int, default=5)
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--quick", action="store_true", help="tiny model, 2 rounds (a smoke run)")
+    add_run_arguments(p)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab = 64, 96, 1, 4, 2, 128
+        args.prompt, args.new, args.rep = 16, 5, 2
+    cuda = apply_run_arguments(args)
+    device = torch.device("cuda" if cuda else "cpu")
+    moe, dense = build_models(args)
+    moe = moe.to(device)
+    backends = [b for b in args.backends.split(",") if b]
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, args.vocab, (1, args.prompt), generator=g).to(device)
+    short = prompt[:, :8]
+
+    results, reference, models, timings = {}, None, {}, {}
+    with torch.no_grad():
+        for backend in backends:  # compile and warm up every backend first
+            model = compile_for(moe, backend) if backend == "eager" else _compile_keeping_cache(moe, backend)
+            start = len(llmopt.reports())
+            t0 = time.perf_counter()
+            logits = model(prompt).logits
+            tokens = llmopt.generate(model, short, args.new)
+            llmopt.generate(model, short, 1)
+            row = {"backend": backend, "warmup_s": time.perf_counter() - t0}
+            if reference is None:
+                reference = (logits.double(), tokens)
+            else:
+                row["rel_err_vs_eager"] = float((logits.double() - reference[0]).norm() / reference[0].norm())
+                row["tokens_equal_eager"] = bool(torch.equal(tokens, reference[1]))
+            if backend == "llmopt":
+                row["fuse_moe_rewrites_per_graph"] = [r.rewrites_by_pass().get("fuse_moe", 0) for r in llmopt.reports()[start:]]
+            models[backend], results[backend], timings[backend] = model, row, ([], [])
+        # Interleaved rounds: a shared machine's load drifts, and drifts alike for every backend.
+        for _ in range(args.rep):
+            for backend, model in models.items():
+                prefill, step = timings[backend]
+                t = time.perf_counter()
+                model(prompt)
+                prefill.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                llmopt.generate(model, short, args.new)
+                long = time.perf_counter() - t
+                t = time.perf_counter()
+                llmopt.generate(model, short, 1)
+                step.append((long - (time.perf_counter() - t)) / (args.new - 1))
+    for backend, (prefill, step) in timings.items():
+        row = results[backend]
+        row["tokens_per_s"] = {
+            "prefill": args.prompt / statistics.median(prefill),
+            "decode": 1.0 / statistics.median(step) if statistics.median(step) > 0 else math.inf,
+        }
+        row["decode_step_ms"] = 1e3 * statistics.median(step)
+        row["prefill_ms"] = 1e3 * statistics.median(prefill)
+        print(f"{backend:>9}: prefill {row['tokens_per_s']['prefill']:8.1f} tok/s   "
+              f"decode {row['tokens_per_s']['decode']:7.1f} tok/s   ({row['decode_step_ms']:.2f} ms/step)")
+    if "eager" in results:
+        base = results["eager"]["tokens_per_s"]
+        for row in results.values():
+            row["speedup"] = {f"{phase} vs eager": row["tokens_per_s"][phase] / base[phase] for phase in base}
+    nbytes = decode_bytes(moe, dense, args.top_k, args.experts)
+    print(f"bytes per decode step: MoE active {nbytes['moe_active']:,} / all experts {nbytes['moe_all_experts']:,}"
+          f" / dense of the same active size {nbytes['dense_same_active_size']:,}")
+    payload = {
+        "benchmark": "moe",
+        "config": {k: getattr(args, k) for k in ("hidden", "intermediate", "experts", "top_k", "layers", "heads",
+                                                  "kv_heads", "vocab", "prompt", "new", "rep", "quick")},
+        "dtype": "float32",
+        "kernel": "triton" if cuda else "CPU implementation",
+        "results": list(results.values()),
+        "decode_bytes": nbytes,
+        "environment": environment(),
+        "note": "decode step = (generate(new) - generate(1)) / (new - 1); medians of interleaved rounds",
+    }
+    if not args.no_write:
+        print("wrote", write_results("moe", payload))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
