@@ -256,3 +256,18 @@ def recording_recompiles() -> _RecompileRecorder:
     False on a torch whose logging internals differ (then no messages are collected).
     """
     return _RecompileRecorder()
+
+
+def functional_collectives() -> Any:
+    """The traceable collectives of ``torch.distributed._functional_collectives`` as ATen
+    ops: ``(all_reduce, all_gather_into_tensor, wait_tensor)``.
+
+    ``all_reduce(x, "sum", group_name)`` and ``all_gather_into_tensor(x, world_size,
+    group_name)`` return a tensor that ``wait_tensor`` completes; Dynamo, AOTAutograd and
+    Inductor all know them (gpt-fast's tensor parallelism relies on the same ops), so a
+    sharded decode step stays one graph. The ``_c10d_functional`` namespace is private.
+    """
+    import torch.distributed._functional_collectives  # noqa: F401 - registers the ops
+
+    ops = torch.ops._c10d_functional
+    return ops.all_reduce.default, ops.all_gather_into_tensor.default, ops.wait_tensor.default

@@ -33,6 +33,7 @@ log = logging.getLogger("llmopt")
 PIPELINE: tuple[str, ...] = (
     "normalize",
     "merge_parallel_linears",
+    "shard_tensor_parallel",
     "fuse_residual_norm",
     "fuse_gated_activation",
     "fuse_rope",
@@ -112,7 +113,9 @@ def _run_one(name: str, module: Any, gm: fx.GraphModule, ctx: PassContext) -> in
     try:
         count = int(module.run(gm, ctx))
         gm.graph.lint()
-    except Exception as exc:  # a pass must never take the user's model down
+    except Exception as exc:  # a pass must never take the user's model down...
+        if getattr(exc, "llmopt_user_error", False):
+            raise  # ...unless the user asked for something impossible (it says what to change)
         seconds = time.perf_counter() - start
         gm.graph = saved_graph
         for attr in set(gm._buffers) - saved_attrs:
