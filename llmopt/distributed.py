@@ -93,3 +93,43 @@ def _as_process_group(value: Any, dist) -> Any:
         f"llmopt option 'tensor_parallel': {type(value).__name__} {value!r} is not valid; use "
         "\"auto\", a torch.distributed ProcessGroup or a 1-D DeviceMesh"
     )
+
+
+class CollectiveFailedError(RuntimeError):
+    """A collective of a tensor-parallel graph failed: another rank exited or timed out."""
+
+
+def guard_collectives(run, value: Any):
+    """Wrap a compiled (boxed) graph of a tensor-parallel compile so that a failed
+    collective says what happened and what to do instead of a bare transport error.
+
+    A rank that dies closes its connections: the others fail in their next collective at
+    once (gloo: "Connection closed by peer", NCCL: an aborted communicator). A rank that
+    stalls without dying makes the others wait for the process group's timeout, which
+    ``init_process_group(timeout=...)`` sets.
+    """
+    tp = resolve_tensor_parallel(value)
+
+    def call(args):
+        try:
+            return run(args)
+        except RuntimeError as exc:
+            if not _is_collective_failure(exc):
+                raise
+            raise CollectiveFailedError(
+                f"llmopt tensor parallelism: a collective over {tp.world_size} ranks failed on rank {tp.rank} "
+                f"({tp.backend}): another rank probably exited or did not reach the same step within the "
+                f"process group's timeout. Check the other ranks' logs; every rank must run the same calls. "
+                f"Cause: {exc}"
+            ) from exc
+
+    call._boxed_call = True
+    return call
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if dist_error and isinstance(exc, dist_error):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "c10d"))

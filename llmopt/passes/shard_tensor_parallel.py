@@ -290,7 +290,7 @@ def _assign_heads(pair: Pair, world: int, rank: int) -> None:
         for s in mlp:
             if s.width % world:
                 raise TensorParallelError(
-                    f"llmopt tensor parallelism: {_name(pair.row)} has {s.width} input features, not divisible by "
+                    f"llmopt tensor parallelism: {_layer(pair.row)} has {s.width} input features, not divisible by "
                     f"the world size {world}; valid world sizes: {_valid_sizes(s.width)}"
                 )
             per = s.width // world
@@ -304,7 +304,7 @@ def _assign_heads(pair: Pair, world: int, rank: int) -> None:
     if hq % world or not kv_ok or any(hq % s.heads for s in attn):
         valid = [w for w in _divisors(hq) if hkv % w == 0 or w % hkv == 0]
         raise TensorParallelError(
-            f"llmopt tensor parallelism: {_name(pair.row)}'s attention has {hq} query heads and {hkv} key/value "
+            f"llmopt tensor parallelism: the attention of {_layer(pair.row)} has {hq} query heads and {hkv} key/value "
             f"heads, which cannot be split over the world size {world}; valid world sizes: {valid}"
         )
     per_q = hq // world
@@ -445,38 +445,45 @@ def _int(v) -> int:
 
 def _local_view_shape(n, in_full, in_local, out_full) -> list:
     """The view's size argument for the local input: each block of input dims whose
-    product equals a block of output dims keeps its ratio on the block's outer dim."""
-    a, b = [_int(s) for s in in_full.shape], [_int(s) for s in out_full.shape]
-    la = [_int(s) for s in in_local.shape]
+    product equals a block of output dims keeps its ratio on the block's outer dim.
+    Symbolic sizes (a dynamic sequence length) may only stand in blocks of their own."""
+    a, la, b = list(in_full.shape), list(in_local.shape), list(out_full.shape)
     out = list(b)
     i = j = 0
     while i < len(a) and j < len(b):
-        pa, pb, pl, dims = a[i], b[j], la[i], [j]
+        if _same(a[i], b[j]):
+            if not _same(a[i], la[i]):
+                out[j] = la[i]
+            i, j = i + 1, j + 1
+            continue
+        pa, pb, pl, dims = _int(a[i]), _int(b[j]), _int(la[i]), [j]
         i, j = i + 1, j + 1
         while pa != pb:
-            if pa < pb:
-                if i >= len(a):
-                    raise NotShardable(f"{_name(n)}: cannot map the view")
-                pa, pl, i = pa * a[i], pl * la[i], i + 1
-            else:
-                if j >= len(b):
-                    raise NotShardable(f"{_name(n)}: cannot map the view")
-                pb, j = pb * b[j], j + 1
+            if pa < pb and i < len(a):
+                pa, pl, i = pa * _int(a[i]), pl * _int(la[i]), i + 1
+            elif pb < pa and j < len(b):
+                pb, j = pb * _int(b[j]), j + 1
                 dims.append(j - 1)
+            else:
+                raise NotShardable(f"{_name(n)}: cannot map the view's dimensions")
         if pl != pa:
             factor = Fraction(pa, pl)
-            d = next((d for d in dims if b[d] > 1), None)
-            if d is None or Fraction(b[d]) / factor != int(Fraction(b[d]) / factor):
+            d = next((d for d in dims if _int(b[d]) > 1), None)
+            if d is None or (Fraction(_int(b[d])) / factor).denominator != 1:
                 raise NotShardable(f"{_name(n)}: the sharded dimension does not map onto the view")
-            out[d] = int(Fraction(b[d]) / factor)
+            out[d] = int(Fraction(_int(b[d])) / factor)
     sizes = list(n.args[1])
     for d, (old, new) in enumerate(zip(b, out)):
-        if old != new:
+        if not _same(old, new):
             if isinstance(sizes[d], int) and sizes[d] != -1:
-                sizes[d] = new
+                sizes[d] = _int(new)
             elif isinstance(sizes[d], fx.Node):
                 raise NotShardable(f"{_name(n)}: symbolic size at the sharded dimension")
     return sizes
+
+
+def _same(x, y) -> bool:
+    return compat.statically_true(x == y)
 
 
 def _local_expand(n, full, pair: Pair, q_local: int, kv_local: int) -> tuple[list, bool]:
@@ -484,7 +491,7 @@ def _local_expand(n, full, pair: Pair, q_local: int, kv_local: int) -> tuple[lis
     sizes = list(n.args[1])
     off = len(sizes) - src_full.dim()
     for d in range(src_full.dim()):
-        if _int(src_full.shape[d]) != 1 and sizes[d + off] != -1:
+        if not _same(src_full.shape[d], 1) and not _same(src_full.shape[d], src_local.shape[d]) and sizes[d + off] != -1:
             sizes[d + off] = _int(src_local.shape[d])
     # repeat_kv: [B, Hkv, 1, S, D] expanded to [B, Hkv, Hq/Hkv, S, D]; locally the group
     # size is (local Q heads) / (local KV heads), which differs when KV is replicated.
@@ -492,7 +499,8 @@ def _local_expand(n, full, pair: Pair, q_local: int, kv_local: int) -> tuple[lis
     if pair.kind == "attention" and pair.kv_heads and kv_local:
         groups = pair.q_heads // pair.kv_heads
         for d in range(1, src_full.dim()):
-            if _int(src_full.shape[d]) == 1 and sizes[d + off] == groups and _int(src_local.shape[d - 1]) == kv_local:
+            if _same(src_full.shape[d], 1) and isinstance(sizes[d + off], int) and sizes[d + off] == groups \
+                    and _same(src_local.shape[d - 1], kv_local):
                 sizes[d + off] = q_local // kv_local
                 regrouped = True
     return sizes, regrouped
@@ -517,7 +525,7 @@ def _slice_side_inputs(gm, n, full, frac, cache) -> None:
             return a
         t = tensor_meta(a)
         ad = d - (rank_ndim - t.dim())
-        if ad < 0 or _int(t.shape[ad]) != size_full or size_full == 1:
+        if ad < 0 or not _same(t.shape[ad], size_full) or size_full == 1:
             return a
         start, end = lo * size_full, hi * size_full
         if start.denominator != 1 or end.denominator != 1:
@@ -539,7 +547,7 @@ def _shard_dim(n, full) -> int | None:
     if not isinstance(old, torch.Tensor) or not isinstance(new, torch.Tensor):
         return None
     for d, (a, b) in enumerate(zip(old.shape, new.shape)):
-        if _int(a) != _int(b):
+        if not _same(a, b):
             return d
     return None
 
@@ -591,24 +599,27 @@ def _shard_lm_head(gm, head, tp, ctx, all_gather, wait) -> None:
         args.append(add_constant(gm, "tp_vocab_bias", b_local, head))
     head.args = tuple(args)
     head.meta["val"] = aten.linear.default(*[tensor_meta(a) for a in args])
-    shape = [_int(s) for s in tensor_meta(head).shape]
+    # Gather along dim 0 with the vocabulary moved there, then back: no size is baked in, so
+    # a dynamic sequence length stays dynamic.
+    ndim = tensor_meta(head).dim()
     g = gm.graph
-    with g.inserting_after(head):
-        gathered = g.call_function(all_gather, (head, world, tp.group_name))
-    with g.inserting_after(gathered):
-        done = g.call_function(wait, (gathered,))
-    with g.inserting_after(done):
-        split = g.call_function(aten.view.default, (done, [world, *shape]))
-    with g.inserting_after(split):
-        moved = g.call_function(aten.permute.default, (split, [*range(1, len(shape)), 0, len(shape)]))
-    with g.inserting_after(moved):
-        packed = g.call_function(aten.clone.default, (moved,), {"memory_format": torch.contiguous_format})
-    with g.inserting_after(packed):
-        logits = g.call_function(aten.view.default, (packed, [*shape[:-1], world * per]))
-    for n in (gathered, done, split, moved, packed, logits):
-        n.meta = {k: v for k, v in head.meta.items() if k != "val"}
-        n.meta["val"] = _evaluate(n)
-    head.replace_all_uses_with(logits, delete_user_cb=lambda u: u is not gathered)
+    steps = [
+        (aten.permute.default, lambda x: (x, [ndim - 1, *range(ndim - 1)]), {}),
+        (aten.clone.default, lambda x: (x,), {"memory_format": torch.contiguous_format}),
+        (all_gather, lambda x: (x, world, tp.group_name), {}),
+        (wait, lambda x: (x,), {}),
+        (aten.permute.default, lambda x: (x, [*range(1, ndim), 0]), {}),
+        (aten.clone.default, lambda x: (x,), {"memory_format": torch.contiguous_format}),
+    ]
+    prev, first = head, None
+    for target, make_args, kwargs in steps:
+        with g.inserting_after(prev):
+            node = g.call_function(target, make_args(prev), kwargs)
+        node.meta = {k: v for k, v in head.meta.items() if k != "val"}
+        node.meta["val"] = _evaluate(node)
+        first = first or node
+        prev = node
+    head.replace_all_uses_with(prev, delete_user_cb=lambda u: u is not first)
     ctx.rewrite(head, f"vocab-parallel LM head: {int(w.shape[0])} → {per} rows, then all_gather over {world} ranks")
 
 
@@ -626,3 +637,9 @@ def _name(node) -> str:
 
     layer = layer_of(node)
     return f"{node.name} ({layer})" if layer else node.name
+
+
+def _layer(node) -> str:
+    from ..report import layer_of
+
+    return layer_of(node) or node.name
