@@ -26,6 +26,9 @@ SMALL: dict[str, tuple[list[str], list[str]]] = {
                          ["graphs compiled: 1", "rewrites per pass:", "wrote {tmp}/report.html"]),
     "serve_batch.py": (["--layers", "1", "--hidden", "64", "--requests", "3", "--new-tokens", "3"],
                        ["tokens/s", "KV cache used/reserved", "tokens equal to llmopt.generate alone: True"]),
+    "tensor_parallel.py": (["--layers", "1", "--new-tokens", "4", "--prompt-len", "6"],
+                           ["tokens equal (llmopt.generate, 2 ranks vs eager): True",
+                            "tokens equal (HF generate + StaticKVCache, 2 ranks vs eager): True"]),
     # Written with other issues:
     "quantize_and_save.py": (["--small", "--scheme", "int8", "--out", "{tmp}/quantized"], []),
 }
