@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tolerance
+from conftest import relative_error, tolerance
 from distributed.launch import run_ranks
 from llmopt import Options
 from llmopt.distributed import TensorParallelError
@@ -104,3 +104,53 @@ def test_option_without_process_group_is_a_clear_error():
 def test_option_rejects_other_values(value):
     with pytest.raises(TensorParallelError, match="not valid"):
         Options(tensor_parallel=value)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A 1-rank gloo group in this process, destroyed afterwards (other tests expect none)."""
+    import torch.distributed as dist
+
+    from distributed.launch import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_functional_collectives_wrapper(one_rank_group):
+    from llmopt import compat
+
+    all_reduce, all_gather, wait = compat.functional_collectives()
+    x = torch.arange(6.0).reshape(2, 3)
+    name = one_rank_group.group_name
+    assert torch.equal(wait(all_reduce(x, "sum", name)), x)
+    assert torch.equal(wait(all_gather(x, 1, name)), x)
+
+
+def test_process_group_and_mesh_values_resolve(one_rank_group):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from llmopt.distributed import resolve_tensor_parallel
+
+    for value in ("auto", one_rank_group, init_device_mesh("cpu", (1,))):
+        tp = resolve_tensor_parallel(value)
+        assert (tp.rank, tp.world_size, tp.backend) == (0, 1, "gloo")
+    with pytest.raises(TensorParallelError, match="2-D DeviceMesh"):
+        resolve_tensor_parallel(init_device_mesh("cpu", (1, 1)))
+
+
+def test_world_size_one_compiles_unsharded(one_rank_group):
+    import llmopt
+    from models.tiny import tiny_model, tokens
+
+    model, ids = tiny_model("llama"), tokens(1, 5)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        out = torch.compile(model, backend="llmopt", options={"tensor_parallel": "auto", "strict": True})(ids, use_cache=False).logits
+    torch._dynamo.reset()
+    assert relative_error(out, ref) <= tolerance(torch.float32)
+    assert "shard_tensor_parallel: world size 1, nothing to shard" in llmopt.last_report().notes
