@@ -15,6 +15,8 @@ weights the rank's compiled graph holds, and the rank's peak RSS. An honest figu
 ranks share one memory bus and gloo all-reduces go through the kernel's loopback TCP
 (two per layer per token), so on CPU tensor parallelism saves memory per rank rather than
 time; on GPUs the all-reduce runs over NVLink (NCCL) and decode is bandwidth-bound per GPU.
+The results file records the machine's load average: on a shared machine (load above the
+core count) the three configurations are not comparable and only the bytes are meaningful.
 """
 from __future__ import annotations
 
@@ -135,6 +137,7 @@ def main() -> None:
     from common import environment, write_results
 
     cases = {}
+    print(f"load average (1 min): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     for name, world, threads in (("1 rank, 1 thread", 1, 1), ("1 rank, 2 threads", 1, 2), ("2 ranks, 1 thread each", 2, 1)):
         cases[name] = run_config(world, threads, args)
         c = cases[name]
@@ -143,7 +146,7 @@ def main() -> None:
     base = cases["1 rank, 1 thread"]["decode_tok_s"]
     for c in cases.values():
         c["x_one_rank"] = c["decode_tok_s"] / base
-    payload = {"environment": environment(), "model": {"layers": args.layers, "hidden": args.hidden,
+    payload = {"environment": environment(), "load_average_1min": os.getloadavg()[0], "model": {"layers": args.layers, "hidden": args.hidden,
                "heads": 8, "kv_heads": 4, "vocab": 8192, "dtype": "fp32", "prompt_len": args.prompt_len,
                "new_tokens": args.new_tokens, "rounds": args.rounds}, "cases": cases}
     if not args.no_write:
