@@ -119,6 +119,21 @@ def run_config(world: int, threads: int, args) -> dict:
     return json.loads(out.read_text())
 
 
+def results_payload(cases: dict, args, load: float) -> dict:
+    """The results file (``common.write_results`` shape, rendered by make_tables.py)."""
+    from common import environment
+
+    base = cases["1 rank, 1 thread"]["decode_tok_s"]
+    rows = [{"configuration": name, "decode_tokens_per_s": c["decode_tok_s"], "x_one_rank": c["decode_tok_s"] / base,
+             "graph_weight_MB_per_rank": c["graph_weight_mb"], "peak_RSS_MB_per_rank": c["peak_rss_mb"]}
+            for name, c in cases.items()]
+    note = (f"Llama {args.layers} layers, hidden {args.hidden}, 8 heads / 4 KV heads, vocab 8192, fp32; "
+            f"decode slope between {4} and {4 + args.new_tokens} new tokens, median of {args.rounds}; "
+            f"load average {load:.1f} during the run"
+            + (" (a shared machine: timings not comparable, bytes are)" if load > (os.cpu_count() or 1) else ""))
+    return {"benchmark": "tp", "environment": environment(), "note": note, "results": rows, "raw": cases}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -134,7 +149,7 @@ def main() -> None:
     if args.rank_main:
         return rank_main(args)
 
-    from common import environment, write_results
+    from common import write_results
 
     cases = {}
     print(f"load average (1 min): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
@@ -143,12 +158,7 @@ def main() -> None:
         c = cases[name]
         print(f"{name:24s} decode {c['decode_tok_s']:7.1f} tok/s   graph weights {c['graph_weight_mb']:6.1f} MB/rank   "
               f"peak RSS {c['peak_rss_mb']:6.0f} MB/rank", flush=True)
-    base = cases["1 rank, 1 thread"]["decode_tok_s"]
-    for c in cases.values():
-        c["x_one_rank"] = c["decode_tok_s"] / base
-    payload = {"environment": environment(), "load_average_1min": os.getloadavg()[0], "model": {"layers": args.layers, "hidden": args.hidden,
-               "heads": 8, "kv_heads": 4, "vocab": 8192, "dtype": "fp32", "prompt_len": args.prompt_len,
-               "new_tokens": args.new_tokens, "rounds": args.rounds}, "cases": cases}
+    payload = results_payload(cases, args, os.getloadavg()[0])
     if not args.no_write:
         print("wrote", write_results("tp", payload))
 
