@@ -260,7 +260,8 @@ def recording_recompiles() -> _RecompileRecorder:
 
 def functional_collectives() -> Any:
     """The traceable collectives of ``torch.distributed._functional_collectives`` as ATen
-    ops: ``(all_reduce, all_gather_into_tensor, wait_tensor)``.
+    ops: ``(all_reduce, all_gather_into_tensor, wait_tensor)`` (``broadcast(x, src,
+    group_name)`` through :func:`functional_broadcast`).
 
     ``all_reduce(x, "sum", group_name)`` and ``all_gather_into_tensor(x, world_size,
     group_name)`` return a tensor that ``wait_tensor`` completes; Dynamo, AOTAutograd and
@@ -271,3 +272,10 @@ def functional_collectives() -> Any:
 
     ops = torch.ops._c10d_functional
     return ops.all_reduce.default, ops.all_gather_into_tensor.default, ops.wait_tensor.default
+
+
+def functional_broadcast() -> Any:
+    """``_c10d_functional.broadcast(x, src, group_name)`` (complete it with ``wait_tensor``)."""
+    import torch.distributed._functional_collectives  # noqa: F401 - registers the ops
+
+    return torch.ops._c10d_functional.broadcast.default

@@ -36,6 +36,10 @@ once, after the all-reduce. The collectives are ``torch.distributed``'s function
 (``compat.functional_collectives``), which the aten executor runs as they are and
 Inductor schedules.
 
+Every rank must feed the same tokens: the graph broadcasts rank 0's token ids and asserts
+that this rank's are equal (a rank sampling on its own would otherwise make the
+all-reduces mix different sequences, silently).
+
 The all-reduce is followed by the residual add + RMSNorm, which ``fuse_residual_norm``
 fuses into one op; the all-reduce itself stays a separate collective just before it (a
 fused all-reduce + add + norm needs a custom NCCL/NVSHMEM kernel, which functional
@@ -158,9 +162,17 @@ def run(gm: fx.GraphModule, ctx) -> int:
             _shard_lm_head(gm, head, tp, ctx, all_gather, wait)
             sharded += 1
             collectives += 1
-    for node in gm.graph.nodes:
+    checked = set()
+    for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target == aten.embedding.default:
             ctx.rewrite(node, "embedding replicated (a vocab-parallel lookup would add an all-reduce of the hidden state)")
+            ids = node.args[1]
+            if pairs and isinstance(ids, fx.Node) and ids.op == "placeholder" and ids not in checked:
+                _check_same_ids(gm, ids, tp, wait)
+                checked.add(ids)
+                collectives += 1
+                ctx.rewrite(node, "token ids compared with rank 0's (broadcast) before the lookup: ranks fed "
+                                  "different tokens fail loudly instead of mixing their activations")
     gm.graph.eliminate_dead_code()
     _release(gm, old_weights)
     ctx.report.notes.append(
@@ -621,6 +633,29 @@ def _shard_lm_head(gm, head, tp, ctx, all_gather, wait) -> None:
         prev = node
     head.replace_all_uses_with(prev, delete_user_cb=lambda u: u is not first)
     ctx.rewrite(head, f"vocab-parallel LM head: {int(w.shape[0])} → {per} rows, then all_gather over {world} ranks")
+
+
+def _check_same_ids(gm, ids: fx.Node, tp, wait) -> None:
+    """Every rank must feed the same tokens (a rank that sampled its own, unseeded, would
+    make the all-reduces sum activations of different sequences: a silent wrong answer).
+    Broadcast rank 0's ids and assert they equal this rank's: one tiny collective a step."""
+    g = gm.graph
+    anchor = next(n for n in g.nodes if n.op != "placeholder")
+    message = (f"llmopt tensor parallelism: rank {tp.rank} was given different token ids than rank 0; every "
+               "rank must run the same requests with the same sampling (greedy, or the same seed per request)")
+    steps = [
+        (compat.functional_broadcast(), lambda x: (x, 0, tp.group_name)),
+        (wait, lambda x: (x,)),
+        (aten.eq.Tensor, lambda x: (x, ids)),
+        (aten.all.default, lambda x: (x,)),
+        (aten._assert_async.msg, lambda x: (x, message)),
+    ]
+    prev = ids
+    for target, make_args in steps:
+        with g.inserting_before(anchor):
+            node = g.call_function(target, make_args(prev))
+        node.meta["val"] = _evaluate(node) if target is not aten._assert_async.msg else None
+        prev = node
 
 
 def _release(gm, targets) -> None:

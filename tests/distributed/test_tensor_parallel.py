@@ -88,6 +88,15 @@ def test_indivisible_heads_error_names_both_numbers(runtime):
         assert "3 query heads" in error and "world size 2" in error and "valid world sizes: [1, 3]" in error
 
 
+def test_ranks_fed_different_tokens_fail_loudly(runtime):
+    # rank 0's tokens are the reference: it passes the check, then its next collective fails
+    # clearly when rank 1 stops (or never, depending on timing)
+    first = runtime[0]["diverged"]["error"]
+    assert first is None or first.startswith("CollectiveFailedError")
+    error = runtime[1]["diverged"]["error"]
+    assert error is not None and "rank 1 was given different token ids than rank 0" in error
+
+
 def test_dead_rank_fails_the_others_clearly(tmp_path):
     results = run_ranks("dead_rank", tmp_path, expect_fail=(1,), timeout=120)
     error = results[0]["error"]

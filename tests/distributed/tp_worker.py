@@ -119,7 +119,7 @@ def scenario_families(args) -> dict:
 def scenario_runtime(args) -> dict:
     """int8 under TP, the Engine under TP, and the indivisible-heads error, in one launch."""
     out = {}
-    for part in (scenario_int8, scenario_engine, scenario_heads):
+    for part in (scenario_int8, scenario_engine, scenario_heads, scenario_diverged):
         compat.reset_dynamo()
         llmopt.clear_reports()
         out[part.__name__.removeprefix("scenario_")] = part(args)
@@ -165,6 +165,17 @@ def scenario_heads(args) -> dict:
         with torch.no_grad():
             torch.compile(model, backend="llmopt", options=OPTIONS)(tokens(1, 4), use_cache=False)
     except Exception as exc:  # Dynamo wraps backend errors; the message is what the user reads
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"error": None}
+
+
+def scenario_diverged(args) -> dict:
+    """Ranks fed different tokens (as unseeded sampling would do): a clear error."""
+    model = build("llama")
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend="llmopt", options=OPTIONS)(tokens(1, 4, seed=args.rank), use_cache=False)
+    except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     return {"error": None}
 
