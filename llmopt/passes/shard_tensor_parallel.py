@@ -51,7 +51,6 @@ holds only this rank's shards; the merged full weights are released).
 """
 from __future__ import annotations
 
-import collections
 import operator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -303,7 +302,7 @@ def _assign_heads(pair: Pair, world: int, rank: int) -> None:
             if s.width % world:
                 raise TensorParallelError(
                     f"llmopt tensor parallelism: {_layer(pair.row)} has {s.width} input features, not divisible by "
-                    f"the world size {world}; valid world sizes: {_valid_sizes(s.width)}"
+                    f"the world size {world}; valid world sizes: {_divisors(s.width)}"
                 )
             per = s.width // world
             s.keep, s.stream = (rank * per, (rank + 1) * per), "mlp"
@@ -333,10 +332,6 @@ def _assign_heads(pair: Pair, world: int, rank: int) -> None:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _valid_sizes(n: int) -> list[int]:
-    return _divisors(n)
 
 
 # ------------------------------------------------------------------------------ rewrite
