@@ -165,6 +165,10 @@ def compile_inference_graph(
     report.graph_after = networkx_view(gm)
     report.compile_seconds = time.perf_counter() - start
     _finish_report(report, opts)
+    if opts.tensor_parallel is not None:
+        from .distributed import guard_collectives
+
+        inner = guard_collectives(inner, opts.tensor_parallel)
     return _frozen_call(inner, keep, weights, opts.check_weights)
 
 

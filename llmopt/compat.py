@@ -319,3 +319,26 @@ def dynamo_control_flow_exceptions() -> tuple[type[BaseException], ...]:
 def is_dynamo_control_flow(exc: BaseException) -> bool:
     """True when ``exc`` is one of Dynamo's control-flow exceptions (never swallow it)."""
     return isinstance(exc, dynamo_control_flow_exceptions())
+
+
+def functional_collectives() -> Any:
+    """The traceable collectives of ``torch.distributed._functional_collectives`` as ATen
+    ops: ``(all_reduce, all_gather_into_tensor, wait_tensor)`` (``broadcast(x, src,
+    group_name)`` through :func:`functional_broadcast`).
+
+    ``all_reduce(x, "sum", group_name)`` and ``all_gather_into_tensor(x, world_size,
+    group_name)`` return a tensor that ``wait_tensor`` completes; Dynamo, AOTAutograd and
+    Inductor all know them (gpt-fast's tensor parallelism relies on the same ops), so a
+    sharded decode step stays one graph. The ``_c10d_functional`` namespace is private.
+    """
+    import torch.distributed._functional_collectives  # noqa: F401 - registers the ops
+
+    ops = torch.ops._c10d_functional
+    return ops.all_reduce.default, ops.all_gather_into_tensor.default, ops.wait_tensor.default
+
+
+def functional_broadcast() -> Any:
+    """``_c10d_functional.broadcast(x, src, group_name)`` (complete it with ``wait_tensor``)."""
+    import torch.distributed._functional_collectives  # noqa: F401 - registers the ops
+
+    return torch.ops._c10d_functional.broadcast.default

@@ -39,6 +39,9 @@ class Options:
     unified_max_softmax: decode attention uses FlashDecoding++'s unified max value
         (exact fallback for rows that overflow it).
     log: print the compile report at compile time (also ``LLMOPT_LOG=1``).
+    tensor_parallel: ``None`` (one device), ``"auto"`` (shard over the default
+        ``torch.distributed`` process group) or an explicit ``ProcessGroup`` / 1-D
+        ``DeviceMesh``; see docs/tensor_parallel.md.
     """
 
     disable: tuple[str, ...] = ()
@@ -53,6 +56,7 @@ class Options:
     check_weights: bool = True
     unified_max_softmax: bool = False
     log: bool = field(default_factory=lambda: os.environ.get("LLMOPT_LOG", "0") not in ("", "0"))
+    tensor_parallel: Any = None
 
     def __post_init__(self):
         from .passes import PASS_NAMES
@@ -80,6 +84,10 @@ class Options:
             raise TypeError(f"llmopt option 'tuning_table' must be a path, got {self.tuning_table!r}")
         if self.quantize is not None:
             object.__setattr__(self, "quantize", _parse_quantize(self.quantize))
+        if self.tensor_parallel is not None:
+            from .distributed import check_tensor_parallel_option
+
+            check_tensor_parallel_option(self.tensor_parallel)
 
     def enabled(self, pass_name: str) -> bool:
         if self.only is not None and pass_name not in self.only:

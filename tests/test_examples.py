@@ -32,6 +32,9 @@ SMALL: dict[str, tuple[list[str], list[str]]] = {
     "moe_generate.py": (["--layers", "1", "--hidden", "64", "--intermediate", "96", "--new-tokens", "3"],
                         ["→ moe_route(softmax, top_k=2, renormalize=True) + fused_experts(silu, 8 experts, I=96)",
                          "tokens equal to eager: True"]),
+    "tensor_parallel.py": (["--layers", "1", "--new-tokens", "4", "--prompt-len", "6"],
+                           ["tokens equal (llmopt.generate, 2 ranks vs eager): True",
+                            "tokens equal (HF generate + StaticKVCache, 2 ranks vs eager): True"]),
     # Written with other issues:
     "quantize_and_save.py": (["--small", "--scheme", "int8", "--out", "{tmp}/quantized"], []),
 }

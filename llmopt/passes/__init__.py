@@ -36,6 +36,7 @@ PIPELINE: tuple[str, ...] = (
     "normalize",
     "fuse_moe",
     "merge_parallel_linears",
+    "shard_tensor_parallel",
     "fuse_residual_norm",
     "fuse_gated_activation",
     "fuse_rope",
@@ -115,9 +116,11 @@ def _run_one(name: str, module: Any, gm: fx.GraphModule, ctx: PassContext) -> in
     try:
         count = int(module.run(gm, ctx))
         gm.graph.lint()
-    except Exception as exc:  # a pass must never take the user's model down
+    except Exception as exc:  # a pass must never take the user's model down...
         if compat.is_dynamo_control_flow(exc):
             raise  # Dynamo steers its tracing with these: never swallow them
+        if getattr(exc, "llmopt_user_error", False):
+            raise  # ...unless the user asked for something impossible (it says what to change)
         seconds = time.perf_counter() - start
         gm.graph = saved_graph
         for attr in set(gm._buffers) - saved_attrs:

@@ -1,0 +1,167 @@
+"""Tensor parallelism on CPU: decode tokens/s of 2 gloo ranks vs 1 process.
+
+    python benchmarks/bench_tp.py                 # writes results/cpu-<date>-tp.json
+    python benchmarks/bench_tp.py --no-write --layers 2
+
+The same seeded Llama (GQA) is compiled with llmopt three ways, each in fresh processes:
+
+- ``1 rank, 1 thread``: no tensor parallelism;
+- ``1 rank, 2 threads``: no tensor parallelism, the two cores the TP run uses;
+- ``2 ranks, 1 thread each``: ``options={"tensor_parallel": "auto"}`` over gloo.
+
+Per configuration: decode tokens/s from ``llmopt.generate`` (the slope between a short
+and a long generation, so prefill and setup cancel; median of ``--rounds``), the bytes of
+weights the rank's compiled graph holds, and the rank's peak RSS. An honest figure: the
+ranks share one memory bus and gloo all-reduces go through the kernel's loopback TCP
+(two per layer per token), so on CPU tensor parallelism saves memory per rank rather than
+time; on GPUs the all-reduce runs over NVLink (NCCL) and decode is bandwidth-bound per GPU.
+The results file records the machine's load average: on a shared machine (load above the
+core count) the three configurations are not comparable and only the bytes are meaningful.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def model_config(args):
+    import transformers as tf
+
+    return tf.LlamaConfig(vocab_size=8192, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+                          num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
+                          max_position_embeddings=1024)
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rank_main(args) -> None:
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+    import transformers as tf
+
+    import llmopt
+    from llmopt import backend
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    options = {}
+    if world > 1:
+        dist.init_process_group("gloo")
+        options["tensor_parallel"] = "auto"
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(model_config(args)).eval()
+    graphs = []
+    pipeline = backend.run_pipeline
+    backend.run_pipeline = lambda gm, ctx: (pipeline(gm, ctx), graphs.append(gm))[0]
+    compiled = torch.compile(model, backend="llmopt", options=options)
+    ids = torch.randint(1, 8192, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    short, long = 4, 4 + args.new_tokens
+
+    def timed(n):
+        if world > 1:
+            dist.barrier()
+        start = time.perf_counter()
+        llmopt.generate(compiled, ids, n, stop_token_ids=())
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        timed(short), timed(long)  # compiles prefill and decode
+        per_token = [(timed(long) - timed(short)) / (long - short) for _ in range(args.rounds)]
+    consts = {n.target for n in graphs[-1].graph.nodes if n.op == "get_attr"}
+    weight_bytes = sum(getattr(graphs[-1], t).numel() * getattr(graphs[-1], t).element_size() for t in consts)
+    result = {
+        "decode_tok_s": 1.0 / statistics.median(per_token),
+        "decode_tok_s_runs": [1.0 / t for t in per_token],
+        "graph_weight_mb": weight_bytes / 2**20,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.out).write_text(json.dumps(result))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def run_config(world: int, threads: int, args) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = Path(tempfile.mkdtemp()) / "rank0.json"
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+        cmd = [sys.executable, __file__, "--rank-main", "--threads", str(threads), "--out", str(out),
+               "--layers", str(args.layers), "--hidden", str(args.hidden), "--new-tokens", str(args.new_tokens),
+               "--prompt-len", str(args.prompt_len), "--rounds", str(args.rounds)]
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"ranks exited with {codes}")
+    return json.loads(out.read_text())
+
+
+def results_payload(cases: dict, args, load: float) -> dict:
+    """The results file (``common.write_results`` shape, rendered by make_tables.py)."""
+    from common import environment
+
+    base = cases["1 rank, 1 thread"]["decode_tok_s"]
+    rows = [{"configuration": name, "decode_tokens_per_s": c["decode_tok_s"], "x_one_rank": c["decode_tok_s"] / base,
+             "graph_weight_MB_per_rank": c["graph_weight_mb"], "peak_RSS_MB_per_rank": c["peak_rss_mb"]}
+            for name, c in cases.items()]
+    note = (f"Llama {args.layers} layers, hidden {args.hidden}, 8 heads / 4 KV heads, vocab 8192, fp32; "
+            f"decode slope between {4} and {4 + args.new_tokens} new tokens, median of {args.rounds}; "
+            f"load average {load:.1f} during the run"
+            + (" (a shared machine: timings not comparable, bytes are)" if load > (os.cpu_count() or 1) else ""))
+    return {"benchmark": "tp", "environment": environment(), "note": note, "results": rows, "raw": cases}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.rank_main:
+        return rank_main(args)
+
+    from common import write_results
+
+    cases = {}
+    print(f"load average (1 min): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    for name, world, threads in (("1 rank, 1 thread", 1, 1), ("1 rank, 2 threads", 1, 2), ("2 ranks, 1 thread each", 2, 1)):
+        cases[name] = run_config(world, threads, args)
+        c = cases[name]
+        print(f"{name:24s} decode {c['decode_tok_s']:7.1f} tok/s   graph weights {c['graph_weight_mb']:6.1f} MB/rank   "
+              f"peak RSS {c['peak_rss_mb']:6.0f} MB/rank", flush=True)
+    payload = results_payload(cases, args, os.getloadavg()[0])
+    if not args.no_write:
+        print("wrote", write_results("tp", payload))
+
+
+if __name__ == "__main__":
+    main()

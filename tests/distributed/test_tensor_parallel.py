@@ -1,0 +1,165 @@
+"""Tensor parallelism over torch.distributed: 2 gloo ranks on CPU against one process.
+
+Each launch spawns two ranks (``launch.run_ranks``, subprocesses on a free port) that run
+one scenario of ``tp_worker.py``; the tests read what every rank recorded. The oracle is
+the same seeded model run eagerly in one process: prefill logits within the fp32
+tolerance and equal greedy tokens, for Llama with 2 KV heads (split over the ranks) and 1
+KV head (replicated), Qwen2 (attention biases) and GPT-2 (Conv1D, fused ``c_attn``); int8
+under TP against int8 on one device; the Engine under TP against ``llmopt.generate``.
+Exact counts: per 2-layer model, 4 column- and 4 row-parallel linears, 4 all-reduces, a
+vocab-parallel LM head with its all-gather, and the rank's graph holding exactly half of
+every sharded weight.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import relative_error, tolerance
+from distributed.launch import run_ranks
+from llmopt import Options
+from llmopt.distributed import TensorParallelError
+
+FAMILIES = ("llama", "llama_mqa", "qwen2", "gpt2")
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    return run_ranks("families", tmp_path_factory.mktemp("tp_families"))
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    return run_ranks("runtime", tmp_path_factory.mktemp("tp_runtime"))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prefill_logits_equal_single_process(families, name):
+    for rank, result in enumerate(families):
+        assert result[name]["logits_error"] <= tolerance(torch.float32), (rank, result[name])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_exact_sharding_counts(families, name):
+    for result in families:
+        r = result[name]
+        assert r["status"] == "ok"
+        assert (r["column"], r["row"], r["vocab"], r["rewrites"]) == (4, 4, 1, 9)
+        assert (r["all_reduce"], r["all_gather"]) == (4, 1)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_mqa"])
+def test_greedy_generation_equal_and_no_decode_recompile(families, name):
+    for result in families:
+        r = result[name]
+        assert r["tokens"] == r["ref_tokens"]
+        assert r["again_equal"]
+        # one graph without cache, then the prefill and ONE decode graph for all decode steps
+        assert r["graphs_first"] == 3
+
+
+def test_rank_holds_half_of_each_sharded_weight(families):
+    r = families[0]["llama"]
+    # replicated: embedding 256x64, 5 RMSNorm weights, RoPE inv_freq (8); the rest is sharded
+    replicated = (256 * 64 + 5 * 64 + 8) * 4
+    assert r["weight_bytes"] == (r["single_weight_bytes"] - replicated) // 2 + replicated
+
+
+def test_int8_under_tensor_parallel(runtime):
+    for result in runtime:
+        r = result["int8"]
+        assert r["quantized"] == 9  # every sharded linear, quantized per rank
+        assert (r["column"], r["row"], r["vocab"]) == (4, 4, 1)
+        assert r["tokens"] == r["ref_tokens"]
+
+
+def test_engine_under_tensor_parallel(runtime):
+    for result in runtime:
+        r = result["engine"]
+        assert r["outputs"] == r["refs"]  # greedy and seeded sampling: identical on every rank
+        assert max(r["sharded_per_graph"]) >= 5  # at least the MLPs and the LM head are sharded
+    assert runtime[0]["engine"]["outputs"] == runtime[1]["engine"]["outputs"]
+
+
+def test_indivisible_heads_error_names_both_numbers(runtime):
+    for result in runtime:
+        error = result["heads"]["error"]
+        assert "TensorParallelError" in error
+        assert "3 query heads" in error and "world size 2" in error and "valid world sizes: [1, 3]" in error
+
+
+def test_ranks_fed_different_tokens_fail_loudly(runtime):
+    # rank 0's tokens are the reference: it passes the check, then its next collective fails
+    # clearly when rank 1 stops (or never, depending on timing)
+    first = runtime[0]["diverged"]["error"]
+    assert first is None or first.startswith("CollectiveFailedError")
+    error = runtime[1]["diverged"]["error"]
+    assert error is not None and "rank 1 was given different token ids than rank 0" in error
+
+
+def test_dead_rank_fails_the_others_clearly(tmp_path):
+    results = run_ranks("dead_rank", tmp_path, expect_fail=(1,), timeout=120)
+    error = results[0]["error"]
+    assert error is not None and error.startswith("CollectiveFailedError")
+    assert "another rank probably exited" in error
+
+
+def test_option_without_process_group_is_a_clear_error():
+    with pytest.raises(TensorParallelError, match="no torch.distributed process group is initialized"):
+        Options(tensor_parallel="auto")
+
+
+@pytest.mark.parametrize("value", ["all", 2, [0, 1]])
+def test_option_rejects_other_values(value):
+    with pytest.raises(TensorParallelError, match="not valid"):
+        Options(tensor_parallel=value)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A 1-rank gloo group in this process, destroyed afterwards (other tests expect none)."""
+    import torch.distributed as dist
+
+    from distributed.launch import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_functional_collectives_wrapper(one_rank_group):
+    from llmopt import compat
+
+    all_reduce, all_gather, wait = compat.functional_collectives()
+    x = torch.arange(6.0).reshape(2, 3)
+    name = one_rank_group.group_name
+    assert torch.equal(wait(all_reduce(x, "sum", name)), x)
+    assert torch.equal(wait(all_gather(x, 1, name)), x)
+
+
+def test_process_group_and_mesh_values_resolve(one_rank_group):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from llmopt.distributed import resolve_tensor_parallel
+
+    for value in ("auto", one_rank_group, init_device_mesh("cpu", (1,))):
+        tp = resolve_tensor_parallel(value)
+        assert (tp.rank, tp.world_size, tp.backend) == (0, 1, "gloo")
+    with pytest.raises(TensorParallelError, match="2-D DeviceMesh"):
+        resolve_tensor_parallel(init_device_mesh("cpu", (1, 1)))
+
+
+def test_world_size_one_compiles_unsharded(one_rank_group):
+    import llmopt
+    from models.tiny import tiny_model, tokens
+
+    model, ids = tiny_model("llama"), tokens(1, 5)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        out = torch.compile(model, backend="llmopt", options={"tensor_parallel": "auto", "strict": True})(ids, use_cache=False).logits
+    torch._dynamo.reset()
+    assert relative_error(out, ref) <= tolerance(torch.float32)
+    assert "shard_tensor_parallel: world size 1, nothing to shard" in llmopt.last_report().notes

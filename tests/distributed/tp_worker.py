@@ -1,0 +1,218 @@
+"""The rank side of the tensor-parallel tests: one scenario per run, results as JSON.
+
+Run by ``launch.run_ranks`` (never imported by pytest as a test module). Every scenario
+builds the same seeded tiny model on each rank, computes the single-process reference
+eagerly, then compiles with ``options={"tensor_parallel": "auto"}`` and records what the
+tests assert: relative errors, greedy tokens, the pass's counts, collectives in the final
+graph, bytes of weights the rank's graph holds, graphs compiled.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import transformers as tf
+
+import llmopt
+from llmopt import backend, compat
+from conftest import relative_error
+from models.tiny import _common, tiny_model, tokens
+
+OPTIONS = {"tensor_parallel": "auto", "strict": True}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def build(name: str):
+    if name == "llama_mqa":  # one KV head: replicated over the ranks
+        torch.manual_seed(0)
+        cfg = tf.LlamaConfig(**_common(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=1))
+        return tf.LlamaForCausalLM(cfg).eval()
+    if name == "llama_3heads":
+        torch.manual_seed(0)
+        cfg = tf.LlamaConfig(**_common(hidden_size=48, intermediate_size=96, num_attention_heads=3, num_key_value_heads=3))
+        return tf.LlamaForCausalLM(cfg).eval()
+    return tiny_model(name)
+
+
+def capture_graphs():
+    graphs = []
+    pipeline = backend.run_pipeline
+
+    def run_pipeline(gm, ctx):
+        total = pipeline(gm, ctx)
+        graphs.append(gm)
+        return total
+
+    backend.run_pipeline = run_pipeline
+    return graphs
+
+
+def graph_facts(gm) -> dict:
+    ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    consts = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    weight_bytes = sum(getattr(gm, t).numel() * getattr(gm, t).element_size() for t in consts)
+    return {
+        "all_reduce": ops.count("_c10d_functional.all_reduce.default"),
+        "all_gather": ops.count("_c10d_functional.all_gather_into_tensor.default"),
+        "weight_bytes": weight_bytes,
+    }
+
+
+def pass_facts(report) -> dict:
+    details = [r.detail for r in report.rewrites if r.pass_name == "shard_tensor_parallel"]
+    record = next(p for p in report.passes if p.name == "shard_tensor_parallel")
+    return {
+        "column": sum(d.startswith("column-parallel") for d in details),
+        "row": sum(d.startswith("row-parallel") for d in details),
+        "vocab": sum(d.startswith("vocab-parallel") for d in details),
+        "rewrites": record.rewrites,
+        "status": record.status,
+    }
+
+
+def scenario_families(args) -> dict:
+    """Prefill logits of every family; greedy generation where the KV cache is split (Llama,
+    2 KV heads) and where it is replicated (1 KV head)."""
+    out = {}
+    graphs = capture_graphs()
+    for name in ("llama", "llama_mqa", "qwen2", "gpt2"):
+        model = build(name)
+        ids = tokens(1, 6)
+        compat.reset_dynamo()
+        llmopt.clear_reports()
+        del graphs[:]
+        with torch.no_grad():
+            ref_logits = model(ids, use_cache=False).logits
+            compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+            logits = compiled(ids, use_cache=False).logits
+        out[name] = {"logits_error": relative_error(logits, ref_logits), **pass_facts(llmopt.last_report()),
+                     **graph_facts(graphs[0])}
+        log(f"{name}: logits")
+        if name in ("llama", "llama_mqa"):
+            with torch.no_grad():
+                ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
+                got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=())
+                n_graphs = len(llmopt.reports())
+                again = llmopt.generate(compiled, ids[:, :4], max_new_tokens=7, stop_token_ids=())
+                ref_again = llmopt.generate(model, ids[:, :4], max_new_tokens=7, stop_token_ids=())
+            out[name].update(tokens=got.tolist(), ref_tokens=ref.tolist(), again_equal=bool(torch.equal(again, ref_again)),
+                             graphs_first=n_graphs, graphs_second=len(llmopt.reports()))
+            log(f"{name}: generate")
+    compat.reset_dynamo()
+    del graphs[:]
+    with torch.no_grad():  # Llama compiled on one device: what a rank's graph saves
+        torch.compile(build("llama"), backend="llmopt", options={"strict": True})(tokens(1, 6), use_cache=False)
+    out["llama"]["single_weight_bytes"] = graph_facts(graphs[0])["weight_bytes"]
+    return out
+
+
+def scenario_runtime(args) -> dict:
+    """int8 under TP, the Engine under TP, and the indivisible-heads error, in one launch."""
+    out = {}
+    for part in (scenario_int8, scenario_engine, scenario_heads, scenario_diverged):
+        compat.reset_dynamo()
+        llmopt.clear_reports()
+        out[part.__name__.removeprefix("scenario_")] = part(args)
+        log(part.__name__)
+    return out
+
+
+def scenario_int8(args) -> dict:
+    model = build("llama")
+    ids = tokens(1, 6)
+    with torch.no_grad():
+        single = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"})
+        ref = llmopt.generate(single, ids, max_new_tokens=6, stop_token_ids=())
+        compat.reset_dynamo()
+        llmopt.clear_reports()
+        tp = torch.compile(model, backend="llmopt", options={**OPTIONS, "quantize": "int8"})
+        out = llmopt.generate(tp, ids, max_new_tokens=6, stop_token_ids=())
+    report = llmopt.reports()[0]
+    quantized = next(p.rewrites for p in report.passes if p.name == "quantize_linears")
+    return {"tokens": out.tolist(), "ref_tokens": ref.tolist(), "quantized": quantized, **pass_facts(report)}
+
+
+def scenario_engine(args) -> dict:
+    from llmopt.runtime.engine import Engine
+
+    model = build("llama")
+    prompts = [tokens(1, n, seed=n)[0].tolist() for n in (5, 9, 3)]
+    params = [llmopt.SamplingParams(max_new_tokens=6, stop_token_ids=()),
+              llmopt.SamplingParams(max_new_tokens=6, stop_token_ids=(), temperature=0.8, seed=7),
+              llmopt.SamplingParams(max_new_tokens=4, stop_token_ids=())]
+    with torch.no_grad():
+        refs = [llmopt.generate(model, torch.tensor([p]), sampling=s)[0, len(p):].tolist() for p, s in zip(prompts, params)]
+        compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+        with Engine(compiled, max_num_seqs=4, block_size=8, max_model_len=64, max_num_batched_tokens=24) as engine:
+            outs = engine.generate(prompts, params)
+    sharded = [next(p.rewrites for p in r.passes if p.name == "shard_tensor_parallel") for r in llmopt.reports()]
+    return {"outputs": outs, "refs": refs, "sharded_per_graph": sharded}
+
+
+def scenario_heads(args) -> dict:
+    model = build("llama_3heads")
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend="llmopt", options=OPTIONS)(tokens(1, 4), use_cache=False)
+    except Exception as exc:  # Dynamo wraps backend errors; the message is what the user reads
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"error": None}
+
+
+def scenario_diverged(args) -> dict:
+    """Ranks fed different tokens (as unseeded sampling would do): a clear error."""
+    model = build("llama")
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend="llmopt", options=OPTIONS)(tokens(1, 4, seed=args.rank), use_cache=False)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"error": None}
+
+
+def scenario_dead_rank(args) -> dict:
+    if args.rank == 1:
+        os._exit(3)  # this rank dies before the first forward
+    model = build("llama")
+    start = time.monotonic()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend="llmopt", options=OPTIONS)(tokens(1, 4), use_cache=False)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
+                            world_size=args.world, timeout=datetime.timedelta(seconds=30))
+    result = globals()[f"scenario_{args.scenario}"](args)
+    path = os.path.join(args.out, f"rank{args.rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+    if args.scenario != "dead_rank":
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
