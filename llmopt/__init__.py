@@ -15,6 +15,7 @@ _LAZY = {
     "StaticKVCache": "llmopt.runtime",
     "KVCacheFullError": "llmopt.runtime",
     "Engine": "llmopt.runtime.engine",
+    "EngineCallbackError": "llmopt.runtime.engine",
     "PagedKVCache": "llmopt.runtime.paged_cache",
     "KVCacheExhaustedError": "llmopt.runtime.paged_cache",
     "quantize_": "llmopt.quant",
