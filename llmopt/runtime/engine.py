@@ -305,7 +305,10 @@ class Engine:
         """A new request that continues ``request_id`` from its next sampling point (for a
         request that has not started: from its prompt), sharing its KV blocks
         (copy-on-write) and sampling with ``sampling_params`` (default: the parent's).
-        Its output starts with the parent's output at that point. Returns its id."""
+        Its output starts with the parent's output at that point. Returns its id.
+
+        A family (a request and its forks) never holds more than ``max_num_seqs`` seats, and
+        forking a running request needs a free seat now (``ValueError`` otherwise)."""
         parent = self._requests.get(request_id)
         if parent is None or parent.state in (_FINISHED, _FORKING):
             state = "unknown" if parent is None else parent.state
@@ -315,6 +318,13 @@ class Engine:
             raise ValueError(
                 f"cannot fork request {request_id}: with its forks it would need {family} sequences at once, "
                 f"more than max_num_seqs={self.max_num_seqs}; pass a larger max_num_seqs"
+            )
+        if parent.state == _RUNNING and self._seats_used() + 1 > self.max_num_seqs:
+            # a running family was admitted with the seats it had then: a new fork needs a free one
+            raise ValueError(
+                f"cannot fork request {request_id} now: {self._seats_used()} sequences are running or forking, "
+                f"max_num_seqs={self.max_num_seqs}; fork a request before it starts (a family is admitted "
+                "together), after another request finishes, or pass a larger max_num_seqs"
             )
         params = self._check_params(sampling_params) if sampling_params is not None else parent.params
         max_new = params.max_new_tokens or self.default_max_new_tokens

@@ -248,6 +248,8 @@ def check_invariants(engine) -> None:
     assert [r.arrival for r in waiting] == sorted(r.arrival for r in waiting)
     for req in running + waiting:
         assert all(c.state == "forking" and c.parent is req for c in req.children)
+    seats = len(running) + sum(len(r.children) for r in running)
+    assert seats <= engine.max_num_seqs, f"{seats} sequences running or forking, max_num_seqs={engine.max_num_seqs}"
     for req in engine._requests.values():
         if req.state == "finished":
             assert req not in running and req not in waiting and not req.children and req.id not in cache
@@ -388,9 +390,10 @@ class EngineOperations(RuleBasedStateMachine):
         try:
             child = self.engine.fork(parent, callback=self.callback(exp))
         except ValueError as error:
-            req = self.engine._requests[parent]
+            req, engine = self.engine._requests[parent], self.engine
             family = 2 + len(req.children)
-            assert req.state in ("finished", "forking") or family > self.engine.max_num_seqs, str(error)
+            no_seat = req.state == "running" and engine._seats_used() == engine.max_num_seqs
+            assert req.state in ("finished", "forking") or family > engine.max_num_seqs or no_seat, str(error)
             return
         self.expected[child] = exp
 
@@ -441,3 +444,23 @@ _ENGINE_MODEL = functools.cache(engine_model)  # one engine model for all exampl
 
 EngineOperations.TestCase.settings = settings(stateful_step_count=25)
 TestEngineOperations = EngineOperations.TestCase
+
+
+def test_a_fork_of_a_running_request_needs_a_free_seat():
+    """max_num_seqs is never exceeded: with every seat taken, forking a running request is
+    refused (before: the fork materialized as one more running sequence); once a request
+    has finished, the fork is accepted and continues like its parent."""
+    prompts = [random_prompt(n, seed) for n, seed in ((3, 13), (4, 14))]
+    base = [greedy_alone(tuple(p)) for p in prompts]
+    engine = Engine(engine_model(), max_num_seqs=2, block_size=4, max_model_len=MAX_MODEL_LEN)
+    a = engine.add_request(prompts[0], greedy(6))
+    b = engine.add_request(prompts[1], greedy(2))
+    engine.step()
+    with pytest.raises(ValueError, match="cannot fork request .* now: 2 sequences are running or forking"):
+        engine.fork(a)
+    engine.step()  # b finishes
+    child = engine.fork(a)
+    assert drain(engine) == {}
+    assert engine.output(a) == engine.output(child) == list(base[0][:6])
+    assert engine.output(b) == list(base[1][:2])
+    engine.close()
