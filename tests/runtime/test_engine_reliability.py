@@ -274,6 +274,7 @@ REQUEST = st.tuples(
     st.integers(1, MAX_NEW),  # max_new_tokens
     st.one_of(st.none(), st.integers(0, MAX_NEW - 1)),  # stop on the token at this position
     st.one_of(st.none(), st.integers(1, MAX_NEW)),  # the callback raises on this token
+    st.sampled_from([0, 0, 1, 2]),  # forks made at once (admitted with it)
 )
 
 
@@ -282,15 +283,15 @@ class EngineOperations(RuleBasedStateMachine):
 
     @initialize(
         block_size=st.sampled_from([1, 2, 4]),
-        extra_blocks=st.integers(-8, 4),
+        pool_tokens=st.integers(10, MAX_MODEL_LEN),
         max_num_seqs=st.integers(1, 4),
         budget=st.sampled_from([None, 3, 8]),
         policy=st.sampled_from(["fcfs", "decode_first"]),
     )
-    def start(self, block_size, extra_blocks, max_num_seqs, budget, policy):
-        # from a few blocks short of the longest possible request (some are rejected) up to
-        # a few more than it: preemption is common
-        num_blocks = max(1, -(-(MAX_MODEL_LEN - 1) // block_size) + extra_blocks)
+    def start(self, block_size, pool_tokens, max_num_seqs, budget, policy):
+        # pools from about two short requests to one of the longest: the longest requests are
+        # rejected by the smaller pools, and preemption is common
+        num_blocks = -(-pool_tokens // block_size)
         self.engine = Engine(_ENGINE_MODEL(), max_num_seqs=max_num_seqs, block_size=block_size,
                              num_blocks=num_blocks, max_model_len=MAX_MODEL_LEN,
                              max_num_batched_tokens=budget, policy=policy)
@@ -302,7 +303,8 @@ class EngineOperations(RuleBasedStateMachine):
         if engine is None:
             return
         try:
-            for _ in range(500):
+            # a bound no live engine reaches: every request alone, each preempted a few times
+            for _ in range(4 * MAX_MODEL_LEN * (len(self.unfinished()) + 1)):
                 if not engine.has_unfinished():
                     break
                 self.step_once()
@@ -357,8 +359,11 @@ class EngineOperations(RuleBasedStateMachine):
                 assert tuple(out) == exp.base and exp.streamed[-1][1], f"request {rid} ended early"
                 assert not any(f for _, f in exp.streamed[:-1])
 
-    def live(self, index: int):
-        ids = sorted(self.expected)
+    def unfinished(self) -> list[int]:
+        return sorted(rid for rid in self.expected if not self.engine.is_finished(rid))
+
+    def pick_unfinished(self, index: int) -> int:
+        ids = self.unfinished()
         return ids[index % len(ids)]
 
     # -- rules ----------------------------------------------------------------------------
@@ -367,7 +372,7 @@ class EngineOperations(RuleBasedStateMachine):
         for request in requests:
             self.add_request(*request)
 
-    def add_request(self, length, seed, max_new, stop_at, fail_on):
+    def add_request(self, length, seed, max_new, stop_at, fail_on, forks):
         prompt = random_prompt(length, seed)
         run = greedy_alone(tuple(prompt))[:min(max_new, MAX_MODEL_LEN - length)]
         stops = (run[stop_at],) if stop_at is not None and stop_at < len(run) else ()
@@ -381,11 +386,15 @@ class EngineOperations(RuleBasedStateMachine):
             assert cache.blocks_for(min(length + max_new, MAX_MODEL_LEN) - 1) > cache.allocator.num_blocks
             return
         self.expected[rid] = exp
+        for _ in range(forks):
+            self.fork_of(rid, fail_on=None)
 
-    @precondition(lambda self: self.expected)
+    @precondition(lambda self: self.unfinished())
     @rule(index=st.integers(0, 50), fail_on=st.one_of(st.none(), st.integers(1, MAX_NEW)))
     def fork(self, index, fail_on):
-        parent = self.live(index)
+        self.fork_of(self.pick_unfinished(index), fail_on)
+
+    def fork_of(self, parent: int, fail_on: int | None) -> None:
         exp = Expected(self.expected[parent].base, fail_on)
         try:
             child = self.engine.fork(parent, callback=self.callback(exp))
@@ -397,10 +406,10 @@ class EngineOperations(RuleBasedStateMachine):
             return
         self.expected[child] = exp
 
-    @precondition(lambda self: self.expected)
+    @precondition(lambda self: self.unfinished())
     @rule(index=st.integers(0, 50))
     def abort(self, index):
-        self.engine.abort(self.live(index))
+        self.engine.abort(self.pick_unfinished(index))
         self.check_finished()
 
     @precondition(lambda self: any(e.checked for e in self.expected.values()))
@@ -442,7 +451,7 @@ class EngineOperations(RuleBasedStateMachine):
 
 _ENGINE_MODEL = functools.cache(engine_model)  # one engine model for all examples (each engine restores it)
 
-EngineOperations.TestCase.settings = settings(stateful_step_count=25)
+EngineOperations.TestCase.settings = settings(stateful_step_count=20, deadline=None)
 TestEngineOperations = EngineOperations.TestCase
 
 
