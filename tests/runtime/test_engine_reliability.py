@@ -287,14 +287,15 @@ class EngineOperations(RuleBasedStateMachine):
         max_num_seqs=st.integers(1, 4),
         budget=st.sampled_from([None, 3, 8]),
         policy=st.sampled_from(["fcfs", "decode_first"]),
+        padded_decode=st.booleans(),  # cuda_graphs=True: CUDA's padded decode batches, without graphs on CPU
     )
-    def start(self, block_size, pool_tokens, max_num_seqs, budget, policy):
+    def start(self, block_size, pool_tokens, max_num_seqs, budget, policy, padded_decode):
         # pools from about two short requests to one of the longest: the longest requests are
         # rejected by the smaller pools, and preemption is common
         num_blocks = -(-pool_tokens // block_size)
         self.engine = Engine(_ENGINE_MODEL(), max_num_seqs=max_num_seqs, block_size=block_size,
                              num_blocks=num_blocks, max_model_len=MAX_MODEL_LEN,
-                             max_num_batched_tokens=budget, policy=policy)
+                             max_num_batched_tokens=budget, policy=policy, cuda_graphs=padded_decode)
         self.expected: dict[int, Expected] = {}
         self.raised_now: dict[int, Exception] = {}
 
