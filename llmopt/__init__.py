@@ -16,6 +16,7 @@ _LAZY = {
     "KVCacheFullError": "llmopt.runtime",
     "Engine": "llmopt.runtime.engine",
     "Speculative": "llmopt.runtime.speculative",
+    "EngineCallbackError": "llmopt.runtime.engine",
     "PagedKVCache": "llmopt.runtime.paged_cache",
     "KVCacheExhaustedError": "llmopt.runtime.paged_cache",
     "quantize_": "llmopt.quant",

@@ -45,6 +45,16 @@ each token as soon as its step ends; :meth:`Engine.stream` yields ``(prompt_inde
 StepOutput)`` the same way for a list of prompts; :meth:`Engine.step` returns the step's
 :class:`StepOutput` list to a caller that runs its own loop.
 
+A step commits, then calls back. Every change a step makes (tokens appended, cache lengths,
+block tables, finished requests and their freed blocks) is done before the first callback
+runs, so a callback sees a consistent engine and user code can never leave it half-advanced.
+A callback that raises ends only its own request (finish reason ``"error"``, the exception
+kept: :meth:`Engine.error`); the other callbacks of the step still run, the other requests
+go on unchanged, and ``step()`` then raises :class:`EngineCallbackError` (the step's outputs
+attached, the callback's exception as ``__cause__``): an error in user code is never
+swallowed. A forward that raises (out of memory, an interrupt) commits nothing: the step's
+requests are preempted (recompute) and the exception propagates, so the next step is sound.
+
 Sampling uses :func:`~.sampling.sample_next_token` (greedy, temperature, top-k/top-p,
 repetition penalty; a seeded request owns its generator, so its tokens are those of
 ``llmopt.generate`` with the same seed). The sampled tokens of a step are read to the host
@@ -72,7 +82,7 @@ from .paged_cache import KVCacheExhaustedError, PagedAttentionMetadata, PagedCac
 from .paged_model import PagedModelRunner
 from .sampling import SamplingParams, make_generator, mark_seen, sample_next_token
 
-__all__ = ["Engine", "EngineStats", "StepOutput"]
+__all__ = ["Engine", "EngineCallbackError", "EngineStats", "StepOutput"]
 
 POLICIES = ("fcfs", "decode_first")
 _WAITING, _RUNNING, _FINISHED, _FORKING = "waiting", "running", "finished", "forking"
@@ -85,12 +95,39 @@ class StepOutput:
     """What one step produced for one request: its new tokens (usually one; none for a
     prompt chunk that did not complete the prompt is not reported) and whether it ended
     (``finish_reason``: ``"stop"`` = a stop token, ``"length"`` = ``max_new_tokens`` or
-    ``max_model_len`` reached, ``"abort"``)."""
+    ``max_model_len`` reached, ``"abort"``, ``"error"`` = its streaming callback raised
+    ``error`` on this token)."""
 
     request_id: int
     token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
+    error: Exception | None = None
+
+
+class EngineCallbackError(RuntimeError):
+    """Streaming callbacks raised during :meth:`Engine.step`.
+
+    Raised after the step is complete: its state is committed, every callback of the step
+    has run, and each request whose callback raised is finished with reason ``"error"``
+    (its exception: :meth:`Engine.error`); the other requests go on at the next step.
+    ``errors``: request id -> the exception its callback raised (``request_id`` and
+    ``__cause__``: the first of them); ``outputs``: the step's :class:`StepOutput` list,
+    which ``step()`` would have returned.
+    """
+
+    def __init__(self, errors: dict[int, Exception], outputs: list[StepOutput]):
+        self.errors = dict(errors)
+        self.outputs = outputs
+        self.request_id, first = next(iter(self.errors.items()))
+        others = [rid for rid in self.errors if rid != self.request_id]
+        also = f" (the callbacks of requests {others} raised too)" if others else ""
+        super().__init__(
+            f"the streaming callback of request {self.request_id} raised {type(first).__name__}: {first}{also}; "
+            "the request was ended with finish_reason='error' (engine.error(request_id) holds the exception) "
+            "and the other requests go on: fix the callback, or catch EngineCallbackError around step() "
+            "(its .outputs are this step's outputs)"
+        )
 
 
 @dataclasses.dataclass
@@ -132,6 +169,7 @@ class _Request:
     seen: torch.Tensor | None = None
     children: list[_Request] = dataclasses.field(default_factory=list)
     parent: _Request | None = None
+    error: Exception | None = None  # what its callback raised (finish_reason "error")
 
     @property
     def num_tokens(self) -> int:
@@ -171,6 +209,14 @@ class Engine:
     keep the accepted ones (same tokens under greedy, same distribution under sampling;
     :meth:`speculative_stats` per request). A draft runs per request over its own batch-1
     ``StaticKVCache`` (not batched across requests).
+
+    Callbacks (``add_request(..., callback=fn)``) run after the step has committed. One that
+    raises an ``Exception`` ends its own request (finish reason ``"error"``, the exception
+    in :meth:`error`), the step's other callbacks still run, and :meth:`step` then raises
+    :class:`EngineCallbackError` carrying the step's outputs, with the exception as
+    ``__cause__``. Catch it to keep serving: the engine is sound and the other requests go
+    on exactly as if the failing one had been aborted. A callback may add, abort or fork
+    requests, but not call :meth:`step`.
     """
 
     def __init__(
@@ -257,6 +303,8 @@ class Engine:
         )
         self._graphs = DecodeGraphs(self._decode_step, enabled=use_graphs)
         self._preempted_now: set[int] = set()
+        self._materialized: list[_Request] = []  # forks materialized in the current step
+        self._in_callbacks = False
         self._qsl_by_bucket: dict[int, torch.Tensor] = {}
         self.runner.check(self._probe_metadata())
 
@@ -288,7 +336,10 @@ class Engine:
         """A new request that continues ``request_id`` from its next sampling point (for a
         request that has not started: from its prompt), sharing its KV blocks
         (copy-on-write) and sampling with ``sampling_params`` (default: the parent's).
-        Its output starts with the parent's output at that point. Returns its id."""
+        Its output starts with the parent's output at that point. Returns its id.
+
+        A family (a request and its forks) never holds more than ``max_num_seqs`` seats, and
+        forking a running request needs a free seat now (``ValueError`` otherwise)."""
         parent = self._requests.get(request_id)
         if parent is None or parent.state in (_FINISHED, _FORKING):
             state = "unknown" if parent is None else parent.state
@@ -298,6 +349,13 @@ class Engine:
             raise ValueError(
                 f"cannot fork request {request_id}: with its forks it would need {family} sequences at once, "
                 f"more than max_num_seqs={self.max_num_seqs}; pass a larger max_num_seqs"
+            )
+        if parent.state == _RUNNING and self._seats_used() + 1 > self.max_num_seqs:
+            # a running family was admitted with the seats it had then: a new fork needs a free one
+            raise ValueError(
+                f"cannot fork request {request_id} now: {self._seats_used()} sequences are running or forking, "
+                f"max_num_seqs={self.max_num_seqs}; fork a request before it starts (a family is admitted "
+                "together), after another request finishes, or pass a larger max_num_seqs"
             )
         params = self._check_params(sampling_params) if sampling_params is not None else parent.params
         max_new = params.max_new_tokens or self.default_max_new_tokens
@@ -328,6 +386,11 @@ class Engine:
     def is_finished(self, request_id: int) -> bool:
         return self._requests[request_id].state == _FINISHED
 
+    def error(self, request_id: int) -> Exception | None:
+        """The exception a request's streaming callback raised (its finish reason is then
+        ``"error"``), or None."""
+        return self._requests[request_id].error
+
     def release(self, request_id: int) -> None:
         """Forget a finished request (its output is no longer kept)."""
         req = self._requests[request_id]
@@ -338,7 +401,18 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """One iteration: schedule, run one forward over every scheduled token, sample,
-        retire finished requests. Returns what each request produced in this step."""
+        retire finished requests, then call the streaming callbacks. Returns what each
+        request produced in this step.
+
+        Raises :class:`EngineCallbackError` after a complete step when callbacks raised (see
+        the class docstring). If the forward itself raises, the step's requests are preempted
+        (recomputed at a later step) and the exception propagates; the engine stays usable.
+        """
+        if self._in_callbacks:
+            raise RuntimeError(
+                "Engine.step() was called from a streaming callback; callbacks run inside step(), "
+                "so step from your own loop instead (a callback may add, abort or fork requests)"
+            )
         if self._proposer is not None:
             outputs = self._speculative_step()
             if outputs is not None:
@@ -346,32 +420,44 @@ class Engine:
         scheduled = self._schedule()
         if not scheduled:
             return []
-        self.stats.steps += 1
         ids, positions, rows, samplers = [], [], [], []
         seq_ids, counts, slots = [], [], []
         for req, n, req_slots in scheduled:
             start = req.num_computed
             ids.extend(req.token_range(start, start + n))
             positions.extend(range(start, start + n))
-            req.num_computed += n
             seq_ids.append(req.id)
             counts.append(n)
             slots.append(req_slots)
-            if req.num_computed == req.num_tokens:
+            if start + n == req.num_tokens:
                 rows.append(len(ids) - 1)
                 samplers.append(req)
         decode_only = all(n == 1 for n in counts)
-        if decode_only:
-            self.stats.decode_only_steps += 1
-        self.stats.decode_tokens += sum(1 for r, n, _ in scheduled if n == 1 and r.output)
-        self.stats.prefill_tokens += sum(n for r, n, _ in scheduled if not (n == 1 and r.output))
+        decode_tokens = sum(1 for r, n, _ in scheduled if n == 1 and r.output)
         self._sample_kv_stats()
 
         start_time = time.perf_counter()
-        with torch.no_grad():
-            logits = self._forward(ids, positions, seq_ids, counts, slots, rows, decode_only)
-            outputs = self._sample_and_advance(samplers, logits)
+        try:
+            with torch.no_grad():
+                logits = self._forward(ids, positions, seq_ids, counts, slots, rows, decode_only)
+                for req, n, _ in scheduled:
+                    req.num_computed += n
+                outputs = self._sample_and_commit(samplers, logits)
+        except BaseException:
+            # nothing of this step may survive half-done: its requests (and the forks that
+            # materialized) give their blocks back and are recomputed later, as when preempted
+            for req in [r for r, _, _ in scheduled] + self._materialized:
+                if req.state == _RUNNING:
+                    self._preempt(req)
+            raise
+        finally:
+            self._materialized = []
         self.stats.forward_seconds += time.perf_counter() - start_time
+        self.stats.steps += 1
+        self.stats.decode_only_steps += int(decode_only)
+        self.stats.decode_tokens += decode_tokens
+        self.stats.prefill_tokens += sum(counts) - decode_tokens
+        self._run_callbacks(outputs)
         return outputs
 
     def generate(self, prompts: Iterable, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
@@ -564,7 +650,10 @@ class Engine:
         )
 
     # -- sampling -----------------------------------------------------------------------
-    def _sample_and_advance(self, samplers: list[_Request], logits: torch.Tensor) -> list[StepOutput]:
+    def _sample_and_commit(self, samplers: list[_Request], logits: torch.Tensor) -> list[StepOutput]:
+        """Sample the step's tokens and commit them: append, mark stop/length finishes (their
+        blocks go back to the pool). Runs no user code: callbacks come after, in
+        :meth:`_run_callbacks`."""
         # forks materialize at their parent's sampling point: same logits row, own sampler
         entries: list[tuple[_Request, int]] = []
         for row, req in enumerate(samplers):
@@ -587,10 +676,37 @@ class Engine:
                 reason = "length"
             if reason is not None:
                 self._finish(req, reason)
-            if req.callback is not None:
-                req.callback(req.id, token, reason is not None)
             outputs.append(StepOutput(req.id, [token], reason is not None, reason))
         return outputs
+
+    def _run_callbacks(self, outputs: list[StepOutput]) -> None:
+        """Call each output's streaming callback, after the step has committed. A callback
+        that raises ends its own request (reason ``"error"``); every other callback still
+        runs; then :class:`EngineCallbackError` is raised. ``KeyboardInterrupt`` and other
+        non-``Exception`` errors propagate at once (the step is committed all the same)."""
+        errors: dict[int, Exception] = {}
+        self._in_callbacks = True
+        try:
+            for out in outputs:
+                req = self._requests.get(out.request_id)
+                if req is None or req.callback is None:
+                    continue  # released by an earlier callback of this step
+                try:
+                    last = len(out.token_ids) - 1  # a speculative step commits several tokens
+                    for i, token in enumerate(out.token_ids):
+                        req.callback(req.id, token, out.finished and i == last)
+                except Exception as exc:  # user code: recorded on its request, re-raised below
+                    errors[req.id] = exc
+                    req.error = exc
+                    if req.state == _FINISHED:
+                        req.finish_reason = "error"
+                    else:
+                        self._finish(req, "error")
+                    out.finished, out.finish_reason, out.error = True, "error", exc
+        finally:
+            self._in_callbacks = False
+        if errors:
+            raise EngineCallbackError(errors, outputs) from next(iter(errors.values()))
 
     def _materialize_fork(self, parent: _Request, child: _Request) -> None:
         self.cache.fork(parent.id, child.id)
@@ -599,6 +715,7 @@ class Engine:
         child.arrival = next(self._arrivals)
         child.state = _RUNNING
         child.parent = None
+        self._materialized.append(child)
         if parent.seen is not None and child.params.repetition_penalty != 1.0:
             child.seen = parent.seen.clone()
         bisect.insort(self._running, child, key=lambda r: r.arrival)
@@ -702,11 +819,10 @@ class Engine:
                     reason = "length"
                 if reason is not None:
                     self._finish(req, reason)
-                if req.callback is not None:
-                    req.callback(req.id, token, reason is not None)
-                if reason is not None:
                     break
             outputs.append(StepOutput(req.id, tokens, reason is not None, reason))
+        # as in step(): the step is committed before any user code runs
+        self._run_callbacks(outputs)
         return outputs
 
     def _propose(self, req: _Request, count: int) -> tuple[list[int], torch.Tensor | None]:
