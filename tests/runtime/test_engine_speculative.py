@@ -187,3 +187,35 @@ def test_speculative_engine_with_preemption_and_a_small_token_budget():
         if budget is None:
             assert engine.stats.preemptions >= 1
         engine.close()
+
+
+def test_a_raising_callback_in_a_speculative_step_ends_only_its_request():
+    # Speculative steps commit every accepted token before any callback runs, like step().
+    from llmopt.runtime.engine import EngineCallbackError
+
+    model = _tiny_model("llama", 0)
+    ps = prompts()[:2]
+    expected = [alone(model, p, 12) for p in ps]
+    engine = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64, speculative=Speculative(ngram=2, k=3))
+    seen: dict[int, list[int]] = {}
+
+    def fine(request_id, token, finished):
+        seen.setdefault(request_id, []).append(token)
+
+    def boom(request_id, token, finished):
+        raise RuntimeError("callback failed")
+
+    good = engine.add_request(ps[0], SamplingParams(max_new_tokens=12), callback=fine)
+    bad = engine.add_request(ps[1], SamplingParams(max_new_tokens=12), callback=boom)
+    errors = 0
+    while engine.has_unfinished():
+        try:
+            engine.step()
+        except EngineCallbackError as exc:
+            errors += 1
+            assert exc.request_id == bad and isinstance(exc.__cause__, RuntimeError)
+    assert errors == 1 and isinstance(engine.error(bad), RuntimeError)
+    assert engine.output(good) == expected[0] and seen[good] == expected[0]
+    assert engine.output(bad) == expected[1][: len(engine.output(bad))]
+    assert engine.cache.num_free_blocks == engine.cache.allocator.num_blocks
+    engine.close()
