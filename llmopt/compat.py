@@ -272,3 +272,9 @@ def dynamo_control_flow_exceptions() -> tuple[type[BaseException], ...]:
 def is_dynamo_control_flow(exc: BaseException) -> bool:
     """True when ``exc`` is one of Dynamo's control-flow exceptions (never swallow it)."""
     return isinstance(exc, dynamo_control_flow_exceptions())
+
+
+def mark_static_address(t: torch.Tensor) -> None:
+    """Tell Dynamo that ``t`` keeps its address across calls (a preallocated KV buffer), so a
+    compiled graph reads it in place and CUDA graphs do not copy it."""
+    torch._dynamo.mark_static_address(t)

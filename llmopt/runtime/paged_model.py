@@ -95,12 +95,12 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
 
 def register_paged_attention() -> None:
     """Register :func:`paged_attention_forward` as ``"llmopt_paged"`` in transformers'
-    ``AttentionInterface`` (idempotent)."""
+    ``AttentionInterface`` (``ALL_ATTENTION_FUNCTIONS`` before 4.50; idempotent)."""
     try:
-        from transformers import AttentionInterface
+        from .hf_cache_compat import register_attention_function
     except ImportError as error:  # pragma: no cover - exercised only without transformers
-        raise ImportError("the paged engine needs transformers >= 5 (pip install 'transformers>=5')") from error
-    AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+        raise ImportError("the paged engine needs transformers >= 4.48 (pip install 'transformers>=4.48')") from error
+    register_attention_function(ATTENTION_NAME, paged_attention_forward)
 
 
 class PagedModelRunner:

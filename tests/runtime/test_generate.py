@@ -17,8 +17,6 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
-    pytest.skip("llmopt.generate needs transformers >= 5", allow_module_level=True)
 
 
 from runtime.tiny_lm import PAD, VOCAB, ragged_prompts  # noqa: E402,F401

@@ -10,8 +10,6 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
-    pytest.skip("StaticKVCache needs transformers >= 5", allow_module_level=True)
 
 from conftest import assert_close  # noqa: E402
 
