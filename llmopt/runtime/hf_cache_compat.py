@@ -48,6 +48,7 @@ __all__ = [
     "TRANSFORMERS_VERSION",
     "StaticCacheBase",
     "StaticLayerBase",
+    "check_config_takes_full_length_cache",
     "check_model_takes_cache_objects",
     "init_cache_layers",
     "register_attention_function",
@@ -229,6 +230,24 @@ def check_model_takes_cache_objects(hf_model) -> None:
             f"{type(hf_model).__name__} on transformers {transformers.__version__} keeps its KV cache as "
             "per-layer tuples and cannot use a StaticKVCache (llmopt.generate); this needs transformers >= 4.57 (the oldest checked that passes Cache objects to every model): "
             "pip install 'transformers>=4.57', or use model.generate"
+        )
+
+
+def check_config_takes_full_length_cache(config) -> None:
+    """Raise for a config whose 4.x model expects window-sized buffers in its sliding layers.
+
+    Gemma 2 / Cohere 2 of transformers 4.48 (``cache_implementation="hybrid"``, no
+    ``layer_types``) slice each sliding layer's mask to the window, assuming Hugging Face's
+    ``HybridCache``; over a full-length cache the mask and the keys disagree (an error, or
+    with a window of 1 a silent broadcast). Later versions build those masks from the
+    cache's own sizes (``layer_types``), which a full-length cache serves exactly."""
+    if LAYERED_STATIC_CACHE:
+        return
+    if getattr(config, "cache_implementation", None) == "hybrid" and getattr(config, "layer_types", None) is None:
+        raise NotImplementedError(
+            f"{type(config).__name__} on transformers {transformers.__version__} expects a window-sized "
+            "cache (HybridCache) for its sliding-window layers, which StaticKVCache does not hold; this needs "
+            "transformers >= 4.57: pip install 'transformers>=4.57', or use the model's own cache"
         )
 
 

@@ -53,7 +53,12 @@ from collections.abc import Iterator
 import torch
 
 try:
-    from .hf_cache_compat import StaticCacheBase, StaticLayerBase, init_cache_layers
+    from .hf_cache_compat import (
+        StaticCacheBase,
+        StaticLayerBase,
+        check_config_takes_full_length_cache,
+        init_cache_layers,
+    )
 except ImportError as error:  # pragma: no cover - exercised only without transformers
     raise ImportError(
         "llmopt.runtime.static_cache needs transformers >= 4.48 (pip install 'transformers>=4.48')"
@@ -198,6 +203,7 @@ class StaticKVCache(StaticCacheBase):
                 f"StaticKVCache holds attention K/V only; this model has layer types {unsupported} "
                 f"(supported: {', '.join(_ATTENTION_LAYER_TYPES)}); use the model's own cache"
             )
+        check_config_takes_full_length_cache(cfg)
         _, kv_heads, _, dim = kv_cache_shape(cfg, batch_size, max_seq_len)
         kv_heads = num_kv_heads or kv_heads
         dim = head_dim or dim

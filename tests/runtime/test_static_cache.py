@@ -193,3 +193,16 @@ def test_wrong_batch_or_dtype_says_what_to_build():
         with pytest.raises(ValueError, match="holds torch.float16 on cpu, the model wrote torch.float32"):
             model(input_ids=ids, attention_mask=mask,
                   past_key_values=StaticKVCache(model.config, 2, 16, dtype=torch.float16), use_cache=True)
+
+
+def test_gemma2_of_a_hybrid_cache_transformers_is_refused_with_the_versions():
+    """Gemma 2 of transformers 4.48 slices its sliding layers' masks for a window-sized
+    HybridCache: StaticKVCache refuses it there, naming the versions; later versions build
+    those masks from the cache's sizes and it is accepted."""
+    config = transformers.Gemma2Config(vocab_size=64, num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
+    if getattr(config, "layer_types", None) is not None:
+        assert StaticKVCache(config, 1, 8).shape == (1, 2, 8, 8)
+        return
+    with pytest.raises(NotImplementedError, match=rf"transformers {transformers.__version__} .*>= 4.57"):
+        StaticKVCache(config, 1, 8)
