@@ -192,14 +192,14 @@ class PagedModelRunner:
             seen = sorted(set(metadata.layers_seen))
         except MissingPagedMetadataError as error:
             # The model called the paged attention but dropped the forward's keyword
-            # arguments on the way (GPT-2 of transformers 4.48, ...).
+            # arguments on the way (GPT-2 of transformers 4.x, ...).
             import transformers
 
             self.restore()
             raise NotImplementedError(
                 f"{type(self.hf_model).__name__} on transformers {transformers.__version__} does not pass its "
                 f"forward's keyword arguments to the attention function, so it cannot read a paged KV cache; "
-                "the Engine needs transformers >= 4.57 for this model (pip install 'transformers>=4.57')"
+                "the Engine needs transformers >= 5.0 for this model (pip install 'transformers>=5')"
             ) from error
         finally:
             metadata.layers_seen = None
