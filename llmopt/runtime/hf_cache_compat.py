@@ -24,9 +24,11 @@ On 5.x nothing here changes transformers' behaviour: the names are re-exports. T
 code follows 5.x's ``StaticLayer`` line by line where it matters (buffers allocated once,
 marked as static addresses for ``torch.compile``, ``index_copy_`` at the counter).
 
-What cannot work on 4.x says so (:func:`check_model_takes_cache_objects`): on 4.48 some
-models (GPT-2, ...) keep their cache as per-layer tuples and cannot be given a ``Cache``
-object at all; llmopt raises naming the installed version and the minimum that works.
+What cannot work on 4.x says so, naming the installed version and the minimum that works:
+on 4.48 some models (GPT-2, ...) keep their cache as per-layer tuples and cannot be given a
+``Cache`` object at all (:func:`check_model_takes_cache_objects`), and Gemma 2 / Cohere 2
+expect window-sized buffers in their sliding layers
+(:func:`check_config_takes_full_length_cache`).
 
 The paged Engine registers its attention function with :func:`register_attention_function`:
 ``transformers.AttentionInterface`` on versions that have it, the ``ALL_ATTENTION_FUNCTIONS``
@@ -52,22 +54,11 @@ __all__ = [
     "check_model_takes_cache_objects",
     "init_cache_layers",
     "register_attention_function",
-    "requires_transformers",
 ]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 # transformers 5.0: StaticLayer with a device counter, Cache(layers=...), early_initialization.
 LAYERED_STATIC_CACHE = TRANSFORMERS_VERSION >= Version("5.0.0.dev0")
-
-
-def requires_transformers(minimum: str, what: str) -> None:
-    """Raise ``NotImplementedError`` naming the installed and the needed version when
-    ``transformers`` is older than ``minimum``."""
-    if TRANSFORMERS_VERSION < Version(minimum):
-        raise NotImplementedError(
-            f"{what} needs transformers >= {minimum}, but {transformers.__version__} is installed; "
-            f"pip install 'transformers>={minimum}'"
-        )
 
 
 class _StaticLayer4x:
