@@ -342,3 +342,9 @@ def functional_broadcast() -> Any:
     import torch.distributed._functional_collectives  # noqa: F401 - registers the ops
 
     return torch.ops._c10d_functional.broadcast.default
+
+
+def mark_static_address(t: torch.Tensor) -> None:
+    """Tell Dynamo that ``t`` keeps its address across calls (a preallocated KV buffer), so a
+    compiled graph reads it in place and CUDA graphs do not copy it."""
+    torch._dynamo.mark_static_address(t)

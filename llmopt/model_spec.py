@@ -232,8 +232,12 @@ def _build_hf(config, dtype: torch.dtype, device: torch.device, seed: int, encod
     cls = tf.AutoModelForCausalLM if causal else tf.AutoModel
     # Built directly on the device and in the dtype: a 7B-shaped model is never
     # materialized in fp32 on the host first.
+    # transformers < 4.56 names the keyword torch_dtype (5.x deprecates that spelling).
+    from packaging.version import Version
+
+    dtype_keyword = "dtype" if Version(tf.__version__) >= Version("4.56") else "torch_dtype"
     with torch.device(device):
-        model = cls.from_config(config, dtype=dtype)
+        model = cls.from_config(config, **{dtype_keyword: dtype})
     return model.eval()
 
 

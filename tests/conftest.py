@@ -78,6 +78,23 @@ def poisoned(shape, dtype, device="cpu") -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
+def needs_transformers(minimum: str, why: str):
+    """Skip marker for a test of a feature that cannot work on transformers older than
+    ``minimum``; ``why`` says what is missing there. The one place tests gate on the
+    transformers version (llmopt itself raises naming both versions)."""
+    from packaging.version import Version
+
+    try:
+        import transformers
+    except ImportError:
+        return pytest.mark.skip(reason="transformers is not installed")
+    installed = transformers.__version__
+    return pytest.mark.skipif(
+        Version(installed) < Version(minimum),
+        reason=f"needs transformers >= {minimum}, {installed} is installed: {why}",
+    )
+
+
 @pytest.fixture
 def triton_kernels(monkeypatch):
     """Run llmopt ops through their Triton kernels (in the interpreter on CPU)."""

@@ -90,3 +90,10 @@ def test_dynamo_control_flow_exceptions_are_recognized():
         assert compat.is_dynamo_control_flow(tensorify())
     assert compat.is_dynamo_control_flow(dynamo_exc.SkipFrame("skip"))
     assert not compat.is_dynamo_control_flow(RuntimeError("a real failure"))
+
+
+def test_mark_static_address_is_what_module_state_kind_reads():
+    t = torch.zeros(3)
+    assert compat.module_state_kind(t) is None
+    compat.mark_static_address(t)
+    assert compat.module_state_kind(t) in ("guarded", "unguarded")  # what HF's own marks give

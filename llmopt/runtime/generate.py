@@ -363,7 +363,10 @@ def _resolve_pad_token(pad_token_id, hf_model, stops) -> int:
 
 def _prepare_cache(cache, model, hf_model, batch, max_seq_len, default_len, dtype, device):
     # Imported here: it needs transformers, which `import llmopt` must not (see runtime/__init__).
+    from .hf_cache_compat import check_model_takes_cache_objects
     from .static_cache import StaticKVCache
+
+    check_model_takes_cache_objects(hf_model)
 
     if cache is not None:
         if not isinstance(cache, StaticKVCache):

@@ -49,6 +49,10 @@ __all__ = ["ATTENTION_NAME", "PagedModelRunner", "paged_attention_forward", "reg
 ATTENTION_NAME = "llmopt_paged"
 
 
+class MissingPagedMetadataError(RuntimeError):
+    """The ``"llmopt_paged"`` attention ran without the step's metadata."""
+
+
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *,
                             llmopt_paged: PagedAttentionMetadata | None = None, sliding_window=None,
                             softcap=None, **kwargs):
@@ -59,7 +63,7 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     """
     meta = llmopt_paged
     if meta is None:
-        raise RuntimeError(
+        raise MissingPagedMetadataError(
             f"attention implementation {ATTENTION_NAME!r} needs the step's paged-cache metadata "
             "(llmopt_paged=...); run the model through llmopt.Engine, or switch it back with "
             "model.set_attn_implementation('sdpa')"
@@ -95,12 +99,12 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
 
 def register_paged_attention() -> None:
     """Register :func:`paged_attention_forward` as ``"llmopt_paged"`` in transformers'
-    ``AttentionInterface`` (idempotent)."""
+    ``AttentionInterface`` (``ALL_ATTENTION_FUNCTIONS`` before 4.50; idempotent)."""
     try:
-        from transformers import AttentionInterface
+        from .hf_cache_compat import register_attention_function
     except ImportError as error:  # pragma: no cover - exercised only without transformers
-        raise ImportError("the paged engine needs transformers >= 5 (pip install 'transformers>=5')") from error
-    AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+        raise ImportError("the paged engine needs transformers >= 4.48 (pip install 'transformers>=4.48')") from error
+    register_attention_function(ATTENTION_NAME, paged_attention_forward)
 
 
 class PagedModelRunner:
@@ -186,9 +190,21 @@ class PagedModelRunner:
             with torch.no_grad():
                 self(token, token, metadata, None, model=self.hf_model)
             seen = sorted(set(metadata.layers_seen))
+        except MissingPagedMetadataError as error:
+            # The model called the paged attention but dropped the forward's keyword
+            # arguments on the way (GPT-2 of transformers 4.x, ...).
+            import transformers
+
+            self.restore()
+            raise NotImplementedError(
+                f"{type(self.hf_model).__name__} on transformers {transformers.__version__} does not pass its "
+                f"forward's keyword arguments to the attention function, so it cannot read a paged KV cache; "
+                "the Engine needs transformers >= 5.0 for this model (pip install 'transformers>=5')"
+            ) from error
         finally:
             metadata.layers_seen = None
         if seen != list(range(self.num_layers)):
+            self.restore()
             raise NotImplementedError(
                 f"{type(self.hf_model).__name__}: only layers {seen} of {self.num_layers} called the "
                 f"{ATTENTION_NAME!r} attention; this model cannot run on a paged KV cache"

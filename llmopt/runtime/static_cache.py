@@ -26,7 +26,8 @@ covers slots ``[j * block_size, (j + 1) * block_size)`` of that row, i.e. elemen
 attention kernel that addresses blocks through such a table reads a static cache unchanged,
 which is how paged attention is checked against the dense kernels.
 
-Hugging Face integration (transformers >= 5.0; checked on 5.17 and 5.23). The cache is a
+Hugging Face integration (transformers >= 4.48; checked on 4.48, 4.57, 5.17, 5.23 and 5.25;
+the version differences live in :mod:`.hf_cache_compat`). The cache is a
 ``transformers.StaticCache`` whose layers are ``StaticLayer`` subclasses allocated eagerly
 with ``Cache.early_initialization`` (which also marks the buffers as static addresses for
 ``torch.compile``), so ``model(..., past_key_values=cache)`` and
@@ -52,10 +53,15 @@ from collections.abc import Iterator
 import torch
 
 try:
-    from transformers.cache_utils import Cache, StaticCache, StaticLayer
+    from .hf_cache_compat import (
+        StaticCacheBase,
+        StaticLayerBase,
+        check_config_takes_full_length_cache,
+        init_cache_layers,
+    )
 except ImportError as error:  # pragma: no cover - exercised only without transformers
     raise ImportError(
-        "llmopt.runtime.static_cache needs transformers >= 5.0 (pip install 'transformers>=5')"
+        "llmopt.runtime.static_cache needs transformers >= 4.48 (pip install 'transformers>=4.48')"
     ) from error
 
 __all__ = ["KVCacheFullError", "StaticKVCache", "StaticKVLayer", "kv_cache_shape"]
@@ -101,7 +107,7 @@ def kv_cache_shape(config, batch_size: int, max_seq_len: int) -> tuple[int, int,
     return (batch_size, int(kv_heads), max_seq_len, int(head_dim))
 
 
-class StaticKVLayer(StaticLayer):
+class StaticKVLayer(StaticLayerBase):
     """One decoder layer's K/V buffers, ``[B, Hkv, max_seq_len, D]``, allocated up front.
 
     The update itself is Hugging Face's ``StaticLayer.update``; this class adds, outside
@@ -162,7 +168,7 @@ class StaticKVLayer(StaticLayer):
         self.num_tokens = 0
 
 
-class StaticKVCache(StaticCache):
+class StaticKVCache(StaticCacheBase):
     """Preallocated per-layer K/V ``[batch, num_kv_heads, max_seq_len, head_dim]`` (see module doc).
 
     ``StaticKVCache(model.config, batch_size=4, max_seq_len=4096, dtype=torch.bfloat16,
@@ -197,6 +203,7 @@ class StaticKVCache(StaticCache):
                 f"StaticKVCache holds attention K/V only; this model has layer types {unsupported} "
                 f"(supported: {', '.join(_ATTENTION_LAYER_TYPES)}); use the model's own cache"
             )
+        check_config_takes_full_length_cache(cfg)
         _, kv_heads, _, dim = kv_cache_shape(cfg, batch_size, max_seq_len)
         kv_heads = num_kv_heads or kv_heads
         dim = head_dim or dim
@@ -205,7 +212,7 @@ class StaticKVCache(StaticCache):
         layers = [StaticKVLayer(max_cache_len=max_seq_len, owner=self) for _ in range(num_layers)]
         # StaticCache.__init__ would pick Hugging Face's layer classes (window-sized buffers for
         # sliding layers); the base Cache takes our layers as they are.
-        Cache.__init__(self, layers=layers)
+        init_cache_layers(self, layers)
         self.max_seq_len = max_seq_len
         self.dtype = dtype
         self.device = torch.device(device)

@@ -43,13 +43,38 @@ def is_counter_update(node) -> bool:
     )
 
 
+def _is_index_math(node) -> bool:
+    val = node.meta.get("val")
+    return node.op == "call_function" and isinstance(val, torch.Tensor) and not val.is_floating_point()
+
+
+def is_shared_index_math(node) -> bool:
+    """Integer index arithmetic whose result more than one layer reads: the step's slot
+    positions, computed once. Dynamo files it under the first module that computes it,
+    which is a layer when the model is given ``cache_position`` (transformers 4.x) and the
+    model when it derives it from the cache (5.x); either way it runs once per step."""
+    if not _is_index_math(node):
+        return False
+    layers, stack, seen = set(), [node], set()
+    while stack:
+        for user in stack.pop().users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if _is_index_math(user):
+                stack.append(user)
+            if layer_of(user).startswith("model.layers."):
+                layers.add(layer_of(user).split(".")[2])
+    return len(layers) > 1
+
+
 def layer_ops(gm, layer: int) -> list[str]:
     prefix = f"model.layers.{layer}."
     return [
         op_name(n)
         for n in gm.graph.nodes
         if n.op == "call_function" and n.target not in VIEW_OPS and n.target is not operator.getitem
-        and (layer_of(n) + ".").startswith(prefix) and not is_counter_update(n)
+        and (layer_of(n) + ".").startswith(prefix) and not is_counter_update(n) and not is_shared_index_math(n)
     ]
 
 

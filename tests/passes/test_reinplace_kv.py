@@ -246,8 +246,6 @@ def test_auto_functionalized_v1_is_handled():
 
 def test_engine_compiled_model_appends_in_place(monkeypatch):
     transformers = pytest.importorskip("transformers")
-    if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
-        pytest.skip("the paged engine needs transformers >= 5")
     from llmopt.runtime import SamplingParams
     from llmopt.runtime.engine import Engine
 

@@ -10,16 +10,24 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
-    pytest.skip("StaticKVCache needs transformers >= 5", allow_module_level=True)
 
-from conftest import assert_close  # noqa: E402
+from conftest import assert_close, needs_transformers  # noqa: E402
 
 from transformers import LlamaConfig  # noqa: E402
 
 from llmopt.runtime import generate  # noqa: E402
 from runtime.tiny_lm import PAD, VOCAB, ragged_prompts, tiny_model  # noqa: E402,F401
 from llmopt.runtime.static_cache import KVCacheFullError, StaticKVCache, kv_cache_shape  # noqa: E402
+
+# GPT-2 of transformers 4.48 keeps its cache as per-layer tuples; it takes Cache objects by 4.57.
+TUPLE_CACHE_GPT2 = needs_transformers("4.57", "GPT-2 keeps a tuple cache and cannot take a StaticKVCache")
+# 4.48's models build the mask to the cache's length before the cache sees the write, so a
+# forward that overflows fails in the model's mask code with a size mismatch (still an error).
+MASK_BEFORE_WRITE = needs_transformers(
+    "4.57", "the model's mask code fails on an overflowing forward before the cache can say KV cache full"
+)
+GPT2 = pytest.param("gpt2", marks=TUPLE_CACHE_GPT2)
+
 
 # -- layout ------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind, heads, dim", [("llama", 2, 16), ("mistral", 2, 16), ("gpt2", 4, 16)])
@@ -71,7 +79,7 @@ def test_lengths_padding_and_block_table():
 
 
 # -- as a Hugging Face cache --------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["llama", "mistral", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", GPT2])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_hf_generate_with_static_kv_cache_equals_eager(kind, batch):
     model = tiny_model(kind)
@@ -83,7 +91,7 @@ def test_hf_generate_with_static_kv_cache_equals_eager(kind, batch):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", GPT2])
 def test_forward_by_hand_prefill_then_decode_matches_full_forward(kind):
     model = tiny_model(kind)
     ids, mask = ragged_prompts(2, length=10)
@@ -120,6 +128,7 @@ def test_hf_generate_with_compiled_forward_and_static_kv_cache_equals_eager():
 
 
 # -- capacity and contract errors ---------------------------------------------------------
+@MASK_BEFORE_WRITE
 def test_capacity_error_message_from_hf_generate():
     model = tiny_model("llama")
     ids, mask = ragged_prompts(2)
@@ -131,7 +140,8 @@ def test_capacity_error_message_from_hf_generate():
     assert (info.value.reserved, info.value.needed) == (12, 13)
 
 
-def test_capacity_error_message_from_prefill_and_reserve():
+@MASK_BEFORE_WRITE
+def test_capacity_error_message_from_prefill():
     model = tiny_model("llama")
     ids, mask = ragged_prompts(1, length=10)
     cache = StaticKVCache(model.config, batch_size=1, max_seq_len=8)
@@ -139,8 +149,28 @@ def test_capacity_error_message_from_prefill_and_reserve():
     with pytest.raises(KVCacheFullError, match=full):
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
+def test_capacity_error_message_from_reserve():
+    config = tiny_model("llama").config
     with pytest.raises(KVCacheFullError, match="4096 tokens reserved, 4100 needed; pass max_seq_len >= 4100"):
-        StaticKVCache(model.config, 1, 4096, dtype=torch.float16).reserve(4100)
+        StaticKVCache(config, 1, 4096, dtype=torch.float16).reserve(4100)
+
+
+def test_tuple_cache_models_are_refused_with_the_versions():
+    """On a transformers whose GPT-2 keeps a tuple cache, llmopt.generate refuses before any
+    forward, naming the installed version and the one needed; elsewhere GPT-2 just runs."""
+    model = tiny_model("gpt2")
+    ids, mask = ragged_prompts(2)
+    if getattr(model, "_supports_static_cache", True) is not False:
+        assert generate(model, ids, 2, attention_mask=mask).shape == (2, 10)
+        return
+    with pytest.raises(NotImplementedError, match=rf"transformers {transformers.__version__} .*>= 4.57"):
+        generate(model, ids, 2, attention_mask=mask)
+    with pytest.raises(TypeError, match=rf"tuple cache .*transformers {transformers.__version__}.*>=4.57"):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, past_key_values=StaticKVCache(model.config, 2, 16),
+                  use_cache=True)
 
 
 def test_capacity_error_from_llmopt_generate_before_any_forward():
@@ -163,3 +193,16 @@ def test_wrong_batch_or_dtype_says_what_to_build():
         with pytest.raises(ValueError, match="holds torch.float16 on cpu, the model wrote torch.float32"):
             model(input_ids=ids, attention_mask=mask,
                   past_key_values=StaticKVCache(model.config, 2, 16, dtype=torch.float16), use_cache=True)
+
+
+def test_gemma2_of_a_hybrid_cache_transformers_is_refused_with_the_versions():
+    """Gemma 2 of transformers 4.48 slices its sliding layers' masks for a window-sized
+    HybridCache: StaticKVCache refuses it there, naming the versions; later versions build
+    those masks from the cache's sizes and it is accepted."""
+    config = transformers.Gemma2Config(vocab_size=64, num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
+    if getattr(config, "layer_types", None) is not None:
+        assert StaticKVCache(config, 1, 8).shape == (1, 2, 8, 8)
+        return
+    with pytest.raises(NotImplementedError, match=rf"transformers {transformers.__version__} .*>= 4.57"):
+        StaticKVCache(config, 1, 8)
