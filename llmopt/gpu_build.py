@@ -85,6 +85,7 @@ DECODE_PATH = frozenset({
     "_int8_wo_gemv_kernel", "_int4_wo_gemv_kernel",
     "_decode_split_kernel", "_decode_combine_kernel", "_paged_decode_split_kernel",
     "_kv_append_kernel", "_rope_append_kernel", "_paged_kv_append_kernel",
+    "_decode_gate_up_kernel", "_decode_down_kernel", "_moe_route_kernel",
 })
 # Kernels whose main loop streams a weight matrix: with a contiguous, 16-byte aligned
 # weight the loads must be 128 bits wide, or the kernel cannot reach HBM bandwidth.
@@ -506,11 +507,69 @@ def exercise_rowwise(models: list[ModelShapes], full_space: bool) -> Iterator[Ca
         yield Call(lambda il=interleaved: rope.rope_triton(q, k, cos, cos, m.head_dim // 2, il))
 
 
+@contextlib.contextmanager
+def _moe_alignment_by_size(moe):
+    """``align_block_size`` as it sizes its output on CUDA (the upper bound, no sync),
+    without its data-dependent ``bincount``, which fake tensors cannot run."""
+    real = moe.align_block_size
+
+    def aligned(ids, num_experts, block_m, exact=False):
+        length = -(-(ids.numel() + num_experts * (block_m - 1)) // block_m) * block_m
+        return _cuda(length, dtype=torch.int32), _cuda(length // block_m, dtype=torch.int32)
+
+    moe.align_block_size = aligned
+    try:
+        yield
+    finally:
+        moe.align_block_size = real
+
+
+# Mixtral-8x7B's expert shapes (hidden 4096, intermediate 14336, 8 experts, top-2) and a
+# Qwen-MoE-like many-small-experts shape; the model presets are dense.
+MOE_SHAPES = ((4096, 14336, 8, 2), (2048, 1408, 64, 8))
+
+
+def exercise_moe(models: list[ModelShapes], full_space: bool) -> Iterator[Call]:
+    """Routing and the fused experts at the MoE shapes above: decode (one token: a GEMV
+    per active expert) and prefill (the grouped GEMM, its pruned configs), in every kernel
+    dtype; each scoring / renormalization / activation flag once."""
+    from llmopt.codegen import moe
+
+    def experts(*args):
+        with _moe_alignment_by_size(moe):
+            return moe.fused_experts_triton(*args)
+
+    for dtype, primary in _dtype_axis():
+        for hidden, inter, num_experts, top_k in MOE_SHAPES if primary else MOE_SHAPES[:1]:
+            wgu = _cuda(num_experts, 2 * inter, hidden, dtype=dtype)
+            wd = _cuda(num_experts, hidden, inter, dtype=dtype)
+            for tokens in (1, 256):
+                x = _cuda(tokens, hidden, dtype=dtype)
+                w = _cuda(tokens, top_k, dtype=torch.float32)
+                ids = _cuda(tokens, top_k, dtype=torch.int64)
+                yield Call(lambda x=x, wgu=wgu, wd=wd, w=w, ids=ids: experts(x, wgu, wd, w, ids, "silu"), primary)
+            logits = _cuda(64, num_experts, dtype=dtype)
+            yield Call(lambda logits=logits, k=top_k: moe.moe_route_triton(logits, k, "softmax", True))
+    hidden, inter, num_experts, top_k = MOE_SHAPES[0]
+    logits = _cuda(64, num_experts)
+    for scoring, renormalize in (("sigmoid", False), ("softmax", False)):
+        yield Call(lambda s=scoring, r=renormalize: moe.moe_route_triton(logits, top_k, s, r))
+    wgu = _cuda(num_experts, 2 * inter, hidden)
+    wd = _cuda(num_experts, hidden, inter)
+    for tokens in (1, 64):
+        x = _cuda(tokens, hidden)
+        w = _cuda(tokens, top_k, dtype=torch.float32)
+        ids = _cuda(tokens, top_k, dtype=torch.int64)
+        for act in moe.ACTIVATIONS:
+            yield Call(lambda x=x, w=w, ids=ids, act=act: experts(x, wgu, wd, w, ids, act))
+
+
 EXERCISES: dict[str, Callable[[list[ModelShapes], bool], Iterator[Call]]] = {
     "linear": exercise_linear,
     "quant_linear": exercise_quant_linear,
     "attention": exercise_attention,
     "rowwise": exercise_rowwise,
+    "moe": exercise_moe,
 }
 
 

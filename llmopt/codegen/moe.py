@@ -58,6 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .flat_gemm import shared_memory_bytes
 from .gated_activation import ACTIVATIONS, apply_activation
 from .kernel_mode import use_triton
 from .residual_norm import round_to
@@ -79,18 +80,36 @@ def grouped_configs():
     ]
 
 
+# Shared memory a config may use: under sm_80's 164 KiB opt-in limit (sm_90 has 227 KiB),
+# as the flat GEMM's pruning does; the AOT build check (llmopt/gpu_build.py) holds us to it.
+MAX_SHARED_BYTES = 160 * 1024
+
+
 def prune_grouped_configs(configs, named_args, **kwargs):
-    """Drop tiles much wider than N or deeper than K, and 8 warps on tiles too small to feed them."""
+    """Drop tiles whose pipelined K loop overflows shared memory, tiles much wider than N or
+    deeper than K, and 8 warps on tiles too small to feed them."""
     n_cap = max(triton.next_power_of_2(named_args["N"]), 32)
     k_cap = max(triton.next_power_of_2(named_args["K"]), 32)
     # BLOCK_M comes from the routing, passed by keyword: the autotuner hands it in kwargs.
     block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 64))
+    gated = "x_ptr" in named_args  # the gate/up kernel streams two weight tiles per step
+    activations = named_args.get("x_ptr", named_args.get("h_ptr"))
+    element = activations.element_size() if hasattr(activations, "element_size") else 2
+
+    def shared_bytes(c):
+        return shared_memory_bytes(
+            {"BLOCK_M": block_m, "BLOCK_N": c.kwargs["BLOCK_N"], "BLOCK_K": c.kwargs["BLOCK_K"],
+             "num_stages": c.num_stages}, element, gated)
+
     kept = [
         c for c in configs
         if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap
+        and shared_bytes(c) <= MAX_SHARED_BYTES
         and not (c.num_warps == 8 and c.kwargs["BLOCK_N"] * block_m < 64 * 64)
     ]
-    return kept or configs[:1]
+    if not kept:  # the smallest tile always fits
+        kept = [min(configs, key=shared_bytes)]
+    return kept
 
 
 def grouped_block_m(pairs: int, num_experts: int) -> int:
