@@ -741,11 +741,11 @@ class PagedDecodePlan:
 
     @property
     def part_o(self) -> torch.Tensor:
-        return self.workspace[..., : self.head_dim]
+        return self.workspace.narrow(3, 0, self.head_dim)
 
     @property
     def part_lse(self) -> torch.Tensor:
-        return self.workspace[..., self.head_dim]
+        return self.workspace.select(3, self.head_dim)
 
     def check_fits(self, q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor) -> None:
         """Raise ``ValueError`` unless this plan was made for a call of these shapes."""
