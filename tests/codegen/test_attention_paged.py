@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from conftest import assert_close, poisoned, relative_error
+from conftest import assert_close, count_allocations, poisoned, relative_error
 from llmopt.codegen.attention_decode import attention_decode_ref, attention_decode_triton
 from llmopt.codegen import attention_paged
 from llmopt.codegen.attention_paged import (
@@ -459,23 +459,6 @@ def test_bad_out_buffers():
 # ---------------------------------------------------------------------------------------
 
 
-def count_allocations(monkeypatch) -> list:
-    """Record every tensor the paged-attention module itself allocates (torch.empty / zeros)."""
-    import sys
-
-    calls = []
-    for name in ("empty", "zeros", "empty_like", "zeros_like", "empty_strided", "full"):
-        real = getattr(torch, name)
-
-        def counting(*args, _real=real, _name=name, **kwargs):
-            if sys._getframe(1).f_globals.get("__name__") == attention_paged.__name__:
-                calls.append(_name)
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(torch, name, counting)
-    return calls
-
-
 def test_a_planned_step_allocates_no_workspace_per_layer(triton_kernels, monkeypatch):
     """One plan for the step; each of the L layers (own pools and queries, same shapes) runs
     on it and allocates nothing; every layer's output is right although they all overwrite
@@ -487,7 +470,7 @@ def test_a_planned_step_allocates_no_workspace_per_layer(triton_kernels, monkeyp
     plan = decode_plan(queries[0], layers[0][0], layers[0][2])
     assert plan.num_splits > 1, "the combine path, which reads the workspace"
     outs = [poisoned(q.shape, q.dtype) for q in queries]
-    calls = count_allocations(monkeypatch)
+    calls = count_allocations(monkeypatch, attention_paged.__name__)
     for (kp, vp, table), q, out in zip(layers, queries, outs):
         paged_attention_decode_triton(q, kp, vp, table, lens, 0.25, out=out, plan=plan)
     assert calls == [], "a planned layer allocates nothing"
