@@ -40,7 +40,11 @@ KV group in one ``[G, D]`` tile (padded to 16 rows for ``tl.dot``) so each K/V t
 once per group, fp32 online softmax, fp32 partials ``(o_i, lse_i)`` combined by log-sum-exp
 with the dense module's combine kernel (the chunk bounds come from the same
 ``_split_bounds``, with ``S_max = max_blocks_per_seq * block_size``). The split count depends
-on shapes only, so a decode step has a constant grid (CUDA graphs replay it).
+on shapes only, so a decode step has a constant grid (CUDA graphs replay it). Plan once, run
+per layer (flashinfer's plan/run): :func:`plan_paged_decode` makes a step's
+:class:`PagedDecodePlan` (split count, config, one fp32 workspace ``[B, Hq, num_splits, D + 1]``
+for the partials) that every layer's launch runs on without allocating; the registered op
+takes the plan's workspace as an optional mutable argument.
 
 ``paged_attention_prefill(q [T, Hq, D], k_pool, v_pool, block_tables, seq_lens,
 query_start_loc [N+1], scale, window=0, softcap=0.0) -> [T, Hq, D]``: ``N`` sequences' new

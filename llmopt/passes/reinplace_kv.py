@@ -22,9 +22,10 @@ O(new tokens) write. This pass restores the program the user wrote::
 It rewrites a node only when doing so cannot change a value the graph computes:
 
 - the op is an llmopt op (``OpOverload`` in the ``llmopt`` namespace) whose mutable
-  arguments are plain tensors (no tensor lists);
+  arguments are tensors or optional tensors (no tensor lists);
 - every mutated argument is a graph input itself (``placeholder``), not a view of one,
-  and each is written back by exactly one ``copy_(input, result)`` of the matching output;
+  and each is written back by exactly one ``copy_(input, result)`` of the matching output
+  (or of the last link of a chain, see below);
 - every user of the functional node is a ``getitem`` of it (so each output is accounted
   for);
 - no node between the functional op and the last of its write-backs reads the input or a
@@ -32,6 +33,14 @@ It rewrites a node only when doing so cannot change a value the graph computes:
   visible only to such a reader: readers before the op run before either write, readers
   after the ``copy_`` see the written value either way, and the functional result equals
   the input once written. Any other case is left functional with a near-miss saying why.
+
+Two more shapes are handled. A chain: several ops mutate the same input in turn (every
+layer's ``paged_attention_decode`` writes the step's one split workspace), captured as
+``af_1(_all_bases=[ws])``, ``af_2(_all_bases=[af_1's new ws])``, ..., ``copy_(ws, af_L's)``.
+When each link's new value is read only by the next link, as the tensor it mutates, no node
+sees an intermediate value, so the first link runs in place on the input (the second then
+mutates the input itself: the single-op case, and so on). An optional mutable argument left
+None (``Tensor(a!)?``): nothing is mutated, the wrapper becomes the plain call.
 
 The same rewrite is Inductor's ``reinplace`` for ``auto_functionalized`` (it clones only
 the bases that are read later); here no base may be read later, so none is cloned.

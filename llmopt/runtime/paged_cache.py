@@ -32,7 +32,9 @@ corrupted block. The engine (:mod:`.engine`) avoids the error by checking
 
 Per-step metadata. :meth:`PagedKVCache.plan` turns one step's schedule into a
 :class:`PagedAttentionMetadata` of device tensors (block tables, lengths, slot mapping,
-query offsets), built once per step and read by every layer ("plan once, run per layer").
+query offsets), built once per step and read by every layer ("plan once, run per layer"),
+and, for a decode-only step, the decode kernel's plan and split workspace
+(:meth:`PagedAttentionMetadata.plan_decode`), shared by every layer likewise.
 """
 from __future__ import annotations
 

@@ -19,7 +19,9 @@ for the models that have them). So:
    planned once and read by every layer.
 3. In each layer the function appends the new K/V into the layer's pools
    (``llmopt::paged_kv_append`` with the step's slot mapping) and attends with
-   ``llmopt::paged_attention_decode`` (decode-only steps) or
+   ``llmopt::paged_attention_decode`` (decode-only steps, on the step's decode plan:
+   :meth:`PagedModelRunner.__call__` plans it before the forward, every layer passes its
+   workspace) or
    ``llmopt::paged_attention_prefill`` (steps with prompt chunks; decode tokens ride
    along as chunks of one). The model keeps no cache of its own (``use_cache=False``) and
    builds no mask: ``"llmopt_paged"`` is not a mask implementation, so Hugging Face's mask
@@ -35,6 +37,8 @@ turns this back into the in-place call when nothing reads a pool in between (alw
 this attention function), so the ``aten`` executor (llmopt's CPU default) writes only the
 new tokens; Inductor re-inplaces it on its own. Without the pass the tokens are the same,
 but every layer copies its pools at every step (see docs/engine.md, "Compiled models").
+The decode step's split workspace, mutated by every layer's attention, is re-inplaced the
+same way (a chain of writes to one input).
 """
 from __future__ import annotations
 
