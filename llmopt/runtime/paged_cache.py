@@ -43,6 +43,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from .. import compat
 from ..codegen.attention_paged import DEFAULT_BLOCK_SIZE, PagedDecodePlan, plan_paged_decode
 
 __all__ = [
@@ -220,6 +221,10 @@ class PagedAttentionMetadata:
         pool = self.k_pools[0]
         plan = plan_paged_decode(self.num_seqs, num_q_heads, pool.shape[1], head_dim, self.block_tables.shape[1],
                                  pool.shape[2], dtype or pool.dtype, pool.device)
+        # a compiled model sees the workspace as a new graph input, static at first sight: its
+        # sequence and split dims follow the batch, so say so, or the first decode graph pins
+        # the batch size (the workspace's dim 0 equals the query's) and recompiles once more
+        compat.maybe_mark_dynamic(plan.workspace, (0, 2))
         self.decode_plan = plan
         return plan
 
