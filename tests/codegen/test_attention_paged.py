@@ -515,7 +515,11 @@ def test_a_plan_that_does_not_fit_raises():
 
 
 def test_torch_compile_fullgraph_layers_share_the_workspace(triton_kernels):
-    """Two layers of a step on one workspace, traced whole; the result is eager's."""
+    """Two layers of a step on one workspace, traced whole by the llmopt backend: its
+    reinplace_kv pass runs both on the workspace input itself (no clone, no copy_ back) and
+    the result is eager's."""
+    import llmopt
+
     kp, vp, table, lens = _small()
     q = torch.randn(2, 4, 1, 16)
     workspace = decode_plan(q, kp, table, num_splits=2).workspace
@@ -526,6 +530,12 @@ def test_torch_compile_fullgraph_layers_share_the_workspace(triton_kernels):
 
     expected = two_layers(q, kp, vp, table, lens, workspace)
     torch.compiler.reset()
-    got = torch.compile(two_layers, backend="aot_eager", fullgraph=True)(q, kp, vp, table, lens, workspace)
+    llmopt.clear_reports()
+    compiled = torch.compile(two_layers, backend="llmopt", fullgraph=True, options={"strict": True})
+    got = compiled(q, kp, vp, table, lens, workspace)
     torch.compiler.reset()
     assert_close(got, expected.double(), dtype=torch.float32, what="compiled two layers")
+    report = llmopt.last_report()
+    assert report.rewrites_by_pass()["reinplace_kv"] == 2
+    assert report.ops_after.get("llmopt.paged_attention_decode.default") == 2
+    assert not [op for op in report.ops_after if "auto_functionalized" in op or op == "aten.copy_.default"]

@@ -205,6 +205,70 @@ def test_pool_that_is_not_written_back_stays_functional():
 
 
 # ---------------------------------------------------------------------------------------
+# a chain: every layer's decode attention writes the step's one split workspace
+# ---------------------------------------------------------------------------------------
+
+
+def layers_on_one_workspace(k_pool, v_pool, slots, k, v, q, table, lens, workspace):
+    """A decode step of three layers on one pool: the append, then three attentions
+    writing the step's one workspace."""
+    torch.ops.llmopt.paged_kv_append(k_pool, v_pool, slots, k, v)
+    h = q
+    for _ in range(3):
+        h = torch.ops.llmopt.paged_attention_decode(h, k_pool, v_pool, table, lens, 0.25, 0, 0.0, workspace)
+    return h
+
+
+def chain_inputs():
+    args = step_inputs()
+    q = args[5]
+    return args + [torch.zeros(q.shape[0], q.shape[1], 2, q.shape[3] + 1)]
+
+
+def test_chain_of_ops_mutating_one_input_runs_in_place():
+    """The captured chain ``af(ws) -> af(new ws) -> af(newer ws) -> copy_(ws, newest)``
+    becomes three in-place calls on the workspace input; the result is eager's."""
+    captured = Captured(layers_on_one_workspace)
+    eager = layers_on_one_workspace(*chain_inputs())
+    assert torch.equal(captured(*chain_inputs()), eager)
+    gm = captured.graphs[0]
+    assert sum(t in functionalized_targets() for t in targets_in(gm)) == 4
+    count, report = run_pass(gm)
+    assert count == 4 and not report.near_misses
+    assert not functionalized_targets() & set(targets_in(gm))
+    assert aten.copy_.default not in targets_in(gm)
+    workspace = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    attentions = [n for n in gm.graph.nodes if n.target == torch.ops.llmopt.paged_attention_decode.default]
+    assert [n.kwargs["workspace"] for n in attentions] == [workspace] * 3
+    assert torch.equal(captured(*chain_inputs()), eager)
+
+
+def test_chain_with_a_reader_of_an_intermediate_value_stays_functional():
+    """A node reading the workspace's value between two links (here: its sum, returned)
+    would see a later layer's write if the chain ran in place: the chain stays functional,
+    and the graph computes what it computed before the pass."""
+    captured = Captured(layers_on_one_workspace)
+    captured(*chain_inputs())
+    gm = captured.graphs[0]
+    g = gm.graph
+    first = next(n for n in g.nodes if n.target in functionalized_targets()
+                 and n.args[0] == torch.ops.llmopt.paged_attention_decode.default)
+    new_ws = next(u for u in first.users if u.args[1] == 1)
+    output = next(n for n in g.nodes if n.op == "output")
+    with g.inserting_before(output):
+        total = g.call_function(aten.sum.default, (new_ws,))
+    output.args = (tuple(output.args[0]) + (total,),)
+    gm.recompile()
+    before = gm(*chain_inputs())
+    count, report = run_pass(gm)
+    assert count == 1, "only the append"
+    assert sum(t in functionalized_targets() for t in targets_in(gm)) == 3
+    assert report.near_misses and all(m.pass_name == PASS for m in report.near_misses)
+    after = gm(*chain_inputs())
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+# ---------------------------------------------------------------------------------------
 # auto_functionalized (v1): the mutated tensors as keyword arguments
 # ---------------------------------------------------------------------------------------
 
