@@ -42,9 +42,10 @@ with the dense module's combine kernel (the chunk bounds come from the same
 ``_split_bounds``, with ``S_max = max_blocks_per_seq * block_size``). The split count depends
 on shapes only, so a decode step has a constant grid (CUDA graphs replay it). Plan once, run
 per layer (flashinfer's plan/run): :func:`plan_paged_decode` makes a step's
-:class:`PagedDecodePlan` (split count, config, one fp32 workspace ``[B, Hq, num_splits, D + 1]``
-for the partials) that every layer's launch runs on without allocating; the registered op
-takes the plan's workspace as an optional mutable argument.
+:class:`PagedDecodePlan` (split count, config, one fp32 workspace ``[B, Hq, num_splits, P]``
+for the partials, ``P = decode_workspace_pitch(D)``) that every layer's launch runs on
+without allocating; the registered op takes the plan's workspace as an optional mutable
+argument.
 
 ``paged_attention_prefill(q [T, Hq, D], k_pool, v_pool, block_tables, seq_lens,
 query_start_loc [N+1], scale, window=0, softcap=0.0) -> [T, Hq, D]``: ``N`` sequences' new
@@ -725,10 +726,13 @@ class PagedDecodePlan:
     """One decode step's launch decisions, made once and reused by every layer (plan/run, as
     flashinfer's ``BatchDecodeWithPagedKVCacheWrapper.plan`` / ``run``).
 
-    ``workspace`` ``[num_seqs, num_q_heads, num_splits, head_dim + 1]`` fp32 holds the split
-    partials: ``[..., :head_dim]`` the normalized partial outputs ``o_i``, ``[..., head_dim]``
-    their log-sum-exp. Every layer of the step overwrites it (the combine reads only slots
-    its own split kernel wrote), so one buffer serves all layers. It is allocated even for
+    ``workspace`` ``[num_seqs, num_q_heads, num_splits, P]`` fp32 holds the split partials:
+    ``[..., :head_dim]`` the normalized partial outputs ``o_i``, ``[..., head_dim]`` their
+    log-sum-exp; ``P = decode_workspace_pitch(head_dim)`` pads each row to a multiple of 16
+    floats so every stride and the LSE column's address stay 16-divisible (Triton then
+    specializes them as aligned, as for a contiguous ``[.., head_dim]`` buffer). Every layer
+    of the step overwrites it (the combine reads only slots its own split kernel wrote), so
+    one buffer serves all layers. It is allocated even for
     one split (then unused; a few bytes) so that the tensor alone carries the split count:
     the registered op receives only the tensor (see :func:`plan_from_workspace`).
     """
@@ -763,16 +767,23 @@ class PagedDecodePlan:
             )
 
 
+def decode_workspace_pitch(head_dim: int) -> int:
+    """Floats per row of the split workspace: ``head_dim`` partial outputs and one LSE,
+    rounded up to a multiple of 16."""
+    return -(-(head_dim + 1) // 16) * 16
+
+
 def check_decode_workspace(q: torch.Tensor, workspace: torch.Tensor) -> int:
     """Check a split workspace against decode query ``q`` ``[N, Hq, 1, D]``; return its split
     count. Works on fake tensors (the op's fake implementation calls it)."""
     n, hq, _, d = q.shape
     ok = (workspace.dim() == 4 and workspace.shape[0] == n and workspace.shape[1] == hq
-          and workspace.shape[2] >= 1 and workspace.shape[3] == d + 1)
+          and workspace.shape[2] >= 1 and workspace.shape[3] == decode_workspace_pitch(d))
     if not ok or workspace.dtype != torch.float32 or workspace.device != q.device:
+        pitch = decode_workspace_pitch(d)
         raise ValueError(
-            f"paged_attention_decode: workspace must be a [{n}, {hq}, num_splits >= 1, {d + 1}] float32 tensor on "
-            f"{q.device} (from plan_paged_decode for this step), got {tuple(workspace.shape)} {workspace.dtype} on "
+            f"paged_attention_decode: workspace must be a [{n}, {hq}, num_splits >= 1, {pitch}] float32 tensor "
+            f"on {q.device} (from plan_paged_decode for this step), got {tuple(workspace.shape)} {workspace.dtype} on "
             f"{workspace.device}; pass workspace=None to let the op allocate one"
         )
     return workspace.shape[2]
@@ -800,7 +811,8 @@ def plan_paged_decode(num_seqs: int, num_q_heads: int, num_kv_heads: int, head_d
                          "KV heads; GQA needs Hq % Hkv == 0")
     cfg = dict(_heuristic_config(head_dim, num_q_heads // num_kv_heads, dtype, device.type))
     cfg.update(config or {})
-    workspace = torch.empty((num_seqs, num_q_heads, num_splits, head_dim + 1), dtype=torch.float32, device=device)
+    workspace = torch.empty((num_seqs, num_q_heads, num_splits, decode_workspace_pitch(head_dim)),
+                            dtype=torch.float32, device=device)
     return PagedDecodePlan(num_seqs, num_q_heads, num_kv_heads, head_dim, s_max, num_splits, cfg,
                            _SPLIT_ALIGN_CUDA if on_cuda else _SPLIT_ALIGN_INTERPRETER, workspace)
 
@@ -1032,6 +1044,7 @@ __all__ = [
     "check_append_args",
     "check_decode_args",
     "check_decode_workspace",
+    "decode_workspace_pitch",
     "check_prefill_args",
     "gather_kv",
     "paged_attention_decode",

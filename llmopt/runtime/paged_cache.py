@@ -44,7 +44,12 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from .. import compat
-from ..codegen.attention_paged import DEFAULT_BLOCK_SIZE, PagedDecodePlan, plan_paged_decode
+from ..codegen.attention_paged import (
+    DEFAULT_BLOCK_SIZE,
+    PagedDecodePlan,
+    decode_workspace_pitch,
+    plan_paged_decode,
+)
 
 __all__ = [
     "BlockAllocator",
@@ -235,7 +240,8 @@ class PagedAttentionMetadata:
         plan = self.decode_plan
         if plan is not None:
             ws = plan.workspace
-            if ws.shape[0] == q.shape[0] and ws.shape[1] == q.shape[1] and ws.shape[3] == q.shape[3] + 1:
+            pitch = decode_workspace_pitch(q.shape[3])
+            if ws.shape[0] == q.shape[0] and ws.shape[1] == q.shape[1] and ws.shape[3] == pitch:
                 return ws
         return self.plan_decode(q.shape[1], q.shape[3], q.dtype).workspace
 

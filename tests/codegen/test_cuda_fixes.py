@@ -269,7 +269,8 @@ def test_paged_decode_plans_once_per_step_and_runs_per_layer(monkeypatch):
         assert plan.num_splits == ad.decode_num_splits(b, hkv, width * bs, target.sm_count) > 1
         assert plan.config == ad.decode_heuristic_config(d, hq // hkv, torch.bfloat16, torch.device("cuda"))
         ws = plan.workspace
-        assert ws.is_cuda and ws.dtype == torch.float32 and tuple(ws.shape) == (b, hq, plan.num_splits, d + 1)
+        # rows of 128 partial outputs + 1 LSE, padded to 16 floats
+        assert ws.is_cuda and ws.dtype == torch.float32 and tuple(ws.shape) == (b, hq, plan.num_splits, 144)
         q = torch.empty(b, hq, 1, d, dtype=torch.bfloat16, device="cuda")
         pool = torch.empty(64, hkv, bs, d, dtype=torch.bfloat16, device="cuda")
         tables = torch.empty(b, width, dtype=torch.int32, device="cuda")

@@ -222,7 +222,7 @@ def layers_on_one_workspace(k_pool, v_pool, slots, k, v, q, table, lens, workspa
 def chain_inputs():
     args = step_inputs()
     q = args[5]
-    return args + [torch.zeros(q.shape[0], q.shape[1], 2, q.shape[3] + 1)]
+    return args + [torch.zeros(q.shape[0], q.shape[1], 2, attention_paged.decode_workspace_pitch(q.shape[3]))]
 
 
 def test_chain_of_ops_mutating_one_input_runs_in_place():
