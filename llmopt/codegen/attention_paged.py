@@ -745,7 +745,7 @@ class PagedDecodePlan:
     num_splits: int
     config: dict  # {"BLOCK_N", "num_warps", "num_stages"} of the split kernel
     split_align: int
-    workspace: torch.Tensor
+    workspace: Optional[torch.Tensor]  # None only in a launcher's own one-split plan
 
     @property
     def part_o(self) -> torch.Tensor:
@@ -759,10 +759,11 @@ class PagedDecodePlan:
         """Raise ``ValueError`` unless this plan was made for a call of these shapes."""
         want = (q.shape[0], q.shape[1], k_pool.shape[1], q.shape[3], block_tables.shape[1] * k_pool.shape[2])
         have = (self.num_seqs, self.num_q_heads, self.num_kv_heads, self.head_dim, self.max_seq_len)
-        if want != have or self.workspace.device != q.device:
+        where = "" if self.workspace is None else f" on {self.workspace.device}"
+        if want != have or (self.workspace is not None and self.workspace.device != q.device):
             raise ValueError(
                 "paged_attention_decode: the plan was made for (seqs, q heads, kv heads, head dim, max seq len) = "
-                f"{have} on {self.workspace.device}, but the call has {want} on {q.device}; plan each step with "
+                f"{have}{where}, but the call has {want} on {q.device}; plan each step with "
                 "plan_paged_decode(...) from that step's metadata, or pass plan=None"
             )
 
@@ -792,11 +793,13 @@ def check_decode_workspace(q: torch.Tensor, workspace: torch.Tensor) -> int:
 def plan_paged_decode(num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                       max_blocks_per_seq: int, block_size: int, dtype: torch.dtype, device,
                       *, num_splits: Optional[int] = None, config: Optional[dict] = None,
-                      sm_count: Optional[int] = None) -> PagedDecodePlan:
+                      sm_count: Optional[int] = None, one_split_workspace: bool = True) -> PagedDecodePlan:
     """Plan a decode step from its metadata: the split count (:func:`decode_num_splits`, from
     shapes only), the split kernel's config (:func:`decode_heuristic_config`, then
     ``config``) and the fp32 split workspace. ``sm_count``: the GPU's SM count (read from the
-    device when None on CUDA; ignored elsewhere). ``num_splits`` overrides the heuristic."""
+    device when None on CUDA; ignored elsewhere). ``num_splits`` overrides the heuristic.
+    ``one_split_workspace=False``: no workspace (None) when one split, which does not use it
+    (the launcher's plan of an unplanned call, never handed to the op)."""
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     if on_cuda and sm_count is None:
@@ -811,8 +814,10 @@ def plan_paged_decode(num_seqs: int, num_q_heads: int, num_kv_heads: int, head_d
                          "KV heads; GQA needs Hq % Hkv == 0")
     cfg = dict(_heuristic_config(head_dim, num_q_heads // num_kv_heads, dtype, device.type))
     cfg.update(config or {})
-    workspace = torch.empty((num_seqs, num_q_heads, num_splits, decode_workspace_pitch(head_dim)),
-                            dtype=torch.float32, device=device)
+    workspace = None
+    if num_splits > 1 or one_split_workspace:
+        workspace = torch.empty((num_seqs, num_q_heads, num_splits, decode_workspace_pitch(head_dim)),
+                                dtype=torch.float32, device=device)
     return PagedDecodePlan(num_seqs, num_q_heads, num_kv_heads, head_dim, s_max, num_splits, cfg,
                            _SPLIT_ALIGN_CUDA if on_cuda else _SPLIT_ALIGN_INTERPRETER, workspace)
 
@@ -866,7 +871,7 @@ def paged_attention_decode_triton(q, k_pool, v_pool, block_tables, seq_lens, sca
             plan = plan_from_workspace(q, k_pool, block_tables, workspace)
         else:  # an unplanned call: plan it here (allocates this call's workspace)
             plan = plan_paged_decode(b, hq, hkv, d, block_tables.shape[1], bs, q.dtype, q.device,
-                                     num_splits=num_splits, config=config)
+                                     num_splits=num_splits, config=config, one_split_workspace=False)
     num_splits, cfg, split_align, s_max = plan.num_splits, plan.config, plan.split_align, plan.max_seq_len
     direct = num_splits == 1
     if direct:
