@@ -732,9 +732,9 @@ class PagedDecodePlan:
     floats so every stride and the LSE column's address stay 16-divisible (Triton then
     specializes them as aligned, as for a contiguous ``[.., head_dim]`` buffer). Every layer
     of the step overwrites it (the combine reads only slots its own split kernel wrote), so
-    one buffer serves all layers. It is allocated even for
-    one split (then unused; a few bytes) so that the tensor alone carries the split count:
-    the registered op receives only the tensor (see :func:`plan_from_workspace`).
+    one buffer serves all layers. A step's plan has one even for one split (then unused; a
+    few bytes), so that the tensor alone carries the split count: the registered op receives
+    only the tensor (see :func:`plan_from_workspace`).
     """
 
     num_seqs: int
@@ -1049,8 +1049,8 @@ __all__ = [
     "check_append_args",
     "check_decode_args",
     "check_decode_workspace",
-    "decode_workspace_pitch",
     "check_prefill_args",
+    "decode_workspace_pitch",
     "gather_kv",
     "paged_attention_decode",
     "paged_attention_decode_ref",
