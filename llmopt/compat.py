@@ -177,6 +177,15 @@ def reset_dynamo() -> None:
     torch._dynamo.reset()
 
 
+def maybe_mark_dynamic(t: torch.Tensor, dims: Sequence[int]) -> None:
+    """Hint Dynamo that these dims of ``t`` vary between calls (compile them symbolic from the
+    first graph that sees ``t``, unless the graph pins them); no effect outside torch.compile."""
+    import torch._dynamo
+
+    for dim in dims:
+        torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
 def graph_break_reasons() -> Any:
     """Dynamo's explanation object for a function (graph count, break reasons)."""
     import torch._dynamo

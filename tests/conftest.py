@@ -95,6 +95,25 @@ def needs_transformers(minimum: str, why: str):
     )
 
 
+def count_allocations(monkeypatch, module: str) -> list:
+    """Record each tensor that code of ``module`` (a module's ``__name__``) allocates through
+    ``torch.empty`` / ``zeros`` / ``full`` / ``*_like`` / ``empty_strided``: a per-call
+    allocation test counts what a launcher allocates, not what the kernels compute."""
+    import sys
+
+    calls = []
+    for name in ("empty", "zeros", "full", "empty_like", "zeros_like", "empty_strided"):
+        real = getattr(torch, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__") == module:
+                calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, counting)
+    return calls
+
+
 @pytest.fixture
 def triton_kernels(monkeypatch):
     """Run llmopt ops through their Triton kernels (in the interpreter on CPU)."""

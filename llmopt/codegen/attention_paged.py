@@ -40,7 +40,12 @@ KV group in one ``[G, D]`` tile (padded to 16 rows for ``tl.dot``) so each K/V t
 once per group, fp32 online softmax, fp32 partials ``(o_i, lse_i)`` combined by log-sum-exp
 with the dense module's combine kernel (the chunk bounds come from the same
 ``_split_bounds``, with ``S_max = max_blocks_per_seq * block_size``). The split count depends
-on shapes only, so a decode step has a constant grid (CUDA graphs replay it).
+on shapes only, so a decode step has a constant grid (CUDA graphs replay it). Plan once, run
+per layer (flashinfer's plan/run): :func:`plan_paged_decode` makes a step's
+:class:`PagedDecodePlan` (split count, config, one fp32 workspace ``[B, Hq, num_splits, P]``
+for the partials, ``P = decode_workspace_pitch(D)``) that every layer's launch runs on
+without allocating; the registered op takes the plan's workspace as an optional mutable
+argument.
 
 ``paged_attention_prefill(q [T, Hq, D], k_pool, v_pool, block_tables, seq_lens,
 query_start_loc [N+1], scale, window=0, softcap=0.0) -> [T, Hq, D]``: ``N`` sequences' new
@@ -71,6 +76,8 @@ are upcast to fp32 first (its ``tl.dot`` multiplies the raw bits of bf16).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -708,11 +715,136 @@ def paged_kv_append_triton(k_pool, v_pool, slot_mapping, k, v) -> None:
         )
 
 
+@functools.lru_cache(maxsize=None)
+def _heuristic_config(head_dim: int, group: int, dtype: torch.dtype, device_type: str) -> tuple:
+    # memoized: the op, given only a workspace, re-derives the config at every layer
+    return tuple(decode_heuristic_config(head_dim, group, dtype, torch.device(device_type)).items())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PagedDecodePlan:
+    """One decode step's launch decisions, made once and reused by every layer (plan/run, as
+    flashinfer's ``BatchDecodeWithPagedKVCacheWrapper.plan`` / ``run``).
+
+    ``workspace`` ``[num_seqs, num_q_heads, num_splits, P]`` fp32 holds the split partials:
+    ``[..., :head_dim]`` the normalized partial outputs ``o_i``, ``[..., head_dim]`` their
+    log-sum-exp; ``P = decode_workspace_pitch(head_dim)`` pads each row to a multiple of 16
+    floats so every stride and the LSE column's address stay 16-divisible (Triton then
+    specializes them as aligned, as for a contiguous ``[.., head_dim]`` buffer). Every layer
+    of the step overwrites it (the combine reads only slots its own split kernel wrote), so
+    one buffer serves all layers. A step's plan has one even for one split (then unused; a
+    few bytes), so that the tensor alone carries the split count: the registered op receives
+    only the tensor (see :func:`plan_from_workspace`).
+    """
+
+    num_seqs: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_seq_len: int  # the block table's capacity, max_blocks_per_seq * block_size
+    num_splits: int
+    config: dict  # {"BLOCK_N", "num_warps", "num_stages"} of the split kernel
+    split_align: int
+    workspace: Optional[torch.Tensor]  # None only in a launcher's own one-split plan
+
+    @property
+    def part_o(self) -> torch.Tensor:
+        return self.workspace.narrow(3, 0, self.head_dim)
+
+    @property
+    def part_lse(self) -> torch.Tensor:
+        return self.workspace.select(3, self.head_dim)
+
+    def check_fits(self, q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless this plan was made for a call of these shapes."""
+        want = (q.shape[0], q.shape[1], k_pool.shape[1], q.shape[3], block_tables.shape[1] * k_pool.shape[2])
+        have = (self.num_seqs, self.num_q_heads, self.num_kv_heads, self.head_dim, self.max_seq_len)
+        where = "" if self.workspace is None else f" on {self.workspace.device}"
+        if want != have or (self.workspace is not None and self.workspace.device != q.device):
+            raise ValueError(
+                "paged_attention_decode: the plan was made for (seqs, q heads, kv heads, head dim, max seq len) = "
+                f"{have}{where}, but the call has {want} on {q.device}; plan each step with "
+                "plan_paged_decode(...) from that step's metadata, or pass plan=None"
+            )
+
+
+def decode_workspace_pitch(head_dim: int) -> int:
+    """Floats per row of the split workspace: ``head_dim`` partial outputs and one LSE,
+    rounded up to a multiple of 16."""
+    return -(-(head_dim + 1) // 16) * 16
+
+
+def check_decode_workspace(q: torch.Tensor, workspace: torch.Tensor) -> int:
+    """Check a split workspace against decode query ``q`` ``[N, Hq, 1, D]``; return its split
+    count. Works on fake tensors (the op's fake implementation calls it)."""
+    n, hq, _, d = q.shape
+    ok = (workspace.dim() == 4 and workspace.shape[0] == n and workspace.shape[1] == hq
+          and workspace.shape[2] >= 1 and workspace.shape[3] == decode_workspace_pitch(d))
+    if not ok or workspace.dtype != torch.float32 or workspace.device != q.device:
+        pitch = decode_workspace_pitch(d)
+        raise ValueError(
+            f"paged_attention_decode: workspace must be a [{n}, {hq}, num_splits >= 1, {pitch}] float32 tensor "
+            f"on {q.device} (from plan_paged_decode for this step), got {tuple(workspace.shape)} {workspace.dtype} on "
+            f"{workspace.device}; pass workspace=None to let the op allocate one"
+        )
+    return workspace.shape[2]
+
+
+def plan_paged_decode(num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                      max_blocks_per_seq: int, block_size: int, dtype: torch.dtype, device,
+                      *, num_splits: Optional[int] = None, config: Optional[dict] = None,
+                      sm_count: Optional[int] = None, one_split_workspace: bool = True) -> PagedDecodePlan:
+    """Plan a decode step from its metadata: the split count (:func:`decode_num_splits`, from
+    shapes only), the split kernel's config (:func:`decode_heuristic_config`, then
+    ``config``) and the fp32 split workspace. ``sm_count``: the GPU's SM count (read from the
+    device when None on CUDA; ignored elsewhere). ``num_splits`` overrides the heuristic.
+    ``one_split_workspace=False``: no workspace (None) when one split, which does not use it
+    (the launcher's plan of an unplanned call, never handed to the op)."""
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    if on_cuda and sm_count is None:
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    s_max = max_blocks_per_seq * block_size
+    if num_splits is None:
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, s_max, sm_count if on_cuda else None)
+    if num_splits < 1:
+        raise ValueError(f"paged_attention_decode: num_splits={num_splits} must be >= 1")
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"paged_attention_decode: {num_q_heads} query heads are not a multiple of {num_kv_heads} "
+                         "KV heads; GQA needs Hq % Hkv == 0")
+    cfg = dict(_heuristic_config(head_dim, num_q_heads // num_kv_heads, dtype, device.type))
+    cfg.update(config or {})
+    workspace = None
+    if num_splits > 1 or one_split_workspace:
+        workspace = torch.empty((num_seqs, num_q_heads, num_splits, decode_workspace_pitch(head_dim)),
+                                dtype=torch.float32, device=device)
+    return PagedDecodePlan(num_seqs, num_q_heads, num_kv_heads, head_dim, s_max, num_splits, cfg,
+                           _SPLIT_ALIGN_CUDA if on_cuda else _SPLIT_ALIGN_INTERPRETER, workspace)
+
+
+def plan_from_workspace(q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor,
+                        workspace: torch.Tensor) -> PagedDecodePlan:
+    """The plan that a workspace made by :func:`plan_paged_decode` stands for (its split count
+    is its third dimension); allocates nothing. How the registered op, which takes tensors
+    only, runs the step's plan."""
+    num_splits = check_decode_workspace(q, workspace)
+    n, hq, _, d = q.shape
+    hkv = k_pool.shape[1]
+    on_cuda = q.device.type == "cuda"
+    return PagedDecodePlan(n, hq, hkv, d, block_tables.shape[1] * k_pool.shape[2], num_splits,
+                           dict(_heuristic_config(d, hq // hkv, q.dtype, q.device.type)),
+                           _SPLIT_ALIGN_CUDA if on_cuda else _SPLIT_ALIGN_INTERPRETER, workspace)
+
+
 @on_tensor_device
 def paged_attention_decode_triton(q, k_pool, v_pool, block_tables, seq_lens, scale, window=0, softcap=0.0,
-                                  *, out=None, num_splits=None, config=None):
+                                  *, out=None, num_splits=None, config=None, plan=None, workspace=None):
     """Launch the paged split kernel (and the dense combine kernel when num_splits > 1).
 
+    ``plan``: the step's :class:`PagedDecodePlan` (split count, config, workspace): nothing
+    is allocated but ``out`` (when None) and no heuristic runs; it must fit the call.
+    ``workspace``: a plan's workspace tensor alone (what the registered op receives).
+    Without either the launcher plans this call itself (allocating the workspace).
     ``out``: optional [B, Hq, 1, D] buffer (any strides). ``num_splits``: override the
     shape-based split count (tests). ``config``: ``{"BLOCK_N", "num_warps", "num_stages"}``.
     """
@@ -721,6 +853,12 @@ def paged_attention_decode_triton(q, k_pool, v_pool, block_tables, seq_lens, sca
                                           dtypes=KERNEL_DTYPES)
     if d > MAX_HEAD_DIM:
         raise ValueError(f"{op}: head dim {d} > {MAX_HEAD_DIM} is not supported by the Triton kernel")
+    if (plan is not None or workspace is not None) and (num_splits is not None or config is not None):
+        raise ValueError(f"{op}: num_splits / config come from the plan; pass them to plan_paged_decode instead")
+    if plan is not None and workspace is not None:
+        raise ValueError(f"{op}: pass plan or workspace, not both")
+    if plan is not None:
+        plan.check_fits(q, k_pool, block_tables)
     out = _check_out(op, out, (b, hq, 1, d), q)
     if b == 0 or hq == 0 or d == 0:
         return out
@@ -728,23 +866,21 @@ def paged_attention_decode_triton(q, k_pool, v_pool, block_tables, seq_lens, sca
     if not on_cuda:
         # cheap on CPU (the interpreter); on CUDA a host sync per step, so the kernel clamps
         _check_values(op, block_tables, seq_lens, k_pool.shape[0], bs)
-    s_max = block_tables.shape[1] * bs
-    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if on_cuda else None
-    if num_splits is None:
-        num_splits = decode_num_splits(b, hkv, s_max, sm_count)
-    if num_splits < 1:
-        raise ValueError(f"{op}: num_splits={num_splits} must be >= 1")
-    cfg = dict(decode_heuristic_config(d, hq // hkv, q.dtype, q.device))
-    cfg.update(config or {})
-    split_align = _SPLIT_ALIGN_CUDA if on_cuda else _SPLIT_ALIGN_INTERPRETER
+    if plan is None:
+        if workspace is not None:
+            plan = plan_from_workspace(q, k_pool, block_tables, workspace)
+        else:  # an unplanned call: plan it here (allocates this call's workspace)
+            plan = plan_paged_decode(b, hq, hkv, d, block_tables.shape[1], bs, q.dtype, q.device,
+                                     num_splits=num_splits, config=config, one_split_workspace=False)
+    num_splits, cfg, split_align, s_max = plan.num_splits, plan.config, plan.split_align, plan.max_seq_len
     direct = num_splits == 1
     if direct:
         part_o, part_lse = out, out  # unused: the split kernel writes out itself
         p_strides, l_strides = (0, 0, 0, 0), (0, 0, 0)
     else:
-        # every slot read by the combine is written by a split that ran, so `empty` is enough
-        part_o = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((b, hq, num_splits), dtype=torch.float32, device=q.device)
+        # every slot read by the combine is written by a split that ran (in this layer), so
+        # the workspace needs no clearing between layers
+        part_o, part_lse = plan.part_o, plan.part_lse
         p_strides, l_strides = part_o.stride(), part_lse.stride()
     with _device_ctx(q):
         _paged_decode_split_kernel[(b, hkv, num_splits)](
@@ -846,7 +982,7 @@ def _paged_kv_append_fake(k_pool, v_pool, slot_mapping, k, v) -> None:
     return None
 
 
-@torch.library.custom_op("llmopt::paged_attention_decode", mutates_args=())
+@torch.library.custom_op("llmopt::paged_attention_decode", mutates_args=("workspace",))
 def paged_attention_decode(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -856,16 +992,26 @@ def paged_attention_decode(
     scale: float,
     window: int = 0,
     softcap: float = 0.0,
+    workspace: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Decode attention of one new token per sequence over its paged KV."""
+    """Decode attention of one new token per sequence over its paged KV.
+
+    ``workspace``: the step's split workspace (:attr:`PagedDecodePlan.workspace`), shared by
+    every layer and overwritten by each (hence mutable); None allocates one per call."""
+    if workspace is not None:
+        check_decode_workspace(q, workspace)
     if _kernel_path(q, k_pool, v_pool, block_tables, seq_lens):
-        return paged_attention_decode_triton(q, k_pool, v_pool, block_tables, seq_lens, scale, window, softcap)
+        return paged_attention_decode_triton(q, k_pool, v_pool, block_tables, seq_lens, scale, window, softcap,
+                                             workspace=workspace)
     return paged_attention_decode_ref(q, k_pool, v_pool, block_tables, seq_lens, scale, window, softcap)
 
 
 @paged_attention_decode.register_fake
-def _paged_attention_decode_fake(q, k_pool, v_pool, block_tables, seq_lens, scale, window=0, softcap=0.0):
+def _paged_attention_decode_fake(q, k_pool, v_pool, block_tables, seq_lens, scale, window=0, softcap=0.0,
+                                 workspace=None):
     check_decode_args(q, k_pool, v_pool, block_tables, seq_lens, window, softcap)
+    if workspace is not None:
+        check_decode_workspace(q, workspace)
     return q.new_empty(q.shape)
 
 
@@ -899,9 +1045,12 @@ def _paged_attention_prefill_fake(q, k_pool, v_pool, block_tables, seq_lens, que
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "KERNEL_DTYPES",
+    "PagedDecodePlan",
     "check_append_args",
     "check_decode_args",
+    "check_decode_workspace",
     "check_prefill_args",
+    "decode_workspace_pitch",
     "gather_kv",
     "paged_attention_decode",
     "paged_attention_decode_ref",
@@ -912,5 +1061,7 @@ __all__ = [
     "paged_kv_append",
     "paged_kv_append_ref",
     "paged_kv_append_triton",
+    "plan_from_workspace",
+    "plan_paged_decode",
     "prefill_q_bucket",
 ]

@@ -22,9 +22,10 @@ O(new tokens) write. This pass restores the program the user wrote::
 It rewrites a node only when doing so cannot change a value the graph computes:
 
 - the op is an llmopt op (``OpOverload`` in the ``llmopt`` namespace) whose mutable
-  arguments are plain tensors (no tensor lists);
+  arguments are tensors or optional tensors (no tensor lists);
 - every mutated argument is a graph input itself (``placeholder``), not a view of one,
-  and each is written back by exactly one ``copy_(input, result)`` of the matching output;
+  and each is written back by exactly one ``copy_(input, result)`` of the matching output
+  (or of the last link of a chain, see below);
 - every user of the functional node is a ``getitem`` of it (so each output is accounted
   for);
 - no node between the functional op and the last of its write-backs reads the input or a
@@ -32,6 +33,14 @@ It rewrites a node only when doing so cannot change a value the graph computes:
   visible only to such a reader: readers before the op run before either write, readers
   after the ``copy_`` see the written value either way, and the functional result equals
   the input once written. Any other case is left functional with a near-miss saying why.
+
+Two more shapes are handled. A chain: several ops mutate the same input in turn (every
+layer's ``paged_attention_decode`` writes the step's one split workspace), captured as
+``af_1(_all_bases=[ws])``, ``af_2(_all_bases=[af_1's new ws])``, ..., ``copy_(ws, af_L's)``.
+When each link's new value is read only by the next link, as the tensor it mutates, no node
+sees an intermediate value, so the first link runs in place on the input (the second then
+mutates the input itself: the single-op case, and so on). An optional mutable argument left
+None (``Tensor(a!)?``): nothing is mutated, the wrapper becomes the plain call.
 
 The same rewrite is Inductor's ``reinplace`` for ``auto_functionalized`` (it clones only
 the bases that are read later); here no base may be read later, so none is cloned.
@@ -72,28 +81,40 @@ def run(gm: fx.GraphModule, ctx) -> int:
         op = node.args[0] if node.args else None
         if getattr(op, "namespace", None) != "llmopt" or not hasattr(op, "_schema"):
             continue  # another library's op: not ours to reason about
-        plan, reason = _plan(node, op, kind, order)
+        plan, reason = _plan(node, op, kind, order, targets)
         if reason:
             ctx.near_miss(node, f"{op.name()}: {reason}; left functional (its mutated inputs are copied at each call)")
             continue
         new = _rewrite(gm, node, op, plan)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         inputs = ", ".join(p.name for p in plan["inputs"].values())
-        ctx.rewrite(new, f"{op.name()} in place on graph input(s) {inputs}: no clone, no copy_ back")
+        if inputs:
+            ctx.rewrite(new, f"{op.name()} in place on graph input(s) {inputs}: no clone, no copy_ back")
+        else:
+            ctx.rewrite(new, f"{op.name()}: its optional mutable arguments are None: the plain call")
         count += 1
     if count:
         ctx.report.notes.append(f"reinplace_kv: {count} functionalized llmopt op(s) run in place on their inputs")
     return count
 
 
-def _plan(node: fx.Node, op, kind: str, order: dict) -> tuple[dict | None, str | None]:
+def _is_tensor_or_optional(t) -> bool:
+    return isinstance(t, torch.TensorType) or (
+        isinstance(t, torch.OptionalType) and isinstance(t.getElementType(), torch.TensorType))
+
+
+def _mutable_arguments(op) -> list:
+    return [a for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+
+
+def _plan(node: fx.Node, op, kind: str, order: dict, targets: dict) -> tuple[dict | None, str | None]:
     """What the rewrite needs (mutated argument -> input placeholder, its result index, its
     write-back), or the reason it is not safe."""
     schema = op._schema
-    mutable = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    mutable = _mutable_arguments(op)
     if not mutable:
         return None, "no mutable argument in the schema"
-    if any(not isinstance(a.type, torch.TensorType) for a in mutable):
+    if any(not _is_tensor_or_optional(a.type) for a in mutable):
         return None, "a mutable argument is not a single tensor (tensor lists are not handled)"
     if any(not isinstance(a.type, torch.TensorType) for a in schema.returns):
         return None, "the op returns something other than tensors"
@@ -102,13 +123,17 @@ def _plan(node: fx.Node, op, kind: str, order: dict) -> tuple[dict | None, str |
     inputs: dict[str, fx.Node] = {}  # mutable argument name -> the placeholder it writes
     result_index: dict[fx.Node, int] = {}  # placeholder -> index of its new value in the output tuple
     if kind == "v1":
+        given = 0
         for i, arg in enumerate(mutable):
             base = node.kwargs.get(arg.name)
+            if base is None and isinstance(arg.type, torch.OptionalType):
+                continue  # an optional mutable argument left out: nothing is written
             if not isinstance(base, fx.Node):
                 return None, f"mutable argument {arg.name} is not a graph value"
+            given += 1
             inputs[arg.name] = base
             result_index[base] = n_outputs + i
-        if len(result_index) != len(mutable):
+        if len(result_index) != given:
             return None, "the same tensor is passed as two mutable arguments"
     else:
         bases = node.kwargs.get("_all_bases")
@@ -117,6 +142,8 @@ def _plan(node: fx.Node, op, kind: str, order: dict) -> tuple[dict | None, str |
         view_keys = ("_alias", "_size", "_stride", "_storage_offset", "_slice_dim")
         for arg in mutable:
             index = node.kwargs.get(f"_{arg.name}_base_index")
+            if index is None and isinstance(arg.type, torch.OptionalType):
+                continue  # an optional mutable argument left out: nothing is written
             if not isinstance(index, int) or not 0 <= index < len(bases):
                 return None, f"mutable argument {arg.name} has no base"
             if any(f"_{arg.name}{key}" in node.kwargs for key in view_keys):
@@ -140,25 +167,75 @@ def _plan(node: fx.Node, op, kind: str, order: dict) -> tuple[dict | None, str |
     if not schema.returns and any(u.users for u in getitems.get(0, [])):
         return None, "the None result of the op is used"
 
-    write_backs: dict[fx.Node, fx.Node] = {}
+    write_backs: dict[fx.Node, fx.Node] = {}  # input -> its copy_ from this op's result
+    last_writes: dict[fx.Node, fx.Node] = {}  # input -> the copy_ that ends its chain of writes
     for base, index in result_index.items():
         results = getitems.get(index, [])
         copies = [u for r in results for u in r.users if _is_copy_into(u, base, r)]
         all_copies = [u for u in base.users if u.op == "call_function" and u.target == aten.copy_.default
                       and u.args[0] is base]
-        if len(copies) != 1 or len(all_copies) != 1:
+        if len(all_copies) != 1:
             return None, (f"input {base.name} is not written back exactly once from this op's result "
                           f"({len(all_copies)} copy_ into it)")
-        write_backs[base] = copies[0]
+        if len(copies) == 1:
+            write_backs[base] = last_writes[base] = copies[0]
+            continue
+        end = _chain_write_back(results, base, targets)
+        if end is None:
+            return None, (f"the new value of input {base.name} is neither copied back into it nor passed, "
+                          "unread by any other node, to the next llmopt op mutating it")
+        last_writes[base] = end
 
-    last = max(order[c] for c in write_backs.values())
-    for base in result_index:
-        reader = _read_between(base, node, order, order[node], last, set(write_backs.values()))
-        if reader is not None:
-            return None, (f"{reader.name} reads input {base.name} between the op and its write-back "
-                          "(it would see the new value early)")
+    if last_writes:
+        last = max(order[c] for c in last_writes.values())
+        for base in result_index:
+            reader = _read_between(base, node, order, order[node], last, set(last_writes.values()))
+            if reader is not None:
+                return None, (f"{reader.name} reads input {base.name} between the op and its write-back "
+                              "(it would see the new value early)")
     return {"inputs": inputs, "result_index": result_index, "getitems": getitems,
             "write_backs": write_backs, "n_outputs": n_outputs}, None
+
+
+def _chain_write_back(results: list, base: fx.Node, targets: dict) -> fx.Node | None:
+    """The ``copy_`` into ``base`` that ends a chain of functionalized llmopt ops each
+    mutating the previous one's new value of ``base`` (several layers writing one shared
+    workspace), or None when the chain has another reader or shape.
+
+    Each link's new value must be read by the next link only, as the tensor it mutates, so
+    no node ever sees an intermediate value: running the first link in place on ``base``
+    changes what no other node reads (the next link then mutates ``base`` itself)."""
+    if len(results) != 1:
+        return None
+    value = results[0]
+    for _ in range(len(base.graph.nodes)):
+        users = list(value.users)
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if _is_copy_into(user, base, value):
+            return user
+        kind = targets.get(user.target) if user.op == "call_function" else None
+        op = user.args[0] if kind and user.args else None
+        if getattr(op, "namespace", None) != "llmopt" or not hasattr(op, "_schema"):
+            return None
+        n_outputs = max(1, len(op._schema.returns))
+        mutable = _mutable_arguments(op)
+        if kind == "v1":
+            slots = [n_outputs + i for i, a in enumerate(mutable) if user.kwargs.get(a.name) is value]
+            others = [v for k, v in user.kwargs.items() if v is value and k not in {a.name for a in mutable}]
+        else:
+            bases = user.kwargs.get("_all_bases") or []
+            slots = [n_outputs + i for i, b in enumerate(bases) if b is value]
+            others = [v for k, v in user.kwargs.items() if v is value]
+        if len(slots) != 1 or others or value in user.args:
+            return None  # read as a plain argument too, or mutated twice: not a link
+        nexts = [u for u in user.users if u.op == "call_function" and u.target is operator.getitem
+                 and u.args[1] == slots[0]]
+        if len(nexts) != 1:
+            return None
+        value = nexts[0]
+    return None
 
 
 def _is_copy_into(node: fx.Node, base: fx.Node, result: fx.Node) -> bool:

@@ -32,7 +32,9 @@ corrupted block. The engine (:mod:`.engine`) avoids the error by checking
 
 Per-step metadata. :meth:`PagedKVCache.plan` turns one step's schedule into a
 :class:`PagedAttentionMetadata` of device tensors (block tables, lengths, slot mapping,
-query offsets), built once per step and read by every layer ("plan once, run per layer").
+query offsets), built once per step and read by every layer ("plan once, run per layer"),
+and, for a decode-only step, the decode kernel's plan and split workspace
+(:meth:`PagedAttentionMetadata.plan_decode`), shared by every layer likewise.
 """
 from __future__ import annotations
 
@@ -41,7 +43,13 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from ..codegen.attention_paged import DEFAULT_BLOCK_SIZE
+from .. import compat
+from ..codegen.attention_paged import (
+    DEFAULT_BLOCK_SIZE,
+    PagedDecodePlan,
+    decode_workspace_pitch,
+    plan_paged_decode,
+)
 
 __all__ = [
     "BlockAllocator",
@@ -188,7 +196,12 @@ class PagedAttentionMetadata:
     - ``k_pools``, ``v_pools``: the cache's per-layer pools (the same tensors every step),
       so that a layer needs nothing but this object to append and attend;
     - ``layers_seen``: when a list, each layer appends its index (the engine's one-time
-      check that every layer reads the paged cache); ``None`` otherwise.
+      check that every layer reads the paged cache); ``None`` otherwise;
+    - ``decode_plan``: for a decode-only step, the split-KV decode's
+      :class:`~llmopt.codegen.attention_paged.PagedDecodePlan` (split count, kernel config,
+      split workspace), made once by :meth:`plan_decode` — by the model runner before the
+      forward, else by the first layer — and run by every layer: the layers share one
+      workspace instead of allocating theirs at each call.
     """
 
     block_tables: torch.Tensor
@@ -199,6 +212,38 @@ class PagedAttentionMetadata:
     k_pools: list[torch.Tensor] = dataclasses.field(default_factory=list, repr=False)
     v_pools: list[torch.Tensor] = dataclasses.field(default_factory=list, repr=False)
     layers_seen: list[int] | None = None
+    decode_plan: PagedDecodePlan | None = None
+
+    def plan_decode(self, num_q_heads: int, head_dim: int, dtype: torch.dtype | None = None) -> PagedDecodePlan:
+        """The step's decode plan for ``num_q_heads`` query heads of ``head_dim``: the one
+        already made if it fits, else a new one (kept for the next layers). ``dtype``: the
+        query's (default: the pools')."""
+        plan = self.decode_plan
+        if plan is not None and plan.workspace.shape[1] == num_q_heads and plan.head_dim == head_dim:
+            return plan
+        if not self.k_pools:
+            raise ValueError("PagedAttentionMetadata.plan_decode needs the cache's pools (k_pools) to plan a step")
+        pool = self.k_pools[0]
+        plan = plan_paged_decode(self.num_seqs, num_q_heads, pool.shape[1], head_dim, self.block_tables.shape[1],
+                                 pool.shape[2], dtype or pool.dtype, pool.device)
+        # a compiled model sees the workspace as a new graph input, static at first sight: its
+        # sequence and split dims follow the batch, so say so, or the first decode graph pins
+        # the batch size (the workspace's dim 0 equals the query's) and recompiles once more
+        compat.maybe_mark_dynamic(plan.workspace, (0, 2))
+        self.decode_plan = plan
+        return plan
+
+    def decode_workspace(self, q: torch.Tensor) -> torch.Tensor:
+        """The split workspace of the step's decode plan for query ``q`` ``[N, Hq, 1, D]``
+        (planned here on first use). Only tensor shapes are compared, so that a compiled
+        model traces this without guarding on the plan's Python fields."""
+        plan = self.decode_plan
+        if plan is not None:
+            ws = plan.workspace
+            pitch = decode_workspace_pitch(q.shape[3])
+            if ws.shape[0] == q.shape[0] and ws.shape[1] == q.shape[1] and ws.shape[3] == pitch:
+                return ws
+        return self.plan_decode(q.shape[1], q.shape[3], q.dtype).workspace
 
     @property
     def num_seqs(self) -> int:

@@ -19,7 +19,9 @@ for the models that have them). So:
    planned once and read by every layer.
 3. In each layer the function appends the new K/V into the layer's pools
    (``llmopt::paged_kv_append`` with the step's slot mapping) and attends with
-   ``llmopt::paged_attention_decode`` (decode-only steps) or
+   ``llmopt::paged_attention_decode`` (decode-only steps, on the step's decode plan:
+   :meth:`PagedModelRunner.__call__` plans it before the forward, every layer passes its
+   workspace) or
    ``llmopt::paged_attention_prefill`` (steps with prompt chunks; decode tokens ride
    along as chunks of one). The model keeps no cache of its own (``use_cache=False``) and
    builds no mask: ``"llmopt_paged"`` is not a mask implementation, so Hugging Face's mask
@@ -35,6 +37,8 @@ turns this back into the in-place call when nothing reads a pool in between (alw
 this attention function), so the ``aten`` executor (llmopt's CPU default) writes only the
 new tokens; Inductor re-inplaces it on its own. Without the pass the tokens are the same,
 but every layer copies its pools at every step (see docs/engine.md, "Compiled models").
+The decode step's split workspace, mutated by every layer's attention, is re-inplaced the
+same way (a chain of writes to one input).
 """
 from __future__ import annotations
 
@@ -89,8 +93,11 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     window = int(sliding_window) if sliding_window else 0
     cap = float(softcap) if softcap else 0.0
     if meta.decode_only:
-        out = torch.ops.llmopt.paged_attention_decode(q.unsqueeze(2), k_pool, v_pool, meta.block_tables,
-                                                      meta.seq_lens, scale, window, cap).squeeze(2)
+        q = q.unsqueeze(2)
+        # the step's split workspace, planned once (by the runner, else the first layer) and
+        # overwritten by every layer: no per-layer allocation
+        out = torch.ops.llmopt.paged_attention_decode(q, k_pool, v_pool, meta.block_tables, meta.seq_lens, scale,
+                                                      window, cap, meta.decode_workspace(q)).squeeze(2)
     else:
         out = torch.ops.llmopt.paged_attention_prefill(q, k_pool, v_pool, meta.block_tables, meta.seq_lens,
                                                        meta.query_start_loc, scale, window, cap)
@@ -148,8 +155,7 @@ class PagedModelRunner:
         if self.previous_attention is not None and self.hf_model.config._attn_implementation == ATTENTION_NAME:
             self._select(self.previous_attention)
 
-    @property
-    def num_layers(self) -> int:
+    def _text_config(self):
         cfg = self.hf_model.config
         getter = getattr(cfg, "get_text_config", None)
         if getter is not None:
@@ -157,7 +163,17 @@ class PagedModelRunner:
                 cfg = getter(decoder=True)
             except TypeError:
                 cfg = getter()
-        return int(cfg.num_hidden_layers)
+        return cfg
+
+    @property
+    def num_layers(self) -> int:
+        return int(self._text_config().num_hidden_layers)
+
+    @property
+    def num_q_heads(self) -> int:
+        """Query heads of a decoder attention (a layer whose query differs, e.g. a sharded
+        one, re-plans on first use)."""
+        return int(getattr(self._text_config(), "num_attention_heads", 0) or 0)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: PagedAttentionMetadata,
                  logits_rows: torch.Tensor | None = None, *, model=None) -> torch.Tensor:
@@ -165,6 +181,10 @@ class PagedModelRunner:
 
         ``input_ids``, ``positions``: ``[T]`` int64 on the model's device.
         """
+        if metadata.decode_only and metadata.decode_plan is None and metadata.k_pools and self.num_q_heads:
+            # plan the decode step before the forward, so that a compiled model receives the
+            # workspace as a graph input (one buffer for all layers) instead of creating it
+            metadata.plan_decode(self.num_q_heads, metadata.k_pools[0].shape[3])
         kwargs = {}
         if logits_rows is not None and self.wants_logits_to_keep:
             kwargs["logits_to_keep"] = logits_rows

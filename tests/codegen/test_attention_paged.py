@@ -15,9 +15,11 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from conftest import assert_close, poisoned, relative_error
+from conftest import assert_close, count_allocations, poisoned, relative_error
 from llmopt.codegen.attention_decode import attention_decode_ref, attention_decode_triton
+from llmopt.codegen import attention_paged
 from llmopt.codegen.attention_paged import (
+    check_decode_workspace,
     gather_kv,
     paged_attention_decode_ref,
     paged_attention_decode_triton,
@@ -25,6 +27,7 @@ from llmopt.codegen.attention_paged import (
     paged_attention_prefill_triton,
     paged_kv_append_ref,
     paged_kv_append_triton,
+    plan_paged_decode,
 )
 from llmopt.codegen.attention_prefill import attention_prefill_ref, attention_prefill_triton
 
@@ -78,9 +81,22 @@ def decode_truth(q, kp, vp, table, lens, scale, **kw):
     return attention_decode_ref(fp64(q), k, v, lens, None, scale, **kw)
 
 
-def check_decode(q, kp, vp, table, lens, scale, num_splits=None, **kw):
+def decode_plan(q, kp, table, num_splits=None):
+    """The step's plan for this call, its workspace poisoned with NaN (each layer must write
+    every slot the combine reads)."""
+    plan = plan_paged_decode(q.shape[0], q.shape[1], kp.shape[1], q.shape[3], table.shape[1], kp.shape[2], q.dtype,
+                             q.device, num_splits=num_splits)
+    plan.workspace.fill_(float("nan"))
+    return plan
+
+
+def check_decode(q, kp, vp, table, lens, scale, num_splits=None, planned=False, **kw):
     out = poisoned(q.shape, q.dtype)
-    got = paged_attention_decode_triton(q, kp, vp, table, lens, scale, out=out, num_splits=num_splits, **kw)
+    if planned:
+        plan = decode_plan(q, kp, table, num_splits)
+        got = paged_attention_decode_triton(q, kp, vp, table, lens, scale, out=out, plan=plan, **kw)
+    else:
+        got = paged_attention_decode_triton(q, kp, vp, table, lens, scale, out=out, num_splits=num_splits, **kw)
     assert got is out
     truth = decode_truth(q, kp, vp, table, lens, scale, **kw)
     assert_close(out, truth, dtype=q.dtype, what="paged kernel vs dense fp64 truth")
@@ -128,9 +144,11 @@ def test_decode_kernel_matches_dense_truth(data):
     lens = data.draw(st.lists(st.sampled_from([0, 1, 7, 17, 33, 70]), min_size=1, max_size=3), label="lens")
     splits = data.draw(st.sampled_from([None, 1, 3]), label="num_splits")
     strided = data.draw(st.booleans(), label="strided")
+    planned = data.draw(st.booleans(), label="planned")  # the step's plan given, or planned by the call
     kp, vp, table = make_paged(lens, hkv, d, bs, dtype, strided=strided)
     q = torch.randn(len(lens), 1, hkv * g, d + 4)[..., :d].transpose(1, 2).to(dtype)  # non-contiguous
-    check_decode(q, kp, vp, table, torch.tensor(lens, dtype=torch.int32), d ** -0.5, num_splits=splits)
+    check_decode(q, kp, vp, table, torch.tensor(lens, dtype=torch.int32), d ** -0.5, num_splits=splits,
+                 planned=planned)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -315,6 +333,9 @@ def test_opcheck_attention(kernels, kwargs, request):
     kp, vp, table, lens = _small()
     q = torch.randn(2, 4, 1, 16)
     torch.library.opcheck(torch.ops.llmopt.paged_attention_decode.default, (q, kp, vp, table, lens, 0.25), kwargs)
+    workspace = decode_plan(q, kp, table, num_splits=2).workspace  # the step's plan (mutated: declared)
+    torch.library.opcheck(torch.ops.llmopt.paged_attention_decode.default, (q, kp, vp, table, lens, 0.25),
+                          {**kwargs, "workspace": workspace})
     qp, qsl = packed_queries([2, 3], 4, 16, torch.float32)
     torch.library.opcheck(torch.ops.llmopt.paged_attention_prefill.default,
                           (qp, kp, vp, table, lens, qsl, 0.25), kwargs)
@@ -431,3 +452,90 @@ def test_bad_out_buffers():
     q, qsl = packed_queries([2, 3], 4, 16, torch.float32)
     with pytest.raises(ValueError, match="out must be"):
         paged_attention_prefill_triton(q, kp, vp, table, lens, qsl, 0.25, out=torch.empty(4, 4, 16))
+
+
+# ---------------------------------------------------------------------------------------
+# plan once per step, run per layer
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_planned_step_allocates_no_workspace_per_layer(triton_kernels, monkeypatch):
+    """One plan for the step; each of the L layers (own pools and queries, same shapes) runs
+    on it and allocates nothing; every layer's output is right although they all overwrite
+    the one NaN-poisoned workspace. Unplanned, each call allocates its own workspace
+    (before plan/run: two tensors per layer per step)."""
+    lens = torch.tensor([40, 70, 5], dtype=torch.int32)
+    layers = [make_paged(lens.tolist(), 2, 16, 16, torch.float32, seed=layer) for layer in range(3)]
+    queries = [torch.randn(3, 4, 1, 16) for _ in layers]
+    plan = decode_plan(queries[0], layers[0][0], layers[0][2])
+    assert plan.num_splits > 1, "the combine path, which reads the workspace"
+    outs = [poisoned(q.shape, q.dtype) for q in queries]
+    calls = count_allocations(monkeypatch, attention_paged.__name__)
+    for (kp, vp, table), q, out in zip(layers, queries, outs):
+        paged_attention_decode_triton(q, kp, vp, table, lens, 0.25, out=out, plan=plan)
+    assert calls == [], "a planned layer allocates nothing"
+    for (kp, vp, table), q, out in zip(layers, queries, outs):
+        assert_close(out, decode_truth(q, kp, vp, table, lens, 0.25), dtype=q.dtype, what="planned layer")
+    kp, vp, table = layers[0]
+    paged_attention_decode_triton(queries[0], kp, vp, table, lens, 0.25, out=outs[0])
+    assert calls == ["empty"], "an unplanned call allocates its workspace"
+
+
+@pytest.mark.parametrize("kernels", ["triton_kernels", "reference_kernels"])
+def test_op_with_the_step_workspace_equals_the_op_without(kernels, request):
+    """The registered op given the plan's workspace (what every layer of an engine step
+    passes) computes what it computes without one."""
+    request.getfixturevalue(kernels)
+    lens = torch.tensor([40, 70, 5], dtype=torch.int32)
+    kp, vp, table = make_paged(lens.tolist(), 2, 16, 16, torch.float32)
+    kp, vp = torch.nan_to_num(kp), torch.nan_to_num(vp)
+    q = torch.randn(3, 4, 1, 16)
+    workspace = decode_plan(q, kp, table).workspace
+    for _ in range(2):  # two layers on one workspace
+        got = torch.ops.llmopt.paged_attention_decode(q, kp, vp, table, lens, 0.25, 0, 0.0, workspace)
+        assert torch.equal(got, torch.ops.llmopt.paged_attention_decode(q, kp, vp, table, lens, 0.25))
+
+
+def test_a_plan_that_does_not_fit_raises():
+    kp, vp, table, lens = _small()
+    q = torch.randn(2, 4, 1, 16)
+    plan = decode_plan(q, kp, table)
+    for bad_q, bad_table in ((torch.randn(1, 4, 1, 16), table[:1]),  # fewer sequences
+                             (torch.randn(2, 2, 1, 16), table),  # other query heads
+                             (q, torch.zeros(2, table.shape[1] + 1, dtype=torch.int32))):  # wider table
+        with pytest.raises(ValueError, match="the plan was made for"):
+            paged_attention_decode_triton(bad_q, kp, vp, bad_table, lens[: bad_q.shape[0]], 0.25, plan=plan)
+    with pytest.raises(ValueError, match="come from the plan"):
+        paged_attention_decode_triton(q, kp, vp, table, lens, 0.25, plan=plan, num_splits=2)
+    for workspace in (plan.workspace[:1], plan.workspace.double(), plan.workspace[..., :-1]):
+        with pytest.raises(ValueError, match="workspace must be a"):
+            torch.ops.llmopt.paged_attention_decode(q, kp, vp, table, lens, 0.25, 0, 0.0, workspace)
+        with pytest.raises(ValueError, match="workspace must be a"):
+            check_decode_workspace(q, workspace)
+
+
+def test_torch_compile_fullgraph_layers_share_the_workspace(triton_kernels):
+    """Two layers of a step on one workspace, traced whole by the llmopt backend: its
+    reinplace_kv pass runs both on the workspace input itself (no clone, no copy_ back) and
+    the result is eager's."""
+    import llmopt
+
+    kp, vp, table, lens = _small()
+    q = torch.randn(2, 4, 1, 16)
+    workspace = decode_plan(q, kp, table, num_splits=2).workspace
+
+    def two_layers(q, kp, vp, table, lens, workspace):
+        h = torch.ops.llmopt.paged_attention_decode(q, kp, vp, table, lens, 0.25, 0, 0.0, workspace)
+        return torch.ops.llmopt.paged_attention_decode(h, kp, vp, table, lens, 0.25, 0, 0.0, workspace)
+
+    expected = two_layers(q, kp, vp, table, lens, workspace)
+    torch.compiler.reset()
+    llmopt.clear_reports()
+    compiled = torch.compile(two_layers, backend="llmopt", fullgraph=True, options={"strict": True})
+    got = compiled(q, kp, vp, table, lens, workspace)
+    torch.compiler.reset()
+    assert_close(got, expected.double(), dtype=torch.float32, what="compiled two layers")
+    report = llmopt.last_report()
+    assert report.rewrites_by_pass()["reinplace_kv"] == 2
+    assert report.ops_after.get("llmopt.paged_attention_decode.default") == 2
+    assert not [op for op in report.ops_after if "auto_functionalized" in op or op == "aten.copy_.default"]

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from conftest import assert_close, poisoned
+from conftest import assert_close, count_allocations, poisoned
 
 import llmopt.codegen.quant_linear as ql
 from llmopt.codegen import tuning_table
@@ -249,3 +249,41 @@ def test_every_launcher_launches_on_its_tensors_device():
                     for launch in launches if launch.current_device != 1})
     assert not wrong, f"launched on the current device instead of cuda:1: {wrong}"
     assert len({launch.name for launch in launches}) >= 20
+
+
+# --------------------------------------------------------------------------- paged decode: plan once per step
+def test_paged_decode_plans_once_per_step_and_runs_per_layer(monkeypatch):
+    """Paged decode allocated its split workspaces (partial outputs and LSEs) in every layer at
+    every step. On a faked H100 (132 SMs, fake CUDA tensors, launches recorded): the step's
+    plan takes the decisions the launcher took (split count, kernel config) and allocates the
+    one workspace; each of the L layers then launches with the plan's split count and
+    allocates nothing."""
+    from llmopt import gpu_build
+    from llmopt.codegen import attention_decode as ad
+    from llmopt.codegen import attention_paged as ap
+
+    target = gpu_build.TARGETS[90]
+    b, hq, hkv, d, bs, width, layers = 2, 32, 8, 128, 16, 256, 4
+    with gpu_build.recording(target) as recorder:
+        plan = ap.plan_paged_decode(b, hq, hkv, d, width, bs, torch.bfloat16, "cuda")
+        assert plan.num_splits == ad.decode_num_splits(b, hkv, width * bs, target.sm_count) > 1
+        assert plan.config == ad.decode_heuristic_config(d, hq // hkv, torch.bfloat16, torch.device("cuda"))
+        ws = plan.workspace
+        # rows of 128 partial outputs + 1 LSE, padded to 16 floats
+        assert ws.is_cuda and ws.dtype == torch.float32 and tuple(ws.shape) == (b, hq, plan.num_splits, 144)
+        q = torch.empty(b, hq, 1, d, dtype=torch.bfloat16, device="cuda")
+        pool = torch.empty(64, hkv, bs, d, dtype=torch.bfloat16, device="cuda")
+        tables = torch.empty(b, width, dtype=torch.int32, device="cuda")
+        lens = torch.empty(b, dtype=torch.int32, device="cuda")
+        out = torch.empty_like(q)
+        calls = count_allocations(monkeypatch, ap.__name__)
+        for _ in range(layers):
+            ap.paged_attention_decode_triton(q, pool, pool, tables, lens, 0.1, out=out, plan=plan)
+        assert calls == [], "a planned layer allocates nothing"
+        ap.paged_attention_decode_triton(q, pool, pool, tables, lens, 0.1, out=out)
+        assert calls == ["empty"], "an unplanned call plans (and allocates) for itself"
+    splits = [launch for launch in recorder.launches if launch.name == "_paged_decode_split_kernel"]
+    combines = [launch for launch in recorder.launches if launch.name == "_decode_combine_kernel"]
+    assert len(splits) == len(combines) == layers + 1
+    assert all(launch.args[9] == plan.num_splits for launch in splits)  # (…, S_max, num_splits, …)
+    assert all(launch.kwargs["BLOCK_N"] == plan.config["BLOCK_N"] for launch in splits)

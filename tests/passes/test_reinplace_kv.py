@@ -124,15 +124,18 @@ def test_functionalized_append_becomes_in_place(fn):
     gm = captured.graphs[0]
     assert functionalized_targets() & set(targets_in(gm)), "the captured graph should be functionalized"
     count, report = run_pass(gm)
-    assert count == 1
+    # the append, and the decode attention (functionalized for its optional workspace, not
+    # given here: it becomes the plain call)
+    assert count == 2
     assert not functionalized_targets() & set(targets_in(gm))
     assert aten.copy_.default not in targets_in(gm), "the write-backs are gone"
     append = next(n for n in gm.graph.nodes if n.target == torch.ops.llmopt.paged_kv_append.default)
     pools = [n for n in gm.graph.nodes if n.op == "placeholder"][:2]
     assert append.kwargs["k_pool"] is pools[0] and append.kwargs["v_pool"] is pools[1]
     attention = next(n for n in gm.graph.nodes if n.target == torch.ops.llmopt.paged_attention_decode.default)
-    assert attention.args[1] is pools[0] and attention.args[2] is pools[1], "attention reads the pools themselves"
-    assert [r.pass_name for r in report.rewrites] == [PASS] and not report.near_misses
+    assert attention.kwargs["k_pool"] is pools[0] and attention.kwargs["v_pool"] is pools[1], \
+        "attention reads the pools themselves"
+    assert [r.pass_name for r in report.rewrites] == [PASS, PASS] and not report.near_misses
     check_equal_to_eager(fn, lambda args: captured(*args))
 
 
@@ -144,7 +147,11 @@ def _insert_read(gm: fx.GraphModule, through: str) -> fx.Node:
     g = gm.graph
     af = next(n for n in g.nodes if n.target in functionalized_targets())
     k_pool = next(n for n in g.nodes if n.op == "placeholder")
-    attention = next(n for n in g.nodes if n.target == torch.ops.llmopt.paged_attention_decode.default)
+    # the decode attention is functionalized too (for its optional workspace): its output is
+    # item 0 of its auto_functionalized node
+    decode = next(n for n in g.nodes if n.target in functionalized_targets()
+                  and n.args[0] == torch.ops.llmopt.paged_attention_decode.default)
+    attention = next(u for u in decode.users if u.args[1] == 0)
     read_from = k_pool
     with g.inserting_before(af):
         if through == "view":
@@ -167,7 +174,6 @@ def test_read_between_op_and_write_back_stays_functional(through):
     captured(*step_inputs())
     gm = captured.graphs[0]
     reader = _insert_read(gm, through)
-    before = targets_in(gm)
 
     def old_pool_semantics(k_pool, v_pool, slots, k, v, q, table, lens):
         old = {"pool": k_pool, "view": k_pool[0], "split": k_pool[:1]}[through].sum()
@@ -175,8 +181,9 @@ def test_read_between_op_and_write_back_stays_functional(through):
 
     check_equal_to_eager(old_pool_semantics, lambda args: captured(*args))
     count, report = run_pass(gm)
-    assert count == 0
-    assert targets_in(gm) == before, "the graph is unchanged"
+    assert count == 1, "only the decode attention (no workspace given: nothing it mutates) is unwrapped"
+    assert sum(t in functionalized_targets() for t in targets_in(gm)) == 1, "the append stays functional"
+    assert aten.copy_.default in targets_in(gm)
     [miss] = report.near_misses
     assert miss.pass_name == PASS and f"{reader.name} reads input" in miss.reason, miss.reason
     check_equal_to_eager(old_pool_semantics, lambda args: captured(*args))
@@ -192,8 +199,73 @@ def test_pool_that_is_not_written_back_stays_functional():
     gm.graph.erase_node(copies[0])
     gm.recompile()
     count, report = run_pass(gm)
-    assert count == 0
+    assert count == 1, "only the decode attention, which mutates nothing here"
+    assert functionalized_targets() & set(targets_in(gm)), "the append stays functional"
     assert "not written back exactly once" in report.near_misses[0].reason
+
+
+# ---------------------------------------------------------------------------------------
+# a chain: every layer's decode attention writes the step's one split workspace
+# ---------------------------------------------------------------------------------------
+
+
+def layers_on_one_workspace(k_pool, v_pool, slots, k, v, q, table, lens, workspace):
+    """A decode step of three layers on one pool: the append, then three attentions
+    writing the step's one workspace."""
+    torch.ops.llmopt.paged_kv_append(k_pool, v_pool, slots, k, v)
+    h = q
+    for _ in range(3):
+        h = torch.ops.llmopt.paged_attention_decode(h, k_pool, v_pool, table, lens, 0.25, 0, 0.0, workspace)
+    return h
+
+
+def chain_inputs():
+    args = step_inputs()
+    q = args[5]
+    return args + [torch.zeros(q.shape[0], q.shape[1], 2, attention_paged.decode_workspace_pitch(q.shape[3]))]
+
+
+def test_chain_of_ops_mutating_one_input_runs_in_place():
+    """The captured chain ``af(ws) -> af(new ws) -> af(newer ws) -> copy_(ws, newest)``
+    becomes three in-place calls on the workspace input; the result is eager's."""
+    captured = Captured(layers_on_one_workspace)
+    eager = layers_on_one_workspace(*chain_inputs())
+    assert torch.equal(captured(*chain_inputs()), eager)
+    gm = captured.graphs[0]
+    assert sum(t in functionalized_targets() for t in targets_in(gm)) == 4
+    count, report = run_pass(gm)
+    assert count == 4 and not report.near_misses
+    assert not functionalized_targets() & set(targets_in(gm))
+    assert aten.copy_.default not in targets_in(gm)
+    workspace = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    attentions = [n for n in gm.graph.nodes if n.target == torch.ops.llmopt.paged_attention_decode.default]
+    assert [n.kwargs["workspace"] for n in attentions] == [workspace] * 3
+    assert torch.equal(captured(*chain_inputs()), eager)
+
+
+def test_chain_with_a_reader_of_an_intermediate_value_stays_functional():
+    """A node reading the workspace's value between two links (here: its sum, returned)
+    would see a later layer's write if the chain ran in place: the chain stays functional,
+    and the graph computes what it computed before the pass."""
+    captured = Captured(layers_on_one_workspace)
+    captured(*chain_inputs())
+    gm = captured.graphs[0]
+    g = gm.graph
+    first = next(n for n in g.nodes if n.target in functionalized_targets()
+                 and n.args[0] == torch.ops.llmopt.paged_attention_decode.default)
+    new_ws = next(u for u in first.users if u.args[1] == 1)
+    output = next(n for n in g.nodes if n.op == "output")
+    with g.inserting_before(output):
+        total = g.call_function(aten.sum.default, (new_ws,))
+    output.args = (tuple(output.args[0]) + (total,),)
+    gm.recompile()
+    before = gm(*chain_inputs())
+    count, report = run_pass(gm)
+    assert count == 1, "only the append"
+    assert sum(t in functionalized_targets() for t in targets_in(gm)) == 3
+    assert report.near_misses and all(m.pass_name == PASS for m in report.near_misses)
+    after = gm(*chain_inputs())
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,7 +341,15 @@ def test_engine_compiled_model_appends_in_place(monkeypatch):
     torch.compiler.reset()
     reports = llmopt.reports()
     assert len(reports) >= 2, "a prefill and a decode graph"
+    layers = config.num_hidden_layers
+    decode_graphs = 0
     for report in reports:
-        assert report.rewrites_by_pass()[PASS] == config.num_hidden_layers, "one append (K and V) per layer"
-        assert report.ops_after.get("llmopt.paged_kv_append.default") == config.num_hidden_layers
+        # one append (K and V) per layer; in a decode graph also one decode attention per
+        # layer, all writing the step's one split workspace (a chain ending in one copy_)
+        decodes = report.ops_after.get("llmopt.paged_attention_decode.default", 0)
+        decode_graphs += decodes == layers
+        assert decodes in (0, layers)
+        assert report.rewrites_by_pass()[PASS] == layers + decodes
+        assert report.ops_after.get("llmopt.paged_kv_append.default") == layers
         assert not [op for op in report.ops_after if "auto_functionalized" in op or op == "aten.copy_.default"]
+    assert decode_graphs >= 1
