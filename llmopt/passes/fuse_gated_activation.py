@@ -43,6 +43,7 @@ import torch.fx as fx
 from .. import compat
 from ..codegen import gated_activation  # noqa: F401  registers llmopt::gated_activation
 from ..graph import tensor_meta
+from .near_miss import NearMiss
 
 aten = torch.ops.aten
 
@@ -56,11 +57,6 @@ _CONST_RTOL = 1e-6
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
 
-
-class NearMiss(Exception):
-    def __init__(self, node: fx.Node, reason: str):
-        super().__init__(reason)
-        self.node, self.reason = node, reason
 
 
 def run(gm: fx.GraphModule, ctx) -> int:

@@ -60,6 +60,7 @@ import torch.fx as fx
 from .. import compat
 from ..codegen import moe  # noqa: F401  registers llmopt::moe_route, llmopt::fused_experts
 from ..graph import constant_value, real_tensors, tensor_meta
+from .near_miss import NearMiss
 
 aten = torch.ops.aten
 
@@ -70,11 +71,6 @@ _HALF_TOLERANCE = 2e-2
 _CHECK_SEEDS = (0, 1)
 _ACTIVATIONS = {aten.silu.default: "silu"}
 
-
-class NearMiss(Exception):
-    def __init__(self, node: fx.Node, reason: str):
-        super().__init__(reason)
-        self.node, self.reason = node, reason
 
 
 def run(gm: fx.GraphModule, ctx) -> int:

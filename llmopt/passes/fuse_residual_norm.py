@@ -44,6 +44,7 @@ import torch.fx as fx
 from .. import compat
 from ..codegen import residual_norm  # noqa: F401  registers llmopt::{add_,}{rms,layer}_norm
 from ..graph import add_constant, constant_value, is_constant, real_tensors, tensor_meta
+from .near_miss import NearMiss
 
 aten = torch.ops.aten
 
@@ -68,13 +69,6 @@ class NormMatch:
     weight_offset: float = 0.0
     spelling: str = ""
 
-
-class NearMiss(Exception):
-    """A normalization that cannot be fused; the message is the reason."""
-
-    def __init__(self, node: fx.Node, reason: str):
-        super().__init__(reason)
-        self.node, self.reason = node, reason
 
 
 def run(gm: fx.GraphModule, ctx) -> int:
