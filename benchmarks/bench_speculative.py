@@ -20,6 +20,7 @@ to plain greedy decoding under greedy (the benchmark fails otherwise).
 
     python benchmarks/bench_speculative.py                 # CPU, ~2 minutes on 2 cores
     python benchmarks/bench_speculative.py --tiny --no-write   # seconds: a smoke run
+    python benchmarks/bench_speculative.py --device cuda --compile   # on a GPU (the one-shot GPU check)
 
 Writes ``benchmarks/results/<device>-<date>-speculative.json`` (``common.write_results``).
 Models run eager (``--compile`` uses backend="llmopt" for target and draft).
@@ -83,11 +84,12 @@ def build(config_kwargs: dict, seed: int):
 
 def train(model, steps: int, batch: int, seq: int, seed: int) -> float:
     """Next-token cross-entropy with AdamW on fresh corpus batches; returns the last loss."""
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
     loss = torch.tensor(float("nan"))
     for step in range(steps):
-        ids = corpus(batch, seq, seed=seed * 100_000 + step)
+        ids = corpus(batch, seq, seed=seed * 100_000 + step).to(device)
         loss = model(input_ids=ids, labels=ids).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -104,8 +106,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help='torch.compile target and draft with backend="llmopt"')
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (models are trained and run there)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU")
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)
     size = SIZES["tiny" if args.tiny else "default"]
@@ -113,7 +119,8 @@ def main(argv=None) -> dict:
     proposer_names = args.proposers.split(",")
 
     started = time.perf_counter()
-    target, draft = build(size["target"], args.seed), build(size["draft"], args.seed + 1)
+    target = build(size["target"], args.seed).to(device)
+    draft = build(size["draft"], args.seed + 1).to(device)
     target_loss = train(target, size["train_steps"][0], size["batch"], size["seq"], args.seed)
     draft_loss = train(draft, size["train_steps"][1], size["batch"], size["seq"], args.seed + 1)
     train_s = time.perf_counter() - started
@@ -124,7 +131,7 @@ def main(argv=None) -> dict:
         run_draft = torch.compile(draft, backend="llmopt", dynamic=False)
         run_skip = torch.compile(skip, backend="llmopt", dynamic=False)
 
-    held_out = corpus(size["prompts"], size["prompt_len"], seed=987_654)
+    held_out = corpus(size["prompts"], size["prompt_len"], seed=987_654).to(device)
     new = size["new_tokens"]
     cache_len = size["prompt_len"] + new + max(ks) + 1
 
@@ -157,6 +164,8 @@ def main(argv=None) -> dict:
                     stats[(mode, name)][0] += sum(st.proposed)
                     stats[(mode, name)][1] += sum(st.accepted)
                     stats[(mode, name)][2] += sum(st.steps)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             if round_ > 0:
                 times[(mode, name)].append(time.perf_counter() - start)
 

@@ -13,7 +13,10 @@ recorded and the next one still runs):
 2. ``kernel-benchmarks`` — ``benchmarks/bench_fusions.py --quick``, ``bench_attention.py
    --quick``, ``bench_linear.py`` (M = 1, 16, 64 on the Llama-3-8B shapes): times against
    eager / SDPA / Inductor with the fraction of the measured copy bandwidth (roofline).
-3. ``bench`` — ``llmopt bench llama-3-8b --dtype bf16`` with eager, Inductor max-autotune
+3. ``speculative`` — ``benchmarks/bench_speculative.py --device cuda --compile``: a tiny
+   target and draft trained there, acceptance and tokens/s of the draft and n-gram
+   proposers at k = 2, 4 against plain decoding.
+4. ``bench`` — ``llmopt bench llama-3-8b --dtype bf16`` with eager, Inductor max-autotune
    and llmopt; then llmopt with ``--quantize int8`` and ``--quantize int4-g128``.
 
 It writes ``gpu-check-<device>-<date>.json`` (every step: command, exit status, seconds,
@@ -87,6 +90,11 @@ def plan(device: str, out: Path) -> list[Step]:
         ]
     for args in kernel_args:
         steps.append(Step(f"kernel-benchmarks:{Path(args[0]).stem}", [py, *args], 45 if cuda else 120))
+    # Speculative decoding: acceptance and tokens/s vs plain decoding on models trained in the
+    # benchmark (issue 20), compiled with llmopt on the GPU.
+    spec = [str(bench / "bench_speculative.py"), "--device", device]
+    spec += ["--compile", "--ks", "2,4", "--proposers", "draft,ngram"] if cuda else ["--tiny", "--no-write"]
+    steps.append(Step("speculative", [py, *spec], 40 if cuda else 120))
     if cuda:
         model, size = "llama-3-8b", ["--dtype", "bf16"]
         runs = [("bench", "eager,inductor-max-autotune,llmopt", None), ("bench-int8", "llmopt", "int8"),
@@ -101,7 +109,7 @@ def plan(device: str, out: Path) -> list[Step]:
                "--out", str(path), "--quiet"]
         if quantize:
             cmd += ["--quantize", quantize]
-        steps.append(Step(name, cmd, (180 if name == "bench" else 60) if cuda else 180, outputs=[str(path)]))
+        steps.append(Step(name, cmd, (140 if name == "bench" else 60) if cuda else 180, outputs=[str(path)]))
     return steps
 
 

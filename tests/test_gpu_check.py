@@ -35,4 +35,6 @@ def test_the_gpu_plan_runs_the_full_size_steps(tmp_path):
     assert "llama-3-8b" in bench.command and "bf16" in bench.command
     assert "eager,inductor-max-autotune,llmopt" in bench.command
     assert [s.command[-1] for s in steps if s.name in ("bench-int8", "bench-int4")] == ["int8", "int4-g128"]
+    spec = next(s for s in steps if s.name == "speculative")
+    assert "bench_speculative.py" in spec.command[1] and "cuda" in spec.command and "--compile" in spec.command
     assert sum(s.timeout_s for s in steps) <= gpu_check.GPU_BUDGET_S
