@@ -133,9 +133,15 @@ def test_validate_reports_problems():
 
 
 def test_peak_memory_on_cpu_sees_an_allocation():
+    import mmap
+
     with PeakMemory(torch.device("cpu")) as memory:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        del block
+        # 64 MiB of fresh pages from the kernel, touched: a torch/malloc allocation could
+        # reuse memory an earlier test left resident, and RSS would not grow
+        block = mmap.mmap(-1, 64 * 2**20)
+        for offset in range(0, len(block), mmap.PAGESIZE):
+            block[offset] = 1
+        block.close()
     peak, delta, method = memory.result()
     assert peak > 0 and method
     if "VmHWM" in method or "sampled" in method:

@@ -60,7 +60,7 @@ import triton.language as tl
 
 from .flat_gemm import shared_memory_bytes
 from .gated_activation import ACTIVATIONS, apply_activation
-from .kernel_mode import use_triton
+from .kernel_mode import on_tensor_device, use_triton
 from .residual_norm import round_to
 
 SCORINGS = ("softmax", "sigmoid")
@@ -415,6 +415,7 @@ def fused_experts_ref(x, w_gate_up, w_down, weights, ids, activation: str) -> to
 
 
 # --------------------------------------------------------------------------- launchers
+@on_tensor_device
 def moe_route_triton(logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool):
     """Routing with the Triton kernel: (weights [T, k] fp32, ids [T, k] int64)."""
     _check_route(logits, top_k, scoring)
@@ -481,6 +482,7 @@ def _check_kernel_inputs(x, w_gate_up, w_down, weights, ids, activation):
         _check_ids_in_range(ids, w_gate_up.shape[0])
 
 
+@on_tensor_device
 def fused_experts_triton(x, w_gate_up, w_down, weights, ids, activation: str, decode: bool | None = None):
     """The fused experts with the Triton kernels; ``decode`` forces a path (None: by size)."""
     _check_kernel_inputs(x, w_gate_up, w_down, weights, ids, activation)
