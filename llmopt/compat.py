@@ -357,3 +357,11 @@ def mark_static_address(t: torch.Tensor) -> None:
     """Tell Dynamo that ``t`` keeps its address across calls (a preallocated KV buffer), so a
     compiled graph reads it in place and CUDA graphs do not copy it."""
     torch._dynamo.mark_static_address(t)
+
+
+def fake_tensor_mode() -> Any:
+    """A fresh ``FakeTensorMode``: tensors made inside have shapes, dtypes and devices but
+    no memory (the AOT GPU build check makes "CUDA" tensors with it on a CPU machine)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode()

@@ -65,6 +65,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from llmopt import compat
+
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -186,7 +188,6 @@ class Recorder:
 def recording(target: Target) -> Iterator[Recorder]:
     """Within: tensors made with ``device="cuda"`` are fake, the CUDA device reports the
     target's properties, and every Triton launch is recorded instead of run."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
@@ -238,7 +239,7 @@ def recording(target: Target) -> Iterator[Recorder]:
     try:
         for obj, name, value in patches:
             setattr(obj, name, value)
-        with FakeTensorMode():
+        with compat.fake_tensor_mode():
             yield recorder
     finally:
         for obj, name, value in saved:
