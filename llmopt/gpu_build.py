@@ -65,6 +65,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from llmopt.codegen.locked_file import atomic_write_text
+
 from llmopt import compat
 
 
@@ -880,13 +882,6 @@ def render_table(report: BuildReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmopt.gpu_build", description=__doc__.split("\n\n")[0])
@@ -909,9 +904,9 @@ def main(argv=None) -> int:
         return 2
     report = run_check(targets, args.jobs, tuple(args.presets.split(",")), full_space=args.full)
     if args.table:
-        _write_atomic(Path(args.table), render_table(report))
+        atomic_write_text(Path(args.table), render_table(report))
     if args.json:
-        _write_atomic(Path(args.json), json.dumps({
+        atomic_write_text(Path(args.json), json.dumps({
             "ok": report.ok, "seconds": report.seconds, "problems": report.problems,
             "launch_errors": report.launch_errors, "unexercised": report.unexercised,
             "results": [dataclasses.asdict(r) for r in report.results],

@@ -39,12 +39,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from llmopt.codegen.locked_file import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_BUDGET_S = 8 * 60
@@ -323,13 +324,6 @@ def summary(device_name: str, steps: list[Step], ops: list[dict] | None, seconds
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 def run(device: str, out: Path, in_process: bool = False) -> tuple[dict[str, Any], str]:
     start = time.perf_counter()
@@ -358,8 +352,8 @@ def run(device: str, out: Path, in_process: bool = False) -> tuple[dict[str, Any
         "ops": ops, "steps": [dataclasses.asdict(s) for s in steps],
     }
     stem = f"gpu-check-{device}-{_today()}"
-    _write_atomic(out / f"{stem}.json", json.dumps(data, indent=1, default=str) + "\n")
-    _write_atomic(out / f"{stem}.txt", text)
+    atomic_write_text(out / f"{stem}.json", json.dumps(data, indent=1, default=str) + "\n")
+    atomic_write_text(out / f"{stem}.txt", text)
     return data, text
 
 

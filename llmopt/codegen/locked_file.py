@@ -60,6 +60,13 @@ def atomic_write(path, write: Callable[[IO[str]], object], *, mode: int | None =
             os.close(dir_fd)
 
 
+def atomic_write_text(path, text: str, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text`` atomically (:func:`atomic_write`), creating its
+    directory first; a report or table a user reads, so world-readable by default."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(text), mode=mode)
+
+
 def atomic_write_json(path, data: dict) -> None:
     """:func:`atomic_write` of ``data`` as strict JSON (no NaN), one item per line."""
     atomic_write(path, lambda f: (json.dump(data, f, indent=1, allow_nan=False), f.write("\n")))
