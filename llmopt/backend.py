@@ -111,6 +111,10 @@ def _lifted_module_names(gm: fx.GraphModule) -> list[str]:
     return [*params, *buffers]
 
 
+# Distinct sets of weight tensors one Dynamo graph is compiled for (see below).
+MAX_WEIGHT_SETS = 64
+
+
 def compile_inference_graph(
     gm: fx.GraphModule,
     fake_inputs: list[Any],
@@ -119,7 +123,72 @@ def compile_inference_graph(
     opts: Options,
     input_names: Sequence[str] = (),
 ) -> Callable:
-    """Freeze, run the passes and pick the executor for one ATen inference graph."""
+    """Freeze, run the passes and pick the executor for one ATen inference graph.
+
+    Dynamo may call one graph with *other* weight tensors than it was compiled with: the
+    parameters of inlined modules are graph inputs it does not guard on, so a graph break
+    inside a decoder layer (or an expert) makes every layer run the graph traced for the
+    first, with that layer's own weights. The frozen graph holds the first set as constants, so each new set of
+    weight tensor objects sharing none with a compiled set (another layer's) gets its own
+    frozen compile of the same captured graph (a variant, looked up by tensor identity at
+    each call, at most ``MAX_WEIGHT_SETS``). A set that shares some tensors with a compiled
+    one is that model with weights replaced: its frozen-weight check raises, as the contract
+    says (frozen_weights.py)."""
+    pristine = _copy_module(gm) if opts.freeze else None
+    first, positions = _compile_frozen(gm, fake_inputs, real_inputs, n_lifted, opts, input_names)
+    if pristine is None or not positions:
+        return first
+
+    def compile_variant(args):
+        fn, _ = _compile_frozen(_copy_module(pristine), fake_inputs, list(args), n_lifted, opts, input_names)
+        return fn
+
+    return _per_weight_set(first, positions, real_inputs, compile_variant)
+
+
+def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+def _per_weight_set(first: Callable, positions: list[int], real_inputs: list[Any],
+                    compile_variant: Callable[[list], Callable]) -> Callable:
+    variants = [(tuple(real_inputs[i] for i in positions), first)]
+
+    def run(args):
+        for tensors, fn in variants:
+            if all(args[i] is t for i, t in zip(positions, tensors)):
+                return fn(args)
+        for tensors, fn in variants:
+            if any(args[i] is t for i, t in zip(positions, tensors)):
+                # Some of a compiled set's own tensors with others swapped in: the user
+                # replaced weights of that model, which its frozen-weight check reports.
+                return fn(args)
+        if len(variants) >= MAX_WEIGHT_SETS:
+            raise RuntimeError(
+                f"llmopt: one compiled graph was called with {MAX_WEIGHT_SETS + 1} different sets of weight "
+                "tensors (each is compiled with its weights frozen); compile with options={'freeze': False} "
+                "to read the weights at every call instead"
+            )
+        key = tuple(args[i] for i in positions)
+        fn = compile_variant(args)
+        variants.append((key, fn))
+        return fn(args)
+
+    run._boxed_call = True
+    return run
+
+
+def _compile_frozen(
+    gm: fx.GraphModule,
+    fake_inputs: list[Any],
+    real_inputs: list[Any],
+    n_lifted: int,
+    opts: Options,
+    input_names: Sequence[str] = (),
+) -> tuple[Callable, list[int]]:
+    """One frozen compile: the callable and the call-input positions of its frozen weights."""
     start = time.perf_counter()
     report = CompileReport(options=opts.to_dict())
     device, dtypes = _device_and_dtypes(fake_inputs)
@@ -169,7 +238,7 @@ def compile_inference_graph(
         from .distributed import guard_collectives
 
         inner = guard_collectives(inner, opts.tensor_parallel)
-    return _frozen_call(inner, keep, weights, opts.check_weights)
+    return _frozen_call(inner, keep, weights, opts.check_weights), [w.index for w in weights.weights]
 
 
 def _device_and_dtypes(inputs: list[Any]) -> tuple[torch.device, list[str]]:

@@ -291,3 +291,33 @@ def test_dynamic_true_end_to_end_is_optimized_not_a_capture_fallback():
     for report in reports[:2]:  # the prefill and decode graphs of the first call
         by_pass = report.rewrites_by_pass()
         assert by_pass["merge_parallel_linears"] == 4 and by_pass["lower_attention"] == 2 and by_pass["kv_cache"] == 2
+
+
+class BrokenLayer(nn.Module):
+    """A layer whose forward breaks the graph: Dynamo compiles its two halves once and runs
+    them for every layer, each time with that layer's weights as graph inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = x + self.a(x)
+        torch._dynamo.graph_break()
+        return x + self.b(x)
+
+
+def test_a_graph_reused_for_every_layer_gets_each_layers_weights():
+    torch._dynamo.reset()
+    llmopt.clear_reports()
+    model = nn.Sequential(BrokenLayer(), BrokenLayer(), BrokenLayer()).eval()
+    x = torch.randn(2, 16)
+    compiled = torch.compile(model, backend="llmopt")
+    with torch.no_grad():
+        for _ in range(2):  # the second call reuses every variant
+            torch.testing.assert_close(compiled(x), model(x))
+    assert len(llmopt.reports()) == 6  # two graphs, each frozen once per layer's weights
+    # Replacing one weight of a compiled set is still the frozen-weight contract's error.
+    model[1].a.weight = nn.Parameter(torch.randn(16, 16))
+    with pytest.raises(RuntimeError, match="a model weight changed after compilation"), torch.no_grad():
+        compiled(x)

@@ -270,14 +270,13 @@ class MixtralSparseMoeBlock448(nn.Module):
 def test_transformers_448_per_expert_loop_stays_correct_unfused():
     """Dynamo cannot trace the loop (a data-dependent torch.where inside a for loop): it runs
     the block's frame eagerly and compiles only the expert MLPs, so no llmopt graph holds a
-    routing top-k and there is nothing to fuse; the output stays eager's. (freeze=False: the
-    one compiled expert graph is reused for every expert module with that module's weights
-    as inputs, which frozen weights refuse, loudly; a backend matter, not this pass's.)"""
+    routing top-k and there is nothing to fuse; the output stays eager's. The one expert
+    graph Dynamo reuses for every expert (its weights as inputs) is frozen once per expert."""
     m = MixtralSparseMoeBlock448().eval()
     x = torch.randn(2, 5, HIDDEN)
     llmopt.clear_reports()  # the registry keeps the last 64 reports: count from empty
     start = 0
-    out, _ = compile_and_run(m, x, freeze=False)
+    out, _ = compile_and_run(m, x)  # frozen once per expert: the graph runs with each expert's weights
     reports = llmopt.reports()[start:]
     assert reports and all("aten.topk.default" not in r.ops_after for r in reports)
     assert sum(r.rewrites_by_pass().get(PASS, 0) for r in reports) == 0
