@@ -145,3 +145,23 @@ def staged_files(directory: str | os.PathLike, names: list[str]) -> Iterator[dic
         for path in staged.values():
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
+
+
+def install_quantized_linear(model, name: str, qweight, bias, where: str, compute_dtype=None) -> None:
+    """Replace ``model``'s linear ``name`` by a ``QuantizedLinear`` loaded from a checkpoint,
+    after checking the module exists and has the checkpoint's shape (``where`` names the
+    file); the one place both loaders (llmopt's and GPTQ/AWQ's) swap a module in."""
+    from .calibration import set_submodule
+    from .linears import is_quantizable_linear, linear_shape
+    from .modules import QuantizedLinear
+
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{where}: {name!r} is quantized there, but the model has no such module: "
+                              "wrong architecture?") from None
+    if is_quantizable_linear(old) and linear_shape(old) != (qweight.out_features, qweight.in_features):
+        shape = linear_shape(old)
+        raise CheckpointError(f"{where}: the model's {name!r} is [{shape[0]}, {shape[1]}], the checkpoint's "
+                              f"[{qweight.out_features}, {qweight.in_features}]: wrong architecture?")
+    set_submodule(model, name, QuantizedLinear(qweight, bias, compute_dtype))

@@ -42,11 +42,8 @@ from torch import nn
 
 from llmopt.codegen.quant_linear import pack_int4, unpack_int4
 
-from .calibration import set_submodule
-from .checkpoint_files import CheckpointError, load_safetensors, read_json_object
+from .checkpoint_files import CheckpointError, install_quantized_linear, load_safetensors, read_json_object
 from .io import unloaded_keys
-from .linears import is_quantizable_linear, linear_shape
-from .modules import QuantizedLinear
 from .schemes import QuantizedWeight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -284,16 +281,7 @@ def load_hf_quantized(
         if dtype is not None:
             qw.scales, qw.zeros = qw.scales.to(dtype), qw.zeros.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        try:
-            old = model.get_submodule(prefix)
-        except AttributeError:
-            raise CheckpointError(f"{where}: {prefix}.qweight belongs to {prefix!r}, but the model has no such "
-                                  "module: wrong architecture?") from None
-        if is_quantizable_linear(old) and linear_shape(old) != (qw.out_features, qw.in_features):
-            shape = linear_shape(old)
-            raise ValueError(f"{prefix}: the model's linear is [{shape[0]}, {shape[1]}], "
-                             f"the checkpoint's [{qw.out_features}, {qw.in_features}]")
-        set_submodule(model, prefix, QuantizedLinear(qw, bias))
+        install_quantized_linear(model, prefix, qw, bias, where)
     result = model.load_state_dict(tensors, strict=False)
     quantized = tuple(f"{p}." for p in prefixes)
     missing = unloaded_keys(model, [k for k in result.missing_keys if not k.startswith(quantized)], set(tensors))

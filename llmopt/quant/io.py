@@ -34,9 +34,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .calibration import set_submodule
 from .checkpoint_files import (
     CheckpointError,
+    install_quantized_linear,
     load_safetensors,
     prepare_directory,
     read_json_object,
@@ -44,7 +44,6 @@ from .checkpoint_files import (
     sha256_of,
     staged_files,
 )
-from .linears import is_quantizable_linear, linear_shape
 from .modules import QuantizedLinear
 from .schemes import SCHEMES, QuantizedWeight
 
@@ -329,16 +328,8 @@ def load_quantized(
     if not isinstance(model, nn.Module):
         raise TypeError("load_quantized: model_or_factory must be an nn.Module or a callable returning one")
     for name, (qw, bias) in weights.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"load_quantized: the model has no module {name!r} (quantized in {manifest}): "
-                             "wrong architecture?") from None
-        if is_quantizable_linear(old) and linear_shape(old) != (qw.out_features, qw.in_features):
-            shape = linear_shape(old)
-            raise ValueError(f"load_quantized: the model's {name!r} is [{shape[0]}, {shape[1]}], "
-                             f"the checkpoint's [{qw.out_features}, {qw.in_features}]: wrong architecture?")
-        set_submodule(model, name, QuantizedLinear(qw, bias, meta["modules"][name]["compute_dtype"]))
+        install_quantized_linear(model, name, qw, bias, f"load_quantized: {manifest}",
+                                 meta["modules"][name]["compute_dtype"])
 
     model.to(device)
     result = model.load_state_dict(tensors, strict=False)
