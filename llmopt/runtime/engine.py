@@ -665,19 +665,25 @@ class Engine:
         tokens = self._sample(entries, logits)
         outputs = []
         for (req, _), token in zip(entries, tokens):
-            req.output.append(token)
-            if req.seen is not None:
-                mark_seen(req.seen, torch.tensor([token], device=self.device))
-            self.stats.generated_tokens += 1
-            reason = None
-            if token in req.stops:
-                reason = "stop"
-            elif len(req.output) >= req.max_new_tokens or req.num_tokens >= self.max_model_len:
-                reason = "length"
-            if reason is not None:
-                self._finish(req, reason)
+            reason = self._commit_token(req, token)
             outputs.append(StepOutput(req.id, [token], reason is not None, reason))
         return outputs
+
+    def _commit_token(self, req: _Request, token: int) -> str | None:
+        """Append one sampled token to ``req``; finish it (blocks back to the pool) on a stop
+        token or its length limit. Returns the finish reason, or None. Runs no user code."""
+        req.output.append(token)
+        if req.seen is not None:
+            mark_seen(req.seen, torch.tensor([token], device=self.device))
+        self.stats.generated_tokens += 1
+        reason = None
+        if token in req.stops:
+            reason = "stop"
+        elif len(req.output) >= req.max_new_tokens or req.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self._finish(req, reason)
+        return reason
 
     def _run_callbacks(self, outputs: list[StepOutput]) -> None:
         """Call each output's streaming callback, after the step has committed. A callback
@@ -810,15 +816,9 @@ class Engine:
             self.cache.truncate(req.id, req.num_computed)
             tokens, reason = [], None
             for token in window[1:correct] + [new]:
-                req.output.append(token)
                 tokens.append(token)
-                self.stats.generated_tokens += 1
-                if token in req.stops:
-                    reason = "stop"
-                elif len(req.output) >= req.max_new_tokens or req.num_tokens >= self.max_model_len:
-                    reason = "length"
+                reason = self._commit_token(req, token)
                 if reason is not None:
-                    self._finish(req, reason)
                     break
             outputs.append(StepOutput(req.id, tokens, reason is not None, reason))
         # as in step(): the step is committed before any user code runs
