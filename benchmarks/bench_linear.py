@@ -38,7 +38,7 @@ from llmopt.codegen.tuning_table import (  # noqa: E402
     cuda_time_us,
     device_name,
     get_active_table,
-    m_bucket,
+    m_bucket_label,
     time_configs,
 )
 
@@ -106,7 +106,7 @@ def run_cuda(args, dtype, device):
     for model in args.models:
         for name, N, K in SHAPES[model]:
             for M in args.m:
-                bucket = m_bucket(M)
+                bucket = m_bucket_label(M)
                 chosen, tuned, reason = choose_kernel(table, dev, dtype, N, K, bucket)
                 case = {"model": model, "layer": name, "N": N, "K": K, "M": M, "bucket": bucket,
                         "chosen": chosen, "reason": reason, "candidates": {}}
@@ -144,7 +144,7 @@ def run_cpu(args, dtype, device):
             for M in (1, 8, 128):
                 x = torch.randn(M, K).to(dtype)
                 us = cpu_time_us(lambda i: F.linear(x, weight), warmup=2, rep=args.cpu_rep)
-                case = {"model": model, "layer": name, "N": N, "K": K, "M": M, "bucket": m_bucket(M), "chosen": "mm",
+                case = {"model": model, "layer": name, "N": N, "K": K, "M": M, "bucket": m_bucket_label(M), "chosen": "mm",
                         "reason": "cpu: the PyTorch op",
                         "candidates": {"mm": figures(us, N, K, M, element_size, copy_gbs)}}
                 cases.append(case)

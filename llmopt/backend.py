@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -38,6 +39,7 @@ from .frozen_weights import FrozenWeights
 from .graph import count_ops, networkx_view, op_histogram, tensor_meta
 from .options import Options
 from .passes import PassContext, run_pipeline
+from .passes.select_linear_kernel import resolve_tuning_table
 from .report import CompileReport, clean_module_path, one_line_error, register_report
 
 log = logging.getLogger("llmopt")
@@ -133,23 +135,33 @@ def compile_inference_graph(
     frozen compile of the same captured graph (a variant, looked up by tensor identity at
     each call, at most ``MAX_WEIGHT_SETS``). A set that shares some tensors with a compiled
     one is that model with weights replaced: its frozen-weight check raises, as the contract
-    says (frozen_weights.py)."""
+    says (frozen_weights.py).
+
+    The tuning table is resolved here, once for the graph and its variants, and handed to
+    the passes in the ``PassContext``: each compile reads its own table and installs none
+    process-wide (docs/linear_dispatch.md)."""
+    job = _FrozenCompile(fake_inputs, n_lifted, opts, tuple(input_names),
+                         resolve_tuning_table(opts, _device_and_dtypes(fake_inputs)[0]))
     pristine = _copy_module(gm) if opts.freeze else None
-    first, positions = _compile_frozen(gm, fake_inputs, real_inputs, n_lifted, opts, input_names)
+    first, positions = _compile_frozen(gm, real_inputs, job)
     if pristine is None or not positions:
         return first
 
     def compile_variant(args):
-        fn, _ = _compile_frozen(_copy_module(pristine), fake_inputs, list(args), n_lifted, opts, input_names)
+        fn, _ = _compile_frozen(_copy_module(pristine), list(args), job)
         return fn
 
     return _per_weight_set(first, positions, real_inputs, compile_variant)
 
 
-def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(gm, graph)
+    return graph
+
+
+def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    return fx.GraphModule(gm, _copy_graph(gm))
 
 
 def _per_weight_set(first: Callable, positions: list[int], real_inputs: list[Any],
@@ -180,15 +192,21 @@ def _per_weight_set(first: Callable, positions: list[int], real_inputs: list[Any
     return run
 
 
-def _compile_frozen(
-    gm: fx.GraphModule,
-    fake_inputs: list[Any],
-    real_inputs: list[Any],
-    n_lifted: int,
-    opts: Options,
-    input_names: Sequence[str] = (),
-) -> tuple[Callable, list[int]]:
+@dataclass(frozen=True)
+class _FrozenCompile:
+    """What every frozen compile of one captured graph shares (the graph's first weight
+    set and each variant): its fake inputs, options, input names and tuning table."""
+
+    fake_inputs: list[Any]
+    n_lifted: int
+    opts: Options
+    input_names: tuple[str, ...]
+    tuning_table: Any
+
+
+def _compile_frozen(gm: fx.GraphModule, real_inputs: list[Any], job: _FrozenCompile) -> tuple[Callable, list[int]]:
     """One frozen compile: the callable and the call-input positions of its frozen weights."""
+    fake_inputs, n_lifted, opts, input_names = job.fake_inputs, job.n_lifted, job.opts, job.input_names
     start = time.perf_counter()
     report = CompileReport(options=opts.to_dict())
     device, dtypes = _device_and_dtypes(fake_inputs)
@@ -217,7 +235,8 @@ def _compile_frozen(
     if unsupported:
         report.fallback("passes", unsupported)
     else:
-        ctx = PassContext(options=opts, report=report, device=device, example_inputs=kept_fake, executor=executor)
+        ctx = PassContext(options=opts, report=report, device=device, example_inputs=kept_fake, executor=executor,
+                          tuning_table=job.tuning_table)
         run_pipeline(gm, ctx)
     gm.recompile()
     if weights.weights:
@@ -373,9 +392,7 @@ def _call_python_impls(gm: fx.GraphModule, device_type: str) -> tuple[fx.GraphMo
     CPU is as much as a decode-sized op itself). A copy, so that ``gm`` (what the report,
     the inspection tools and the tests read) still names the ops.
     """
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
+    graph = _copy_graph(gm)
     count = 0
     for node in graph.nodes:
         if node.op != "call_function":

@@ -2,6 +2,14 @@
 
 One dataclass, validated on construction, so a typo or a bad value is rejected before any
 compilation work starts, with a message naming the valid keys or values.
+
+Where it sits: Options belongs to the backend layer (``backend.py`` parses it), above
+``passes``, ``quant`` and ``distributed``; nothing below the backend imports it. Three
+checks need those packages — the pass names of ``disable``/``only``
+(``passes.PASS_NAMES``), the quantization config (``quant.parse_quantize``) and the
+tensor-parallel option — and import them inside ``__post_init__``'s helpers, so that
+``import llmopt.options`` stays a leaf import and the errors are raised where they always
+were, at construction.
 """
 from __future__ import annotations
 
@@ -25,8 +33,13 @@ class Options:
         ``"inductor"`` (Inductor compiles what is left; llmopt ops stay intact) or
         ``"auto"`` (the measured default per device, see README).
     strict: raise when a pass fails instead of logging it and skipping the pass.
-    cuda_graphs: replay static-shape graphs from CUDA graphs on CUDA (``"auto"``: on for
-        CUDA decode-shaped graphs).
+    cuda_graphs: who replays CUDA graphs on CUDA (docs/executors.md). ``"auto"`` and
+        ``False``: the compiled graph runs without them and the llmopt runtime
+        (``llmopt.generate``, ``Engine``) captures the whole decode step per batch bucket
+        (their own ``cuda_graphs`` argument). ``True``: with the ``inductor`` executor,
+        every CUDA graph this backend compiles is also run under Inductor's cudagraph trees,
+        whatever its shape (then run the runtime with ``cuda_graphs=False``); with ``aten``,
+        as ``"auto"``. Off CUDA it does nothing.
     quantize: ``None`` or a quantization config / string (``"int8"``, ``"int4-g128"``,
         ``"w8a8"``) applied to frozen weights inside the graph.
     autotune: ``"off"`` (heuristics only), ``"cached"`` (use the tuning table where it has
@@ -59,21 +72,10 @@ class Options:
     tensor_parallel: Any = None
 
     def __post_init__(self):
-        from .passes import PASS_NAMES
-
         for name in ("disable", "only"):
             value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, str):
-                value = (value,)
-            value = tuple(value)
-            unknown = [p for p in value if p not in PASS_NAMES]
-            if unknown:
-                raise ValueError(
-                    f"llmopt option {name!r}: unknown pass(es) {unknown}; valid passes: {', '.join(PASS_NAMES)}"
-                )
-            object.__setattr__(self, name, value)
+            if value is not None:
+                object.__setattr__(self, name, _pass_names(name, value))
         _check_choice("inner", self.inner, INNER_EXECUTORS)
         _check_choice("autotune", self.autotune, AUTOTUNE_MODES)
         _check_choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
@@ -121,6 +123,17 @@ class Options:
         return cls(**options)
 
 
+def _pass_names(name: str, value: Any) -> tuple[str, ...]:
+    """``value`` (a pass name or an iterable of them) as a tuple of known pass names."""
+    from .passes import PASS_NAMES  # lazy: see the module docstring
+
+    value = (value,) if isinstance(value, str) else tuple(value)
+    unknown = [p for p in value if p not in PASS_NAMES]
+    if unknown:
+        raise ValueError(f"llmopt option {name!r}: unknown pass(es) {unknown}; valid passes: {', '.join(PASS_NAMES)}")
+    return value
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     # Booleans compare by identity so that 1 is not taken for True (or 0 for False).
     ok = any(value is c if isinstance(c, bool) or isinstance(value, bool) else value == c for c in choices)
@@ -129,8 +142,6 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def _parse_quantize(value: Any) -> Any:
-    try:
-        from .quant import parse_quantize
-    except ImportError as exc:  # the quant package is optional until it lands
-        raise ValueError(f"llmopt option 'quantize' is not available: {exc}") from exc
+    from .quant import parse_quantize  # lazy: see the module docstring
+
     return parse_quantize(value)

@@ -31,8 +31,8 @@ import triton.language as tl
 
 from llmopt.codegen.kernel_mode import on_tensor_device
 
+from llmopt.codegen.buckets import next_pow2
 from llmopt.codegen.gemv import (
-    next_pow2,
     check_linear_args,
     gated_activation,
     gemv_ref,

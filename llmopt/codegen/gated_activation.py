@@ -30,9 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .buckets import m_bucket, next_pow2
 from .device_math import apply_activation
 from .kernel_mode import on_tensor_device, use_triton
-from .residual_norm import m_bucket, round_to, rows_view
+from .residual_norm import round_to, rows_view
 
 # The activation is a compile-time constant (its name) of the kernel: one specialization each.
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -52,7 +53,7 @@ def _gated_configs():
 def _prune_gated_configs(configs, named_args, **kwargs):
     """Drop tiles far wider than the row or taller than the rows, and tiles too small for the warps."""
     n, m_b = named_args["N"], named_args["M_BUCKET"]
-    n_cap = triton.next_power_of_2(n)
+    n_cap = next_pow2(n)
     kept = [
         c
         for c in configs
@@ -65,8 +66,8 @@ def _prune_gated_configs(configs, named_args, **kwargs):
 
 def _heuristic_blocks(m: int, n: int):
     """(BLOCK_M, BLOCK_N) for the interpreter: about 4k elements per program."""
-    block_n = min(triton.next_power_of_2(n), 1024)
-    block_m = min(triton.next_power_of_2(max(m, 1)), max(1, 4096 // block_n))
+    block_n = min(next_pow2(n), 1024)
+    block_m = min(next_pow2(max(m, 1)), max(1, 4096 // block_n))
     return block_m, block_n
 
 

@@ -5,8 +5,9 @@ one kernel per M bucket into the op call (FlashDecoding++, Hong et al., 2023, §
 
     "1:gemv[BLOCK_N=16,BLOCK_K=512,SPLIT_K=2,num_warps=4,num_stages=2],2:flat_gemm,...,inf:mm"
 
-Buckets are ``min(next_pow2(M), 64)``, and ``"inf"`` above 64 (:func:`m_bucket`), so a
-growing sequence never changes bucket past 64. A bucket may carry the launch config its
+Buckets are ``min(next_pow2(M), 64)`` (:func:`llmopt.codegen.buckets.m_bucket`), and
+``"inf"`` above 64 (:func:`m_bucket_label` writes the label), so a growing sequence never
+changes bucket past 64. A bucket may carry the launch config its
 tuning-table entry holds; without one its kernel runs its heuristic config. The string is
 the whole run-time choice: a compiled graph needs no table (each graph keeps the table it
 was compiled with).
@@ -24,12 +25,12 @@ import re
 
 import triton.language as tl
 
+from llmopt.codegen.buckets import MAX_M_BUCKET, m_bucket
 from llmopt.codegen.flat_gemm import FLAT_GEMM_CONFIG_KEYS
 from llmopt.codegen.gemv import GEMV_CONFIG_KEYS, validate_config
 
 M_BUCKETS = ("1", "2", "4", "8", "16", "32", "64", "inf")
 KERNELS = ("gemv", "flat_gemm", "mm")
-MAX_FINITE_BUCKET = 64
 
 
 # ---------------------------------------------------------------------------------------
@@ -97,11 +98,10 @@ def config_problem(kernel: str, config) -> str | None:
 # ---------------------------------------------------------------------------------------
 
 
-def m_bucket(M: int) -> str:
-    """The M bucket label: ``str(min(next_pow2(M), 64))``, or ``"inf"`` for M > 64."""
-    if M > MAX_FINITE_BUCKET:
-        return "inf"
-    return str(1 if M <= 1 else 1 << (M - 1).bit_length())
+def m_bucket_label(M: int) -> str:
+    """The linear's bucket label for M rows: ``str(m_bucket(M))``, or ``"inf"`` for M > 64
+    (the kernels string and the tuning table keep prefill sizes apart from M = 64)."""
+    return "inf" if M > MAX_M_BUCKET else str(m_bucket(M))
 
 
 _KERNELS_ITEM = re.compile(r"\s*(\w+)\s*:\s*(\w+)\s*(?:\[([^\[\]]*)\])?\s*")
@@ -182,12 +182,11 @@ def format_kernels(choice: dict[str, str], configs: dict[str, dict | None] | Non
 
 __all__ = [
     "KERNELS",
-    "MAX_FINITE_BUCKET",
     "M_BUCKETS",
     "config_keys",
     "config_problem",
     "format_kernels",
-    "m_bucket",
+    "m_bucket_label",
     "parse_kernel_configs",
     "parse_kernels",
 ]

@@ -23,14 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .buckets import next_pow2
 from .kernel_mode import on_tensor_device, use_triton
 from .rope import KERNEL_DTYPES as ROPE_DTYPES
-from .rope import _check_rope_inputs, _cos_sin_3d, _rotate_heads, rotate_pair_ref
-
-
-# --------------------------------------------------------------------------- config space
-def _block_d(d: int) -> int:
-    return triton.next_power_of_2(d)
+from .rope import check_rope_inputs, cos_sin_3d, rotate_heads, rotate_pair_ref
 
 
 # --------------------------------------------------------------------------- kernel
@@ -120,7 +116,7 @@ def kv_cache_append_triton(k_cache, v_cache, positions, k, v) -> None:
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         stride_pb, pos.stride(1),
-        BLOCK_D=_block_d(D),
+        BLOCK_D=next_pow2(D),
     )
 
 
@@ -144,14 +140,15 @@ def _(k_cache, v_cache, positions, k, v) -> None:
 
 
 # =========================================================================================
-# RoPE fused with the append: rotate K as it is written (issue 5's optional fusion).
+# RoPE fused with the append: rotate K as it is written (the kv_cache pass emits it when
+# the new K is the output of an llmopt.rope).
 #
 #     q_out = rope(q);  k_cache[b, :, pos[s]] = rope(k)[b, :, s];  v_cache[b, :, pos[s]] = v[b, :, s]
 #
 # One launch instead of two (rope, then append): a program per (batch, position) rotates
 # a block of query heads into ``q_out``, or a block of key heads straight into their cache
 # slot, or copies a block of value heads — the rotated K never goes through memory twice.
-# The rotation is rope.py's ``_rotate_heads`` (same math, same rounding); ``positions``
+# The rotation is rope.py's ``rotate_heads`` (same math, same rounding); ``positions``
 # is shared by the batch (HF's cache_position), ``[S]``.
 # =========================================================================================
 @triton.jit
@@ -180,14 +177,14 @@ def _rope_append_kernel(
     n_q = tl.cdiv(HQ, BLOCK_H)
     n_k = tl.cdiv(HK, BLOCK_H)
     if pid_h < n_q:
-        _rotate_heads(
+        rotate_heads(
             q_ptr + b * stride_qb + s * stride_qs, qo_ptr + b * stride_qob + s * stride_qos, cos_row, sin_row,
             pid_h * BLOCK_H, HQ, HALF, D,
             stride_qh, stride_qd, stride_qoh, stride_qod, stride_cd, stride_sd,
             INTERLEAVED, BLOCK_H, BLOCK_HALF, BLOCK_PASS, HAS_PASS, EMULATE_RTNE,
         )
     elif pid_h < n_q + n_k:
-        _rotate_heads(
+        rotate_heads(
             k_ptr + b * stride_kb + s * stride_ks, kc_ptr + b * stride_kcb + pos * stride_kcs, cos_row, sin_row,
             (pid_h - n_q) * BLOCK_H, HK, HALF, D,
             stride_kh, stride_kd, stride_kch, stride_kcd, stride_cd, stride_sd,
@@ -205,7 +202,7 @@ def _rope_append_kernel(
 def rope_kv_cache_append_ref(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions):
     """Eager: ``rope`` then ``kv_cache_append``; returns the rotated q. Inputs as checked by
     ``_check_rope_append`` (the op checks them; this runs in every CPU decode step)."""
-    cos3, sin3 = _cos_sin_3d(cos, sin, q, rotary_dim)
+    cos3, sin3 = cos_sin_3d(cos, sin, q, rotary_dim)
     q_rot, k_rot = rotate_pair_ref(q, k, cos3, sin3, rotary_dim, interleaved)
     kv_cache_append_ref(k_cache, v_cache, positions, k_rot, v)
     return q_rot
@@ -213,8 +210,8 @@ def rope_kv_cache_append_ref(q, k, v, cos, sin, rotary_dim, interleaved, k_cache
 
 def _check_rope_append(q, k, v, cos, sin, rotary_dim, interleaved, k_cache, v_cache, positions):
     """Raises on a bad call; returns cos/sin as ``[B or 1, S, rotary_dim]`` views."""
-    _check_rope_inputs(q, k, rotary_dim, interleaved)
-    cos3, sin3 = _cos_sin_3d(cos, sin, q, rotary_dim)
+    check_rope_inputs(q, k, rotary_dim, interleaved)
+    cos3, sin3 = cos_sin_3d(cos, sin, q, rotary_dim)
     if positions.dim() != 1:
         raise ValueError(f"rope_kv_cache_append: positions must be [S] (shared by the batch), got {tuple(positions.shape)}")
     _check(k_cache, v_cache, positions, k, v)
@@ -232,7 +229,7 @@ def rope_kv_cache_append_triton(q, k, v, cos, sin, rotary_dim, interleaved, k_ca
     if B * S == 0:
         return q_out
     half = rotary_dim // 2
-    block_h = min(triton.next_power_of_2(max(HQ, HK)), 16)
+    block_h = min(next_pow2(max(HQ, HK)), 16)
     grid = (B * S, triton.cdiv(HQ, block_h) + 2 * triton.cdiv(HK, block_h))
     _rope_append_kernel[grid](
         q, k, v, cos3, sin3, q_out, k_cache, v_cache, positions,
@@ -240,9 +237,9 @@ def rope_kv_cache_append_triton(q, k, v, cos, sin, rotary_dim, interleaved, k_ca
         *q.stride(), *k.stride(), *v.stride(), *q_out.stride(), *k_cache.stride(), *v_cache.stride(),
         cos3.stride(0) if cos3.shape[0] > 1 else 0, cos3.stride(1), cos3.stride(2),
         sin3.stride(0) if sin3.shape[0] > 1 else 0, sin3.stride(1), sin3.stride(2),
-        INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_PASS=triton.next_power_of_2(max(D - rotary_dim, 1)), HAS_PASS=D > rotary_dim,
-        BLOCK_D=triton.next_power_of_2(D), EMULATE_RTNE=not q.is_cuda,
+        INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_HALF=next_pow2(half),
+        BLOCK_PASS=next_pow2(max(D - rotary_dim, 1)), HAS_PASS=D > rotary_dim,
+        BLOCK_D=next_pow2(D), EMULATE_RTNE=not q.is_cuda,
         num_warps=1 if not q.is_cuda else 4,
     )
     return q_out

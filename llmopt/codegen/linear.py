@@ -37,7 +37,7 @@ import torch
 from llmopt.codegen.flat_gemm import flat_gemm_triton
 from llmopt.codegen.gemv import KERNEL_DTYPES, check_linear_args, gemv_ref, gemv_triton
 from llmopt.codegen.kernel_mode import use_triton
-from llmopt.codegen.kernels_spec import m_bucket, parse_kernel_configs, parse_kernels
+from llmopt.codegen.kernels_spec import m_bucket_label, parse_kernel_configs, parse_kernels
 from llmopt.codegen.tuning_table import choose_kernel, device_name, get_active_table
 
 # ---------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def select_kernel(x2, weight, kernels: str) -> tuple:
     or with ``""`` / ``"auto"`` the active table's entry, else the heuristic."""
     if x2.dtype not in KERNEL_DTYPES:
         return "mm", None
-    bucket = m_bucket(x2.shape[0])
+    bucket = m_bucket_label(x2.shape[0])
     if kernels in ("", "auto"):
         N, K = weight.shape
         kernel, config, _ = choose_kernel(get_active_table(), device_name(x2.device), x2.dtype, N, K, bucket)

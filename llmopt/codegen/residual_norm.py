@@ -26,9 +26,10 @@ update (LayerNorm), pass 2 reads the row again (``h`` when it was just written) 
 normalizes. Registers never hold more than one chunk, whatever ``N``; the autotune pruning
 keeps at most 32 elements per thread (ptxas for sm_90: no spills at 8192 with 8+ warps).
 
-Also home of three helpers the other row-wise kernels (gated_activation, rope) share:
-``rows_view`` (leading dims merged into one row stride, no copy), ``round_to`` (the final
-fp32 -> dtype rounding) and ``m_bucket`` (the autotune key for a row count).
+Also home of two helpers the other row-wise kernels (gated_activation, rope) share:
+``rows_view`` (leading dims merged into one row stride, no copy) and ``round_to`` (the
+final fp32 -> dtype rounding). The autotune key of a row count, ``m_bucket``, is
+:mod:`llmopt.codegen.buckets`'.
 
 Sources: RMSNorm, Zhang & Sennrich 2019 (arXiv:1910.07467); LayerNorm, Ba et al. 2016
 (arXiv:1607.06450); pairwise variance update, Chan, Golub & LeVeque 1979; one row per
@@ -41,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .buckets import m_bucket, next_pow2
 from .kernel_mode import on_tensor_device, use_triton
 
 # Widest row held in registers at once; longer rows are processed in chunks of this size.
@@ -63,11 +65,6 @@ def _prune_norm_configs(configs, named_args, **kwargs):
 
 def _heuristic_num_warps(block_n: int) -> int:
     return max(1, min(16, block_n // 512))
-
-
-def m_bucket(m: int) -> int:
-    """Autotune key for a row count: ``min(next_pow2(M), 64)`` so decode steps reuse a tuning."""
-    return min(triton.next_power_of_2(max(m, 1)), 64)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -348,7 +345,7 @@ def _check_kernel_dtype(op: str, x: torch.Tensor) -> None:
 
 def _launch_params(x2: torch.Tensor):
     n = x2.shape[1]
-    block_n = min(triton.next_power_of_2(n), MAX_BLOCK_N)
+    block_n = min(next_pow2(n), MAX_BLOCK_N)
     return n, block_n, n <= block_n
 
 

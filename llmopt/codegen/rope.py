@@ -26,6 +26,11 @@ k_out`` contiguous ``[B, H, S, D]`` in q's dtype.
 
 Source: Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding"
 (arXiv:2104.09864); the two layouts as in Hugging Face transformers' Llama and GPT-J.
+
+Public for :mod:`llmopt.codegen.kv_cache` (the fused RoPE + cache append), so the two ops
+rotate with the same code: the ``@triton.jit`` building block :func:`rotate_heads`, the
+input contract :func:`check_rope_inputs`, the cos/sin view :func:`cos_sin_3d` and the
+reference rotation :func:`rotate_pair_ref`.
 """
 from typing import Optional, Tuple
 
@@ -33,8 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .buckets import m_bucket, next_pow2
 from .kernel_mode import on_tensor_device, use_triton
-from .residual_norm import m_bucket, round_to
+from .residual_norm import round_to
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -46,7 +52,7 @@ def _rope_configs():
 
 def _prune_rope_configs(configs, named_args, **kwargs):
     """Drop head blocks wider than the most heads, and warps with under one element per thread."""
-    heads = triton.next_power_of_2(max(named_args["HQ"], named_args["HK"]))
+    heads = next_pow2(max(named_args["HQ"], named_args["HK"]))
     block_half = kwargs.get("BLOCK_HALF", named_args.get("BLOCK_HALF"))
     kept = [
         c
@@ -58,7 +64,7 @@ def _prune_rope_configs(configs, named_args, **kwargs):
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _rotate_heads(
+def rotate_heads(
     # pointers: this (batch, position) of x and of the output; cos/sin rows
     x_pos, o_pos, cos_row, sin_row,
     # sizes
@@ -125,14 +131,14 @@ def _rope_kernel(
     sin_row = sin_ptr + b * stride_sb + s * stride_ss
     n_q_blocks = tl.cdiv(HQ, BLOCK_H)
     if pid_h < n_q_blocks:
-        _rotate_heads(
+        rotate_heads(
             q_ptr + b * stride_qb + s * stride_qs, qo_ptr + b * stride_qob + s * stride_qos, cos_row, sin_row,
             pid_h * BLOCK_H, HQ, HALF, D,
             stride_qh, stride_qd, stride_qoh, stride_qod, stride_cd, stride_sd,
             INTERLEAVED, BLOCK_H, BLOCK_HALF, BLOCK_PASS, HAS_PASS, EMULATE_RTNE,
         )
     else:
-        _rotate_heads(
+        rotate_heads(
             k_ptr + b * stride_kb + s * stride_ks, ko_ptr + b * stride_kob + s * stride_kos, cos_row, sin_row,
             (pid_h - n_q_blocks) * BLOCK_H, HK, HALF, D,
             stride_kh, stride_kd, stride_koh, stride_kod, stride_cd, stride_sd,
@@ -148,7 +154,7 @@ _rope_tuned = triton.autotune(
 
 
 # --------------------------------------------------------------------------- reference
-def _cos_sin_3d(cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, rotary_dim: int):
+def cos_sin_3d(cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, rotary_dim: int):
     """cos/sin as ``[B or 1, S, rd]`` views (from ``[S, rd]``, ``[Bc, S, rd]`` or ``[Bc, 1, S, rd]``)."""
     views = []
     for name, t in (("cos", cos), ("sin", sin)):
@@ -168,7 +174,9 @@ def _cos_sin_3d(cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, rotary_di
     return views
 
 
-def _check_rope_inputs(q, k, rotary_dim: int, interleaved: bool) -> None:
+def check_rope_inputs(q, k, rotary_dim: int, interleaved: bool) -> None:
+    """The contract of q, k, ``rotary_dim`` and ``interleaved`` (ValueError / TypeError
+    saying what is wrong); shared with the fused RoPE + KV-cache append (kv_cache.py)."""
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(
             f"rope: q and k must be [B, H, S, D] (heads before positions, as after HF's transpose(1, 2)), "
@@ -190,7 +198,7 @@ def _check_rope_inputs(q, k, rotary_dim: int, interleaved: bool) -> None:
 
 
 def rotate_pair_ref(q, k, cos, sin, rotary_dim: int, interleaved: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """RoPE of q and k on checked inputs (``cos``/``sin`` as :func:`_cos_sin_3d` returns
+    """RoPE of q and k on checked inputs (``cos``/``sin`` as :func:`cos_sin_3d` returns
     them): fp32 math (fp64 for fp64), one rounding, contiguous outputs.
 
     rotate_half as ``roll`` times a sign-folded sin: ``cat(-x2, x1) * sin ==
@@ -221,8 +229,8 @@ def rope_ref(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Eager RoPE of q and k in fp32 (fp64 for fp64 inputs), one rounding; contiguous outputs."""
-    _check_rope_inputs(q, k, rotary_dim, interleaved)
-    cos3, sin3 = _cos_sin_3d(cos, sin, q, rotary_dim)
+    check_rope_inputs(q, k, rotary_dim, interleaved)
+    cos3, sin3 = cos_sin_3d(cos, sin, q, rotary_dim)
     return rotate_pair_ref(q, k, cos3, sin3, rotary_dim, interleaved)
 
 
@@ -248,10 +256,10 @@ def rope_triton(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """RoPE of q and k in one Triton launch; returns ``(q_out, k_out)`` (allocated contiguous
     when None; a given output may have any strides, e.g. a slot of a KV cache)."""
-    _check_rope_inputs(q, k, rotary_dim, interleaved)
+    check_rope_inputs(q, k, rotary_dim, interleaved)
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"rope: the Triton kernel supports {KERNEL_DTYPES}, got {q.dtype}; use rope_ref")
-    cos3, sin3 = _cos_sin_3d(cos, sin, q, rotary_dim)
+    cos3, sin3 = cos_sin_3d(cos, sin, q, rotary_dim)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out
     _check_out(q_out, q, "q_out")
@@ -273,8 +281,8 @@ def rope_triton(
     )
     meta = dict(
         INTERLEAVED=interleaved,
-        BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_PASS=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
+        BLOCK_HALF=next_pow2(half),
+        BLOCK_PASS=next_pow2(max(head_dim - rotary_dim, 1)),
         HAS_PASS=head_dim > rotary_dim,
     )
     if q.is_cuda:
@@ -282,7 +290,7 @@ def rope_triton(
         _rope_tuned[grid](*args, **meta, EMULATE_RTNE=False)
     else:
         # Interpreter: one fixed config, all heads of a position in one program where possible.
-        block_h = min(triton.next_power_of_2(max(hq, hk)), 16)
+        block_h = min(next_pow2(max(hq, hk)), 16)
         grid = (batch * seq, triton.cdiv(hq, block_h) + triton.cdiv(hk, block_h))
         _rope_kernel[grid](*args, **meta, BLOCK_H=block_h, EMULATE_RTNE=True, num_warps=1)
     return q_out, k_out
@@ -302,5 +310,5 @@ def rope(
 
 @rope.register_fake
 def _(q, k, cos, sin, rotary_dim, interleaved):
-    _check_rope_inputs(q, k, rotary_dim, interleaved)
+    check_rope_inputs(q, k, rotary_dim, interleaved)
     return q.new_empty(q.shape), k.new_empty(k.shape)

@@ -62,11 +62,10 @@ from llmopt.codegen.gemv import gemv_configs, gemv_heuristic_config, gemv_triton
 from llmopt.codegen.kernels_spec import (  # noqa: F401  the kernels string, re-exported as the table's API
     KERNELS,
     M_BUCKETS,
-    MAX_FINITE_BUCKET,
     config_keys,
     config_problem,
     format_kernels,
-    m_bucket,
+    m_bucket_label,
     parse_kernel_configs,
     parse_kernels,
 )
@@ -227,7 +226,7 @@ class TuningTable:
     def key(device_name: str, dtype, N: int, K: int, bucket) -> Key:
         bucket = str(bucket)
         if bucket not in M_BUCKETS:
-            raise ValueError(f"M bucket {bucket!r} is not one of {', '.join(M_BUCKETS)}; use m_bucket(M)")
+            raise ValueError(f"M bucket {bucket!r} is not one of {', '.join(M_BUCKETS)}; use m_bucket_label(M)")
         return (device_name, dtype_name(dtype), int(N), int(K), bucket)
 
     def get(self, device_name: str, dtype, N: int, K: int, bucket) -> TuningEntry | None:
@@ -629,7 +628,7 @@ __all__ = [
     "format_kernels",
     "get_active_table",
     "heuristic_kernel",
-    "m_bucket",
+    "m_bucket_label",
     "parse_kernel_configs",
     "parse_kernels",
     "set_active_table",

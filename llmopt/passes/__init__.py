@@ -60,6 +60,10 @@ class PassContext:
     example_inputs: list[Any] = field(default_factory=list)
     executor: str = "aten"
     current_pass: str = ""
+    # The tuning table of this compile, resolved once by the backend
+    # (select_linear_kernel.resolve_tuning_table); None: off CUDA, autotune="off", or a
+    # context built outside the backend, for which the pass resolves it itself.
+    tuning_table: Any = None
 
     def rewrite(self, node: Any, detail: str) -> None:
         self.report.rewrite(self.current_pass, node, detail)

@@ -16,13 +16,19 @@ documented heuristic. Which table (``Options``):
 
 * ``autotune="off"``: no table, the heuristic only;
 * ``autotune="cached"`` (default): the table at ``tuning_table``, read for this compile
-  only, else the active table (``$LLMOPT_CACHE_DIR/tuning.json`` or the XDG cache, loaded
-  lazily). Either way the tuned configs are baked into the kernels string
-  (``1:gemv[BLOCK_N=16,...]``), so the graph launches the configs of the table it was
-  compiled with, whatever is compiled or made active later;
+  only, else the default table (``get_active_table()``: ``$LLMOPT_CACHE_DIR/tuning.json``
+  or the XDG cache, loaded lazily). Either way the tuned configs are baked into the
+  kernels string (``1:gemv[BLOCK_N=16,...]``), so the graph launches the configs of the
+  table it was compiled with, whatever is compiled or made active later;
 * ``autotune="on"``: as ``cached``, and on CUDA every (shape, bucket) the table lacks is
   timed now (``tune_shape``, each kernel at its heuristic config, no config sweep; run
   ``llmopt autotune`` for the sweep), stored and saved.
+
+The table is resolved once per compile by the backend (:func:`resolve_tuning_table`, also
+for every weight-set variant of one graph) and reaches this pass as ``ctx.tuning_table``;
+a compile never installs its table process-wide (``set_active_table`` is only for users
+who call it). A ``PassContext`` built outside the backend (tests) carries no table, and
+the pass resolves it the same way.
 
 Every linear gets a line in the compile report (``report.kernel_choices``): the kernels it
 runs and why, prefixed with its shape (``N=... K=... dtype``, parsed back by ``llmopt
@@ -147,7 +153,7 @@ class _Chooser:
         self.ctx = ctx
         self.device_name = device_name(ctx.device)
         self.mode = ctx.options.autotune
-        self.table = None if self.mode == "off" else _load_table(ctx.options.tuning_table, self.device_name)
+        self.table = ctx.tuning_table if ctx.tuning_table is not None else resolve_tuning_table(ctx.options, ctx.device)
         self.tuned = 0
         self.tune_failed = None
 
@@ -184,12 +190,18 @@ class _Chooser:
                              f"table ({exc}); they are used for this process only")
 
 
-def _load_table(path, device: str) -> TuningTable:
-    """The table at ``path`` for this compile only (the process-wide one is left alone: the
-    configs this graph launches are baked into its kernels strings); else the active table."""
-    if path is None:
+def resolve_tuning_table(options, device) -> TuningTable | None:
+    """The tuning table one compile reads (``ctx.tuning_table``): None with
+    ``autotune="off"`` or off CUDA (the heuristic, or the PyTorch op); the table at
+    ``options.tuning_table``, loaded for this compile only (corrupt or foreign: empty, with
+    a RuntimeWarning); else the default table, :func:`get_active_table`. Nothing is made
+    process-wide: the configs a graph launches are baked into its kernels strings."""
+    device = torch.device(device)
+    if options.autotune == "off" or device.type != "cuda":
+        return None
+    if options.tuning_table is None:
         return get_active_table()
-    return TuningTable.load(path, device_name=device)  # corrupt / foreign: empty + RuntimeWarning
+    return TuningTable.load(options.tuning_table, device_name=device_name(device))
 
 
 def _describe(N: int, K: int, dtype, kernels: str, reasons: dict[str, str]) -> str:
@@ -347,4 +359,4 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dim() == b.dim() and all(compat.statically_true(p == q) for p, q in zip(a.shape, b.shape))
 
 
-__all__ = ["BUCKET_M", "parse_shape_prefix", "run", "shape_prefix"]
+__all__ = ["BUCKET_M", "parse_shape_prefix", "resolve_tuning_table", "run", "shape_prefix"]

@@ -23,7 +23,7 @@ from llmopt.codegen.tuning_table import (
     TuningTable,
     choose_kernels,
     format_kernels,
-    m_bucket,
+    m_bucket_label,
     parse_kernels,
     set_active_table,
 )
@@ -78,8 +78,8 @@ def truth(x, weight, bias, residual, activation):
 # -- buckets and the kernels string --------------------------------------------------------
 
 
-def test_m_bucket_is_next_power_of_two_capped_at_64():
-    got = {M: m_bucket(M) for M in (0, 1, 2, 3, 4, 5, 8, 9, 31, 33, 64, 65, 4096)}
+def test_m_bucket_label_is_next_power_of_two_capped_at_64_then_inf():
+    got = {M: m_bucket_label(M) for M in (0, 1, 2, 3, 4, 5, 8, 9, 31, 33, 64, 65, 4096)}
     assert got == {0: "1", 1: "1", 2: "2", 3: "4", 4: "4", 5: "8", 8: "8", 9: "16", 31: "32", 33: "64",
                    64: "64", 65: "inf", 4096: "inf"}
 

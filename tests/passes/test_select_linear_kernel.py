@@ -220,6 +220,24 @@ def test_each_compiled_graph_keeps_its_own_table(cuda_branch, tmp_path, monkeypa
     assert get_active_table() is default  # the process-wide table is left alone
 
 
+def test_the_table_is_resolved_per_compile_and_never_installed(tmp_path, monkeypatch):
+    """resolve_tuning_table (what the backend puts in PassContext.tuning_table): no table
+    off CUDA or with autotune="off"; the file of tuning_table= loaded for this compile only;
+    else the default table. Resolving never changes the process-wide table."""
+    from llmopt.options import Options
+
+    monkeypatch.setattr(slk, "device_name", lambda device: GPU)
+    path = write_table(tmp_path / "t.json", [(1024, 512)], torch.float32, {"1": "gemv"})
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    default = get_active_table()
+    assert slk.resolve_tuning_table(Options(tuning_table=path), cpu) is None
+    assert slk.resolve_tuning_table(Options(tuning_table=path, autotune="off"), cuda) is None
+    assert slk.resolve_tuning_table(Options(), cuda) is default
+    mine = slk.resolve_tuning_table(Options(tuning_table=path), cuda)
+    assert mine is not default and mine.get(GPU, torch.float32, 1024, 512, "1").kernel == "gemv"
+    assert get_active_table() is default
+
+
 def _heuristic_string(N, K, dtype=torch.float32):
     return format_kernels({b: heuristic_kernel(GPU, dtype, N, K, b)[0] for b in M_BUCKETS})
 
