@@ -29,20 +29,19 @@ import torch
 import triton
 import triton.language as tl
 
-from llmopt.codegen.kernel_mode import on_tensor_device
-
 from llmopt.codegen.buckets import next_pow2
 from llmopt.codegen.gemv import (
-    check_linear_args,
-    gated_activation,
+    begin_linear_launch,
+    epilogue_strides,
     gemv_ref,
     k_per_split,
+    launch_config,
     launch_split_k_reduce,
-    prepare_out,
+    linear_epilogue,
     sm_count,
     split_k_workspace,
-    validate_config,
 )
+from llmopt.codegen.kernel_mode import on_tensor_device
 
 # ---------------------------------------------------------------------------------------
 # Autotune config space and pruning
@@ -189,15 +188,8 @@ def _flat_gemm_kernel(
         if GATED:
             tl.store(ws_tile + N_OUT, acc_up, mask=mask)
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            if GATED:
-                acc_up += tl.load(b_ptr + N_OUT + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc = gated_activation(acc, acc_up, ACTIVATION)
-        if HAS_RESIDUAL:
-            res = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
-            acc += res.to(tl.float32)
+        acc = linear_epilogue(acc, acc_up, b_ptr, r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
+                              offs_n[None, :], mask_n[None, :], mask, N_OUT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
         out_tile = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -221,17 +213,12 @@ def flat_gemm_triton(x, weight, bias=None, residual=None, activation: str = "", 
     ``config``: a dict of :data:`FLAT_GEMM_CONFIG_KEYS` (from the tuning table), else
     :func:`flat_gemm_heuristic_config`. ``out``: an optional [M, N_out] buffer to write.
     """
-    n_out = check_linear_args(x, weight, bias, residual, activation, "flat_gemm")
+    out, n_out, done = begin_linear_launch(x, weight, bias, residual, activation, out, "flat_gemm")
+    if done:
+        return out
     M, K = x.shape
-    out = prepare_out(out, M, n_out, x, "flat_gemm")
-    if M == 0 or n_out == 0:
-        return out
-    if K == 0:  # an empty reduction: the epilogue of zeros
-        out.copy_(gemv_ref(x, weight, bias, residual, activation))
-        return out
-    cfg = dict(flat_gemm_heuristic_config(weight.shape[0], K, M, bool(activation), x.dtype, x.device))
-    if config:
-        cfg.update(validate_config(dict(config), FLAT_GEMM_CONFIG_KEYS, "flat_gemm"))
+    cfg = launch_config(flat_gemm_heuristic_config(weight.shape[0], K, M, bool(activation), x.dtype, x.device),
+                        config, FLAT_GEMM_CONFIG_KEYS, "flat_gemm")
     if x.is_cuda and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
         raise ValueError(f"flat_gemm config {cfg}: tl.dot needs BLOCK_M, BLOCK_N, BLOCK_K >= 16")
     block_m, block_n, block_k, split_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
@@ -244,10 +231,7 @@ def flat_gemm_triton(x, weight, bias=None, residual=None, activation: str = "", 
     _flat_gemm_kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out, out, ws,
         M, n_out, K, kps,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
-        out.stride(0), out.stride(1),
-        ws.stride(0) if split_k > 1 else 0, ws.stride(1) if split_k > 1 else 0,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *epilogue_strides(residual, out, ws, split_k),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or dot_in_fp32 else "tf32",

@@ -33,7 +33,7 @@ import triton.language as tl
 from .buckets import m_bucket, next_pow2
 from .device_math import apply_activation
 from .kernel_mode import on_tensor_device, use_triton
-from .residual_norm import round_to, rows_view
+from .residual_norm import input_rows, output_rows, round_to
 
 # The activation is a compile-time constant (its name) of the kernel: one specialization each.
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -133,11 +133,6 @@ def _check_inputs(gate: torch.Tensor, up: torch.Tensor) -> None:
         raise TypeError(f"gated_activation: gate and up must be floating point, got {gate.dtype}")
 
 
-def _input_rows(t: torch.Tensor) -> torch.Tensor:
-    rows = rows_view(t)
-    return rows if rows is not None else t.reshape(-1, t.shape[-1])
-
-
 @on_tensor_device
 def gated_activation_triton(
     gate: torch.Tensor, up: torch.Tensor, activation: str, out: Optional[torch.Tensor] = None
@@ -149,15 +144,8 @@ def gated_activation_triton(
         raise TypeError(f"gated_activation: the Triton kernel supports {KERNEL_DTYPES}, got {gate.dtype}")
     if out is None:
         out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    elif out.shape != gate.shape or out.dtype != gate.dtype or out.device != gate.device:
-        raise ValueError(
-            f"gated_activation: out must be a {gate.dtype} tensor of shape {tuple(gate.shape)} on {gate.device}, "
-            f"got {out.dtype} {tuple(out.shape)} on {out.device}; pass out=None to allocate it"
-        )
-    o2 = rows_view(out)
-    if o2 is None:
-        raise ValueError(f"gated_activation: out with strides {out.stride()} cannot be written as rows")
-    g2, u2 = _input_rows(gate), _input_rows(up)
+    o2 = output_rows(out, gate, "gated_activation: out")
+    g2, u2 = input_rows(gate), input_rows(up)
     m, n = g2.shape
     if m == 0 or n == 0:
         return out

@@ -25,8 +25,10 @@ are deterministic. Source: FlashDecoding++ (Hong et al., 2023, "flat GEMM / GEMV
 dispatch) and the FastGEMV-style row-per-warp reduction.
 
 This module also holds what ``gemv`` and ``flat_gemm`` share: the argument contract
-(:func:`check_linear_args`), the eager reference (:func:`gemv_ref`), the gated activation
-(:func:`gated_activation`) and the split-K reduce-plus-epilogue kernel.
+(:func:`check_linear_args`), the eager reference (:func:`gemv_ref`), the fused epilogue
+(:func:`linear_epilogue`: bias, gated activation, residual), the launcher's first steps
+(:func:`begin_linear_launch`, :func:`launch_config`, :func:`epilogue_strides`) and the
+split-K reduce-plus-epilogue kernel.
 """
 from __future__ import annotations
 
@@ -142,6 +144,29 @@ def gated_activation(gate, up, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def linear_epilogue(gate, up, b_ptr, r_ptrs, offs_n, mask_n, mask, N_OUT,
+                    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr):
+    """The fused epilogue of every linear kernel on fp32 accumulators, fp32 result:
+    ``+ bias``, then ``act(gate) * up`` (merged [gate; up] rows), then ``+ residual``.
+
+    ``offs_n`` / ``mask_n``: the output columns, shaped to broadcast against ``gate``
+    (``[BLOCK_N]`` for a row, ``[1, BLOCK_N]`` for a tile); ``r_ptrs`` / ``mask``: the
+    residual's pointers and mask in ``gate``'s shape. The GEMV, the flat GEMM and the split-K
+    reduce all end here, so they cannot drift apart.
+    """
+    GATED: tl.constexpr = ACTIVATION != ""
+    if HAS_BIAS:
+        gate += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if GATED:
+            up += tl.load(b_ptr + N_OUT + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if GATED:
+        gate = gated_activation(gate, up, ACTIVATION)
+    if HAS_RESIDUAL:
+        gate += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return gate
+
+
+@triton.jit
 def _gemv_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, ws_ptr,
@@ -189,17 +214,9 @@ def _gemv_kernel(
         if GATED:
             tl.store(ws_row + N_OUT + offs_n, up, mask=mask_n)
     else:
-        if HAS_BIAS:
-            gate += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            if GATED:
-                up += tl.load(b_ptr + N_OUT + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        if GATED:
-            gate = gated_activation(gate, up, ACTIVATION)
-        if HAS_RESIDUAL:
-            res = tl.load(r_ptr + row * stride_rm + offs_n * stride_rn, mask=mask_n, other=0.0)
-            gate += res.to(tl.float32)
-        out = gate.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + row * stride_om + offs_n * stride_on, out, mask=mask_n)
+        gate = linear_epilogue(gate, up, b_ptr, r_ptr + row * stride_rm + offs_n * stride_rn, offs_n, mask_n,
+                               mask_n, N_OUT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+        tl.store(out_ptr + row * stride_om + offs_n * stride_on, gate.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -227,15 +244,8 @@ def _split_k_reduce_kernel(
         gate += tl.load(ws_row + s * stride_ws_split, mask=mask_n, other=0.0)
         if GATED:
             up += tl.load(ws_row + s * stride_ws_split + N_OUT, mask=mask_n, other=0.0)
-    if HAS_BIAS:
-        gate += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        if GATED:
-            up += tl.load(b_ptr + N_OUT + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if GATED:
-        gate = gated_activation(gate, up, ACTIVATION)
-    if HAS_RESIDUAL:
-        res = tl.load(r_ptr + row * stride_rm + offs_n * stride_rn, mask=mask_n, other=0.0)
-        gate += res.to(tl.float32)
+    gate = linear_epilogue(gate, up, b_ptr, r_ptr + row * stride_rm + offs_n * stride_rn, offs_n, mask_n,
+                           mask_n, N_OUT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
     tl.store(out_ptr + row * stride_om + offs_n * stride_on, gate.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -326,6 +336,40 @@ def prepare_out(out, M: int, n_out: int, x: torch.Tensor, kernel: str) -> torch.
     return out
 
 
+def begin_linear_launch(x, weight, bias, residual, activation: str, out, kernel: str):
+    """What every linear launcher does first: check the contract, allocate or check
+    ``out``, and finish the cases with nothing to launch. Returns ``(out, n_out, done)``;
+    ``done``: ``out`` already holds the result (an empty output, or K = 0, whose result is
+    the epilogue applied to zeros)."""
+    n_out = check_linear_args(x, weight, bias, residual, activation, kernel)
+    M, K = x.shape
+    out = prepare_out(out, M, n_out, x, kernel)
+    if M == 0 or n_out == 0:
+        return out, n_out, True
+    if K == 0:
+        out.copy_(gemv_ref(x, weight, bias, residual, activation))
+        return out, n_out, True
+    return out, n_out, False
+
+
+def launch_config(heuristic: dict, config, keys: tuple[str, ...], kernel: str) -> dict:
+    """The kernel's heuristic config with the given (tuned) ``config`` checked and laid over it."""
+    cfg = dict(heuristic)
+    if config:
+        cfg.update(validate_config(dict(config), keys, kernel))
+    return cfg
+
+
+def epilogue_strides(residual, out, ws, split_k: int) -> tuple[int, ...]:
+    """The residual, output and split-K workspace strides, in the kernels' argument order
+    (0 for an absent residual or workspace)."""
+    return (
+        residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
+        out.stride(0), out.stride(1),
+        ws.stride(0) if split_k > 1 else 0, ws.stride(1) if split_k > 1 else 0,
+    )
+
+
 def split_k_workspace(split_k: int, M: int, N: int, device) -> torch.Tensor:
     """fp32 partial sums [SPLIT_K, M, N]; every slot is written, so ``empty`` is enough."""
     return torch.empty((split_k, M, N), dtype=torch.float32, device=device)
@@ -364,17 +408,12 @@ def gemv_triton(x, weight, bias=None, residual=None, activation: str = "", *, co
     ``config``: a dict of :data:`GEMV_CONFIG_KEYS` (from the tuning table), else
     :func:`gemv_heuristic_config`. ``out``: an optional [M, N_out] buffer to write.
     """
-    n_out = check_linear_args(x, weight, bias, residual, activation, "gemv")
+    out, n_out, done = begin_linear_launch(x, weight, bias, residual, activation, out, "gemv")
+    if done:
+        return out
     M, K = x.shape
-    out = prepare_out(out, M, n_out, x, "gemv")
-    if M == 0 or n_out == 0:
-        return out
-    if K == 0:  # an empty reduction: the epilogue of zeros
-        out.copy_(gemv_ref(x, weight, bias, residual, activation))
-        return out
-    cfg = dict(gemv_heuristic_config(weight.shape[0], K, M, bool(activation), x.device))
-    if config:
-        cfg.update(validate_config(dict(config), GEMV_CONFIG_KEYS, "gemv"))
+    cfg = launch_config(gemv_heuristic_config(weight.shape[0], K, M, bool(activation), x.device), config,
+                        GEMV_CONFIG_KEYS, "gemv")
     block_n, block_k, split_k = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     kps = k_per_split(K, split_k, block_k)
     ws = split_k_workspace(split_k, M, weight.shape[0], x.device) if split_k > 1 else out
@@ -383,10 +422,7 @@ def gemv_triton(x, weight, bias=None, residual=None, activation: str = "", *, co
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else dummy, residual if residual is not None else dummy, out, ws,
         n_out, K, kps,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
-        out.stride(0), out.stride(1),
-        ws.stride(0) if split_k > 1 else 0, ws.stride(1) if split_k > 1 else 0,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *epilogue_strides(residual, out, ws, split_k),
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -400,10 +436,14 @@ __all__ = [
     "ACTIVATIONS",
     "GEMV_CONFIG_KEYS",
     "KERNEL_DTYPES",
+    "begin_linear_launch",
     "check_linear_args",
+    "epilogue_strides",
     "gemv_configs",
     "gemv_heuristic_config",
     "gemv_ref",
     "gemv_triton",
+    "launch_config",
+    "linear_epilogue",
     "prune_gemv_configs",
 ]

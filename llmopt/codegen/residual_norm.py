@@ -26,9 +26,10 @@ update (LayerNorm), pass 2 reads the row again (``h`` when it was just written) 
 normalizes. Registers never hold more than one chunk, whatever ``N``; the autotune pruning
 keeps at most 32 elements per thread (ptxas for sm_90: no spills at 8192 with 8+ warps).
 
-Also home of two helpers the other row-wise kernels (gated_activation, rope) share:
-``rows_view`` (leading dims merged into one row stride, no copy) and ``round_to`` (the
-final fp32 -> dtype rounding). The autotune key of a row count, ``m_bucket``, is
+Also home of the helpers the other row-wise kernels (gated_activation, rope) share:
+``rows_view`` (leading dims merged into one row stride, no copy), ``input_rows`` /
+``output_rows`` (an input as rows, copied if need be; a caller's output buffer checked and
+viewed as rows) and ``round_to`` (the final fp32 -> dtype rounding). The autotune key of a row count, ``m_bucket``, is
 :mod:`llmopt.codegen.buckets`'.
 
 Sources: RMSNorm, Zhang & Sennrich 2019 (arXiv:1910.07467); LayerNorm, Ba et al. 2016
@@ -103,6 +104,34 @@ def _load_row_chunk(
 
 
 @triton.jit
+def _reload_row_chunk(x_row, h_row, cols, mask, stride_xn, stride_hn, HAS_RESIDUAL: tl.constexpr):
+    """Pass 2's read of a chunk (fp32): ``h`` (already rounded) rather than x and the
+    residual again, or ``x`` when there is no residual."""
+    if HAS_RESIDUAL:
+        hv = tl.load(h_row + cols * stride_hn, mask=mask, other=0.0).to(tl.float32)
+    else:
+        hv = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0).to(tl.float32)
+    return hv
+
+
+@triton.jit
+def _row_pointers(x_ptr, res_ptr, y_ptr, h_ptr, stride_xm, stride_rm, stride_ym, stride_hm):
+    """This program's row of x, the residual, y and h (one program per row, int64 offsets)."""
+    row = tl.program_id(0).to(tl.int64)
+    return x_ptr + row * stride_xm, res_ptr + row * stride_rm, y_ptr + row * stride_ym, h_ptr + row * stride_hm
+
+
+@triton.jit
+def _scale_shift(y, w_ptr, b_ptr, cols, mask, stride_w, stride_b, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """LayerNorm's ``y * weight + bias`` in fp32, each part optional."""
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + cols * stride_b, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _rms_norm_kernel(
     # pointers
     x_ptr, res_ptr, w_ptr, y_ptr, h_ptr,
@@ -115,11 +144,7 @@ def _rms_norm_kernel(
     # constexprs
     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    r_row = res_ptr + row * stride_rm
-    y_row = y_ptr + row * stride_ym
-    h_row = h_ptr + row * stride_hm
+    x_row, r_row, y_row, h_row = _row_pointers(x_ptr, res_ptr, y_ptr, h_ptr, stride_xm, stride_rm, stride_ym, stride_hm)
     if SINGLE_BLOCK:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
@@ -136,18 +161,15 @@ def _rms_norm_kernel(
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
             hv = _load_row_chunk(
-            x_row, r_row, h_row, cols, mask, stride_xn, stride_rn, stride_hn, HAS_RESIDUAL, EMULATE_RTNE
-        )
+                x_row, r_row, h_row, cols, mask, stride_xn, stride_rn, stride_hn, HAS_RESIDUAL, EMULATE_RTNE
+            )
             acc += hv * hv
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
         # Pass 2: normalize. Re-read h (already rounded) rather than x and residual.
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
-            if HAS_RESIDUAL:
-                hv = tl.load(h_row + cols * stride_hn, mask=mask, other=0.0).to(tl.float32)
-            else:
-                hv = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            hv = _reload_row_chunk(x_row, h_row, cols, mask, stride_xn, stride_hn, HAS_RESIDUAL)
             w = tl.load(w_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32) + weight_offset
             tl.store(y_row + cols * stride_yn, round_to(hv * rstd * w, y_ptr.dtype.element_ty, EMULATE_RTNE), mask=mask)
 
@@ -166,11 +188,7 @@ def _layer_norm_kernel(
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    r_row = res_ptr + row * stride_rm
-    y_row = y_ptr + row * stride_ym
-    h_row = h_ptr + row * stride_hm
+    x_row, r_row, y_row, h_row = _row_pointers(x_ptr, res_ptr, y_ptr, h_ptr, stride_xm, stride_rm, stride_ym, stride_hm)
     if SINGLE_BLOCK:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
@@ -181,11 +199,7 @@ def _layer_norm_kernel(
         # Two-step variance from registers: no E[x^2] - E[x]^2 cancellation.
         diff = tl.where(mask, hv - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / N + eps)
-        y = diff * rstd
-        if HAS_WEIGHT:
-            y = y * tl.load(w_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y = y + tl.load(b_ptr + cols * stride_b, mask=mask, other=0.0).to(tl.float32)
+        y = _scale_shift(diff * rstd, w_ptr, b_ptr, cols, mask, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS)
         tl.store(y_row + cols * stride_yn, round_to(y, y_ptr.dtype.element_ty, EMULATE_RTNE), mask=mask)
     else:
         # Pass 1: exact mean and M2 of each chunk, merged into the running pair (Chan et al.).
@@ -196,8 +210,8 @@ def _layer_norm_kernel(
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
             hv = _load_row_chunk(
-            x_row, r_row, h_row, cols, mask, stride_xn, stride_rn, stride_hn, HAS_RESIDUAL, EMULATE_RTNE
-        )
+                x_row, r_row, h_row, cols, mask, stride_xn, stride_rn, stride_hn, HAS_RESIDUAL, EMULATE_RTNE
+            )
             n_chunk = tl.minimum(N - start, BLOCK_N).to(tl.float32)
             chunk_mean = tl.sum(hv, axis=0) / n_chunk
             diff = tl.where(mask, hv - chunk_mean, 0.0)
@@ -212,15 +226,8 @@ def _layer_norm_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
-            if HAS_RESIDUAL:
-                hv = tl.load(h_row + cols * stride_hn, mask=mask, other=0.0).to(tl.float32)
-            else:
-                hv = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0).to(tl.float32)
-            y = (hv - mean) * rstd
-            if HAS_WEIGHT:
-                y = y * tl.load(w_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                y = y + tl.load(b_ptr + cols * stride_b, mask=mask, other=0.0).to(tl.float32)
+            hv = _reload_row_chunk(x_row, h_row, cols, mask, stride_xn, stride_hn, HAS_RESIDUAL)
+            y = _scale_shift((hv - mean) * rstd, w_ptr, b_ptr, cols, mask, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS)
             tl.store(y_row + cols * stride_yn, round_to(y, y_ptr.dtype.element_ty, EMULATE_RTNE), mask=mask)
 
 
@@ -299,13 +306,16 @@ def rows_view(t: torch.Tensor) -> Optional[torch.Tensor]:
     return t.as_strided((m, n), (stride_m, t.stride(-1)), t.storage_offset())
 
 
-def _input_rows(t: torch.Tensor) -> torch.Tensor:
+def input_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t: [..., N]`` as ``[M, N]`` rows: a view where :func:`rows_view` finds one, else a copy."""
     rows = rows_view(t)
     # Leading dims that no single stride describes (rare: a permuted activation) are copied.
     return rows if rows is not None else t.reshape(-1, t.shape[-1])
 
 
-def _output_rows(out: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+def output_rows(out: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+    """A caller's output buffer as ``[M, N]`` rows, after checking it matches ``like``
+    (ValueError naming ``name`` when it does not, or when no row view of it exists)."""
     if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
         raise ValueError(
             f"{name} must be a {like.dtype} tensor of shape {tuple(like.shape)} on {like.device}, got "
@@ -343,17 +353,33 @@ def _check_kernel_dtype(op: str, x: torch.Tensor) -> None:
         raise TypeError(f"{op}: the Triton kernel supports {KERNEL_DTYPES}, got {x.dtype}; use {op}_ref")
 
 
+def _launch_rows(x, residual, y, h):
+    """(x2, r2, y2, h2): the 2-D row views a norm kernel reads and writes (absent residual
+    and h: x2 and y2, never touched: HAS_RESIDUAL is False)."""
+    x2 = input_rows(x)
+    r2 = input_rows(residual) if residual is not None else x2
+    y2 = output_rows(y, x, "out")
+    h2 = output_rows(h, x, "residual_out") if residual is not None else y2
+    return x2, r2, y2, h2
+
+
 def _launch_params(x2: torch.Tensor):
     n = x2.shape[1]
     block_n = min(next_pow2(n), MAX_BLOCK_N)
     return n, block_n, n <= block_n
 
 
+def _launch_norm(tuned, kernel, x, m: int, block_n: int, args: tuple, meta: dict) -> None:
+    """One program per row: autotuned on CUDA; under the interpreter one fixed config
+    (autotuning there would only time numpy)."""
+    if x.is_cuda:
+        tuned[(m,)](*args, **meta)
+    else:
+        kernel[(m,)](*args, **meta, num_warps=_heuristic_num_warps(block_n))
+
+
 def _rms_norm_launch(x, residual, weight, eps, weight_offset, y, h) -> None:
-    x2 = _input_rows(x)
-    r2 = _input_rows(residual) if residual is not None else x2
-    y2 = _output_rows(y, x, "out")
-    h2 = _output_rows(h, x, "residual_out") if residual is not None else y2
+    x2, r2, y2, h2 = _launch_rows(x, residual, y, h)
     m = x2.shape[0]
     if m == 0:
         return
@@ -366,18 +392,11 @@ def _rms_norm_launch(x, residual, weight, eps, weight_offset, y, h) -> None:
         float(eps), float(weight_offset),
     )
     meta = dict(HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, SINGLE_BLOCK=single, EMULATE_RTNE=not x.is_cuda)
-    if x.is_cuda:
-        _rms_norm_tuned[(m,)](*args, **meta)
-    else:
-        # Interpreter: one fixed config (autotuning there would only time numpy).
-        _rms_norm_kernel[(m,)](*args, **meta, num_warps=_heuristic_num_warps(block_n))
+    _launch_norm(_rms_norm_tuned, _rms_norm_kernel, x, m, block_n, args, meta)
 
 
 def _layer_norm_launch(x, residual, weight, bias, eps, y, h) -> None:
-    x2 = _input_rows(x)
-    r2 = _input_rows(residual) if residual is not None else x2
-    y2 = _output_rows(y, x, "out")
-    h2 = _output_rows(h, x, "residual_out") if residual is not None else y2
+    x2, r2, y2, h2 = _launch_rows(x, residual, y, h)
     m = x2.shape[0]
     if m == 0:
         return
@@ -397,10 +416,12 @@ def _layer_norm_launch(x, residual, weight, bias, eps, y, h) -> None:
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, SINGLE_BLOCK=single, EMULATE_RTNE=not x.is_cuda,
     )
-    if x.is_cuda:
-        _layer_norm_tuned[(m,)](*args, **meta)
-    else:
-        _layer_norm_kernel[(m,)](*args, **meta, num_warps=_heuristic_num_warps(block_n))
+    _launch_norm(_layer_norm_tuned, _layer_norm_kernel, x, m, block_n, args, meta)
+
+
+def _new_or(out: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``out`` when given (checked at launch), else a fresh tensor like ``x``."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
 
 
 @on_tensor_device
@@ -410,7 +431,7 @@ def rms_norm_triton(
     """RMSNorm of ``x: [..., N]`` with the Triton kernel; returns ``out`` (allocated when None)."""
     _check_norm_inputs("rms_norm", x, None, {"weight": weight})
     _check_kernel_dtype("rms_norm", x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    y = _new_or(out, x)
     _rms_norm_launch(x, None, weight, eps, weight_offset, y, None)
     return y
 
@@ -428,8 +449,8 @@ def add_rms_norm_triton(
     """``h = x + residual; y = rms_norm(h)`` in one kernel; returns ``(y, h)``."""
     _check_norm_inputs("add_rms_norm", x, residual, {"weight": weight})
     _check_kernel_dtype("add_rms_norm", x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual_out is None else residual_out
+    y = _new_or(out, x)
+    h = _new_or(residual_out, x)
     _rms_norm_launch(x, residual, weight, eps, weight_offset, y, h)
     return y, h
 
@@ -445,7 +466,7 @@ def layer_norm_triton(
     """LayerNorm of ``x: [..., N]`` with the Triton kernel; returns ``out`` (allocated when None)."""
     _check_norm_inputs("layer_norm", x, None, {"weight": weight, "bias": bias})
     _check_kernel_dtype("layer_norm", x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    y = _new_or(out, x)
     _layer_norm_launch(x, None, weight, bias, eps, y, None)
     return y
 
@@ -463,8 +484,8 @@ def add_layer_norm_triton(
     """``h = x + residual; y = layer_norm(h)`` in one kernel; returns ``(y, h)``."""
     _check_norm_inputs("add_layer_norm", x, residual, {"weight": weight, "bias": bias})
     _check_kernel_dtype("add_layer_norm", x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual_out is None else residual_out
+    y = _new_or(out, x)
+    h = _new_or(residual_out, x)
     _layer_norm_launch(x, residual, weight, bias, eps, y, h)
     return y, h
 
