@@ -123,6 +123,18 @@ def triton_kernels(monkeypatch):
 
 
 @pytest.fixture
+def isolated_tuning_tables(monkeypatch, tmp_path):
+    """No test reads or writes the user's tuning table: ``$LLMOPT_CACHE_DIR`` is a temporary
+    directory, the default table reloads from it, and the previous one is restored after."""
+    from llmopt.codegen.tuning_table import set_active_table
+
+    monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path / "cache"))
+    previous = set_active_table(None)
+    yield
+    set_active_table(previous)
+
+
+@pytest.fixture
 def reference_kernels(monkeypatch):
     monkeypatch.setenv("LLMOPT_KERNELS", "reference")
     yield

@@ -26,7 +26,7 @@ import triton.language as tl
 from .buckets import next_pow2
 from .kernel_mode import on_tensor_device, use_triton
 from .rope import KERNEL_DTYPES as ROPE_DTYPES
-from .rope import check_rope_inputs, cos_sin_3d, rotate_heads, rotate_pair_ref
+from .rope import check_rope_inputs, cos_sin_3d, rope_position, rotate_heads, rotate_pair_ref
 
 
 # --------------------------------------------------------------------------- kernel
@@ -166,14 +166,10 @@ def _rope_append_kernel(
     INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RTNE: tl.constexpr,
 ):
-    pid_bs = tl.program_id(0)
+    b, s, cos_row, sin_row = rope_position(S, cos_ptr, sin_ptr, stride_cb, stride_cs, stride_sb, stride_ss)
     pid_h = tl.program_id(1)
-    b = (pid_bs // S).to(tl.int64)
-    s = (pid_bs % S).to(tl.int64)
     pos = tl.load(pos_ptr + s).to(tl.int64)
     pos = tl.minimum(tl.maximum(pos, 0), S_MAX - 1)  # the reference raises; never write out of bounds
-    cos_row = cos_ptr + b * stride_cb + s * stride_cs
-    sin_row = sin_ptr + b * stride_sb + s * stride_ss
     n_q = tl.cdiv(HQ, BLOCK_H)
     n_k = tl.cdiv(HK, BLOCK_H)
     if pid_h < n_q:

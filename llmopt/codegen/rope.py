@@ -28,7 +28,8 @@ Source: Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Emb
 (arXiv:2104.09864); the two layouts as in Hugging Face transformers' Llama and GPT-J.
 
 Public for :mod:`llmopt.codegen.kv_cache` (the fused RoPE + cache append), so the two ops
-rotate with the same code: the ``@triton.jit`` building block :func:`rotate_heads`, the
+rotate with the same code: the ``@triton.jit`` building blocks :func:`rotate_heads` and
+:func:`rope_position`, the
 input contract :func:`check_rope_inputs`, the cos/sin view :func:`cos_sin_3d` and the
 reference rotation :func:`rotate_pair_ref`.
 """
@@ -106,6 +107,16 @@ def rotate_heads(
 
 
 @triton.jit
+def rope_position(S, cos_ptr, sin_ptr, stride_cb, stride_cs, stride_sb, stride_ss):
+    """This program's (batch, position) on a ``(B * S, head blocks)`` grid, as int64, and
+    its cos / sin rows."""
+    pid_bs = tl.program_id(0)
+    b = (pid_bs // S).to(tl.int64)
+    s = (pid_bs % S).to(tl.int64)
+    return b, s, cos_ptr + b * stride_cb + s * stride_cs, sin_ptr + b * stride_sb + s * stride_ss
+
+
+@triton.jit
 def _rope_kernel(
     # pointers
     q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
@@ -123,12 +134,8 @@ def _rope_kernel(
     BLOCK_PASS: tl.constexpr, HAS_PASS: tl.constexpr, EMULATE_RTNE: tl.constexpr,
 ):
     # Grid: (B * S, q head blocks + k head blocks); the first head blocks rotate q, the rest k.
-    pid_bs = tl.program_id(0)
+    b, s, cos_row, sin_row = rope_position(S, cos_ptr, sin_ptr, stride_cb, stride_cs, stride_sb, stride_ss)
     pid_h = tl.program_id(1)
-    b = (pid_bs // S).to(tl.int64)
-    s = (pid_bs % S).to(tl.int64)
-    cos_row = cos_ptr + b * stride_cb + s * stride_cs
-    sin_row = sin_ptr + b * stride_sb + s * stride_ss
     n_q_blocks = tl.cdiv(HQ, BLOCK_H)
     if pid_h < n_q_blocks:
         rotate_heads(

@@ -7,8 +7,28 @@ import math
 import pytest
 import torch
 from conftest import assert_close, poisoned
+from hypothesis import strategies as st
 
+from llmopt.codegen.gemv import ACTIVATIONS
 from llmopt.codegen.tuning_table import TuningTable, set_active_table
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def drawn_cases(max_m: int):
+    """Hypothesis: :func:`make_case` keyword arguments (M up to ``max_m``, N and K ragged,
+    every dtype and epilogue, strided or not) plus the ``split_k`` to launch with."""
+    return st.fixed_dictionaries({
+        "M": st.integers(1, max_m),
+        "n_out": st.sampled_from([1, 7, 17, 100]),
+        "K": st.sampled_from([1, 7, 17, 100, 257]),
+        "dtype": st.sampled_from(DTYPES),
+        "bias": st.booleans(),
+        "residual": st.booleans(),
+        "activation": st.sampled_from(ACTIVATIONS),
+        "strided": st.booleans(),
+        "split_k": st.sampled_from([1, 2, 3]),
+    })
 
 
 def make_case(M, n_out, K, dtype, *, bias, residual, activation, strided=False, seed=0):
@@ -48,6 +68,25 @@ def check_against_truth(kernel, ref, args, config=None):
     name = kernel.__name__.removesuffix("_triton")
     assert_close(out, expected, dtype, what=f"{name} kernel vs fp64")
     assert_close(ref(**args), expected, dtype, what=f"{ref.__name__} vs fp64")
+
+
+def check_opcheck(args, lead: tuple[int, ...], kernels: str):
+    """``torch.library.opcheck`` of ``llmopt::linear`` on ``args`` (x and the residual with
+    leading dims ``lead``) with the kernels string ``kernels`` forcing one kernel."""
+    x = args["x"].reshape(*lead, args["x"].shape[-1])
+    residual = args["residual"].reshape(*lead, args["residual"].shape[-1]) if args["residual"] is not None else None
+    torch.library.opcheck(
+        torch.ops.llmopt.linear.default, (x, args["weight"], args["bias"], residual, args["activation"], kernels)
+    )
+
+
+def check_bad_input(kernel, change: dict, error, match: str):
+    """``kernel`` on a valid small case changed by ``change`` raises ``error`` matching ``match``."""
+    args = {"x": torch.randn(2, 4), "weight": torch.randn(8, 4), "bias": torch.randn(8), "residual": None,
+            "activation": ""}
+    args.update(change)
+    with pytest.raises(error, match=match):
+        kernel(**args)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from codegen import linear_cases
 from codegen.linear_cases import empty_table, make_case  # noqa: F401  (empty_table: a fixture)
 from conftest import assert_close
 from hypothesis import given
-from hypothesis import strategies as st
 
 import llmopt.codegen.linear  # noqa: F401  (registers llmopt::linear)
 from llmopt.codegen.flat_gemm import (
@@ -28,7 +27,7 @@ from llmopt.codegen.flat_gemm import (
 )
 from llmopt.codegen.gemv import ACTIVATIONS
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = linear_cases.DTYPES
 ALL_FLAT = "1:flat_gemm,2:flat_gemm,4:flat_gemm,8:flat_gemm,16:flat_gemm,32:flat_gemm,64:flat_gemm,inf:flat_gemm"
 
 
@@ -37,20 +36,10 @@ check_against_truth = functools.partial(linear_cases.check_against_truth, flat_g
 truth = functools.partial(linear_cases.truth, flat_gemm_ref)
 
 
-@given(
-    M=st.integers(1, 64),
-    n_out=st.sampled_from([1, 7, 17, 100]),
-    K=st.sampled_from([1, 7, 17, 100, 257]),
-    dtype=st.sampled_from(DTYPES),
-    bias=st.booleans(),
-    residual=st.booleans(),
-    activation=st.sampled_from(ACTIVATIONS),
-    strided=st.booleans(),
-    split_k=st.sampled_from([1, 2, 3]),
-)
-def test_flat_gemm_matches_fp64(M, n_out, K, dtype, bias, residual, activation, strided, split_k):
-    args = make_case(M, n_out, K, dtype, bias=bias, residual=residual, activation=activation, strided=strided)
-    check_against_truth(args, config={"SPLIT_K": split_k, "BLOCK_K": 32, "BLOCK_N": 32})
+@given(case=linear_cases.drawn_cases(max_m=64))
+def test_flat_gemm_matches_fp64(case):
+    split_k = case.pop("split_k")
+    check_against_truth(make_case(**case), config={"SPLIT_K": split_k, "BLOCK_K": 32, "BLOCK_N": 32})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -81,11 +70,7 @@ def test_empty_reduction_and_empty_rows():
 
 def test_opcheck_with_flat_gemm_forced(triton_kernels, empty_table):
     args = make_case(6, 24, 40, torch.float32, bias=True, residual=True, activation="silu")
-    x = args["x"].reshape(2, 3, 40)
-    residual = args["residual"].reshape(2, 3, 24)
-    torch.library.opcheck(
-        torch.ops.llmopt.linear.default, (x, args["weight"], args["bias"], residual, "silu", ALL_FLAT)
-    )
+    linear_cases.check_opcheck(args, (2, 3), ALL_FLAT)
 
 
 def test_inside_torch_compile_fullgraph(triton_kernels, empty_table):
@@ -110,11 +95,7 @@ def test_inside_torch_compile_fullgraph(triton_kernels, empty_table):
     ],
 )
 def test_bad_inputs_raise_clear_errors(change, error, match):
-    args = {"x": torch.randn(2, 4), "weight": torch.randn(8, 4), "bias": torch.randn(8), "residual": None,
-            "activation": ""}
-    args.update(change)
-    with pytest.raises(error, match=match):
-        flat_gemm_triton(**args)
+    linear_cases.check_bad_input(flat_gemm_triton, change, error, match)
 
 
 def test_block_m_pads_to_dot_minimum():

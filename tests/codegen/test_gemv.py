@@ -13,7 +13,6 @@ from codegen import linear_cases
 from codegen.linear_cases import empty_table, make_case  # noqa: F401  (empty_table: a fixture)
 from conftest import assert_close, poisoned
 from hypothesis import given
-from hypothesis import strategies as st
 
 import llmopt.codegen.linear  # noqa: F401  (registers llmopt::linear)
 from llmopt.codegen.gemv import (
@@ -25,7 +24,7 @@ from llmopt.codegen.gemv import (
     prune_gemv_configs,
 )
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = linear_cases.DTYPES
 ALL_GEMV = "1:gemv,2:gemv,4:gemv,8:gemv,16:gemv,32:gemv,64:gemv,inf:gemv"
 
 
@@ -34,20 +33,10 @@ check_against_truth = functools.partial(linear_cases.check_against_truth, gemv_t
 truth = functools.partial(linear_cases.truth, gemv_ref)
 
 
-@given(
-    M=st.integers(1, 4),
-    n_out=st.sampled_from([1, 7, 17, 100]),
-    K=st.sampled_from([1, 7, 17, 100, 257]),
-    dtype=st.sampled_from(DTYPES),
-    bias=st.booleans(),
-    residual=st.booleans(),
-    activation=st.sampled_from(ACTIVATIONS),
-    strided=st.booleans(),
-    split_k=st.sampled_from([1, 2, 3]),
-)
-def test_gemv_matches_fp64(M, n_out, K, dtype, bias, residual, activation, strided, split_k):
-    args = make_case(M, n_out, K, dtype, bias=bias, residual=residual, activation=activation, strided=strided)
-    check_against_truth(args, config={"SPLIT_K": split_k, "BLOCK_K": 32, "BLOCK_N": 16})
+@given(case=linear_cases.drawn_cases(max_m=4))
+def test_gemv_matches_fp64(case):
+    split_k = case.pop("split_k")
+    check_against_truth(make_case(**case), config={"SPLIT_K": split_k, "BLOCK_K": 32, "BLOCK_N": 16})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -88,11 +77,7 @@ def test_empty_reduction_and_empty_rows():
 
 def test_opcheck_with_gemv_forced(triton_kernels, empty_table):
     args = make_case(3, 24, 40, torch.float32, bias=True, residual=True, activation="gelu")
-    x = args["x"].reshape(1, 3, 40)
-    residual = args["residual"].reshape(1, 3, 24)
-    torch.library.opcheck(
-        torch.ops.llmopt.linear.default, (x, args["weight"], args["bias"], residual, "gelu", ALL_GEMV)
-    )
+    linear_cases.check_opcheck(args, (1, 3), ALL_GEMV)
 
 
 def test_inside_torch_compile_fullgraph(triton_kernels, empty_table):
@@ -121,11 +106,7 @@ def test_inside_torch_compile_fullgraph(triton_kernels, empty_table):
     ],
 )
 def test_bad_inputs_raise_clear_errors(change, error, match):
-    args = {"x": torch.randn(2, 4), "weight": torch.randn(8, 4), "bias": torch.randn(8), "residual": None,
-            "activation": ""}
-    args.update(change)
-    with pytest.raises(error, match=match):
-        gemv_triton(**args)
+    linear_cases.check_bad_input(gemv_triton, change, error, match)
 
 
 def test_bad_config_and_out_raise():

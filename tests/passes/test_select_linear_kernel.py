@@ -26,7 +26,6 @@ from llmopt.codegen.tuning_table import (
     get_active_table,
     heuristic_kernel,
     parse_kernels,
-    set_active_table,
 )
 from llmopt.passes import select_linear_kernel as slk
 from models.tiny import NUM_LAYERS, tiny_model, tokens
@@ -38,13 +37,8 @@ BEFORE = ["normalize", "merge_parallel_linears", "fuse_residual_norm", "fuse_gat
 LINEAR = torch.ops.llmopt.linear.default
 
 
-@pytest.fixture(autouse=True)
-def isolated_tables(monkeypatch, tmp_path):
-    """No test reads or writes the user's tuning table; the active table is restored."""
-    monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path / "cache"))
-    previous = set_active_table(None)
-    yield
-    set_active_table(previous)
+# No test reads or writes the user's tuning table (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("isolated_tuning_tables")
 
 
 @pytest.fixture
