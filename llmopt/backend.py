@@ -140,8 +140,10 @@ def compile_inference_graph(
     The tuning table is resolved here, once for the graph and its variants, and handed to
     the passes in the ``PassContext``: each compile reads its own table and installs none
     process-wide (docs/linear_dispatch.md)."""
-    job = _FrozenCompile(fake_inputs, n_lifted, opts, tuple(input_names),
-                         resolve_tuning_table(opts, _device_and_dtypes(fake_inputs)[0]))
+    # Only read when the pass that uses it runs (a corrupt file warns only then).
+    table = (resolve_tuning_table(opts, _device_and_dtypes(fake_inputs)[0])
+             if opts.enabled("select_linear_kernel") else None)
+    job = _FrozenCompile(fake_inputs, n_lifted, opts, tuple(input_names), table)
     pristine = _copy_module(gm) if opts.freeze else None
     first, positions = _compile_frozen(gm, real_inputs, job)
     if pristine is None or not positions:
