@@ -32,14 +32,12 @@ import triton.language as tl
 from llmopt.codegen.buckets import next_pow2
 from llmopt.codegen.gemv import (
     begin_linear_launch,
-    epilogue_strides,
     gemv_ref,
     k_per_split,
     launch_config,
-    launch_split_k_reduce,
+    launch_linear_kernel,
     linear_epilogue,
     sm_count,
-    split_k_workspace,
 )
 from llmopt.codegen.kernel_mode import on_tensor_device
 
@@ -222,25 +220,15 @@ def flat_gemm_triton(x, weight, bias=None, residual=None, activation: str = "", 
     if x.is_cuda and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
         raise ValueError(f"flat_gemm config {cfg}: tl.dot needs BLOCK_M, BLOCK_N, BLOCK_K >= 16")
     block_m, block_n, block_k, split_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
-    kps = k_per_split(K, split_k, block_k)
-    ws = split_k_workspace(split_k, M, weight.shape[0], x.device) if split_k > 1 else out
     grid = (triton.cdiv(n_out, block_n), triton.cdiv(M, block_m), split_k)
     # Triton's interpreter multiplies bf16 tiles as their raw uint16 bits (triton 3.9):
     # upcast there; bf16 x bf16 products are exact in fp32, so the math is unchanged.
     dot_in_fp32 = x.dtype == torch.bfloat16 and not x.is_cuda
-    _flat_gemm_kernel[grid](
-        x, weight, bias if bias is not None else out, residual if residual is not None else out, out, ws,
-        M, n_out, K, kps,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *epilogue_strides(residual, out, ws, split_k),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 or dot_in_fp32 else "tf32",
-        DOT_IN_FP32=dot_in_fp32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    return launch_linear_kernel(
+        _flat_gemm_kernel, grid, (M, n_out, K, k_per_split(K, split_k, block_k)), x, weight, bias, residual,
+        activation, out, cfg, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
     )
-    if split_k > 1:
-        launch_split_k_reduce(ws, bias, residual, out, activation, split_k)
-    return out
 
 
 __all__ = [

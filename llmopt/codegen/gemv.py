@@ -27,8 +27,8 @@ dispatch) and the FastGEMV-style row-per-warp reduction.
 This module also holds what ``gemv`` and ``flat_gemm`` share: the argument contract
 (:func:`check_linear_args`), the eager reference (:func:`gemv_ref`), the fused epilogue
 (:func:`linear_epilogue`: bias, gated activation, residual), the launcher's first steps
-(:func:`begin_linear_launch`, :func:`launch_config`, :func:`epilogue_strides`) and the
-split-K reduce-plus-epilogue kernel.
+(:func:`begin_linear_launch`, :func:`launch_config`) and launch
+(:func:`launch_linear_kernel`, with the split-K reduce-plus-epilogue kernel).
 """
 from __future__ import annotations
 
@@ -360,14 +360,31 @@ def launch_config(heuristic: dict, config, keys: tuple[str, ...], kernel: str) -
     return cfg
 
 
-def epilogue_strides(residual, out, ws, split_k: int) -> tuple[int, ...]:
-    """The residual, output and split-K workspace strides, in the kernels' argument order
-    (0 for an absent residual or workspace)."""
-    return (
+def launch_linear_kernel(kernel, grid, sizes: tuple, x, weight, bias, residual, activation: str, out, cfg: dict,
+                         **constexprs):
+    """Launch a linear-family kernel, then (split-K) the reduce kernel; returns ``out``.
+
+    The family's argument layout: pointers ``x, weight, bias, residual, out, workspace``
+    (an absent bias / residual / workspace points at ``out``, never read), the kernel's
+    ``sizes``, the strides of x, weight, residual, out and workspace (0 where absent), then
+    ``SPLIT_K``, the epilogue constexprs and the kernel's own ``constexprs``.
+    """
+    split_k = cfg["SPLIT_K"]
+    M = x.shape[0]
+    ws = split_k_workspace(split_k, M, weight.shape[0], x.device) if split_k > 1 else out
+    kernel[grid](
+        x, weight, bias if bias is not None else out, residual if residual is not None else out, out, ws,
+        *sizes,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
         out.stride(0), out.stride(1),
         ws.stride(0) if split_k > 1 else 0, ws.stride(1) if split_k > 1 else 0,
+        SPLIT_K=split_k, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **constexprs,
     )
+    if split_k > 1:
+        launch_split_k_reduce(ws, bias, residual, out, activation, split_k)
+    return out
 
 
 def split_k_workspace(split_k: int, M: int, N: int, device) -> torch.Tensor:
@@ -415,21 +432,11 @@ def gemv_triton(x, weight, bias=None, residual=None, activation: str = "", *, co
     cfg = launch_config(gemv_heuristic_config(weight.shape[0], K, M, bool(activation), x.device), config,
                         GEMV_CONFIG_KEYS, "gemv")
     block_n, block_k, split_k = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
-    kps = k_per_split(K, split_k, block_k)
-    ws = split_k_workspace(split_k, M, weight.shape[0], x.device) if split_k > 1 else out
     grid = (triton.cdiv(n_out, block_n), M, split_k)
-    dummy = out
-    _gemv_kernel[grid](
-        x, weight, bias if bias is not None else dummy, residual if residual is not None else dummy, out, ws,
-        n_out, K, kps,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *epilogue_strides(residual, out, ws, split_k),
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    return launch_linear_kernel(
+        _gemv_kernel, grid, (n_out, K, k_per_split(K, split_k, block_k)), x, weight, bias, residual, activation,
+        out, cfg, BLOCK_N=block_n, BLOCK_K=block_k,
     )
-    if split_k > 1:
-        launch_split_k_reduce(ws, bias, residual, out, activation, split_k)
-    return out
 
 
 __all__ = [
@@ -438,12 +445,12 @@ __all__ = [
     "KERNEL_DTYPES",
     "begin_linear_launch",
     "check_linear_args",
-    "epilogue_strides",
     "gemv_configs",
     "gemv_heuristic_config",
     "gemv_ref",
     "gemv_triton",
     "launch_config",
+    "launch_linear_kernel",
     "linear_epilogue",
     "prune_gemv_configs",
 ]

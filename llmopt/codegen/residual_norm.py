@@ -327,7 +327,8 @@ def output_rows(out: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tenso
     return rows
 
 
-def _check_norm_inputs(op: str, x, residual, params) -> None:
+def _check_norm_inputs(op: str, x, residual, params, kernel: bool = False) -> None:
+    """The ops' contract; with ``kernel``, also a dtype the Triton kernel is built for."""
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must have a non-empty last dim to normalize, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -346,6 +347,8 @@ def _check_norm_inputs(op: str, x, residual, params) -> None:
                 f"{op}: {name} must be a floating-point [{x.shape[-1]}] tensor on {x.device} (the size of x's "
                 f"last dim), got {p.dtype} {tuple(p.shape)} on {p.device}"
             )
+    if kernel:
+        _check_kernel_dtype(op, x)
 
 
 def _check_kernel_dtype(op: str, x: torch.Tensor) -> None:
@@ -429,8 +432,7 @@ def rms_norm_triton(
     x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """RMSNorm of ``x: [..., N]`` with the Triton kernel; returns ``out`` (allocated when None)."""
-    _check_norm_inputs("rms_norm", x, None, {"weight": weight})
-    _check_kernel_dtype("rms_norm", x)
+    _check_norm_inputs("rms_norm", x, None, {"weight": weight}, kernel=True)
     y = _new_or(out, x)
     _rms_norm_launch(x, None, weight, eps, weight_offset, y, None)
     return y
@@ -447,8 +449,7 @@ def add_rms_norm_triton(
     residual_out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual; y = rms_norm(h)`` in one kernel; returns ``(y, h)``."""
-    _check_norm_inputs("add_rms_norm", x, residual, {"weight": weight})
-    _check_kernel_dtype("add_rms_norm", x)
+    _check_norm_inputs("add_rms_norm", x, residual, {"weight": weight}, kernel=True)
     y = _new_or(out, x)
     h = _new_or(residual_out, x)
     _rms_norm_launch(x, residual, weight, eps, weight_offset, y, h)
@@ -464,8 +465,7 @@ def layer_norm_triton(
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """LayerNorm of ``x: [..., N]`` with the Triton kernel; returns ``out`` (allocated when None)."""
-    _check_norm_inputs("layer_norm", x, None, {"weight": weight, "bias": bias})
-    _check_kernel_dtype("layer_norm", x)
+    _check_norm_inputs("layer_norm", x, None, {"weight": weight, "bias": bias}, kernel=True)
     y = _new_or(out, x)
     _layer_norm_launch(x, None, weight, bias, eps, y, None)
     return y
@@ -482,8 +482,7 @@ def add_layer_norm_triton(
     residual_out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual; y = layer_norm(h)`` in one kernel; returns ``(y, h)``."""
-    _check_norm_inputs("add_layer_norm", x, residual, {"weight": weight, "bias": bias})
-    _check_kernel_dtype("add_layer_norm", x)
+    _check_norm_inputs("add_layer_norm", x, residual, {"weight": weight, "bias": bias}, kernel=True)
     y = _new_or(out, x)
     h = _new_or(residual_out, x)
     _layer_norm_launch(x, residual, weight, bias, eps, y, h)
