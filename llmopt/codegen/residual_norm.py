@@ -381,11 +381,12 @@ def _launch_norm(tuned, kernel, x, m: int, block_n: int, args: tuple, meta: dict
         kernel[(m,)](*args, **meta, num_warps=_heuristic_num_warps(block_n))
 
 
-def _rms_norm_launch(x, residual, weight, eps, weight_offset, y, h) -> None:
+def _rms_norm_launch(x, residual, weight, eps, weight_offset, y, h):
+    """Launch RMSNorm (with the residual add when given) into ``y`` (and ``h``); returns (y, h)."""
     x2, r2, y2, h2 = _launch_rows(x, residual, y, h)
     m = x2.shape[0]
     if m == 0:
-        return
+        return y, h
     n, block_n, single = _launch_params(x2)
     args = (
         x2, r2, weight, y2, h2,
@@ -396,13 +397,15 @@ def _rms_norm_launch(x, residual, weight, eps, weight_offset, y, h) -> None:
     )
     meta = dict(HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, SINGLE_BLOCK=single, EMULATE_RTNE=not x.is_cuda)
     _launch_norm(_rms_norm_tuned, _rms_norm_kernel, x, m, block_n, args, meta)
+    return y, h
 
 
-def _layer_norm_launch(x, residual, weight, bias, eps, y, h) -> None:
+def _layer_norm_launch(x, residual, weight, bias, eps, y, h):
+    """Launch LayerNorm (with the residual add when given) into ``y`` (and ``h``); returns (y, h)."""
     x2, r2, y2, h2 = _launch_rows(x, residual, y, h)
     m = x2.shape[0]
     if m == 0:
-        return
+        return y, h
     n, block_n, single = _launch_params(x2)
     # Absent weight/bias: any valid pointer, never read (HAS_WEIGHT/HAS_BIAS are False).
     w = weight if weight is not None else x2
@@ -420,6 +423,7 @@ def _layer_norm_launch(x, residual, weight, bias, eps, y, h) -> None:
         BLOCK_N=block_n, SINGLE_BLOCK=single, EMULATE_RTNE=not x.is_cuda,
     )
     _launch_norm(_layer_norm_tuned, _layer_norm_kernel, x, m, block_n, args, meta)
+    return y, h
 
 
 def _new_or(out: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -433,9 +437,7 @@ def rms_norm_triton(
 ) -> torch.Tensor:
     """RMSNorm of ``x: [..., N]`` with the Triton kernel; returns ``out`` (allocated when None)."""
     _check_norm_inputs("rms_norm", x, None, {"weight": weight}, kernel=True)
-    y = _new_or(out, x)
-    _rms_norm_launch(x, None, weight, eps, weight_offset, y, None)
-    return y
+    return _rms_norm_launch(x, None, weight, eps, weight_offset, _new_or(out, x), None)[0]
 
 
 @on_tensor_device
@@ -450,10 +452,7 @@ def add_rms_norm_triton(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual; y = rms_norm(h)`` in one kernel; returns ``(y, h)``."""
     _check_norm_inputs("add_rms_norm", x, residual, {"weight": weight}, kernel=True)
-    y = _new_or(out, x)
-    h = _new_or(residual_out, x)
-    _rms_norm_launch(x, residual, weight, eps, weight_offset, y, h)
-    return y, h
+    return _rms_norm_launch(x, residual, weight, eps, weight_offset, _new_or(out, x), _new_or(residual_out, x))
 
 
 @on_tensor_device
@@ -466,9 +465,7 @@ def layer_norm_triton(
 ) -> torch.Tensor:
     """LayerNorm of ``x: [..., N]`` with the Triton kernel; returns ``out`` (allocated when None)."""
     _check_norm_inputs("layer_norm", x, None, {"weight": weight, "bias": bias}, kernel=True)
-    y = _new_or(out, x)
-    _layer_norm_launch(x, None, weight, bias, eps, y, None)
-    return y
+    return _layer_norm_launch(x, None, weight, bias, eps, _new_or(out, x), None)[0]
 
 
 @on_tensor_device
@@ -483,10 +480,7 @@ def add_layer_norm_triton(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual; y = layer_norm(h)`` in one kernel; returns ``(y, h)``."""
     _check_norm_inputs("add_layer_norm", x, residual, {"weight": weight, "bias": bias}, kernel=True)
-    y = _new_or(out, x)
-    h = _new_or(residual_out, x)
-    _layer_norm_launch(x, residual, weight, bias, eps, y, h)
-    return y, h
+    return _layer_norm_launch(x, residual, weight, bias, eps, _new_or(out, x), _new_or(residual_out, x))
 
 
 # --------------------------------------------------------------------------- registered ops
