@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .hf_model import floating_parameter, forward_parameters, unwrap_hf_model
+from .hf_model import floating_parameter, forward_parameter_names, unwrap_hf_model
 from .scheduler import Request
 from .speculative import DraftModelProposer, NgramProposer, Speculative, SpeculativeStats, verify_proposals
 
@@ -122,7 +122,7 @@ class EngineSpeculation:
         cache = StaticKVCache(config, batch_size=1, max_seq_len=self.max_model_len + 2 * k + 2,
                               dtype=weight.dtype if weight is not None else self.dtype, device=self.device)
         known = torch.tensor([tokens[:-1]], dtype=torch.int64, device=self.device)
-        state = DraftModelProposer(draft, cache, k, forward_parameters(hf_draft), torch.ones_like(known),
+        state = DraftModelProposer(draft, cache, k, forward_parameter_names(hf_draft), torch.ones_like(known),
                                    torch.tensor([self.max_model_len - 1], device=self.device))
         with torch.no_grad():
             state.prefill(known, torch.arange(known.shape[1], device=self.device)[None])

@@ -46,7 +46,7 @@ from collections.abc import Callable
 import torch
 
 from .cuda_graphs import DecodeGraphs, batch_bucket, pad_batch
-from .hf_model import as_token_tuple, floating_parameter, forward_parameters, generation_attr, unwrap_hf_model
+from .hf_model import as_token_tuple, floating_parameter, forward_parameter_names, generation_attr, unwrap_hf_model
 from .sampling import SamplingParams, make_generator, mark_seen, sample_next_token
 
 __all__ = ["generate"]
@@ -172,7 +172,7 @@ def _run_speculative_or_beams(model, hf_model, input_ids, attention_mask, params
     """Hand over to the speculative or the beam-search loop; both take the resolved
     arguments and own their caches' bookkeeping."""
     batch, prompt_len = input_ids.shape
-    extra_loop = dict(stops=stops, pad_id=pad_id, forward_parameters=forward_parameters(hf_model))
+    extra_loop = dict(stops=stops, pad_id=pad_id, forward_parameters=forward_parameter_names(hf_model))
     if speculative is not None:
         from .speculative import Speculative, run_speculative
 
@@ -216,7 +216,7 @@ class StaticCacheForward:
         self.full_mask = torch.ones((batch, cache.max_seq_len), dtype=torch.int64, device=attention_mask.device)
         self.full_mask[:, :prompt_len] = attention_mask
         cache.set_left_padding(attention_mask)
-        accepts = forward_parameters(hf_model)
+        accepts = forward_parameter_names(hf_model)
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
         self.wants_cache_position = "cache_position" in accepts
 

@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-__all__ = ["as_token_tuple", "floating_parameter", "forward_parameters", "generation_attr", "text_config",
+__all__ = ["as_token_tuple", "floating_parameter", "forward_parameter_names", "generation_attr", "text_config",
            "unwrap_hf_model"]
 
 
@@ -31,7 +31,7 @@ def unwrap_hf_model(model):
     return None
 
 
-def forward_parameters(hf_model) -> set[str]:
+def forward_parameter_names(hf_model) -> set[str]:
     """Names of the keyword arguments ``hf_model.forward`` takes (empty when unknown)."""
     if hf_model is None:
         return set()

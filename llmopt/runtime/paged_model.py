@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from ..codegen import attention_paged as _paged_ops  # noqa: F401  (registers the llmopt::paged_* ops)
-from .hf_model import forward_parameters, text_config, unwrap_hf_model
+from .hf_model import forward_parameter_names, text_config, unwrap_hf_model
 from .paged_cache import PagedAttentionMetadata
 
 __all__ = ["ATTENTION_NAME", "PagedModelRunner", "paged_attention_forward", "register_paged_attention"]
@@ -141,7 +141,7 @@ class PagedModelRunner:
         register_paged_attention()
         self.previous_attention = self.hf_model.config._attn_implementation
         self._select(ATTENTION_NAME)
-        self.wants_logits_to_keep = "logits_to_keep" in forward_parameters(self.hf_model)
+        self.wants_logits_to_keep = "logits_to_keep" in forward_parameter_names(self.hf_model)
 
     def _select(self, name: str) -> None:
         setter = getattr(self.hf_model, "set_attn_implementation", None)

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .hf_model import floating_parameter, forward_parameters, text_config, unwrap_hf_model
+from .hf_model import floating_parameter, forward_parameter_names, text_config, unwrap_hf_model
 from .sampling import SamplingParams, top_k_filter, top_p_filter
 
 __all__ = [
@@ -405,7 +405,7 @@ def run_speculative(
         # size follows the target cache's, not the request: a compiled draft is not re-traced.
         draft_cache = StaticKVCache(config, batch_size=batch, max_seq_len=cache.max_seq_len + k + 1,
                                     dtype=weight.dtype if weight is not None else cache.dtype, device=device)
-        proposer = DraftModelProposer(draft, draft_cache, k, forward_parameters(hf_draft), attention_mask,
+        proposer = DraftModelProposer(draft, draft_cache, k, forward_parameter_names(hf_draft), attention_mask,
                                       prompt_len - (attention_mask.cumsum(-1) == 0).sum(-1) + max_new_tokens - 2)
 
     full_mask = torch.ones((batch, cache.max_seq_len), dtype=torch.int64, device=device)
