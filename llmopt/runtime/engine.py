@@ -405,20 +405,14 @@ class Engine:
             return None
         self.stats.steps += 1
         spec.keep_only({r.id for r, _ in feeds})
-        batch = StepBatch([], [], [], [], [], [], [], [], decode_only=False)
+        batch = StepBatch(decode_only=False)
         windows, draft_probs = [], []
         for req, n in feeds:
-            start = req.num_computed
             guess, q = spec.propose(req, n - 1, self.vocab_size)
             window = [req.output[-1]] + guess
             windows.append(window)
             draft_probs.append(q)
-            batch.requests.append((req, n))
-            batch.ids.extend(window)
-            batch.positions.extend(range(start, start + n))
-            batch.seq_ids.append(req.id)
-            batch.counts.append(n)
-            batch.slots.append(self.cache.append_slots(req.id, n))
+            batch.add(req, window, self.cache.append_slots(req.id, n))
         batch.rows = list(range(len(batch.ids)))
         reqs = [r for r, _ in feeds]
         self.stats.decode_tokens += len(reqs)

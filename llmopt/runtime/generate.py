@@ -49,7 +49,8 @@ from .cuda_graphs import DecodeGraphs, batch_bucket, pad_batch
 from .hf_model import as_token_tuple, floating_parameter, forward_parameter_names, generation_attr, unwrap_hf_model
 from .sampling import SamplingParams, make_generator, mark_seen, sample_next_token
 
-__all__ = ["generate"]
+__all__ = ["DecodeState", "StaticCacheForward", "TokenChooser", "decode_loop", "decode_step", "generate",
+           "prefill", "run_decode"]
 
 _FROM_MODEL = object()  # sentinel: "read stop tokens from the model's generation config"
 

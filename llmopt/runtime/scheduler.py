@@ -130,31 +130,38 @@ class StepBatch:
     token, per sequence its id, token count and cache slots, ``rows``: the packed rows whose
     logits are sampled (``samplers``: their requests, in order)."""
 
-    requests: list[tuple[Request, int]]
-    ids: list[int]
-    positions: list[int]
-    seq_ids: list[int]
-    counts: list[int]
-    slots: list[list[int]]
-    rows: list[int]
-    samplers: list[Request]
     decode_only: bool
+    requests: list[tuple[Request, int]] = dataclasses.field(default_factory=list)
+    ids: list[int] = dataclasses.field(default_factory=list)
+    positions: list[int] = dataclasses.field(default_factory=list)
+    seq_ids: list[int] = dataclasses.field(default_factory=list)
+    counts: list[int] = dataclasses.field(default_factory=list)
+    slots: list[list[int]] = dataclasses.field(default_factory=list)
+    rows: list[int] = dataclasses.field(default_factory=list)
+    samplers: list[Request] = dataclasses.field(default_factory=list)
 
     @classmethod
     def pack(cls, scheduled: list[tuple[Request, int, list[int]]]) -> StepBatch:
-        batch = cls([], [], [], [], [], [], [], [], decode_only=all(n == 1 for _, n, _ in scheduled))
+        """The batch of :meth:`Scheduler.schedule`: each request's next ``n`` tokens; its
+        last token's logits are sampled when that completes its known tokens."""
+        batch = cls(decode_only=all(n == 1 for _, n, _ in scheduled))
         for req, n, slots in scheduled:
             start = req.num_computed
-            batch.requests.append((req, n))
-            batch.ids.extend(req.token_range(start, start + n))
-            batch.positions.extend(range(start, start + n))
-            batch.seq_ids.append(req.id)
-            batch.counts.append(n)
-            batch.slots.append(slots)
+            batch.add(req, req.token_range(start, start + n), slots)
             if start + n == req.num_tokens:
                 batch.rows.append(len(batch.ids) - 1)
                 batch.samplers.append(req)
         return batch
+
+    def add(self, req: Request, tokens: list[int], slots: list[int]) -> None:
+        """Feed ``tokens`` to ``req`` at its next positions, into cache ``slots``."""
+        start = req.num_computed
+        self.requests.append((req, len(tokens)))
+        self.ids.extend(tokens)
+        self.positions.extend(range(start, start + len(tokens)))
+        self.seq_ids.append(req.id)
+        self.counts.append(len(tokens))
+        self.slots.append(slots)
 
     @property
     def decode_tokens(self) -> int:
