@@ -78,7 +78,7 @@ def copy_bandwidth(device: str, nbytes: int = 256 * 2**20, repeats: int = 10) ->
 
 def write_results(name: str, payload: dict) -> Path:
     env = payload.setdefault("environment", environment())
-    # LLMOPT_BENCH_RESULTS: another directory (python -m llmopt.gpu_check --out DIR sets it)
+    # LLMOPT_BENCH_RESULTS: another directory (python -m llmopt.tools.gpu_check --out DIR sets it)
     results = Path(os.environ.get("LLMOPT_BENCH_RESULTS") or RESULTS)
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{device_slug(env)}-{env['date']}-{name}.json"

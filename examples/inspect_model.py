@@ -13,8 +13,8 @@ import argparse
 
 import torch
 
-from llmopt.inspection import compress_ops, explain
-from llmopt.model_spec import resolve
+from llmopt.tools.inspection import compress_ops, explain
+from llmopt.tools.model_spec import resolve
 
 
 def main():

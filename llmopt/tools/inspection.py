@@ -12,9 +12,9 @@ gathers everything into an :class:`Explanation`:
 - per graph: the compile report, the list of operations each model layer runs before and
   after the passes, and each linear's kernel;
 - output as a terminal table (``str``), stable JSON (``to_json``) and a self-contained
-  HTML page with the graphs drawn (``to_html``, see :mod:`llmopt.html_report`).
+  HTML page with the graphs drawn (``to_html``, see :mod:`llmopt.tools.html_report`).
 
-``llmopt inspect MODEL`` is this function behind a command line (:mod:`llmopt.cli`).
+``llmopt inspect MODEL`` is this function behind a command line (:mod:`llmopt.tools.cli`).
 
 Layer attribution: each node of the networkx view carries the module path it came from
 when the view records it (``layer``); nodes created by passes, and views built without
@@ -33,8 +33,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import compat
-from .report import CompileReport, reports
+from .. import compat
+from ..report import CompileReport, reports
 
 SCHEMA = "llmopt.explain/1"
 
@@ -50,7 +50,7 @@ _LINEAR_OPS = {"aten.linear.default", "aten.mm.default", "aten.addmm.default", "
 def _view_op_names() -> set[str]:
     global _VIEW_OP_NAMES
     if _VIEW_OP_NAMES is None:
-        from .graph import VIEW_OPS
+        from ..graph import VIEW_OPS
 
         _VIEW_OP_NAMES = {str(op) for op in VIEW_OPS} | {"getitem"}
     return _VIEW_OP_NAMES
@@ -205,7 +205,7 @@ def explain(
     Runs under ``torch.no_grad()``. Resets Dynamo (``torch._dynamo.reset()``) before and
     after, so compiled functions of the caller recompile at their next call.
     """
-    from .options import Options
+    from ..options import Options
 
     opts = Options.from_user(options)  # a bad option fails before any work
     user_options = dict(options or {}) if not isinstance(options, Options) else options.to_dict()

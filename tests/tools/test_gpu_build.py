@@ -1,4 +1,4 @@
-"""The ahead-of-time GPU build check (llmopt/gpu_build.py): every Triton kernel of
+"""The ahead-of-time GPU build check (llmopt/tools/gpu_build.py): every Triton kernel of
 llmopt/codegen compiled for sm_80 and sm_90 on this CPU machine, each variant its
 launchers produce at the presets' shapes; no compile error, shared memory within the
 target, no spills in the decode path, 128-bit weight loads.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from llmopt import gpu_build
+from llmopt.tools import gpu_build
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def test_every_kernel_builds_for_sm80_and_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     out = tmp_path / "build.json"
-    done = subprocess.run([sys.executable, "-m", "llmopt.gpu_build", "--json", str(out)], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "llmopt.tools.gpu_build", "--json", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True)
     report = json.loads(out.read_text()) if out.exists() else {}
     assert done.returncode == 0 and report.get("ok"), (done.stdout + done.stderr)[-6000:]

@@ -1,4 +1,4 @@
-"""A self-contained HTML page for an :class:`~llmopt.inspection.Explanation` (``llmopt inspect --html``).
+"""A self-contained HTML page for an :class:`~llmopt.tools.inspection.Explanation` (``llmopt inspect --html``).
 
 One file, no scripts, no network: inline CSS and inline SVG, so it opens from disk, from a
 CI artifact or an e-mail. Sections: a summary (graphs, graph breaks with reasons,
@@ -255,7 +255,7 @@ def _graphs(g: GraphExplanation, layout: str) -> str:
 def graph_svg(g: Any, layout: str = "auto", title: str = "graph", report: Any = None, which: str = "after"):
     """``(svg_text, how)`` for a networkx view: Graphviz if available/asked, else the Python layout."""
     if layout in ("auto", "graphviz") and shutil.which("dot"):
-        from .graph import to_dot
+        from ..graph import to_dot
 
         try:
             dot = report.to_dot(which) if report is not None else to_dot(g, title=title)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llmopt import compat
-from llmopt.inspection import (
+from llmopt.tools.inspection import (
     Explanation,
     _attribute_layers,
     block_of,

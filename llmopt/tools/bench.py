@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import compat
+from .. import compat
 
 SCHEMA = "llmopt.bench/1"
 BACKENDS = ("eager", "inductor", "inductor-max-autotune", "llmopt", "llmopt-aten", "llmopt-inductor")
@@ -112,7 +112,7 @@ class BackendResult:
 
 # -- the engine -------------------------------------------------------------------------------
 def run_bench(spec, settings: BenchSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Benchmark ``spec`` (a :class:`~llmopt.model_spec.ModelSpec`) on every backend of
+    """Benchmark ``spec`` (a :class:`~llmopt.tools.model_spec.ModelSpec`) on every backend of
     ``settings``; returns the JSON-ready result dictionary (schema ``llmopt.bench/1``)."""
     say = progress or (lambda msg: None)
     device = spec.device
@@ -177,7 +177,7 @@ def _compile(model: torch.nn.Module, backend: str, settings: BenchSettings):
 def _bench_backend(spec, backend: str, label: str, settings: BenchSettings, say) -> BackendResult:
     compat.reset_dynamo()
     result = BackendResult(backend, label)
-    from .report import reports
+    from ..report import reports
 
     first_report = reports()[-1].graph_index if reports() else -1
     model = _compile(spec.model, backend, settings)
@@ -230,8 +230,8 @@ def _runner(spec, model, backend: str, settings: BenchSettings, result: BackendR
     sync = _synchronizer(spec.device)
     if spec.is_causal_lm:
         try:
-            from .runtime import generate
-            from .runtime.static_cache import StaticKVCache
+            from ..runtime import generate
+            from ..runtime.static_cache import StaticKVCache
         except ImportError as exc:
             result.notes.append(f"llmopt.runtime is not available ({exc}): timing forward passes only")
         else:
@@ -278,7 +278,7 @@ def _runner(spec, model, backend: str, settings: BenchSettings, result: BackendR
 
 
 def _llmopt_summary(first_report: int, settings: BenchSettings, result: BackendResult) -> dict[str, Any]:
-    from .report import reports
+    from ..report import reports
 
     rs = [r for r in reports() if r.graph_index > first_report]
     summary = {
@@ -475,7 +475,7 @@ def _quantized_linears(model, quantize: str | None) -> set[str]:
     if not quantize:
         return set()
     try:
-        from .quant import parse_quantize, select_linears
+        from ..quant import parse_quantize, select_linears
     except ImportError:
         return set()
     try:

@@ -30,9 +30,9 @@ the same candidates offline). This command
 kernel, the candidate kernels and their pruned config counts, and what the table already
 holds. Without a GPU and without ``--dry-run`` the command exits with status 2.
 
-``MODEL_OR_CONFIG`` is resolved by :mod:`llmopt.model_spec` (presets such as
+``MODEL_OR_CONFIG`` is resolved by :mod:`llmopt.tools.model_spec` (presets such as
 ``tiny-llama``, ``llama-2-7b``, ``llama-3-8b``; Hugging Face ``model_type`` names; local
-directories with ``config.json``; ``module:factory``). ``llmopt.cli`` dispatches
+directories with ``config.json``; ``module:factory``). ``llmopt.tools.cli`` dispatches
 ``llmopt autotune ...`` to :func:`main`.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from .codegen.tuning_table import (
+from ..codegen.tuning_table import (
     KERNELS,
     TuningTable,
     candidate_configs,
@@ -126,9 +126,9 @@ def shapes_from_config(config) -> list[LinearShape] | None:
 
 def shapes_from_graph(spec) -> list[LinearShape]:
     """Compile one forward of ``spec.model`` (on CPU) through llmopt and read its linears."""
-    from . import compat
-    from .passes.select_linear_kernel import parse_shape_prefix
-    from .report import reports
+    from .. import compat
+    from ..passes.select_linear_kernel import parse_shape_prefix
+    from ..report import reports
 
     before = {id(r) for r in reports()}
     compat.reset_dynamo()
@@ -222,7 +222,7 @@ def _progress(total: int):
 
 # --------------------------------------------------------------------------- the command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of ``llmopt autotune`` (for ``llmopt.cli``'s subparser)."""
+    """The arguments of ``llmopt autotune`` (for ``llmopt.tools.cli``'s subparser)."""
     parser.add_argument("model", metavar="MODEL_OR_CONFIG",
                         help="preset (tiny-llama, llama-2-7b, llama-3-8b, ...), HF model_type, local directory "
                              "with config.json, or module:factory")
