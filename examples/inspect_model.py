@@ -13,7 +13,8 @@ import argparse
 
 import torch
 
-from llmopt.tools.inspection import compress_ops, explain
+from llmopt.tools.explain import compress_ops
+from llmopt.tools.inspection import explain
 from llmopt.tools.model_spec import resolve
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmopt.tools import bench, inspection as explain
+from llmopt.tools import bench, explain
 from llmopt.tools.cli import main, parse_options
 from llmopt.tools.model_spec import PRESETS, resolve
 
