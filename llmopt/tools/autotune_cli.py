@@ -127,7 +127,6 @@ def shapes_from_config(config) -> list[LinearShape] | None:
 def shapes_from_graph(spec) -> list[LinearShape]:
     """Compile one forward of ``spec.model`` (on CPU) through llmopt and read its linears."""
     from .. import compat
-    from ..passes.select_linear_kernel import parse_shape_prefix
     from ..report import reports
 
     before = {id(r) for r in reports()}
@@ -141,9 +140,8 @@ def shapes_from_graph(spec) -> list[LinearShape]:
         if id(report) in before:
             continue
         for choice in report.kernel_choices:
-            shape = parse_shape_prefix(choice.reason) if choice.op == "linear" else None
-            if shape is not None:
-                items.append((choice.layer.rsplit(".", 1)[-1] or choice.node, shape[0], shape[1], 1))
+            if choice.op == "linear" and choice.N is not None and choice.K is not None:
+                items.append((choice.layer.rsplit(".", 1)[-1] or choice.node, choice.N, choice.K, 1))
     if not items:
         raise RuntimeError(f"{spec.name}: no linear with a frozen weight in the compiled graph; nothing to tune")
     return _merge_shapes(items)
