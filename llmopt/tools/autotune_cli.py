@@ -17,9 +17,9 @@ the same candidates offline). This command
    - ``--shapes auto`` (default): ``config`` when the family is known, else ``graph``.
      The tests check that both agree on tiny models;
 
-2. for each shape and each ``--batch`` M, times the candidates with CUDA events (warm-up
-   excluded, median of ``--rep`` calls, weights rotated past the L2 cache) through
-   ``tune_shape`` — every pruned config of each kernel with ``--sweep`` (default);
+2. for each shape and each ``--batch`` M, times the candidates with ``triton.testing.do_bench``
+   (:mod:`llmopt.codegen.timing`: ``--warmup`` ms untimed, then the median of ``--rep`` ms
+   of calls, the L2 cache flushed and the weights rotated) through ``tune_shape`` — every pruned config of each kernel with ``--sweep`` (default);
 3. writes the winner to the table after every (shape, M), atomically: an interrupted run
    (Ctrl-C) loses nothing, and running the same command again skips what is already in the
    table (``--no-resume`` re-times it);
@@ -238,8 +238,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how to find the linear shapes (default auto: config for Llama-layout families)")
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                         help="time every pruned config of each kernel (default); --no-sweep: heuristic configs only")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed calls before timing (default 10)")
-    parser.add_argument("--rep", type=int, default=50, help="timed calls; the median is kept (default 50)")
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="milliseconds of untimed calls before timing (triton.testing.do_bench; default 10)")
+    parser.add_argument("--rep", type=int, default=50,
+                        help="milliseconds of timed calls; the median call is kept (default 50)")
     parser.set_defaults(handler=run)
 
 
