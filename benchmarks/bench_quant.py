@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import environment  # noqa: E402
 from llmopt.codegen.timing import cuda_time_us, time_rounds  # noqa: E402
+from llmopt.tools.bench import device_info  # noqa: E402
 from llmopt.quant import W8A8, Int4WeightOnly, Int8WeightOnly, QuantizedLinear, quantize_, quantize_weight  # noqa: E402
 
 CPU_CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -67,16 +68,7 @@ CUDA_CONFIG = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, 
 
 
 def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return device_info(torch.device(device))["name"]
 
 
 def sync(device: str) -> None:
