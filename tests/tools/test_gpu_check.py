@@ -1,12 +1,12 @@
 """The one-shot GPU check's CPU rehearsal: the same steps, same command lines, reduced size.
 
-``python -m llmopt.gpu_check --device cpu`` must pass here so that the day a GPU is lent
+``python -m llmopt.tools.gpu_check --device cpu`` must pass here so that the day a GPU is lent
 the check does not fail on a typo. The steps run in this process (``in_process=True``:
 the same argv through ``runpy``) to spare an interpreter start-up per step.
 """
 import json
 
-import llmopt.gpu_check as gpu_check
+import llmopt.tools.gpu_check as gpu_check
 
 
 def test_cpu_rehearsal_runs_every_step_and_writes_results(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ launchers can produce.
 
 Where the variants come from: the launchers themselves. The check runs the real
 ``*_triton`` launchers on fake CUDA tensors (``FakeTensorMode``; no memory, no device) at
-the shapes of the model presets (:mod:`llmopt.model_spec`), with the device properties
+the shapes of the model presets (:mod:`llmopt.tools.model_spec`), with the device properties
 of the target faked (SM count), and records each launch instead of running it: a
 ``@triton.jit`` launch records its exact arguments; an autotuned launch records every
 config that survives the kernel's own pruning for those arguments. The signature and
@@ -38,9 +38,13 @@ Compiled kernels are cached by Triton (keyed by source hash and options) in
 ``$LLMOPT_GPU_BUILD_CACHE`` (default ``~/.cache/llmopt/gpu_build``), so a rerun after a
 small change compiles only what changed.
 
-Run: ``python -m llmopt.gpu_build [--targets 80,90] [--jobs 2] [--table docs/gpu_build.md]``.
+The mechanism (recording launches, Triton's specialization, compiling for a target,
+reading resource usage and PTX) is :mod:`llmopt.tools.triton_aot`; this module holds what
+is built (the targets, the presets, :data:`EXERCISES`), the rules, and the table.
+
+Run: ``python -m llmopt.tools.gpu_build [--targets 80,90] [--jobs 2] [--table docs/gpu_build.md]``.
 It must run without ``TRITON_INTERPRET`` (``@triton.jit`` then builds real kernels); the
-test (tests/codegen/test_gpu_build.py) runs it in a subprocess.
+test (tests/tools/test_gpu_build.py) runs it in a subprocess.
 """
 from __future__ import annotations
 
@@ -48,35 +52,27 @@ import argparse
 import contextlib
 import contextvars
 import dataclasses
-import importlib
-import inspect
 import json
 import os
-import pkgutil
-import re
-import subprocess
 import sys
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import torch
 
 from llmopt.codegen.locked_file import atomic_write_text
 
-from llmopt import compat
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    cc: int
-    name: str
-    sm_count: int
-    shared_limit: int  # bytes of shared memory one block may opt into
-
+from .triton_aot import (
+    BuildResult,
+    Launch,
+    Target,
+    compile_all,
+    discover_kernels,
+    plan_build,
+    recording,
+    weight_bytes_per_thread,
+)
 
 TARGETS = {
     80: Target(80, "A100 (sm_80)", 108, 164 * 1024),
@@ -99,154 +95,6 @@ WEIGHT_STREAMING = frozenset({"_gemv_kernel", "_flat_gemm_kernel", "_int8_wo_gem
 # the small-shape edges of pruning).
 PRESETS = ("llama-3-8b",)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_VECTOR_LOAD = re.compile(r"ld\.global(?:\.[a-z]+)*\.v(\d)\.([a-z])(\d+)")
-
-
-# ---------------------------------------------------------------------------------------
-# Recording launches
-# ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Launch:
-    """One recorded kernel launch: the JIT function and its bound arguments."""
-    kernel: Any  # triton.runtime.jit.JITFunction
-    args: tuple
-    kwargs: dict
-    origin: str  # which exercise made it
-    current_device: int = 0  # the CUDA device current at the launch (Triton launches there)
-
-    @property
-    def name(self) -> str:
-        return self.kernel.fn.__name__
-
-    @property
-    def module(self) -> str:
-        return self.kernel.fn.__module__
-
-
-class _Pointer:
-    """What Triton's binder sees of a tensor argument: its dtype and the alignment of its
-    data pointer (allocations are 256-byte aligned; a view adds its storage offset)."""
-
-    def __init__(self, t: torch.Tensor):
-        self.dtype = t.dtype
-        self._ptr = 256 + t.storage_offset() * t.element_size()
-
-    def data_ptr(self) -> int:
-        return self._ptr
-
-    @staticmethod
-    def ptr_range() -> int:
-        return 0
-
-
-def _as_binder_arg(value):
-    return _Pointer(value) if isinstance(value, torch.Tensor) else value
-
-
-def _tile_size(config) -> tuple:
-    size = 1
-    for key, value in config.kwargs.items():
-        if key.startswith("BLOCK") and isinstance(value, int):
-            size *= value
-    return (size * max(1, config.num_stages or 1), config.num_warps)
-
-
-class Recorder:
-    """The launches recorded so far, and what the next ones are recorded as."""
-
-    def __init__(self):
-        self.launches: list[Launch] = []
-        self.origin = "?"
-        self.full_space = False  # record every pruned config of an autotuned launch
-        self.ends = False  # else the smallest and the largest (else only the smallest)
-        self.current_device = 0
-
-    def device(self, device):
-        """Stands for ``torch.cuda.device(device)``: makes ``device`` current within."""
-        index = device.index if isinstance(device, torch.device) else device
-        recorder = self
-
-        class _Current:
-            def __enter__(self):
-                self.previous, recorder.current_device = recorder.current_device, index or 0
-
-            def __exit__(self, *exc):
-                recorder.current_device = self.previous
-
-        return _Current()
-
-    @contextlib.contextmanager
-    def exercise(self, name: str):
-        self.origin = name
-        try:
-            yield
-        finally:
-            self.origin = "?"
-
-
-@contextlib.contextmanager
-def recording(target: Target) -> Iterator[Recorder]:
-    """Within: tensors made with ``device="cuda"`` are fake, the CUDA device reports the
-    target's properties, and every Triton launch is recorded instead of run."""
-    from triton.runtime.autotuner import Autotuner, Heuristics
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    from llmopt.codegen import gemv
-
-    recorder = Recorder()
-    props = SimpleNamespace(
-        name=target.name, major=target.cc // 10, minor=target.cc % 10,
-        multi_processor_count=target.sm_count, L2_cache_size=50 << 20,
-        shared_memory_per_block_optin=target.shared_limit, total_memory=80 << 30,
-    )
-
-    def jit_run(self, *args, grid, warmup, **kwargs):
-        recorder.launches.append(Launch(self, args, kwargs, recorder.origin, recorder.current_device))
-
-    def autotune_run(self, *args, **kwargs):
-        kwargs.pop("grid", None)
-        kwargs.pop("warmup", None)
-        self.nargs = dict(zip(self.arg_names, args))
-        configs = self.prune_configs(kwargs)
-        if not recorder.full_space:
-            # CI: the smallest tile (every code path, quick to build) and the largest (the
-            # shared memory and register high-water mark) of the pruned space
-            ordered = sorted(configs, key=_tile_size)
-            configs = [ordered[0], ordered[-1]] if recorder.ends and len(ordered) > 1 else ordered[:1]
-        for config in configs:
-            recorder.launches.append(Launch(self.fn, args, {**kwargs, **config.all_kwargs()}, recorder.origin,
-                                            recorder.current_device))
-        self.nargs = None
-
-    def heuristics_run(self, *args, **kwargs):
-        for name, rule in self.values.items():
-            kwargs[name] = rule({**dict(zip(self.arg_names, args)), **kwargs})
-        return self.fn.run(*args, **kwargs)
-
-    patches = [
-        (JITFunction, "run", jit_run), (Autotuner, "run", autotune_run), (Heuristics, "run", heuristics_run),
-        (InterpretedFunction, "run", jit_run),  # recording also works in a TRITON_INTERPRET=1 session
-        (torch.cuda, "device", recorder.device),
-        (torch.cuda, "get_device_properties", lambda *a, **k: props),
-        (torch.cuda, "get_device_name", lambda *a, **k: target.name),
-        (torch.cuda, "current_device", lambda: recorder.current_device),
-        (torch.cuda, "is_available", lambda: True),
-        (torch.cuda, "device_count", lambda: 8),
-    ]
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
-    gemv._sm_count.cache_clear()
-    try:
-        for obj, name, value in patches:
-            setattr(obj, name, value)
-        with compat.fake_tensor_mode():
-            yield recorder
-    finally:
-        for obj, name, value in saved:
-            setattr(obj, name, value)
-        gemv._sm_count.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,7 +127,7 @@ class ModelShapes:
 
 
 def preset_shapes(names=PRESETS) -> list[ModelShapes]:
-    from llmopt.model_spec import PRESETS as ALL
+    from llmopt.tools.model_spec import PRESETS as ALL
     shapes = []
     for name in names:
         c = ALL[name].config
@@ -594,162 +442,6 @@ def collect_launches(target: Target, presets=PRESETS, full_space: bool = False) 
         return launches.launches, errors
 
 
-# ---------------------------------------------------------------------------------------
-# Discovering kernels
-# ---------------------------------------------------------------------------------------
-
-
-def discover_kernels() -> dict[str, Any]:
-    """Every ``@triton.jit`` function defined in ``llmopt.codegen`` that is a kernel (not
-    a device function called from another kernel), by ``module.name``."""
-    import llmopt.codegen as codegen
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    kinds = (JITFunction, InterpretedFunction)  # the latter under TRITON_INTERPRET=1
-    functions = {}
-    for info in pkgutil.iter_modules(codegen.__path__):
-        module = importlib.import_module(f"llmopt.codegen.{info.name}")
-        for value in vars(module).values():
-            fn = value
-            while not isinstance(fn, kinds) and hasattr(fn, "fn"):  # autotune/heuristics wrap it
-                fn = fn.fn
-            if isinstance(fn, kinds) and fn.fn.__module__ == module.__name__:
-                functions[f"{module.__name__}.{fn.fn.__name__}"] = fn
-    sources = {key: inspect.getsource(fn.fn) for key, fn in functions.items()}
-    kernels = {}
-    for key, fn in functions.items():
-        name = fn.fn.__name__
-        called = any(re.search(rf"\b{re.escape(name)}\s*\(", src) for other, src in sources.items() if other != key)
-        if not called:
-            kernels[key] = fn
-    return kernels
-
-
-# ---------------------------------------------------------------------------------------
-# Compiling
-# ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class BuildResult:
-    kernel: str  # module.name
-    target: int
-    config: str  # the constexprs and launch options, readable
-    dtype: str
-    origin: str
-    registers: int = -1
-    shared: int = -1
-    spills: int = -1  # LOCAL bytes per thread
-    vector_bits: int = 0  # widest global load in the PTX
-    params: dict = dataclasses.field(default_factory=dict)  # integer constexprs and num_warps
-    weight_bits: int = 0  # bits per weight element of w_ptr (int4: 4), 0 when none
-    seconds: float = 0.0
-    error: str = ""
-    problems: list = dataclasses.field(default_factory=list)
-
-
-_BINDERS: dict = {}  # (id of the JIT function, cc) -> (backend, binder): building a binder execs code
-
-
-def _specialize(launch: Launch, target: Target):
-    """(key, ASTSource, options) exactly as Triton's launcher would build them."""
-    from triton.compiler import ASTSource
-    from triton.compiler.compiler import make_backend
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import create_function_from_signature
-
-    fn = launch.kernel
-    if (id(fn), target.cc) not in _BINDERS:
-        backend = make_backend(GPUTarget("cuda", target.cc, 32))
-        _BINDERS[id(fn), target.cc] = (backend, create_function_from_signature(fn.signature, fn.params, backend))
-    backend, binder = _BINDERS[id(fn), target.cc]
-    args = tuple(_as_binder_arg(a) for a in launch.args)
-    kwargs = {k: _as_binder_arg(v) for k, v in launch.kwargs.items()}
-    bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    key = repr((fn.fn.__module__, fn.fn.__name__, target.cc, sorted(signature.items()), sorted(constexprs.items()),
-                sorted(attrs.items()), sorted((k, repr(v)) for k, v in options.__dict__.items())))
-    return key, ASTSource(fn, signature, constexprs, attrs), options, signature, constexprs
-
-
-def _describe(launch: Launch, signature: dict, constexprs: dict) -> tuple[str, str]:
-    names = list(signature)
-    upper = {names[path[0]]: value for path, value in constexprs.items()
-             if len(path) == 1 and names[path[0]].isupper()}
-    opts = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
-    parts = [f"{k}={v}" for k, v in upper.items() if v not in (None,)] + [f"{k}={v}" for k, v in opts.items()]
-    dtypes = sorted({v[1:] for v in signature.values() if isinstance(v, str) and v.startswith("*")})
-    return " ".join(parts), "/".join(dtypes)
-
-
-_CUOBJDUMP_LINE = re.compile(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)")
-
-
-def _cuobjdump() -> str:
-    import triton
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-
-
-def resource_usage(cubin: bytes) -> tuple[int, int, int]:
-    """(registers, static shared bytes, LOCAL bytes) of the one function in ``cubin``."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    match = _CUOBJDUMP_LINE.search(out)
-    if not match:
-        raise RuntimeError(f"cuobjdump -res-usage printed no resource line:\n{out}")
-    return int(match.group(1)), int(match.group(2)), int(match.group(3))
-
-
-def widest_global_load(ptx: str) -> int:
-    """Bits of the widest global load in ``ptx``: ``ld.global`` (a vector counts as its
-    total width) or an asynchronous copy to shared memory (``cp.async`` of 16 bytes: how
-    pipelined ``tl.dot`` loops load on sm_80+), or a TMA bulk copy (counted as 128)."""
-    best = 0
-    for count, _, bits in _VECTOR_LOAD.findall(ptx):
-        best = max(best, int(count) * int(bits))
-    for bits in re.findall(r"ld\.global(?:\.[a-z0-9]+)*?\.[bfsu](\d+)\s", ptx):
-        best = max(best, int(bits))
-    copies = re.findall(r"cp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)", ptx)
-    for nbytes in copies:
-        best = max(best, 8 * int(nbytes, 0))
-    if re.search(r"cp\.async\.bulk\.tensor", ptx):
-        best = max(best, 128)
-    return best
-
-
-_POINTER_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "i8": 8, "u8": 8}
-
-
-def weight_bytes_per_thread(params: dict, weight_bits: int) -> float:
-    """Weight bytes one thread loads per K step of a [BLOCK_N, BLOCK_K] weight tile: under
-    16, no code can give it a 128-bit load (a narrow tile, not a code generation miss)."""
-    tile = params.get("BLOCK_N", 1) * params.get("BLOCK_K", 1)
-    return tile * weight_bits / 8 / (32 * params.get("num_warps", 4))
-
-
-_WORK: list = []
-
-
-def _compile_one(index: int) -> BuildResult:
-    import triton
-
-    result, src, options = _WORK[index]
-    start = time.perf_counter()
-    try:
-        from triton.backends.compiler import GPUTarget
-        compiled = triton.compile(src, target=GPUTarget("cuda", result.target, 32), options=options.__dict__)
-        result.shared = int(compiled.metadata.shared)
-        result.registers, _, result.spills = resource_usage(compiled.asm["cubin"])
-        result.vector_bits = widest_global_load(compiled.asm["ptx"])
-    except Exception as exc:  # noqa: BLE001 - a compile error is the finding
-        result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-    result.seconds = time.perf_counter() - start
-    return result
-
-
 def evaluate(result: BuildResult) -> list[str]:
     """The rules the build check enforces on one compiled variant."""
     target = TARGETS[result.target]
@@ -798,35 +490,11 @@ def run_check(targets=(80, 90), jobs: int = 2, presets=PRESETS, full_space: bool
         launch_errors += [f"sm_{cc}: {e}" for e in errors]
         for launch in launches:
             launched.add(f"{launch.module}.{launch.name}")
-            _, src, options, signature, constexprs = _specialize(launch, target)
-            # one build per kernel, target, pointer dtypes, constexprs and launch options: the
-            # integer specializations (== 1, % 16) of the first shape that produced it stand
-            # for the others (the presets' sizes are multiples of 16)
-            names = list(signature)
-            key = (launch.module, launch.name, cc,
-                   tuple(sorted((k, v) for k, v in signature.items() if str(v).startswith("*"))),
-                   tuple(sorted((p, repr(v)) for p, v in constexprs.items() if names[p[0]].isupper())),
-                   options.num_warps, options.num_stages)
-            if key in seen:
-                continue
-            seen.add(key)
-            config, dtype = _describe(launch, signature, constexprs)
-            params = {names[p[0]]: v for p, v in constexprs.items()
-                      if names[p[0]].isupper() and isinstance(v, int) and not isinstance(v, bool)}
-            params["num_warps"] = options.num_warps
-            weight = str(signature.get("w_ptr", ""))[1:]
-            weight_bits = _POINTER_BITS.get(weight, 0) // (2 if "GROUP_SIZE" in params else 1)
-            work.append((BuildResult(f"{launch.module}.{launch.name}", cc, config, dtype, launch.origin,
-                                     params=params, weight_bits=weight_bits), src, options))
+            build = plan_build(launch, target, seen)
+            if build is not None:
+                work.append(build)
     unexercised = sorted(set(discover_kernels()) - launched)
-    _WORK[:] = work
-    if jobs > 1:
-        import multiprocessing
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            results = list(pool.map(_compile_one, range(len(work)), chunksize=4))
-    else:
-        results = [_compile_one(i) for i in range(len(work))]
-    _WORK.clear()
+    results = compile_all(work, jobs)
     problems = []
     for r in results:
         r.problems = evaluate(r)
@@ -845,7 +513,7 @@ def render_table(report: BuildReport) -> str:
     lines = [
         "# GPU build table (generated)",
         "",
-        "Generated by `python -m llmopt.gpu_build --table docs/gpu_build.md` (the ahead-of-time",
+        "Generated by `python -m llmopt.tools.gpu_build --table docs/gpu_build.md` (the ahead-of-time",
         "build check, see docs/gpu_check.md); do not edit by hand. Registers per thread, shared",
         "memory per block (bytes), LOCAL (spill) bytes per thread from `cuobjdump -res-usage`,",
         "and the widest global load in the PTX (bits), for every variant the launchers produce at",
@@ -884,7 +552,7 @@ def render_table(report: BuildReport) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmopt.gpu_build", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llmopt.tools.gpu_build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--table", default=None, help="write the markdown table here (e.g. docs/gpu_build.md)")
@@ -894,13 +562,13 @@ def main(argv=None) -> int:
                         help="also every config of each pruned config space (thousands of builds; cached)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("llmopt.gpu_build: unset TRITON_INTERPRET (it turns @triton.jit into the CPU interpreter, "
+        print("llmopt.tools.gpu_build: unset TRITON_INTERPRET (it turns @triton.jit into the CPU interpreter, "
               "which cannot compile for a GPU)", file=sys.stderr)
         return 2
     targets = tuple(int(t) for t in args.targets.split(","))
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
-        print(f"llmopt.gpu_build: unknown targets {unknown}; use some of {sorted(TARGETS)}", file=sys.stderr)
+        print(f"llmopt.tools.gpu_build: unknown targets {unknown}; use some of {sorted(TARGETS)}", file=sys.stderr)
         return 2
     report = run_check(targets, args.jobs, tuple(args.presets.split(",")), full_space=args.full)
     if args.table:
@@ -912,12 +580,12 @@ def main(argv=None) -> int:
             "results": [dataclasses.asdict(r) for r in report.results],
         }, indent=1))
     compile_s = sum(r.seconds for r in report.results)
-    print(f"llmopt.gpu_build: {len(report.results)} variants for sm_{'/sm_'.join(map(str, targets))} in "
+    print(f"llmopt.tools.gpu_build: {len(report.results)} variants for sm_{'/sm_'.join(map(str, targets))} in "
           f"{report.seconds:.0f} s ({compile_s:.0f} s compiling over {args.jobs} processes)")
     for line in report.launch_errors:
         print(f"LAUNCHER ERROR {line}")
     for name in report.unexercised:
-        print(f"UNEXERCISED {name}: no exercise in llmopt/gpu_build.py launches this kernel; add one to EXERCISES")
+        print(f"UNEXERCISED {name}: no exercise in llmopt/tools/gpu_build.py launches this kernel; add one to EXERCISES")
     for line in report.problems:
         print(f"FAIL {line}")
     print("OK" if report.ok else "FAILED")

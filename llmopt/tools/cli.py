@@ -10,7 +10,7 @@
 MODEL is a preset (``tiny-llama``, ``llama-100m``, ``llama-2-7b``, ``llama-3-8b``...), a
 Hugging Face model_type (``llama``: a small default config), a local directory with a
 ``config.json`` (weights from ``*.safetensors`` if present) or ``module:factory``; see
-:mod:`llmopt.model_spec`. Nothing is downloaded.
+:mod:`llmopt.tools.model_spec`. Nothing is downloaded.
 
 Exit status: 0 on success, 1 when the work failed (message on stderr), 2 for a usage
 error or a subcommand this build does not have. Arguments that cannot work are refused
@@ -214,7 +214,7 @@ def check_distinct_outputs(named: dict[str, str | None]) -> None:
 def _write_atomically(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` through a temporary file in the same directory; the
     file keeps the mode of the one it replaces, else the usual 0644."""
-    from .codegen.locked_file import atomic_write
+    from ..codegen.locked_file import atomic_write
 
     target = Path(path)
     mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644
@@ -227,7 +227,7 @@ def _inspect(args) -> int:
 
     from . import model_spec
     from .inspection import explain
-    from .options import Options
+    from ..options import Options
 
     device = check_device(args.device)
     outputs = {"--json": args.json if args.json != "-" else None, "--html": args.html}
@@ -244,7 +244,7 @@ def _inspect(args) -> int:
         if not spec.is_causal_lm:
             raise ValueError(f"--decode needs a causal language model; {spec.name} is {spec.kind}")
         try:
-            from .runtime import generate
+            from ..runtime import generate
         except ImportError as exc:
             raise RuntimeError(f"--decode needs llmopt.runtime, which this build lacks ({exc})") from exc
         prompt = spec.example_args[0]
@@ -295,7 +295,7 @@ def _bench(args) -> int:
         options=parse_options(args.option),
     )
     if any(is_llmopt_backend(b) for b in settings.backends):
-        from .options import Options
+        from ..options import Options
 
         Options.from_user({**settings.options, **({"quantize": settings.quantize} if settings.quantize else {})})
     spec = model_spec.resolve(args.model, dtype=args.dtype, device=device, batch=settings.batch,

@@ -1,4 +1,4 @@
-"""The one-shot GPU check: ``python -m llmopt.gpu_check --out benchmarks/results/``.
+"""The one-shot GPU check: ``python -m llmopt.tools.gpu_check --out benchmarks/results/``.
 
 No session that built llmopt had a GPU. The day one is lent (the device tool's ``status``
 says so), this command is the first thing to run: in under 8 minutes on one H100/H200 it
@@ -9,7 +9,7 @@ recorded and the next one still runs):
 
 1. ``ops`` — every llmopt kernel family on the device against its PyTorch reference at
    Llama-3-8B decode shapes (bf16), relative Frobenius error within the tolerance table
-   of ``tests/conftest.py``: ``python -m llmopt.gpu_check --ops-only``.
+   of ``tests/conftest.py``: ``python -m llmopt.tools.gpu_check --ops-only``.
 2. ``kernel-benchmarks`` — ``benchmarks/bench_fusions.py --quick``, ``bench_attention.py
    --quick``, ``bench_linear.py`` (M = 1, 16, 64 on the Llama-3-8B shapes): times against
    eager / SDPA / Inductor with the fraction of the measured copy bandwidth (roofline).
@@ -25,7 +25,7 @@ summary, also saved as ``gpu-check-<device>-<date>.txt``. Result files of the st
 in ``--out`` as well.
 
 ``--device cpu`` rehearses the same steps at a reduced size (tiny shapes, ``tiny-llama``,
-one repeat) so that a typo fails on CPU, in the tests (tests/test_gpu_check.py), and not on
+one repeat) so that a typo fails on CPU, in the tests (tests/tools/test_gpu_check.py), and not on
 the day a GPU is lent. Run from a source checkout (the kernel benchmarks live in
 ``benchmarks/``).
 """
@@ -47,7 +47,7 @@ import torch
 
 from llmopt.codegen.locked_file import atomic_write_text
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GPU_BUDGET_S = 8 * 60
 
 
@@ -72,7 +72,7 @@ def plan(device: str, out: Path) -> list[Step]:
     cuda = device == "cuda"
     bench = REPO / "benchmarks"
     # time limits on CUDA add up to the 8-minute budget (GPU_BUDGET_S)
-    steps = [Step("ops", [py, "-m", "llmopt.gpu_check", "--ops-only", "--device", device], 45 if cuda else 120)]
+    steps = [Step("ops", [py, "-m", "llmopt.tools.gpu_check", "--ops-only", "--device", device], 45 if cuda else 120)]
     if cuda:
         kernel_args = [
             [str(bench / "bench_fusions.py"), "--quick"],
@@ -106,7 +106,7 @@ def plan(device: str, out: Path) -> list[Step]:
         runs = [("bench", "eager,llmopt", None), ("bench-int8", "llmopt", "int8"), ("bench-int4", "llmopt", "int4-g32")]
     for name, backends, quantize in runs:
         path = out / f"{name}-{device}-{_today()}.json"
-        cmd = [py, "-m", "llmopt.cli", "bench", model, *size, "--device", device, "--backends", backends,
+        cmd = [py, "-m", "llmopt.tools.cli", "bench", model, *size, "--device", device, "--backends", backends,
                "--out", str(path), "--quiet"]
         if quantize:
             cmd += ["--quantize", quantize]
@@ -333,7 +333,7 @@ def run(device: str, out: Path, in_process: bool = False) -> tuple[dict[str, Any
     env.pop("TRITON_INTERPRET", None)  # real kernels on CUDA; the references on CPU
     steps = plan(device, out)
     for step in steps:
-        print(f"llmopt.gpu_check: {step.name} ...", file=sys.stderr, flush=True)
+        print(f"llmopt.tools.gpu_check: {step.name} ...", file=sys.stderr, flush=True)
         run_step(step, env, in_process)
     ops = None
     try:
@@ -366,7 +366,7 @@ def _version(name: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmopt.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llmopt.tools.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results", help="directory for every result file")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
                         help="cuda (default when a GPU is visible) or cpu (the rehearsal at reduced size)")
@@ -374,11 +374,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     if device is None:
-        print("llmopt.gpu_check: no GPU is visible; pass --device cpu to rehearse the check on CPU",
+        print("llmopt.tools.gpu_check: no GPU is visible; pass --device cpu to rehearse the check on CPU",
               file=sys.stderr)
         return 2
     if device == "cuda" and not torch.cuda.is_available():
-        print("llmopt.gpu_check: --device cuda but torch sees no GPU (torch.cuda.is_available() is False)",
+        print("llmopt.tools.gpu_check: --device cuda but torch sees no GPU (torch.cuda.is_available() is False)",
               file=sys.stderr)
         return 2
     if args.ops_only:

@@ -11,9 +11,9 @@ import networkx as nx
 import pytest
 import torch
 
-from llmopt import html_report
-from llmopt.inspection import explain
-from llmopt.html_report import BOX_H, BOX_W, graph_svg, layered_svg, layout_positions, render_html
+from llmopt.tools import html_report
+from llmopt.tools.inspection import explain
+from llmopt.tools.html_report import BOX_H, BOX_W, graph_svg, layered_svg, layout_positions, render_html
 
 
 class Block(torch.nn.Module):

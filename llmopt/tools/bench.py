@@ -22,11 +22,13 @@ Medians over the repeats, not means (a shared machine has outliers).
   timed calls, from Linux's ``VmHWM`` after resetting it through ``/proc/self/clear_refs``;
   where that is not possible, a 5 ms sampling thread reading ``VmRSS``; off Linux, the
   process-lifetime peak from ``resource.getrusage`` (not reset per backend). The method used is
-  recorded with the figure; ``peak_memory_delta_mb`` is the peak minus the RSS before.
+  recorded with the figure; ``peak_memory_delta_mb`` is the peak minus the RSS before
+  (:mod:`llmopt.tools.peak_memory`).
 - **Bandwidth** (CUDA): bytes read per decode step (the weights once — quantized linears at
   their stored width, the input embedding table excepted unless tied to the head — plus
   the K/V cache up to the mean context length) / decode step time, against the
-  device-to-device copy bandwidth measured here: the roofline fraction. Computed on CPU
+  device-to-device copy bandwidth measured here (``copy_bandwidth_gbs`` of
+  :mod:`llmopt.codegen.timing`): the roofline fraction. Computed on CPU
   too (``achieved_gbs``), without a roofline.
 
 Models that are not causal LMs (encoders, ``module:factory`` models without a
@@ -45,14 +47,15 @@ import json
 import os
 import platform
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from . import compat
+from .. import compat
+from ..codegen.timing import copy_bandwidth_gbs
+from .peak_memory import PeakMemory
 
 SCHEMA = "llmopt.bench/1"
 BACKENDS = ("eager", "inductor", "inductor-max-autotune", "llmopt", "llmopt-aten", "llmopt-inductor")
@@ -112,7 +115,7 @@ class BackendResult:
 
 # -- the engine -------------------------------------------------------------------------------
 def run_bench(spec, settings: BenchSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Benchmark ``spec`` (a :class:`~llmopt.model_spec.ModelSpec`) on every backend of
+    """Benchmark ``spec`` (a :class:`~llmopt.tools.model_spec.ModelSpec`) on every backend of
     ``settings``; returns the JSON-ready result dictionary (schema ``llmopt.bench/1``)."""
     say = progress or (lambda msg: None)
     device = spec.device
@@ -177,7 +180,7 @@ def _compile(model: torch.nn.Module, backend: str, settings: BenchSettings):
 def _bench_backend(spec, backend: str, label: str, settings: BenchSettings, say) -> BackendResult:
     compat.reset_dynamo()
     result = BackendResult(backend, label)
-    from .report import reports
+    from ..report import reports
 
     first_report = reports()[-1].graph_index if reports() else -1
     model = _compile(spec.model, backend, settings)
@@ -230,8 +233,8 @@ def _runner(spec, model, backend: str, settings: BenchSettings, result: BackendR
     sync = _synchronizer(spec.device)
     if spec.is_causal_lm:
         try:
-            from .runtime import generate
-            from .runtime.static_cache import StaticKVCache
+            from ..runtime import generate
+            from ..runtime.static_cache import StaticKVCache
         except ImportError as exc:
             result.notes.append(f"llmopt.runtime is not available ({exc}): timing forward passes only")
         else:
@@ -278,7 +281,7 @@ def _runner(spec, model, backend: str, settings: BenchSettings, result: BackendR
 
 
 def _llmopt_summary(first_report: int, settings: BenchSettings, result: BackendResult) -> dict[str, Any]:
-    from .report import reports
+    from ..report import reports
 
     rs = [r for r in reports() if r.graph_index > first_report]
     summary = {
@@ -343,103 +346,6 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-class PeakMemory:
-    """Peak memory over a ``with`` block; ``result() -> (peak_mb, delta_mb, method)`` (module doc)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._sampler: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._peak_rss = 0
-        self.method = ""
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.method = "torch.cuda.max_memory_allocated"
-            return self
-        self._base = _proc_status_kb("VmRSS")
-        if self._base is not None and _reset_peak_rss():
-            self.method = "peak RSS (Linux VmHWM, reset via /proc/self/clear_refs)"
-        elif self._base is not None:
-            self.method = "peak RSS (VmRSS sampled every 5 ms)"
-            self._peak_rss = self._base
-            self._sampler = threading.Thread(target=self._sample, daemon=True)
-            self._sampler.start()
-        else:
-            import resource
-
-            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.method = "process lifetime peak RSS (getrusage; not reset per backend)"
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            rss = _proc_status_kb("VmRSS") or 0
-            self._peak_rss = max(self._peak_rss, rss)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._peak = torch.cuda.max_memory_allocated(self.device)
-            return
-        if self._sampler is not None:
-            self._stop.set()
-            self._sampler.join()
-            self._peak = self._peak_rss * 1024
-            self._base *= 1024
-        elif self.method.startswith("peak RSS (Linux"):
-            self._peak = (_proc_status_kb("VmHWM") or 0) * 1024
-            self._base *= 1024
-        else:
-            import resource
-
-            self._peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            self._base *= 1024
-
-    def result(self) -> tuple[float, float, str]:
-        return self._peak / 2**20, (self._peak - self._base) / 2**20, self.method
-
-
-def _proc_status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # 5 = reset the peak RSS (VmHWM) to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
-    """Device-to-device copy bandwidth: (read + write) bytes / median time (CUDA events)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    del src, dst
-    return 2 * nbytes / statistics.median(times) / 1e9
-
-
 def bytes_per_decode_step(spec, settings: BenchSettings, quantize: str | None = None) -> int:
     """Bytes a decode step must read: weights once + the K/V cache at the mean context."""
     model = spec.model
@@ -475,7 +381,7 @@ def _quantized_linears(model, quantize: str | None) -> set[str]:
     if not quantize:
         return set()
     try:
-        from .quant import parse_quantize, select_linears
+        from ..quant import parse_quantize, select_linears
     except ImportError:
         return set()
     try:
@@ -636,6 +542,6 @@ def validate(data: dict[str, Any]) -> list[str]:
     return problems
 
 
-__all__ = ["BACKENDS", "SCHEMA", "is_llmopt_backend", "BenchSettings", "BackendResult", "PeakMemory", "run_bench", "format_table",
-           "write_json", "plot", "validate", "copy_bandwidth_gbs", "bytes_per_decode_step", "device_info",
+__all__ = ["BACKENDS", "SCHEMA", "is_llmopt_backend", "BenchSettings", "BackendResult", "run_bench", "format_table",
+           "write_json", "plot", "validate", "bytes_per_decode_step", "device_info",
            "device_slug"]

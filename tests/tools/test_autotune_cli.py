@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from llmopt import autotune_cli
+from llmopt.tools import autotune_cli
 from llmopt.codegen.tuning_table import TuningEntry, TuningTable, set_active_table
-from llmopt.model_spec import resolve
+from llmopt.tools.model_spec import resolve
 
 GPU = "NVIDIA Test GPU"
 

@@ -1,4 +1,4 @@
-"""A self-contained HTML page for an :class:`~llmopt.inspection.Explanation` (``llmopt inspect --html``).
+"""A self-contained HTML page for an :class:`~llmopt.tools.explain.ExplanationData` (``llmopt inspect --html``).
 
 One file, no scripts, no network: inline CSS and inline SVG, so it opens from disk, from a
 CI artifact or an e-mail. Sections: a summary (graphs, graph breaks with reasons,
@@ -24,14 +24,14 @@ import subprocess
 import time
 from typing import Any
 
-from .inspection import Explanation, GraphExplanation, block_of, compress_ops, short_op
+from .explain import ExplanationData, GraphExplanation, clip, compress_ops, is_linear_op, short_op, view_op_names
 
 # Box geometry of the Python layout (px).
 BOX_W, BOX_H, GAP_X, GAP_Y, MARGIN = 176, 34, 22, 30, 16
 
 
 # -- the page --------------------------------------------------------------------------------
-def render_html(e: Explanation, layout: str = "auto") -> str:
+def render_html(e: ExplanationData, layout: str = "auto") -> str:
     """The page as a string. ``layout``: ``"auto"`` (Graphviz if installed), ``"graphviz"``,
     ``"python"``."""
     if layout not in ("auto", "graphviz", "python"):
@@ -64,7 +64,7 @@ def render_html(e: Explanation, layout: str = "auto") -> str:
     return "\n".join(p for p in parts if p)
 
 
-def _model_line(e: Explanation) -> str:
+def _model_line(e: ExplanationData) -> str:
     m = e.model
     bits = [m.get("class", "")]
     if m.get("parameters") is not None:
@@ -77,7 +77,7 @@ def _model_line(e: Explanation) -> str:
     return " · ".join(b for b in bits if b)
 
 
-def _toc(e: Explanation) -> str:
+def _toc(e: ExplanationData) -> str:
     items = ['<a href="#summary">Summary</a>', '<a href="#passes">Rewrites per pass</a>']
     for g in e.graphs:
         i = g.report.graph_index
@@ -103,7 +103,7 @@ def _cards(t: dict[str, Any]) -> str:
     ) + "</div>"
 
 
-def _graph_breaks(e: Explanation) -> str:
+def _graph_breaks(e: ExplanationData) -> str:
     if e.dynamo_graph_count is None and not e.graph_breaks:
         return "<h3>Graph breaks</h3><p>Not analysed.</p>"
     if not e.graph_breaks:
@@ -120,25 +120,25 @@ def _reason_html(reason: str) -> str:
     return head
 
 
-def _recompiles(e: Explanation) -> str:
+def _recompiles(e: ExplanationData) -> str:
     if not e.recompiles:
         return "<h3>Recompiles</h3><p class=good-text>None.</p>"
     items = "".join(f"<li><pre>{_e(r)}</pre></li>" for r in e.recompiles)
     return f"<h3>Recompiles</h3><ol>{items}</ol>"
 
 
-def _options(e: Explanation) -> str:
+def _options(e: ExplanationData) -> str:
     rows = [[k, repr(v)] for k, v in sorted(e.options.items())]
     return "<details><summary>Options</summary>" + _table(["option", "value"], rows) + "</details>"
 
 
-def _notes(e: Explanation) -> str:
+def _notes(e: ExplanationData) -> str:
     if not e.notes:
         return ""
     return "<h3>Notes</h3><ul>" + "".join(f"<li>{_e(n)}</li>" for n in e.notes) + "</ul>"
 
 
-def _rewrites_by_pass(e: Explanation) -> str:
+def _rewrites_by_pass(e: ExplanationData) -> str:
     status: dict[str, list[str]] = {}
     near: dict[str, int] = {}
     for r in e.reports:
@@ -255,7 +255,7 @@ def _graphs(g: GraphExplanation, layout: str) -> str:
 def graph_svg(g: Any, layout: str = "auto", title: str = "graph", report: Any = None, which: str = "after"):
     """``(svg_text, how)`` for a networkx view: Graphviz if available/asked, else the Python layout."""
     if layout in ("auto", "graphviz") and shutil.which("dot"):
-        from .graph import to_dot
+        from ..graph import to_dot
 
         try:
             dot = report.to_dot(which) if report is not None else to_dot(g, title=title)
@@ -380,8 +380,8 @@ def layered_svg(g: Any, title: str = "graph") -> str:
         out.append(
             f'<g class="n {_node_class(kind, op)}" transform="translate({px:.0f},{py:.0f})"><title>{_e(tip)}</title>'
             f'<rect width="{BOX_W}" height="{BOX_H}" rx="5"/>'
-            f'<text x="{BOX_W / 2:.0f}" y="14" class="op">{_e(_clip(label, 26))}</text>'
-            f'<text x="{BOX_W / 2:.0f}" y="27" class="sh">{_e(_clip(sub, 30))}</text></g>'
+            f'<text x="{BOX_W / 2:.0f}" y="14" class="op">{_e(clip(label, 26))}</text>'
+            f'<text x="{BOX_W / 2:.0f}" y="27" class="sh">{_e(clip(sub, 30))}</text></g>'
         )
     out.append("</g></svg>")
     return "".join(out)
@@ -392,11 +392,9 @@ def _node_class(kind: str, op: str) -> str:
         return {"placeholder": "k-in", "get_attr": "k-w", "output": "k-out"}[kind]
     if op.startswith("llmopt."):
         return "k-llm"
-    from .inspection import _is_linear, _view_op_names
-
-    if op in _view_op_names():
+    if op in view_op_names():
         return "k-view"
-    if _is_linear(op):
+    if is_linear_op(op):
         return "k-lin"
     if "attention" in op or "softmax" in op:
         return "k-attn"
@@ -406,10 +404,6 @@ def _node_class(kind: str, op: str) -> str:
 # -- small HTML helpers ----------------------------------------------------------------------
 def _e(s: Any) -> str:
     return html.escape(str(s), quote=True)
-
-
-def _clip(s: str, n: int) -> str:
-    return s if len(s) <= n else s[: n - 1] + "…"
 
 
 def _table(headers: list[str], rows: list[list[Any]], raw_cols: set[int] = frozenset(), cls: str = "",

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmopt import bench
-from llmopt.bench import BenchSettings, PeakMemory, bytes_per_decode_step, format_table, run_bench, validate
-from llmopt.model_spec import resolve
+from llmopt.tools import bench
+from llmopt.tools.bench import BenchSettings, bytes_per_decode_step, format_table, run_bench, validate
+from llmopt.tools.peak_memory import PeakMemory
+from llmopt.tools.model_spec import resolve
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
