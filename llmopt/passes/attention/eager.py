@@ -16,6 +16,7 @@ leave the attention alone, with a near-miss). K/V repeats are looked through by
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,45 +63,15 @@ def match_eager(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) ->
     if k_full is None:
         return "key operand of the score matmul is not a transposed [B, H, S, D] tensor"
 
-    # Forwards: softmax → (cast) → reshape → bmm(p, v) → reshape to [B, H, Sq, Dv].
+    # Every intermediate from the score matmul to the softmax is the attention's alone.
     for n in chain + [root, bmm1, softmax]:
         if len(n.users) != 1:
             user = next(u for u in n.users)
             return f"attention intermediate {n.name} has {len(n.users)} users (e.g. {user.name}); left alone"
-    p = softmax
-    p = single_user(p, lambda u: is_cast(u, floating=True)) or p
-    if len(p.users) != 1:
-        return f"attention probabilities {p.name} have {len(p.users)} users (e.g. returned as attention weights); left alone"
-    p3 = p
-    while True:
-        nxt = single_user(p3, lambda u: u.target in RESHAPE_OPS or u.target == aten.clone.default)
-        if nxt is None:
-            break
-        p3 = nxt
-    if len(p3.users) != 1:
-        # e.g. a clone of the probabilities that the module also returns (output_attentions)
-        return f"attention probabilities {p3.name} have {len(p3.users)} users (e.g. returned as attention weights); left alone"
-    bmm2 = single_user(p3, lambda u: u.target == aten.bmm.default and u.args[0] is p3)
-    if bmm2 is None:
-        return "softmax output does not feed a matmul with V"
-    v3 = bmm2.args[1]
-    v3v = tensor_meta(v3)
-    dv = v3v.shape[-1]
-    v = source_4d(v3, (b, h, skv, dv))
-    if v is None:
-        return "value operand of the output matmul is not a [B, H, S, D] tensor reshaped for bmm"
-    out = bmm2
-    while True:
-        nxt = single_user(out, lambda u: u.target in RESHAPE_OPS)
-        if nxt is None:
-            return "output of the attention matmul is not reshaped back to [B, H, S, D]"
-        out = nxt
-        ov = tensor_meta(out)
-        if ov is not None and ov.dim() == 4:
-            break
-    if not same_shape(tensor_meta(out), (b, h, sq, dv)):
-        return "output of the attention matmul is not [B, H, Sq, D]"
-
+    found = _probabilities_times_v(softmax, (b, h, sq, skv))
+    if isinstance(found, str):
+        return found
+    v, out = found
     pair = unrepeat_pair(k_full, strip_clones(v))
     if isinstance(pair, str):
         return pair
@@ -117,88 +88,171 @@ def match_eager(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) ->
     return Lowering("eager attention", q, k_base, v_base, scale, plan, out, softcap=softcap, repeats_removed=removed)
 
 
+def _probabilities_times_v(softmax: fx.Node, scores_shape: tuple) -> tuple[fx.Node, fx.Node] | str:
+    """``(v, out)`` for the product of the probabilities with V, or a near-miss reason::
+
+        p = softmax(s, -1).to(q.dtype)        # the cast is optional
+        out = p @ v                           # ATen: view/clone + bmm + view to [B, H, Sq, Dv]
+    """
+    b, h, sq, skv = scores_shape
+    p = single_user(softmax, lambda u: is_cast(u, floating=True)) or softmax
+    if len(p.users) != 1:
+        return f"attention probabilities {p.name} have {len(p.users)} users (e.g. returned as attention weights); left alone"
+    p3 = p
+    while True:
+        nxt = single_user(p3, lambda u: u.target in RESHAPE_OPS or u.target == aten.clone.default)
+        if nxt is None:
+            break
+        p3 = nxt
+    if len(p3.users) != 1:
+        # e.g. a clone of the probabilities that the module also returns (output_attentions)
+        return f"attention probabilities {p3.name} have {len(p3.users)} users (e.g. returned as attention weights); left alone"
+    bmm2 = single_user(p3, lambda u: u.target == aten.bmm.default and u.args[0] is p3)
+    if bmm2 is None:
+        return "softmax output does not feed a matmul with V"
+    v3 = bmm2.args[1]
+    dv = tensor_meta(v3).shape[-1]
+    v = source_4d(v3, (b, h, skv, dv))
+    if v is None:
+        return "value operand of the output matmul is not a [B, H, S, D] tensor reshaped for bmm"
+    out = bmm2
+    while True:
+        nxt = single_user(out, lambda u: u.target in RESHAPE_OPS)
+        if nxt is None:
+            return "output of the attention matmul is not reshaped back to [B, H, S, D]"
+        out = nxt
+        ov = tensor_meta(out)
+        if ov is not None and ov.dim() == 4:
+            break
+    if not same_shape(tensor_meta(out), (b, h, sq, dv)):
+        return "output of the attention matmul is not [B, H, Sq, D]"
+    return v, out
+
+
+@dataclass
+class _Scores:
+    """What the walk back from the softmax has read so far."""
+
+    sv: Any  # the softmax's fake value: the scores' shape
+    chain: list = field(default_factory=list)  # the nodes walked through (single-user checked)
+    masks: list = field(default_factory=list)  # ("add", mask) / ("where", cond, fill), last applied first
+    scale: float = 1.0
+    softcap: float = 0.0
+    stage: int = 0  # 0: mask terms allowed; 1: soft-capping seen; 2: scaling seen
+    reach: dict = field(default_factory=dict)  # memo of _reaches_scores
+
+
 def _walk_scores(node: fx.Node, sv) -> tuple | str | None:
     """From the softmax input back to ``view(bmm(q, k^T))``: collects scale, softcap and the
-    mask terms (in the order they are applied). None when no score matmul is reached."""
-    chain: list[fx.Node] = []
-    masks: list[tuple] = []
-    scale, softcap = 1.0, 0.0
-    stage = 0  # 0: mask terms allowed; 1: soft-capping seen; 2: scaling seen
-    reach: dict = {}
+    mask terms (in the order they are applied). None when no score matmul is reached.
+
+    Each op on the way is read by the step for its spelling (``_STEPS``): a step returns
+    the node the scores came from, None when this is not attention, or a near-miss reason.
+    """
+    w = _Scores(sv)
     for _ in range(32):
         if _is_scores_root(node, sv):
-            masks.reverse()
-            return node, scale, softcap, masks, chain
+            w.masks.reverse()
+            return node, w.scale, w.softcap, w.masks, w.chain
         if not isinstance(node, fx.Node) or node.op != "call_function":
             return None
-        chain.append(node)
-        t = node.target
-        if is_cast(node, floating=True):
-            node = node.args[0]
-            continue
-        if t == aten.add.Tensor:
-            a, b = node.args[:2]
-            if node.kwargs.get("alpha", 1) != 1:
-                return None
-            side, other = _scores_side(a, b, sv, reach)
-            if side is None:
-                return None
-            if stage:
-                return "a mask is added before the scaling or soft-capping of the scores"
-            masks.append(("add", other))
-            node = side
-            continue
-        if t == aten.where.self:
-            cond, a, b = node.args[:3]
-            side, other = _scores_side(a, b, sv, reach)
-            if side is None:
-                return None
-            fill = scalar_value(other)
-            if fill is None:
-                return "where() fills masked scores with a tensor, not a scalar"
-            if stage:
-                return "a mask is applied before the scaling or soft-capping of the scores"
-            masks.append(("where", ("node", cond) if side is a else ("not", cond), fill))
-            node = side
-            continue
-        if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-            s, m, value = node.args[:3]
-            fill = scalar_value(value)
-            if fill is None or not _reaches_scores(s, sv, reach):
-                return None
-            if stage:
-                return "a mask is applied before the scaling or soft-capping of the scores"
-            masks.append(("where", ("not", m), fill))
-            node = s
-            continue
-        if t in (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar):
-            a, b = node.args[:2]
-            if t in (aten.div.Tensor, aten.div.Scalar):
-                side, c = a, scalar_value(b)
-                if not _reaches_scores(a, sv, reach):
-                    return None
-            else:
-                side, other = _scores_side(a, b, sv, reach)
-                if side is None:
-                    return None
-                c = scalar_value(other)
-            if c is None:
-                return "scores are scaled by a tensor, not a constant"
-            capped = _softcap_input(side, c, t) if t in (aten.mul.Tensor, aten.mul.Scalar) else None
-            if capped is not None:
-                if stage:
-                    return "soft-capping after scaling twice or in an unexpected order"
-                chain.extend([side, side.args[0]])
-                softcap, stage, node = float(c), 1, capped
-                continue
-            scale = scale * c if t in (aten.mul.Tensor, aten.mul.Scalar) else scale / c
-            stage, node = 2, side
-            continue
-        return None
+        step = _STEPS.get(node.target)
+        if step is None:
+            return None
+        w.chain.append(node)
+        node = step(node, w)
+        if node is None or isinstance(node, str):
+            return node
     return None
 
 
-def _softcap_input(node: fx.Node, c: float, _t) -> fx.Node | None:
+def _cast_step(node: fx.Node, w: _Scores):
+    """``s = s.float()`` / ``s.to(dtype)``: a floating cast (softmax computed in fp32)."""
+    return node.args[0] if is_cast(node, floating=True) else None
+
+
+def _add_mask_step(node: fx.Node, w: _Scores):
+    """``s = s + mask`` (an additive mask; either operand order)."""
+    a, b = node.args[:2]
+    if node.kwargs.get("alpha", 1) != 1:
+        return None
+    side, other = _scores_side(a, b, w.sv, w.reach)
+    if side is None:
+        return None
+    if w.stage:
+        return "a mask is added before the scaling or soft-capping of the scores"
+    w.masks.append(("add", other))
+    return side
+
+
+def _where_step(node: fx.Node, w: _Scores):
+    """``s = torch.where(cond, s, fill)`` (or ``where(cond, fill, s)``: attend where not cond)."""
+    cond, a, b = node.args[:3]
+    side, other = _scores_side(a, b, w.sv, w.reach)
+    if side is None:
+        return None
+    fill = scalar_value(other)
+    if fill is None:
+        return "where() fills masked scores with a tensor, not a scalar"
+    if w.stage:
+        return "a mask is applied before the scaling or soft-capping of the scores"
+    w.masks.append(("where", ("node", cond) if side is a else ("not", cond), fill))
+    return side
+
+
+def _masked_fill_step(node: fx.Node, w: _Scores):
+    """``s = s.masked_fill(masked, fill)``: attend where not ``masked``."""
+    s, m, value = node.args[:3]
+    fill = scalar_value(value)
+    if fill is None or not _reaches_scores(s, w.sv, w.reach):
+        return None
+    if w.stage:
+        return "a mask is applied before the scaling or soft-capping of the scores"
+    w.masks.append(("where", ("not", m), fill))
+    return s
+
+
+def _scale_step(node: fx.Node, w: _Scores):
+    """``s = s * scale`` / ``s = s / sqrt(d)`` by constants, or the outer product of
+    soft-capping, ``s = softcap * tanh(s / softcap)`` (Gemma 2)."""
+    t = node.target
+    a, b = node.args[:2]
+    if t in _DIVS:
+        side, c = a, scalar_value(b)
+        if not _reaches_scores(a, w.sv, w.reach):
+            return None
+    else:
+        side, other = _scores_side(a, b, w.sv, w.reach)
+        if side is None:
+            return None
+        c = scalar_value(other)
+    if c is None:
+        return "scores are scaled by a tensor, not a constant"
+    capped = _softcap_input(side, c) if t in _MULS else None
+    if capped is not None:
+        if w.stage:
+            return "soft-capping after scaling twice or in an unexpected order"
+        w.chain.extend([side, side.args[0]])
+        w.softcap, w.stage = float(c), 1
+        return capped
+    w.scale = w.scale * c if t in _MULS else w.scale / c
+    w.stage = 2
+    return side
+
+
+_MULS = (aten.mul.Tensor, aten.mul.Scalar)
+_DIVS = (aten.div.Tensor, aten.div.Scalar)
+_STEPS = {
+    aten._to_copy.default: _cast_step,
+    aten.add.Tensor: _add_mask_step,
+    aten.where.self: _where_step,
+    aten.masked_fill.Scalar: _masked_fill_step,
+    aten.masked_fill.Tensor: _masked_fill_step,
+    **dict.fromkeys(_MULS + _DIVS, _scale_step),
+}
+
+
+def _softcap_input(node: fx.Node, c: float) -> fx.Node | None:
     """``x`` when ``node`` is ``tanh(x / c)`` (Gemma 2's soft-capping is ``c * tanh(s / c)``)."""
     if not isinstance(node, fx.Node) or node.target != aten.tanh.default:
         return None
