@@ -307,7 +307,7 @@ def _compatible(a: Rotation, b: Rotation) -> bool:
     seq = 2 if a.layout == "bhsd" else 1
     return (
         av.dtype == bv.dtype and av.device == bv.device
-        and statically_equal(av.shape[0], bv.shape[0]) and statically_equal(av.shape[seq], bv.shape[seq]) and statically_equal(av.shape[3], bv.shape[3])
+        and all(statically_equal(av.shape[d], bv.shape[d]) for d in (0, seq, 3))
     )
 
 
@@ -330,7 +330,10 @@ def fuse(gm: fx.GraphModule, q: Rotation, k: Rotation, derived: dict) -> str | N
         cos, sin = q.cos, q.sin
     with g.inserting_before(anchor.next):
         cos3, sin3 = _as_3d(g, cos, q.layout), _as_3d(g, sin, q.layout)
-        q_in, k_in = (q.x, k.x) if q.layout == "bhsd" else (call_with_meta(g, aten.transpose.int, (q.x, 1, 2)), call_with_meta(g, aten.transpose.int, (k.x, 1, 2)))
+        if q.layout == "bhsd":
+            q_in, k_in = q.x, k.x
+        else:
+            q_in, k_in = (call_with_meta(g, aten.transpose.int, (r.x, 1, 2)) for r in (q, k))
         rope = call_with_meta(g, torch.ops.llmopt.rope.default, (q_in, k_in, cos3, sin3, q.rotary_dim, q.interleaved))
         rope.meta.update({key: v for key, v in q.out.meta.items() if key != "val"})
         outs = []

@@ -188,10 +188,9 @@ def _add_mask_step(node: fx.Node, w: _Scores):
 def _where_step(node: fx.Node, w: _Scores):
     """``s = torch.where(cond, s, fill)`` (or ``where(cond, fill, s)``: attend where not cond)."""
     cond, a, b = node.args[:3]
-    side, other = _scores_side(a, b, w.sv, w.reach)
+    side, fill = _scores_and_scalar(a, b, w)
     if side is None:
         return None
-    fill = scalar_value(other)
     if fill is None:
         return "where() fills masked scores with a tensor, not a scalar"
     if w.stage:
@@ -222,10 +221,9 @@ def _scale_step(node: fx.Node, w: _Scores):
         if not _reaches_scores(a, w.sv, w.reach):
             return None
     else:
-        side, other = _scores_side(a, b, w.sv, w.reach)
+        side, c = _scores_and_scalar(a, b, w)
         if side is None:
             return None
-        c = scalar_value(other)
     if c is None:
         return "scores are scaled by a tensor, not a constant"
     capped = _softcap_input(side, c) if t in _MULS else None
@@ -238,6 +236,13 @@ def _scale_step(node: fx.Node, w: _Scores):
     w.scale = w.scale * c if t in _MULS else w.scale / c
     w.stage = 2
     return side
+
+
+def _scores_and_scalar(a: Any, b: Any, w: _Scores) -> tuple[Any, float | None]:
+    """(the operand the scores come from, the other one's scalar value or None), or
+    (None, None) when not exactly one operand comes from the scores."""
+    side, other = _scores_side(a, b, w.sv, w.reach)
+    return (None, None) if side is None else (side, scalar_value(other))
 
 
 _MULS = (aten.mul.Tensor, aten.mul.Scalar)

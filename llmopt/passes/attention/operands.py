@@ -89,7 +89,8 @@ def _unrepeat(node) -> tuple[fx.Node, int]:
     node = strip_clones(node)
     if node.target == aten.expand.default:
         base, v, bv = node.args[0], tensor_meta(node), tensor_meta(node.args[0])
-        if bv.dim() == 4 and statically_equal(bv.shape[1], 1) and all(statically_equal(a, c) for i, (a, c) in enumerate(zip(bv.shape, v.shape)) if i != 1):
+        others_kept = all(statically_equal(a, c) for i, (a, c) in enumerate(zip(bv.shape, v.shape)) if i != 1)
+        if bv.dim() == 4 and statically_equal(bv.shape[1], 1) and others_kept:
             return base, v.shape[1]
         return node, 1
     if node.target not in RESHAPE_OPS:
