@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .kernel_mode import on_tensor_device
-from .quant_launch import allocate_output, launch_weight_only, load_tile, register_kernels, store_row, store_tile
+from .quant_launch import allocate_output, implementation, launch_weight_only, load_tile, store_row, store_tile
 from .quant_packing import check_activations, check_bias, check_int4_weight, dequantize_int4, has_aten
 
 OP = "int4_weight_only_linear"
@@ -186,14 +186,10 @@ def int4_weight_only_linear(
     x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     group_size: int, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = x @ ((q - zeros) * scales)^T + bias`` with int4 codes packed two per byte. This
-    body (the reference) serves devices without a kernel of their own; CUDA and CPU
-    kernels are registered below (``quant_launch.register_kernels``)."""
-    return int4_weight_only_linear_ref(x, w_packed, scales, zeros, group_size, bias)
-
-
-register_kernels(int4_weight_only_linear, triton_impl=int4_weight_only_linear_triton,
-                 reference=int4_weight_only_linear_ref)
+    """``y = x @ ((q - zeros) * scales)^T + bias`` with int4 codes packed two per byte; the
+    implementation is chosen by ``quant_launch.implementation`` (CPU: the reference)."""
+    run = implementation(x, triton_impl=int4_weight_only_linear_triton, reference=int4_weight_only_linear_ref)
+    return run(x, w_packed, scales, zeros, group_size, bias)
 
 
 @int4_weight_only_linear.register_fake

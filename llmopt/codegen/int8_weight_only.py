@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .int8_weight_only_cpu import int8_gemv_cpu
 from .kernel_mode import on_tensor_device
-from .quant_launch import allocate_output, launch_weight_only, load_tile, register_kernels, store_row, store_tile
+from .quant_launch import allocate_output, implementation, launch_weight_only, load_tile, store_row, store_tile
 from .quant_packing import aligned, check_int8_weight, dequantize_int8, int8pack_cpu_supported
 
 OP = "int8_weight_only_linear"
@@ -162,14 +162,11 @@ def int8_weight_only_linear_triton(x, w_int8, scales, bias=None, out=None, *, co
 def int8_weight_only_linear(
     x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``y = x @ (w_int8 * scales[:, None])^T + bias`` (x: [..., K], w_int8: int8 [N, K]).
-    This body (the reference) serves devices without a kernel of their own; CUDA and CPU
-    kernels are registered below (``quant_launch.register_kernels``)."""
-    return int8_weight_only_linear_ref(x, w_int8, scales, bias)
-
-
-register_kernels(int8_weight_only_linear, triton_impl=int8_weight_only_linear_triton,
-                 reference=int8_weight_only_linear_ref, cpu=int8_weight_only_linear_cpu)
+    """``y = x @ (w_int8 * scales[:, None])^T + bias`` (x: [..., K], w_int8: int8 [N, K]);
+    the implementation is chosen by ``quant_launch.implementation``."""
+    run = implementation(x, triton_impl=int8_weight_only_linear_triton, reference=int8_weight_only_linear_ref,
+                         cpu=int8_weight_only_linear_cpu)
+    return run(x, w_int8, scales, bias)
 
 
 @int8_weight_only_linear.register_fake

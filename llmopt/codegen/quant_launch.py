@@ -1,7 +1,7 @@
 """What the three quantized-linear kernel families share: the autotune config space and its
 pruning, the launch (autotuned on CUDA, one fixed config in the interpreter), the tile
 load / epilogue ``@triton.jit`` blocks, and the one dispatch point that decides which
-implementation of an op runs.
+implementation of an op runs (:func:`implementation`).
 
 Families: ``int8_weight_only``, ``int4_weight_only``, ``w8a8`` (one module each). Each
 picks a GEMV for ``M <= GEMV_MAX_M`` (one program per row and ``BLOCK_N`` outputs, the
@@ -10,7 +10,7 @@ decode case) and a flat GEMM above (``BLOCK_M x BLOCK_N`` tiles, ``tl.dot``; sma
 ``BLOCK_M`` for decode batches, larger for prefill through autotuning), following
 FlashDecoding++ (Hong et al. 2023, arXiv:2311.01282) for the GEMV / flat-GEMM split.
 
-Dispatch (:func:`register_kernels`), per call, from the tensors' device and
+Dispatch (:func:`implementation`), per call, from the tensors' device and
 ``LLMOPT_KERNELS`` (see ``kernel_mode``):
 
 * CUDA: the Triton kernel; the reference under ``LLMOPT_KERNELS=reference``.
@@ -18,7 +18,15 @@ Dispatch (:func:`register_kernels`), per call, from the tensors' device and
   GEMV, or the reference); the reference under ``reference``; the Triton kernel in the
   interpreter under ``LLMOPT_KERNELS=triton`` with ``TRITON_INTERPRET=1`` (how the kernel
   tests run on CPU, through the registered op, ``opcheck`` and ``torch.compile``).
-* any other device: the op's body, the reference.
+* any other device: the reference.
+
+Why one dispatch function called from each op's body, and not
+``torch.library.register_kernel(op, "cpu")``: the aten executor calls an op's Python
+implementation directly (``compat.custom_op_python_impl``, which saves the dispatcher's
+~60 us per call on CPU), and torch (2.13) wraps a registered kernel in a closure,
+``torch._library.custom_ops.wrapped_fn``, that an FX graph cannot name: a compiled graph
+calling it fails. The op body stays the one entry point, and this module the one place
+where the choice is made.
 """
 from __future__ import annotations
 
@@ -214,20 +222,12 @@ def allocate_output(op: str, x: torch.Tensor, k: int, n: int, out):
     return x2, m, y, y.view(m, n)
 
 
-def register_kernels(op, *, triton_impl, reference, cpu=None) -> None:
-    """Register the CUDA and CPU kernels of quantized-linear ``op`` (a ``custom_op`` whose
-    body is the reference): the one place that decides which implementation runs (module
-    docstring). The implementations take the op's arguments; ``cpu`` defaults to the
-    reference."""
-    cpu = reference if cpu is None else cpu
-
-    def on_cuda(x, *args, **kwargs):
-        return (triton_impl if use_triton(x) else reference)(x, *args, **kwargs)
-
-    def on_cpu(x, *args, **kwargs):
-        if use_triton(x):  # LLMOPT_KERNELS=triton: the kernel in Triton's interpreter
-            return triton_impl(x, *args, **kwargs)
-        return (reference if kernel_mode() == "reference" else cpu)(x, *args, **kwargs)
-
-    op.register_kernel("cuda")(on_cuda)
-    op.register_kernel("cpu")(on_cpu)
+def implementation(x: torch.Tensor, *, triton_impl, reference, cpu=None):
+    """Which implementation of a quantized-linear op runs a call on activations ``x``: the
+    one dispatch point of the three families (module docstring). ``cpu``: the op's CPU
+    implementation (default: the reference)."""
+    if use_triton(x):  # CUDA, or LLMOPT_KERNELS=triton: the kernel (in the interpreter on CPU)
+        return triton_impl
+    if cpu is not None and x.device.type == "cpu" and kernel_mode() == "auto":
+        return cpu
+    return reference

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .kernel_mode import on_tensor_device
 from .quant_launch import (
-    allocate_output, grid_gemm, launch, load_tile, m_bucket, next_pow2, register_kernels, store_tile,
+    allocate_output, grid_gemm, implementation, launch, load_tile, m_bucket, next_pow2, store_tile,
 )
 from .quant_packing import check_int8_weight, has_aten
 
@@ -172,13 +172,10 @@ def w8a8_linear_triton(x, w_int8, w_scales, bias=None, out=None, *, config=None)
 def w8a8_linear(
     x: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """SmoothQuant W8A8 linear: per-token dynamic int8 activations, int8 weights, int32 GEMM.
-    This body (the reference) serves devices without a kernel of their own; CUDA and CPU
-    kernels are registered below (``quant_launch.register_kernels``)."""
-    return w8a8_linear_ref(x, w_int8, w_scales, bias)
-
-
-register_kernels(w8a8_linear, triton_impl=w8a8_linear_triton, reference=w8a8_linear_ref, cpu=w8a8_linear_cpu)
+    """SmoothQuant W8A8 linear: per-token dynamic int8 activations, int8 weights, int32 GEMM;
+    the implementation is chosen by ``quant_launch.implementation``."""
+    run = implementation(x, triton_impl=w8a8_linear_triton, reference=w8a8_linear_ref, cpu=w8a8_linear_cpu)
+    return run(x, w_int8, w_scales, bias)
 
 
 @w8a8_linear.register_fake

@@ -1,6 +1,6 @@
 """The generated CPU int8 GEMV (llmopt/codegen/int8_weight_only_cpu.py) vs an fp64 truth, and
 how ``int8_weight_only_linear`` routes CPU calls to it, to aten's int8 kernel, to the
-reference or to the Triton interpreter (``quant_launch.register_kernels``).
+reference or to the Triton interpreter (``quant_launch.implementation``).
 
 The truth is the reference run in fp64 on the same codes, scales and activations. Each
 new (M, N, K, dtype, bias) signature compiles one Inductor kernel (~0.3-1 s), hence the
