@@ -27,7 +27,9 @@ import triton
 import triton.language as tl
 
 from .kernel_mode import on_tensor_device
-from .quant_launch import allocate_output, implementation, launch_weight_only, load_tile, store_row, store_tile
+from .quant_launch import (
+    allocate_output, gemm_tile, implementation, launch_weight_only, load_tile, store_row, store_tile,
+)
 from .quant_packing import check_activations, check_bias, check_int4_weight, dequantize_int4, has_aten
 
 OP = "int4_weight_only_linear"
@@ -91,12 +93,7 @@ def _int4_wo_gemm_kernel(
     GROUP_SIZE: tl.constexpr, M_BUCKET: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     half_k = tl.multiple_of(K // 2, 16)  # K % GROUP_SIZE == 0 and GROUP_SIZE % 32 == 0: 16-byte rows
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):

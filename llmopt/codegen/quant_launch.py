@@ -186,6 +186,15 @@ def grid_gemm(n: int, m: int):
 # Shared @triton.jit blocks: every load masked, the epilogue in fp32
 # ----------------------------------------------------------------------------------------
 @triton.jit
+def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's ``[BLOCK_M, BLOCK_N]`` output tile on the ``grid_gemm`` grid:
+    ``(offs_m, offs_n, mask_m, mask_n)``."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
 def load_tile(ptr, offs_r, offs_c, mask_r, mask_c, stride_r, stride_c, other):
     """The ``[rows, cols]`` tile at ``ptr + r * stride_r + c * stride_c``; ``other`` outside."""
     return tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .kernel_mode import on_tensor_device
 from .quant_launch import (
-    allocate_output, grid_gemm, implementation, launch, load_tile, m_bucket, next_pow2, store_tile,
+    allocate_output, gemm_tile, grid_gemm, implementation, launch, load_tile, m_bucket, next_pow2, store_tile,
 )
 from .quant_packing import check_int8_weight, has_aten
 
@@ -72,12 +72,7 @@ def _w8a8_gemm_kernel(
     M_BUCKET: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)

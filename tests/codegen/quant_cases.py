@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
+from conftest import assert_close
+
 from llmopt.codegen.quant_packing import pack_int4
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -50,6 +52,15 @@ def int4_weight(n, k, group):
 
 def f64(t):
     return None if t is None else t.to(torch.float64)
+
+
+def assert_compiles_fullgraph(op, x, *rest):
+    """``op(silu(x), *rest) * 2`` under ``torch.compile(fullgraph=True)`` equals eager."""
+    def fn(x):
+        return op(torch.nn.functional.silu(x), *rest) * 2.0
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), fn(x), torch.float32, "compiled")
 
 
 def int8_call(m, n, k, dtype, layout, with_bias):

@@ -7,7 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from codegen.quant_cases import DTYPES, M_VALUES, N_VALUES, activations, f64, int4_weight, layouts
+from codegen.quant_cases import (
+    DTYPES, M_VALUES, N_VALUES, activations, assert_compiles_fullgraph, f64, int4_weight, layouts,
+)
 from conftest import assert_close, poisoned
 
 import llmopt.codegen.int4_weight_only as i4
@@ -77,13 +79,7 @@ def test_opcheck(triton_kernels, m, with_bias):
 
 
 def test_op_compiles_fullgraph(triton_kernels):
-    x, *rest = _call(3, True)
-
-    def fn(x):
-        return torch.ops.llmopt.int4_weight_only_linear(torch.nn.functional.silu(x), *rest) * 2.0
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    assert_close(compiled(x), fn(x), torch.float32, "compiled")
+    assert_compiles_fullgraph(torch.ops.llmopt.int4_weight_only_linear, *_call(3, True))
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given
 
-from codegen.quant_cases import f64, int8_call, int8_case_strategy, int8_weight
+from codegen.quant_cases import assert_compiles_fullgraph, f64, int8_call, int8_case_strategy, int8_weight
 from conftest import assert_close, poisoned
 
 import llmopt.codegen.int8_weight_only as i8
@@ -46,13 +46,8 @@ def test_opcheck(triton_kernels, m, with_bias):
 
 
 def test_op_compiles_fullgraph(triton_kernels):
-    x, w, s, bias = int8_call(3, 24, 64, torch.float32, "contiguous", True)
-
-    def fn(x):
-        return torch.ops.llmopt.int8_weight_only_linear(torch.nn.functional.silu(x), w, s, bias) * 2.0
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    assert_close(compiled(x), fn(x), torch.float32, "compiled")
+    assert_compiles_fullgraph(torch.ops.llmopt.int8_weight_only_linear,
+                              *int8_call(3, 24, 64, torch.float32, "contiguous", True))
 
 
 def test_leading_dims_are_flattened(triton_kernels):

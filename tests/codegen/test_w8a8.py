@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from codegen.quant_cases import DTYPES, int8_call, int8_case_strategy, int8_weight
+from codegen.quant_cases import DTYPES, assert_compiles_fullgraph, int8_call, int8_case_strategy, int8_weight
 from conftest import assert_close, poisoned
 
 import llmopt.codegen.w8a8 as w8a8
@@ -47,13 +47,7 @@ def test_opcheck(triton_kernels):
 
 
 def test_op_compiles_fullgraph(triton_kernels):
-    x, w, s, bias = int8_call(3, 24, 64, torch.float32, "contiguous", True)
-
-    def fn(x):
-        return torch.ops.llmopt.w8a8_linear(torch.nn.functional.silu(x), w, s, bias) * 2.0
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    assert_close(compiled(x), fn(x), torch.float32, "compiled")
+    assert_compiles_fullgraph(torch.ops.llmopt.w8a8_linear, *int8_call(3, 24, 64, torch.float32, "contiguous", True))
 
 
 def test_zero_rows(triton_kernels):
