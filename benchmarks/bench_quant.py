@@ -25,7 +25,7 @@ time on CPU.
   int8 >= 1.8x the bf16 GEMV).
 
 CPU variants: float32 model; ``int8`` computes in float32 through the generated int8 GEMV
-(llmopt/codegen/quant_linear_cpu.py) and quantizes the untied ``lm_head`` too (the int8
+(llmopt/codegen/int8_weight_only_cpu.py) and quantizes the untied ``lm_head`` too (the int8
 default, ``quantize_head``); ``int8-head-float`` keeps it float; ``int8-bf16`` computes in
 bf16 with aten's int8 weight-pack kernel (``compute_dtype="bfloat16"``); int4 computes in
 bf16 (PyTorch's fast int4 CPU kernel is bf16-only), its head float unless ``+head``. On

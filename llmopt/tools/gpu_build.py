@@ -209,7 +209,9 @@ def exercise_quant_linear(models: list[ModelShapes], full_space: bool) -> Iterat
     """int8/int4 weight-only and w8a8 at every preset layer shape (GEMV at M = 1, flat GEMM
     at M = 64; with ``full_space``: every config the autotuner keeps), every row bucket and
     int4 group size at one shape, bias once, the other dtypes at one shape."""
-    from llmopt.codegen import quant_linear as ql
+    from llmopt.codegen.int4_weight_only import int4_weight_only_linear_triton
+    from llmopt.codegen.int8_weight_only import int8_weight_only_linear_triton
+    from llmopt.codegen.w8a8 import w8a8_linear_triton
 
     for dtype, primary in _dtype_axis():
         shapes = _unique_linear_shapes(models) if primary else _unique_linear_shapes(models)[-1:]
@@ -222,17 +224,17 @@ def exercise_quant_linear(models: list[ModelShapes], full_space: bool) -> Iterat
             for m in (1, 64):
                 space = primary and m in (1, 64)
                 x = _cuda(m, k, dtype=dtype)
-                yield Call(lambda x=x, w8=w8, s8=s8: ql.int8_weight_only_linear_triton(x, w8, s8), space)
-                yield Call(lambda x=x, w8=w8, s8=s8: ql.w8a8_linear_triton(x, w8, s8), space)
-                yield Call(lambda x=x, wp=wp, s4=s4, g4=g4: ql.int4_weight_only_linear_triton(x, wp, s4, s4, g4), space)
+                yield Call(lambda x=x, w8=w8, s8=s8: int8_weight_only_linear_triton(x, w8, s8), space)
+                yield Call(lambda x=x, w8=w8, s8=s8: w8a8_linear_triton(x, w8, s8), space)
+                yield Call(lambda x=x, wp=wp, s4=s4, g4=g4: int4_weight_only_linear_triton(x, wp, s4, s4, g4), space)
                 if i == 0 and primary:
                     b = _cuda(n, dtype=dtype)
-                    yield Call(lambda x=x, w8=w8, s8=s8, b=b: ql.int8_weight_only_linear_triton(x, w8, s8, b))
-                    yield Call(lambda x=x, w8=w8, s8=s8, b=b: ql.w8a8_linear_triton(x, w8, s8, b))
+                    yield Call(lambda x=x, w8=w8, s8=s8, b=b: int8_weight_only_linear_triton(x, w8, s8, b))
+                    yield Call(lambda x=x, w8=w8, s8=s8, b=b: w8a8_linear_triton(x, w8, s8, b))
                     for group in (32, 64, 256):
                         if k % group == 0:
                             s4g = _cuda(n, k // group, dtype=dtype)
-                            yield Call(lambda x=x, wp=wp, s=s4g, g=group, b=b: ql.int4_weight_only_linear_triton(
+                            yield Call(lambda x=x, wp=wp, s=s4g, g=group, b=b: int4_weight_only_linear_triton(
                                 x, wp, s, s, g, b))
 
 

@@ -200,7 +200,9 @@ def check_ops(device: str) -> list[dict[str, Any]]:
     from llmopt.codegen import gated_activation as ga
     from llmopt.codegen import kv_cache
     from llmopt.codegen import linear as lin
-    from llmopt.codegen import quant_linear as ql
+    from llmopt.codegen import int4_weight_only as i4
+    from llmopt.codegen import int8_weight_only as i8
+    from llmopt.codegen.quant_packing import pack_int4
     from llmopt.codegen import residual_norm as rn
     from llmopt.codegen import rope
 
@@ -232,15 +234,15 @@ def check_ops(device: str) -> list[dict[str, Any]]:
     wi8 = torch.randint(-127, 128, (inter, h), generator=g, dtype=torch.int8).to(device)
     s8 = (torch.rand(inter, generator=g) * 0.01 + 1e-3).to(device=device, dtype=dtype)
     record("int8 weight-only", lambda: (torch.ops.llmopt.int8_weight_only_linear(x, wi8, s8, None),
-                                        ql.int8_weight_only_linear_ref(x.float(), wi8, s8.float())))
+                                        i8.int8_weight_only_linear_ref(x.float(), wi8, s8.float())))
     group = 32
     q4 = torch.randint(0, 16, (inter, h), generator=g, dtype=torch.uint8)
-    packed = ql.pack_int4(q4).to(device)
+    packed = pack_int4(q4).to(device)
     s4 = (torch.rand(inter, h // group, generator=g) * 0.01 + 1e-3).to(device=device, dtype=dtype)
     z4 = torch.full((inter, h // group), 8.0).to(device=device, dtype=dtype)
     record("int4 weight-only (group 32)", lambda: (
         torch.ops.llmopt.int4_weight_only_linear(x, packed, s4, z4, group, None),
-        ql.int4_weight_only_linear_ref(x.float(), packed, s4.float(), z4.float(), group)))
+        i4.int4_weight_only_linear_ref(x.float(), packed, s4.float(), z4.float(), group)))
     nw = rnd(h)
     record("rms_norm", lambda: (torch.ops.llmopt.rms_norm(x, nw, 1e-5), rn.rms_norm_ref(x.float(), nw.float(), 1e-5)))
     gate, up = rnd(1, inter), rnd(1, inter)

@@ -17,7 +17,9 @@ import triton.language as tl
 
 from conftest import assert_close, count_allocations, poisoned
 
-import llmopt.codegen.quant_linear as ql
+import llmopt.codegen.int4_weight_only as i4
+from llmopt.codegen.quant_launch import autotune_configs
+from llmopt.codegen.quant_packing import pack_int4
 from llmopt.codegen import tuning_table
 from llmopt.codegen.device_math import apply_activation, tanh
 from llmopt.tools.model_spec import PRESETS
@@ -50,7 +52,7 @@ def test_int4_config_selection_keeps_every_k_tile_inside_one_group(n, k):
             continue
         for m_bucket in (1, 2, 4, 16, 64):
             for name in ("int4_gemv", "int4_gemm"):
-                configs = ql.autotune_configs(name, K=k, M_BUCKET=m_bucket, GROUP_SIZE=group)
+                configs = autotune_configs(name, K=k, M_BUCKET=m_bucket, GROUP_SIZE=group)
                 assert configs, (name, group, m_bucket)
                 assert all(group % c["BLOCK_K"] == 0 for c in configs), (name, group, m_bucket, configs)
 
@@ -63,20 +65,20 @@ def test_int4_gemv_group_32_with_the_cuda_configs_matches_fp64(triton_kernels, m
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     scales = torch.rand(n, k // group) * 0.02 + 1e-3
     zeros = torch.randint(0, 16, (n, k // group)).float()
-    packed = ql.pack_int4(q)
+    packed = pack_int4(q)
     x = torch.randn(m, k)
-    truth = ql.int4_weight_only_linear_ref(x.double(), packed, scales.double(), zeros.double(), group)
-    configs = ql.autotune_configs("int4_gemv", K=k, M_BUCKET=m, GROUP_SIZE=group)
+    truth = i4.int4_weight_only_linear_ref(x.double(), packed, scales.double(), zeros.double(), group)
+    configs = autotune_configs("int4_gemv", K=k, M_BUCKET=m, GROUP_SIZE=group)
     for config in sorted(configs, key=lambda c: c["BLOCK_N"])[:2]:
-        out = ql.int4_weight_only_linear_triton(x, packed, scales, zeros, group, config=config,
+        out = i4.int4_weight_only_linear_triton(x, packed, scales, zeros, group, config=config,
                                                 out=poisoned((m, n), torch.float32))
         assert_close(out, truth, torch.float32, f"int4 GEMV group 32 with {config}")
 
 
 def test_int4_rejects_a_config_that_straddles_groups(triton_kernels):
-    packed = ql.pack_int4(torch.zeros(16, 64, dtype=torch.uint8))
+    packed = pack_int4(torch.zeros(16, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="straddles groups"):
-        ql.int4_weight_only_linear_triton(torch.randn(1, 64), packed, torch.ones(16, 2), torch.zeros(16, 2), 32,
+        i4.int4_weight_only_linear_triton(torch.randn(1, 64), packed, torch.ones(16, 2), torch.zeros(16, 2), 32,
                                           config={"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2})
 
 
