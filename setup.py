@@ -30,6 +30,6 @@ setup(
     },
     entry_points={
         "torch_dynamo_backends": ["llmopt = llmopt.backend:llmopt_backend"],
-        "console_scripts": ["llmopt = llmopt.cli:main"],
+        "console_scripts": ["llmopt = llmopt.tools.cli:main"],
     },
 )

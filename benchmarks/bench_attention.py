@@ -55,8 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from bench_fusions import gpu_time_us, input_copies, kernel_label, relative_error  # noqa: E402
 from common import (  # noqa: E402
-    add_run_arguments, apply_run_arguments, copy_bandwidth, environment, median_time, write_results,
+    add_run_arguments, apply_run_arguments, copy_bandwidth, environment, write_results,
 )
+from llmopt.codegen.timing import time_cpu  # noqa: E402
 
 import llmopt.codegen.attention_decode  # noqa: E402,F401  registers llmopt::attention_decode
 import llmopt.codegen.attention_prefill  # noqa: E402,F401  registers llmopt::attention_prefill
@@ -115,7 +116,7 @@ def time_candidates(phase: str, sets: list[tuple], args, device, causal: bool, s
         if cuda:
             return gpu_time_us(lambda i: fn(*these[i % n_sets]), n_sets, warmup=args.warmup, rep=rep,
                                graph=args.timing == "graph")
-        return 1e6 * median_time(lambda: fn(*these[0]), rep, warmup=args.warmup), "perf_counter"
+        return 1e6 * time_cpu(lambda i: fn(*these[0]), rounds=rep, warmup=args.warmup).median, "perf_counter"
 
     sliced = [(q, k[:, :, :valid], v[:, :, :valid]) for q, k, v, _ in sets]
     us, notes, timing = {}, {}, None
@@ -282,7 +283,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default=None, help="comma list of fp32,fp16,bf16 (default bf16 CUDA, fp32 CPU)")
     p.add_argument("--inductor", choices=["none", "default"], default="default")
     p.add_argument("--rep", type=int, default=None,
-                   help="timed runs, median (default 30 CUDA; CPU: 3 for prefill, 10 for decode)")
+                   help="CUDA: ms of timed calls (triton.testing.do_bench), CPU: timed runs; median "
+                        "(default 30 CUDA; CPU: 3 for prefill, 10 for decode)")
     p.add_argument("--max-kv-gib", type=float, default=24.0, help="skip decode cases whose K/V copy is larger")
     p.add_argument("--quick", action="store_true", help="CUDA: prefill 2k/8k, decode 8k at batch 1 and 16, 8 KV heads")
     add_run_arguments(p)

@@ -53,10 +53,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from common import (  # noqa: E402
-    add_run_arguments, apply_run_arguments, copy_bandwidth, environment, median_time, write_results,
+    add_run_arguments, apply_run_arguments, copy_bandwidth, environment, write_results,
 )
 
 from llmopt.codegen.kernel_mode import interpreting, use_triton  # noqa: E402
+from llmopt.codegen.timing import cuda_time_us, time_cpu  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = ("add_rms_norm", "rms_norm", "add_layer_norm", "gated_activation", "rope")
@@ -84,14 +85,14 @@ def gpu_time_us(call: Callable[[int], object], n_sets: int, *, warmup: int, rep:
     """Median GPU microseconds of one ``call(i)`` (``i`` picks the input copy ``i % n_sets``).
 
     ``graph``: capture ``calls`` consecutive calls (at least ``n_sets``, enough for ~200 us)
-    into one CUDA graph, time ``rep`` replays with CUDA events and divide: the host
-    (Python, dispatcher, guards) is out of the measurement for every candidate alike. Falls
-    back to timing plain launches (CUDA events around each call) when capture fails.
+    into one CUDA graph, time its replays for ``rep`` ms with ``llmopt.codegen.timing``'s
+    ``cuda_time_us`` (``triton.testing.do_bench``) and divide: the host (Python,
+    dispatcher, guards) is out of the measurement for every candidate alike. ``warmup``
+    untimed calls come first (compiles, autotuning). Falls back to timing plain launches
+    (CUDA events around each call) when capture fails.
     Returns ``(us, method)``. Kept here rather than in ``common.py`` (shared by
     ``bench_attention.py``).
     """
-    from llmopt.codegen.tuning_table import cuda_time_us
-
     for i in range(warmup):  # compiles, autotunes: never inside a capture
         call(i)
     torch.cuda.synchronize()
@@ -280,7 +281,7 @@ def time_case(case: Case, args, device: torch.device, modes: list[str]) -> dict:
                 us[name], timing = gpu_time_us(lambda i, fn=fn: fn(*sets[i % n_sets]), n_sets,
                                                warmup=args.warmup, rep=args.rep, graph=args.timing == "graph")
             else:
-                us[name] = 1e6 * median_time(lambda fn=fn: fn(*sets[0]), args.rep, warmup=args.warmup)
+                us[name] = 1e6 * time_cpu(lambda i, fn=fn: fn(*sets[0]), rounds=args.rep, warmup=args.warmup).median
                 timing = "perf_counter"
         except Exception as err:  # noqa: BLE001 -- a failing candidate (e.g. Inductor) is reported, the run goes on
             print(f"    {name} failed for {case.op} {case.shape}: {type(err).__name__}: {str(err)[:200]}")
@@ -351,7 +352,8 @@ def main(argv=None) -> dict:
                    help="comma list of fp32,fp16,bf16 (default fp16,bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--inductor", choices=["none", "default", "max-autotune", "all"], default=None,
                    help="Inductor modes to time (default: all on CUDA, default on CPU)")
-    p.add_argument("--rep", type=int, default=None, help="timed runs, median (default 50 CUDA, 3 CPU)")
+    p.add_argument("--rep", type=int, default=None,
+                   help="CUDA: ms of timed calls (triton.testing.do_bench), CPU: timed runs; median (default 50 / 3)")
     p.add_argument("--quick", action="store_true", help="one dtype, one intermediate size, 8 KV heads, fewer runs")
     add_run_arguments(p)
     args = p.parse_args(argv)

@@ -7,7 +7,8 @@ the lm_head, and every M in 1, 2, 4, ..., 128, times each candidate of the linea
 of the same linear, and reports GB/s (weight + activations moved / time), TFLOP/s, the
 fraction of the copy bandwidth measured here, and the kernel ``choose_kernels`` picks
 with its ratio to cuBLAS. Weights rotate through copies larger than L2, as in a decode
-step where every layer reads new weights; CUDA events, warm-up excluded, medians.
+step where every layer reads new weights; timed by ``llmopt.codegen.timing`` (do_bench on
+CUDA), warm-up excluded, medians.
 
 Writes ``benchmarks/results/<device>-<date>-linear.json`` with the device, torch and
 Triton versions. On a machine without CUDA it runs a reduced set (two shapes, M in 1, 8,
@@ -22,9 +23,7 @@ import json
 import math
 import platform
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,10 +31,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from llmopt.codegen.timing import copy_bandwidth_gbs, cuda_time_us, time_cpu  # noqa: E402
 from llmopt.codegen.tuning_table import (  # noqa: E402
     choose_kernel,
     cold_weight_copies,
-    cuda_time_us,
     device_name,
     get_active_table,
     m_bucket_label,
@@ -51,28 +50,6 @@ SHAPES = {
 }
 CPU_SHAPES = {"llama2-7b": [("o_proj", 4096, 4096), ("gate_up", 2 * 11008, 4096)]}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def copy_bandwidth_gbs(device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth (read + write bytes / time): the roofline we compare to."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    if device.type == "cuda":
-        us = cuda_time_us(lambda i: dst.copy_(src), warmup=3, rep=20)
-    else:
-        us = cpu_time_us(lambda i: dst.copy_(src), warmup=1, rep=5)
-    return 2 * nbytes / (us * 1e-6) / 1e9
-
-
-def cpu_time_us(fn, *, warmup: int, rep: int) -> float:
-    for i in range(warmup):
-        fn(i)
-    times = []
-    for i in range(rep):
-        start = time.perf_counter()
-        fn(warmup + i)
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
 
 
 def inductor_us(N, K, M, dtype, device, mode, warmup, rep):
@@ -143,7 +120,7 @@ def run_cpu(args, dtype, device):
             weight = torch.randn(N, K).div_(math.sqrt(K)).to(dtype)
             for M in (1, 8, 128):
                 x = torch.randn(M, K).to(dtype)
-                us = cpu_time_us(lambda i: F.linear(x, weight), warmup=2, rep=args.cpu_rep)
+                us = 1e6 * time_cpu(lambda i: F.linear(x, weight), rounds=args.cpu_rep, warmup=2).median
                 case = {"model": model, "layer": name, "N": N, "K": K, "M": M, "bucket": m_bucket_label(M), "chosen": "mm",
                         "reason": "cpu: the PyTorch op",
                         "candidates": {"mm": figures(us, N, K, M, element_size, copy_gbs)}}
@@ -161,9 +138,9 @@ def main(argv=None):
     parser.add_argument("--models", type=lambda s: s.split(","), default=list(SHAPES))
     parser.add_argument("--inductor", choices=["none", "default", "max-autotune"], default="max-autotune")
     parser.add_argument("--sweep", action="store_true", help="time every pruned config, report each kernel's best")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--rep", type=int, default=50)
-    parser.add_argument("--cpu-rep", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=10, help="CUDA: ms of untimed calls (triton.testing.do_bench)")
+    parser.add_argument("--rep", type=int, default=50, help="CUDA: ms of timed calls; the median call is kept")
+    parser.add_argument("--cpu-rep", type=int, default=5, help="CPU: timed rounds; the median is kept")
     parser.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/...)")
     args = parser.parse_args(argv)
     unknown = set(args.models) - set(SHAPES)
@@ -188,7 +165,8 @@ def main(argv=None):
         "dtype": str(dtype).removeprefix("torch."),
         "warmup": args.warmup if cuda else 2,
         "rep": args.rep if cuda else args.cpu_rep,
-        "timing": "CUDA events, median, weights rotated past L2" if cuda else "perf_counter, median",
+        "timing": ("triton.testing.do_bench (CUDA events, L2 flushed), median, weights rotated past L2" if cuda
+                   else "perf_counter, interleaved rounds, median"),
         **results,
     }
     slug = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")

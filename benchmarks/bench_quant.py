@@ -3,7 +3,9 @@
 What it measures, in one process, same model and inputs:
 
 Timing: wall clock with synchronisation on CUDA; on CPU the process's CPU time (see
-``clock``), with the wall-clock figure kept alongside.
+``clock``), with the wall-clock figure kept alongside. The single-linear rows are timed by
+``llmopt.codegen.timing``: ``triton.testing.do_bench`` on CUDA, interleaved rounds of CPU
+time on CPU.
 
 * ``decode`` (eager): greedy decode tokens/s of a randomly initialised Llama (Hugging Face
   ``LlamaForCausalLM``, ``DynamicCache``), quantized in place with ``quantize_``, after a
@@ -23,7 +25,7 @@ Timing: wall clock with synchronisation on CUDA; on CPU the process's CPU time (
   int8 >= 1.8x the bf16 GEMV).
 
 CPU variants: float32 model; ``int8`` computes in float32 through the generated int8 GEMV
-(llmopt/codegen/quant_linear_cpu.py) and quantizes the untied ``lm_head`` too (the int8
+(llmopt/codegen/int8_weight_only_cpu.py) and quantizes the untied ``lm_head`` too (the int8
 default, ``quantize_head``); ``int8-head-float`` keeps it float; ``int8-bf16`` computes in
 bf16 with aten's int8 weight-pack kernel (``compute_dtype="bfloat16"``); int4 computes in
 bf16 (PyTorch's fast int4 CPU kernel is bf16-only), its head float unless ``+head``. On
@@ -53,6 +55,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import environment  # noqa: E402
+from llmopt.codegen.timing import cuda_time_us, time_rounds  # noqa: E402
+from llmopt.tools.bench import device_info  # noqa: E402
 from llmopt.quant import W8A8, Int4WeightOnly, Int8WeightOnly, QuantizedLinear, quantize_, quantize_weight  # noqa: E402
 
 CPU_CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -64,16 +68,7 @@ CUDA_CONFIG = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, 
 
 
 def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return device_info(torch.device(device))["name"]
 
 
 def sync(device: str) -> None:
@@ -86,19 +81,6 @@ def clock(device: str) -> float:
     measures the work done instead of the time spent waiting for a core (single-threaded
     runs: CPU time = time on an idle core, up to cache and memory-bandwidth sharing)."""
     return time.perf_counter() if device == "cuda" else time.process_time()
-
-
-def median_time(fn, device: str, warmup: int = 3, runs: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        sync(device)
-        t0 = clock(device)
-        fn()
-        sync(device)
-        times.append(clock(device) - t0)
-    return statistics.median(times)
 
 
 def tensor_bytes(model: torch.nn.Module) -> dict:
@@ -267,12 +249,13 @@ def bench_linear(device: str, shapes: list[tuple[int, int]], runs: int, copies: 
             "int4-g128 (bf16 x)": lambda i: q4s[i](xb),
             "w8a8": lambda i: torch.ops.llmopt.w8a8_linear(xb, q8s[i].data, q8s[i].scales),
         }
-        row = {"N": n, "K": k, "M": 1, "weights_cycled": copies, "us": {}}
-        for name, fn in cases.items():
-            def sweep(fn=fn):
-                for i in range(copies):
-                    fn(i)
-            row["us"][name] = median_time(sweep, device, warmup=1, runs=runs) / copies * 1e6
+        cycled = {name: (lambda i, fn=fn: fn(i % copies)) for name, fn in cases.items()}
+        if device == "cuda":
+            us = {name: cuda_time_us(fn) for name, fn in cycled.items()}
+        else:  # interleaved rounds of `copies` calls each, CPU time (see ``clock``)
+            timed = time_rounds(cycled, rounds=runs, warmup=1, calls=copies, clock=time.process_time)
+            us = {name: t.median * 1e6 for name, t in timed.items()}
+        row = {"N": n, "K": k, "M": 1, "weights_cycled": copies, "us": us}
         base = row["us"]["fp32 F.linear"] if device == "cpu" else row["us"]["bf16 F.linear"]
         row["speedup"] = {name: base / t for name, t in row["us"].items()}
         print(f"  linear N={n} K={k}: " + ", ".join(f"{k_}: {v:.1f} us" for k_, v in row["us"].items()), flush=True)

@@ -146,24 +146,29 @@ def summarize(name, requests, finish, first, makespan, kv_util, extra=None):
     return result
 
 
+def timed_generate(model, input_ids, max_new_tokens, device, **kwargs) -> tuple[float, float]:
+    """``llmopt.generate`` without stop tokens, timed: ``(seconds, seconds to the first token)``."""
+    marks = {}
+
+    def streamer(step, tokens):
+        if step == 0:
+            _sync(device)
+            marks["first"] = time.perf_counter()
+
+    _sync(device)
+    t0 = time.perf_counter()
+    generate(model, input_ids, max_new_tokens, stop_token_ids=(), streamer=streamer, **kwargs)
+    _sync(device)
+    return time.perf_counter() - t0, marks["first"] - t0
+
+
 def run_one_at_a_time(model, requests, device):
     clock, finish, first, util_num, util_den = 0.0, {}, {}, 0.0, 0
     for i, (arrival, prompt, out_len) in enumerate(requests):
         clock = max(clock, arrival)
         start = clock
-        marks = {}
-
-        def streamer(step, tokens, marks=marks):
-            if step == 0:
-                _sync(device)
-                marks["first"] = time.perf_counter()
-
-        _sync(device)
-        t0 = time.perf_counter()
-        generate(model, torch.tensor([prompt], device=device), out_len, stop_token_ids=(), streamer=streamer)
-        _sync(device)
-        elapsed = time.perf_counter() - t0
-        first[i] = start + (marks["first"] - t0)
+        elapsed, to_first = timed_generate(model, torch.tensor([prompt], device=device), out_len, device)
+        first[i] = start + to_first
         clock = start + elapsed
         finish[i] = clock
         reserved = len(prompt) + out_len  # the cache generate allocates for it
@@ -189,24 +194,13 @@ def run_static(model, requests, device, batch, pad_id=0):
         for r, p in enumerate(prompts):
             ids[r, width - len(p):] = torch.tensor(p)
             mask[r, width - len(p):] = 1
-        marks = {}
-
-        def streamer(step, tokens, marks=marks):
-            if step == 0:
-                _sync(device)
-                marks["first"] = time.perf_counter()
-
-        _sync(device)
-        t0 = time.perf_counter()
-        generate(model, ids.to(device), new, attention_mask=mask.to(device), stop_token_ids=(), streamer=streamer)
-        _sync(device)
-        elapsed = time.perf_counter() - t0
+        elapsed, to_first = timed_generate(model, ids.to(device), new, device, attention_mask=mask.to(device))
         start = clock
         clock += elapsed
         batches += 1
         for j in group:
             finish[j] = clock
-            first[j] = start + (marks["first"] - t0)
+            first[j] = start + to_first
         # used: tokens each row really holds (its own prompt + outputs so far, none after it
         # finished); reserved: rows x (longest prompt + longest output)
         reserved = len(group) * (width + new)

@@ -1,7 +1,8 @@
 """Shared pieces of the benchmark scripts: environment record, timing, results files.
 
 Every script times its candidates in one process on the same inputs, excludes warm-up,
-reports medians (CUDA events on GPU, perf_counter on CPU) and writes
+reports medians (timed by ``llmopt.codegen.timing``: ``triton.testing.do_bench`` on GPU,
+interleaved ``perf_counter`` rounds on CPU) and writes
 ``benchmarks/results/<device>-<date>-<name>.json`` with the device and versions, which
 ``benchmarks/make_tables.py`` turns into the README tables.
 """
@@ -11,10 +12,7 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -53,32 +51,17 @@ def device_slug(env: dict) -> str:
     return "cpu"
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def copy_bandwidth(device: str, nbytes: int = 256 * 2**20) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write counted), by
+    ``llmopt.codegen.timing.copy_bandwidth_gbs`` (the scripts put the checkout on sys.path)."""
+    from llmopt.codegen.timing import copy_bandwidth_gbs
 
-
-def copy_bandwidth(device: str, nbytes: int = 256 * 2**20, repeats: int = 10) -> float:
-    """Measured device copy bandwidth in bytes/s (read + write counted)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    t = median_time(lambda: dst.copy_(src), repeats)
-    return 2 * nbytes / t
+    return copy_bandwidth_gbs(device, nbytes) * 1e9
 
 
 def write_results(name: str, payload: dict) -> Path:
     env = payload.setdefault("environment", environment())
-    # LLMOPT_BENCH_RESULTS: another directory (python -m llmopt.gpu_check --out DIR sets it)
+    # LLMOPT_BENCH_RESULTS: another directory (python -m llmopt.tools.gpu_check --out DIR sets it)
     results = Path(os.environ.get("LLMOPT_BENCH_RESULTS") or RESULTS)
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{device_slug(env)}-{env['date']}-{name}.json"

@@ -21,7 +21,7 @@ import time
 import torch
 
 import llmopt
-from llmopt.model_spec import resolve
+from llmopt.tools.model_spec import resolve
 
 
 def main():

@@ -13,8 +13,9 @@ import argparse
 
 import torch
 
-from llmopt.inspection import compress_ops, explain
-from llmopt.model_spec import resolve
+from llmopt.tools.explain import compress_ops
+from llmopt.tools.inspection import explain
+from llmopt.tools.model_spec import resolve
 
 
 def main():

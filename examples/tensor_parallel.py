@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 import llmopt
-from llmopt.model_spec import resolve
+from llmopt.tools.model_spec import resolve
 
 
 def launch_here(nproc: int) -> None:

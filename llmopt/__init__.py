@@ -29,7 +29,7 @@ _LAZY = {
     "W8A8": "llmopt.quant",
     "GPTQ": "llmopt.quant",
     "Int8KVCache": "llmopt.quant",
-    "explain": "llmopt.inspection",
+    "explain": "llmopt.tools.inspection",
 }
 
 __all__ = [

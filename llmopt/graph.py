@@ -1,8 +1,11 @@
 """FX helpers shared by the passes, and a networkx view of a graph for analysis and drawing.
 
-Kept small: reading ``node.meta["val"]`` (the fake tensor dynamo/AOT attached), telling
-frozen constants apart, replacing a node while keeping metadata valid, and the
-node-count/histogram and DOT export the compile report uses.
+Kept small: reading ``node.meta["val"]`` (the fake tensor dynamo/AOT attached), the node
+predicates every matcher needs (``is_call``, ``is_cast``, ``single_user``, ``same_shape``
+on possibly symbolic sizes), telling frozen constants apart, inserting a node with valid
+metadata (``call_with_meta``) and keeping downstream metadata valid after a replacement
+changed strides (``propagate_layout``), and the node-count/histogram and DOT export the
+compile report uses. One copy of each: the passes import them from here.
 """
 from __future__ import annotations
 
@@ -13,7 +16,13 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from . import compat
+
 aten = torch.ops.aten
+
+# Reshapes that keep the row-major order of the elements (a matcher looks through them).
+RESHAPE_OPS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+_CAST_KWARGS = {"dtype", "layout", "device", "memory_format"}
 
 # Ops that only reinterpret or move memory; excluded from "device operation" counts.
 VIEW_OPS = {
@@ -34,6 +43,73 @@ def val(node: Any) -> Any:
 def tensor_meta(node: Any) -> torch.Tensor | None:
     v = val(node)
     return v if isinstance(v, torch.Tensor) else None
+
+
+def statically_equal(a: Any, b: Any) -> bool:
+    """``a == b`` for sizes that may be symbolic: True only when known without a guard."""
+    return compat.statically_true(a == b)
+
+
+def same_shape(v: torch.Tensor | None, shape: Iterable) -> bool:
+    """``v`` (a tensor or fake, may be None) has exactly ``shape`` (sizes may be symbolic)."""
+    shape = tuple(shape)
+    if v is None or v.dim() != len(shape):
+        return False
+    return all(statically_equal(a, b) for a, b in zip(v.shape, shape))
+
+
+def is_call(node: Any, target: Any) -> bool:
+    """``node`` is a ``call_function`` of ``target``."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target
+
+
+def single_user(node: fx.Node, accept=None) -> fx.Node | None:
+    """The one user of ``node`` when it has exactly one, it is a ``call_function`` and
+    ``accept(user)`` holds (when given); None otherwise."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_function" or (accept is not None and not accept(user)):
+        return None
+    return user
+
+
+def is_cast(node: Any, floating: bool = False) -> bool:
+    """``node`` is ``x.to(dtype)``: an ``aten._to_copy`` that may change the dtype only
+    (same device, strided, memory format preserved). ``floating``: both sides are
+    floating point too."""
+    if not is_call(node, aten._to_copy.default) or set(node.kwargs) - _CAST_KWARGS:
+        return False
+    if node.kwargs.get("layout") not in (None, torch.strided):
+        return False
+    if node.kwargs.get("memory_format") not in (None, torch.preserve_format):
+        return False
+    src, out = tensor_meta(node.args[0]), tensor_meta(node)
+    if src is None or out is None or src.device != out.device or out.layout != torch.strided:
+        return False
+    return not floating or (src.is_floating_point() and out.is_floating_point())
+
+
+def other_operand(binary: fx.Node, operand: Any) -> Any:
+    """The argument of the binary op ``binary`` that is not ``operand`` (None when
+    ``operand`` is not one of the two, or is both)."""
+    a, b = binary.args[0], binary.args[1]
+    if a is operand and b is not operand:
+        return b
+    if b is operand and a is not operand:
+        return a
+    return None
+
+
+def call_with_meta(g: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` at the graph's insertion point with its
+    ``meta["val"]`` computed on the arguments' fake values."""
+    kwargs = kwargs or {}
+    node = g.call_function(target, args, kwargs)
+    fake_args = fx.node.map_arg(args, lambda n: n.meta["val"])
+    fake_kwargs = fx.node.map_arg(kwargs, lambda n: n.meta["val"])
+    node.meta["val"] = target(*fake_args, **fake_kwargs)
+    return node
 
 
 def is_constant(gm: fx.GraphModule, node: Any) -> bool:
@@ -207,3 +283,85 @@ def move_users_after(node: fx.Node) -> int:
         anchor.append(n)
         anchor = n
     return len(early)
+
+
+# --------------------------------------------------------------------------- layout after a rewrite
+def propagate_layout(g: fx.Graph, replaced: dict[fx.Node, fx.Node]) -> None:
+    """Keep ``meta["val"]`` true after replacing nodes by ones with equal values but other
+    strides (the llmopt ops return contiguous tensors), and keep the graph runnable.
+
+    ``replaced`` maps each old node to its replacement, whose users are the old node's.
+    Users are re-evaluated on fake tensors in graph order, and so on downstream while the
+    strides keep changing (an elementwise op follows its input's layout; SDPA's output
+    follows q's; a matmul or copy stops the change). A ``view`` that the new strides make
+    impossible gets one copy of its input, laid out as it was before, right in front of it:
+    e.g. Hugging Face's ``attn_output.transpose(1, 2).view(B, S, -1)`` after SDPA.
+    """
+    order = {n: i for i, n in enumerate(g.nodes)}
+    old_vals = {new: old.meta.get("val") for old, new in replaced.items()}
+    pending = {u for new in replaced.values() for u in new.users}
+    while pending:
+        node = min(pending, key=lambda n: order.get(n, len(order)))
+        pending.discard(node)
+        if node.op != "call_function":
+            continue
+        before = node.meta.get("val")
+        try:
+            after = _reevaluate(node)
+        except Exception:
+            if node.target not in (aten.view.default, aten._unsafe_view.default):
+                continue  # cannot re-evaluate this op on fakes; its metadata stays as traced
+            src = node.args[0]
+            with g.inserting_before(node):
+                copy = _copy_to_layout(g, src, old_vals.get(src))
+            if copy is None:
+                raise
+            node.replace_input_with(src, copy)
+            after = _reevaluate(node)
+        node.meta["val"] = after
+        if not _same_layout_vals(before, after):
+            old_vals[node] = before
+            pending.update(node.users)
+
+
+def _reevaluate(node: fx.Node):
+    args = fx.node.map_arg(node.args, lambda n: n.meta["val"])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta["val"])
+    return node.target(*args, **kwargs)
+
+
+def _copy_to_layout(g: fx.Graph, src: fx.Node, old) -> fx.Node | None:
+    """A copy of ``src`` with ``old``'s strides (old must be a permuted dense layout)."""
+    if not isinstance(old, torch.Tensor):
+        return None
+    dims = old.dim()
+    for perm in _candidate_perms(dims):
+        shape = [old.shape[p] for p in perm]
+        expected = [1] * dims
+        for i in range(dims - 2, -1, -1):
+            expected[i] = expected[i + 1] * shape[i + 1]
+        if all(statically_equal(old.stride(p), e) or statically_equal(old.shape[p], 1) for p, e in zip(perm, expected)):
+            if perm == list(range(dims)):
+                return call_with_meta(g, aten.clone.default, (src,), {"memory_format": torch.contiguous_format})
+            inverse = [perm.index(i) for i in range(dims)]
+            t = call_with_meta(g, aten.permute.default, (src, perm))
+            c = call_with_meta(g, aten.clone.default, (t,), {"memory_format": torch.contiguous_format})
+            return call_with_meta(g, aten.permute.default, (c, inverse))
+    return None
+
+
+def _candidate_perms(dims: int) -> list[list[int]]:
+    perms = [list(range(dims))]
+    if dims == 4:
+        perms += [[0, 2, 1, 3], [0, 2, 3, 1], [0, 3, 1, 2], [1, 0, 2, 3], [2, 0, 1, 3]]
+    return perms
+
+
+def _same_layout_vals(a, b) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_layout_vals(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dim() == b.dim() and all(
+            statically_equal(s, t) or statically_equal(n, 1) for s, t, n in zip(a.stride(), b.stride(), a.shape)
+        )
+    return True

@@ -7,9 +7,16 @@ used, a dtype/device llmopt does not handle), and each linear's kernel choice. I
 as a table, serializes to stable JSON (sorted keys, schema version) and draws the graph
 as DOT through the networkx view of ``graph.py``.
 
-``last_report()`` / ``reports()`` read a bounded, explicit registry of recent reports:
-the one piece of module state here, kept because a user asks for it after
-``torch.compile`` returned (the backend has no other channel back to them).
+A kernel choice is structured data (:class:`KernelChoice`: op, kernel, weight shape N x K,
+dtype, and per M bucket the kernel, its launch config and why, :class:`BucketKernel`), so
+``llmopt autotune`` and the inspection tools read the shapes from the fields, not from the
+text; the text table prints the ``reason`` line the pass wrote, as readable as before.
+
+``last_report()`` / ``reports()`` read :data:`REGISTRY`, a :class:`ReportRegistry` of the
+most recent reports: with the op registry and the tuning table, one of the few explicit
+pieces of global state of llmopt, kept because a user asks for a report after
+``torch.compile`` returned (the backend has no other channel back to them). The backend
+is its only writer (``register_report``).
 """
 from __future__ import annotations
 
@@ -56,12 +63,35 @@ class Fallback:
 
 
 @dataclass
+class BucketKernel:
+    """What one M bucket of a linear runs: ``m_bucket`` is ``"1"``, ``"2"``, ... ``"64"``
+    or ``"inf"`` (``min(next_pow2(M), 64)``, docs/linear_dispatch.md); ``config`` the
+    launch config baked into the graph (a tuning-table entry), None for the kernel's
+    heuristic config."""
+
+    m_bucket: str
+    kernel: str
+    config: dict[str, int] | None
+    reason: str
+
+
+@dataclass
 class KernelChoice:
+    """The kernel(s) of one linear. ``kernel`` is what runs (``mm``, a quantized op's name,
+    or the per-bucket kernels string of ``llmopt.linear``), ``reason`` the one line the
+    text report prints. ``N``, ``K`` (the weight is ``[N, K]``) and ``dtype`` are None where
+    the pass could not read them; ``buckets`` is empty where no per-bucket choice was made
+    (CPU, a weight that is not a frozen constant, mixed dtypes, a quantized linear)."""
+
     node: str
     layer: str
     op: str
     kernel: str
     reason: str
+    N: int | None = None
+    K: int | None = None
+    dtype: str | None = None
+    buckets: list[BucketKernel] = field(default_factory=list)
 
 
 @dataclass
@@ -98,8 +128,11 @@ class CompileReport:
     def fallback(self, what: str, reason: str) -> None:
         self.fallbacks.append(Fallback(what, reason))
 
-    def kernel_choice(self, node: Any, op: str, kernel: str, reason: str) -> None:
-        self.kernel_choices.append(KernelChoice(_node_name(node), layer_of(node), op, kernel, reason))
+    def kernel_choice(self, node: Any, op: str, kernel: str, reason: str, *, N: int | None = None,
+                      K: int | None = None, dtype: str | None = None,
+                      buckets: list[BucketKernel] | tuple[BucketKernel, ...] = ()) -> None:
+        self.kernel_choices.append(KernelChoice(_node_name(node), layer_of(node), op, kernel, reason,
+                                                N, K, dtype, list(buckets)))
 
     def rewrites_by_pass(self) -> dict[str, int]:
         return {p.name: p.rewrites for p in self.passes}
@@ -221,30 +254,54 @@ def clean_module_path(path: str) -> str:
 
 
 # -- the registry of recent reports ------------------------------------------------------
-_MAX_REPORTS = 64
-_reports: collections.deque[CompileReport] = collections.deque(maxlen=_MAX_REPORTS)
-_lock = threading.Lock()
+class ReportRegistry:
+    """The reports of the most recently compiled graphs, oldest first, at most
+    ``max_reports`` of them (a long-running server compiles without bound); thread-safe
+    (Dynamo may compile from several threads). Each report registered gets the next
+    ``graph_index``; clearing starts the count again at 0."""
+
+    def __init__(self, max_reports: int = 64):
+        self._reports: collections.deque[CompileReport] = collections.deque(maxlen=max_reports)
+        self._lock = threading.Lock()
+
+    def register(self, report: CompileReport) -> None:
+        with self._lock:
+            report.graph_index = (self._reports[-1].graph_index + 1) if self._reports else 0
+            self._reports.append(report)
+
+    def last(self) -> CompileReport | None:
+        with self._lock:
+            return self._reports[-1] if self._reports else None
+
+    def all(self) -> list[CompileReport]:
+        with self._lock:
+            return list(self._reports)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._reports.clear()
+
+
+# The registry the backend writes and llmopt.last_report() / reports() read.
+REGISTRY = ReportRegistry()
 
 
 def register_report(report: CompileReport) -> None:
-    with _lock:
-        report.graph_index = (_reports[-1].graph_index + 1) if _reports else 0
-        _reports.append(report)
+    """Number ``report`` and keep it in :data:`REGISTRY` (the backend calls this once per graph)."""
+    REGISTRY.register(report)
 
 
 def last_report() -> CompileReport | None:
     """The report of the most recently compiled graph (None before any compile)."""
-    with _lock:
-        return _reports[-1] if _reports else None
+    return REGISTRY.last()
 
 
 def reports() -> list[CompileReport]:
     """Reports of recently compiled graphs, oldest first (one per graph; graph breaks and
     recompiles add more)."""
-    with _lock:
-        return list(_reports)
+    return REGISTRY.all()
 
 
 def clear_reports() -> None:
-    with _lock:
-        _reports.clear()
+    """Forget every report (the next graph compiled is graph 0 again)."""
+    REGISTRY.clear()

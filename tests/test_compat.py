@@ -67,7 +67,7 @@ def test_custom_op_python_impl_is_what_the_dispatcher_runs():
 
 
 def test_inductor_compile_of_a_make_fx_graph_with_real_inputs():
-    """What the CPU int8 GEMV does (llmopt/codegen/quant_linear_cpu.py): trace an eager
+    """What the CPU int8 GEMV does (llmopt/codegen/int8_weight_only_cpu.py): trace an eager
     expression with make_fx on real tensors, compile it with Inductor, call it boxed."""
     from torch.fx.experimental.proxy_tensor import make_fx
 

@@ -81,7 +81,7 @@ def grouped_configs():
 
 
 # Shared memory a config may use: under sm_80's 164 KiB opt-in limit (sm_90 has 227 KiB),
-# as the flat GEMM's pruning does; the AOT build check (llmopt/gpu_build.py) holds us to it.
+# as the flat GEMM's pruning does; the AOT build check (llmopt/tools/gpu_build.py) holds us to it.
 MAX_SHARED_BYTES = 160 * 1024
 
 

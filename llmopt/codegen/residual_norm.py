@@ -29,8 +29,8 @@ keeps at most 32 elements per thread (ptxas for sm_90: no spills at 8192 with 8+
 Also home of the helpers the other row-wise kernels (gated_activation, rope) share:
 ``rows_view`` (leading dims merged into one row stride, no copy), ``input_rows`` /
 ``output_rows`` (an input as rows, copied if need be; a caller's output buffer checked and
-viewed as rows) and ``round_to`` (the final fp32 -> dtype rounding). The autotune key of a row count, ``m_bucket``, is
-:mod:`llmopt.codegen.buckets`'.
+viewed as rows) and ``round_to`` (the final fp32 -> dtype rounding). The autotune key of a
+row count, ``m_bucket``, is :mod:`llmopt.codegen.buckets`'s.
 
 Sources: RMSNorm, Zhang & Sennrich 2019 (arXiv:1910.07467); LayerNorm, Ba et al. 2016
 (arXiv:1607.06450); pairwise variance update, Chan, Golub & LeVeque 1979; one row per

@@ -1,4 +1,4 @@
-"""The persisted tuning table of the linear dispatch, its heuristic, and the timing helper.
+"""The persisted tuning table of the linear dispatch, its heuristic, and the candidates' timing.
 
 Which kernel is fastest for ``x [M, K] @ weight.T`` depends on the GPU, the dtype, the
 weight shape (N, K) and the number of rows M. FlashDecoding++ (Hong et al., 2023, §5)
@@ -41,7 +41,6 @@ import functools
 import json
 import math
 import os
-import statistics
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -70,6 +69,7 @@ from llmopt.codegen.kernels_spec import (  # noqa: F401  the kernels string, re-
     parse_kernels,
 )
 from llmopt.codegen.locked_file import LockTimeout, atomic_write_json, exclusive_lock
+from llmopt.codegen.timing import cuda_time_us
 
 TINY_WEIGHT_ELEMENTS = 1 << 18
 _HALF_AND_FLOAT = ("float16", "bfloat16", "float32")
@@ -497,22 +497,6 @@ def _require_cuda(device) -> torch.device:
     return device
 
 
-def cuda_time_us(fn, *, warmup: int = 10, rep: int = 50) -> float:
-    """Median time of ``fn(i)`` in microseconds with CUDA events (``i``: the call index,
-    so callers can rotate buffers); ``warmup`` calls are not timed."""
-    for i in range(warmup):
-        fn(i)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
-    torch.cuda.synchronize()
-    for i in range(rep):
-        starts[i].record()
-        fn(warmup + i)
-        ends[i].record()
-    torch.cuda.synchronize()
-    return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-
 def cold_weight_copies(N: int, K: int, dtype, device) -> list[torch.Tensor]:
     """Enough weight copies that cycling through them defeats the L2 cache, as in a real
     decode step where every layer reads different weights."""
@@ -548,6 +532,8 @@ def time_configs(kernel: str, N: int, K: int, M: int, dtype, device="cuda", *, s
 
     ``configs``: the configs to time; else with ``sweep`` every pruned config, else only
     the heuristic one (``None``). Weights rotate through copies larger than the L2 cache.
+    Timed by :func:`llmopt.codegen.timing.cuda_time_us` (``triton.testing.do_bench``):
+    ``warmup`` / ``rep`` are milliseconds of untimed / timed calls.
 
     A config that fails (out of shared memory or registers, a compile error, a launch
     error) is skipped, never the shape: the others are still timed. Each failure is

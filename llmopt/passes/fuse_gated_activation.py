@@ -40,10 +40,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .. import compat
 from ..codegen import gated_activation  # noqa: F401  registers llmopt::gated_activation
-from ..graph import tensor_meta
-from .near_miss import NearMiss
+from ..graph import other_operand, same_shape, tensor_meta
+from .near_miss import NearMiss, rewrite_each
 
 aten = torch.ops.aten
 
@@ -58,31 +57,10 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
 
 
-
 def run(gm: fx.GraphModule, ctx) -> int:
-    count = 0
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target == aten.tanh.default:
-            count += _try(ctx, collapse_tanh_gelu, gm, node)
-    gm.graph.eliminate_dead_code()
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target == aten.mul.Tensor:
-            count += _try(ctx, fuse_gated, gm, node)
-    gm.graph.eliminate_dead_code()
-    return count
-
-
-def _try(ctx, rewrite, gm: fx.GraphModule, node: fx.Node) -> int:
-    try:
-        done = rewrite(gm, node)
-    except NearMiss as miss:
-        ctx.near_miss(miss.node, miss.reason)
-        return 0
-    if done is None:
-        return 0
-    new, detail = done
-    ctx.rewrite(new, detail)
-    return 1
+    # Collapse first: a GeGLU spelled with gelu_new is then an ordinary act(gate) * up.
+    count = rewrite_each(gm, ctx, {aten.tanh.default: collapse_tanh_gelu})
+    return count + rewrite_each(gm, ctx, {aten.mul.Tensor: fuse_gated})
 
 
 # --------------------------------------------------------------------------- act(gate) * up
@@ -113,7 +91,7 @@ def fuse_gated(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, str] | None:
         gv, uv, mv = tensor_meta(gate), tensor_meta(up), tensor_meta(mul)
         if gv is None or uv is None or mv is None:
             raise NearMiss(mul, "no tensor metadata on gate/up")
-        if not (_same_shape(gv, mv) and _same_shape(uv, mv)):
+        if not (same_shape(gv, mv.shape) and same_shape(uv, mv.shape)):
             raise NearMiss(mul, f"gate {tuple(gv.shape)} and up {tuple(uv.shape)} broadcast to {tuple(mv.shape)}")
         if not (gv.dtype == uv.dtype == mv.dtype) or gv.device != uv.device:
             raise NearMiss(mul, f"gate ({gv.dtype}) and up ({uv.dtype}) differ in dtype/device from the product ({mv.dtype})")
@@ -141,10 +119,6 @@ def _halves_of_one_output(gate: fx.Node, up: fx.Node) -> bool:
     return last_dim_slice(gate) and last_dim_slice(up) and gate.args[0] is up.args[0]
 
 
-def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dim() == b.dim() and all(compat.statically_true(p == q) for p, q in zip(a.shape, b.shape))
-
-
 # --------------------------------------------------------------------------- spelled-out tanh GELU
 def collapse_tanh_gelu(gm: fx.GraphModule, tanh: fx.Node) -> tuple[fx.Node, str] | None:
     """Replace ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))`` by ``aten.gelu(x, "tanh")``.
@@ -152,7 +126,7 @@ def collapse_tanh_gelu(gm: fx.GraphModule, tanh: fx.Node) -> tuple[fx.Node, str]
     Returns (the gelu node, detail), None when ``tanh`` is not part of a GELU.
     """
     one_plus = next(iter(tanh.users)) if len(tanh.users) == 1 else None
-    if one_plus is None or one_plus.target not in _ADDS or not _is_number(_other(one_plus, tanh), 1.0):
+    if one_plus is None or one_plus.target not in _ADDS or not _is_number(other_operand(one_plus, tanh), 1.0):
         return None  # not GELU's (1 + tanh(.)): some other use of tanh
     if one_plus.kwargs.get("alpha", 1) != 1:
         return None
@@ -180,7 +154,7 @@ def collapse_tanh_gelu(gm: fx.GraphModule, tanh: fx.Node) -> tuple[fx.Node, str]
         other = next((u for u in node.users if u not in pattern), None)
         if other is not None:
             raise NearMiss(tanh, f"intermediate {node.name} of the tanh GELU has another user: {other.name}")
-    if tensor_meta(root) is None or tensor_meta(root).dtype != xv.dtype or not _same_shape(xv, tensor_meta(root)):
+    if tensor_meta(root) is None or tensor_meta(root).dtype != xv.dtype or not same_shape(xv, tensor_meta(root).shape):
         raise NearMiss(tanh, "tanh GELU output has another dtype or shape than its input")
     with gm.graph.inserting_before(root):
         gelu = gm.graph.call_function(aten.gelu.default, (x,), {"approximate": "tanh"})
@@ -284,11 +258,6 @@ def _is_number(v: Any, value: float) -> bool:
 
 def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=_CONST_RTOL, abs_tol=0.0)
-
-
-def _other(binary: fx.Node, operand: fx.Node) -> Any:
-    a, b = binary.args[0], binary.args[1]
-    return b if a is operand else a if b is operand else None
 
 
 def _show(poly: dict[int, float]) -> str:

@@ -41,18 +41,23 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .. import compat
 from ..codegen import residual_norm  # noqa: F401  registers llmopt::{add_,}{rms,layer}_norm
-from ..graph import add_constant, constant_value, is_constant, real_tensors, tensor_meta
-from .near_miss import NearMiss
+from ..graph import (
+    add_constant, constant_value, is_cast, is_constant, other_operand, real_tensors, same_shape, statically_equal,
+    tensor_meta,
+)
+from .near_miss import NearMiss, rewrite_each
 
 aten = torch.ops.aten
 
 _ADDS = (aten.add.Tensor, aten.add.Scalar)
 _MULS = (aten.mul.Tensor, aten.mul.Scalar)
-_CAST_KWARGS = {"dtype", "layout", "device", "memory_format"}
 _UPCAST_SOURCES = (torch.float16, torch.bfloat16)
 _FUSED_RMS_NORM = getattr(getattr(aten, "_fused_rms_norm", None), "default", None)  # torch >= 2.8
+# The nodes a normalization is found from: a mean of squares or a library norm.
+_ANCHORS = (aten.mean.dim, aten.native_layer_norm.default, aten.layer_norm.default) + (
+    (_FUSED_RMS_NORM,) if _FUSED_RMS_NORM is not None else ()
+)
 
 
 @dataclass
@@ -70,23 +75,14 @@ class NormMatch:
     spelling: str = ""
 
 
-
 def run(gm: fx.GraphModule, ctx) -> int:
-    count = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function":
-            continue
-        try:
-            match = match_norm(gm, node)
-        except NearMiss as miss:
-            ctx.near_miss(miss.node, miss.reason)
-            continue
-        if match is None:
-            continue
-        fuse(gm, match, ctx)
-        count += 1
-    gm.graph.eliminate_dead_code()
-    return count
+    return rewrite_each(gm, ctx, dict.fromkeys(_ANCHORS, fuse_at))
+
+
+def fuse_at(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, str] | None:
+    """Fuse the normalization anchored at ``node``: (the fused op, detail), or None."""
+    match = match_norm(gm, node)
+    return None if match is None else fuse(gm, match)
 
 
 # --------------------------------------------------------------------------- matching
@@ -132,13 +128,13 @@ def _match_rms_norm(gm: fx.GraphModule, mean: fx.Node) -> NormMatch | None:
     normalized = _next_in_pattern(root, root.target.__name__.split(".")[0])
     if root.target == aten.rsqrt.default:
         ok = normalized is not None and normalized.target in _MULS
-        scaled = _other_operand(normalized, root) if ok else None
+        scaled = other_operand(normalized, root) if ok else None
     else:
         ok = normalized is not None and normalized.target == aten.div.Tensor and normalized.args[1] is root
         scaled = normalized.args[0] if ok else None
 
     h, upcast = xf, False
-    if _is_cast(xf) and tensor_meta(xf).dtype == torch.float32 and tensor_meta(xf.args[0]).dtype in _UPCAST_SOURCES:
+    if is_cast(xf) and tensor_meta(xf).dtype == torch.float32 and tensor_meta(xf.args[0]).dtype in _UPCAST_SOURCES:
         h, upcast = xf.args[0], True
     # T5 scales the un-cast h (bf16 * fp32 rsqrt promotes: the same fp32 product as hf * rsqrt).
     if not ok or (scaled is not xf and not (upcast and scaled is h)):
@@ -174,10 +170,10 @@ def _match_tail(gm: fx.GraphModule, normalized: fx.Node, h: fx.Node):
     while True:
         nxt = None
         for user in cur.users:
-            if not cast and _is_cast(user) and user.args[0] is cur:
+            if not cast and is_cast(user) and user.args[0] is cur:
                 nxt = ("cast", user, None)
-            elif weight is None and user.target in _MULS and _weight_like(_other_operand(user, cur), hidden):
-                nxt = ("weight", user, _other_operand(user, cur))
+            elif weight is None and user.target in _MULS and _weight_like(other_operand(user, cur), hidden):
+                nxt = ("weight", user, other_operand(user, cur))
             if nxt is not None:
                 break
         if nxt is None:
@@ -201,7 +197,7 @@ def _match_library_norm(gm: fx.GraphModule, node: fx.Node, kind: str) -> NormMat
     if hv is None or hv.dim() == 0:
         return None
     shape = list(node.args[1])
-    if len(shape) != 1 or not compat.statically_true(shape[0] == hv.shape[-1]):
+    if len(shape) != 1 or not statically_equal(shape[0], hv.shape[-1]):
         raise NearMiss(node, f"normalizes over the last {len(shape)} dims {shape}; the fused op normalizes the last dim only")
 
     def arg(i, default=None):
@@ -221,7 +217,7 @@ def _match_library_norm(gm: fx.GraphModule, node: fx.Node, kind: str) -> NormMat
         if not is_constant(gm, p):
             raise NearMiss(node, f"{name} {p.name} is not a frozen constant")
         pv = tensor_meta(p)
-        if pv is None or pv.dim() != 1 or not compat.statically_true(pv.shape[0] == hv.shape[-1]):
+        if pv is None or pv.dim() != 1 or not statically_equal(pv.shape[0], hv.shape[-1]):
             raise NearMiss(node, f"{name} {p.name} is not a [{hv.shape[-1]}] vector")
 
     if node.target == aten.layer_norm.default:
@@ -264,16 +260,6 @@ def _squared(node: Any) -> fx.Node | None:
     return None
 
 
-def _is_cast(node: Any) -> bool:
-    """A dtype conversion (``.to(dtype)`` / ``.type_as``) that keeps device and layout."""
-    if not isinstance(node, fx.Node) or node.target != aten._to_copy.default or len(node.args) != 1:
-        return False
-    if set(node.kwargs) - _CAST_KWARGS:
-        return False
-    a, b = tensor_meta(node.args[0]), tensor_meta(node)
-    return a is not None and b is not None and a.device == b.device and b.layout == torch.strided
-
-
 def _next_in_pattern(node: fx.Node, what: str) -> fx.Node | None:
     """The one user of the intermediate ``node`` (None when unused); another user is a near-miss."""
     users = list(node.users)
@@ -288,20 +274,11 @@ def _describe(node: fx.Node | None) -> str:
     return f"{node.name} = {getattr(node.target, '__name__', node.target)}"
 
 
-def _other_operand(binary: fx.Node, operand: fx.Node) -> Any:
-    a, b = binary.args[0], binary.args[1]
-    if a is operand and b is not operand:
-        return b
-    if b is operand and a is not operand:
-        return a
-    return None
-
-
 def _scalar_addend(gm: fx.GraphModule, add: fx.Node, tensor: fx.Node) -> float | None:
     """``c`` when ``add`` is ``tensor + c`` with ``c`` a number (or a frozen one-element constant)."""
     if add.target not in _ADDS or add.kwargs.get("alpha", 1) != 1:
         return None
-    other = _other_operand(add, tensor)
+    other = other_operand(add, tensor)
     if isinstance(other, (int, float)) and not isinstance(other, bool):
         return float(other)
     if is_constant(gm, other) and tensor_meta(other) is not None and tensor_meta(other).numel() == 1:
@@ -313,7 +290,7 @@ def _scalar_addend(gm: fx.GraphModule, add: fx.Node, tensor: fx.Node) -> float |
 def _weight_like(operand: Any, hidden) -> bool:
     """An operand that plays the weight's role: a ``[N]`` vector (after casts/offsets)."""
     v = tensor_meta(operand)
-    return v is not None and v.dim() == 1 and compat.statically_true(v.shape[0] == hidden)
+    return v is not None and v.dim() == 1 and statically_equal(v.shape[0], hidden)
 
 
 def _weight_and_offset(gm: fx.GraphModule, operand: fx.Node, mul: fx.Node) -> tuple[fx.Node, float]:
@@ -324,7 +301,7 @@ def _weight_and_offset(gm: fx.GraphModule, operand: fx.Node, mul: fx.Node) -> tu
     """
     cur, offset, seen_add = operand, 0.0, False
     while not is_constant(gm, cur):
-        if _is_cast(cur):
+        if is_cast(cur):
             src, dst = tensor_meta(cur.args[0]).dtype, tensor_meta(cur).dtype
             if not dst.is_floating_point or torch.finfo(dst).bits < torch.finfo(src).bits:
                 raise NearMiss(mul, f"norm weight is cast down to {dst} before the multiply; the fused op would skip that rounding")
@@ -354,7 +331,7 @@ def _check_output(y: fx.Node, h: fx.Node) -> None:
             f"norm output is {str(yv.dtype).replace('torch.', '')} but its input is "
             f"{str(hv.dtype).replace('torch.', '')} (dtype promotion by the weight); the fused op returns the input dtype",
         )
-    if yv.dim() != hv.dim() or not all(compat.statically_true(a == b) for a, b in zip(yv.shape, hv.shape)):
+    if not same_shape(yv, hv.shape):
         raise NearMiss(y, f"norm output shape {tuple(yv.shape)} differs from its input's {tuple(hv.shape)}")
 
 
@@ -369,8 +346,7 @@ def residual_operands(h: fx.Node) -> tuple[tuple[fx.Node, fx.Node] | None, str]:
     xv, rv, hv = tensor_meta(x), tensor_meta(r), tensor_meta(h)
     if xv is None or rv is None or hv is None:
         return None, "the add before it has no tensor metadata"
-    same = lambda a, b: a.dim() == b.dim() and all(compat.statically_true(p == q) for p, q in zip(a.shape, b.shape))  # noqa: E731
-    if not (same(xv, hv) and same(rv, hv)):
+    if not (same_shape(xv, hv.shape) and same_shape(rv, hv.shape)):
         return None, f"the add before it broadcasts {tuple(xv.shape)} + {tuple(rv.shape)}"
     if not (xv.dtype == rv.dtype == hv.dtype) or xv.device != rv.device:
         return None, f"the add before it mixes {xv.dtype}/{xv.device} and {rv.dtype}/{rv.device}"
@@ -378,8 +354,9 @@ def residual_operands(h: fx.Node) -> tuple[tuple[fx.Node, fx.Node] | None, str]:
 
 
 # --------------------------------------------------------------------------- rewriting
-def fuse(gm: fx.GraphModule, m: NormMatch, ctx) -> fx.Node:
-    """Replace the norm ``m`` (and the residual add before it, when fusable) by one op."""
+def fuse(gm: fx.GraphModule, m: NormMatch) -> tuple[fx.Node, str]:
+    """Replace the norm ``m`` (and the residual add before it, when fusable) by one op;
+    returns (the op, what was fused for the report)."""
     g = gm.graph
     pair, why_not = residual_operands(m.h)
     anchor = m.h if pair is not None else m.first
@@ -422,6 +399,4 @@ def fuse(gm: fx.GraphModule, m: NormMatch, ctx) -> fx.Node:
         detail += f": fused with the residual add {m.h.name}"
     elif why_not:
         detail += f": not fused with {m.h.name}: {why_not}"
-    ctx.rewrite(fused, detail)
-    return fused
-
+    return fused, detail

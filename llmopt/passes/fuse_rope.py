@@ -49,15 +49,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .. import compat
 from ..codegen import rope as _rope  # noqa: F401  registers llmopt::rope
-from ..graph import tensor_meta
+from ..graph import (
+    RESHAPE_OPS, call_with_meta, is_call, is_cast, propagate_layout, same_shape, single_user, statically_equal,
+    tensor_meta,
+)
 from ..report import layer_of
-from .lower_attention import propagate_layout
 
 aten = torch.ops.aten
 
-RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -124,7 +124,7 @@ def match_real(add: fx.Node) -> Rotation | str | None:
         return None
     a, b = add.args
     for m1, m2 in ((a, b), (b, a)):
-        if not (_is(m1, aten.mul.Tensor) and _is(m2, aten.mul.Tensor)):
+        if not (is_call(m1, aten.mul.Tensor) and is_call(m2, aten.mul.Tensor)):
             continue
         for r, sin in _operand_orders(m2):
             rotated = _rotated(r)
@@ -142,24 +142,24 @@ def match_real(add: fx.Node) -> Rotation | str | None:
 def match_complex(view_as_real: fx.Node) -> Rotation | str | None:
     """``view_as_real(view_as_complex(x.reshape(..., -1, 2)) * freqs).flatten(3)``."""
     mul = view_as_real.args[0]
-    if not _is(mul, aten.mul.Tensor):
+    if not is_call(mul, aten.mul.Tensor):
         return None
     for xc, freqs in _operand_orders(mul):
-        if not _is(xc, aten.view_as_complex.default):
+        if not is_call(xc, aten.view_as_complex.default):
             continue
         pairs = xc.args[0]
-        if not (isinstance(pairs, fx.Node) and pairs.target in RESHAPES):
+        if not (isinstance(pairs, fx.Node) and pairs.target in RESHAPE_OPS):
             return None
         x = pairs.args[0]
         xv, pv, fv = tensor_meta(x), tensor_meta(pairs), tensor_meta(freqs)
         if xv is None or pv is None or fv is None or xv.dim() != 4 or pv.dim() != 5 or not fv.is_complex():
             return None
-        if not (_eq(pv.shape[-1], 2) and all(_eq(p, s) for p, s in zip(pv.shape[:3], xv.shape[:3]))):
+        if not (statically_equal(pv.shape[-1], 2) and all(statically_equal(p, s) for p, s in zip(pv.shape[:3], xv.shape[:3]))):
             return None
-        flat = _single_user(view_as_real)
-        if flat is None or flat.target not in (*RESHAPES, aten.flatten.using_ints):
+        flat = single_user(view_as_real)
+        if flat is None or flat.target not in (*RESHAPE_OPS, aten.flatten.using_ints):
             return "complex RoPE: view_as_real is not flattened back to the head dim"
-        if not _same_shape(tensor_meta(flat), tuple(xv.shape)):
+        if not same_shape(tensor_meta(flat), tuple(xv.shape)):
             return "complex RoPE: flattened output does not have the input's shape"
         return _finish(x, None, None, True, flat, "complex multiplication", [mul, xc, pairs, view_as_real], freqs=freqs)
     return None
@@ -171,11 +171,11 @@ def _finish(x, cos, sin, interleaved, out, spelling, inner, freqs=None) -> Rotat
     if xv is None or xv.dim() != 4:
         return None
     # Upcast: x = t.float() ... out.to(t.dtype).
-    if _is(x, aten._to_copy.default) and _only_dtype(x):
-        cast = _single_user(out)
+    if is_cast(x):
+        cast = single_user(out)
         t = x.args[0]
         tv = tensor_meta(t)
-        if cast is not None and _is(cast, aten._to_copy.default) and _only_dtype(cast) and tv is not None \
+        if cast is not None and is_cast(cast) and tv is not None \
                 and tensor_meta(cast).dtype == tv.dtype:
             inner = inner + [out]
             x, out, xv = t, cast, tv
@@ -185,12 +185,12 @@ def _finish(x, cos, sin, interleaved, out, spelling, inner, freqs=None) -> Rotat
     if sl is not None and sl[1] == 3 and sl[2] == 0 and sl[4] == 1:
         t = sl[0]
         tv = tensor_meta(t)
-        cat = _single_user(out)
-        if cat is not None and _is(cat, aten.cat.default) and len(cat.args[0]) == 2 and cat.args[0][0] is out \
+        cat = single_user(out)
+        if cat is not None and is_call(cat, aten.cat.default) and len(cat.args[0]) == 2 and cat.args[0][0] is out \
                 and _last_dim(cat, 4):
             rest = _slice(cat.args[0][1])
             if rest is not None and rest[0] is t and rest[1] == 3 and rest[2] == rotary_dim and rest[4] == 1 \
-                    and _eq(tv.shape[3], rest[3]):
+                    and statically_equal(tv.shape[3], rest[3]):
                 inner = inner + [out]
                 x, out, xv = t, cat, tv
     ov = tensor_meta(out)
@@ -198,7 +198,7 @@ def _finish(x, cos, sin, interleaved, out, spelling, inner, freqs=None) -> Rotat
         return "rotary dim is not a static even number"
     if xv.dtype not in FLOAT_DTYPES:
         return None
-    if ov is None or ov.dtype != xv.dtype or not _same_shape(ov, tuple(xv.shape)):
+    if ov is None or ov.dtype != xv.dtype or not same_shape(ov, tuple(xv.shape)):
         return f"RoPE output {getattr(ov, 'dtype', None)} differs from its input's dtype {xv.dtype} (upcast without a cast back)"
     for n in inner:
         if len(n.users) != 1:
@@ -209,7 +209,7 @@ def _finish(x, cos, sin, interleaved, out, spelling, inner, freqs=None) -> Rotat
         return f"cos/sin of shape {tuple(tensor_meta(probe).shape)} do not broadcast over heads of q/k {tuple(xv.shape)}"
     if freqs is None:
         cv, sv = tensor_meta(cos), tensor_meta(sin)
-        if not (cv.is_floating_point() and sv.is_floating_point() and _same_shape(cv, tuple(sv.shape))):
+        if not (cv.is_floating_point() and sv.is_floating_point() and same_shape(cv, tuple(sv.shape))):
             return "cos and sin differ in shape or are not floating point"
     return Rotation(x, cos, sin, rotary_dim, interleaved, layout, out, spelling, freqs, inner)
 
@@ -220,23 +220,23 @@ def _layout(cv, xv, rotary_dim, complex_freqs: bool) -> str | None:
         return None
     c = (1,) * (4 - cv.dim()) + tuple(cv.shape)
     last = rotary_dim // 2 if complex_freqs else rotary_dim
-    if not _eq(c[3], last) or not (_eq(c[0], 1) or _eq(c[0], xv.shape[0])):
+    if not statically_equal(c[3], last) or not (statically_equal(c[0], 1) or statically_equal(c[0], xv.shape[0])):
         return None
-    if _eq(c[1], 1) and _eq(c[2], xv.shape[2]):
+    if statically_equal(c[1], 1) and statically_equal(c[2], xv.shape[2]):
         return "bhsd"
-    if _eq(c[2], 1) and _eq(c[1], xv.shape[1]):
+    if statically_equal(c[2], 1) and statically_equal(c[1], xv.shape[1]):
         return "bshd"
     return None
 
 
 def _rotated(r: fx.Node) -> tuple[fx.Node, bool] | None:
     """(x, interleaved) when ``r`` is ``rotate_half(x)`` or ``rotate_every_two(x)``."""
-    if _is(r, aten.cat.default):
+    if is_call(r, aten.cat.default):
         parts = r.args[0]
         if len(parts) != 2 or not _last_dim(r, tensor_meta(r).dim()):
             return None
         neg, first = parts
-        if not _is(neg, aten.neg.default):
+        if not is_call(neg, aten.neg.default):
             return None
         second, lo = _slice(neg.args[0]), _slice(first)
         if second is None or lo is None or second[0] is not lo[0]:
@@ -250,16 +250,16 @@ def _rotated(r: fx.Node) -> tuple[fx.Node, bool] | None:
         if lo[1:] == (last, 0, half, 1) and second[1:] == (last, half, d, 1):
             return x, False
         return None
-    if r.target in (*RESHAPES, aten.flatten.using_ints):
+    if r.target in (*RESHAPE_OPS, aten.flatten.using_ints):
         st = r.args[0]
-        if not _is(st, aten.stack.default) or len(st.args[0]) != 2:
+        if not is_call(st, aten.stack.default) or len(st.args[0]) != 2:
             return None
         sv = tensor_meta(st)
         dim = st.args[1] if len(st.args) > 1 else 0
         if dim % sv.dim() != sv.dim() - 1:
             return None
         neg, even = st.args[0]
-        if not _is(neg, aten.neg.default):
+        if not is_call(neg, aten.neg.default):
             return None
         odd, ev = _slice(neg.args[0]), _slice(even)
         if odd is None or ev is None or odd[0] is not ev[0]:
@@ -267,14 +267,14 @@ def _rotated(r: fx.Node) -> tuple[fx.Node, bool] | None:
         x = ev[0]
         xv = tensor_meta(x)
         d, last = xv.shape[-1], xv.dim() - 1
-        if ev[1:] == (last, 0, d, 2) and odd[1:] == (last, 1, d, 2) and _same_shape(tensor_meta(r), tuple(xv.shape)):
+        if ev[1:] == (last, 0, d, 2) and odd[1:] == (last, 1, d, 2) and same_shape(tensor_meta(r), tuple(xv.shape)):
             return x, True
     return None
 
 
 def _rotation_nodes(r: fx.Node) -> list[fx.Node]:
     """The intermediates of a rotate_half / rotate_every_two (for the single-user check)."""
-    if _is(r, aten.cat.default):
+    if is_call(r, aten.cat.default):
         neg, first = r.args[0]
         return [r, neg, neg.args[0], first]
     st = r.args[0]
@@ -307,7 +307,7 @@ def _compatible(a: Rotation, b: Rotation) -> bool:
     seq = 2 if a.layout == "bhsd" else 1
     return (
         av.dtype == bv.dtype and av.device == bv.device
-        and _eq(av.shape[0], bv.shape[0]) and _eq(av.shape[seq], bv.shape[seq]) and _eq(av.shape[3], bv.shape[3])
+        and all(statically_equal(av.shape[d], bv.shape[d]) for d in (0, seq, 3))
     )
 
 
@@ -330,14 +330,17 @@ def fuse(gm: fx.GraphModule, q: Rotation, k: Rotation, derived: dict) -> str | N
         cos, sin = q.cos, q.sin
     with g.inserting_before(anchor.next):
         cos3, sin3 = _as_3d(g, cos, q.layout), _as_3d(g, sin, q.layout)
-        q_in, k_in = (q.x, k.x) if q.layout == "bhsd" else (_call(g, aten.transpose.int, (q.x, 1, 2)), _call(g, aten.transpose.int, (k.x, 1, 2)))
-        rope = _call(g, torch.ops.llmopt.rope.default, (q_in, k_in, cos3, sin3, q.rotary_dim, q.interleaved))
+        if q.layout == "bhsd":
+            q_in, k_in = q.x, k.x
+        else:
+            q_in, k_in = (call_with_meta(g, aten.transpose.int, (r.x, 1, 2)) for r in (q, k))
+        rope = call_with_meta(g, torch.ops.llmopt.rope.default, (q_in, k_in, cos3, sin3, q.rotary_dim, q.interleaved))
         rope.meta.update({key: v for key, v in q.out.meta.items() if key != "val"})
         outs = []
         for i, r in enumerate((q, k)):
-            o = _call(g, operator.getitem, (rope, i))
+            o = call_with_meta(g, operator.getitem, (rope, i))
             if r.layout == "bshd":
-                o = _call(g, aten.transpose.int, (o, 1, 2))
+                o = call_with_meta(g, aten.transpose.int, (o, 1, 2))
             outs.append(o)
     for r, o in zip((q, k), outs):
         r.out.replace_all_uses_with(o)
@@ -359,12 +362,12 @@ def _cos_sin_from_freqs(g: fx.Graph, freqs: fx.Node, derived: dict) -> tuple[fx.
     while at.op == "placeholder":  # keep the placeholders first
         at = at.next
     with g.inserting_before(at):
-        real = _call(g, aten.view_as_real.default, (freqs,))
+        real = call_with_meta(g, aten.view_as_real.default, (freqs,))
         out = []
         for part in (0, 1):
-            half = _call(g, aten.select.int, (real, -1, part))
-            pair = _call(g, aten.stack.default, ([half, half], -1))  # repeat_interleave(·, 2, -1)
-            out.append(_call(g, aten.flatten.using_ints, (pair, -2, -1)))
+            half = call_with_meta(g, aten.select.int, (real, -1, part))
+            pair = call_with_meta(g, aten.stack.default, ([half, half], -1))  # repeat_interleave(·, 2, -1)
+            out.append(call_with_meta(g, aten.flatten.using_ints, (pair, -2, -1)))
     derived[freqs] = (out[0], out[1])
     return derived[freqs]
 
@@ -378,25 +381,16 @@ def _as_3d(g: fx.Graph, c: fx.Node, layout: str) -> fx.Node:
         if src is not None and src.dim() == 3:
             return c.args[0]
     while cv.dim() < 4:
-        c = _call(g, aten.unsqueeze.default, (c, 0))
+        c = call_with_meta(g, aten.unsqueeze.default, (c, 0))
         cv = tensor_meta(c)
-    return _call(g, aten.squeeze.dim, (c, head))
-
-
-def _call(g: fx.Graph, target, args) -> fx.Node:
-    node = g.call_function(target, args)
-    fake = fx.node.map_arg(args, lambda n: n.meta["val"])
-    node.meta["val"] = target(*fake)
-    return node
+    return call_with_meta(g, aten.squeeze.dim, (c, head))
 
 
 # ------------------------------------------------------------------------------ helpers
-def _is(node: Any, target) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target
 
 
 def _unsqueezed(node: fx.Node) -> fx.Node:
-    while _is(node, aten.unsqueeze.default):
+    while is_call(node, aten.unsqueeze.default):
         node = node.args[0]
     return node
 
@@ -408,20 +402,9 @@ def _operand_orders(mul: fx.Node):
         yield b, a
 
 
-def _single_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def _only_dtype(node: fx.Node) -> bool:
-    if set(node.kwargs) - {"dtype", "layout", "device", "memory_format"}:
-        return False
-    src, out = tensor_meta(node.args[0]), tensor_meta(node)
-    return src is not None and out is not None and src.device == out.device and node.kwargs.get("layout", torch.strided) == torch.strided
-
-
 def _slice(node: Any) -> tuple | None:
     """(src, dim, start, end, step) of ``aten.slice``, dim normalized, end clipped."""
-    if not _is(node, aten.slice.Tensor):
+    if not is_call(node, aten.slice.Tensor):
         return None
     src = node.args[0]
     sv = tensor_meta(src)
@@ -446,13 +429,3 @@ def _slice(node: Any) -> tuple | None:
 def _last_dim(node: fx.Node, ndim: int) -> bool:
     dim = node.args[1] if len(node.args) > 1 else 0
     return isinstance(dim, int) and dim % ndim == ndim - 1
-
-
-def _eq(a, b) -> bool:
-    return compat.statically_true(a == b)
-
-
-def _same_shape(v, shape: tuple) -> bool:
-    if v is None or v.dim() != len(shape):
-        return False
-    return all(_eq(a, b) for a, b in zip(v.shape, shape))

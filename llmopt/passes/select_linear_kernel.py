@@ -30,9 +30,10 @@ a compile never installs its table process-wide (``set_active_table`` is only fo
 who call it). A ``PassContext`` built outside the backend (tests) carries no table, and
 the pass resolves it the same way.
 
-Every linear gets a line in the compile report (``report.kernel_choices``): the kernels it
-runs and why, prefixed with its shape (``N=... K=... dtype``, parsed back by ``llmopt
-autotune``).
+Every linear gets a :class:`~llmopt.report.KernelChoice` in the compile report
+(``report.kernel_choices``): the kernels it runs and why as one line prefixed with its
+shape (``N=... K=... dtype``), and the same as fields (N, K, dtype; per M bucket the
+kernel, its config and the reason) that ``llmopt autotune`` reads.
 
 Branch by ``ctx.device.type``:
 
@@ -91,7 +92,9 @@ from ..codegen.tuning_table import (
     parse_kernels,
     tune_shape,
 )
+from ..codegen.kernels_spec import parse_kernel_configs
 from ..graph import is_constant, real_tensors, tensor_meta
+from ..report import BucketKernel
 
 aten = torch.ops.aten
 
@@ -231,22 +234,25 @@ def _select(gm: fx.GraphModule, lin: fx.Node, ctx, chooser: _Chooser | None) -> 
         return 0
     N, K, dtype = int(wv.shape[0]), int(wv.shape[1]), xv.dtype
     prefix = shape_prefix(N, K, dtype)
+    shape = {"N": N, "K": K, "dtype": dtype_name(dtype)}  # the report's structured fields
     if chooser is None:
-        ctx.report.kernel_choice(lin, "linear", "mm", f"{prefix}; CPU: the PyTorch op (aten.linear)")
+        ctx.report.kernel_choice(lin, "linear", "mm", f"{prefix}; CPU: the PyTorch op (aten.linear)", **shape)
         return 0
     if not is_constant(gm, w):
-        ctx.report.kernel_choice(lin, "linear", "mm", f"{prefix}; weight is not a frozen constant: the PyTorch op")
+        ctx.report.kernel_choice(lin, "linear", "mm", f"{prefix}; weight is not a frozen constant: the PyTorch op",
+                                 **shape)
         ctx.near_miss(lin, "weight is not a frozen constant (freeze=False or a computed weight): kept aten.linear")
         return 0
     bv = tensor_meta(b) if isinstance(b, fx.Node) else None
     if wv.dtype != dtype or (b is not None and (bv is None or bv.dtype != dtype)) or wv.device != xv.device:
-        ctx.report.kernel_choice(lin, "linear", "mm", f"{prefix}; mixed dtypes/devices: the PyTorch op")
+        ctx.report.kernel_choice(lin, "linear", "mm", f"{prefix}; mixed dtypes/devices: the PyTorch op", **shape)
         ctx.near_miss(lin, f"x {dtype}, weight {wv.dtype}, bias {bv.dtype if bv is not None else None}: "
                            "llmopt.linear needs one dtype; kept aten.linear")
         return 0
     kernels, reasons = chooser.kernels(N, K, dtype)
     if set(parse_kernels(kernels).values()) == {"mm"}:
-        ctx.report.kernel_choice(lin, "linear", "mm", _describe(N, K, dtype, kernels, reasons))
+        ctx.report.kernel_choice(lin, "linear", "mm", _describe(N, K, dtype, kernels, reasons), **shape,
+                                 buckets=_bucket_kernels(kernels, reasons))
         return 0
 
     activation, gated, out = "", None, lin
@@ -274,8 +280,17 @@ def _select(gm: fx.GraphModule, lin: fx.Node, ctx, chooser: _Chooser | None) -> 
     if epilogue:
         detail += ", epilogue: " + ", ".join(epilogue)
     ctx.rewrite(new, detail)
-    ctx.report.kernel_choice(new, "linear", kernels, _describe(N, K, dtype, kernels, reasons))
+    ctx.report.kernel_choice(new, "linear", kernels, _describe(N, K, dtype, kernels, reasons), **shape,
+                             buckets=_bucket_kernels(kernels, reasons))
     return 1
+
+
+def _bucket_kernels(kernels: str, reasons: dict[str, str]) -> list[BucketKernel]:
+    """The kernels string and its reasons as the report's per-bucket records."""
+    configs = parse_kernel_configs(kernels)
+    return [BucketKernel(bucket, kernel, dict(configs[bucket]) if configs.get(bucket) else None,
+                         reasons.get(bucket, ""))
+            for bucket, kernel in parse_kernels(kernels).items()]
 
 
 def _slice_range(node: fx.Node, source: fx.Node, width: int) -> tuple[int, int] | None:

@@ -5,7 +5,8 @@
 API the compiler's quantization pass uses; ``save_quantized`` / ``load_quantized`` store
 models as safetensors + JSON; ``load_hf_quantized`` reads GPTQ/AWQ checkpoints. The kernels
 (``llmopt::int8_weight_only_linear``, ``int4_weight_only_linear``, ``w8a8_linear``) live in
-``llmopt.codegen.quant_linear``. See docs/quantization.md.
+``llmopt.codegen.int8_weight_only``, ``int4_weight_only`` and ``w8a8``; the weight layouts
+(int4 packing) in ``llmopt.codegen.quant_packing``. See docs/quantization.md.
 """
 from .checkpoints import (
     awq_to_quantized,

@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from llmopt.codegen.quant_linear import pack_int4, unpack_int4
+from llmopt.codegen.quant_packing import pack_int4, unpack_int4
 
 from .checkpoint_files import CheckpointError, install_quantized_linear, load_safetensors, read_json_object
 from .io import unloaded_keys

@@ -10,7 +10,7 @@ matmul in the activations' dtype (exact dequantize-and-multiply semantics). ``"b
 casts the linear's input to bf16 and its output back: on CPU, PyTorch's int4 weight kernel
 is fast only for bf16 activations, so this is what makes a float32 model faster after int4
 quantization (int8 needs no cast: its float32 decode path is llmopt's generated GEMV, see
-llmopt/codegen/quant_linear_cpu.py); the extra error (activations rounded to 8 mantissa
+llmopt/codegen/int8_weight_only_cpu.py); the extra error (activations rounded to 8 mantissa
 bits, ~0.2% relative) is below the weight quantization error.
 
 ``quantize_head`` (weight-only and W8A8 configs): whether the output head (``lm_head``)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmopt.codegen.quant_linear import pack_int4
+from llmopt.codegen.quant_packing import pack_int4
 
 from .calibration import find_blocks, run_calibration
 from .config import GPTQ

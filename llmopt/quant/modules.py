@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import llmopt.codegen.quant_linear as qlin
+from llmopt.codegen import int4_weight_only, int8_weight_only, w8a8  # noqa: F401  register the ops called below
+from llmopt.codegen.quant_packing import int4pack_cpu_supported, pack_int4_for_cpu
 
 from .linears import linear_weight
 from .schemes import QuantizedWeight, dequantize, quantize_weight
@@ -66,10 +67,10 @@ class QuantizedLinear(nn.Module):
             self.scheme == "int4"
             and self.qdata.device.type == "cpu"
             and torch.bfloat16 in (self.scales.dtype, self.compute_dtype)
-            and qlin.int4pack_cpu_supported(self.out_features, self.in_features, self.group_size)
+            and int4pack_cpu_supported(self.out_features, self.in_features, self.group_size)
         )
         if use:
-            packed, sz = qlin.pack_int4_for_cpu(self.qdata, self.scales, self.zeros, self.group_size)
+            packed, sz = pack_int4_for_cpu(self.qdata, self.scales, self.zeros, self.group_size)
             self.cpu_int4_packed, self.cpu_int4_scales_zeros = packed, sz.to(torch.bfloat16)
         else:
             self.cpu_int4_packed, self.cpu_int4_scales_zeros = None, None

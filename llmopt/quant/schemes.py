@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from llmopt.codegen.quant_linear import dequantize_int4, dequantize_int8, pack_int4
+from llmopt.codegen.quant_packing import dequantize_int4, dequantize_int8, pack_int4
 
 from .config import GPTQ, Int4WeightOnly, Int8WeightOnly, W8A8, parse_quantize
 

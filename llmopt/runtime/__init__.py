@@ -7,6 +7,10 @@
 - :mod:`.cuda_graphs`: decode-step capture and replay per batch-size bucket;
 - :mod:`.speculative` / :mod:`.beam_search`: the loops behind ``generate(speculative=...)`` and
   ``generate(num_beams=...)``.
+- :mod:`.engine`: ``Engine``, continuous batching over a paged cache, a facade over
+  :mod:`.scheduler` (``Scheduler``: requests, admission, preemption, blocks; no model) and
+  :mod:`.model_runner` (``ModelRunner``: per-step plan, CUDA graphs, forward, sampling);
+- :mod:`.hf_model`: what the runtime reads from a Hugging Face model (shared by the loops).
 
 Depends on ``llmopt.codegen`` at most, never on the backend or the passes. ``transformers``
 (a test/extra dependency) is imported only when ``StaticKVCache`` is first used, so that

@@ -27,6 +27,12 @@ On CUDA the decode step is replayed from a CUDA graph per batch-size bucket
 (:mod:`~llmopt.runtime.cuda_graphs`; the batch is padded to the bucket by repeating its last
 row, and the padding is dropped from the output); the prefill runs without graphs.
 
+Structure, as gpt-fast's: :func:`generate` resolves its arguments and hands over to
+:func:`run_decode` (or to the speculative / beam-search loops); :func:`prefill` runs the
+prompts, :func:`decode_step` feeds one token per row, :func:`decode_loop` alternates
+:class:`TokenChooser` (sampling, stop tokens) and decode steps over one
+:class:`DecodeState`; :class:`StaticCacheForward` is the model call they share.
+
 Output, as Hugging Face ``generate``: ``[B, P + n]`` int64, the prompt (padding included)
 followed by the new tokens, where ``n`` is ``max_new_tokens`` or fewer when every sequence
 finished earlier; rows that finished earlier are filled with ``pad_token_id``.
@@ -34,16 +40,17 @@ finished earlier; rows that finished earlier are filled with ``pad_token_id``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import sys
 from collections.abc import Callable
 
 import torch
 
 from .cuda_graphs import DecodeGraphs, batch_bucket, pad_batch
+from .hf_model import as_token_tuple, floating_parameter, forward_parameter_names, generation_attr, unwrap_hf_model
 from .sampling import SamplingParams, make_generator, mark_seen, sample_next_token
 
-__all__ = ["generate"]
+__all__ = ["DecodeState", "StaticCacheForward", "TokenChooser", "decode_loop", "decode_step", "generate",
+           "prefill", "run_decode"]
 
 _FROM_MODEL = object()  # sentinel: "read stop tokens from the model's generation config"
 
@@ -101,7 +108,7 @@ def generate(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     input_ids, attention_mask = _check_prompts(input_ids, attention_mask)
-    hf_model = _hf_model(model)
+    hf_model = unwrap_hf_model(model)
     device, dtype = _device_and_dtype(model, hf_model, input_ids, cache)
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device)
@@ -113,34 +120,24 @@ def generate(
     if isinstance(stop_check_interval, bool) or not isinstance(stop_check_interval, int) or stop_check_interval < 1:
         raise ValueError(f"stop_check_interval must be an int >= 1, got {stop_check_interval!r}")
 
-    batch, prompt_len = input_ids.shape
+    run = dict(stops=stops, pad_id=pad_id, max_seq_len=max_seq_len, dtype=dtype, streamer=streamer, progress=progress)
     if speculative is not None or num_beams != 1:
-        # Hooks: both loops take the resolved arguments and own their caches' bookkeeping.
-        extra_loop = dict(stops=stops, pad_id=pad_id, forward_parameters=_forward_parameters(hf_model))
-        if speculative is not None:
-            from .speculative import Speculative, run_speculative
+        return _run_speculative_or_beams(model, hf_model, input_ids, attention_mask, params, max_new_tokens, cache,
+                                         speculative=speculative, num_beams=num_beams, length_penalty=length_penalty,
+                                         early_stopping=early_stopping, **run)
+    return run_decode(model, hf_model, input_ids, attention_mask, params, max_new_tokens, cache,
+                      cuda_graphs=cuda_graphs, stop_check_interval=stop_check_interval, **run)
 
-            if not isinstance(speculative, Speculative):
-                raise TypeError(f"speculative must be a llmopt.Speculative, got {type(speculative).__name__}")
-            if num_beams != 1:
-                raise ValueError("speculative decoding and beam search cannot be combined; pass one of them")
-            k = speculative.k
-            cache = _prepare_cache(cache, model, hf_model, batch, max_seq_len,
-                                   prompt_len + max_new_tokens + k, dtype, device)
-            bar = _Progress(max_new_tokens) if progress else None
-            try:
-                return run_speculative(model, hf_model, speculative, cache, input_ids, attention_mask, params,
-                                       max_new_tokens, streamer=streamer, bar=bar, **extra_loop)
-            finally:
-                if bar is not None:
-                    bar.close()
-        from .beam_search import run_beam_search
 
-        if cache is not None:
-            raise ValueError("beam search builds its own cache of batch * num_beams rows; do not pass cache=")
-        return run_beam_search(model, hf_model, input_ids, attention_mask, params, max_new_tokens,
-                               num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                               max_seq_len=max_seq_len, dtype=dtype, **extra_loop)
+def run_decode(model, hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
+               max_new_tokens: int, cache, *, stops: tuple[int, ...], pad_id: int, max_seq_len: int | None,
+               dtype: torch.dtype, cuda_graphs: bool | None, stop_check_interval: int, streamer=None,
+               progress: bool = False) -> torch.Tensor:
+    """The plain loop behind :func:`generate` (arguments resolved there): prefill, then
+    :func:`decode_loop` over a :class:`StaticKVCache`, the decode steps replayed from CUDA
+    graphs on CUDA."""
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
     use_graphs = device.type == "cuda" and cuda_graphs is not False
     if cache is not None and getattr(cache, "shape", (0,))[0] >= batch:
         cache_batch = cache.shape[0]  # a cache sized for a larger batch serves a smaller one
@@ -151,100 +148,215 @@ def generate(
         attention_mask = pad_batch(attention_mask, cache_batch)
 
     # Slots written: the prompt, then one per decode forward (the last token is never fed).
-    needed = prompt_len + max_new_tokens - 1
     cache = _prepare_cache(cache, model, hf_model, cache_batch, max_seq_len, prompt_len + max_new_tokens, dtype, device)
-    cache.reserve(needed)
-    seq_len = cache.max_seq_len
+    cache.reserve(prompt_len + max_new_tokens - 1)
+    forward = StaticCacheForward(model, hf_model, cache, attention_mask)
+    choose = TokenChooser(params, stops, pad_id, cache_batch, max_new_tokens, device)
+    state = DecodeState.start(input_ids, attention_mask, max_new_tokens, pad_id)
+    bar = _Progress(max_new_tokens) if progress else None
+    with torch.no_grad(), cache.uncounted_writes():
+        try:
+            logits = prefill(forward, input_ids, state)
+            choose.start(input_ids, attention_mask, logits)
+            decode_loop(DecodeGraphs(forward, enabled=use_graphs), logits, state, choose, max_new_tokens,
+                        real_rows=batch, stop_check_interval=stop_check_interval, streamer=streamer, bar=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+            cache.set_num_tokens(state.written)
+    return choose.trimmed(state, batch)
 
-    # One mask for the whole run: the prompt's, then ones (causality hides unwritten slots).
-    full_mask = torch.ones((cache_batch, seq_len), dtype=torch.int64, device=device)
-    full_mask[:, :prompt_len] = attention_mask
-    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    cache.set_left_padding(attention_mask)
 
-    accepts = _forward_parameters(hf_model)
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
-    wants_cache_position = "cache_position" in accepts
+def _run_speculative_or_beams(model, hf_model, input_ids, attention_mask, params, max_new_tokens, cache, *,
+                              speculative, num_beams, length_penalty, early_stopping, stops, pad_id, max_seq_len,
+                              dtype, streamer, progress) -> torch.Tensor:
+    """Hand over to the speculative or the beam-search loop; both take the resolved
+    arguments and own their caches' bookkeeping."""
+    batch, prompt_len = input_ids.shape
+    extra_loop = dict(stops=stops, pad_id=pad_id, forward_parameters=forward_parameter_names(hf_model))
+    if speculative is not None:
+        from .speculative import Speculative, run_speculative
 
-    def forward(ids: torch.Tensor, pos: torch.Tensor, *cache_position: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(extra)
+        if not isinstance(speculative, Speculative):
+            raise TypeError(f"speculative must be a llmopt.Speculative, got {type(speculative).__name__}")
+        if num_beams != 1:
+            raise ValueError("speculative decoding and beam search cannot be combined; pass one of them")
+        k = speculative.k
+        cache = _prepare_cache(cache, model, hf_model, batch, max_seq_len,
+                               prompt_len + max_new_tokens + k, dtype, input_ids.device)
+        bar = _Progress(max_new_tokens) if progress else None
+        try:
+            return run_speculative(model, hf_model, speculative, cache, input_ids, attention_mask, params,
+                                   max_new_tokens, streamer=streamer, bar=bar, **extra_loop)
+        finally:
+            if bar is not None:
+                bar.close()
+    from .beam_search import run_beam_search
+
+    if cache is not None:
+        raise ValueError("beam search builds its own cache of batch * num_beams rows; do not pass cache=")
+    return run_beam_search(model, hf_model, input_ids, attention_mask, params, max_new_tokens,
+                           num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                           max_seq_len=max_seq_len, dtype=dtype, **extra_loop)
+
+
+# -- the loop: prefill, decode step, decode loop (gpt-fast's split) --------------------------
+class StaticCacheForward:
+    """One forward of a Hugging Face causal LM over a :class:`StaticKVCache`, returning the
+    logits of each row's last position ``[B, V]``.
+
+    The attention mask is one ``[B, max_seq_len]`` tensor for the whole run: the prompt's,
+    then ones (causality hides the slots not written yet), so a decode step's inputs never
+    change shape or identity and a compiled model (or a CUDA graph) sees the same tensors.
+    """
+
+    def __init__(self, model, hf_model, cache, attention_mask: torch.Tensor):
+        self.model = model
+        self.cache = cache
+        batch, prompt_len = attention_mask.shape
+        self.full_mask = torch.ones((batch, cache.max_seq_len), dtype=torch.int64, device=attention_mask.device)
+        self.full_mask[:, :prompt_len] = attention_mask
+        cache.set_left_padding(attention_mask)
+        accepts = forward_parameter_names(hf_model)
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        self.wants_cache_position = "cache_position" in accepts
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, *cache_position: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(self.extra)
         if cache_position:
             kwargs["cache_position"] = cache_position[0]
-        out = model(
+        out = self.model(
             input_ids=ids,
-            attention_mask=full_mask,
+            attention_mask=self.full_mask,
             position_ids=pos,
-            past_key_values=cache,
+            past_key_values=self.cache,
             use_cache=True,
             **kwargs,
         )
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -1, :]
 
-    decode_step = DecodeGraphs(forward, enabled=use_graphs)
-    generator = make_generator(params.seed, device)
-    stop_tensor = torch.tensor(stops, dtype=torch.int64, device=device) if stops else None
 
-    tokens = torch.full((cache_batch, prompt_len + max_new_tokens), pad_id, dtype=torch.int64, device=device)
-    tokens[:, :prompt_len] = input_ids
-    finished = torch.zeros(cache_batch, dtype=torch.bool, device=device)
-    finished_at = torch.full((cache_batch,), max_new_tokens, dtype=torch.int64, device=device)
-    bar = _Progress(max_new_tokens) if progress else None
+@dataclasses.dataclass
+class DecodeState:
+    """What the loop carries from step to step: ``tokens`` ``[B, P + max_new_tokens]`` (the
+    prompts, then the chosen tokens; pad where nothing was chosen yet or a row finished),
+    ``position``: the prompts' positions ``[B, P]`` until the prefill, then the position
+    ``[B, 1]`` of the last fed token, and ``cache_position`` ``[1]`` (both advanced in
+    place: a CUDA graph replays the same tensors); ``steps`` tokens chosen, ``written``
+    cache slots filled."""
 
-    written = 0
-    steps = 0
-    with torch.no_grad(), cache.uncounted_writes():
-        try:
-            if wants_cache_position:
-                cache_position = torch.arange(prompt_len, device=device)
-                logits = forward(input_ids, positions, cache_position)
-                cache_position = cache_position[-1:].clone()
-            else:
-                logits = forward(input_ids, positions)
-            written = prompt_len
-            seen = None
-            if params.repetition_penalty != 1.0:
-                seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
-                mark_seen(seen, input_ids, valid=attention_mask.bool())
-            position = positions[:, -1:].clone()
-            for step in range(max_new_tokens):
-                next_tokens = sample_next_token(logits, params, generator, seen)
-                next_tokens = torch.where(finished, pad_id, next_tokens)
-                tokens[:, prompt_len + step] = next_tokens
-                steps = step + 1
-                if seen is not None:
-                    mark_seen(seen, next_tokens)
-                if stop_tensor is not None:
-                    # Broadcast compare, not torch.isin: isin may sort/unique (a sync on CUDA).
-                    newly = (next_tokens[:, None] == stop_tensor[None, :]).any(-1) & ~finished
-                    finished_at.masked_fill_(newly, step + 1)
-                    finished |= newly
-                if streamer is not None:
-                    streamer(step, next_tokens[:batch])
-                if bar is not None:
-                    bar.update()
-                if steps == max_new_tokens:
-                    break
-                if stop_tensor is not None and steps % stop_check_interval == 0 and bool(finished[:batch].all()):
-                    break
-                position.add_(1)
-                if wants_cache_position:
-                    cache_position.add_(1)
-                    logits = decode_step(next_tokens[:, None], position, cache_position)
-                else:
-                    logits = decode_step(next_tokens[:, None], position)
-                written += 1
-        finally:
-            if bar is not None:
-                bar.close()
-            cache.set_num_tokens(written)
+    tokens: torch.Tensor
+    position: torch.Tensor
+    prompt_len: int
+    cache_position: torch.Tensor | None = None
+    steps: int = 0
+    written: int = 0
 
-    generated = steps
-    if stop_tensor is not None:
-        # Exactly where Hugging Face stops: when the last real row produced its stop token.
-        per_row = torch.where(finished, finished_at, steps)[:batch]
-        generated = int(per_row.max())
-    return tokens[:batch, : prompt_len + generated]
+    @classmethod
+    def start(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, pad_id: int):
+        batch, prompt_len = input_ids.shape
+        tokens = torch.full((batch, prompt_len + max_new_tokens), pad_id, dtype=torch.int64, device=input_ids.device)
+        tokens[:, :prompt_len] = input_ids
+        # Position ids count real tokens only, as Hugging Face generate does.
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        return cls(tokens=tokens, position=positions, prompt_len=prompt_len)
+
+
+def prefill(forward: StaticCacheForward, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    """Run the prompts ``[B, P]`` into the cache in one forward; returns the logits of each
+    row's last token and leaves ``state`` at the last prompt position."""
+    prompt_len = input_ids.shape[1]
+    positions = state.position
+    if forward.wants_cache_position:
+        cache_position = torch.arange(prompt_len, device=input_ids.device)
+        logits = forward(input_ids, positions, cache_position)
+        state.cache_position = cache_position[-1:].clone()
+    else:
+        logits = forward(input_ids, positions)
+    state.written = prompt_len
+    state.position = positions[:, -1:].clone()
+    return logits
+
+
+def decode_step(decode: Callable, next_tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    """Feed one token per row at the next position; returns the logits ``[B, V]`` after it.
+    ``decode`` is the forward or its CUDA-graph replay (:class:`DecodeGraphs`)."""
+    state.position.add_(1)
+    if state.cache_position is not None:
+        state.cache_position.add_(1)
+        logits = decode(next_tokens[:, None], state.position, state.cache_position)
+    else:
+        logits = decode(next_tokens[:, None], state.position)
+    state.written += 1
+    return logits
+
+
+class TokenChooser:
+    """Chooses each step's tokens on the device (:func:`sample_next_token`), pads the rows
+    that finished, and tracks where each row produced its stop token."""
+
+    def __init__(self, params: SamplingParams, stops: tuple[int, ...], pad_id: int, batch: int,
+                 max_new_tokens: int, device: torch.device):
+        self.params = params
+        self.pad_id = pad_id
+        self.generator = make_generator(params.seed, device)
+        self.stops = torch.tensor(stops, dtype=torch.int64, device=device) if stops else None
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.finished_at = torch.full((batch,), max_new_tokens, dtype=torch.int64, device=device)
+        self.seen = None
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Record the prompts' tokens for the repetition penalty (when there is one)."""
+        if self.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+            mark_seen(self.seen, input_ids, valid=attention_mask.bool())
+
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """The tokens ``[B]`` of decode step ``step`` (0-based); pad for finished rows."""
+        next_tokens = sample_next_token(logits, self.params, self.generator, self.seen)
+        next_tokens = torch.where(self.finished, self.pad_id, next_tokens)
+        if self.seen is not None:
+            mark_seen(self.seen, next_tokens)
+        if self.stops is not None:
+            # Broadcast compare, not torch.isin: isin may sort/unique (a sync on CUDA).
+            newly = (next_tokens[:, None] == self.stops[None, :]).any(-1) & ~self.finished
+            self.finished_at.masked_fill_(newly, step + 1)
+            self.finished |= newly
+        return next_tokens
+
+    def all_finished(self, real_rows: int) -> bool:
+        """Whether every real row has produced a stop token (reads a flag: a host sync)."""
+        return self.stops is not None and bool(self.finished[:real_rows].all())
+
+    def trimmed(self, state: DecodeState, real_rows: int) -> torch.Tensor:
+        """The output: the real rows, up to where the last of them stopped, as Hugging Face."""
+        generated = state.steps
+        if self.stops is not None:
+            per_row = torch.where(self.finished, self.finished_at, state.steps)[:real_rows]
+            generated = int(per_row.max())
+        return state.tokens[:real_rows, : state.prompt_len + generated]
+
+
+def decode_loop(decode: Callable, logits: torch.Tensor, state: DecodeState, choose: TokenChooser,
+                max_new_tokens: int, *, real_rows: int, stop_check_interval: int,
+                streamer: Callable[[int, torch.Tensor], None] | None = None, bar=None) -> None:
+    """Choose a token from ``logits``, feed it, repeat: up to ``max_new_tokens`` tokens,
+    fewer when every real row stopped (checked every ``stop_check_interval`` steps: the
+    check is the loop's only host sync)."""
+    for step in range(max_new_tokens):
+        next_tokens = choose(logits, step)
+        state.tokens[:, state.prompt_len + step] = next_tokens
+        state.steps = step + 1
+        if streamer is not None:
+            streamer(step, next_tokens[:real_rows])
+        if bar is not None:
+            bar.update()
+        if state.steps == max_new_tokens:
+            break
+        if state.steps % stop_check_interval == 0 and choose.all_finished(real_rows):
+            break
+        logits = decode_step(decode, next_tokens, state)
 
 
 # -- argument resolution ------------------------------------------------------------------
@@ -292,68 +404,26 @@ def _check_prompts(input_ids, attention_mask):
     return input_ids, attention_mask
 
 
-def _hf_model(model):
-    """The Hugging Face model inside ``model`` (itself, or the module a torch.compile wraps)."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return None
-    if isinstance(model, PreTrainedModel):
-        return model
-    if isinstance(model, torch.nn.Module):
-        return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    return None
-
-
 def _device_and_dtype(model, hf_model, input_ids, cache):
     if cache is not None:
         return cache.device, cache.dtype
-    module = hf_model if hf_model is not None else model
-    if isinstance(module, torch.nn.Module):
-        floating = [p for p in module.parameters() if p.is_floating_point()]
-        if floating:
-            return floating[0].device, floating[0].dtype
+    weight = floating_parameter(hf_model if hf_model is not None else model)
+    if weight is not None:
+        return weight.device, weight.dtype
     return input_ids.device, torch.float32
-
-
-def _forward_parameters(hf_model) -> set[str]:
-    if hf_model is None:
-        return set()
-    try:
-        return set(inspect.signature(hf_model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _generation_attr(hf_model, name):
-    for source in (getattr(hf_model, "generation_config", None), getattr(hf_model, "config", None)):
-        value = getattr(source, name, None) if source is not None else None
-        if value is not None:
-            return value
-    return None
-
-
-def _as_token_tuple(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, torch.Tensor):
-        value = value.flatten().tolist()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
 
 
 def _resolve_stop_tokens(stop_token_ids, params: SamplingParams, hf_model) -> tuple[int, ...]:
     if stop_token_ids is not _FROM_MODEL:
-        return SamplingParams(stop_token_ids=_as_token_tuple(stop_token_ids)).stop_token_ids
+        return SamplingParams(stop_token_ids=as_token_tuple(stop_token_ids)).stop_token_ids
     if params.stop_token_ids is not None:
         return params.stop_token_ids
-    return _as_token_tuple(_generation_attr(hf_model, "eos_token_id")) if hf_model is not None else ()
+    return as_token_tuple(generation_attr(hf_model, "eos_token_id")) if hf_model is not None else ()
 
 
 def _resolve_pad_token(pad_token_id, hf_model, stops) -> int:
     if pad_token_id is None and hf_model is not None:
-        pad_token_id = _generation_attr(hf_model, "pad_token_id")
+        pad_token_id = generation_attr(hf_model, "pad_token_id")
     if pad_token_id is None:
         pad_token_id = stops[0] if stops else 0
     if isinstance(pad_token_id, (list, tuple)):

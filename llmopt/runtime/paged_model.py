@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from ..codegen import attention_paged as _paged_ops  # noqa: F401  (registers the llmopt::paged_* ops)
-from .generate import _forward_parameters, _hf_model
+from .hf_model import forward_parameter_names, text_config, unwrap_hf_model
 from .paged_cache import PagedAttentionMetadata
 
 __all__ = ["ATTENTION_NAME", "PagedModelRunner", "paged_attention_forward", "register_paged_attention"]
@@ -126,7 +126,7 @@ class PagedModelRunner:
 
     def __init__(self, model):
         self.model = model
-        self.hf_model = _hf_model(model)
+        self.hf_model = unwrap_hf_model(model)
         if self.hf_model is None or not hasattr(self.hf_model, "config"):
             raise TypeError(
                 f"llmopt.Engine needs a Hugging Face causal LM (transformers PreTrainedModel), or "
@@ -141,7 +141,7 @@ class PagedModelRunner:
         register_paged_attention()
         self.previous_attention = self.hf_model.config._attn_implementation
         self._select(ATTENTION_NAME)
-        self.wants_logits_to_keep = "logits_to_keep" in _forward_parameters(self.hf_model)
+        self.wants_logits_to_keep = "logits_to_keep" in forward_parameter_names(self.hf_model)
 
     def _select(self, name: str) -> None:
         setter = getattr(self.hf_model, "set_attn_implementation", None)
@@ -155,25 +155,15 @@ class PagedModelRunner:
         if self.previous_attention is not None and self.hf_model.config._attn_implementation == ATTENTION_NAME:
             self._select(self.previous_attention)
 
-    def _text_config(self):
-        cfg = self.hf_model.config
-        getter = getattr(cfg, "get_text_config", None)
-        if getter is not None:
-            try:
-                cfg = getter(decoder=True)
-            except TypeError:
-                cfg = getter()
-        return cfg
-
     @property
     def num_layers(self) -> int:
-        return int(self._text_config().num_hidden_layers)
+        return int(text_config(self.hf_model).num_hidden_layers)
 
     @property
     def num_q_heads(self) -> int:
         """Query heads of a decoder attention (a layer whose query differs, e.g. a sharded
         one, re-plans on first use)."""
-        return int(getattr(self._text_config(), "num_attention_heads", 0) or 0)
+        return int(getattr(text_config(self.hf_model), "num_attention_heads", 0) or 0)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: PagedAttentionMetadata,
                  logits_rows: torch.Tensor | None = None, *, model=None) -> torch.Tensor:

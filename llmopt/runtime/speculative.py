@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .hf_model import floating_parameter, forward_parameter_names, text_config, unwrap_hf_model
 from .sampling import SamplingParams, top_k_filter, top_p_filter
 
 __all__ = [
@@ -307,9 +308,7 @@ def layer_skip_draft(model, num_layers: int):
     every weight with ``model`` (nothing is copied) and has its own config saying
     ``num_hidden_layers=num_layers``; compile it like any model.
     """
-    from .generate import _hf_model
-
-    hf = _hf_model(model)
+    hf = unwrap_hf_model(model)
     if hf is None:
         raise TypeError(f"layer_skip needs a Hugging Face causal LM, got {type(model).__name__}")
     base_name = getattr(hf, "base_model_prefix", "model")
@@ -370,7 +369,6 @@ def run_speculative(
     bar=None,
 ) -> torch.Tensor:
     """The speculative loop behind ``generate(..., speculative=...)`` (arguments resolved there)."""
-    from .generate import _forward_parameters, _hf_model
     from .sampling import make_generator, sample_next_token
     from .static_cache import KVCacheFullError, StaticKVCache
 
@@ -392,7 +390,7 @@ def run_speculative(
         proposer = NgramProposer(speculative.ngram, speculative.ngram_min, k)
     else:
         draft = speculative.draft if speculative.draft is not None else layer_skip_draft(model, speculative.layer_skip)
-        hf_draft = _hf_model(draft)
+        hf_draft = unwrap_hf_model(draft)
         draft_vocab = _vocab_size(hf_draft)
         if draft_vocab is not None and target_vocab is not None and draft_vocab != target_vocab:
             raise ValueError(
@@ -402,12 +400,12 @@ def run_speculative(
         config = getattr(hf_draft, "config", None) or getattr(draft, "config", None)
         if config is None:
             raise ValueError("the draft model has no Hugging Face config to size its KV cache from")
-        weight = next((p for p in (hf_draft or draft).parameters() if p.is_floating_point()), None)
+        weight = floating_parameter(hf_draft or draft)
         # The draft writes at most k + 1 slots past the target's reservation (module doc). Its
         # size follows the target cache's, not the request: a compiled draft is not re-traced.
         draft_cache = StaticKVCache(config, batch_size=batch, max_seq_len=cache.max_seq_len + k + 1,
                                     dtype=weight.dtype if weight is not None else cache.dtype, device=device)
-        proposer = DraftModelProposer(draft, draft_cache, k, _forward_parameters(hf_draft), attention_mask,
+        proposer = DraftModelProposer(draft, draft_cache, k, forward_parameter_names(hf_draft), attention_mask,
                                       prompt_len - (attention_mask.cumsum(-1) == 0).sum(-1) + max_new_tokens - 2)
 
     full_mask = torch.ones((batch, cache.max_seq_len), dtype=torch.int64, device=device)
@@ -529,13 +527,4 @@ def run_speculative(
 
 
 def _vocab_size(hf_model) -> int | None:
-    config = getattr(hf_model, "config", None)
-    if config is None:
-        return None
-    getter = getattr(config, "get_text_config", None)
-    if getter is not None:
-        try:
-            config = getter(decoder=True)
-        except TypeError:
-            config = getter()
-    return getattr(config, "vocab_size", None)
+    return getattr(text_config(hf_model), "vocab_size", None)

@@ -17,10 +17,12 @@ import triton.language as tl
 
 from conftest import assert_close, count_allocations, poisoned
 
-import llmopt.codegen.quant_linear as ql
+import llmopt.codegen.int4_weight_only as i4
+from llmopt.codegen.quant_launch import autotune_configs
+from llmopt.codegen.quant_packing import pack_int4
 from llmopt.codegen import tuning_table
 from llmopt.codegen.device_math import apply_activation, tanh
-from llmopt.model_spec import PRESETS
+from llmopt.tools.model_spec import PRESETS
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -50,7 +52,7 @@ def test_int4_config_selection_keeps_every_k_tile_inside_one_group(n, k):
             continue
         for m_bucket in (1, 2, 4, 16, 64):
             for name in ("int4_gemv", "int4_gemm"):
-                configs = ql.autotune_configs(name, K=k, M_BUCKET=m_bucket, GROUP_SIZE=group)
+                configs = autotune_configs(name, K=k, M_BUCKET=m_bucket, GROUP_SIZE=group)
                 assert configs, (name, group, m_bucket)
                 assert all(group % c["BLOCK_K"] == 0 for c in configs), (name, group, m_bucket, configs)
 
@@ -63,20 +65,20 @@ def test_int4_gemv_group_32_with_the_cuda_configs_matches_fp64(triton_kernels, m
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     scales = torch.rand(n, k // group) * 0.02 + 1e-3
     zeros = torch.randint(0, 16, (n, k // group)).float()
-    packed = ql.pack_int4(q)
+    packed = pack_int4(q)
     x = torch.randn(m, k)
-    truth = ql.int4_weight_only_linear_ref(x.double(), packed, scales.double(), zeros.double(), group)
-    configs = ql.autotune_configs("int4_gemv", K=k, M_BUCKET=m, GROUP_SIZE=group)
+    truth = i4.int4_weight_only_linear_ref(x.double(), packed, scales.double(), zeros.double(), group)
+    configs = autotune_configs("int4_gemv", K=k, M_BUCKET=m, GROUP_SIZE=group)
     for config in sorted(configs, key=lambda c: c["BLOCK_N"])[:2]:
-        out = ql.int4_weight_only_linear_triton(x, packed, scales, zeros, group, config=config,
+        out = i4.int4_weight_only_linear_triton(x, packed, scales, zeros, group, config=config,
                                                 out=poisoned((m, n), torch.float32))
         assert_close(out, truth, torch.float32, f"int4 GEMV group 32 with {config}")
 
 
 def test_int4_rejects_a_config_that_straddles_groups(triton_kernels):
-    packed = ql.pack_int4(torch.zeros(16, 64, dtype=torch.uint8))
+    packed = pack_int4(torch.zeros(16, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="straddles groups"):
-        ql.int4_weight_only_linear_triton(torch.randn(1, 64), packed, torch.ones(16, 2), torch.zeros(16, 2), 32,
+        i4.int4_weight_only_linear_triton(torch.randn(1, 64), packed, torch.ones(16, 2), torch.zeros(16, 2), 32,
                                           config={"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2})
 
 
@@ -237,7 +239,7 @@ def test_every_launcher_launches_on_its_tensors_device():
     """Triton launches on the current CUDA device, not on the tensors': every launcher must
     make its tensors' device current. All launchers, driven by the GPU build check's
     exercises on fake ``cuda:1`` tensors, with each launch's current device recorded."""
-    from llmopt import gpu_build
+    from llmopt.tools import gpu_build
 
     token = gpu_build.EXERCISE_DEVICE.set("cuda:1")
     try:
@@ -258,7 +260,7 @@ def test_paged_decode_plans_once_per_step_and_runs_per_layer(monkeypatch):
     plan takes the decisions the launcher took (split count, kernel config) and allocates the
     one workspace; each of the L layers then launches with the plan's split count and
     allocates nothing."""
-    from llmopt import gpu_build
+    from llmopt.tools import gpu_build
     from llmopt.codegen import attention_decode as ad
     from llmopt.codegen import attention_paged as ap
 

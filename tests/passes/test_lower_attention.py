@@ -3,7 +3,9 @@
 Read as a specification: SDPA and explicit ("eager") attention, GQA through
 ``repeat_kv`` / ``repeat_interleave`` / a broadcasting matmul, masks that are proven
 (causal, sliding window, an offset into the keys) and masks that are not (passed to the
-kernel as they are), and the cases that must be left alone with a reason.
+kernel as they are), and the cases that must be left alone with a reason. The pass is
+the package ``llmopt/passes/attention``; its mask proofs are also tested on their own in
+test_attention_masks.py.
 """
 import math
 from types import SimpleNamespace

@@ -141,7 +141,7 @@ def test_cpu_keeps_the_pytorch_op_and_reports_every_linear():
 
 
 def test_quantized_linears_are_left_alone_and_listed():
-    from llmopt.codegen import quant_linear  # noqa: F401  registers the quantized ops
+    from llmopt.codegen import int4_weight_only, int8_weight_only, w8a8  # noqa: F401  registers the quantized ops
 
     class Int8Linear(nn.Module):
         def __init__(self):

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from quant.quant_fixtures import tiny_llama, token_batches
 
-import llmopt.codegen.quant_linear as ql
+from llmopt.codegen.quant_packing import pack_int4, unpack_int4
 from llmopt.quant import (
     QuantizedLinear, QuantizedWeight, awq_to_quantized, dequantize, gptq_to_quantized, load_hf_quantized,
     quantize_weight, quantized_to_awq, quantized_to_gptq,
@@ -109,7 +109,7 @@ def test_awq_layout_round_trip():
 def test_gptq_v1_cannot_store_zero_point_zero():
     codes, zeros, scales = _known()
     zeros[0, 0] = 0
-    qw = QuantizedWeight("int4", ql.pack_int4(codes), scales, zeros.float(), 32)
+    qw = QuantizedWeight("int4", pack_int4(codes), scales, zeros.float(), 32)
     with pytest.raises(ValueError, match="gptq_v2"):
         quantized_to_gptq(qw, zero_offset=1)
 
@@ -120,7 +120,7 @@ def _write_checkpoint(tmp_path, model, method, tensors_of):
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             qw = quantize_weight(module.weight.detach(), "int4-g32")
-            codes = ql.unpack_int4(qw.data).long()
+            codes = unpack_int4(qw.data).long()
             for key, value in tensors_of(codes, qw.zeros.long(), qw.scales).items():
                 state[f"{name}.{key}"] = value
     for key, value in model.state_dict().items():

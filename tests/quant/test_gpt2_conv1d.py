@@ -85,7 +85,7 @@ def test_gptq_on_gpt2():
     calibration = [tokens(2, 32, seed=s) for s in range(2)]
     model = quantize_(_gpt2(), GPTQ(group_size=32), calibration=calibration)
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == CONV1D_PER_LAYER * NUM_LAYERS
-    assert relative_error(_logits(model, ids), ref) <= LOGIT_BOUNDS["int4-g32"]
+    assert relative_error(_logits(model, ids), ref) <= LOGIT_BOUNDS["gptq-g32"]
 
 
 def test_nothing_quantized_warns_with_the_count_and_the_reasons():

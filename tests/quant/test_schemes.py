@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from conftest import assert_close
 
-import llmopt.codegen.quant_linear as ql
+from llmopt.codegen.quant_packing import int4pack_cpu_supported
+from llmopt.codegen.w8a8 import quantize_rows_int8_ref
 from llmopt.quant import (
     GPTQ, W8A8, Int4WeightOnly, Int8WeightOnly, QuantizedLinear, QuantizedWeight, concat_quantized, dequantize,
     dequantize_kv, kv_head_scales, quantize_kv, quantize_weight,
@@ -118,7 +119,7 @@ def test_quantized_linear_matches_dequantized_matmul(cfg, kernels, request):
     layer = QuantizedLinear.from_linear(linear, cfg)
     x = torch.randn(2, 5, 64)
     if cfg.name == "w8a8":
-        xq, sx = ql.quantize_rows_int8_ref(x.reshape(-1, 64))
+        xq, sx = quantize_rows_int8_ref(x.reshape(-1, 64))
         truth = ((xq.double() * sx.double()[:, None]) @ dequantize(layer.qweight, torch.float64).t()).reshape(2, 5, 24)
     else:
         truth = x.double() @ dequantize(layer.qweight, torch.float64).t()
@@ -126,7 +127,7 @@ def test_quantized_linear_matches_dequantized_matmul(cfg, kernels, request):
     assert_close(layer(x), truth, torch.float32, str(cfg))
 
 
-@pytest.mark.skipif(not ql.int4pack_cpu_supported(32, 64, 32), reason="torch has no CPU int4 weight-pack kernel")
+@pytest.mark.skipif(not int4pack_cpu_supported(32, 64, 32), reason="torch has no CPU int4 weight-pack kernel")
 def test_bf16_int4_module_uses_the_cpu_layout_and_matches(reference_kernels):
     layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 32), Int4WeightOnly(group_size=32)).to(torch.bfloat16)
     assert layer.cpu_int4_packed is not None
@@ -149,7 +150,7 @@ def test_compute_dtype_bf16_on_a_float32_layer(reference_kernels):
         assert y.dtype == torch.float32
         truth = x.double() @ dequantize(layer.qweight, torch.float64).t() + linear.bias.double()
         assert_close(y, truth, torch.bfloat16, str(cfg))
-    if ql.int4pack_cpu_supported(32, 64, 32):
+    if int4pack_cpu_supported(32, 64, 32):
         assert layer.cpu_int4_packed is not None
 
 

@@ -24,6 +24,7 @@ from conftest import needs_transformers  # noqa: E402
 from llmopt.runtime import SamplingParams, generate  # noqa: E402
 from runtime.tiny_lm import BOS, EOS, PAD, VOCAB  # noqa: E402,F401
 from runtime.tiny_lm import tiny_model as _tiny_model  # noqa: E402
+from runtime.engine_workload import run_with_arrivals  # noqa: E402
 from llmopt.runtime.engine import Engine, StepOutput  # noqa: E402
 from llmopt.runtime.paged_cache import KVCacheExhaustedError  # noqa: E402
 from llmopt.runtime.paged_model import ATTENTION_NAME  # noqa: E402
@@ -43,24 +44,6 @@ def alone(model, prompt, max_new, **kw):
     kw.setdefault("stop_token_ids", ())
     out = generate(model, torch.tensor([prompt]), max_new, **kw)
     return out[0, len(prompt):].tolist()
-
-
-def run_with_arrivals(engine, arrivals, params):
-    """Add request i at step arrivals[i]; step until all are done. Returns (ids, streamed)."""
-    ids, streamed = {}, {}
-
-    def record(rid, token, finished):
-        streamed.setdefault(rid, []).append((token, finished))
-
-    step = 0
-    while len(ids) < len(arrivals) or engine.has_unfinished():
-        for i, (at, prompt) in enumerate(arrivals):
-            if at == step:
-                ids[i] = engine.add_request(prompt, params[i], callback=record)
-        engine.step()
-        step += 1
-        assert step < 500, "the engine made no progress"
-    return ids, streamed
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,7 +188,7 @@ def check_cache_bookkeeping(engine):
     """Blocks in use are exactly those the running requests' tables hold, each counted
     once per holder; nothing else holds a block."""
     cache = engine.cache
-    assert set(cache.sequences) == {r.id for r in engine._running}
+    assert set(cache.sequences) == {r.id for r in engine.scheduler.running}
     holders = collections.Counter(b for sid in cache.sequences for b in cache.block_table(sid))
     assert sorted(holders) == sorted(cache.allocator.used_blocks()), "a leaked or unowned block"
     for block, count in holders.items():
@@ -284,7 +267,7 @@ def run_random_workload(engine, requests, prompts, params, expected, forks, poli
         assert engine.output(rid) == expected[i], f"request {i}"
         assert streamed.get(rid, []) == expected[i], f"request {i} streamed"
     for rid, parent in children:
-        if engine._requests[rid].finish_reason != "abort":  # aborted with a parent that finished first
+        if engine.scheduler.requests[rid].finish_reason != "abort":  # aborted with a parent that finished first
             assert engine.output(rid) == expected[parent], "a greedy fork continues like its parent"
     assert engine.cache.num_free_blocks == num_blocks and engine.stats.peak_blocks_used <= num_blocks
     if policy == "decode_first" and not children:
@@ -312,7 +295,7 @@ def test_decode_first_keeps_running_requests_decoding():
         ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         step, stalls = 0, 0
         while engine.has_unfinished():
-            running = {r.id for r in engine._running if r.output}
+            running = {r.id for r in engine.scheduler.running if r.output}
             produced = {out.request_id for out in engine.step()}
             stalls += len(running - produced)
             for out_id in produced:
@@ -341,7 +324,7 @@ def test_stream_yields_each_token_when_its_step_ends():
             assert out.finished == (len(got[index]) == news[index])
         assert [got[i] for i in range(3)] == expected
         assert order[:3] == [0, 1, 2], "the first step gives every request its first token"
-        assert not engine.has_unfinished() and not engine._requests, "finished requests are released"
+        assert not engine.has_unfinished() and not engine.scheduler.requests, "finished requests are released"
         # leaving the loop early aborts what is left and frees its blocks
         for _ in engine.stream(prompts, SamplingParams(max_new_tokens=10, stop_token_ids=())):
             break
@@ -447,9 +430,9 @@ def test_bucketed_decode_path_falls_back_on_cpu():
     news = [6, 3, 5]
     expected = [alone(model, p, n) for p, n in zip(prompts, news)]
     with Engine(model, max_num_seqs=3, block_size=4, max_model_len=32, cuda_graphs=True) as engine:
-        assert engine._graphs.enabled
+        assert engine.runner.graphs.enabled
         got = engine.generate(prompts, [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in news])
-        assert engine._buckets == (1, 2, 4)
+        assert engine.runner.buckets == (1, 2, 4)
         assert engine.stats.decode_only_steps > 0
     assert got == expected
 
@@ -485,7 +468,7 @@ def test_max_model_len_ends_a_request():
         rid = engine.add_request(list(range(3, 9)), SamplingParams(max_new_tokens=50, stop_token_ids=()))
         while engine.has_unfinished():
             engine.step()
-        assert len(engine.output(rid)) == 4 and engine._requests[rid].finish_reason == "length"
+        assert len(engine.output(rid)) == 4 and engine.scheduler.requests[rid].finish_reason == "length"
 
 
 def test_bad_requests_and_arguments():

@@ -193,7 +193,7 @@ def test_a_raising_forward_preempts_the_step_and_the_engine_goes_on():
     prompts = [random_prompt(n, seed) for n, seed in ((7, 10), (3, 11), (12, 12))]
     base = [greedy_alone(tuple(p)) for p in prompts]
     engine = Engine(engine_model(), max_num_seqs=3, block_size=4, max_model_len=MAX_MODEL_LEN)
-    forward = engine._forward
+    forward = engine.runner.forward
     calls = []
 
     def fails_on_steps_2_and_5(*args):
@@ -203,7 +203,7 @@ def test_a_raising_forward_preempts_the_step_and_the_engine_goes_on():
             raise RuntimeError("simulated failure after the K/V append")
         return logits
 
-    engine._forward = fails_on_steps_2_and_5
+    engine.runner.forward = fails_on_steps_2_and_5
     ids = [engine.add_request(p, greedy(6)) for p in prompts]
     failures = 0
     while engine.has_unfinished():
@@ -226,7 +226,7 @@ def test_a_raising_forward_preempts_the_step_and_the_engine_goes_on():
 def check_invariants(engine) -> None:
     """The engine's bookkeeping, after any operation."""
     cache, alloc = engine.cache, engine.cache.allocator
-    running, waiting = engine._running, engine._waiting
+    running, waiting = engine.scheduler.running, engine.scheduler.waiting
     # every block accounted for: free or held, never both, nothing else
     free = alloc._free
     assert len(set(free)) == len(free), "a block is twice in the free list"
@@ -250,7 +250,7 @@ def check_invariants(engine) -> None:
         assert all(c.state == "forking" and c.parent is req for c in req.children)
     seats = len(running) + sum(len(r.children) for r in running)
     assert seats <= engine.max_num_seqs, f"{seats} sequences running or forking, max_num_seqs={engine.max_num_seqs}"
-    for req in engine._requests.values():
+    for req in engine.scheduler.requests.values():
         if req.state == "finished":
             assert req not in running and req not in waiting and not req.children and req.id not in cache
 
@@ -348,7 +348,7 @@ class EngineOperations(RuleBasedStateMachine):
                 continue
             exp.checked = True
             out = engine.output(rid)
-            reason = engine._requests[rid].finish_reason
+            reason = engine.scheduler.requests[rid].finish_reason
             assert tuple(out) == exp.base[:len(out)], f"request {rid} ({reason}) differs from its tokens alone"
             streamed = [t for t, _ in exp.streamed]
             assert streamed == out[len(out) - len(streamed):], f"request {rid} streamed other tokens"
@@ -400,9 +400,9 @@ class EngineOperations(RuleBasedStateMachine):
         try:
             child = self.engine.fork(parent, callback=self.callback(exp))
         except ValueError as error:
-            req, engine = self.engine._requests[parent], self.engine
+            req, engine = self.engine.scheduler.requests[parent], self.engine
             family = 2 + len(req.children)
-            no_seat = req.state == "running" and engine._seats_used() == engine.max_num_seqs
+            no_seat = req.state == "running" and engine.scheduler.seats_used() == engine.max_num_seqs
             assert req.state in ("finished", "forking") or family > engine.max_num_seqs or no_seat, str(error)
             return
         self.expected[child] = exp
@@ -430,19 +430,19 @@ class EngineOperations(RuleBasedStateMachine):
     @rule()
     def step_whose_forward_raises(self):
         engine = self.engine
-        forward = engine._forward
+        forward = engine.runner.forward
 
         def fails(*args):
             forward(*args)  # the K/V of the step are written, then:
             raise RuntimeError("simulated forward failure")
 
-        engine._forward = fails
+        engine.runner.forward = fails
         try:
             engine.step()
         except RuntimeError as error:
             assert "simulated forward failure" in str(error)
         finally:
-            del engine._forward
+            del engine.runner.forward
 
     @invariant()
     def bookkeeping(self):

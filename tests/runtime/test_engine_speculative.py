@@ -1,5 +1,5 @@
 """``Engine(model, speculative=Speculative(ngram=n, k=k))``: speculative decode steps in the
-continuous-batching engine (llmopt/runtime/engine.py, ``_speculative_step``).
+continuous-batching engine (llmopt/runtime/engine.py, ``_speculative_step``, and engine_speculation.py).
 
 Oracle: greedy tokens equal ``llmopt.generate`` on each request alone (requests arriving at
 different steps, of different lengths, with stop tokens), each request accepting its own
@@ -21,6 +21,7 @@ from llmopt.runtime.paged_cache import PagedKVCache  # noqa: E402
 from llmopt.runtime.speculative import Speculative  # noqa: E402
 from runtime.tiny_lm import VOCAB  # noqa: E402
 from runtime.tiny_lm import tiny_model as _tiny_model  # noqa: E402
+from runtime.engine_workload import run_with_arrivals  # noqa: E402
 
 LENGTHS = [5, 17, 9, 12]
 NEW = [20, 9, 16, 24]
@@ -64,19 +65,9 @@ def alone(model, prompt, max_new, stops=()):
 
 
 def run(engine, arrivals, params):
-    ids, streamed, step = {}, {}, 0
-
-    def record(request_id, token, finished):
-        streamed.setdefault(request_id, []).append(token)
-
-    while len(ids) < len(arrivals) or engine.has_unfinished():
-        for i, (at, prompt) in enumerate(arrivals):
-            if at == step:
-                ids[i] = engine.add_request(prompt, params[i], callback=record)
-        engine.step()
-        step += 1
-        assert step < 500
-    return ids, streamed
+    """The workload; returns (ids, request id -> its streamed tokens)."""
+    ids, streamed = run_with_arrivals(engine, arrivals, params)
+    return ids, {rid: [token for token, _ in tokens] for rid, tokens in streamed.items()}
 
 
 @pytest.mark.parametrize("kind, k, proposer", [("llama", 3, "ngram"), ("gpt2", 5, "ngram"), ("llama", 4, "draft"),

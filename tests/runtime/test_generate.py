@@ -45,6 +45,31 @@ def hf_greedy(model, ids, mask, new, **kwargs):
 
 
 # -- greedy parity with Hugging Face -------------------------------------------------------
+def test_prefill_and_decode_steps_compose_to_generate():
+    """The loop's parts, driven by hand (gpt-fast's shape): a prefill, then one decode step
+    per token, with the greedy choice in between, give generate's tokens."""
+    from llmopt.runtime.generate import DecodeState, StaticCacheForward, TokenChooser, decode_step, prefill
+
+    model = tiny_model("llama")
+    ids, mask = ragged_prompts(2)
+    new = 6
+    expected = generate(model, ids, new, attention_mask=mask, stop_token_ids=())
+    cache = StaticKVCache(model.config, batch_size=2, max_seq_len=8 + new, dtype=torch.float32)
+    forward = StaticCacheForward(model, model, cache, mask)
+    choose = TokenChooser(SamplingParams(), (), PAD, 2, new, ids.device)
+    state = DecodeState.start(ids, mask, new, PAD)
+    with torch.no_grad(), cache.uncounted_writes():
+        logits = prefill(forward, ids, state)
+        for step in range(new):
+            tokens = choose(logits, step)
+            state.tokens[:, 8 + step] = tokens
+            state.steps = step + 1
+            if step + 1 < new:
+                logits = decode_step(forward, tokens, state)
+    assert state.written == 8 + new - 1, "the last token is never fed"
+    assert torch.equal(choose.trimmed(state, 2), expected)
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral", GPT2])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_greedy_tokens_equal_hf_eager_generate(kind, batch):

@@ -68,26 +68,19 @@ def test_sampling_params_defaults_are_greedy_and_normalise_stop_tokens():
 
 
 # -- filters against Hugging Face -----------------------------------------------------------
-@given(
-    batch=st.sampled_from([1, 3, 7]),
-    vocab=st.sampled_from([2, 17, 100]),
-    k=st.integers(1, 120),
-    seed=st.integers(0, 2**16),
-    ties=st.booleans(),
-)
+# the logits both filters are checked on: ragged batch and vocabulary sizes, with and without ties
+LOGITS = dict(batch=st.sampled_from([1, 3, 7]), vocab=st.sampled_from([2, 17, 100]),
+              seed=st.integers(0, 2**16), ties=st.booleans())
+
+
+@given(k=st.integers(1, 120), **LOGITS)
 def test_top_k_filter_matches_hf_top_k_warper(batch, vocab, k, seed, ties):
     logits = random_logits(batch, vocab, seed, ties)
     expected = logits_process.TopKLogitsWarper(top_k=k)(None, logits.clone())
     assert torch.equal(top_k_filter(logits, k), expected)
 
 
-@given(
-    batch=st.sampled_from([1, 3, 7]),
-    vocab=st.sampled_from([2, 17, 100]),
-    p=st.floats(0.01, 0.99),
-    seed=st.integers(0, 2**16),
-    ties=st.booleans(),
-)
+@given(p=st.floats(0.01, 0.99), **LOGITS)
 def test_top_p_filter_matches_hf_top_p_warper(batch, vocab, p, seed, ties):
     logits = random_logits(batch, vocab, seed, ties)
     expected = logits_process.TopPLogitsWarper(top_p=p)(None, logits.clone())
