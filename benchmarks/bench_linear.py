@@ -32,13 +32,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from llmopt.codegen.timing import copy_bandwidth_gbs, cuda_time_us, time_cpu  # noqa: E402
+from llmopt.codegen.linear_tuning import cold_weight_copies, time_configs  # noqa: E402
 from llmopt.codegen.tuning_table import (  # noqa: E402
     choose_kernel,
-    cold_weight_copies,
     device_name,
     get_active_table,
     m_bucket_label,
-    time_configs,
 )
 
 # (name, N = out features, K = in features), after merge_parallel_linears

@@ -90,9 +90,9 @@ from ..codegen.tuning_table import (
     dtype_name,
     get_active_table,
     parse_kernels,
-    tune_shape,
 )
 from ..codegen.kernels_spec import parse_kernel_configs
+from ..codegen.linear_tuning import tune_shape
 from ..graph import is_constant, real_tensors, tensor_meta
 from ..report import BucketKernel
 

@@ -51,14 +51,13 @@ import torch
 from ..codegen.tuning_table import (
     KERNELS,
     TuningTable,
-    candidate_configs,
     default_table_path,
     device_name,
     dtype_name,
     heuristic_kernel,
     m_bucket_label,
-    tune_shape,
 )
+from ..codegen.linear_tuning import candidate_configs, tune_shape
 
 try:
     from tqdm.auto import tqdm

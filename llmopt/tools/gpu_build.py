@@ -26,7 +26,7 @@ hours on two cores): in bf16, the presets' dtype, every preset layer shape with 
 launcher's own config and, for autotuned kernels, the smallest and the largest tile of
 the pruned space; fp16 and fp32 at one shape; every flag value the launchers offer once.
 ``--full`` (``run_check(full_space=True)``) adds every config of each pruned space,
-including the tuning sweep's (``tuning_table.candidate_configs``). One build stands for
+including the tuning sweep's (``linear_tuning.candidate_configs``). One build stands for
 each (kernel, target, pointer dtypes, constexprs, warps, stages): the integer
 specializations of the first shape that produced it stand for the others.
 
@@ -179,7 +179,7 @@ def exercise_linear(models: list[ModelShapes], full_space: bool) -> Iterator[Cal
     dtype (with ``full_space``: each config of the tuning sweep's pruned space), the other
     dtypes at one shape, and each epilogue flag value once."""
     from llmopt.codegen import flat_gemm, gemv
-    from llmopt.codegen.tuning_table import candidate_configs
+    from llmopt.codegen.linear_tuning import candidate_configs
 
     launchers = ((1, "gemv", gemv.gemv_triton), (16, "flat_gemm", flat_gemm.flat_gemm_triton),
                  (64, "flat_gemm", flat_gemm.flat_gemm_triton))  # BLOCK_M 16 and 64

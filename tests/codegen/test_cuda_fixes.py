@@ -20,7 +20,7 @@ from conftest import assert_close, count_allocations, poisoned
 import llmopt.codegen.int4_weight_only as i4
 from llmopt.codegen.quant_launch import autotune_configs
 from llmopt.codegen.quant_packing import pack_int4
-from llmopt.codegen import tuning_table
+from llmopt.codegen import linear_tuning
 from llmopt.codegen.device_math import apply_activation, tanh
 from llmopt.tools.model_spec import PRESETS
 
@@ -87,19 +87,19 @@ def test_time_configs_skips_a_failing_config_and_keeps_the_shape(monkeypatch, tr
     """A config that fails with anything (here a compile-time error of a bad config) is
     skipped and reported; the shape keeps the timings of the others. Before the fix any
     error but OutOfResources dropped the whole shape."""
-    monkeypatch.setattr(tuning_table, "_require_cuda", lambda device: torch.device("cpu"))
-    monkeypatch.setattr(tuning_table, "cold_weight_copies",
+    monkeypatch.setattr(linear_tuning, "_require_cuda", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(linear_tuning, "cold_weight_copies",
                         lambda n, k, dtype, device: [torch.randn(n, k).to(dtype)])
-    monkeypatch.setattr(tuning_table, "cuda_time_us", lambda fn, warmup, rep: (fn(0), 1.0)[1])
+    monkeypatch.setattr(linear_tuning, "cuda_time_us", lambda fn, warmup, rep: (fn(0), 1.0)[1])
     good = {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1}
     bad = dict(good, BLOCK_K=24)  # not a power of two: the launcher raises ValueError
     failures = []
-    timed = tuning_table.time_configs("gemv", 32, 64, 1, torch.float32, "cuda", configs=[good, bad, None],
+    timed = linear_tuning.time_configs("gemv", 32, 64, 1, torch.float32, "cuda", configs=[good, bad, None],
                                       warmup=0, rep=1, failures=failures)
     assert [c for c, _ in timed] == [good, None]
     assert len(failures) == 1 and failures[0][0] == bad and "ValueError" in failures[0][1]
     with pytest.warns(RuntimeWarning, match="failed"):
-        timed = tuning_table.time_configs("gemv", 32, 64, 1, torch.float32, "cuda", configs=[bad, good],
+        timed = linear_tuning.time_configs("gemv", 32, 64, 1, torch.float32, "cuda", configs=[bad, good],
                                           warmup=0, rep=1)
     assert [c for c, _ in timed] == [good]
 

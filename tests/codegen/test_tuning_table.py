@@ -32,9 +32,8 @@ from llmopt.codegen.tuning_table import (
     dtype_name,
     get_active_table,
     set_active_table,
-    time_candidates,
-    tune_shape,
 )
+from llmopt.codegen.linear_tuning import time_candidates, tune_shape
 
 H100 = "NVIDIA H100 80GB HBM3"
 
