@@ -52,6 +52,17 @@ def _check_scalars(op: str, window, softcap) -> None:
         raise ValueError(f"{op}: softcap={softcap} must be >= 0 (0 = no logit softcap)")
 
 
+def _check_query_heads(op: str, q, k_pool, hq: int, dq: int) -> None:
+    """q against the pools: head dim, GQA grouping, dtype, device."""
+    _, hkv, _, d = k_pool.shape
+    if dq != d:
+        raise ValueError(f"{op}: q head dim {dq} differs from the pools' {d}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{op}: {hq} query heads are not a multiple of {hkv} KV heads; GQA needs Hq % Hkv == 0")
+    if q.dtype != k_pool.dtype or q.device != k_pool.device:
+        raise TypeError(f"{op}: q is {q.dtype} on {q.device} but the pools are {k_pool.dtype} on {k_pool.device}")
+
+
 def check_append_args(k_pool, v_pool, slot_mapping, k, v, dtypes=KERNEL_DTYPES + (torch.float64,)) -> None:
     op = "paged_kv_append"
     _, hkv, _, d = _check_pools(op, k_pool, v_pool, dtypes)
@@ -82,12 +93,7 @@ def check_decode_args(q, k_pool, v_pool, block_tables, seq_lens, window, softcap
             "paged_attention_prefill for several new tokens"
         )
     b, hq, _, dq = q.shape
-    if dq != d:
-        raise ValueError(f"{op}: q head dim {dq} differs from the pools' {d}")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"{op}: {hq} query heads are not a multiple of {hkv} KV heads; GQA needs Hq % Hkv == 0")
-    if q.dtype != k_pool.dtype or q.device != k_pool.device:
-        raise TypeError(f"{op}: q is {q.dtype} on {q.device} but the pools are {k_pool.dtype} on {k_pool.device}")
+    _check_query_heads(op, q, k_pool, hq, dq)
     _check_index(op, "block_tables", block_tables, (b, None), q.device)
     _check_index(op, "seq_lens", seq_lens, (b,), q.device)
     _check_scalars(op, window, softcap)
@@ -105,12 +111,7 @@ def check_prefill_args(q, k_pool, v_pool, block_tables, seq_lens, query_start_lo
             f"{tuple(q.shape)}; from Hugging Face [1, Hq, T, D] pass q[0].transpose(0, 1)"
         )
     t, hq, dq = q.shape
-    if dq != d:
-        raise ValueError(f"{op}: q head dim {dq} differs from the pools' {d}")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"{op}: {hq} query heads are not a multiple of {hkv} KV heads; GQA needs Hq % Hkv == 0")
-    if q.dtype != k_pool.dtype or q.device != k_pool.device:
-        raise TypeError(f"{op}: q is {q.dtype} on {q.device} but the pools are {k_pool.dtype} on {k_pool.device}")
+    _check_query_heads(op, q, k_pool, hq, dq)
     _check_index(op, "seq_lens", seq_lens, (None,), q.device)
     n = seq_lens.shape[0]
     _check_index(op, "block_tables", block_tables, (n, None), q.device)
