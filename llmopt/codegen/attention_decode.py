@@ -261,45 +261,6 @@ def _attend_keys(
 
 
 @triton.jit
-def _attend_split(
-    q, k_base, v_base, bt_row, m_base, start, end, scale, softcap, phi,
-    offs_g, g_valid, offs_d, d_valid,
-    stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn, stride_mh, stride_mn,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UNIFIED: tl.constexpr,
-    EXACT_FALLBACK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    """One split's (acc, l, shift) with acc / l = o and log(l) + shift = lse: the unified-max
-    path, redone exactly when phi was out of range for the chunk (EXACT_FALLBACK), or the
-    exact path."""
-    acc, l, m = _attend_keys(
-        q, k_base, v_base, bt_row, m_base, start, end, scale, softcap, phi,
-        offs_g, g_valid, offs_d, d_valid,
-        stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn, stride_mh, stride_mn,
-        BLOCK_G, BLOCK_N, BLOCK_D, PAGED, BLOCK_SIZE, MASK_KIND, HAS_SOFTCAP, UNIFIED, DOT_PRECISION, DOT_FP32,
-    )
-    if UNIFIED:
-        shift = tl.zeros([BLOCK_G], dtype=tl.float32) + phi
-        if EXACT_FALLBACK:
-            excess = m - phi
-            out_of_range = g_valid & (m > float("-inf")) & ((excess > _UNIFIED_HIGH) | (excess < _UNIFIED_LOW))
-            if tl.max(out_of_range.to(tl.int32), 0) > 0:
-                # phi was a bad guess for this chunk: redo it exactly (FlashDecoding++ recompute)
-                acc, l, m = _attend_keys(
-                    q, k_base, v_base, bt_row, m_base, start, end, scale, softcap, phi,
-                    offs_g, g_valid, offs_d, d_valid,
-                    stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn, stride_mh,
-                    stride_mn, BLOCK_G, BLOCK_N, BLOCK_D, PAGED, BLOCK_SIZE, MASK_KIND, HAS_SOFTCAP, False,
-                    DOT_PRECISION, DOT_FP32,
-                )
-                shift = tl.where(m == float("-inf"), 0.0, m)
-    else:
-        shift = tl.where(m == float("-inf"), 0.0, m)
-    return acc, l, shift
-
-
-@triton.jit
 def _decode_split_kernel(
     # pointers (bt_ptr: the block table, read only when PAGED)
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, mask_ptr, part_o_ptr, part_lse_ptr, out_ptr,
@@ -354,13 +315,30 @@ def _decode_split_kernel(
     if start < end:
         q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                     mask=rows, other=0.0)
-        acc, l, shift = _attend_split(
+        acc, l, m = _attend_keys(
             q, k_base, v_base, bt_row, m_base, start, end, scale, softcap, phi,
             offs_g, g_valid, offs_d, d_valid,
             stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn, stride_mh, stride_mn,
-            BLOCK_G, BLOCK_N, BLOCK_D, PAGED, BLOCK_SIZE, MASK_KIND, HAS_SOFTCAP, UNIFIED, EXACT_FALLBACK,
-            DOT_PRECISION, DOT_FP32,
+            BLOCK_G, BLOCK_N, BLOCK_D, PAGED, BLOCK_SIZE, MASK_KIND, HAS_SOFTCAP, UNIFIED, DOT_PRECISION, DOT_FP32,
         )
+        # (acc, l, shift) with acc / l = o and log(l) + shift = lse
+        if UNIFIED:
+            shift = tl.zeros([BLOCK_G], dtype=tl.float32) + phi
+            if EXACT_FALLBACK:
+                excess = m - phi
+                out_of_range = g_valid & (m > float("-inf")) & ((excess > _UNIFIED_HIGH) | (excess < _UNIFIED_LOW))
+                if tl.max(out_of_range.to(tl.int32), 0) > 0:
+                    # phi was a bad guess for this chunk: redo it exactly (FlashDecoding++ recompute)
+                    acc, l, m = _attend_keys(
+                        q, k_base, v_base, bt_row, m_base, start, end, scale, softcap, phi,
+                        offs_g, g_valid, offs_d, d_valid,
+                        stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn, stride_mh,
+                        stride_mn, BLOCK_G, BLOCK_N, BLOCK_D, PAGED, BLOCK_SIZE, MASK_KIND, HAS_SOFTCAP, False,
+                        DOT_PRECISION, DOT_FP32,
+                    )
+                    shift = tl.where(m == float("-inf"), 0.0, m)
+        else:
+            shift = tl.where(m == float("-inf"), 0.0, m)
     o = normalize(acc, l)
     if DIRECT:
         # one split: the normalized rows are the output (no workspace, no combine)
