@@ -18,7 +18,7 @@ import torch
 from conftest import relative_error, tolerance
 from distributed.launch import run_ranks
 from llmopt import Options
-from llmopt.distributed import TensorParallelError
+from llmopt.runtime.distributed import TensorParallelError
 
 FAMILIES = ("llama", "llama_mqa", "qwen2", "gpt2")
 
@@ -71,6 +71,30 @@ def test_int8_under_tensor_parallel(runtime):
         assert r["quantized"] == 9  # every sharded linear, quantized per rank
         assert (r["column"], r["row"], r["vocab"]) == (4, 4, 1)
         assert r["tokens"] == r["ref_tokens"]
+
+
+def test_vocab_parallel_embedding(runtime, families):
+    for result in runtime:
+        r = result["embedding"]
+        assert r["logits_error"] <= tolerance(torch.float32)
+        assert r["tokens"] == r["ref_tokens"]
+        # the 9 linears and the embedding; one more all-reduce, after the lookup
+        assert (r["embedding"], r["rewrites"], r["all_reduce"], r["all_gather"]) == (1, 10, 5, 1)
+    # a rank holds half of the 256 x 64 fp32 table: 32 KiB less than with it replicated
+    for rank in (0, 1):
+        assert runtime[rank]["embedding"]["weight_bytes"] == families[rank]["llama"]["weight_bytes"] - 256 * 64 * 4 // 2
+
+
+@pytest.mark.parametrize("name, heads", [("llama", 1), ("llama_mqa", 1)])
+def test_static_cache_holds_only_the_ranks_heads(runtime, name, heads):
+    for result in runtime:
+        r = result["rank_cache"][name]
+        assert r["cache_heads"] == heads  # 2 KV heads split over 2 ranks / 1 KV head replicated
+        assert r["tokens"] == r["ref_tokens"] and r["again_equal"]
+        assert r["graphs"] == r["graphs_second"] == 2  # prefill and one decode graph, reused by the second call
+        assert min(r["sharded_per_graph"]) == 9  # attention sharded in both graphs, over the rank's cache
+        assert r["markers"] == 0
+        assert r["eager_error"].startswith("RankLocalCacheError") and "compile the model" in r["eager_error"]
 
 
 def test_engine_under_tensor_parallel(runtime):
@@ -142,7 +166,7 @@ def test_functional_collectives_wrapper(one_rank_group):
 def test_process_group_and_mesh_values_resolve(one_rank_group):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from llmopt.distributed import resolve_tensor_parallel
+    from llmopt.runtime.distributed import resolve_tensor_parallel
 
     for value in ("auto", one_rank_group, init_device_mesh("cpu", (1,))):
         tp = resolve_tensor_parallel(value)

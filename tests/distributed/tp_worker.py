@@ -44,6 +44,9 @@ def build(name: str):
     return tiny_model(name)
 
 
+graphs_pipeline_original = backend.run_pipeline
+
+
 def capture_graphs():
     graphs = []
     pipeline = backend.run_pipeline
@@ -119,7 +122,8 @@ def scenario_families(args) -> dict:
 def scenario_runtime(args) -> dict:
     """int8 under TP, the Engine under TP, and the indivisible-heads error, in one launch."""
     out = {}
-    for part in (scenario_int8, scenario_engine, scenario_heads, scenario_diverged):
+    for part in (scenario_int8, scenario_embedding, scenario_rank_cache, scenario_engine, scenario_heads,
+                 scenario_diverged):
         compat.reset_dynamo()
         llmopt.clear_reports()
         out[part.__name__.removeprefix("scenario_")] = part(args)
@@ -140,6 +144,72 @@ def scenario_int8(args) -> dict:
     report = llmopt.reports()[0]
     quantized = next(p.rewrites for p in report.passes if p.name == "quantize_linears")
     return {"tokens": out.tolist(), "ref_tokens": ref.tolist(), "quantized": quantized, **pass_facts(report)}
+
+
+def scenario_embedding(args) -> dict:
+    """The vocab-parallel embedding, forced on a tiny table (the size threshold set to 0)."""
+    from llmopt.passes.shard_tensor_parallel import collectives
+
+    graphs = capture_graphs()
+    model = build("llama")
+    ids = tokens(1, 6)
+    threshold = collectives.EMBEDDING_SHARD_MIN_BYTES
+    collectives.EMBEDDING_SHARD_MIN_BYTES = 0
+    try:
+        with torch.no_grad():
+            ref_logits = model(ids, use_cache=False).logits
+            compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+            logits = compiled(ids, use_cache=False).logits
+            ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
+            got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=())
+    finally:
+        collectives.EMBEDDING_SHARD_MIN_BYTES = threshold
+        backend.run_pipeline = graphs_pipeline_original
+    report = llmopt.reports()[0]
+    details = [r.detail for r in report.rewrites if r.pass_name == "shard_tensor_parallel"]
+    return {"logits_error": relative_error(logits, ref_logits), "tokens": got.tolist(), "ref_tokens": ref.tolist(),
+            "embedding": sum(d.startswith("vocab-parallel embedding") for d in details), **pass_facts(report),
+            **graph_facts(graphs[0])}
+
+
+def scenario_rank_cache(args) -> dict:
+    """A StaticKVCache of this rank's KV heads only (tensor_parallel=...): greedy tokens equal to
+    one process, no marker op left in the sharded graphs, and a clear error when not compiled."""
+    from llmopt.runtime.static_cache import StaticKVCache
+
+    out = {}
+    for name in ("llama", "llama_mqa"):
+        compat.reset_dynamo()
+        llmopt.clear_reports()
+        graphs = capture_graphs()
+        model = build(name)
+        ids = tokens(1, 6)
+        cache = StaticKVCache(model.config, batch_size=1, max_seq_len=16, tensor_parallel="auto")
+        try:
+            with torch.no_grad():
+                ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
+                compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+                got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=(), cache=cache)
+                n_graphs = len(llmopt.reports())
+                again = llmopt.generate(compiled, ids[:, :4], max_new_tokens=7, stop_token_ids=(), cache=cache)
+                ref_again = llmopt.generate(model, ids[:, :4], max_new_tokens=7, stop_token_ids=())
+        finally:
+            backend.run_pipeline = graphs_pipeline_original
+        ops = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+        try:
+            with torch.no_grad():
+                model(ids, past_key_values=StaticKVCache(model.config, batch_size=1, max_seq_len=16,
+                                                         tensor_parallel="auto"))
+            eager_error = None
+        except Exception as exc:
+            eager_error = f"{type(exc).__name__}: {exc}"
+        out[name] = {"tokens": got.tolist(), "ref_tokens": ref.tolist(), "again_equal": bool(torch.equal(again, ref_again)),
+                     "cache_heads": cache.shape[1], "graphs": n_graphs, "graphs_second": len(llmopt.reports()),
+                     "markers": sum("tp_full_heads" in o or "tp_local_heads" in o for o in ops),
+                     "eager_error": eager_error,
+                     "sharded_per_graph": [next(p.rewrites for p in r.passes if p.name == "shard_tensor_parallel")
+                                           for r in llmopt.reports()]}
+    return out
 
 
 def scenario_engine(args) -> dict:
