@@ -195,6 +195,8 @@ def _rank_heads(tensor_parallel, kv_heads: int) -> tuple[int, int, int] | None:
             f"StaticKVCache: {kv_heads} key/value heads cannot be split over the world size {tp.world_size}; "
             "use a world size that divides the heads or is a multiple of them"
         )
+    if heads[1] - heads[0] == kv_heads:  # one KV head replicated on every rank: nothing to save
+        return None
     return (*heads, kv_heads)
 
 
@@ -208,7 +210,8 @@ class StaticKVCache(StaticCacheBase):
     or a 1-D mesh) allocates only this rank's K/V heads (``Hkv/W``, or the one replicated
     head when ``Hkv < W``; :func:`.rank_heads.kv_heads_of_rank`); ``shape`` then says the
     local count. Such a cache is read only by a model compiled with the same
-    ``tensor_parallel``: anything else raises ``RankLocalCacheError``.
+    ``tensor_parallel``: anything else raises ``RankLocalCacheError``. (A model with a single
+    KV head keeps it on every rank: its cache is an ordinary one.)
     """
 
     def __init__(

@@ -120,10 +120,9 @@ def scenario_families(args) -> dict:
 
 
 def scenario_runtime(args) -> dict:
-    """int8 under TP, the Engine under TP, and the indivisible-heads error, in one launch."""
+    """Quantized linears, the embedding, the per-rank cache, the Engine, the errors: one launch."""
     out = {}
-    for part in (scenario_int8, scenario_embedding, scenario_rank_cache, scenario_engine, scenario_heads,
-                 scenario_diverged):
+    for part in (scenario_quantized, scenario_engine, scenario_heads, scenario_diverged):
         compat.reset_dynamo()
         llmopt.clear_reports()
         out[part.__name__.removeprefix("scenario_")] = part(args)
@@ -131,19 +130,38 @@ def scenario_runtime(args) -> dict:
     return out
 
 
-def scenario_int8(args) -> dict:
-    model = build("llama")
-    ids = tokens(1, 6)
-    with torch.no_grad():
-        single = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"})
-        ref = llmopt.generate(single, ids, max_new_tokens=6, stop_token_ids=())
+def scenario_memory(args) -> dict:
+    """What a rank holds: the vocab-parallel embedding and the per-rank KV cache, in one launch."""
+    out = {}
+    for part in (scenario_embedding, scenario_rank_cache):
         compat.reset_dynamo()
         llmopt.clear_reports()
-        tp = torch.compile(model, backend="llmopt", options={**OPTIONS, "quantize": "int8"})
-        out = llmopt.generate(tp, ids, max_new_tokens=6, stop_token_ids=())
-    report = llmopt.reports()[0]
-    quantized = next(p.rewrites for p in report.passes if p.name == "quantize_linears")
-    return {"tokens": out.tolist(), "ref_tokens": ref.tolist(), "quantized": quantized, **pass_facts(report)}
+        out[part.__name__.removeprefix("scenario_")] = part(args)
+        log(part.__name__)
+    return out
+
+
+def scenario_quantized(args) -> dict:
+    """int8 (per-channel) and int4 (groups of 16 along K) under TP against the same scheme on one
+    device: row shards keep whole groups (the local K of o_proj 32 and down_proj 80 are multiples
+    of 16), so the weights quantize exactly as on one device and the tokens are equal."""
+    out = {}
+    for scheme in ("int8", "int4-g16"):
+        compat.reset_dynamo()
+        llmopt.clear_reports()
+        model = build("llama")
+        ids = tokens(1, 6)
+        with torch.no_grad():
+            single = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": scheme})
+            ref = llmopt.generate(single, ids, max_new_tokens=6, stop_token_ids=())
+            compat.reset_dynamo()
+            llmopt.clear_reports()
+            tp = torch.compile(model, backend="llmopt", options={**OPTIONS, "quantize": scheme})
+            got = llmopt.generate(tp, ids, max_new_tokens=6, stop_token_ids=())
+        report = llmopt.reports()[0]
+        quantized = next(p.rewrites for p in report.passes if p.name == "quantize_linears")
+        out[scheme] = {"tokens": got.tolist(), "ref_tokens": ref.tolist(), "quantized": quantized, **pass_facts(report)}
+    return out
 
 
 def scenario_embedding(args) -> dict:
@@ -169,7 +187,8 @@ def scenario_embedding(args) -> dict:
     details = [r.detail for r in report.rewrites if r.pass_name == "shard_tensor_parallel"]
     return {"logits_error": relative_error(logits, ref_logits), "tokens": got.tolist(), "ref_tokens": ref.tolist(),
             "embedding": sum(d.startswith("vocab-parallel embedding") for d in details), **pass_facts(report),
-            **graph_facts(graphs[0])}
+            **graph_facts(graphs[0]), "table_shape": [list(getattr(graphs[0], n.args[0].target).shape)
+                                                     for n in graphs[0].graph.nodes if n.target == torch.ops.aten.embedding.default]}
 
 
 def scenario_rank_cache(args) -> dict:

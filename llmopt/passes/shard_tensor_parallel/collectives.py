@@ -160,7 +160,7 @@ def shard_embedding(gm, node: fx.Node, tp, ctx, all_reduce, wait) -> bool:
 
     with g.inserting_before(node):
         outside = call(aten.bitwise_or.Tensor, call(aten.lt.Scalar, ids, lo), call(aten.ge.Scalar, ids, hi))
-        local_ids = call(aten.where.ScalarOther, outside, call(aten.sub.Scalar, ids, lo), 0)
+        local_ids = call(aten.where.ScalarSelf, outside, 0, call(aten.sub.Scalar, ids, lo))
     node.args = (add_constant(gm, "tp_vocab_embedding", w_local, node), local_ids, *node.args[2:])
     node.meta["val"] = evaluate(node)
     with g.inserting_before(node.next):
