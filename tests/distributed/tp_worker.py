@@ -119,26 +119,25 @@ def scenario_families(args) -> dict:
     return out
 
 
-def scenario_runtime(args) -> dict:
-    """Quantized linears, the embedding, the per-rank cache, the Engine, the errors: one launch."""
+def run_parts(args, *parts) -> dict:
+    """Several scenarios in one launch (a launch costs the ranks' start-up), each from a clean Dynamo."""
     out = {}
-    for part in (scenario_quantized, scenario_engine, scenario_heads, scenario_diverged):
+    for part in parts:
         compat.reset_dynamo()
         llmopt.clear_reports()
         out[part.__name__.removeprefix("scenario_")] = part(args)
         log(part.__name__)
     return out
+
+
+def scenario_runtime(args) -> dict:
+    """Quantized linears, the Engine, the errors."""
+    return run_parts(args, scenario_quantized, scenario_engine, scenario_heads, scenario_diverged)
 
 
 def scenario_memory(args) -> dict:
-    """What a rank holds: the vocab-parallel embedding and the per-rank KV cache, in one launch."""
-    out = {}
-    for part in (scenario_embedding, scenario_rank_cache):
-        compat.reset_dynamo()
-        llmopt.clear_reports()
-        out[part.__name__.removeprefix("scenario_")] = part(args)
-        log(part.__name__)
-    return out
+    """What a rank holds: the vocab-parallel embedding and the per-rank KV cache."""
+    return run_parts(args, scenario_embedding, scenario_rank_cache)
 
 
 def scenario_quantized(args) -> dict:

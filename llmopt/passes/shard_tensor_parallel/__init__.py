@@ -52,9 +52,15 @@ fuses into one op; the all-reduce itself stays a separate collective just before
 fused all-reduce + add + norm needs a custom NCCL/NVSHMEM kernel, which functional
 collectives do not offer), and the report says so.
 
-Limits: the KV cache is still allocated with all heads by its owner (the graph reads and
-writes this rank's heads of it); the user's module keeps its full parameters (the graph
-holds only this rank's shards; the merged full weights are released).
+A per-rank KV cache (``StaticKVCache(..., tensor_parallel=...)``, runtime/rank_heads.py)
+holds only this rank's K/V heads and marks its write and read with ``tp_local_heads`` /
+``tp_full_heads``; the pass turns both into the identity once the region is sharded
+(``rewrite._rank_cache_marker``), after checking that the cache's heads are this rank's.
+A cache of all heads still works: the graph then reads and writes its heads of it.
+
+Limits (docs/tensor_parallel.md): the Engine's paged attention is not sharded (its
+append is not known here); the user's module keeps its full parameters (the graph holds
+only this rank's shards; the merged full weights are released).
 """
 from __future__ import annotations
 
