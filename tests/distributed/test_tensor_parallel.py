@@ -71,7 +71,7 @@ def test_rank_holds_half_of_each_sharded_weight(families):
     assert r["weight_bytes"] == (r["single_weight_bytes"] - replicated) // 2 + replicated
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4-g16"])
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
 def test_quantized_under_tensor_parallel(runtime, scheme):
     for result in runtime:
         r = result["quantized"][scheme]

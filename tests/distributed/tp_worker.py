@@ -37,6 +37,10 @@ def build(name: str):
         torch.manual_seed(0)
         cfg = tf.LlamaConfig(**_common(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=1))
         return tf.LlamaForCausalLM(cfg).eval()
+    if name == "llama_i128":  # intermediate 128: each rank's down_proj K (64) is whole int4 groups of 32
+        torch.manual_seed(0)
+        cfg = tf.LlamaConfig(**_common(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2))
+        return tf.LlamaForCausalLM(cfg).eval()
     if name == "llama_3heads":
         torch.manual_seed(0)
         cfg = tf.LlamaConfig(**_common(hidden_size=48, intermediate_size=96, num_attention_heads=3, num_key_value_heads=3))
@@ -141,14 +145,14 @@ def scenario_memory(args) -> dict:
 
 
 def scenario_quantized(args) -> dict:
-    """int8 (per-channel) and int4 (groups of 16 along K) under TP against the same scheme on one
-    device: row shards keep whole groups (the local K of o_proj 32 and down_proj 80 are multiples
-    of 16), so the weights quantize exactly as on one device and the tokens are equal."""
+    """int8 (per-channel) and int4 (groups of 32 along K) under TP against the same scheme on one
+    device: row shards keep whole groups (the local K of o_proj 32 and down_proj 64 are multiples
+    of 32), so the weights quantize exactly as on one device and the tokens are equal."""
     out = {}
-    for scheme in ("int8", "int4-g16"):
+    for scheme, name in (("int8", "llama"), ("int4-g32", "llama_i128")):
         compat.reset_dynamo()
         llmopt.clear_reports()
-        model = build("llama")
+        model = build(name)
         ids = tokens(1, 6)
         with torch.no_grad():
             single = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": scheme})
