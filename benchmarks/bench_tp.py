@@ -167,7 +167,7 @@ def main() -> None:
         cases[name] = run_config(world, threads, args)
         c = cases[name]
         print(f"{name:24s} decode {c['decode_tok_s']:7.1f} tok/s   graph weights {c['graph_weight_mb']:6.1f} MB/rank   "
-              f"KV cache {c['kv_cache_mb']:5.2f} MB/rank   peak RSS {c['peak_rss_mb']:6.0f} MB/rank", flush=True)
+              f"KV cache {c['kv_cache_mb']:7.3f} MB/rank   peak RSS {c['peak_rss_mb']:6.0f} MB/rank", flush=True)
     payload = results_payload(cases, args, os.getloadavg()[0])
     if not args.no_write:
         print("wrote", write_results("tp", payload))
