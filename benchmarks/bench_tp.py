@@ -11,7 +11,8 @@ The same seeded Llama (GQA) is compiled with llmopt three ways, each in fresh pr
 
 Per configuration: decode tokens/s from ``llmopt.generate`` (the slope between a short
 and a long generation, so prefill and setup cancel; median of ``--rounds``), the bytes of
-weights the rank's compiled graph holds, and the rank's peak RSS. An honest figure: the
+weights the rank's compiled graph holds, the bytes of its KV cache (a
+``StaticKVCache(..., tensor_parallel=...)``: the rank's heads only), and the rank's peak RSS. An honest figure: the
 ranks share one memory bus and gloo all-reduces go through the kernel's loopback TCP
 (two per layer per token), so on CPU tensor parallelism saves memory per rank rather than
 time; on GPUs the all-reduce runs over NVLink (NCCL) and decode is bandwidth-bound per GPU.
@@ -76,11 +77,18 @@ def rank_main(args) -> None:
     ids = torch.randint(1, 8192, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     short, long = 4, 4 + args.new_tokens
 
+    from llmopt.runtime.static_cache import StaticKVCache
+
+    # under TP the cache holds only this rank's KV heads (tensor_parallel=, as the compile)
+    cache = StaticKVCache(model.config, batch_size=1, max_seq_len=args.prompt_len + long,
+                          tensor_parallel=options.get("tensor_parallel"))
+    kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
     def timed(n):
         if world > 1:
             dist.barrier()
         start = time.perf_counter()
-        llmopt.generate(compiled, ids, n, stop_token_ids=())
+        llmopt.generate(compiled, ids, n, stop_token_ids=(), cache=cache)
         return time.perf_counter() - start
 
     with torch.no_grad():
@@ -92,6 +100,7 @@ def rank_main(args) -> None:
         "decode_tok_s": 1.0 / statistics.median(per_token),
         "decode_tok_s_runs": [1.0 / t for t in per_token],
         "graph_weight_mb": weight_bytes / 2**20,
+        "kv_cache_mb": kv_bytes / 2**20,
         "peak_rss_mb": peak_rss_mb(),
     }
     if int(os.environ.get("RANK", "0")) == 0:
@@ -125,7 +134,8 @@ def results_payload(cases: dict, args, load: float) -> dict:
 
     base = cases["1 rank, 1 thread"]["decode_tok_s"]
     rows = [{"configuration": name, "decode_tokens_per_s": c["decode_tok_s"], "x_one_rank": c["decode_tok_s"] / base,
-             "graph_weight_MB_per_rank": c["graph_weight_mb"], "peak_RSS_MB_per_rank": c["peak_rss_mb"]}
+             "graph_weight_MB_per_rank": c["graph_weight_mb"], "kv_cache_MB_per_rank": c.get("kv_cache_mb"),
+             "peak_RSS_MB_per_rank": c["peak_rss_mb"]}
             for name, c in cases.items()]
     note = (f"Llama {args.layers} layers, hidden {args.hidden}, 8 heads / 4 KV heads, vocab 8192, fp32; "
             f"decode slope between {4} and {4 + args.new_tokens} new tokens, median of {args.rounds}; "
@@ -157,7 +167,7 @@ def main() -> None:
         cases[name] = run_config(world, threads, args)
         c = cases[name]
         print(f"{name:24s} decode {c['decode_tok_s']:7.1f} tok/s   graph weights {c['graph_weight_mb']:6.1f} MB/rank   "
-              f"peak RSS {c['peak_rss_mb']:6.0f} MB/rank", flush=True)
+              f"KV cache {c['kv_cache_mb']:7.3f} MB/rank   peak RSS {c['peak_rss_mb']:6.0f} MB/rank", flush=True)
     payload = results_payload(cases, args, os.getloadavg()[0])
     if not args.no_write:
         print("wrote", write_results("tp", payload))

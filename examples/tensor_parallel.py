@@ -8,7 +8,8 @@ compiles it with ``options={"tensor_parallel": "auto"}``: the pass ``shard_tenso
 keeps this rank's attention heads and MLP features, adds an all-reduce after ``o_proj`` /
 ``down_proj`` and gathers the vocabulary-parallel logits (docs/tensor_parallel.md). Rank 0
 then checks that greedy tokens from ``llmopt.generate`` and from Hugging Face ``generate``
-with a static cache equal the model run eagerly in one process, and prints what was sharded.
+with a static cache of the rank's KV heads (``StaticKVCache(..., tensor_parallel="auto")``)
+equal the model run eagerly in one process, and prints what was sharded.
 
 Without ``torchrun`` (no ``RANK`` in the environment) the script starts ``--nproc`` copies of
 itself with the variables ``torchrun`` would set. Backend: NCCL when CUDA is available,
@@ -81,8 +82,9 @@ def main():
         from llmopt.runtime import StaticKVCache
 
         model.forward = torch.compile(model.forward, backend="llmopt", options={"tensor_parallel": "auto"})
+        # tensor_parallel=: the cache holds only this rank's key/value heads
         cache = StaticKVCache(model.config, batch_size=1, max_seq_len=args.prompt_len + args.new_tokens,
-                              dtype=spec.dtype, device=spec.device)
+                              dtype=spec.dtype, device=spec.device, tensor_parallel="auto")
         hf = model.generate(ids, past_key_values=cache, **hf_kwargs)
 
     if rank == 0:
@@ -96,6 +98,7 @@ def main():
                 print(f"  {r.layer}: {r.detail}")
         print(f"tokens equal (llmopt.generate, {world} ranks vs eager): {torch.equal(ours, eager)}")
         print(f"tokens equal (HF generate + StaticKVCache, {world} ranks vs eager): {torch.equal(hf, eager)}")
+        print(f"KV heads in this rank's cache: {cache.shape[1]} of {model.config.num_key_value_heads}")
     dist.destroy_process_group()
 
 

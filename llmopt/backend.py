@@ -256,7 +256,7 @@ def _compile_frozen(gm: fx.GraphModule, real_inputs: list[Any], job: _FrozenComp
     report.compile_seconds = time.perf_counter() - start
     _finish_report(report, opts)
     if opts.tensor_parallel is not None:
-        from .distributed import guard_collectives
+        from .runtime.distributed import guard_collectives
 
         inner = guard_collectives(inner, opts.tensor_parallel)
     return _frozen_call(inner, keep, weights, opts.check_weights), [w.index for w in weights.weights]

@@ -87,7 +87,7 @@ class Options:
         if self.quantize is not None:
             object.__setattr__(self, "quantize", _parse_quantize(self.quantize))
         if self.tensor_parallel is not None:
-            from .distributed import check_tensor_parallel_option
+            from .runtime.distributed import check_tensor_parallel_option
 
             check_tensor_parallel_option(self.tensor_parallel)
 

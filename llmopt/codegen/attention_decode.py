@@ -59,6 +59,15 @@ launch; the re-read costs one more pass over that chunk only). Since each split 
 ``(o_i, lse_i)`` the combine kernel does not care which path a split took. Results match
 the exact kernel to rounding; ``phi`` only decides speed.
 
+One kernel, two KV layouts (constexpr ``PAGED``): the dense ``[B, Hkv, S_max, D]`` cache
+above, or the paged pool of :mod:`.attention_paged` (``llmopt::paged_attention_decode``,
+keys read through a block table, ``S_max`` the table's capacity, no mask and no unified
+max). :func:`launch_decode` is the one launcher both ops call (it allocates nothing: the
+dense op allocates its partials per call, the paged op takes them from the step's plan).
+The shared tile math (key address, dots, softcap, online-softmax step, split bounds, LSE
+combine) lives in :mod:`.attention_blocks`; the contract, the reference and the CPU
+implementation in :mod:`.attention_decode_ref`.
+
 Limits: kv_lens outside [0, S_max] raise on CPU (reference and interpreter launcher) but
 are clamped by the CUDA kernel, which cannot raise without a host sync. Under the
 interpreter bf16 dot operands are upcast to fp32 first (``DOT_FP32``): Triton's interpreter
@@ -68,14 +77,24 @@ import contextlib
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .device_math import tanh
+from .attention_blocks import (
+    block_dim,
+    capped_scores,
+    combine_lse,
+    dot_flags,
+    dot_pv,
+    dot_qk,
+    kv_tile_offsets,
+    normalize,
+    online_softmax_step,
+    partial_lse,
+    split_bounds,
+)
+from .attention_decode_ref import KERNEL_DTYPES, attention_decode_cpu, attention_decode_ref, check_decode_args
 from .kernel_mode import kernel_mode, on_tensor_device, use_triton
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # FlashDecoding++ safe range for max(s) - phi: e^40 * (keys per chunk) * |v| stays far below
 # fp32 max (3.4e38) for any cache that fits in memory; e^-40 keeps the largest term of a
@@ -99,8 +118,10 @@ _MAX_SPLITS = 128
 _INTERPRETER_SPLITS = 4  # the interpreter runs programs one after another: few, but > 1
 
 
-def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+def decode_split_align(on_cuda: bool) -> int:
+    """Keys per unit of a split's chunk: 64 on CUDA, 32 in the interpreter (both launchers,
+    dense and paged, pass it to the split and the combine kernel)."""
+    return _SPLIT_ALIGN_CUDA if on_cuda else _SPLIT_ALIGN_INTERPRETER
 
 
 def _pow2_floor(n: int) -> int:
@@ -121,8 +142,8 @@ def prune_decode_configs(configs: list[dict], head_dim: int, group: int, dtype: 
     """Drop configs that cannot win: more than 128 32-bit registers per thread for a K and a
     V tile (cache dtype), the fp32 score tile and the fp32 accumulator (they would spill),
     or 8 warps on a tile too small to give each warp its own rows."""
-    block_d = max(16, next_pow2(head_dim))
-    block_g = max(16, next_pow2(group))
+    block_d = block_dim(head_dim)
+    block_g = block_dim(group)
     kept = []
     for c in configs:
         regs = 2 * c["BLOCK_N"] * block_d * dtype.itemsize / 4 + block_g * (c["BLOCK_N"] + block_d)
@@ -181,38 +202,22 @@ def validate_config(config: dict) -> dict:
         raise ValueError(f"attention_decode config BLOCK_N={bn} must be a power of two >= 16")
     return config
 
-
 # ---------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels (the building blocks are in .attention_blocks)
 # ---------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _split_bounds(lens_ptr, pid_b, S_max, window, num_splits,
-                  SPLIT_ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """(kv_len, lo, chunk) of sequence ``pid_b``: attended keys are [lo, kv_len), split i
-    covers [lo + i * chunk, lo + (i + 1) * chunk). Both kernels call this, so they agree."""
-    kv_len = tl.load(lens_ptr + pid_b).to(tl.int32)
-    # kv_lens outside [0, S_max] cannot be reported from the device: clamp so no read is out of bounds
-    kv_len = tl.minimum(tl.maximum(kv_len, 0), S_max)
-    lo = kv_len * 0
-    if HAS_WINDOW:
-        lo = tl.maximum(kv_len - window, 0)
-    per_split = tl.cdiv(kv_len - lo, num_splits)
-    chunk = tl.maximum(tl.cdiv(per_split, SPLIT_ALIGN) * SPLIT_ALIGN, SPLIT_ALIGN)
-    return kv_len, lo, chunk
 
 
 @triton.jit
 def _attend_keys(
-    q, k_base, v_base, m_base, start, end, scale, softcap, phi,
+    q, k_base, v_base, bt_row, m_base, start, end, scale, softcap, phi,
     offs_g, g_valid, offs_d, d_valid,
-    stride_kn, stride_kd, stride_vn, stride_vd, stride_mh, stride_mn,
+    stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn, stride_mh, stride_mn,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UNIFIED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Keys [start, end) of one (b, kv head) for the G query rows ``q`` [BLOCK_G, BLOCK_D].
+    """Keys [start, end) of one (sequence, kv head) for the G query rows ``q`` [BLOCK_G, BLOCK_D].
 
     Returns (acc [G, D], l [G], m [G]) in fp32: exact mode keeps the online-softmax running
     max m and acc = sum e^{s - m} v, l = sum e^{s - m}; unified mode uses the fixed shift phi
@@ -224,17 +229,12 @@ def _attend_keys(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_valid = offs_n < end
+        k_off, v_off = kv_tile_offsets(offs_n, n_valid, bt_row, stride_tn, stride_kb, stride_kn, stride_vb,
+                                       stride_vn, PAGED, BLOCK_SIZE)
         # K^T tile [D, N] straight from memory; keys past `end` are never read (other=0)
-        kt = tl.load(
-            k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-            mask=d_valid[:, None] & n_valid[None, :], other=0.0,
-        )
-        if DOT_FP32:
-            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision=DOT_PRECISION) * scale
-        else:
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
-        if HAS_SOFTCAP:
-            s = softcap * tanh(s / softcap)
+        kt = tl.load(k_base + k_off[None, :] + offs_d[:, None] * stride_kd,
+                     mask=d_valid[:, None] & n_valid[None, :], other=0.0)
+        s = capped_scores(dot_qk(q, kt, DOT_PRECISION, DOT_FP32), scale, softcap, 1.0, HAS_SOFTCAP)
         valid = g_valid[:, None] & n_valid[None, :]
         if MASK_KIND == 1:
             keep = tl.load(m_base + offs_g[:, None] * stride_mh + offs_n[None, :] * stride_mn, mask=valid, other=0)
@@ -243,87 +243,34 @@ def _attend_keys(
             bias = tl.load(m_base + offs_g[:, None] * stride_mh + offs_n[None, :] * stride_mn, mask=valid, other=0.0)
             s = s + bias.to(tl.float32)
         s = tl.where(valid, s, float("-inf"))
-        m_tile = tl.max(s, 1)
         if UNIFIED:
             p = tl.exp(s - phi)
-            m = tl.maximum(m, m_tile)
+            m = tl.maximum(m, tl.max(s, 1))
+            l += tl.sum(p, 1)
         else:
-            m_new = tl.maximum(m, m_tile)
-            # a row with no key yet keeps m = -inf; shift by 0 so -inf - -inf never makes NaN
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_ref)
-            p = tl.exp(s - m_ref[:, None])
+            p, alpha, m, l = online_softmax_step(m, l, s, False)
             acc = acc * alpha[:, None]
-            l = l * alpha
-            m = m_new
-        l += tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=n_valid[:, None] & d_valid[None, :], other=0.0,
-        )
+        v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * stride_vd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
         if UNIFIED:
             # p may exceed the fp16 range here: keep it fp32 (tf32 MMA for half caches)
             acc = tl.dot(p, v.to(tl.float32), acc, input_precision=DOT_PRECISION)
-        elif DOT_FP32:
-            # same rounding of p as the MMA path, products in fp32
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PRECISION)
         else:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            acc = dot_pv(p, v, acc, DOT_PRECISION, DOT_FP32)
     return acc, l, m
 
 
 @triton.jit
-def _attend_split(
-    q, k_base, v_base, m_base, start, end, scale, softcap, phi,
-    offs_g, g_valid, offs_d, d_valid,
-    stride_kn, stride_kd, stride_vn, stride_vd, stride_mh, stride_mn,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UNIFIED: tl.constexpr,
-    EXACT_FALLBACK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    """One split's (acc, l, shift) with acc / l = o and log(l) + shift = lse, choosing the
-    unified-max path with its exact fallback, or the exact path."""
-    if UNIFIED:
-        acc, l, m = _attend_keys(
-            q, k_base, v_base, m_base, start, end, scale, softcap, phi,
-            offs_g, g_valid, offs_d, d_valid,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mh, stride_mn,
-            BLOCK_G, BLOCK_N, BLOCK_D, MASK_KIND, HAS_SOFTCAP, True, DOT_PRECISION, DOT_FP32,
-        )
-        shift = tl.zeros([BLOCK_G], dtype=tl.float32) + phi
-        if EXACT_FALLBACK:
-            excess = m - phi
-            out_of_range = g_valid & (m > float("-inf")) & ((excess > _UNIFIED_HIGH) | (excess < _UNIFIED_LOW))
-            if tl.max(out_of_range.to(tl.int32), 0) > 0:
-                # phi was a bad guess for this chunk: redo it exactly (FlashDecoding++ recompute)
-                acc, l, m = _attend_keys(
-                    q, k_base, v_base, m_base, start, end, scale, softcap, phi,
-                    offs_g, g_valid, offs_d, d_valid,
-                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mh, stride_mn,
-                    BLOCK_G, BLOCK_N, BLOCK_D, MASK_KIND, HAS_SOFTCAP, False, DOT_PRECISION, DOT_FP32,
-                )
-                shift = tl.where(m == float("-inf"), 0.0, m)
-    else:
-        acc, l, m = _attend_keys(
-            q, k_base, v_base, m_base, start, end, scale, softcap, phi,
-            offs_g, g_valid, offs_d, d_valid,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mh, stride_mn,
-            BLOCK_G, BLOCK_N, BLOCK_D, MASK_KIND, HAS_SOFTCAP, False, DOT_PRECISION, DOT_FP32,
-        )
-        shift = tl.where(m == float("-inf"), 0.0, m)
-    return acc, l, shift
-
-
-@triton.jit
 def _decode_split_kernel(
-    # pointers
-    q_ptr, k_ptr, v_ptr, lens_ptr, mask_ptr, part_o_ptr, part_lse_ptr, out_ptr,
+    # pointers (bt_ptr: the block table, read only when PAGED)
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, mask_ptr, part_o_ptr, part_lse_ptr, out_ptr,
     # sizes and scalars
     S_max, num_splits, window, scale, softcap, phi,
     # strides
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_tb, stride_tn,
     stride_mb, stride_mh, stride_mn,
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_lb, stride_lh, stride_ls,
@@ -331,15 +278,16 @@ def _decode_split_kernel(
     # constexprs
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_ALIGN: tl.constexpr,
+    PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     UNIFIED: tl.constexpr, EXACT_FALLBACK: tl.constexpr, DIRECT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Program (b, kv head, split): the G query heads of the group against one chunk."""
+    """Program (sequence b, kv head, split): the G query heads of the group against one chunk."""
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
-    kv_len, lo, chunk = _split_bounds(lens_ptr, pid_b, S_max, window, num_splits, SPLIT_ALIGN, HAS_WINDOW)
+    kv_len, lo, chunk = split_bounds(lens_ptr, pid_b, S_max, window, num_splits, SPLIT_ALIGN, HAS_WINDOW)
     start = lo + pid_s * chunk
     end = tl.minimum(start + chunk, kv_len)
 
@@ -350,41 +298,58 @@ def _decode_split_kernel(
     d_valid = offs_d < HEAD_DIM
     b64 = pid_b.to(tl.int64)
     h64 = pid_h.to(tl.int64)
-    k_base = k_ptr + b64 * stride_kb + h64 * stride_kh
-    v_base = v_ptr + b64 * stride_vb + h64 * stride_vh
+    # the key address: a dense cache is per sequence, a paged pool is shared (block table)
+    k_base = k_ptr + h64 * stride_kh
+    v_base = v_ptr + h64 * stride_vh
+    if not PAGED:
+        k_base += b64 * stride_kb
+        v_base += b64 * stride_vb
+    bt_row = bt_ptr + b64 * stride_tb
     m_base = mask_ptr + b64 * stride_mb + (h64 * GROUP) * stride_mh
     rows = g_valid[:, None] & d_valid[None, :]
 
-    if DIRECT:
-        # one split: normalize and write the output here (also writes 0 when kv_len == 0)
+    # splits past the sequence's end skip the work; one split (DIRECT) still writes its 0 rows
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    l = tl.zeros([BLOCK_G], dtype=tl.float32)
+    shift = tl.zeros([BLOCK_G], dtype=tl.float32)
+    if start < end:
         q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                     mask=rows, other=0.0)
-        acc, l, shift = _attend_split(
-            q, k_base, v_base, m_base, start, end, scale, softcap, phi,
+        acc, l, m = _attend_keys(
+            q, k_base, v_base, bt_row, m_base, start, end, scale, softcap, phi,
             offs_g, g_valid, offs_d, d_valid,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mh, stride_mn,
-            BLOCK_G, BLOCK_N, BLOCK_D, MASK_KIND, HAS_SOFTCAP, UNIFIED, EXACT_FALLBACK, DOT_PRECISION, DOT_FP32,
+            stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn, stride_mh, stride_mn,
+            BLOCK_G, BLOCK_N, BLOCK_D, PAGED, BLOCK_SIZE, MASK_KIND, HAS_SOFTCAP, UNIFIED, DOT_PRECISION, DOT_FP32,
         )
-        l_safe = tl.where(l > 0.0, l, 1.0)
-        o = tl.where(l[:, None] > 0.0, acc / l_safe[:, None], 0.0)
+        # (acc, l, shift) with acc / l = o and log(l) + shift = lse
+        if UNIFIED:
+            shift = tl.zeros([BLOCK_G], dtype=tl.float32) + phi
+            if EXACT_FALLBACK:
+                excess = m - phi
+                out_of_range = g_valid & (m > float("-inf")) & ((excess > _UNIFIED_HIGH) | (excess < _UNIFIED_LOW))
+                if tl.max(out_of_range.to(tl.int32), 0) > 0:
+                    # phi was a bad guess for this chunk: redo it exactly (FlashDecoding++ recompute)
+                    acc, l, m = _attend_keys(
+                        q, k_base, v_base, bt_row, m_base, start, end, scale, softcap, phi,
+                        offs_g, g_valid, offs_d, d_valid,
+                        stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn, stride_mh,
+                        stride_mn, BLOCK_G, BLOCK_N, BLOCK_D, PAGED, BLOCK_SIZE, MASK_KIND, HAS_SOFTCAP, False,
+                        DOT_PRECISION, DOT_FP32,
+                    )
+                    shift = tl.where(m == float("-inf"), 0.0, m)
+        else:
+            shift = tl.where(m == float("-inf"), 0.0, m)
+    o = normalize(acc, l)
+    if DIRECT:
+        # one split: the normalized rows are the output (no workspace, no combine)
         tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  o.to(out_ptr.dtype.element_ty), mask=rows)
     else:
-        if start < end:  # splits past the sequence's end exit here; the combine skips them
-            q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                        mask=rows, other=0.0)
-            acc, l, shift = _attend_split(
-                q, k_base, v_base, m_base, start, end, scale, softcap, phi,
-                offs_g, g_valid, offs_d, d_valid,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_mh, stride_mn,
-                BLOCK_G, BLOCK_N, BLOCK_D, MASK_KIND, HAS_SOFTCAP, UNIFIED, EXACT_FALLBACK, DOT_PRECISION, DOT_FP32,
-            )
-            l_safe = tl.where(l > 0.0, l, 1.0)
-            o = tl.where(l[:, None] > 0.0, acc / l_safe[:, None], 0.0)
-            lse = tl.where(l > 0.0, tl.log(l_safe) + shift, float("-inf"))
+        if start < end:  # the combine kernel reads only the splits that ran
             tl.store(part_o_ptr + b64 * stride_pb + heads[:, None] * stride_ph + pid_s * stride_ps
                      + offs_d[None, :] * stride_pd, o, mask=rows)
-            tl.store(part_lse_ptr + b64 * stride_lb + heads * stride_lh + pid_s * stride_ls, lse, mask=g_valid)
+            tl.store(part_lse_ptr + b64 * stride_lb + heads * stride_lh + pid_s * stride_ls, partial_lse(l, shift),
+                     mask=g_valid)
 
 
 @triton.jit
@@ -404,7 +369,7 @@ def _decode_combine_kernel(
     """Program (b, query head): log-sum-exp combine of the splits that ran."""
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    kv_len, lo, chunk = _split_bounds(lens_ptr, pid_b, S_max, window, num_splits, SPLIT_ALIGN, HAS_WINDOW)
+    kv_len, lo, chunk = split_bounds(lens_ptr, pid_b, S_max, window, num_splits, SPLIT_ALIGN, HAS_WINDOW)
     n_active = tl.cdiv(kv_len - lo, chunk)
     offs_s = tl.arange(0, BLOCK_S)
     s_valid = offs_s < n_active
@@ -413,209 +378,81 @@ def _decode_combine_kernel(
     b64 = pid_b.to(tl.int64)
     lse = tl.load(part_lse_ptr + b64 * stride_lb + pid_h * stride_lh + offs_s * stride_ls,
                   mask=s_valid, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m_ref)
-    denom = tl.sum(w, 0)
     o = tl.load(part_o_ptr + b64 * stride_pb + pid_h * stride_ph + offs_s[:, None] * stride_ps
                 + offs_d[None, :] * stride_pd, mask=s_valid[:, None] & d_valid[None, :], other=0.0)
-    acc = tl.sum(w[:, None] * o, 0)
-    denom_safe = tl.where(denom > 0.0, denom, 1.0)
-    out = tl.where(denom > 0.0, acc / denom_safe, 0.0)
     tl.store(out_ptr + b64 * stride_ob + pid_h * stride_oh + offs_d * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=d_valid)
+             combine_lse(lse, o).to(out_ptr.dtype.element_ty), mask=d_valid)
 
 
 # ---------------------------------------------------------------------------------------
-# Contract and reference
+# Launchers
 # ---------------------------------------------------------------------------------------
 
 
-def check_decode_args(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max,
-                      dtypes=KERNEL_DTYPES) -> tuple:
-    """Check the op contract (shapes, dtypes, devices, scalars); return (B, Hq, Hkv, S_max, D)."""
-    name = "attention_decode"
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(
-            f"{name}: q must be [B, Hq, 1, D] (one new token per sequence), got {tuple(q.shape)}; "
-            "use the prefill attention op for several query tokens"
-        )
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"{name}: k_cache and v_cache must both be [B, Hkv, S_max, D] (HF StaticCache layout), got "
-            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
+def launch_decode(q, k, v, kv_lens, mask, out, part_o, part_lse, *, scale, window, softcap, unified_max,
+                  num_splits, config, split_align, max_seq_len, block_tables=None, exact_fallback=True):
+    """Launch the split kernel, then the combine kernel when ``num_splits > 1``; allocates
+    nothing (both launchers, dense and paged, check the call and own the buffers).
+
+    Dense: ``k, v: [B, Hkv, S_max, D]``, ``block_tables=None``. Paged: ``k, v`` are the pools
+    ``[num_blocks, Hkv, block_size, D]`` and ``block_tables [B, max_blocks]`` gives the key
+    address (``PAGED``); ``max_seq_len`` is then the table's capacity. ``part_o [B, Hq, S, D]``
+    and ``part_lse [B, Hq, S]`` (fp32, any strides) hold the partials; unused (may be None)
+    with one split. ``config``: ``{"BLOCK_N", "num_warps", "num_stages"}``.
+    """
     B, Hq, _, D = q.shape
-    _, Hkv, S_max, Dk = k_cache.shape
-    if k_cache.shape[0] != B or Dk != D:
-        raise ValueError(
-            f"{name}: k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)}: batch and head dim "
-            "must be equal"
+    Hkv = k.shape[1]
+    paged = block_tables is not None
+    if mask is None:
+        mask_kind, mask_arg, m_strides = 0, q, (0, 0, 0)
+    else:
+        mask_kind = 1 if mask.dtype == torch.bool else 2
+        full = mask.expand(B, Hq, 1, max_seq_len)
+        mask_arg = full.view(torch.uint8) if mask_kind == 1 else full
+        m_strides = (full.stride(0), full.stride(1), full.stride(3))
+    direct = num_splits == 1
+    if direct:
+        part_o, part_lse = out, out  # unused: the split kernel writes out itself
+        p_strides, l_strides = (0, 0, 0, 0), (0, 0, 0)
+    else:
+        p_strides, l_strides = part_o.stride(), part_lse.stride()
+    dot_precision, dot_fp32 = dot_flags(q.dtype)
+    unified = unified_max is not None
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _decode_split_kernel[(B, Hkv, num_splits)](
+            q, k, v, block_tables if paged else kv_lens, kv_lens, mask_arg, part_o, part_lse, out,
+            max_seq_len, num_splits, int(window), float(scale), float(softcap),
+            float(unified_max) if unified else 0.0,
+            q.stride(0), q.stride(1), q.stride(3),
+            *k.stride(), *v.stride(),
+            *(block_tables.stride() if paged else (0, 0)),
+            *m_strides, *p_strides, *l_strides,
+            out.stride(0), out.stride(1), out.stride(3),
+            GROUP=Hq // Hkv, HEAD_DIM=D,
+            BLOCK_G=block_dim(Hq // Hkv), BLOCK_N=config["BLOCK_N"], BLOCK_D=block_dim(D),
+            SPLIT_ALIGN=split_align, PAGED=paged, BLOCK_SIZE=k.shape[2] if paged else 1,
+            MASK_KIND=mask_kind, HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0,
+            UNIFIED=unified, EXACT_FALLBACK=bool(exact_fallback), DIRECT=direct,
+            DOT_PRECISION=dot_precision, DOT_FP32=dot_fp32,
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(
-            f"{name}: {Hq} query heads are not a multiple of {Hkv} KV heads; GQA needs Hq % Hkv == 0"
-        )
-    if q.dtype not in dtypes:
-        raise TypeError(f"{name}: dtype {q.dtype} is not supported; use one of {', '.join(map(str, dtypes))}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(
-            f"{name}: q is {q.dtype} but the caches are {k_cache.dtype}/{v_cache.dtype}; cast them to one dtype"
-        )
-    if kv_lens.dim() != 1 or kv_lens.shape[0] != B or kv_lens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"{name}: kv_lens must be a [B] = [{B}] int32/int64 tensor of valid cache lengths, got "
-            f"{tuple(kv_lens.shape)} {kv_lens.dtype}"
-        )
-    for t, what in ((k_cache, "k_cache"), (v_cache, "v_cache"), (kv_lens, "kv_lens")):
-        if t.device != q.device:
-            raise ValueError(f"{name}: {what} is on {t.device} but q on {q.device}; move them to one device")
-    if mask is not None:
-        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-            raise TypeError(f"{name}: mask must be bool (True = attend) or an additive float mask, got {mask.dtype}")
-        if mask.device != q.device:
-            raise ValueError(f"{name}: mask is on {mask.device} but q on {q.device}; move it to one device")
-        try:
-            if torch.broadcast_shapes(mask.shape, (B, Hq, 1, S_max)) != (B, Hq, 1, S_max):
-                raise RuntimeError
-        except RuntimeError:
-            raise ValueError(
-                f"{name}: mask of shape {tuple(mask.shape)} does not broadcast to [B, Hq, 1, S_max] = "
-                f"{[B, Hq, 1, S_max]}; HF static caches pass [B, 1, 1, S_max]"
-            ) from None
-    if window < 0:
-        raise ValueError(f"{name}: window={window} must be >= 0 (0 = no sliding window)")
-    if not softcap >= 0.0:
-        raise ValueError(f"{name}: softcap={softcap} must be >= 0 (0 = no logit softcap)")
-    if unified_max is not None and not abs(unified_max) < float("inf"):
-        raise ValueError(f"{name}: unified_max={unified_max} must be a finite float (or None for the exact path)")
-    return B, Hq, Hkv, S_max, D
-
-
-def attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window=0, softcap=0.0, unified_max=None):
-    """Eager reference, the CPU implementation and the tests' oracle (fp64 in, fp64 out).
-
-    Slices the caches to the longest valid length of the batch, groups the query heads of
-    each KV head (``q.reshape(B, Hkv, G, D)``, the same pairing as ``repeat_interleave``
-    of K/V by G, without copying K/V), builds the explicit mask and runs the softmax in fp32
-    (fp64 for fp64 inputs). ``unified_max`` only changes how the kernel computes the same
-    result, so the reference ignores it.
-    """
-    B, Hq, Hkv, S_max, D = check_decode_args(
-        q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max,
-        dtypes=KERNEL_DTYPES + (torch.float64,),
-    )
-    G = Hq // Hkv
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lens = kv_lens.to(torch.int64)
-    if B == 0 or D == 0:
-        return torch.zeros((B, Hq, 1, D), dtype=q.dtype, device=q.device)
-    L, shortest = int(lens.max()), int(lens.min())
-    if shortest < 0 or L > S_max:
-        raise ValueError(
-            f"attention_decode: kv_lens must lie in [0, S_max={S_max}], got values in [{shortest}, {L}]; "
-            f"the cache holds at most {S_max} positions"
-        )
-    if L == 0:
-        return torch.zeros((B, Hq, 1, D), dtype=q.dtype, device=q.device)
-    k = k_cache[:, :, :L].to(compute)
-    v = v_cache[:, :, :L].to(compute)
-    qg = q.reshape(B, Hkv, G, D).to(compute)
-    s = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, L]
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    pos = torch.arange(L, device=q.device)
-    in_cache = pos[None, :] < lens[:, None]  # [B, L]
-    valid = in_cache
-    if window > 0:
-        valid = valid & (pos[None, :] >= lens[:, None] - window)
-    valid = valid[:, None, None, :]
-    if mask is not None:
-        user = mask.expand(B, Hq, 1, S_max)[..., :L].reshape(B, Hkv, G, L)
-        if user.dtype == torch.bool:
-            valid = valid & user
-        else:
-            s = s + user.to(compute)
-    s = s.masked_fill(~valid, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = m.masked_fill(m == float("-inf"), 0.0)
-    p = torch.exp(s - m)
-    l = p.sum(-1, keepdim=True)
-    if shortest < L:
-        # positions past a shorter sequence's end may hold anything (NaN): 0 * NaN is NaN
-        v = v.masked_fill(~in_cache[:, None, :, None], 0.0)
-    o = torch.matmul(p, v) / torch.where(l > 0, l, torch.ones_like(l))
-    return o.reshape(B, Hq, 1, D).to(q.dtype)
-
-
-def attention_decode_cpu(q, k_cache, v_cache, kv_lens, mask, scale, window=0, softcap=0.0, unified_max=None):
-    """The CPU implementation: PyTorch's fused SDPA over the valid prefix of the cache.
-
-    Same contract and result as :func:`attention_decode_ref` (tested against it); it exists
-    because the reference spells the softmax out in half a dozen eager ops, and on CPU each
-    costs a dispatch and a pass over ``[B, Hq, L]``, while SDPA's CPU kernel does it in one
-    (about 8x faster on a 4-layer 256-wide Llama decode step). Cases SDPA cannot express
-    exactly go to the reference: soft-capping, float64, rows of different valid lengths
-    (positions past a shorter row's end may hold NaN, which a masked SDPA still multiplies
-    by zero) and rows with nothing to attend to.
-    """
-    if (softcap > 0 or q.dtype == torch.float64 or q.device.type != "cpu" or q.shape[0] == 0
-            or q.shape[-1] == 0 or q.shape[1] % k_cache.shape[1] != 0):
-        return attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
-    B, Hq, Hkv, S_max, D = check_decode_args(
-        q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max, dtypes=KERNEL_DTYPES,
-    )
-    L, shortest = int(kv_lens.max()), int(kv_lens.min())
-    if shortest != L or L <= 0 or L > S_max:
-        return attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
-    keep = None
-    if window > 0 and window < L:
-        keep = torch.arange(L, device=q.device) >= L - window  # [L]
-        keep = keep.view(1, 1, 1, L)
-    bias = None
-    if mask is not None:
-        user = mask[..., :L]
-        # The usual decode mask (no padding) keeps every valid key: SDPA without a mask
-        # is then the same math, and about 3x faster than with one.
-        if bool(user.all()) if user.dtype == torch.bool else bool((user == 0).all()):
-            mask = None
-    if mask is not None:
-        user = mask.expand(B, Hq, 1, S_max)[..., :L]
-        if user.dtype == torch.bool:
-            keep = user if keep is None else keep & user
-            if not bool(keep.any(-1).all()):  # a row with every key masked: defined as 0
-                return attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap,
-                                            unified_max)
-        else:
-            bias = user.to(q.dtype)
-    if keep is not None:
-        if bias is None:
-            bias = keep  # SDPA's bool mask: True attends
-        else:
-            bias = bias.masked_fill(~keep, float("-inf"))
-    if bias is not None and mask is not None and mask.dtype != torch.bool:
-        if not bool((bias > float("-inf")).any(-1).all()):  # every key at -inf: defined as 0
-            return attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
-    k, v = k_cache[:, :, :L], v_cache[:, :, :L]
-    G = Hq // Hkv
-    if G > 1:  # one query group per KV head: [B, Hkv, G, D] against [B, Hkv, L, D], no K/V copy
-        qg = q.reshape(B, Hkv, G, D)
-        if bias is not None:
-            bias = bias.expand(B, Hq, 1, L).reshape(B, Hkv, G, L)
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias, scale=scale)
-        return out.reshape(B, Hq, 1, D)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-
-
-# ---------------------------------------------------------------------------------------
-# Launcher
-# ---------------------------------------------------------------------------------------
+        if not direct:
+            _decode_combine_kernel[(B, Hq)](
+                part_o, part_lse, kv_lens, out,
+                max_seq_len, num_splits, int(window),
+                *p_strides, *l_strides,
+                out.stride(0), out.stride(1), out.stride(3),
+                HEAD_DIM=D, BLOCK_D=block_dim(D), BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+                SPLIT_ALIGN=split_align, HAS_WINDOW=window > 0,
+                num_warps=2 if q.is_cuda else 1,
+            )
+    return out
 
 
 @on_tensor_device
 def attention_decode_triton(q, k_cache, v_cache, kv_lens, mask, scale, window=0, softcap=0.0, unified_max=None,
                             *, out=None, num_splits=None, config=None, exact_fallback=True):
-    """Launch the split kernel (and the combine kernel when num_splits > 1).
+    """Launch the split kernel (and the combine kernel when num_splits > 1) on a dense cache.
 
     ``out``: optional [B, Hq, 1, D] buffer of q's dtype (any strides) to write.
     ``num_splits``: override :func:`decode_num_splits` (tests, benchmarks).
@@ -651,55 +488,16 @@ def attention_decode_triton(q, k_cache, v_cache, kv_lens, mask, scale, window=0,
     cfg = dict(decode_heuristic_config(D, Hq // Hkv, q.dtype, q.device))
     if config:
         cfg.update(validate_config(dict(config)))
-    split_align = _SPLIT_ALIGN_CUDA if on_cuda else _SPLIT_ALIGN_INTERPRETER
-    G = Hq // Hkv
-    direct = num_splits == 1
-
-    if mask is None:
-        mask_kind, mask_arg, m_strides = 0, q, (0, 0, 0)
-    else:
-        mask_kind = 1 if mask.dtype == torch.bool else 2
-        full = mask.expand(B, Hq, 1, S_max)
-        mask_arg = full.view(torch.uint8) if mask_kind == 1 else full
-        m_strides = (full.stride(0), full.stride(1), full.stride(3))
-    if direct:
-        part_o, part_lse = out, out  # unused: the split kernel writes out itself
-        p_strides, l_strides = (0, 0, 0, 0), (0, 0, 0)
-    else:
+    part_o = part_lse = None
+    if num_splits > 1:
         # every slot read by the combine is written by a split that ran, so `empty` is enough
         part_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
-        p_strides, l_strides = part_o.stride(), part_lse.stride()
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    unified = unified_max is not None
-
-    with torch.cuda.device(q.device) if on_cuda else contextlib.nullcontext():
-        _decode_split_kernel[(B, Hkv, num_splits)](
-            q, k_cache, v_cache, kv_lens, mask_arg, part_o, part_lse, out,
-            S_max, num_splits, int(window), float(scale), float(softcap),
-            float(unified_max) if unified else 0.0,
-            q.stride(0), q.stride(1), q.stride(3),
-            *k_cache.stride(), *v_cache.stride(),
-            *m_strides, *p_strides, *l_strides,
-            out.stride(0), out.stride(1), out.stride(3),
-            GROUP=G, HEAD_DIM=D,
-            BLOCK_G=max(16, next_pow2(G)), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(D)),
-            SPLIT_ALIGN=split_align, MASK_KIND=mask_kind, HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0,
-            UNIFIED=unified, EXACT_FALLBACK=bool(exact_fallback), DIRECT=direct, DOT_PRECISION=dot_precision,
-            DOT_FP32=not on_cuda and q.dtype == torch.bfloat16,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-        if not direct:
-            _decode_combine_kernel[(B, Hq)](
-                part_o, part_lse, kv_lens, out,
-                S_max, num_splits, int(window),
-                *p_strides, *l_strides,
-                out.stride(0), out.stride(1), out.stride(3),
-                HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_S=max(2, next_pow2(num_splits)),
-                SPLIT_ALIGN=split_align, HAS_WINDOW=window > 0,
-                num_warps=1 if not on_cuda else 2,
-            )
-    return out
+    return launch_decode(
+        q, k_cache, v_cache, kv_lens, mask, out, part_o, part_lse, scale=scale, window=window, softcap=softcap,
+        unified_max=unified_max, num_splits=num_splits, config=cfg, split_align=decode_split_align(on_cuda),
+        max_seq_len=S_max, exact_fallback=exact_fallback,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -747,5 +545,8 @@ __all__ = [
     "decode_configs",
     "decode_heuristic_config",
     "decode_num_splits",
+    "decode_split_align",
+    "launch_decode",
     "prune_decode_configs",
+    "validate_config",
 ]

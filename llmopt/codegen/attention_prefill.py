@@ -38,22 +38,42 @@ Loop structure per query block: the key range is cut to ``[lo, hi)`` (causal blo
 diagonal and keys outside the window or beyond ``kv_lens`` are never visited), then split
 into boundary blocks, which apply the position mask, and interior blocks, which need none.
 
+One kernel, two KV layouts (constexpr ``PAGED``): the dense cache above, or the paged pool
+of :mod:`.attention_paged` (``llmopt::paged_attention_prefill``), whose keys are read
+through a block table (:func:`.attention_blocks.kv_tile_offsets`) and whose queries are the
+varlen packing ``[T, Hq, D]`` of several sequences' new tokens (grid ``(cdiv(T, BLOCK_M) + N,
+Hq)``, always causal, ``q_offsets[b] = kv_lens[b] - q_len_b``). :func:`launch_prefill` is the
+one launcher both ops' entry points call; the shared tile math (key address, dots, softcap,
+online-softmax step) lives in :mod:`.attention_blocks`, the contract and the reference in
+:mod:`.attention_prefill_ref`.
+
 Sources: Dao, "FlashAttention-2" (arXiv:2307.08691), the online softmax of Milakov &
 Gimelshein (arXiv:1805.02867), the Triton fused-attention tutorial; sliding window from
 Mistral 7B (arXiv:2310.06825); soft-capping from Gemma 2 (arXiv:2408.00118).
 """
+import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .device_math import tanh
+from .attention_blocks import (
+    LOG2E,
+    block_dim,
+    capped_scores,
+    dot_flags,
+    dot_pv,
+    dot_qk,
+    kv_tile_offsets,
+    normalize,
+    online_softmax_step,
+)
+from .attention_prefill_ref import attention_prefill_ref, check_prefill_inputs
 from .kernel_mode import interpreting, on_tensor_device, use_triton
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-LENGTH_DTYPES = (torch.int32, torch.int64)
 
 # Additive mask values are clamped here before the log2(e) fold, so that HF's
 # ``finfo(dtype).min`` stays finite (a row masked only by it gets eager's uniform softmax,
@@ -91,7 +111,7 @@ def _prune_prefill_configs(configs, named_args, **kwargs):
 
     block_d = arg("BLOCK_D")
     bucket = arg("Q_BUCKET")
-    elem = 4 if arg("IEEE_FP32") else 2
+    elem = 4 if arg("DOT_PRECISION") == "ieee" else 2
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -112,48 +132,43 @@ def q_bucket(sq: int) -> int:
     return min(triton.next_power_of_2(max(sq, 1)), 128)
 
 
+def prefill_q_bucket(num_tokens: int, num_seqs: int) -> int:
+    """Autotune key of the varlen (paged) prefill: the mean new tokens per sequence, bucketed,
+    never the raw token count."""
+    return q_bucket(triton.cdiv(max(num_tokens, 1), max(num_seqs, 1)))
+
+
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def _attend_block(
     acc, l_i, m_i, q,
-    k_base, v_base, mask_base,
-    offs_m, pos_q, offs_d, start_n,
-    Sq, kv_len, window,
-    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    scale, qk_scale, softcap,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    k_base, v_base, bt_row, mask_base,
+    offs_m, q_len, pos_q, offs_d, start_n, kv_len, window,
+    stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn, stride_mm, stride_mn,
+    scale, softcap,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     MASK_POSITIONS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    IEEE_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """One K/V block of the online softmax. ``MASK_POSITIONS`` is False only for interior
-    blocks, where every key is below ``kv_len`` and inside the causal/window range of every
-    query of the block, so neither the loads nor the scores need a position mask."""
-    LOG2E: tl.constexpr = 1.4426950408889634
+    """One K/V block of the online softmax (scores in log2 units, ``exp2``). ``MASK_POSITIONS``
+    is False only for interior blocks, where every key is below ``kv_len`` and inside the
+    causal/window range of every query of the block, so neither the loads nor the scores need
+    a position mask."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
+    kv_ok = offs_n < kv_len
+    k_off, v_off = kv_tile_offsets(offs_n, kv_ok, bt_row, stride_tn, stride_kb, stride_kn, stride_vb, stride_vn,
+                                   PAGED, BLOCK_SIZE)
     if MASK_POSITIONS:
-        kv_ok = offs_n < kv_len
-        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        k = tl.load(k_base + k_off[None, :] + offs_d[:, None] * stride_kd,
                     mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
     else:
-        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                    mask=d_ok[:, None], other=0.0)
-    if IEEE_FP32:
-        qk = tl.dot(q, k, input_precision="ieee")
-    elif UPCAST_DOT:
-        qk = tl.dot(q, k.to(tl.float32), input_precision="ieee")  # q was upcast by the caller
-    else:
-        qk = tl.dot(q, k)
-
-    if HAS_SOFTCAP:
-        s = softcap * tanh(qk * (scale / softcap))
-        s = s * LOG2E
-    else:
-        s = qk * qk_scale  # scale * log2(e): the softmax below uses exp2
+        k = tl.load(k_base + k_off[None, :] + offs_d[:, None] * stride_kd, mask=d_ok[:, None], other=0.0)
+    s = capped_scores(dot_qk(q, k, DOT_PRECISION, DOT_FP32), scale, softcap, LOG2E, HAS_SOFTCAP)
 
     if HAS_MASK:
-        m_ok = (offs_m < Sq)[:, None] & (offs_n < kv_len)[None, :]
+        m_ok = (offs_m < q_len)[:, None] & kv_ok[None, :]
         mv = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn, mask=m_ok, other=0)
         if MASK_IS_BOOL:
             s = tl.where(mv != 0, s, float("-inf"))
@@ -162,311 +177,230 @@ def _attend_block(
             bias = tl.maximum(mv, MASK_FLOOR) * LOG2E
             s = tl.where(mv == float("-inf"), float("-inf"), s + bias)
     if MASK_POSITIONS:
-        allowed = (offs_n < kv_len)[None, :]
+        allowed = kv_ok[None, :]
         if CAUSAL:
             allowed = allowed & (offs_n[None, :] <= pos_q[:, None])
         if HAS_WINDOW:
             allowed = allowed & ((pos_q[:, None] - offs_n[None, :]) < window)
         s = tl.where(allowed, s, float("-inf"))
 
-    # Online softmax. A row with no allowed key so far has m = -inf; subtracting 0 instead
-    # keeps exp2 at exactly 0 for it rather than NaN (-inf - -inf).
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_sub)
-    p = tl.exp2(s - m_sub[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-
+    p, alpha, m_new, l_i = online_softmax_step(m_i, l_i, s, True)
     if MASK_POSITIONS:
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * stride_vd,
                     mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
     else:
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=d_ok[None, :], other=0.0)
-    acc = acc * alpha[:, None]
-    if IEEE_FP32:
-        acc += tl.dot(p, v, input_precision="ieee")
-    elif UPCAST_DOT:
-        acc += tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
-    else:
-        acc += tl.dot(p.to(v.dtype), v)
+        v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * stride_vd, mask=d_ok[None, :], other=0.0)
+    acc = dot_pv(p, v, acc * alpha[:, None], DOT_PRECISION, DOT_FP32)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _varlen_tile(qsl_ptr, pid, num_seqs, BLOCK_M: tl.constexpr, SEQ_SCAN: tl.constexpr):
+    """(sequence n, its first query row, its query count, this tile's first row within it)
+    of program ``pid`` of the varlen grid: tiles of sequence n are programs
+    ``qsl[n] // BLOCK_M + n + i``, an increasing start in n, so n = (number of sequences whose
+    first tile is at or before pid) - 1; a program past its sequence's tiles gets a row >= q_len."""
+    count = pid * 0
+    for s0 in range(0, num_seqs, SEQ_SCAN):
+        offs_s = s0 + tl.arange(0, SEQ_SCAN)
+        starts = tl.load(qsl_ptr + offs_s, mask=offs_s < num_seqs, other=0).to(tl.int32)
+        first_tile = starts // BLOCK_M + offs_s
+        count += tl.sum(((first_tile <= pid) & (offs_s < num_seqs)).to(tl.int32), 0)
+    n = tl.maximum(count - 1, 0)
+    q_start = tl.load(qsl_ptr + n).to(tl.int32)
+    q_len = tl.load(qsl_ptr + n + 1).to(tl.int32) - q_start
+    return n, q_start, q_len, (pid - (q_start // BLOCK_M + n)) * BLOCK_M
 
 
 # Sizes are not specialized (a prompt length that happens to be 1 or a multiple of 16 would
 # otherwise compile its own variant); strides still are, which is what vectorizes the loads.
-@triton.jit(do_not_specialize=["Sq", "Skv", "Q_BUCKET", "window"])
+@triton.jit(do_not_specialize=["Sq", "Skv", "Q_BUCKET", "num_seqs", "window"])
 def _attention_prefill_kernel(
-    # pointers
-    q_ptr, k_ptr, v_ptr, mask_ptr, kv_lens_ptr, q_offsets_ptr, out_ptr,
-    # sizes (Q_BUCKET is only the autotune key)
-    Sq, Skv, GROUP, Q_BUCKET,
+    # pointers (bt_ptr, qsl_ptr: block table and query start offsets, read only when PAGED)
+    q_ptr, k_ptr, v_ptr, mask_ptr, kv_lens_ptr, q_offsets_ptr, bt_ptr, qsl_ptr, out_ptr,
+    # sizes (Q_BUCKET is only the autotune key; num_seqs only when PAGED)
+    Sq, Skv, GROUP, Q_BUCKET, num_seqs,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_tb, stride_tn,
     stride_ob, stride_oh, stride_om, stride_od,
     # scalars
     scale, softcap, window,
     # constexprs
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr, SEQ_SCAN: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_KV_LENS: tl.constexpr, HAS_Q_OFFSETS: tl.constexpr,
-    IEEE_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    LOG2E: tl.constexpr = 1.4426950408889634
-    # Last query blocks first: under a causal mask they have the most keys, and starting
-    # them early shortens the tail of the launch.
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
     h_kv = h // GROUP
-
+    if PAGED:
+        # varlen: rows [q_start, q_start + q_len) of the packed q are sequence b's new tokens,
+        # the last q_len of its kv_lens[b] positions
+        n, q_start, q_len, m_first = _varlen_tile(qsl_ptr, tl.program_id(0), num_seqs, BLOCK_M, SEQ_SCAN)
+        b = n.to(tl.int64)
+        q_off = tl.load(kv_lens_ptr + b).to(tl.int32) - q_len
+    else:
+        # Last query blocks first: under a causal mask they have the most keys, and starting
+        # them early shortens the tail of the launch.
+        m_first = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+        b = tl.program_id(2).to(tl.int64)
+        q_start = 0
+        q_len = Sq
+        q_off = 0
+        if HAS_Q_OFFSETS:
+            q_off = tl.load(q_offsets_ptr + b).to(tl.int32)
     kv_len = Skv
     if HAS_KV_LENS:
         kv_len = tl.minimum(tl.maximum(tl.load(kv_lens_ptr + b).to(tl.int32), 0), Skv)
-    q_off = 0
-    if HAS_Q_OFFSETS:
-        q_off = tl.load(q_offsets_ptr + b).to(tl.int32)
 
-    m_first = start_m * BLOCK_M
-    m_last = tl.minimum(m_first + BLOCK_M, Sq) - 1  # last real query row of the block
-    offs_m = m_first + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    pos_q = q_off + offs_m
+    if m_first < q_len:  # always, but for the spare programs of the varlen grid
+        m_last = tl.minimum(m_first + BLOCK_M, q_len) - 1  # last real query row of the block
+        offs_m = m_first + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        pos_q = q_off + offs_m
+        rows = q_start + offs_m
+        if PAGED:
+            rows = rows.to(tl.int64)
 
-    # Key range any query of the block may see: [lo, hi).
-    hi = kv_len
-    if CAUSAL:
-        hi = tl.minimum(hi, q_off + m_last + 1)
-    lo = 0
-    if HAS_WINDOW:
-        lo = (tl.maximum(q_off + m_first - window + 1, 0) // BLOCK_N) * BLOCK_N
-    # Interior blocks [full_lo, full_hi): allowed for every query row of the block.
-    full_lo = lo
-    if HAS_WINDOW:
-        full_lo = tl.cdiv(tl.maximum(q_off + m_last - window + 1, 0), BLOCK_N) * BLOCK_N
-    full_hi = kv_len
-    if CAUSAL:
-        full_hi = tl.minimum(full_hi, q_off + m_first + 1)
-    full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
-    # Clamp so that [lo, mid_lo) + [mid_lo, mid_hi) + [mid_hi, hi) cover [lo, hi) exactly.
-    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
+        # Key range any query of the block may see: [lo, hi).
+        hi = kv_len
+        if CAUSAL:
+            hi = tl.minimum(hi, q_off + m_last + 1)
+        lo = 0
+        if HAS_WINDOW:
+            lo = (tl.maximum(q_off + m_first - window + 1, 0) // BLOCK_N) * BLOCK_N
+        # Interior blocks [full_lo, full_hi): allowed for every query row of the block.
+        full_lo = lo
+        if HAS_WINDOW:
+            full_lo = tl.cdiv(tl.maximum(q_off + m_last - window + 1, 0), BLOCK_N) * BLOCK_N
+        full_hi = kv_len
+        if CAUSAL:
+            full_hi = tl.minimum(full_hi, q_off + m_first + 1)
+        full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
+        # Clamp so that [lo, mid_lo) + [mid_lo, mid_hi) + [mid_hi, hi) cover [lo, hi) exactly.
+        mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+        mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
 
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h_kv * stride_kh
-    v_base = v_ptr + b * stride_vb + h_kv * stride_vh
-    mask_base = mask_ptr + b * stride_mb + h * stride_mh
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m < Sq)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
+        # the key address: a dense cache is per sequence, a paged pool is shared (block table)
+        k_base = k_ptr + h_kv * stride_kh
+        v_base = v_ptr + h_kv * stride_vh
+        if not PAGED:
+            k_base += b * stride_kb
+            v_base += b * stride_vb
+        bt_row = bt_ptr + b * stride_tb
+        mask_base = mask_ptr + b * stride_mb + h * stride_mh
+        row_ok = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=row_ok, other=0.0)
 
-    qk_scale = scale * LOG2E
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for start_n in range(lo, mid_lo, BLOCK_N):
+            acc, l_i, m_i = _attend_block(
+                acc, l_i, m_i, q, k_base, v_base, bt_row, mask_base, offs_m, q_len, pos_q, offs_d, start_n,
+                kv_len, window, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn,
+                stride_mm, stride_mn, scale, softcap, BLOCK_N, HEAD_DIM, PAGED, BLOCK_SIZE,
+                True, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, DOT_PRECISION, DOT_FP32,
+            )
+        for start_n in range(mid_lo, mid_hi, BLOCK_N):
+            acc, l_i, m_i = _attend_block(
+                acc, l_i, m_i, q, k_base, v_base, bt_row, mask_base, offs_m, q_len, pos_q, offs_d, start_n,
+                kv_len, window, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn,
+                stride_mm, stride_mn, scale, softcap, BLOCK_N, HEAD_DIM, PAGED, BLOCK_SIZE,
+                False, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, DOT_PRECISION, DOT_FP32,
+            )
+        for start_n in range(mid_hi, hi, BLOCK_N):
+            acc, l_i, m_i = _attend_block(
+                acc, l_i, m_i, q, k_base, v_base, bt_row, mask_base, offs_m, q_len, pos_q, offs_d, start_n,
+                kv_len, window, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn,
+                stride_mm, stride_mn, scale, softcap, BLOCK_N, HEAD_DIM, PAGED, BLOCK_SIZE,
+                True, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, DOT_PRECISION, DOT_FP32,
+            )
 
-    for start_n in range(lo, mid_lo, BLOCK_N):
-        acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, pos_q, offs_d, start_n,
-            Sq, kv_len, window, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            scale, qk_scale, softcap,
-            BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, IEEE_FP32,
-            UPCAST_DOT,
-        )
-    for start_n in range(mid_lo, mid_hi, BLOCK_N):
-        acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, pos_q, offs_d, start_n,
-            Sq, kv_len, window, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            scale, qk_scale, softcap,
-            BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, IEEE_FP32,
-            UPCAST_DOT,
-        )
-    for start_n in range(mid_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, pos_q, offs_d, start_n,
-            Sq, kv_len, window, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            scale, qk_scale, softcap,
-            BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, IEEE_FP32,
-            UPCAST_DOT,
-        )
-
-    # A row that saw no allowed key has l = 0 and acc = 0: its output is defined as 0.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    out_base = out_ptr + b * stride_ob + h * stride_oh
-    tl.store(out_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty),
-             mask=(offs_m < Sq)[:, None] & (offs_d < HEAD_DIM)[None, :])
+        # A row that saw no allowed key has l = 0 and acc = 0: its output is defined as 0.
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+                 normalize(acc, l_i).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 _attention_prefill_tuned = triton.autotune(
     configs=_prefill_configs(),
-    key=["Q_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_MASK", "HAS_SOFTCAP", "IEEE_FP32"],
+    key=["Q_BUCKET", "HEAD_DIM", "PAGED", "BLOCK_SIZE", "CAUSAL", "HAS_MASK", "HAS_SOFTCAP", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_prefill_configs},
 )(_attention_prefill_kernel)
 
-
-# --------------------------------------------------------------------------- contract checks
-def _check_lengths(op: str, name: str, t: Optional[torch.Tensor], batch: int, device) -> None:
-    if t is None:
-        return
-    if t.shape != (batch,) or t.dtype not in LENGTH_DTYPES or t.device != device:
-        raise ValueError(
-            f"{op}: {name} must be an int32/int64 tensor of shape [{batch}] (one entry per sequence) on "
-            f"{device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
-        )
+# Sequences scanned per step of the varlen grid's owner search (one vector load + sum).
+_SEQ_SCAN = 128
 
 
-def _check_inputs(op, q, k, v, mask, kv_lens, q_offsets, window, softcap) -> None:
-    """Check the shape/dtype/device contract; uses metadata only (also runs on fake tensors)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(
-                f"{op}: {name} must be 4-D [batch, heads, seq, head_dim] (Hugging Face layout), got shape "
-                f"{tuple(t.shape)}; transpose a [batch, seq, heads, head_dim] tensor with .transpose(1, 2)"
-            )
-    if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"{op}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    b, hq, _, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(
-            f"{op}: k and v must be [batch={b}, kv_heads, kv_seq, head_dim={d}] and equal, got "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    hkv = k.shape[1]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"{op}: query heads ({hq}) must be a multiple of KV heads ({hkv}) for GQA/MQA; "
-            f"check the head counts of q and k"
-        )
-    if mask is not None:
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"{op}: mask must be bool (True = attend) or floating (additive), got {mask.dtype}")
-        if mask.device != q.device:
-            raise ValueError(f"{op}: mask is on {mask.device}, q on {q.device}; move it to {q.device}")
-        target = (b, hq, q.shape[2], k.shape[2])
-        if mask.dim() > 4 or any(m != 1 and m != t for m, t in zip(mask.shape[::-1], target[::-1])):
-            raise ValueError(
-                f"{op}: mask of shape {tuple(mask.shape)} does not broadcast to [batch, q_heads, q_seq, kv_seq] = "
-                f"{list(target)}"
-            )
-    _check_lengths(op, "kv_lens", kv_lens, b, q.device)
-    _check_lengths(op, "q_offsets", q_offsets, b, q.device)
-    if window < 0:
-        raise ValueError(f"{op}: window must be >= 0 (0 = no sliding window), got {window}")
-    if softcap < 0:
-        raise ValueError(f"{op}: softcap must be >= 0 (0 = no soft-capping), got {softcap}")
+# --------------------------------------------------------------------------- launchers
+def launch_prefill(q, k, v, out, *, scale, causal, window, softcap, mask=None, kv_lens=None, q_offsets=None,
+                   block_tables=None, query_start_loc=None):
+    """Launch the prefill kernel; checks nothing and allocates nothing (both launchers, dense
+    and paged, check the call and own ``out``).
 
-
-# --------------------------------------------------------------------------- reference
-def _allowed_keys(q, k, mask, kv_lens, q_offsets, causal, window):
-    """The combined "may attend" mask, ``[B|1, H|1, Sq, Skv]`` bool, and the additive bias
-    (or None). Broadcast dims stay size 1, so a padding mask costs ``B*Sq*Skv`` booleans."""
-    sq, skv = q.shape[2], k.shape[2]
-    dev = q.device
-    rows = torch.arange(sq, device=dev)
-    cols = torch.arange(skv, device=dev)
-    pos_q = rows[None, :] if q_offsets is None else q_offsets.to(torch.int64)[:, None] + rows[None, :]
-    allowed = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=dev)
-    if causal:
-        allowed = allowed & (cols <= pos_q[:, :, None])[:, None]
-    if window > 0:
-        allowed = allowed & ((pos_q[:, :, None] - cols) < window)[:, None]
-    if kv_lens is not None:
-        allowed = allowed & (cols[None, :] < kv_lens.to(torch.int64)[:, None])[:, None, None, :]
-    bias = None
-    if mask is not None:
-        m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        if m.dtype == torch.bool:
-            allowed = allowed & m
-        else:
-            bias = m
-            allowed = allowed & (m != float("-inf"))
-    return allowed, bias
-
-
-def attention_prefill_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    kv_lens: Optional[torch.Tensor],
-    q_offsets: Optional[torch.Tensor],
-    scale: float,
-    causal: bool,
-    window: int = 0,
-    softcap: float = 0.0,
-) -> torch.Tensor:
-    """Eager attention with the kernel's semantics (module docstring); the CPU implementation.
-
-    Math in fp32 (fp64 stays fp64, for the tests' ground truth). Without softcap it calls
-    ``scaled_dot_product_attention`` with one explicit float mask (``-inf`` where not
-    allowed), so CPU prefill does not hold the score matrix; with softcap it computes the
-    scores explicitly, GQA by grouping query heads over the shared KV head (no repeat).
-    Keys beyond ``kv_lens`` are zeroed before use: a preallocated cache may hold garbage there.
+    Dense: ``q, out: [B, Hq, Sq, D]``, ``k, v: [B, Hkv, Skv, D]``, grid
+    ``(cdiv(Sq, BLOCK_M), Hq, B)``. Paged (``block_tables`` given, ``PAGED``): ``q, out:
+    [T, Hq, D]`` packed by ``query_start_loc [N + 1]``, ``k, v`` the pools ``[num_blocks,
+    Hkv, block_size, D]``, ``kv_lens`` the sequences' lengths (new tokens included), always
+    causal; varlen grid ``(cdiv(T, BLOCK_M) + N, Hq)``.
     """
-    _check_inputs("attention_prefill_ref", q, k, v, mask, kv_lens, q_offsets, window, softcap)
-    b, hq, sq, d = q.shape
-    hkv, skv = k.shape[1], k.shape[2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if q.numel() == 0:
-        return q.new_zeros(q.shape)
-
-    if kv_lens is not None:
-        # Never look past the longest valid sequence; zero the rest of shorter ones.
-        lens = kv_lens.to(torch.int64).clamp(0, skv)
-        kmax = int(lens.max())
-        k, v = k[:, :, :kmax], v[:, :, :kmax]
-        if mask is not None and mask.shape[-1] != 1:
-            mask = mask[..., :kmax]
-        if bool((lens < kmax).any()):
-            valid = (torch.arange(kmax, device=q.device)[None, :] < lens[:, None])[:, None, :, None]
-            k = torch.where(valid, k, 0)
-            v = torch.where(valid, v, 0)
-        kv_lens = lens
-        skv = kmax
-    if skv == 0:
-        return q.new_zeros(q.shape)
-    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
-
-    # Nothing but (top-left) causality: SDPA's own is_causal path, no mask tensor at all.
-    # No row can be fully masked then (top-left causal always allows key 0).
-    plain = mask is None and kv_lens is None and window == 0 and (not causal or q_offsets is None)
-    if softcap == 0.0 and plain:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qf, kf, vf, is_causal=causal, scale=scale, enable_gqa=hq != hkv
-        )
-        return out.to(q.dtype).contiguous()
-
-    allowed, bias = _allowed_keys(q, k, mask, kv_lens, q_offsets, causal, window)
-    any_allowed = allowed.any(dim=-1, keepdim=True)
-    float_mask = torch.zeros((), dtype=acc, device=q.device) if bias is None else bias.to(acc)
-    float_mask = torch.where(allowed, float_mask, float("-inf"))
-    # Fully masked rows get a harmless mask (no NaN) and are zeroed afterwards.
-    float_mask = torch.where(any_allowed, float_mask, 0.0)
-
-    if softcap == 0.0:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qf, kf, vf, attn_mask=float_mask, scale=scale, enable_gqa=hq != hkv
-        )
+    paged = block_tables is not None
+    hq, d, hkv = q.shape[1], q.shape[-1], k.shape[1]
+    if paged:
+        sq, skv, n = q.shape[0], block_tables.shape[1] * k.shape[2], block_tables.shape[0]
+        q_strides = (0, q.stride(1), q.stride(0), q.stride(2))
+        o_strides = (0, out.stride(1), out.stride(0), out.stride(2))
+        bucket = prefill_q_bucket(sq, n)
     else:
-        g = hq // hkv
-        scores = qf.reshape(b, hkv, g, sq, d) @ kf.unsqueeze(2).transpose(-1, -2) * scale
-        scores = softcap * torch.tanh(scores / softcap)
-        scores = scores.reshape(b, hq, sq, skv) + float_mask
-        probs = torch.softmax(scores, dim=-1)
-        out = (probs.reshape(b, hkv, g, sq, skv) @ vf.unsqueeze(2)).reshape(b, hq, sq, d)
-    out = torch.where(any_allowed, out, 0.0)
-    return out.to(q.dtype).contiguous()
+        sq, skv, n = q.shape[2], k.shape[2], q.shape[0]
+        q_strides, o_strides, bucket = q.stride(), out.stride(), q_bucket(q.shape[2])
+    if mask is not None:
+        # Broadcast dims become stride 0: the kernel reads HF's [B, 1, Sq, Skv] mask as is.
+        m = mask.expand(n, hq, sq, skv)
+        if m.dtype == torch.bool:
+            m = m.view(torch.uint8)  # same bytes; a uint8 pointer loads on every Triton version
+        mask_strides = m.stride()
+    else:
+        m, mask_strides = q, (0, 0, 0, 0)  # never read (HAS_MASK is False)
+    dummy = q  # the pointer of an absent optional tensor (its flag keeps it unread)
+    args = (
+        q, k, v, m,
+        kv_lens if kv_lens is not None else dummy, q_offsets if q_offsets is not None else dummy,
+        block_tables if paged else dummy, query_start_loc if paged else dummy, out,
+        sq, skv, hq // hkv, bucket, n,
+        *q_strides, *k.stride(), *v.stride(), *mask_strides,
+        *(block_tables.stride() if paged else (0, 0)), *o_strides,
+        float(scale), float(softcap), int(window),
+    )
+    dot_precision, dot_fp32 = dot_flags(q.dtype)
+    meta = dict(
+        HEAD_DIM=d, BLOCK_D=block_dim(d), PAGED=paged, BLOCK_SIZE=k.shape[2] if paged else 1, SEQ_SCAN=_SEQ_SCAN,
+        CAUSAL=bool(causal) or paged, HAS_WINDOW=window > 0,
+        HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool,
+        HAS_SOFTCAP=softcap > 0, HAS_KV_LENS=kv_lens is not None, HAS_Q_OFFSETS=q_offsets is not None and not paged,
+        DOT_PRECISION=dot_precision, DOT_FP32=dot_fp32,
+    )
+
+    def grid(cfg):
+        if paged:
+            return (triton.cdiv(sq, cfg["BLOCK_M"]) + n, hq)
+        return (triton.cdiv(sq, cfg["BLOCK_M"]), hq, n)
+
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        if q.is_cuda and not interpreting():
+            _attention_prefill_tuned[grid](*args, **meta)
+        else:
+            # Interpreter: one fixed small config (autotuning there would only time numpy).
+            _attention_prefill_kernel[grid(INTERPRETER_CONFIG)](*args, **meta, **INTERPRETER_CONFIG)
+    return out
 
 
-# --------------------------------------------------------------------------- launcher
 @on_tensor_device
 def attention_prefill_triton(
     q: torch.Tensor,
@@ -483,11 +417,10 @@ def attention_prefill_triton(
 ) -> torch.Tensor:
     """Prefill attention with the Triton kernel; returns ``out`` (allocated when None)."""
     op = "attention_prefill"
-    _check_inputs(op, q, k, v, mask, kv_lens, q_offsets, window, softcap)
+    check_prefill_inputs(op, q, k, v, mask, kv_lens, q_offsets, window, softcap)
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{op}: the Triton kernel supports {KERNEL_DTYPES}, got {q.dtype}; use {op}_ref")
-    b, hq, sq, d = q.shape
-    hkv, skv = k.shape[1], k.shape[2]
+    d = q.shape[3]
     if d > MAX_HEAD_DIM or d == 0:
         raise ValueError(f"{op}: the Triton kernel supports head_dim 1..{MAX_HEAD_DIM}, got {d}; use {op}_ref")
     if out is None:
@@ -499,45 +432,8 @@ def attention_prefill_triton(
         )
     if out.numel() == 0:
         return out
-
-    if mask is not None:
-        # Broadcast dims become stride 0: the kernel reads HF's [B, 1, Sq, Skv] mask as is.
-        m = mask.expand(b, hq, sq, skv)
-        if m.dtype == torch.bool:
-            m = m.view(torch.uint8)  # same bytes; a uint8 pointer loads on every Triton version
-        mask_strides = m.stride()
-    else:
-        m, mask_strides = q, (0, 0, 0, 0)  # never read (HAS_MASK is False)
-
-    args = (
-        q, k, v, m,
-        kv_lens if kv_lens is not None else q, q_offsets if q_offsets is not None else q, out,
-        sq, skv, hq // hkv, q_bucket(sq),
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        float(scale), float(softcap), int(window),
-    )
-    meta = dict(
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        CAUSAL=bool(causal), HAS_WINDOW=window > 0,
-        HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool,
-        HAS_SOFTCAP=softcap > 0, HAS_KV_LENS=kv_lens is not None, HAS_Q_OFFSETS=q_offsets is not None,
-        IEEE_FP32=q.dtype == torch.float32,
-        # Triton's interpreter (3.x) multiplies the raw uint16 bits of bf16 operands in
-        # tl.dot; there, bf16 operands are upcast exactly to fp32 first (same products, same
-        # fp32 accumulation as the tensor-core dot).
-        UPCAST_DOT=q.dtype == torch.bfloat16 and interpreting(),
-    )
-    if q.is_cuda and not interpreting():
-        def grid(cfg):
-            return (triton.cdiv(sq, cfg["BLOCK_M"]), hq, b)
-
-        _attention_prefill_tuned[grid](*args, **meta)
-    else:
-        # Interpreter: one fixed small config (autotuning there would only time numpy).
-        cfg = INTERPRETER_CONFIG
-        grid = (triton.cdiv(sq, cfg["BLOCK_M"]), hq, b)
-        _attention_prefill_kernel[grid](*args, **meta, **cfg)
-    return out
+    return launch_prefill(q, k, v, out, scale=scale, causal=causal, window=window, softcap=softcap, mask=mask,
+                          kv_lens=kv_lens, q_offsets=q_offsets)
 
 
 # --------------------------------------------------------------------------- registered op
@@ -567,5 +463,5 @@ def attention_prefill(
 
 @attention_prefill.register_fake
 def _(q, k, v, mask, kv_lens, q_offsets, scale, causal, window=0, softcap=0.0):
-    _check_inputs("attention_prefill", q, k, v, mask, kv_lens, q_offsets, window, softcap)
+    check_prefill_inputs("attention_prefill", q, k, v, mask, kv_lens, q_offsets, window, softcap)
     return q.new_empty(q.shape)

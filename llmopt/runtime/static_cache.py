@@ -52,6 +52,9 @@ from collections.abc import Iterator
 
 import torch
 
+from .distributed import TensorParallelError, resolve_tensor_parallel
+from .rank_heads import kv_heads_of_rank  # also registers llmopt::tp_local_heads / tp_full_heads
+
 try:
     from .hf_cache_compat import (
         StaticCacheBase,
@@ -125,6 +128,14 @@ class StaticKVLayer(StaticLayerBase):
         self._advances_counter = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        rank_heads = self._owner.rank_heads if self._owner is not None else None
+        if rank_heads is not None:
+            # A tensor-parallel cache: keep this rank's heads of what the traced (still
+            # unsharded) model computes, and read the cache back as all heads; the sharding
+            # pass removes both markers (see .rank_heads).
+            start, end, _ = rank_heads
+            key_states = torch.ops.llmopt.tp_local_heads(key_states, 1, start, end)
+            value_states = torch.ops.llmopt.tp_local_heads(value_states, 1, start, end)
         if not torch.compiler.is_compiling():
             self._check_update(key_states, value_states)
         if self._owner is None:
@@ -140,6 +151,10 @@ class StaticKVLayer(StaticLayerBase):
         self.values.index_copy_(2, positions, value_states)
         if self._advances_counter:
             self.cumulative_length.add_(n)
+        if rank_heads is not None:
+            start, _, total = rank_heads
+            return (torch.ops.llmopt.tp_full_heads(self.keys, 1, total, start),
+                    torch.ops.llmopt.tp_full_heads(self.values, 1, total, start))
         return self.keys, self.values
 
     def _check_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -168,11 +183,35 @@ class StaticKVLayer(StaticLayerBase):
         self.num_tokens = 0
 
 
+def _rank_heads(tensor_parallel, kv_heads: int) -> tuple[int, int, int] | None:
+    if tensor_parallel is None:
+        return None
+    tp = resolve_tensor_parallel(tensor_parallel)
+    if tp.world_size == 1:
+        return None
+    heads = kv_heads_of_rank(kv_heads, tp.world_size, tp.rank)
+    if heads is None:
+        raise TensorParallelError(
+            f"StaticKVCache: {kv_heads} key/value heads cannot be split over the world size {tp.world_size}; "
+            "use a world size that divides the heads or is a multiple of them"
+        )
+    if heads[1] - heads[0] == kv_heads:  # one KV head replicated on every rank: nothing to save
+        return None
+    return (*heads, kv_heads)
+
+
 class StaticKVCache(StaticCacheBase):
     """Preallocated per-layer K/V ``[batch, num_kv_heads, max_seq_len, head_dim]`` (see module doc).
 
     ``StaticKVCache(model.config, batch_size=4, max_seq_len=4096, dtype=torch.bfloat16,
     device="cuda")``; ``num_kv_heads`` / ``head_dim`` override what the config says.
+
+    ``tensor_parallel=`` (the value given to the compile option: ``"auto"``, a process group
+    or a 1-D mesh) allocates only this rank's K/V heads (``Hkv/W``, or the one replicated
+    head when ``Hkv < W``; :func:`.rank_heads.kv_heads_of_rank`); ``shape`` then says the
+    local count. Such a cache is read only by a model compiled with the same
+    ``tensor_parallel``: anything else raises ``RankLocalCacheError``. (A model with a single
+    KV head keeps it on every rank: its cache is an ordinary one.)
     """
 
     def __init__(
@@ -185,6 +224,7 @@ class StaticKVCache(StaticCacheBase):
         *,
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
+        tensor_parallel=None,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"StaticKVCache batch_size must be an int >= 1, got {batch_size!r}")
@@ -207,6 +247,10 @@ class StaticKVCache(StaticCacheBase):
         _, kv_heads, _, dim = kv_cache_shape(cfg, batch_size, max_seq_len)
         kv_heads = num_kv_heads or kv_heads
         dim = head_dim or dim
+        # (start, end, all heads) of this rank's K/V heads under tensor parallelism, else None.
+        self.rank_heads = _rank_heads(tensor_parallel, kv_heads)
+        if self.rank_heads is not None:
+            kv_heads = self.rank_heads[1] - self.rank_heads[0]
 
         self._count_writes = True
         layers = [StaticKVLayer(max_cache_len=max_seq_len, owner=self) for _ in range(num_layers)]

@@ -83,7 +83,7 @@ TARGETS = {
 DECODE_PATH = frozenset({
     "_gemv_kernel", "_split_k_reduce_kernel", "_flat_gemm_kernel",
     "_int8_wo_gemv_kernel", "_int4_wo_gemv_kernel",
-    "_decode_split_kernel", "_decode_combine_kernel", "_paged_decode_split_kernel",
+    "_decode_split_kernel", "_decode_combine_kernel",
     "_kv_append_kernel", "_rope_append_kernel", "_paged_kv_append_kernel",
     "_decode_gate_up_kernel", "_decode_down_kernel", "_moe_route_kernel",
 })

@@ -134,6 +134,19 @@ def check_prefill(q, kp, vp, table, lens, qsl, scale, **kw):
 # ---------------------------------------------------------------------------------------
 
 
+def test_paged_ops_launch_the_dense_kernels_with_paged_addresses():
+    """One prefill and one decode kernel serve both KV layouts (constexpr PAGED): the paged
+    module's only kernel is its KV append, a write rather than attention."""
+    from llmopt.codegen import attention_decode, attention_prefill
+
+    def kernels(module):
+        return sorted(n for n, v in vars(module).items() if n.endswith("_kernel") and hasattr(v, "fn"))
+
+    assert kernels(attention_paged) == ["_paged_kv_append_kernel"]
+    assert kernels(attention_prefill) == ["_attention_prefill_kernel"]
+    assert kernels(attention_decode) == ["_decode_combine_kernel", "_decode_split_kernel"]
+
+
 @given(data=st.data())
 def test_decode_kernel_matches_dense_truth(data):
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")

@@ -284,8 +284,10 @@ def test_paged_decode_plans_once_per_step_and_runs_per_layer(monkeypatch):
         assert calls == [], "a planned layer allocates nothing"
         ap.paged_attention_decode_triton(q, pool, pool, tables, lens, 0.1, out=out)
         assert calls == ["empty"], "an unplanned call plans (and allocates) for itself"
-    splits = [launch for launch in recorder.launches if launch.name == "_paged_decode_split_kernel"]
+    # the dense split kernel with PAGED=True (one decode kernel serves both KV layouts)
+    splits = [launch for launch in recorder.launches
+              if launch.name == "_decode_split_kernel" and launch.kwargs["PAGED"]]
     combines = [launch for launch in recorder.launches if launch.name == "_decode_combine_kernel"]
     assert len(splits) == len(combines) == layers + 1
-    assert all(launch.args[9] == plan.num_splits for launch in splits)  # (…, S_max, num_splits, …)
+    assert all(launch.args[10] == plan.num_splits for launch in splits)  # (…, S_max, num_splits, …)
     assert all(launch.kwargs["BLOCK_N"] == plan.config["BLOCK_N"] for launch in splits)

@@ -3,7 +3,8 @@
 Each rank is ``python -m tests.distributed.tp_worker SCENARIO --rank R --world N --port P
 --out DIR`` from the repository root, on a free localhost port, one thread each; every rank
 writes its results as JSON to ``DIR/rank{R}.json``. A rank that exits non-zero or a run
-past ``timeout`` fails the test with the ranks' stderr, so a hang never hangs the suite.
+past ``timeout`` (10 min: a launch takes 1-5 min on a loaded 2-core machine) fails the test
+with the ranks' stderr, so a hang never hangs the suite.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(scenario: str, tmp_path: Path, world: int = 2, timeout: float = 240.0, expect_fail: tuple[int, ...] = ()) -> list[dict]:
+def run_ranks(scenario: str, tmp_path: Path, world: int = 2, timeout: float = 600.0, expect_fail: tuple[int, ...] = ()) -> list[dict]:
     """Results of each rank (rank order); ranks in ``expect_fail`` may exit non-zero."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", OMP_NUM_THREADS="1",

@@ -5,10 +5,11 @@ one scenario of ``tp_worker.py``; the tests read what every rank recorded. The o
 the same seeded model run eagerly in one process: prefill logits within the fp32
 tolerance and equal greedy tokens, for Llama with 2 KV heads (split over the ranks) and 1
 KV head (replicated), Qwen2 (attention biases) and GPT-2 (Conv1D, fused ``c_attn``); int8
-under TP against int8 on one device; the Engine under TP against ``llmopt.generate``.
-Exact counts: per 2-layer model, 4 column- and 4 row-parallel linears, 4 all-reduces, a
-vocab-parallel LM head with its all-gather, and the rank's graph holding exactly half of
-every sharded weight.
+and int4 under TP against the same scheme on one device; the vocab-parallel embedding; a
+``StaticKVCache`` holding only the rank's KV heads; the Engine under TP against
+``llmopt.generate``. Exact counts: per 2-layer model, 4 column- and 4 row-parallel linears,
+4 all-reduces, a vocab-parallel LM head with its all-gather, and the rank's graph holding
+exactly half of every sharded weight.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from conftest import relative_error, tolerance
 from distributed.launch import run_ranks
 from llmopt import Options
-from llmopt.distributed import TensorParallelError
+from llmopt.runtime.distributed import TensorParallelError
 
 FAMILIES = ("llama", "llama_mqa", "qwen2", "gpt2")
 
@@ -26,6 +27,11 @@ FAMILIES = ("llama", "llama_mqa", "qwen2", "gpt2")
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     return run_ranks("families", tmp_path_factory.mktemp("tp_families"))
+
+
+@pytest.fixture(scope="module")
+def memory(tmp_path_factory):
+    return run_ranks("memory", tmp_path_factory.mktemp("tp_memory"))
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +71,40 @@ def test_rank_holds_half_of_each_sharded_weight(families):
     assert r["weight_bytes"] == (r["single_weight_bytes"] - replicated) // 2 + replicated
 
 
-def test_int8_under_tensor_parallel(runtime):
+# every sharded linear, quantized per rank (int4 keeps the LM head in floating point, as on one device)
+@pytest.mark.parametrize("scheme, quantized", [("int8", 9), ("int4-g32", 8)])
+def test_quantized_under_tensor_parallel(runtime, scheme, quantized):
     for result in runtime:
-        r = result["int8"]
-        assert r["quantized"] == 9  # every sharded linear, quantized per rank
+        r = result["quantized"][scheme]
+        assert r["quantized"] == quantized
         assert (r["column"], r["row"], r["vocab"]) == (4, 4, 1)
         assert r["tokens"] == r["ref_tokens"]
+
+
+def test_vocab_parallel_embedding(memory):
+    for result in memory:
+        r = result["embedding"]
+        assert r["logits_error"] <= tolerance(torch.float32)
+        assert r["tokens"] == r["ref_tokens"]
+        # the 9 linears and the embedding; one more all-reduce, after the lookup
+        assert (r["embedding"], r["rewrites"], r["all_reduce"], r["all_gather"]) == (1, 10, 5, 1)
+        assert r["table_shape"] == [[128, 64]]  # this rank's half of the 256 x 64 table
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_mqa"])
+def test_static_cache_holds_only_the_ranks_heads(memory, name):
+    for result in memory:
+        r = result["rank_cache"][name]
+        assert r["cache_heads"] == 1  # 2 KV heads split over 2 ranks / the 1 KV head replicated
+        assert r["tokens"] == r["ref_tokens"] and r["again_equal"]
+        # prefill and one decode graph; a second prompt length makes the prefill dynamic, once
+        assert (r["graphs"], r["graphs_second"]) == (2, 3)
+        assert min(r["sharded_per_graph"]) == 9  # attention sharded in every graph, over the rank's cache
+        assert r["markers"] == 0
+        if name == "llama":  # read by the unsharded eager model: a clear error, not a wrong answer
+            assert r["eager_error"].startswith("RankLocalCacheError") and "compile the model" in r["eager_error"]
+        else:  # a replicated single KV head: an ordinary cache, which the eager model reads too
+            assert r["eager_error"] is None
 
 
 def test_engine_under_tensor_parallel(runtime):
@@ -142,7 +176,7 @@ def test_functional_collectives_wrapper(one_rank_group):
 def test_process_group_and_mesh_values_resolve(one_rank_group):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from llmopt.distributed import resolve_tensor_parallel
+    from llmopt.runtime.distributed import resolve_tensor_parallel
 
     for value in ("auto", one_rank_group, init_device_mesh("cpu", (1,))):
         tp = resolve_tensor_parallel(value)

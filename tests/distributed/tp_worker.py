@@ -37,11 +37,18 @@ def build(name: str):
         torch.manual_seed(0)
         cfg = tf.LlamaConfig(**_common(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=1))
         return tf.LlamaForCausalLM(cfg).eval()
+    if name == "llama_i128":  # intermediate 128: each rank's down_proj K (64) is whole int4 groups of 32
+        torch.manual_seed(0)
+        cfg = tf.LlamaConfig(**_common(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2))
+        return tf.LlamaForCausalLM(cfg).eval()
     if name == "llama_3heads":
         torch.manual_seed(0)
         cfg = tf.LlamaConfig(**_common(hidden_size=48, intermediate_size=96, num_attention_heads=3, num_key_value_heads=3))
         return tf.LlamaForCausalLM(cfg).eval()
     return tiny_model(name)
+
+
+graphs_pipeline_original = backend.run_pipeline
 
 
 def capture_graphs():
@@ -116,10 +123,10 @@ def scenario_families(args) -> dict:
     return out
 
 
-def scenario_runtime(args) -> dict:
-    """int8 under TP, the Engine under TP, and the indivisible-heads error, in one launch."""
+def run_parts(args, *parts) -> dict:
+    """Several scenarios in one launch (a launch costs the ranks' start-up), each from a clean Dynamo."""
     out = {}
-    for part in (scenario_int8, scenario_engine, scenario_heads, scenario_diverged):
+    for part in parts:
         compat.reset_dynamo()
         llmopt.clear_reports()
         out[part.__name__.removeprefix("scenario_")] = part(args)
@@ -127,19 +134,104 @@ def scenario_runtime(args) -> dict:
     return out
 
 
-def scenario_int8(args) -> dict:
-    model = build("llama")
-    ids = tokens(1, 6)
-    with torch.no_grad():
-        single = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"})
-        ref = llmopt.generate(single, ids, max_new_tokens=6, stop_token_ids=())
+def scenario_runtime(args) -> dict:
+    """Quantized linears, the Engine, the errors."""
+    return run_parts(args, scenario_quantized, scenario_engine, scenario_heads, scenario_diverged)
+
+
+def scenario_memory(args) -> dict:
+    """What a rank holds: the vocab-parallel embedding and the per-rank KV cache."""
+    return run_parts(args, scenario_embedding, scenario_rank_cache)
+
+
+def scenario_quantized(args) -> dict:
+    """int8 (per-channel) and int4 (groups of 32 along K) under TP against the same scheme on one
+    device: row shards keep whole groups (the local K of o_proj 32 and down_proj 64 are multiples
+    of 32), so the weights quantize exactly as on one device and the tokens are equal."""
+    out = {}
+    for scheme, name in (("int8", "llama"), ("int4-g32", "llama_i128")):
         compat.reset_dynamo()
         llmopt.clear_reports()
-        tp = torch.compile(model, backend="llmopt", options={**OPTIONS, "quantize": "int8"})
-        out = llmopt.generate(tp, ids, max_new_tokens=6, stop_token_ids=())
+        model = build(name)
+        ids = tokens(1, 6)
+        with torch.no_grad():
+            single = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": scheme})
+            ref = llmopt.generate(single, ids, max_new_tokens=6, stop_token_ids=())
+            compat.reset_dynamo()
+            llmopt.clear_reports()
+            tp = torch.compile(model, backend="llmopt", options={**OPTIONS, "quantize": scheme})
+            got = llmopt.generate(tp, ids, max_new_tokens=6, stop_token_ids=())
+        report = llmopt.reports()[0]
+        quantized = next(p.rewrites for p in report.passes if p.name == "quantize_linears")
+        out[scheme] = {"tokens": got.tolist(), "ref_tokens": ref.tolist(), "quantized": quantized, **pass_facts(report)}
+    return out
+
+
+def scenario_embedding(args) -> dict:
+    """The vocab-parallel embedding, forced on a tiny table (the size threshold set to 0)."""
+    from llmopt.passes.shard_tensor_parallel import collectives
+
+    graphs = capture_graphs()
+    model = build("llama")
+    ids = tokens(1, 6)
+    threshold = collectives.EMBEDDING_SHARD_MIN_BYTES
+    collectives.EMBEDDING_SHARD_MIN_BYTES = 0
+    try:
+        with torch.no_grad():
+            ref_logits = model(ids, use_cache=False).logits
+            compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+            logits = compiled(ids, use_cache=False).logits
+            ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
+            got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=())
+    finally:
+        collectives.EMBEDDING_SHARD_MIN_BYTES = threshold
+        backend.run_pipeline = graphs_pipeline_original
     report = llmopt.reports()[0]
-    quantized = next(p.rewrites for p in report.passes if p.name == "quantize_linears")
-    return {"tokens": out.tolist(), "ref_tokens": ref.tolist(), "quantized": quantized, **pass_facts(report)}
+    details = [r.detail for r in report.rewrites if r.pass_name == "shard_tensor_parallel"]
+    return {"logits_error": relative_error(logits, ref_logits), "tokens": got.tolist(), "ref_tokens": ref.tolist(),
+            "embedding": sum(d.startswith("vocab-parallel embedding") for d in details), **pass_facts(report),
+            **graph_facts(graphs[0]), "table_shape": [list(getattr(graphs[0], n.args[0].target).shape)
+                                                     for n in graphs[0].graph.nodes if n.target == torch.ops.aten.embedding.default]}
+
+
+def scenario_rank_cache(args) -> dict:
+    """A StaticKVCache of this rank's KV heads only (tensor_parallel=...): greedy tokens equal to
+    one process, no marker op left in the sharded graphs, and a clear error when not compiled."""
+    from llmopt.runtime.static_cache import StaticKVCache
+
+    out = {}
+    for name in ("llama", "llama_mqa"):
+        compat.reset_dynamo()
+        llmopt.clear_reports()
+        graphs = capture_graphs()
+        model = build(name)
+        ids = tokens(1, 6)
+        cache = StaticKVCache(model.config, batch_size=1, max_seq_len=16, tensor_parallel="auto")
+        try:
+            with torch.no_grad():
+                ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
+                compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+                got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=(), cache=cache)
+                n_graphs = len(llmopt.reports())
+                again = llmopt.generate(compiled, ids[:, :4], max_new_tokens=7, stop_token_ids=(), cache=cache)
+                ref_again = llmopt.generate(model, ids[:, :4], max_new_tokens=7, stop_token_ids=())
+        finally:
+            backend.run_pipeline = graphs_pipeline_original
+        ops = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+        try:
+            with torch.no_grad():
+                model(ids, past_key_values=StaticKVCache(model.config, batch_size=1, max_seq_len=16,
+                                                         tensor_parallel="auto"))
+            eager_error = None
+        except Exception as exc:
+            eager_error = f"{type(exc).__name__}: {exc}"
+        out[name] = {"tokens": got.tolist(), "ref_tokens": ref.tolist(), "again_equal": bool(torch.equal(again, ref_again)),
+                     "cache_heads": cache.shape[1], "graphs": n_graphs, "graphs_second": len(llmopt.reports()),
+                     "markers": sum("tp_full_heads" in o or "tp_local_heads" in o for o in ops),
+                     "eager_error": eager_error,
+                     "sharded_per_graph": [next(p.rewrites for p in r.passes if p.name == "shard_tensor_parallel")
+                                           for r in llmopt.reports()]}
+    return out
 
 
 def scenario_engine(args) -> dict:
