@@ -536,7 +536,8 @@ def exercise_moe(models: list[ModelShapes], full_space: bool) -> Iterator[Call]:
     """Routing and the fused experts at the MoE shapes above: decode (one token: a GEMV
     per active expert) and prefill (the grouped GEMM, its pruned configs), in every kernel
     dtype; each scoring / renormalization / activation flag once."""
-    from llmopt.codegen import moe
+    from llmopt.codegen import moe_experts as moe
+    from llmopt.codegen import moe_route
 
     def experts(*args):
         with _moe_alignment_by_size(moe):
@@ -552,11 +553,11 @@ def exercise_moe(models: list[ModelShapes], full_space: bool) -> Iterator[Call]:
                 ids = _cuda(tokens, top_k, dtype=torch.int64)
                 yield Call(lambda x=x, wgu=wgu, wd=wd, w=w, ids=ids: experts(x, wgu, wd, w, ids, "silu"), primary)
             logits = _cuda(64, num_experts, dtype=dtype)
-            yield Call(lambda logits=logits, k=top_k: moe.moe_route_triton(logits, k, "softmax", True))
+            yield Call(lambda logits=logits, k=top_k: moe_route.moe_route_triton(logits, k, "softmax", True))
     hidden, inter, num_experts, top_k = MOE_SHAPES[0]
     logits = _cuda(64, num_experts)
     for scoring, renormalize in (("sigmoid", False), ("softmax", False)):
-        yield Call(lambda s=scoring, r=renormalize: moe.moe_route_triton(logits, top_k, s, r))
+        yield Call(lambda s=scoring, r=renormalize: moe_route.moe_route_triton(logits, top_k, s, r))
     wgu = _cuda(num_experts, 2 * inter, hidden)
     wd = _cuda(num_experts, hidden, inter)
     for tokens in (1, 64):

@@ -58,7 +58,7 @@ import torch
 import torch.fx as fx
 
 from .. import compat
-from ..codegen import moe  # noqa: F401  registers llmopt::moe_route, llmopt::fused_experts
+from ..codegen import moe_experts, moe_route  # registers llmopt::moe_route, llmopt::fused_experts
 from ..graph import constant_value, real_tensors, tensor_meta
 from .near_miss import NearMiss
 
@@ -349,8 +349,8 @@ def prove(gm, region, exit_node, x, p, logits, scoring, k, stacks, activation, s
                 w_gu, w_d = w_gu.transpose(1, 2), w_d.transpose(1, 2)
             ok = True
             for xs, z, _, expected in draws:
-                weights, ids = moe.moe_route_ref(z, k, scoring, renormalize)
-                got = moe.fused_experts_ref(xs, w_gu, w_d, weights, ids, activation)
+                weights, ids = moe_route.moe_route_ref(z, k, scoring, renormalize)
+                got = moe_experts.fused_experts_ref(xs, w_gu, w_d, weights, ids, activation)
                 if got.shape != expected.reshape(got.shape).shape or _rel_err(got, expected.reshape(got.shape)) > tol:
                     ok = False
                     break
