@@ -89,7 +89,7 @@ DECODE_PATH = frozenset({
     "_int8_wo_gemv_kernel", "_int4_wo_gemv_kernel",
     "_decode_split_kernel", "_decode_combine_kernel", "_paged_decode_split_kernel",
     "_kv_append_kernel", "_rope_append_kernel", "_paged_kv_append_kernel",
-    "_decode_gate_up_kernel", "_decode_down_kernel", "_moe_route_kernel",
+    "decode_gate_up_kernel", "decode_down_kernel", "_moe_route_kernel",
 })
 # Kernels whose main loop streams a weight matrix: with a contiguous, 16-byte aligned
 # weight the loads must be 128 bits wide, or the kernel cannot reach HBM bandwidth.
@@ -535,13 +535,13 @@ MOE_SHAPES = ((4096, 14336, 8, 2), (2048, 1408, 64, 8))
 def exercise_moe(models: list[ModelShapes], full_space: bool) -> Iterator[Call]:
     """Routing and the fused experts at the MoE shapes above: decode (one token: a GEMV
     per active expert) and prefill (the grouped GEMM, its pruned configs), in every kernel
-    dtype; each scoring / renormalization / activation flag once."""
+    dtype; each scoring / renormalization / activation flag once; int8 / int4 stacks."""
     from llmopt.codegen import moe_experts as moe
     from llmopt.codegen import moe_route
 
-    def experts(*args):
+    def experts(*args, launcher=moe.fused_experts_triton):
         with _moe_alignment_by_size(moe):
-            return moe.fused_experts_triton(*args)
+            return launcher(*args)
 
     for dtype, primary in _dtype_axis():
         for hidden, inter, num_experts, top_k in MOE_SHAPES if primary else MOE_SHAPES[:1]:
@@ -554,6 +554,7 @@ def exercise_moe(models: list[ModelShapes], full_space: bool) -> Iterator[Call]:
                 yield Call(lambda x=x, wgu=wgu, wd=wd, w=w, ids=ids: experts(x, wgu, wd, w, ids, "silu"), primary)
             logits = _cuda(64, num_experts, dtype=dtype)
             yield Call(lambda logits=logits, k=top_k: moe_route.moe_route_triton(logits, k, "softmax", True))
+    yield from _exercise_quantized_experts(experts)
     hidden, inter, num_experts, top_k = MOE_SHAPES[0]
     logits = _cuda(64, num_experts)
     for scoring, renormalize in (("sigmoid", False), ("softmax", False)):
@@ -566,6 +567,31 @@ def exercise_moe(models: list[ModelShapes], full_space: bool) -> Iterator[Call]:
         ids = _cuda(tokens, top_k, dtype=torch.int64)
         for act in moe.ACTIVATIONS:
             yield Call(lambda x=x, w=w, ids=ids, act=act: experts(x, wgu, wd, w, ids, act))
+
+
+def _exercise_quantized_experts(experts) -> Iterator[Call]:
+    """int8 / int4 (g128) expert stacks at Mixtral's shape, decode and prefill, bf16 (the
+    full space) and fp16; ``experts`` runs a launcher under the size-only alignment."""
+    from llmopt.codegen import moe_quant
+
+    hidden, inter, num_experts, top_k = MOE_SHAPES[0]
+    group = 128
+    q8 = (_cuda(num_experts, 2 * inter, hidden, dtype=torch.int8), _cuda(num_experts, hidden, inter, dtype=torch.int8))
+    q4 = (_cuda(num_experts, 2 * inter, hidden // 2, dtype=torch.uint8),
+          _cuda(num_experts, hidden, inter // 2, dtype=torch.uint8))
+    for dtype in (torch.bfloat16, torch.float16):
+        primary = dtype == torch.bfloat16
+        s8 = (_cuda(num_experts, 2 * inter, dtype=dtype), _cuda(num_experts, hidden, dtype=dtype))
+        s4 = (_cuda(num_experts, 2 * inter, hidden // group, dtype=dtype),
+              _cuda(num_experts, hidden, inter // group, dtype=dtype))
+        for tokens in (1, 256):
+            x = _cuda(tokens, hidden, dtype=dtype)
+            w = _cuda(tokens, top_k, dtype=torch.float32)
+            ids = _cuda(tokens, top_k, dtype=torch.int64)
+            int8_args = (x, q8[0], s8[0], q8[1], s8[1], w, ids, "silu")
+            int4_args = (x, q4[0], s4[0], s4[0], q4[1], s4[1], s4[1], w, ids, "silu", group)
+            yield Call(lambda a=int8_args: experts(*a, launcher=moe_quant.fused_experts_int8_triton), primary)
+            yield Call(lambda a=int4_args: experts(*a, launcher=moe_quant.fused_experts_int4_triton), primary)
 
 
 EXERCISES: dict[str, Callable[[list[ModelShapes], bool], Iterator[Call]]] = {

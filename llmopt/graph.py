@@ -207,3 +207,13 @@ def move_users_after(node: fx.Node) -> int:
         anchor.append(n)
         anchor = n
     return len(early)
+
+
+def free_attr_name(gm, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``...: the first name no attribute of ``gm`` has yet
+    (for submodules and constants a pass adds)."""
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name

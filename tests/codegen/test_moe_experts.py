@@ -12,31 +12,11 @@ from conftest import assert_close
 from hypothesis import given
 from hypothesis import strategies as st
 
+from codegen.moe_cases import make_experts, poisoned_empty, routing  # noqa: F401  (poisoned_empty: a fixture)
 from llmopt.codegen import moe_experts, moe_kernels, moe_route
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
-
-
-def make_experts(tokens, num_experts, hidden, inter, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    w_gate_up = (torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
-    w_down = (torch.randn(num_experts, hidden, inter, generator=g) / inter**0.5).to(dtype)
-    return x, w_gate_up, w_down
-
-
-def routing(tokens, num_experts, top_k, kind, seed=0):
-    """(weights fp32, ids int64) [tokens, top_k]: 'random', 'one_expert' (every token's
-    first slot on expert E-1, the rest on the next ones), 'half_empty' (only even experts)."""
-    g = torch.Generator().manual_seed(seed)
-    scores = torch.rand(tokens, num_experts, generator=g)
-    if kind == "one_expert":
-        scores[:, -1] += 10.0
-    elif kind == "half_empty":
-        scores[:, 1::2] -= 10.0
-    weights, ids = torch.topk(torch.softmax(scores, -1), top_k, dim=-1)
-    return weights / weights.sum(-1, keepdim=True), ids
 
 
 def truth_of(x, w_gate_up, w_down, weights, ids, activation):
@@ -47,21 +27,6 @@ def truth_of(x, w_gate_up, w_down, weights, ids, activation):
 
 def run_kernel(x, w_gate_up, w_down, weights, ids, activation, decode):
     return moe_experts.fused_experts_triton(x, w_gate_up, w_down, weights, ids, activation, decode=decode)
-
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """Every torch.empty in the launchers returns NaN (floats): an unwritten element fails."""
-    real_empty = torch.empty
-
-    def nan_empty(*shape, dtype=None, device=None, **kw):
-        t = real_empty(*shape, dtype=dtype, device=device, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(moe_experts.torch, "empty", nan_empty)
-    yield
 
 
 # --------------------------------------------------------------------------- fused_experts
