@@ -207,6 +207,20 @@ def decode_down_kernel(
 
 # --------------------------------------------------------------------------- prefill (grouped GEMM)
 @triton.jit
+def _grouped_tile(sorted_ptr, block_expert_ptr, N, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of the sorted pairs: (expert, padded rows, their pairs, row mask,
+    output columns, column mask). Tiles past the padded end (expert -1) mask everything."""
+    pid_m = tl.program_id(0)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    s_limit = tl.where(e >= 0, S, 0)
+    n_limit = tl.where(e >= 0, N, 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.maximum(e, 0), offs_m, pair, pair < s_limit, offs_n, offs_n < n_limit
+
+
+@triton.jit
 def grouped_gate_up_kernel(
     # pointers
     x_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block_expert_ptr, h_ptr,
@@ -220,18 +234,8 @@ def grouped_gate_up_kernel(
     QUANT: tl.constexpr, GROUP: tl.constexpr,
 ):
     """h[r, n] for the padded sorted rows r of one BLOCK_M tile, all of one expert."""
-    pid_m = tl.program_id(0)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    # Tiles past the padded end (e == -1): every load and store masked off.
-    s_limit = tl.where(e >= 0, S, 0)
-    n_limit = tl.where(e >= 0, N, 0)
-    e = tl.maximum(e, 0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + offs_m)
-    mask_m = pair < s_limit
+    e, offs_m, pair, mask_m, offs_n, mask_n = _grouped_tile(sorted_ptr, block_expert_ptr, N, S, BLOCK_M, BLOCK_N)
     tok = (pair // TOP_K).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_limit
     x_rows = x_ptr + tok[:, None] * stride_xt
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -270,17 +274,7 @@ def grouped_down_kernel(
     QUANT: tl.constexpr, GROUP: tl.constexpr,
 ):
     """y[pair, n] = rw[pair] * round(h[r] . Wd[e, n]) in fp32, written at the pair's own row."""
-    pid_m = tl.program_id(0)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    # Tiles past the padded end (e == -1): every load and store masked off.
-    s_limit = tl.where(e >= 0, S, 0)
-    n_limit = tl.where(e >= 0, N, 0)
-    e = tl.maximum(e, 0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + offs_m)
-    mask_m = pair < s_limit
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_limit
+    e, offs_m, pair, mask_m, offs_n, mask_n = _grouped_tile(sorted_ptr, block_expert_ptr, N, S, BLOCK_M, BLOCK_N)
     h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
