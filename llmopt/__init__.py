@@ -30,6 +30,7 @@ _LAZY = {
     "GPTQ": "llmopt.quant",
     "Int8KVCache": "llmopt.quant",
     "explain": "llmopt.inspection",
+    "prepare_moe": "llmopt.moe_prepare",
 }
 
 __all__ = [
