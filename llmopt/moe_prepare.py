@@ -34,7 +34,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .codegen import moe_experts, moe_route  # noqa: F401  registers llmopt::moe_route, llmopt::fused_experts
