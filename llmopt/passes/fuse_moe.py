@@ -47,6 +47,8 @@ inside the block (its output in another graph).
 Not covered: the per-expert loop of transformers 4.4x-4.5x (and 5.x's "eager" experts). Its
 data-dependent ``torch.where`` inside a ``for`` loop makes Dynamo run the whole block
 eagerly and compile only the expert MLPs, so no llmopt graph ever holds the block.
+``llmopt.prepare_moe(model)`` (llmopt/moe_prepare.py) is the opt-in fix: it replaces such
+blocks with stacked ones that call the fused ops directly.
 
 Source: vLLM ``fused_moe`` (the fused form); transformers ``integrations/moe.py`` (the
 spellings).

@@ -5,7 +5,8 @@ experts op per MoE layer, no float stack left in the graph, the router kept floa
 within the bounds tests/quant uses for quantized models, greedy tokens equal to the same
 model quantized eagerly with llmopt.quantize_ (same codes, same scales). quantize_ swaps
 the experts modules for QuantizedExperts (float stacks released) and the result compiles.
-A scheme without expert kernels (W8A8) leaves them float with its reason.
+A scheme without expert kernels (W8A8) leaves them float with its reason. Qwen2-MoE
+(batched spelling, shared expert) and Qwen3-MoE are quantized the same way.
 """
 import copy
 
@@ -101,3 +102,16 @@ def test_w8a8_leaves_experts_in_float_with_the_reason():
     assert sum("W8A8 has no expert kernels" in nm.reason for nm in report.near_misses) == NUM_LAYERS
     with pytest.warns(UserWarning, match=f"left {NUM_LAYERS} MoE experts module"):
         llmopt.quantize_(tiny_model("mixtral"), "w8a8")
+
+
+@pytest.mark.parametrize("family, impl", [("qwen2_moe", "batched_mm"), ("qwen3_moe", None)],
+                         ids=["qwen2_moe-batched_mm", "qwen3_moe"])
+def test_qwen_moe_experts_are_quantized_too(family, impl):
+    """Qwen2-MoE (shared expert beside the block, batched spelling) and Qwen3-MoE."""
+    model = tiny_model(family, experts_implementation=impl)
+    x = tokens(2, 5)
+    logits, report = compile_and_run(model, x, "int8")
+    assert report.ops_after.get("llmopt.fused_experts_int8.default") == NUM_LAYERS
+    with torch.no_grad():
+        eager = model(x).logits
+    assert relative_error(logits, eager) <= LOGIT_BOUNDS["int8"]
