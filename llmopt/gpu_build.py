@@ -533,65 +533,39 @@ MOE_SHAPES = ((4096, 14336, 8, 2), (2048, 1408, 64, 8))
 
 
 def exercise_moe(models: list[ModelShapes], full_space: bool) -> Iterator[Call]:
-    """Routing and the fused experts at the MoE shapes above: decode (one token: a GEMV
-    per active expert) and prefill (the grouped GEMM, its pruned configs), in every kernel
-    dtype; each scoring / renormalization / activation flag once; int8 / int4 stacks."""
-    from llmopt.codegen import moe_experts as moe
-    from llmopt.codegen import moe_route
+    """Routing and the fused experts at the MoE shapes: decode (GEMV per active expert), prefill
+    (grouped GEMM, pruned configs); float stacks in every dtype, int8/int4 g128 in 16-bit; flags once."""
+    from llmopt.codegen import moe_experts as moe, moe_quant, moe_route
 
     def experts(*args, launcher=moe.fused_experts_triton):
         with _moe_alignment_by_size(moe):
             return launcher(*args)
 
+    def stacks(e, n, k, dtype):  # [(launcher, stack tensors)]: float, int8, int4
+        int4 = (_cuda(e, n, k // 2, dtype=torch.uint8), *[_cuda(e, n, k // 128, dtype=dtype)] * 2)
+        quant = [(moe_quant.fused_experts_int8_triton, (_cuda(e, n, k, dtype=torch.int8), _cuda(e, n, dtype=dtype))),
+                 (moe_quant.fused_experts_int4_triton, int4)] if dtype != torch.float32 else []
+        return [(moe.fused_experts_triton, (_cuda(e, n, k, dtype=dtype),)), *quant]
+
     for dtype, primary in _dtype_axis():
         for hidden, inter, num_experts, top_k in MOE_SHAPES if primary else MOE_SHAPES[:1]:
-            wgu = _cuda(num_experts, 2 * inter, hidden, dtype=dtype)
-            wd = _cuda(num_experts, hidden, inter, dtype=dtype)
+            gate_up, down = stacks(num_experts, 2 * inter, hidden, dtype), stacks(num_experts, hidden, inter, dtype)
             for tokens in (1, 256):
-                x = _cuda(tokens, hidden, dtype=dtype)
-                w = _cuda(tokens, top_k, dtype=torch.float32)
+                x, w = _cuda(tokens, hidden, dtype=dtype), _cuda(tokens, top_k, dtype=torch.float32)
                 ids = _cuda(tokens, top_k, dtype=torch.int64)
-                yield Call(lambda x=x, wgu=wgu, wd=wd, w=w, ids=ids: experts(x, wgu, wd, w, ids, "silu"), primary)
+                for (f, gu), (_, d), group in zip(gate_up, down, ((), (), (128,))):
+                    yield Call(lambda f=f, a=(x, *gu, *d, w, ids, "silu", *group): experts(*a, launcher=f), primary)
             logits = _cuda(64, num_experts, dtype=dtype)
             yield Call(lambda logits=logits, k=top_k: moe_route.moe_route_triton(logits, k, "softmax", True))
-    yield from _exercise_quantized_experts(experts)
     hidden, inter, num_experts, top_k = MOE_SHAPES[0]
     logits = _cuda(64, num_experts)
     for scoring, renormalize in (("sigmoid", False), ("softmax", False)):
         yield Call(lambda s=scoring, r=renormalize: moe_route.moe_route_triton(logits, top_k, s, r))
-    wgu = _cuda(num_experts, 2 * inter, hidden)
-    wd = _cuda(num_experts, hidden, inter)
+    wgu, wd = _cuda(num_experts, 2 * inter, hidden), _cuda(num_experts, hidden, inter)
     for tokens in (1, 64):
-        x = _cuda(tokens, hidden)
-        w = _cuda(tokens, top_k, dtype=torch.float32)
-        ids = _cuda(tokens, top_k, dtype=torch.int64)
+        x, w, ids = _cuda(tokens, hidden), _cuda(tokens, top_k, dtype=torch.float32), _cuda(tokens, top_k, dtype=torch.int64)
         for act in moe.ACTIVATIONS:
             yield Call(lambda x=x, w=w, ids=ids, act=act: experts(x, wgu, wd, w, ids, act))
-
-
-def _exercise_quantized_experts(experts) -> Iterator[Call]:
-    """int8 / int4 (g128) expert stacks at Mixtral's shape, decode and prefill, bf16 (the
-    full space) and fp16; ``experts`` runs a launcher under the size-only alignment."""
-    from llmopt.codegen import moe_quant
-
-    hidden, inter, num_experts, top_k = MOE_SHAPES[0]
-    group = 128
-    q8 = (_cuda(num_experts, 2 * inter, hidden, dtype=torch.int8), _cuda(num_experts, hidden, inter, dtype=torch.int8))
-    q4 = (_cuda(num_experts, 2 * inter, hidden // 2, dtype=torch.uint8),
-          _cuda(num_experts, hidden, inter // 2, dtype=torch.uint8))
-    for dtype in (torch.bfloat16, torch.float16):
-        primary = dtype == torch.bfloat16
-        s8 = (_cuda(num_experts, 2 * inter, dtype=dtype), _cuda(num_experts, hidden, dtype=dtype))
-        s4 = (_cuda(num_experts, 2 * inter, hidden // group, dtype=dtype),
-              _cuda(num_experts, hidden, inter // group, dtype=dtype))
-        for tokens in (1, 256):
-            x = _cuda(tokens, hidden, dtype=dtype)
-            w = _cuda(tokens, top_k, dtype=torch.float32)
-            ids = _cuda(tokens, top_k, dtype=torch.int64)
-            int8_args = (x, q8[0], s8[0], q8[1], s8[1], w, ids, "silu")
-            int4_args = (x, q4[0], s4[0], s4[0], q4[1], s4[1], s4[1], w, ids, "silu", group)
-            yield Call(lambda a=int8_args: experts(*a, launcher=moe_quant.fused_experts_int8_triton), primary)
-            yield Call(lambda a=int4_args: experts(*a, launcher=moe_quant.fused_experts_int4_triton), primary)
 
 
 EXERCISES: dict[str, Callable[[list[ModelShapes], bool], Iterator[Call]]] = {
