@@ -18,6 +18,7 @@ Two users:
   module from the frozen stacks of a fused MoE block and emits its op call.
 
 W8A8 and GPTQ have no expert form: their experts stay float (``quantize_`` warns once).
+A config's ``compute_dtype`` does not apply to experts: they compute in the tokens' dtype.
 Source: the linear schemes of this package; vLLM's weight-only fused MoE layouts.
 """
 from __future__ import annotations
