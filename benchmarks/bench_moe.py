@@ -4,13 +4,19 @@ eager and Inductor, and the bytes a decode step reads against a dense model.
     python benchmarks/bench_moe.py                 # CPU: fp32, hidden 256, 2 layers
     python benchmarks/bench_moe.py --quick --no-write
 
-Same model object and inputs for every backend, in one process; every backend is compiled
-and warmed up first, then the timed rounds alternate between the backends:
+Same model object and inputs for every backend, in one process; the backends run in two
+groups (float, then quantized: Dynamo's recompile limit counts every backend's graphs, so
+the cache is reset between groups); in each group every backend is compiled and warmed up
+first, then the timed rounds alternate between the group's backends:
 
 * ``eager``: transformers' own MoE block (its default "grouped_mm" experts);
 * ``inductor``: ``torch.compile`` default mode (``freezing=True`` on CPU);
 * ``llmopt``: ``backend="llmopt"``, where ``fuse_moe`` turns each block into
-  ``moe_route`` + ``fused_experts`` (the run checks it fired once per layer).
+  ``moe_route`` + ``fused_experts`` (the run checks it fired once per layer);
+* ``llmopt-int8`` / ``llmopt-int4``: the same with ``options={"quantize": ...}`` (int8
+  per channel; int4 with ``--int4-group``): the experts run ``fused_experts_int8`` /
+  ``_int4`` on quantized stacks, the other linears (router excepted) are quantized too.
+  Their logits differ from eager by the quantization error (``rel_err_vs_eager``).
 
 Figures, medians of ``--rep`` rounds:
 
@@ -20,7 +26,8 @@ Figures, medians of ``--rep`` rounds:
 * **bytes per decode step** (batch 1), from the weights: the non-expert weights (input
   embedding excluded) plus the k active experts' weights, against all experts' weights
   (what a loop over every expert, or a dense layout, reads) and a dense model of the same
-  active size (a Mistral with intermediate k x I).
+  active size (a Mistral with intermediate k x I); and the active bytes with int8 / int4
+  expert stacks (codes + scales (+ zeros), other weights as they are).
 
 On CPU the llmopt ops run their CPU implementations (the Triton kernels need a GPU).
 Writes ``benchmarks/results/<device>-<date>-moe.json`` (``common.write_results``).
@@ -41,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from common import add_run_arguments, apply_run_arguments, environment, write_results  # noqa: E402
 
 import llmopt  # noqa: E402
+from llmopt.quant import Int4WeightOnly  # noqa: E402
 
-BACKENDS = ("eager", "inductor", "llmopt")
+BACKENDS = ("eager", "inductor", "llmopt", "llmopt-int8", "llmopt-int4")
 
 
 def build_models(args):
@@ -60,7 +68,17 @@ def build_models(args):
     return moe, dense
 
 
-def decode_bytes(moe, dense, top_k: int, num_experts: int) -> dict:
+def quantized_expert_bytes(expert_params, bits: int, group: int) -> int:
+    """Bytes of 3-D expert stacks [E, N, K] stored as int8 (one fp32 scale per row) or int4
+    (a scale and a zero per row and group)."""
+    total = 0
+    for p in expert_params:
+        e, n, k = p.shape
+        total += e * n * k * bits // 8 + e * n * (1 if bits == 8 else 2 * (k // group)) * p.element_size()
+    return total
+
+
+def decode_bytes(moe, dense, top_k: int, num_experts: int, int4_group: int = 32) -> dict:
     """Weight bytes one batch-1 decode step reads (the input embedding is a gather, excluded)."""
     def size(params):
         return sum(p.numel() * p.element_size() for p in params)
@@ -71,27 +89,43 @@ def decode_bytes(moe, dense, top_k: int, num_experts: int) -> dict:
     dense_embed = {id(p) for p in dense.get_input_embeddings().parameters()}
     dense_bytes = size(p for p in dense.parameters() if id(p) not in dense_embed)
     active = size(other) + size(expert) * top_k // num_experts
+    quantized = {
+        f"moe_active_int{bits}": size(other) + quantized_expert_bytes(expert, bits, int4_group) * top_k // num_experts
+        for bits in (8, 4)
+    }
     return {
         "moe_active": active,
+        **quantized,
         "moe_all_experts": size(other) + size(expert),
         "dense_same_active_size": dense_bytes,
         "active_over_all_experts": active / (size(other) + size(expert)),
     }
 
 
-def compile_for(model, backend: str):
+def compile_for(model, backend: str, int4_group: int = 32):
     torch._dynamo.reset()
-    return _compile_keeping_cache(model, backend)
+    return _compile_keeping_cache(model, backend, int4_group)
 
 
-def _compile_keeping_cache(model, backend: str):
+def _compile_keeping_cache(model, backend: str, int4_group: int = 32):
     """torch.compile without a Dynamo reset: each backend keeps its compiled graphs (Dynamo
     guards on the backend), so rounds can alternate between backends."""
     if backend == "eager":
         return model
     if backend == "inductor":
         return torch.compile(model, options={"freezing": True} if not torch.cuda.is_available() else None)
+    if backend == "llmopt-int8":
+        return torch.compile(model, backend="llmopt", options={"quantize": "int8"})
+    if backend == "llmopt-int4":
+        return torch.compile(model, backend="llmopt", options={"quantize": Int4WeightOnly(group_size=int4_group)})
     return torch.compile(model, backend="llmopt")
+
+
+def backend_groups(backends: list[str]) -> list[list[str]]:
+    """The float backends, then the quantized ones (each group interleaves its rounds);
+    eager, when asked for, leads the first group (the reference of the others)."""
+    groups = [[b for b in backends if not b.startswith("llmopt-int")], [b for b in backends if b.startswith("llmopt-int")]]
+    return [g for g in groups if g]
 
 
 def main(argv=None) -> dict:
@@ -108,6 +142,7 @@ def main(argv=None) -> dict:
     p.add_argument("--new", type=int, default=17)
     p.add_argument("--rep", type=int, default=5)
     p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--int4-group", type=int, default=32, help="int4 group size (must divide hidden and intermediate)")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 rounds (a smoke run)")
     add_run_arguments(p)
     args = p.parse_args(argv)
@@ -123,37 +158,43 @@ def main(argv=None) -> dict:
     prompt = torch.randint(1, args.vocab, (1, args.prompt), generator=g).to(device)
     short = prompt[:, :8]
 
-    results, reference, models, timings = {}, None, {}, {}
+    results, reference, timings = {}, None, {}
     with torch.no_grad():
-        for backend in backends:  # compile and warm up every backend first
-            model = compile_for(moe, backend) if backend == "eager" else _compile_keeping_cache(moe, backend)
-            start = len(llmopt.reports())
-            t0 = time.perf_counter()
-            logits = model(prompt).logits
-            tokens = llmopt.generate(model, short, args.new)
-            llmopt.generate(model, short, 1)
-            row = {"backend": backend, "warmup_s": time.perf_counter() - t0}
-            if reference is None:
-                reference = (logits.double(), tokens)
-            else:
-                row["rel_err_vs_eager"] = float((logits.double() - reference[0]).norm() / reference[0].norm())
-                row["tokens_equal_eager"] = bool(torch.equal(tokens, reference[1]))
-            if backend == "llmopt":
-                row["fuse_moe_rewrites_per_graph"] = [r.rewrites_by_pass().get("fuse_moe", 0) for r in llmopt.reports()[start:]]
-            models[backend], results[backend], timings[backend] = model, row, ([], [])
-        # Interleaved rounds: a shared machine's load drifts, and drifts alike for every backend.
-        for _ in range(args.rep):
-            for backend, model in models.items():
-                prefill, step = timings[backend]
-                t = time.perf_counter()
-                model(prompt)
-                prefill.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                llmopt.generate(model, short, args.new)
-                long = time.perf_counter() - t
-                t = time.perf_counter()
+        for group in backend_groups(backends):
+            # Dynamo's recompile limit counts the graphs of every backend on the model's
+            # forward: each group (float backends; quantized backends) starts from a reset.
+            torch.compiler.reset()
+            models = {}
+            for backend in group:  # compile and warm up every backend of the group first
+                model = _compile_keeping_cache(moe, backend, args.int4_group)
+                start = len(llmopt.reports())
+                t0 = time.perf_counter()
+                logits = model(prompt).logits
+                tokens = llmopt.generate(model, short, args.new)
                 llmopt.generate(model, short, 1)
-                step.append((long - (time.perf_counter() - t)) / (args.new - 1))
+                row = {"backend": backend, "warmup_s": time.perf_counter() - t0}
+                if reference is None:
+                    reference = (logits.double(), tokens)
+                else:
+                    row["rel_err_vs_eager"] = float((logits.double() - reference[0]).norm() / reference[0].norm())
+                    row["tokens_equal_eager"] = bool(torch.equal(tokens, reference[1]))
+                if backend.startswith("llmopt"):
+                    row["fuse_moe_rewrites_per_graph"] = [
+                        r.rewrites_by_pass().get("fuse_moe", 0) for r in llmopt.reports()[start:]]
+                models[backend], results[backend], timings[backend] = model, row, ([], [])
+            # Interleaved rounds: a shared machine's load drifts, and drifts alike for every backend.
+            for _ in range(args.rep):
+                for backend, model in models.items():
+                    prefill, step = timings[backend]
+                    t = time.perf_counter()
+                    model(prompt)
+                    prefill.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    llmopt.generate(model, short, args.new)
+                    long = time.perf_counter() - t
+                    t = time.perf_counter()
+                    llmopt.generate(model, short, 1)
+                    step.append((long - (time.perf_counter() - t)) / (args.new - 1))
     for backend, (prefill, step) in timings.items():
         row = results[backend]
         row["tokens_per_s"] = {
@@ -168,13 +209,14 @@ def main(argv=None) -> dict:
         base = results["eager"]["tokens_per_s"]
         for row in results.values():
             row["speedup"] = {f"{phase} vs eager": row["tokens_per_s"][phase] / base[phase] for phase in base}
-    nbytes = decode_bytes(moe, dense, args.top_k, args.experts)
+    nbytes = decode_bytes(moe, dense, args.top_k, args.experts, args.int4_group)
     print(f"bytes per decode step: MoE active {nbytes['moe_active']:,} / all experts {nbytes['moe_all_experts']:,}"
-          f" / dense of the same active size {nbytes['dense_same_active_size']:,}")
+          f" / dense of the same active size {nbytes['dense_same_active_size']:,}"
+          f" / active with int8 experts {nbytes['moe_active_int8']:,}, int4 {nbytes['moe_active_int4']:,}")
     payload = {
         "benchmark": "moe",
         "config": {k: getattr(args, k) for k in ("hidden", "intermediate", "experts", "top_k", "layers", "heads",
-                                                  "kv_heads", "vocab", "prompt", "new", "rep", "quick")},
+                                                  "kv_heads", "vocab", "prompt", "new", "rep", "quick", "int4_group")},
         "dtype": "float32",
         "kernel": "triton" if cuda else "CPU implementation",
         "results": list(results.values()),

@@ -1,18 +1,26 @@
 """A mixture-of-experts model with llmopt: each sparse block becomes two fused ops.
 
     python examples/moe_generate.py [--layers 2] [--hidden 256] [--experts 8] [--top-k 2]
+    python examples/moe_generate.py --quantize int8      # or int4: int4 weight-only experts (group 32)
 
 Builds a Mixtral-shaped model from a config (random weights, nothing downloaded), compiles
 it with ``backend="llmopt"``, generates greedily with ``llmopt.generate``, and prints what
 the ``fuse_moe`` pass did (one ``moe_route`` + ``fused_experts`` per layer), whether the
 tokens equal eager's, and the expert bytes a decode step reads (the active experts only).
+With ``--quantize`` the experts (and the other linears, the router excepted) are stored
+int8 / int4 and run ``fused_experts_int8`` / ``_int4``; the tokens are then compared with
+the same model quantized eagerly by ``llmopt.quantize_`` (same codes and scales).
 """
 import argparse
+import copy
 
 import torch
 import transformers as tf
 
 import llmopt
+from llmopt.quant import Int4WeightOnly
+
+QUANTIZE = {"none": None, "int8": "int8", "int4": Int4WeightOnly(group_size=32)}
 
 
 def main():
@@ -23,6 +31,7 @@ def main():
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--quantize", choices=sorted(QUANTIZE), default="none")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -34,16 +43,19 @@ def main():
     model = tf.MixtralForCausalLM(config).eval()
     prompt = torch.randint(1, 1024, (1, 8))
 
-    compiled = torch.compile(model, backend="llmopt")
+    quantize = QUANTIZE[args.quantize]
+    compiled = torch.compile(model, backend="llmopt", options={"quantize": quantize})
+    # The eager reference: the float model, or the same model quantized by quantize_.
+    reference = model if quantize is None else llmopt.quantize_(copy.deepcopy(model), quantize)
     with torch.no_grad():
-        expected = llmopt.generate(model, prompt, args.new_tokens)
+        expected = llmopt.generate(reference, prompt, args.new_tokens)
         first = len(llmopt.reports())
         actual = llmopt.generate(compiled, prompt, args.new_tokens)
     for report in llmopt.reports()[first:]:
         for rewrite in report.rewrites:
-            if rewrite.pass_name == "fuse_moe":
+            if rewrite.pass_name == "fuse_moe" or "experts" in rewrite.detail:
                 print(f"graph {report.graph_index}: {rewrite.detail}")
-    print("tokens equal to eager:", torch.equal(actual, expected))
+    print(f"tokens equal to eager{'' if quantize is None else ' (quantize_)'}:", torch.equal(actual, expected))
 
     experts = model.model.layers[0].mlp.experts
     per_expert = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * experts.gate_up_proj.element_size()

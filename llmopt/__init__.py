@@ -19,6 +19,7 @@ _LAZY = {
     "EngineCallbackError": "llmopt.runtime.engine",
     "PagedKVCache": "llmopt.runtime.paged_cache",
     "KVCacheExhaustedError": "llmopt.runtime.paged_cache",
+    "prepare_moe": "llmopt.moe_prepare",
     "quantize_": "llmopt.quant",
     "save_quantized": "llmopt.quant",
     "load_quantized": "llmopt.quant",

@@ -168,6 +168,16 @@ def fake_like(anchor: fx.Node, tensor: torch.Tensor):
     return tensor
 
 
+def free_attr_name(gm, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``...: the first name no attribute of ``gm`` has yet
+    (for submodules and constants a pass adds)."""
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
 def first_user_position(nodes: Iterable[fx.Node]) -> fx.Node:
     """The earliest node (in graph order) among ``nodes``."""
     nodes = list(nodes)

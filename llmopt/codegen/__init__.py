@@ -8,4 +8,4 @@ from . import attention_decode  # noqa: F401  registers llmopt::attention_decode
 from . import attention_prefill  # noqa: F401  registers llmopt::attention_prefill
 from . import kv_cache  # noqa: F401  registers llmopt::kv_cache_append, rope_kv_cache_append
 from . import flat_gemm, gemv, linear, tuning_table  # noqa: F401  registers llmopt::linear
-from . import moe  # noqa: F401  registers llmopt::moe_route, llmopt::fused_experts
+from . import moe_experts, moe_quant, moe_route  # noqa: F401  registers llmopt::moe_route, fused_experts(_int8, _int4)

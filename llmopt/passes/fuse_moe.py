@@ -33,7 +33,10 @@ by its shape in the graph instead, and proves it by computing:
    renormalization changes the output by tens of percent).
 
 A shared expert (Qwen2-MoE's ``sigmoid(gate(x)) * mlp(x)``) is a dense MLP outside the
-region: merge_parallel_linears and fuse_gated_activation fuse it like any MLP.
+region: merge_parallel_linears and fuse_gated_activation fuse it like any MLP. With
+``quantize=`` the fused experts are then quantized by ``quantize_experts`` (called from
+quantize_linears). A model already quantized by ``llmopt.quantize_`` traces its
+``QuantizedExperts`` op: such a block is a near-miss ("already one llmopt op").
 
 Near-misses, with their reason: a top-k not over router probabilities; routing results
 used outside the block; a region reading other tensors (biases, a post-expert norm's
@@ -44,6 +47,8 @@ inside the block (its output in another graph).
 Not covered: the per-expert loop of transformers 4.4x-4.5x (and 5.x's "eager" experts). Its
 data-dependent ``torch.where`` inside a ``for`` loop makes Dynamo run the whole block
 eagerly and compile only the expert MLPs, so no llmopt graph ever holds the block.
+``llmopt.prepare_moe(model)`` (llmopt/moe_prepare.py) is the opt-in fix: it replaces such
+blocks with stacked ones that call the fused ops directly.
 
 Source: vLLM ``fused_moe`` (the fused form); transformers ``integrations/moe.py`` (the
 spellings).
@@ -58,7 +63,7 @@ import torch
 import torch.fx as fx
 
 from .. import compat
-from ..codegen import moe  # noqa: F401  registers llmopt::moe_route, llmopt::fused_experts
+from ..codegen import moe_experts, moe_quant, moe_route  # noqa: F401  registers the llmopt::moe_route, fused_experts* ops
 from ..graph import constant_value, real_tensors, tensor_meta
 from .near_miss import NearMiss
 
@@ -70,6 +75,11 @@ _CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 _HALF_TOLERANCE = 2e-2
 _CHECK_SEEDS = (0, 1)
 _ACTIVATIONS = {aten.silu.default: "silu"}
+_FUSED_EXPERT_OPS = (
+    torch.ops.llmopt.fused_experts.default,
+    torch.ops.llmopt.fused_experts_int8.default,
+    torch.ops.llmopt.fused_experts_int4.default,
+)
 
 
 
@@ -238,6 +248,9 @@ def fuse_block(gm: fx.GraphModule, topk: fx.Node) -> tuple[fx.Node, str] | None:
     logits, scoring, k = routing
     p = topk.args[0]
     region, exit_node = block_region(topk)
+    if any(n.target in _FUSED_EXPERT_OPS for n in region):
+        raise NearMiss(topk, "the experts are already one llmopt op (a model quantized by llmopt.quantize_): "
+                       "routing left to ATen")
     # moe_route computes in fp32 itself: an upcast of the logits is part of the routing.
     while _is_dtype_cast(logits):
         logits = logits.args[0]
@@ -349,8 +362,8 @@ def prove(gm, region, exit_node, x, p, logits, scoring, k, stacks, activation, s
                 w_gu, w_d = w_gu.transpose(1, 2), w_d.transpose(1, 2)
             ok = True
             for xs, z, _, expected in draws:
-                weights, ids = moe.moe_route_ref(z, k, scoring, renormalize)
-                got = moe.fused_experts_ref(xs, w_gu, w_d, weights, ids, activation)
+                weights, ids = moe_route.moe_route_ref(z, k, scoring, renormalize)
+                got = moe_experts.fused_experts_ref(xs, w_gu, w_d, weights, ids, activation)
                 if got.shape != expected.reshape(got.shape).shape or _rel_err(got, expected.reshape(got.shape)) > tol:
                     ok = False
                     break

@@ -19,7 +19,9 @@ Which linears: as ``quantize_``'s default, all of them, except the output head
 (``lm_head``, ``embed_out``, ``output``) unless the config's ``quantize_head`` is set (the
 int8 default) and the head's weight is not also read by an embedding lookup (tied: the
 float copy would stay for the lookup, so quantizing would add memory); int4 skips a linear
-whose ``K`` the group size does not divide. Schemes that need
+whose ``K`` the group size does not divide; a MoE router (the linear whose logits feed
+``llmopt.moe_route``) stays float. The fused MoE experts are quantized by
+``llmopt.passes.quantize_experts``, called first. Schemes that need
 calibration data cannot run inside the compiler: ``GPTQ`` is refused with a fallback
 entry pointing to ``llmopt.quantize_(model, GPTQ(...), calibration=...)``; ``W8A8``
 quantizes without SmoothQuant smoothing (no activation statistics), as its config
@@ -31,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from ..frozen_weights import note_read
-from ..graph import constant_value, fake_like, is_constant, real_tensors, tensor_meta
+from ..graph import constant_value, fake_like, free_attr_name, is_constant, real_tensors, tensor_meta
 from ..report import layer_of
 
 aten = torch.ops.aten
@@ -55,9 +57,14 @@ def run(gm: fx.GraphModule, ctx) -> int:
     if isinstance(config, Int8KVCache):
         ctx.report.fallback("quantize", "Int8KVCache quantizes the KV cache, not linears: pass it to the runtime cache")
         return 0
-    count = 0
+    from . import quantize_experts
+
+    count = quantize_experts.run(gm, ctx, config)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target != aten.linear.default:
+            continue
+        if quantize_experts.is_router(node):
+            ctx.near_miss(node, "MoE router kept in floating point: its top-k choice of experts is sensitive to rounding")
             continue
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else None
@@ -84,7 +91,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
             bias = constant_value(gm, b) if b is not None else None
             module = QuantizedLinear(quantize_weight(weight.detach(), config), bias, getattr(config, "compute_dtype", None))
             module.to(weight.device)
-        name = _free_name(gm, "llmopt_qlinear_" + (layer.replace(".", "_") or node.name))
+        name = free_attr_name(gm, "llmopt_qlinear_" + (layer.replace(".", "_") or node.name))
         gm.add_submodule(name, module)
         with gm.graph.inserting_before(node):
             call = _emit_kernel_call(gm, name, module, x, node)
@@ -135,11 +142,3 @@ def _tied_to_embedding(w: fx.Node) -> bool:
     """The head's frozen weight is also the table of an embedding lookup (tied weights are
     one constant after freezing)."""
     return any(u.op == "call_function" and u.target == aten.embedding.default and u.args[0] is w for u in w.users)
-
-
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name

@@ -18,6 +18,11 @@ each kind was left alone.
 Calibrated schemes: ``GPTQ`` requires ``calibration`` (batches of token ids, or dicts of
 model kwargs); ``W8A8`` uses it for SmoothQuant, and without it quantizes without
 smoothing (what the compiler's ``quantize="w8a8"`` option does, having no data).
+
+MoE experts: with int8 / int4 weight-only, every experts module holding transformers'
+stacks (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) becomes a
+``QuantizedExperts`` (``llmopt.quant.experts``); ``filter_fn`` sees it too. The router
+stays float. W8A8 and GPTQ leave experts in float, with a warning.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from torch import nn
 
 from .calibration import calibration_batches, set_submodule
 from .config import GPTQ, Int4WeightOnly, Int8KVCache, Int8WeightOnly, W8A8, parse_quantize
+from .experts import quantize_experts_
 from .gptq import gptq_quantize_model
 from .linears import is_hf_conv1d, is_quantizable_linear, linear_kind, linear_shape, linear_weight
 from .modules import QuantizedLinear
@@ -195,6 +201,11 @@ def quantize_(
                 linear = targets.pop(name)
                 replace(name, quantize_weight(linear_weight(linear), config), linear.bias)
 
+    # MoE experts: their 3-D stacks are most of such a model's weights (llmopt.quant.experts).
+    left = quantize_experts_(model, config, filter_fn)
+    if left:
+        warnings.warn(f"quantize_: left {len(left)} MoE experts module(s) in float: {next(iter(left.values()))}",
+                      stacklevel=2)
     if slow_int4:
         warnings.warn(
             "quantize_: weight-only int4 with float32 activations on CPU runs the dequantize + matmul "

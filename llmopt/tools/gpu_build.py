@@ -85,7 +85,7 @@ DECODE_PATH = frozenset({
     "_int8_wo_gemv_kernel", "_int4_wo_gemv_kernel",
     "_decode_split_kernel", "_decode_combine_kernel",
     "_kv_append_kernel", "_rope_append_kernel", "_paged_kv_append_kernel",
-    "_decode_gate_up_kernel", "_decode_down_kernel", "_moe_route_kernel",
+    "decode_gate_up_kernel", "decode_down_kernel", "_moe_route_kernel",
 })
 # Kernels whose main loop streams a weight matrix: with a contiguous, 16-byte aligned
 # weight the loads must be 128 bits wide, or the kernel cannot reach HBM bandwidth.
@@ -383,36 +383,37 @@ MOE_SHAPES = ((4096, 14336, 8, 2), (2048, 1408, 64, 8))
 
 
 def exercise_moe(models: list[ModelShapes], full_space: bool) -> Iterator[Call]:
-    """Routing and the fused experts at the MoE shapes above: decode (one token: a GEMV
-    per active expert) and prefill (the grouped GEMM, its pruned configs), in every kernel
-    dtype; each scoring / renormalization / activation flag once."""
-    from llmopt.codegen import moe
+    """Routing and the fused experts at the MoE shapes: decode (GEMV per active expert), prefill
+    (grouped GEMM, pruned configs); float stacks in every dtype, int8/int4 g128 in 16-bit; flags once."""
+    from llmopt.codegen import moe_experts as moe, moe_quant, moe_route
 
-    def experts(*args):
+    def experts(*args, launcher=moe.fused_experts_triton):
         with _moe_alignment_by_size(moe):
-            return moe.fused_experts_triton(*args)
+            return launcher(*args)
+
+    def stacks(e, n, k, dtype):  # [(launcher, stack tensors)]: float, int8, int4
+        int4 = (_cuda(e, n, k // 2, dtype=torch.uint8), *[_cuda(e, n, k // 128, dtype=dtype)] * 2)
+        quant = [(moe_quant.fused_experts_int8_triton, (_cuda(e, n, k, dtype=torch.int8), _cuda(e, n, dtype=dtype))),
+                 (moe_quant.fused_experts_int4_triton, int4)] if dtype != torch.float32 else []
+        return [(moe.fused_experts_triton, (_cuda(e, n, k, dtype=dtype),)), *quant]
 
     for dtype, primary in _dtype_axis():
         for hidden, inter, num_experts, top_k in MOE_SHAPES if primary else MOE_SHAPES[:1]:
-            wgu = _cuda(num_experts, 2 * inter, hidden, dtype=dtype)
-            wd = _cuda(num_experts, hidden, inter, dtype=dtype)
+            gate_up, down = stacks(num_experts, 2 * inter, hidden, dtype), stacks(num_experts, hidden, inter, dtype)
             for tokens in (1, 256):
-                x = _cuda(tokens, hidden, dtype=dtype)
-                w = _cuda(tokens, top_k, dtype=torch.float32)
+                x, w = _cuda(tokens, hidden, dtype=dtype), _cuda(tokens, top_k, dtype=torch.float32)
                 ids = _cuda(tokens, top_k, dtype=torch.int64)
-                yield Call(lambda x=x, wgu=wgu, wd=wd, w=w, ids=ids: experts(x, wgu, wd, w, ids, "silu"), primary)
+                for (f, gu), (_, d), group in zip(gate_up, down, ((), (), (128,))):
+                    yield Call(lambda f=f, a=(x, *gu, *d, w, ids, "silu", *group): experts(*a, launcher=f), primary)
             logits = _cuda(64, num_experts, dtype=dtype)
-            yield Call(lambda logits=logits, k=top_k: moe.moe_route_triton(logits, k, "softmax", True))
+            yield Call(lambda logits=logits, k=top_k: moe_route.moe_route_triton(logits, k, "softmax", True))
     hidden, inter, num_experts, top_k = MOE_SHAPES[0]
     logits = _cuda(64, num_experts)
     for scoring, renormalize in (("sigmoid", False), ("softmax", False)):
-        yield Call(lambda s=scoring, r=renormalize: moe.moe_route_triton(logits, top_k, s, r))
-    wgu = _cuda(num_experts, 2 * inter, hidden)
-    wd = _cuda(num_experts, hidden, inter)
+        yield Call(lambda s=scoring, r=renormalize: moe_route.moe_route_triton(logits, top_k, s, r))
+    wgu, wd = _cuda(num_experts, 2 * inter, hidden), _cuda(num_experts, hidden, inter)
     for tokens in (1, 64):
-        x = _cuda(tokens, hidden)
-        w = _cuda(tokens, top_k, dtype=torch.float32)
-        ids = _cuda(tokens, top_k, dtype=torch.int64)
+        x, w, ids = _cuda(tokens, hidden), _cuda(tokens, top_k, dtype=torch.float32), _cuda(tokens, top_k, dtype=torch.int64)
         for act in moe.ACTIVATIONS:
             yield Call(lambda x=x, w=w, ids=ids, act=act: experts(x, wgu, wd, w, ids, act))
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import llmopt
 from conftest import assert_close
+from models.moe_loops import MixtralSparseMoeBlock448
 from models.tiny import NUM_LAYERS, tiny_model, tokens
 
 PASS = "fuse_moe"
@@ -222,56 +223,12 @@ def test_a_topk_that_is_not_routing_is_left_alone():
 
 
 # --------------------------------------------------------------------------- transformers 4.48
-class Expert448(nn.Module):
-    """transformers 4.48's MixtralBlockSparseTop2MLP: one module per expert."""
-
-    def __init__(self):
-        super().__init__()
-        self.w1 = nn.Linear(HIDDEN, INTER, bias=False)
-        self.w2 = nn.Linear(INTER, HIDDEN, bias=False)
-        self.w3 = nn.Linear(HIDDEN, INTER, bias=False)
-
-    def forward(self, hidden_states):
-        return self.w2(F.silu(self.w1(hidden_states)) * self.w3(hidden_states))
-
-
-class MixtralSparseMoeBlock448(nn.Module):
-    """transformers 4.48's MixtralSparseMoeBlock.forward, as written there (the loop over
-    experts with a data-dependent torch.where and index_add_)."""
-
-    def __init__(self):
-        super().__init__()
-        self.top_k, self.num_experts = TOP_K, EXPERTS
-        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
-        self.experts = nn.ModuleList([Expert448() for _ in range(EXPERTS)])
-
-    def forward(self, hidden_states):
-        batch_size, sequence_length, hidden_dim = hidden_states.shape
-        hidden_states = hidden_states.view(-1, hidden_dim)
-        router_logits = self.gate(hidden_states)
-        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
-        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
-        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
-        routing_weights = routing_weights.to(hidden_states.dtype)
-        final_hidden_states = torch.zeros(
-            (batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device
-        )
-        expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
-        for expert_idx in range(self.num_experts):
-            expert_layer = self.experts[expert_idx]
-            idx, top_x = torch.where(expert_mask[expert_idx])
-            current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
-            current_hidden_states = expert_layer(current_state) * routing_weights[top_x, idx, None]
-            final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
-        final_hidden_states = final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
-        return final_hidden_states, router_logits
-
-
 def test_transformers_448_per_expert_loop_stays_correct_unfused():
     """Dynamo cannot trace the loop (a data-dependent torch.where inside a for loop): it runs
     the block's frame eagerly and compiles only the expert MLPs, so no llmopt graph holds a
     routing top-k and there is nothing to fuse; the output stays eager's. The one expert
-    graph Dynamo reuses for every expert (its weights as inputs) is frozen once per expert."""
+    graph Dynamo reuses for every expert (its weights as inputs) is frozen once per expert.
+    llmopt.prepare_moe makes such blocks fusable (tests/test_moe_prepare.py)."""
     m = MixtralSparseMoeBlock448().eval()
     x = torch.randn(2, 5, HIDDEN)
     llmopt.clear_reports()  # the registry keeps the last 64 reports: count from empty

@@ -1,4 +1,4 @@
-"""Specification of llmopt::moe_route and llmopt::fused_experts.
+"""Specification of llmopt::fused_experts (float stacks; the routing: test_moe_route.py).
 
 Kernels (interpreter, NaN-poisoned outputs) vs the eager reference vs an fp64 truth, over
 hypothesis-drawn experts (4..64), top-k (1..8), tokens (1..512, kept small where the
@@ -12,56 +12,21 @@ from conftest import assert_close
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmopt.codegen import moe
+from codegen.moe_cases import make_experts, poisoned_empty, routing  # noqa: F401  (poisoned_empty: a fixture)
+from llmopt.codegen import moe_experts, moe_kernels, moe_route
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 
-def make_experts(tokens, num_experts, hidden, inter, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    w_gate_up = (torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
-    w_down = (torch.randn(num_experts, hidden, inter, generator=g) / inter**0.5).to(dtype)
-    return x, w_gate_up, w_down
-
-
-def routing(tokens, num_experts, top_k, kind, seed=0):
-    """(weights fp32, ids int64) [tokens, top_k]: 'random', 'one_expert' (every token's
-    first slot on expert E-1, the rest on the next ones), 'half_empty' (only even experts)."""
-    g = torch.Generator().manual_seed(seed)
-    scores = torch.rand(tokens, num_experts, generator=g)
-    if kind == "one_expert":
-        scores[:, -1] += 10.0
-    elif kind == "half_empty":
-        scores[:, 1::2] -= 10.0
-    weights, ids = torch.topk(torch.softmax(scores, -1), top_k, dim=-1)
-    return weights / weights.sum(-1, keepdim=True), ids
-
-
 def truth_of(x, w_gate_up, w_down, weights, ids, activation):
     """fp64 truth, correctly rounded to x.dtype (the op's output dtype)."""
-    t = moe.fused_experts_ref(x.double(), w_gate_up.double(), w_down.double(), weights.double(), ids, activation)
+    t = moe_experts.fused_experts_ref(x.double(), w_gate_up.double(), w_down.double(), weights.double(), ids, activation)
     return t.to(x.dtype).double()
 
 
 def run_kernel(x, w_gate_up, w_down, weights, ids, activation, decode):
-    return moe.fused_experts_triton(x, w_gate_up, w_down, weights, ids, activation, decode=decode)
-
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """Every torch.empty in the launchers returns NaN (floats): an unwritten element fails."""
-    real_empty = torch.empty
-
-    def nan_empty(*shape, dtype=None, device=None, **kw):
-        t = real_empty(*shape, dtype=dtype, device=device, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(moe.torch, "empty", nan_empty)
-    yield
+    return moe_experts.fused_experts_triton(x, w_gate_up, w_down, weights, ids, activation, decode=decode)
 
 
 # --------------------------------------------------------------------------- fused_experts
@@ -82,7 +47,7 @@ def test_fused_experts_kernels_match_reference_and_fp64(
     x, w_gu, w_d = make_experts(tokens, num_experts, hidden, inter, dtype, seed)
     weights, ids = routing(tokens, num_experts, top_k, kind, seed)
     truth = truth_of(x, w_gu, w_d, weights, ids, "silu")
-    assert_close(moe.fused_experts_ref(x, w_gu, w_d, weights, ids, "silu"), truth, dtype, what="reference")
+    assert_close(moe_experts.fused_experts_ref(x, w_gu, w_d, weights, ids, "silu"), truth, dtype, what="reference")
     # The decode path runs one program row per pair: only where decode sizes are (the
     # interpreter is slow per program), the grouped path on every routing.
     for decode in (True, False) if tokens * top_k <= 16 else (False,):
@@ -110,7 +75,7 @@ def test_many_tokens_all_to_one_expert_and_empty_experts(triton_kernels, poisone
     out = run_kernel(x, w_gu, w_d, weights, ids, "silu", decode=False)
     truth = truth_of(x, w_gu, w_d, weights, ids, "silu")
     assert_close(out, truth, dtype, what="kernel")
-    assert_close(moe.fused_experts_ref(x, w_gu, w_d, weights, ids, "silu"), truth, dtype, what="reference")
+    assert_close(moe_experts.fused_experts_ref(x, w_gu, w_d, weights, ids, "silu"), truth, dtype, what="reference")
 
 
 def test_routing_weights_in_x_dtype_and_strided_inputs(triton_kernels, poisoned_empty):
@@ -127,7 +92,7 @@ def test_routing_weights_in_x_dtype_and_strided_inputs(triton_kernels, poisoned_
 
 def test_align_block_size_pads_each_expert_to_whole_tiles():
     ids = torch.tensor([[2, 0], [2, 3], [2, 0]])  # expert 0: 2 pairs, 2: 3, 3: 1, 1: none
-    sorted_pairs, block_expert = moe.align_block_size(ids, num_experts=4, block_m=4)
+    sorted_pairs, block_expert = moe_experts.align_block_size(ids, num_experts=4, block_m=4)
     s = ids.numel()
     assert sorted_pairs.numel() == 20  # the bound S + E (BLOCK_M - 1) = 18, in whole tiles
     tiles = sorted_pairs.view(-1, 4).tolist()
@@ -136,7 +101,7 @@ def test_align_block_size_pads_each_expert_to_whole_tiles():
     assert tiles[2] == [3, s, s, s]  # expert 3
     assert block_expert.tolist()[:3] == [0, 2, 3] and all(e == -1 for e in block_expert.tolist()[3:])
     assert all(p == s for tile in tiles[3:] for p in tile)
-    exact_pairs, exact_experts = moe.align_block_size(ids, num_experts=4, block_m=4, exact=True)
+    exact_pairs, exact_experts = moe_experts.align_block_size(ids, num_experts=4, block_m=4, exact=True)
     assert exact_pairs.tolist() == sorted_pairs[:12].tolist() and exact_experts.tolist() == [0, 2, 3]
 
 
@@ -144,56 +109,9 @@ def test_decode_reads_only_the_active_experts():
     _, w_gu, w_d = make_experts(1, 8, 32, 16, torch.bfloat16)
     ids = torch.tensor([[5, 1]])
     per_expert = (2 * 16 * 32 + 32 * 16) * 2
-    assert moe.active_expert_bytes(w_gu, w_d, ids) == 2 * per_expert
-    assert moe.use_decode_path(tokens=1, top_k=2, num_experts=8)
-    assert not moe.use_decode_path(tokens=64, top_k=2, num_experts=8)
-
-
-# --------------------------------------------------------------------------- moe_route
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@given(
-    num_experts=st.sampled_from([4, 8, 13, 60, 64]),
-    top_k=st.sampled_from([1, 2, 4, 8]),
-    tokens=st.sampled_from([1, 3, 17, 100, 512]),
-    scoring=st.sampled_from(["softmax", "sigmoid"]),
-    renormalize=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_route_kernel_matches_reference_and_fp64(triton_kernels, dtype, num_experts, top_k, tokens, scoring, renormalize, seed):
-    top_k = min(top_k, num_experts)
-    g = torch.Generator().manual_seed(seed)
-    logits = (2 * torch.randn(tokens, num_experts, generator=g)).to(dtype)
-    w_truth, _ = moe.moe_route_ref(logits.double(), top_k, scoring, renormalize)
-    p_truth = torch.softmax(logits.double(), -1) if scoring == "softmax" else torch.sigmoid(logits.double())
-    for name, (w, ids) in {
-        "kernel": moe.moe_route_triton(logits, top_k, scoring, renormalize),
-        "reference": moe.moe_route_ref(logits, top_k, scoring, renormalize),
-    }.items():
-        assert w.dtype == torch.float32 and ids.dtype == torch.int64 and w.shape == ids.shape == (tokens, top_k)
-        assert_close(w, w_truth, torch.float32, what=f"{name} weights")
-        # The chosen experts are the top-k (ties may pick either of equal probabilities).
-        chosen = p_truth.gather(1, ids)
-        torch.testing.assert_close(chosen, p_truth.topk(top_k, dim=-1).values, rtol=0, atol=0)
-        assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # distinct experts per token
-
-
-def test_route_ties_pick_the_lowest_index(triton_kernels):
-    logits = torch.zeros(3, 8)
-    w, ids = moe.moe_route_triton(logits, 3, "softmax", False)
-    assert ids.tolist() == [[0, 1, 2]] * 3
-    assert_close(w, torch.full((3, 3), 1 / 8))
-
-
-def test_route_is_mixtral_and_qwen_router_math():
-    """Mixtral: softmax(logits.float()), topk, w /= sum; Qwen2/3-MoE: the same with
-    norm_topk_prob deciding the division."""
-    logits = torch.randn(6, 8, dtype=torch.bfloat16)
-    probs = torch.softmax(logits.float(), dim=-1)
-    top, idx = torch.topk(probs, 2, dim=-1)
-    w, ids = moe.moe_route_ref(logits, 2, "softmax", True)
-    assert torch.equal(ids, idx) and torch.equal(w, top / top.sum(-1, keepdim=True))
-    w, ids = moe.moe_route_ref(logits, 2, "softmax", False)
-    assert torch.equal(w, top)
+    assert moe_experts.active_expert_bytes(w_gu, w_d, ids) == 2 * per_expert
+    assert moe_experts.use_decode_path(tokens=1, top_k=2, num_experts=8)
+    assert not moe_experts.use_decode_path(tokens=64, top_k=2, num_experts=8)
 
 
 # --------------------------------------------------------------------------- registration
@@ -233,8 +151,8 @@ def test_inside_torch_compile_fullgraph(triton_kernels):
     x, w_gu, w_d = make_experts(7, 4, 16, 8, torch.float32)
     w_router = torch.randn(4, 16)
     got = torch.compile(block, backend="aot_eager", fullgraph=True)(x, w_router, w_gu, w_d)
-    weights, ids = moe.moe_route_ref(x @ w_router.t(), 2, "softmax", True)
-    assert_close(got, moe.fused_experts_ref(x, w_gu, w_d, weights, ids, "silu") + x)
+    weights, ids = moe_route.moe_route_ref(x @ w_router.t(), 2, "softmax", True)
+    assert_close(got, moe_experts.fused_experts_ref(x, w_gu, w_d, weights, ids, "silu") + x)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -257,8 +175,8 @@ def test_bad_inputs_raise_clear_errors():
 def test_dead_tiles_past_the_padded_end_write_nothing(triton_kernels, poisoned_empty, monkeypatch):
     """On CUDA the launch covers the upper bound S + E (BLOCK_M - 1) (no host sync): the
     tiles past the real padded end (expert -1) must mask every load and store."""
-    real = moe.align_block_size
-    monkeypatch.setattr(moe, "align_block_size", lambda ids, e, bm, exact=False: real(ids, e, bm, exact=False))
+    real = moe_experts.align_block_size
+    monkeypatch.setattr(moe_experts, "align_block_size", lambda ids, e, bm, exact=False: real(ids, e, bm, exact=False))
     x, w_gu, w_d = make_experts(9, 8, 16, 16, torch.float16)
     weights, ids = routing(9, 8, 2, "one_expert")
     out = run_kernel(x, w_gu, w_d, weights, ids, "silu", decode=False)
@@ -268,10 +186,10 @@ def test_dead_tiles_past_the_padded_end_write_nothing(triton_kernels, poisoned_e
 def test_autotune_pruning_keeps_tiles_that_fit():
     """The CUDA autotuner's space: tiles no wider than N / deeper than K (BLOCK_M arrives by
     keyword, from the routing), never empty."""
-    kept = moe.prune_grouped_configs(moe.grouped_configs(), {"N": 48, "K": 20}, BLOCK_M=16)
+    kept = moe_kernels.prune_grouped_configs(moe_kernels.grouped_configs(), {"N": 48, "K": 20}, BLOCK_M=16)
     assert kept and all(c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_K"] <= 32 for c in kept)
     assert all(c.num_warps == 4 for c in kept)  # 8 warps on a 16 x 64 tile would idle
-    big = moe.prune_grouped_configs(moe.grouped_configs(), {"N": 14336, "K": 4096}, BLOCK_M=64)
-    tiles = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in moe.grouped_configs()}
+    big = moe_kernels.prune_grouped_configs(moe_kernels.grouped_configs(), {"N": 14336, "K": 4096}, BLOCK_M=64)
+    tiles = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in moe_kernels.grouped_configs()}
     assert {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in big} == tiles  # large shapes keep every tile
-    assert moe.grouped_block_m(pairs=2, num_experts=8) == 16 and moe.grouped_block_m(4096, 8) == 64
+    assert moe_experts.grouped_block_m(pairs=2, num_experts=8) == 16 and moe_experts.grouped_block_m(4096, 8) == 64

@@ -1,0 +1,125 @@
+"""llmopt.prepare_moe: per-expert-loop MoE blocks become StackedMoeBlocks, fusable.
+
+transformers 4.48's Mixtral block (reproduced in tests/models/moe_loops.py, and the real
+one under transformers 4.48 when /tmp/tf448 holds it): replaced (proven equal first), the
+compiled graph then holds one llmopt.fused_experts per block, outputs equal eager's,
+quantize="int8" composes; a 5.x model with experts_implementation="eager" is switched to
+grouped_mm and fused; a block that is not a loop of gated MLPs is left with its reason.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import llmopt
+from conftest import assert_close
+from models.moe_loops import HIDDEN, MixtralSparseMoeBlock448
+from models.tiny import NUM_LAYERS, tiny_model, tokens
+
+from llmopt.moe_prepare import StackedMoeBlock
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([MixtralSparseMoeBlock448() for _ in range(2)])
+
+    def forward(self, x):
+        logits = []
+        for block in self.blocks:
+            x, router_logits = block(x)
+            logits.append(router_logits)
+        return x, torch.stack(logits)
+
+
+def test_loop_blocks_are_replaced_and_fused():
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        expected = model(x)
+    done = llmopt.prepare_moe(model)
+    assert done.replaced == ["blocks.0", "blocks.1"] and done.left == {}
+    assert all(isinstance(b, StackedMoeBlock) for b in model.blocks)
+    assert not any(".experts." in n for n, _ in model.named_parameters())  # one copy: the stacks
+    with torch.no_grad():
+        out = torch.compile(model, backend="llmopt", options={"strict": True})(x)
+    report = llmopt.last_report()
+    assert report.ops_after.get("llmopt.fused_experts.default") == 2
+    assert report.ops_after.get("llmopt.moe_route.default") == 2
+    assert_close(out[0], expected[0].double())
+    assert_close(out[1], expected[1].double())
+
+
+def test_quantize_composes_with_prepared_blocks():
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    llmopt.prepare_moe(model)
+    x = torch.randn(1, 4, HIDDEN)
+    with torch.no_grad():
+        torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"})(x)
+    assert llmopt.last_report().ops_after.get("llmopt.fused_experts_int8.default") == 2
+
+
+def test_eager_experts_implementation_is_switched_to_grouped_mm():
+    model = tiny_model("mixtral", experts_implementation="eager")
+    done = llmopt.prepare_moe(model)
+    assert done.experts_implementation == "grouped_mm" and done.replaced == []
+    x = tokens(1, 6)
+    with torch.no_grad():
+        out = torch.compile(model, backend="llmopt", options={"strict": True})(x).logits
+        expected = model(x).logits
+    assert llmopt.last_report().rewrites_by_pass()["fuse_moe"] == NUM_LAYERS
+    assert_close(out, expected.double())
+
+
+def test_blocks_that_are_not_loops_of_gated_mlps_are_left_with_the_reason():
+    model = TwoBlocks().eval()
+    model.blocks[1].experts[2].w2 = nn.Linear(24, HIDDEN, bias=True)  # an expert bias
+    done = llmopt.prepare_moe(model)
+    assert done.replaced == ["blocks.0"]
+    assert "not a bias-free gated MLP" in done.left["blocks.1"]
+    assert isinstance(model.blocks[1], MixtralSparseMoeBlock448)
+
+
+_TF448 = Path(os.environ.get("LLMOPT_TF448", "/tmp/tf448"))
+
+
+@pytest.mark.skipif(not (_TF448 / "transformers").is_dir(), reason="transformers 4.48 not installed in /tmp/tf448")
+def test_real_transformers_448_mixtral_is_fused_with_equal_greedy_tokens():
+    """In a subprocess with transformers 4.48 first on the path."""
+    script = textwrap.dedent("""
+        import copy, torch, transformers as tf, llmopt
+        assert tf.__version__.startswith("4.48"), tf.__version__
+        torch.manual_seed(0)
+        cfg = tf.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2, max_position_embeddings=128)
+        model = tf.MixtralForCausalLM(cfg).eval()
+        eager = copy.deepcopy(model)
+        assert len(llmopt.prepare_moe(model).replaced) == 2
+        x = torch.randint(1, 256, (1, 6))
+        with torch.no_grad():
+            compiled = torch.compile(model, backend="llmopt", options={"strict": True})
+            err = ((compiled(x).logits - eager(x).logits).norm() / eager(x).logits.norm()).item()
+            assert llmopt.last_report().ops_after.get("llmopt.fused_experts.default") == 2
+            assert err < 1e-5, err
+            assert torch.equal(llmopt.generate(compiled, x, 8), llmopt.generate(eager, x, 8))
+        print("ok")
+    """)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{_TF448}{os.pathsep}{root}"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
