@@ -1,21 +1,46 @@
-"""Decode benchmark: tokens/s and time to first token, eager vs Inductor vs llmopt.
+"""Decode benchmark: tokens/s, time to first token, roofline fraction and peak memory,
+llmopt against every peer, side by side in one process.
 
-    python benchmarks/bench_decode.py                      # CPU: ~100M-parameter Llama
+    python benchmarks/bench_decode.py                       # CPU: ~100M-parameter Llama, fp32
+    python benchmarks/bench_decode.py --dtype bf16 --batch 1,4 --cache short,4096
+    python benchmarks/bench_decode.py --loop hf             # through HF generate(cache_implementation="static")
     python benchmarks/bench_decode.py --preset llama-2-7b --dtype bf16 --batch 1,8   # CUDA
 
-Same model, same prompt, same static KV cache capacity (``--max-cache-len``, default
-4096), one process. Each backend compiles ``model.forward`` (eager: no compile); the loop
-is a plain prefill + greedy decode over a Hugging Face StaticCache, so every backend does
-identical work and only the forward differs. Reported per backend: time to first token
-(prefill of the prompt, after warm-up), decode tokens/s (median step time) and achieved
-bandwidth = bytes read per decode step (weights + the valid part of the KV cache) / step
-time. On CUDA also Inductor ``mode="max-autotune"`` (CUDA graphs) and the fraction of the
-measured copy bandwidth.
+Peers (``--backends``): ``eager``; ``inductor`` (``torch.compile`` default); on CPU
+``inductor-freezing`` (``options={"freezing": True}``, Inductor's weight pre-packing); on
+CUDA ``inductor-max-autotune`` (CUDA graphs); ``torchao-int8`` (torchao int8 weight-only +
+Inductor, when torchao imports); llmopt as shipped (``llmopt``), its executors forced
+(``llmopt-aten``, ``llmopt-inductor``) and quantized (``llmopt-int8``, ``llmopt-int4``).
+
+Method (DESIGN.md "Benchmarks"):
+- same model, same prompt, same KV capacity; every backend compiles ``model.forward``;
+- all backends are compiled and warmed first, then timed in ``--rounds`` interleaved rounds
+  (the order rotates each round), so a slow phase of the machine hits every backend alike;
+  a round is one generation (prefill + ``--new-tokens`` greedy steps); its decode figure
+  is the median step, the first step excluded. Reported: the median over rounds and the
+  spread (min and max of the round medians);
+- loops (``--loop``): ``static`` (a plain prefill + decode loop over a HF ``StaticCache``:
+  only the forward differs), ``hf`` (``model.generate(cache_implementation="static")``
+  with the compiled forward, per-token times from a streamer), ``llmopt``
+  (``llmopt.generate`` with the compiled model, per-token times from its streamer);
+- KV capacity (``--cache``): ``short`` = prompt + new tokens, or a number (4096);
+- roofline: bytes a decode step must read = the parameters minus the input embedding
+  table (a step reads ``batch`` rows of it) + the valid K and V of every layer; the
+  fraction = those bytes / step time / the read bandwidth measured in the same run
+  (``sum`` over a 1 GiB tensor on CPU, a device copy on CUDA);
+- peak memory (``--memory``): each backend once more in a fresh process (build, compile,
+  one short generation); peak RSS on CPU (Linux ``VmHWM``), ``max_memory_allocated`` on
+  CUDA, and the excess over eager as a fraction of the weight bytes.
+Writes ``benchmarks/results/<device>-<date>-decode[-<tag>].json``; ``make_tables.py`` turns the
+files into the README table.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +54,9 @@ PRESETS = {
     # ~110M parameters: the CPU configuration of issue 5.
     "llama-100m": dict(vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                        num_attention_heads=12, num_key_value_heads=4),
+    # ~0.5B parameters: the large end of the CPU range of issue 16.
+    "llama-500m": dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,
+                       num_attention_heads=12, num_key_value_heads=4),
     "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32),
     "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -37,127 +65,318 @@ PRESETS = {
                  num_attention_heads=4, num_key_value_heads=2),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_BACKENDS = "eager,inductor,inductor-freezing,llmopt"
+CUDA_BACKENDS = "eager,inductor,inductor-max-autotune,llmopt"
 
 
 def build(preset: str, dtype: torch.dtype, device: str, max_len: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(max_position_embeddings=max_len, **PRESETS[preset])
+    cfg = LlamaConfig(max_position_embeddings=max(max_len, 4096), **PRESETS[preset])
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
     return model
 
 
-def make_forward(model, backend: str):
+def torchao_available() -> bool:
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_model(model, backend: str):
+    """(the module the backend runs, a callable forward): quantizing peers get their own copy."""
     if backend == "eager":
-        return model.forward
+        return model, model.forward
     if backend == "inductor":
-        return torch.compile(model.forward)
+        return model, torch.compile(model.forward)
+    if backend == "inductor-freezing":
+        return model, torch.compile(model.forward, options={"freezing": True})
     if backend == "inductor-max-autotune":
-        return torch.compile(model.forward, mode="max-autotune")
-    if backend == "llmopt":
-        return torch.compile(model.forward, backend="llmopt")
-    if backend in ("llmopt-aten", "llmopt-inductor"):  # the inner executor forced (docs/executors.md)
-        return torch.compile(model.forward, backend="llmopt", options={"inner": backend.removeprefix("llmopt-")})
-    raise ValueError(backend)
+        return model, torch.compile(model.forward, mode="max-autotune")
+    if backend == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantized = copy.deepcopy(model)
+        quantize_(quantized, Int8WeightOnlyConfig())
+        return quantized, torch.compile(quantized.forward)
+    options = {
+        "llmopt": {},
+        "llmopt-aten": {"inner": "aten"},
+        "llmopt-inductor": {"inner": "inductor"},
+        "llmopt-int8": {"quantize": "int8"},
+        "llmopt-int4": {"quantize": "int4-g128"},
+    }.get(backend)
+    if options is None:
+        raise SystemExit(f"unknown backend {backend!r}; see --help")
+    return model, torch.compile(model.forward, backend="llmopt", options=options)
 
 
-def run_backend(model, forward, prompt, new_tokens, max_len):
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- the loops
+def loop_static(model, forward, prompt, new_tokens: int, cache_len: int) -> tuple[float, list[float]]:
+    """(TTFT s, decode step times s): prefill + greedy decode over a HF StaticCache."""
     from transformers import StaticCache
 
-    device = prompt.device
-    batch, plen = prompt.shape
-
-    def one_generation(record):
-        cache = StaticCache(config=model.config, max_cache_len=max_len)
-        sync()
-        t0 = time.perf_counter()
-        out = forward(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(plen, device=device),
-                      use_cache=True)
+    device, (batch, plen) = prompt.device, prompt.shape
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    sync(device)
+    t0 = time.perf_counter()
+    out = forward(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(plen, device=device),
+                  use_cache=True)
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    sync(device)
+    ttft = time.perf_counter() - t0
+    steps = []
+    for i in range(new_tokens - 1):
+        pos = torch.tensor([plen + i], device=device)
+        t = time.perf_counter()
+        out = forward(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True,
+                      position_ids=pos.expand(batch, 1))
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        sync()
-        ttft = time.perf_counter() - t0
-        steps = []
-        for i in range(new_tokens):
-            pos = torch.tensor([plen + i], device=device)
-            sync()
-            t = time.perf_counter()
-            out = forward(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True,
-                          position_ids=pos.expand(batch, 1))
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            sync()
-            steps.append(time.perf_counter() - t)
-        if record is not None:
-            record.append((ttft, steps))
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    compile_start = time.perf_counter()
-    one_generation(None)  # warm-up: compiles prefill and decode graphs
-    compile_s = time.perf_counter() - compile_start
-    runs = []
-    one_generation(runs)
-    one_generation(runs)
-    ttft = statistics.median(r[0] for r in runs)
-    step = statistics.median(s for r in runs for s in r[1][1:])  # first decode step excluded
-    return {"ttft_s": ttft, "decode_step_s": step, "decode_tokens_per_s": batch / step, "warmup_s": compile_s}
+        sync(device)
+        steps.append(time.perf_counter() - t)
+    return ttft, steps
 
 
-def bytes_per_step(model, batch: int, kv_len: int) -> int:
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+class _Stamps:
+    """A streamer for HF ``generate`` (``put``/``end``) and ``llmopt.generate`` (a call):
+    the time of each token's arrival."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def put(self, value):
+        sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def __call__(self, step, tokens):
+        self.put(tokens)
+
+
+def _from_stamps(t0: float, stamps: list[float], skip_prompt: bool) -> tuple[float, list[float]]:
+    times = stamps[1:] if skip_prompt else stamps  # HF's streamer first receives the prompt
+    ttft = times[0] - t0
+    return ttft, [b - a for a, b in zip(times, times[1:])]
+
+
+def loop_hf(model, forward, prompt, new_tokens: int, cache_len: int) -> tuple[float, list[float]]:
+    stamps = _Stamps(prompt.device)
+    saved = model.forward
+    model.forward = forward
+    try:
+        t0 = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, cache_implementation="static", streamer=stamps, pad_token_id=0,
+                       max_length=None if cache_len is None else min(cache_len, prompt.shape[1] + new_tokens))
+    finally:
+        model.forward = saved
+    return _from_stamps(t0, stamps.times, skip_prompt=True)
+
+
+def loop_llmopt(model, forward, prompt, new_tokens: int, cache_len: int) -> tuple[float, list[float]]:
+    import llmopt
+
+    stamps = _Stamps(prompt.device)
+    saved = model.forward
+    model.forward = forward
+    try:
+        t0 = time.perf_counter()
+        llmopt.generate(model, prompt, max_new_tokens=new_tokens, stop_token_ids=(), streamer=stamps,
+                        max_seq_len=cache_len, cuda_graphs=False)
+    finally:
+        model.forward = saved
+    return _from_stamps(t0, stamps.times, skip_prompt=False)
+
+
+LOOPS = {"static": loop_static, "hf": loop_hf, "llmopt": loop_llmopt}
+
+
+# --------------------------------------------------------------------------- roofline
+def read_bandwidth(device: torch.device) -> float:
+    """Bytes/s the device reads: ``sum`` over 1 GiB on CPU (all threads), a copy on CUDA."""
+    if device.type == "cuda":
+        return copy_bandwidth("cuda") / 2  # read half of the copy's traffic
+    x = torch.ones(2**28, dtype=torch.float32)
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times[2:])
+
+
+def bytes_per_step(model, batch: int, kv_len: int, weight_bytes: int | None = None) -> int:
+    """Bytes one decode step must read: weights (the input embedding table excepted, of
+    which it reads ``batch`` rows) + the valid K and V of every layer."""
     cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * kv_len * head_dim * model.dtype.itemsize
-    return weights + kv
+    emb = model.get_input_embeddings().weight
+    tied = emb is model.get_output_embeddings().weight
+    if weight_bytes is None:
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not tied:
+        weight_bytes -= emb.numel() * emb.element_size() - batch * emb.shape[1] * emb.element_size()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = torch.finfo(model.dtype).bits // 8
+    kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * kv_len * head_dim * itemsize
+    return weight_bytes + kv
+
+
+# --------------------------------------------------------------------------- peak memory
+_MEMORY_CHILD = r"""
+import json, sys, torch
+sys.path.insert(0, {bench_dir!r})
+import bench_decode as b
+args = json.loads({args!r})
+device = torch.device(args["device"])
+model = b.build(args["preset"], b.DTYPES[args["dtype"]], args["device"], args["cache_len"])
+def rss_mb(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
+base = rss_mb("VmRSS") if device.type == "cpu" else torch.cuda.memory_allocated() / 2**20
+with torch.no_grad():
+    module, forward = b.make_model(model, args["backend"])
+    prompt = torch.randint(1, model.config.vocab_size, (args["batch"], args["prompt_len"]), device=device)
+    b.loop_static(module, forward, prompt, 8, args["cache_len"])
+peak = rss_mb("VmHWM") if device.type == "cpu" else torch.cuda.max_memory_allocated() / 2**20
+print(json.dumps({{"model_MB": base, "peak_MB": peak}}))
+"""
+
+
+def peak_memory(backend: str, args, device: torch.device, cache_len: int, batch: int) -> dict:
+    """Peak memory of one backend in a fresh process (so that no other backend's state counts)."""
+    child = _MEMORY_CHILD.format(bench_dir=str(Path(__file__).resolve().parent), args=json.dumps(dict(
+        backend=backend, preset=args.preset, dtype=args.dtype, device=device.type, cache_len=cache_len,
+        batch=batch, prompt_len=args.prompt_len)))
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- one case
+def run_case(model, backends, prompt, cache_len: int, args, loop) -> list[dict]:
+    device = prompt.device
+    runs, prepared = {}, {}
+    for backend in backends:
+        module, forward = make_model(model, backend)
+        start = time.perf_counter()
+        with torch.no_grad():
+            loop(module, forward, prompt, args.new_tokens, cache_len)  # compile prefill + decode, warm
+        prepared[backend] = (module, forward, time.perf_counter() - start)
+        runs[backend] = []
+    order = list(backends)
+    for r in range(args.rounds):
+        for backend in order[r % len(order):] + order[:r % len(order)]:
+            module, forward, _ = prepared[backend]
+            with torch.no_grad():
+                ttft, steps = loop(module, forward, prompt, args.new_tokens, cache_len)
+            runs[backend].append((ttft, statistics.median(steps[1:] or steps)))
+    results = []
+    for backend in backends:
+        module = prepared[backend][0]
+        ttfts, steps = [t for t, _ in runs[backend]], [s for _, s in runs[backend]]
+        step = statistics.median(steps)
+        weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        results.append({
+            "backend": backend, "batch": prompt.shape[0], "cache_len": cache_len, "loop": args.loop,
+            "ttft_s": statistics.median(ttfts), "ttft_spread_s": [min(ttfts), max(ttfts)],
+            "decode_step_s": step, "decode_step_spread_s": [min(steps), max(steps)],
+            "decode_tokens_per_s": prompt.shape[0] / step,
+            "warmup_s": prepared[backend][2], "rounds": args.rounds,
+            "bytes_per_step": bytes_per_step(module, prompt.shape[0], args.prompt_len + args.new_tokens // 2,
+                                             weight_bytes if backend.startswith("torchao") else None),
+        })
+    return results
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS)} (default: llama-100m on CPU, llama-2-7b on CUDA)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
-    p.add_argument("--batch", default="1")
+    p.add_argument("--batch", default="1", help="comma list of batch sizes")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--max-cache-len", type=int, default=4096)
-    p.add_argument("--backends", default=None, help="comma list: eager,inductor,inductor-max-autotune,llmopt,llmopt-aten,llmopt-inductor")
+    p.add_argument("--cache", default="short", help="comma list of KV capacities: 'short' (prompt + new tokens) or a number")
+    p.add_argument("--max-cache-len", type=int, default=None, help="(old spelling of --cache N)")
+    p.add_argument("--loop", default="static", choices=sorted(LOOPS))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--backends", default=None, help="comma list: eager,inductor,inductor-freezing,inductor-max-autotune,"
+                                                    "torchao-int8,llmopt,llmopt-aten,llmopt-inductor,llmopt-int8,llmopt-int4")
+    p.add_argument("--memory", action="store_true", help="also measure each backend's peak memory in a fresh process")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--tag", default=None, help="suffix of the results file name")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Every backend keeps its compiled prefill and decode graphs alive side by side.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
 
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    preset = args.preset or ("llama-2-7b" if cuda else "llama-100m")
-    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
-    backends = (args.backends or ("eager,inductor,inductor-max-autotune,llmopt" if cuda else "eager,inductor,llmopt")).split(",")
+    device = torch.device("cuda" if cuda else "cpu")
+    args.preset = args.preset or ("llama-2-7b" if cuda else "llama-100m")
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    dtype = DTYPES[args.dtype]
+    backends = (args.backends or (CUDA_BACKENDS if cuda else CPU_BACKENDS)).split(",")
+    if "torchao-int8" in backends and not torchao_available():
+        print("torchao is not installed: torchao-int8 skipped")
+        backends.remove("torchao-int8")
+    caches = [args.max_cache_len] if args.max_cache_len else [
+        args.prompt_len + args.new_tokens if c == "short" else int(c) for c in args.cache.split(",")]
     env = environment()
-    bandwidth = copy_bandwidth(device) if cuda else None
-    results = []
-    model = build(preset, dtype, device, args.max_cache_len)
+    bandwidth = read_bandwidth(device)
+    model = build(args.preset, dtype, device.type, max(caches))
     params = sum(p.numel() for p in model.parameters())
-    print(f"{preset}: {params / 1e6:.0f}M parameters, {dtype}, {env['device']}, max_cache_len {args.max_cache_len}")
-    for batch in [int(b) for b in args.batch.split(",")]:
-        prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), device=device)
-        kv_len = args.prompt_len + args.new_tokens // 2
-        for backend in backends:
-            torch._dynamo.reset()
-            with torch.no_grad():
-                r = run_backend(model, make_forward(model, backend), prompt, args.new_tokens, args.max_cache_len)
-            r.update(backend=backend, batch=batch)
-            r["achieved_GBps"] = bytes_per_step(model, batch, kv_len) / r["decode_step_s"] / 1e9
-            if bandwidth:
-                r["roofline_fraction"] = r["achieved_GBps"] * 1e9 / bandwidth
-            results.append(r)
-            print(f"  batch {batch:3d} {backend:24s} TTFT {r['ttft_s'] * 1e3:8.1f} ms   decode {r['decode_tokens_per_s']:8.1f} tok/s"
-                  f"   {r['achieved_GBps']:7.1f} GB/s")
-    for batch in {r["batch"] for r in results}:
-        base = {r["backend"]: r for r in results if r["batch"] == batch}
-        if "llmopt" in base:
-            for name, r in base.items():
-                r["llmopt_speedup"] = base["llmopt"]["decode_tokens_per_s"] / r["decode_tokens_per_s"]
-    payload = {"benchmark": "decode", "environment": env, "preset": preset, "config": PRESETS[preset], "dtype": str(dtype),
-               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "max_cache_len": args.max_cache_len,
-               "copy_bandwidth_GBps": bandwidth / 1e9 if bandwidth else None, "results": results}
+    print(f"{args.preset}: {params / 1e6:.0f}M parameters, {args.dtype}, {env['device']}, {env['threads']} threads, "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s, loop {args.loop}, {args.rounds} interleaved rounds")
+    results = []
+    for cache_len in caches:
+        for batch in [int(b) for b in args.batch.split(",")]:
+            prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), device=device)
+            case = run_case(model, backends, prompt, cache_len, args, LOOPS[args.loop])
+            eager = next((r for r in case if r["backend"] == "eager"), None)
+            for r in case:
+                r["achieved_GBps"] = r["bytes_per_step"] / r["decode_step_s"] / 1e9
+                r["roofline_fraction"] = r["bytes_per_step"] / r["decode_step_s"] / bandwidth
+                if eager is not None:
+                    r["vs_eager"] = eager["decode_step_s"] / r["decode_step_s"]
+                if args.memory:
+                    r["memory"] = peak_memory(r["backend"], args, device, cache_len, batch)
+            if args.memory and eager is not None and "peak_MB" in eager["memory"]:
+                weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+                for r in case:
+                    if "peak_MB" in r["memory"]:
+                        r["memory"]["over_eager_of_weights"] = (r["memory"]["peak_MB"] - eager["memory"]["peak_MB"]) / weight_mb
+            llm = next((r for r in case if r["backend"] == "llmopt"), None)
+            for r in case:
+                if llm is not None:
+                    r["llmopt_speedup"] = r["decode_step_s"] / llm["decode_step_s"]
+                lo, hi = r["decode_step_spread_s"]
+                mem = r.get("memory", {})
+                print(f"  cache {cache_len:5d} batch {batch:2d} {r['backend']:18s} TTFT {r['ttft_s'] * 1e3:8.1f} ms  "
+                      f"decode {r['decode_tokens_per_s']:7.1f} tok/s (step {r['decode_step_s'] * 1e3:6.2f} ms, "
+                      f"rounds {lo * 1e3:.2f}-{hi * 1e3:.2f})  {r['roofline_fraction']:5.0%} roofline"
+                      + (f"  peak {mem['peak_MB']:.0f} MB" if "peak_MB" in mem else "")
+                      + (f"  llmopt {r['llmopt_speedup']:.2f}x" if "llmopt_speedup" in r else ""), flush=True)
+            results.extend(case)
+    payload = {"benchmark": "decode", "environment": env, "preset": args.preset, "config": PRESETS[args.preset],
+               "dtype": args.dtype, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "loop": args.loop,
+               "read_bandwidth_GBps": bandwidth / 1e9, "results": results}
     if not args.no_write:
-        print("wrote", write_results("decode", payload))
+        print("wrote", write_results("decode" + (f"-{args.tag}" if args.tag else ""), payload))
     return payload
 
 

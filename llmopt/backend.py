@@ -26,6 +26,7 @@ inputs that require grad) runs unchanged, with a report entry saying so.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ import torch
 import torch.fx as fx
 
 from . import compat, frozen_weights
+from .codegen.cpu_decompositions import cpu_decompositions
+from .codegen.kernel_mode import kernel_mode
 from .frozen_weights import FrozenWeights
 from .graph import count_ops, networkx_view, op_histogram, tensor_meta
 from .options import Options
@@ -49,7 +52,21 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The executor chosen by inner="auto", per device; the measurement behind each choice is
 # in the README ("Choosing the inner executor").
-DEFAULT_EXECUTOR = {"cpu": "aten", "cuda": "inductor"}
+DEFAULT_EXECUTOR = {"cpu": "inductor", "cuda": "inductor"}
+# Overrides the CPU choice of inner="auto" for a whole process: the test suite sets it to
+# "aten" (Inductor's C++ compile of every test model would take the suite past its time
+# budget) and runs the shipped default in tests/test_cpu_executor.py.
+CPU_EXECUTOR_ENV = "LLMOPT_CPU_EXECUTOR"
+
+
+def default_executor(device_type: str) -> str:
+    """The executor ``inner="auto"`` picks on ``device_type``."""
+    if device_type == "cpu" and os.environ.get(CPU_EXECUTOR_ENV):
+        value = os.environ[CPU_EXECUTOR_ENV]
+        if value not in ("aten", "inductor"):
+            raise ValueError(f"{CPU_EXECUTOR_ENV}={value!r} is not an executor; use 'aten' or 'inductor' (or unset it)")
+        return value
+    return DEFAULT_EXECUTOR.get(device_type, "aten")
 
 
 def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Any = None, mode: str | None = None):
@@ -232,7 +249,7 @@ def _compile_frozen(gm: fx.GraphModule, real_inputs: list[Any], job: _FrozenComp
     frozen_weights.attach(gm, weights)
 
     kept_fake = [fake_inputs[i] for i in keep] if len(fake_inputs) == len(placeholders) else fake_inputs
-    executor = opts.inner if opts.inner != "auto" else DEFAULT_EXECUTOR.get(device.type, "aten")
+    executor = opts.inner if opts.inner != "auto" else default_executor(device.type)
     unsupported = _unsupported(device, dtypes)
     if unsupported:
         report.fallback("passes", unsupported)
@@ -363,7 +380,9 @@ def _make_executor(gm, fake_inputs, executor, report, opts, device, static_idxs)
             report.notes.append("executor: CUDA graphs (Inductor cudagraph trees; run the runtime with "
                                 "cuda_graphs=False)")
         try:
-            run = compat.inductor_compile(gm, fake_inputs, cudagraphs=graphs, static_input_idxs=static_idxs)
+            decompositions = cpu_decompositions() if device.type == "cpu" and kernel_mode() == "auto" else None
+            run = compat.inductor_compile(gm, fake_inputs, cudagraphs=graphs, static_input_idxs=static_idxs,
+                                          decompositions=decompositions)
             return _refuse_nested_capture(run) if graphs else run
         except Exception as exc:
             if opts.strict or compat.is_dynamo_control_flow(exc):
@@ -396,12 +415,15 @@ def _call_python_impls(gm: fx.GraphModule, device_type: str) -> tuple[fx.GraphMo
     """
     graph = _copy_graph(gm)
     count = 0
+    # With the kernel mode left to llmopt, the CPU decompositions are what the ops run on
+    # CPU minus their contract checks (done when the graph was traced): call them directly.
+    direct = cpu_decompositions() if device_type == "cpu" and kernel_mode() == "auto" else {}
     for node in graph.nodes:
         if node.op != "call_function":
             continue
         if not getattr(getattr(node.target, "_schema", None), "name", "").startswith("llmopt::"):
             continue
-        fn = compat.custom_op_python_impl(node.target, device_type)
+        fn = direct.get(node.target) or compat.custom_op_python_impl(node.target, device_type)
         if fn is not None:
             node.target = fn
             count += 1

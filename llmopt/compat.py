@@ -66,12 +66,16 @@ def inductor_compile(
     example_inputs: Sequence[Any],
     cudagraphs: bool = False,
     static_input_idxs: Sequence[int] = (),
+    decompositions: dict | None = None,
 ) -> Callable:
     """Compile an ATen inference graph with Inductor; returns a boxed callable.
 
     ``cudagraphs`` replays the compiled graph from CUDA graphs (Inductor's cudagraph
     trees); ``static_input_idxs`` are inputs whose address never changes (KV caches marked
     with ``mark_static_address``), which the replay then reads in place instead of copying.
+    ``decompositions`` (op overload -> function) are applied on top of Inductor's own when
+    the graph is retraced: llmopt ops named there are inlined as ATen (on CPU,
+    ``codegen.cpu_decompositions``), the others stay extern calls.
     """
     from torch._inductor.compile_fx import compile_fx_inner
 
@@ -88,7 +92,9 @@ def inductor_compile(
         from torch._inductor.decomposition import select_decomp_table
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        gm = make_fx(gm, decomposition_table=select_decomp_table())(*example_inputs)
+        table = dict(select_decomp_table())
+        table.update(decompositions or {})
+        gm = make_fx(gm, decomposition_table=table)(*example_inputs)
         _constants_by_reference(gm)
         # is_inference: the graph has no backward. Without it cudagraph trees record in
         # forward mode, expect a backward that never comes, and never reach their replay
@@ -365,3 +371,23 @@ def fake_tensor_mode() -> Any:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode()
+
+
+def onednn_linear_available() -> bool:
+    """Whether ``torch.ops.mkldnn._linear_pointwise`` (oneDNN's linear, the op Inductor's
+    CPU freezing lowers linears to) exists in this build: torch built with mkldnn, on x86
+    or arm64 with oneDNN. Present on every supported torch (2.6-2.13) built that way."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN on a plain (strided, unpacked) ``weight [N, K]``.
+
+    Why: on CPU, for the few rows of decode (M = 1..8), oneDNN's kernel streams the weight
+    at about twice the bandwidth of ``F.linear`` (MKL sgemm) in fp32 on the CI machine
+    (``benchmarks/bench_linear.py``), with no packed copy of the weight (a packed copy would
+    hold it twice). ``torch.ops.mkldnn._linear_pointwise`` is Inductor's private op: its
+    signature ``(x, w, b, attr, scalars, algorithm)`` has been stable from torch 2.0 to 2.13,
+    and it has a meta kernel, so it traces under fake tensors.
+    """
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -10,6 +10,10 @@ import os
 # The interpreter is chosen when @triton.jit decorates a kernel, so it must be set before
 # any llmopt.codegen module is imported. CI sets it too (.ci/run).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# inner="auto" on CPU is Inductor for users; the suite runs the aten executor, because
+# Inductor's C++ compile of every test model would take it past its time budget.
+# tests/test_cpu_executor.py runs the shipped default (the variable unset) on real models.
+os.environ.setdefault("LLMOPT_CPU_EXECUTOR", "aten")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -228,8 +228,9 @@ def test_reusable_storage_only_for_adjacent_pieces():
 
 
 # ----------------------------------------------------------------------------- memory
-# A Llama whose weights dominate the process (~168 MB fp32, 2 layers so it compiles fast).
-MEMORY_CONFIG = dict(vocab_size=4096, hidden_size=1024, intermediate_size=4096, num_hidden_layers=2,
+# A Llama whose weights dominate the process (~300 MB fp32, 4 layers so it compiles fast;
+# the compiler's own resident memory, ~15-20 MB whatever the model, stays a small part).
+MEMORY_CONFIG = dict(vocab_size=4096, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64)
 
 _RSS_SCRIPT = textwrap.dedent(

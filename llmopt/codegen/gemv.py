@@ -254,7 +254,9 @@ def _split_k_reduce_kernel(
 # ---------------------------------------------------------------------------------------
 
 
-def _epilogue_ref(y: torch.Tensor, residual, activation: str) -> torch.Tensor:
+def epilogue_ref(y: torch.Tensor, residual, activation: str) -> torch.Tensor:
+    """The linear family's epilogue on ``y = x @ W.T + b``: the gated activation over the
+    merged ``[gate; up]`` halves, then the residual add."""
     if activation:
         gate, up = y.chunk(2, dim=-1)
         if activation == "silu":
@@ -276,7 +278,7 @@ def gemv_ref(x, weight, bias=None, residual=None, activation: str = "") -> torch
     gives the tests' ground truth).
     """
     y = F.linear(x, weight, bias)
-    return _epilogue_ref(y, residual, activation)
+    return epilogue_ref(y, residual, activation)
 
 
 def check_linear_args(x, weight, bias, residual, activation: str, kernel: str, dtypes=KERNEL_DTYPES) -> int:
@@ -445,6 +447,7 @@ __all__ = [
     "KERNEL_DTYPES",
     "begin_linear_launch",
     "check_linear_args",
+    "epilogue_ref",
     "gemv_configs",
     "gemv_heuristic_config",
     "gemv_ref",

@@ -28,14 +28,17 @@ config, from the active tuning table and the heuristic (:mod:`llmopt.codegen.tun
 Kernels: ``gemv`` (:mod:`llmopt.codegen.gemv`), ``flat_gemm``
 (:mod:`llmopt.codegen.flat_gemm`) — both with the epilogue fused — and ``mm``,
 ``torch.nn.functional.linear`` (cuBLAS) with the epilogue in torch.
-On CPU, and for dtypes the Triton kernels are not built for, the op runs :func:`linear_ref`.
+On CPU the op runs :func:`linear_cpu`: oneDNN's linear on the plain weight for fp32 (about
+twice ``F.linear``'s bandwidth at decode sizes on the CI machine, no packed copy of the weight),
+``F.linear`` otherwise; for dtypes the Triton kernels are not built for, :func:`linear_ref`.
 """
 from typing import Optional
 
 import torch
 
+from llmopt import compat
 from llmopt.codegen.flat_gemm import flat_gemm_triton
-from llmopt.codegen.gemv import KERNEL_DTYPES, check_linear_args, gemv_ref, gemv_triton
+from llmopt.codegen.gemv import KERNEL_DTYPES, check_linear_args, epilogue_ref, gemv_ref, gemv_triton
 from llmopt.codegen.kernel_mode import use_triton
 from llmopt.codegen.kernels_spec import m_bucket_label, parse_kernel_configs, parse_kernels
 from llmopt.codegen.tuning_table import choose_kernel, device_name, get_active_table
@@ -73,6 +76,17 @@ def linear_ref(x, weight, bias=None, residual=None, activation: str = ""):
     """Eager reference and CPU implementation (also the ``mm`` kernel): ``F.linear`` in the
     input dtype, then the epilogue in torch; ``x`` may have leading dims."""
     _flatten_checked(x, weight, bias, residual, activation)
+    return gemv_ref(x, weight, bias, residual, activation)
+
+
+def linear_cpu(x, weight, bias=None, residual=None, activation: str = ""):
+    """The CPU implementation: oneDNN's linear on the plain weight for fp32 (what
+    :func:`compat.onednn_linear` explains), ``F.linear`` for other dtypes (oneDNN is not
+    faster there without a packed copy of the weight); the epilogue in torch. Traceable,
+    so the Inductor executor fuses the epilogue into a C++ loop (docs/executors.md).
+    Unchecked: the op checks its contract first; a compiled graph checked it when traced."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and compat.onednn_linear_available():
+        return epilogue_ref(compat.onednn_linear(x, weight, bias), residual, activation)
     return gemv_ref(x, weight, bias, residual, activation)
 
 
@@ -125,6 +139,9 @@ def linear(
     """``epilogue(x @ weight.T + bias)`` with the kernel chosen per M bucket by ``kernels``."""
     if use_triton(x, weight):
         return linear_triton(x, weight, bias, residual, activation, kernels)
+    if x.device.type == "cpu":
+        _flatten_checked(x, weight, bias, residual, activation)
+        return linear_cpu(x, weight, bias, residual, activation)
     return linear_ref(x, weight, bias, residual, activation)
 
 
@@ -136,4 +153,4 @@ def _linear_fake(x, weight, bias, residual, activation, kernels):
     return x.new_empty((*x.shape[:-1], n_out))
 
 
-__all__ = ["linear", "linear_ref", "linear_triton", "select_kernel"]
+__all__ = ["linear", "linear_cpu", "linear_ref", "linear_triton", "select_kernel"]

@@ -37,8 +37,10 @@ kernel, its config and the reason) that ``llmopt autotune`` reads.
 
 Branch by ``ctx.device.type``:
 
-* CPU (any non-CUDA device): the linear stays ``aten.linear`` (oneDNN), recorded as
-  ``mm`` "CPU: the PyTorch op". No rewrite.
+* CPU (any non-CUDA device): a linear with a frozen weight becomes ``llmopt.linear`` with
+  every bucket ``mm`` and its epilogue fused as in (a) and (b) below; the op's CPU
+  implementation runs oneDNN's linear on the plain weight in fp32 (about twice
+  ``F.linear``'s bandwidth at decode sizes; ``codegen/linear.py``), ``F.linear`` otherwise.
 * CUDA: a linear whose kernels are all ``mm`` (tiny weights, fp64, ...) stays
   ``aten.linear`` too — the custom op would only hide it from Inductor. Any other becomes
   ``llmopt.linear``, with its epilogue fused where the graph allows:
@@ -235,9 +237,6 @@ def _select(gm: fx.GraphModule, lin: fx.Node, ctx, chooser: _Chooser | None) -> 
     N, K, dtype = int(wv.shape[0]), int(wv.shape[1]), xv.dtype
     prefix = shape_prefix(N, K, dtype)
     shape = {"N": N, "K": K, "dtype": dtype_name(dtype)}  # the report's structured fields
-    if chooser is None:
-        ctx.report.kernel_choice(lin, "linear", "mm", f"{prefix}; CPU: the PyTorch op (aten.linear)", **shape)
-        return 0
     if not is_constant(gm, w):
         ctx.report.kernel_choice(lin, "linear", "mm", f"{prefix}; weight is not a frozen constant: the PyTorch op",
                                  **shape)
@@ -249,8 +248,11 @@ def _select(gm: fx.GraphModule, lin: fx.Node, ctx, chooser: _Chooser | None) -> 
         ctx.near_miss(lin, f"x {dtype}, weight {wv.dtype}, bias {bv.dtype if bv is not None else None}: "
                            "llmopt.linear needs one dtype; kept aten.linear")
         return 0
-    kernels, reasons = chooser.kernels(N, K, dtype)
-    if set(parse_kernels(kernels).values()) == {"mm"}:
+    if chooser is None:
+        kernels, reasons = CPU_KERNELS, {bucket: _cpu_reason(dtype) for bucket in M_BUCKETS}
+    else:
+        kernels, reasons = chooser.kernels(N, K, dtype)
+    if chooser is not None and set(parse_kernels(kernels).values()) == {"mm"}:
         ctx.report.kernel_choice(lin, "linear", "mm", _describe(N, K, dtype, kernels, reasons), **shape,
                                  buckets=_bucket_kernels(kernels, reasons))
         return 0
@@ -291,6 +293,18 @@ def _bucket_kernels(kernels: str, reasons: dict[str, str]) -> list[BucketKernel]
     return [BucketKernel(bucket, kernel, dict(configs[bucket]) if configs.get(bucket) else None,
                          reasons.get(bucket, ""))
             for bucket, kernel in parse_kernels(kernels).items()]
+
+
+# On CPU every bucket runs the op's CPU implementation (codegen.linear.linear_cpu); the
+# rewrite still pays: the gated activation and the residual add fold into the op (fewer
+# nodes for the aten executor's Python loop; one fused C++ epilogue under Inductor).
+CPU_KERNELS = ",".join(f"{bucket}:mm" for bucket in M_BUCKETS)
+
+
+def _cpu_reason(dtype) -> str:
+    if dtype == torch.float32 and compat.onednn_linear_available():
+        return "CPU: oneDNN linear on the plain weight"
+    return "CPU: the PyTorch op"
 
 
 def _slice_range(node: fx.Node, source: fx.Node, width: int) -> tuple[int, int] | None:

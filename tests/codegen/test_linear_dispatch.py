@@ -57,6 +57,7 @@ def launches(monkeypatch):
     monkeypatch.setattr(linear_module, "gemv_triton", spy("gemv", linear_module.gemv_triton))
     monkeypatch.setattr(linear_module, "flat_gemm_triton", spy("flat_gemm", linear_module.flat_gemm_triton))
     monkeypatch.setattr(linear_module, "gemv_ref", spy("mm", linear_module.gemv_ref))
+    monkeypatch.setattr(linear_module, "linear_cpu", spy("cpu", linear_module.linear_cpu))
     return calls
 
 
@@ -128,7 +129,7 @@ def test_auto_on_cpu_is_the_pytorch_path(triton_kernels, table, launches):
 def test_cpu_without_forced_triton_ignores_the_string(table, launches):
     x, weight, bias, residual = inputs(1)
     out = torch.ops.llmopt.linear(x, weight, bias, residual, "", PASS_STRING)
-    assert launches == [("mm", None)]  # linear_ref: the PyTorch path, whatever the string says
+    assert launches == [("cpu", None)]  # linear_cpu (oneDNN in fp32), whatever the string says
     assert_close(out, truth(x, weight, bias, residual, ""), torch.float32)
 
 

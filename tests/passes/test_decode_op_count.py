@@ -9,12 +9,11 @@ What one decode step of a Llama layer must launch, at the least, once llmopt is 
     5  linear               o_proj
     6  add_rms_norm         residual add + post-attention RMSNorm
     7  linear + silu*up     merged gate/up projection with the gated activation in its
-                            epilogue (on CUDA; on CPU the PyTorch matmul runs and the
-                            gated activation is a separate op: +1)
+                            epilogue (on CPU too: oneDNN's matmul, then the epilogue)
     8  linear               down_proj (its residual add lives in the next add_rms_norm)
 
-That is 8 on CUDA — FlashDecoding++ reports 7 fused kernels per block, with the residual
-add in the down-projection epilogue — and 9 on CPU. Views (reshape, transpose, slice)
+That is 8 on CUDA and on CPU — FlashDecoding++ reports 7 fused kernels per block, with the
+residual add in the down-projection epilogue. Views (reshape, transpose, slice)
 and tuple indexing launch nothing and are not counted. Per-step bookkeeping shared by
 all layers (the mask, the valid lengths, the slot counter of the cache) is computed once
 per step outside the layers and is not counted per layer; so is the one scalar add with
@@ -32,7 +31,7 @@ from llmopt.report import layer_of
 from models.tiny import tiny_model, tokens
 from passes.final_graphs import capture_final_graphs
 
-CPU_OPS_PER_LAYER = 9
+CPU_OPS_PER_LAYER = 8
 CUDA_OPS_PER_LAYER = 8
 
 

@@ -123,17 +123,17 @@ class GatedMLP(nn.Module):
 
 
 # --------------------------------------------------------------------------- CPU branch
-def test_cpu_keeps_the_pytorch_op_and_reports_every_linear():
+def test_cpu_rewrites_every_linear_to_the_op_and_reports_it():
     model = tiny_model("llama")
     x = tokens(2, 7)
     out, report = compile_run(model, x, only=[*BEFORE, PASS])
     assert_close(out.logits, model(x).logits.detach(), torch.float32)
-    assert report.rewrites_by_pass()[PASS] == 0
-    assert "llmopt.linear.default" not in report.ops_after
     # Merged QKV, o_proj, merged gate/up, down_proj per layer, and lm_head.
+    assert report.rewrites_by_pass()[PASS] == 4 * NUM_LAYERS + 1 == report.ops_after["llmopt.linear.default"]
+    assert "aten.linear.default" not in report.ops_after
     choices = [k for k in report.kernel_choices if k.op == "linear"]
-    assert len(choices) == 4 * NUM_LAYERS + 1 == report.ops_after["aten.linear.default"]
-    assert all(k.kernel == "mm" and "CPU: the PyTorch op" in k.reason for k in choices)
+    assert len(choices) == 4 * NUM_LAYERS + 1
+    assert all(set(parse_kernels(k.kernel).values()) == {"mm"} and "CPU: oneDNN linear" in k.reason for k in choices)
     shapes = sorted(slk.parse_shape_prefix(k.reason)[:2] for k in choices)
     assert shapes == sorted([(128, 64), (64, 64), (320, 64), (64, 160)] * NUM_LAYERS + [(256, 64)])
     assert {k.layer for k in choices} >= {"lm_head", "model.layers.0.mlp.down_proj"}
