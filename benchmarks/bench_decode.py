@@ -232,6 +232,23 @@ def bytes_per_step(model, batch: int, kv_len: int, weight_bytes: int | None = No
     return weight_bytes + kv
 
 
+# Weight bits of the quantizing backends (their linears; embeddings and norms stay float).
+QUANT_BITS = {"llmopt-int8": 8, "torchao-int8": 8, "llmopt-int4": 4}
+
+
+def quantized_weight_bytes(model, bits: int) -> int:
+    """Weight bytes with every 2-D weight but the input embedding at ``bits`` per element plus
+    one fp32 scale per row (group scales of int4 are a few % more: an approximation)."""
+    emb = model.get_input_embeddings().weight
+    total = 0
+    for p in model.parameters():
+        if p.dim() == 2 and p is not emb:
+            total += p.numel() * bits // 8 + p.shape[0] * 4
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
 # --------------------------------------------------------------------------- peak memory
 _MEMORY_CHILD = r"""
 import json, sys, torch
@@ -287,7 +304,6 @@ def run_case(model, backends, prompt, cache_len: int, args, loop) -> list[dict]:
         module = prepared[backend][0]
         ttfts, steps = [t for t, _ in runs[backend]], [s for _, s in runs[backend]]
         step = statistics.median(steps)
-        weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         results.append({
             "backend": backend, "batch": prompt.shape[0], "cache_len": cache_len, "loop": args.loop,
             "ttft_s": statistics.median(ttfts), "ttft_spread_s": [min(ttfts), max(ttfts)],
@@ -295,7 +311,8 @@ def run_case(model, backends, prompt, cache_len: int, args, loop) -> list[dict]:
             "decode_tokens_per_s": prompt.shape[0] / step,
             "warmup_s": prepared[backend][2], "rounds": args.rounds,
             "bytes_per_step": bytes_per_step(module, prompt.shape[0], args.prompt_len + args.new_tokens // 2,
-                                             weight_bytes if backend.startswith("torchao") else None),
+                                             quantized_weight_bytes(module, QUANT_BITS[backend])
+                                             if backend in QUANT_BITS else None),
         })
     return results
 

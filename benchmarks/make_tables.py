@@ -218,9 +218,42 @@ def benchmarks_section(results: list[tuple[Path, dict]], scripts: list[tuple[Pat
     return "\n".join(out).rstrip()
 
 
-def top_section(results: list[tuple[Path, dict]]) -> str:
-    if not results:
+def decode_tables(scripts: list[tuple[Path, dict]]) -> list[str]:
+    """The newest ``bench_decode.py`` result per device, model, dtype and loop: decode
+    tokens/s per backend and case (KV capacity, batch) with the median's spread over the
+    interleaved rounds, llmopt's speed-up over each peer, roofline fraction, TTFT and, when
+    measured, peak memory."""
+    newest: dict[tuple, tuple[Path, dict]] = {}
+    for path, data in sorted(scripts, key=lambda item: item[0].name):
+        if data.get("benchmark") == "decode" and data.get("results") and "loop" in data:
+            newest[(_device(data), data.get("preset"), data.get("dtype"), data.get("loop"))] = (path, data)
+    out = []
+    for (device, preset, dtype, loop), (path, data) in sorted(newest.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        env = data.get("environment", {})
+        out += [f"**Decode, {preset} {dtype} on {device}** (loop `{loop}`, prompt {data.get('prompt_len')}, "
+                f"{data.get('new_tokens')} new tokens, {data['results'][0].get('rounds')} interleaved rounds, read "
+                f"bandwidth {_num(data.get('read_bandwidth_GBps'))} GB/s; torch {env.get('torch')}; "
+                f"`{path.name}`)", "",
+                "| KV capacity | batch | backend | decode tok/s (spread) | llmopt × this | roofline | TTFT ms | peak MB |",
+                "|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for r in data["results"]:
+            lo, hi = r.get("decode_step_spread_s", [None, None])
+            spread = f" ({r['batch'] / hi:.1f}–{r['batch'] / lo:.1f})" if lo and hi else ""
+            mem = r.get("memory", {}).get("peak_MB")
+            out.append(f"| {r.get('cache_len')} | {r.get('batch')} | {r['backend']} | "
+                       f"{_num(r.get('decode_tokens_per_s'))}{spread} | {_num(r.get('llmopt_speedup'), 2)}× | "
+                       f"{r.get('roofline_fraction', 0):.0%} | {_num(r.get('ttft_s', 0) * 1e3)} | "
+                       f"{_num(mem, 0) if mem else '—'} |")
+        out.append("")
+    return out
+
+
+def top_section(results: list[tuple[Path, dict]], scripts: list[tuple[Path, dict]] = ()) -> str:
+    decode = decode_tables(list(scripts))
+    if not results and not decode:
         return "_No benchmark results yet; see [benchmarks/README.md](benchmarks/README.md)._"
+    if not results:
+        return "\n".join(decode).rstrip()
     newest: dict[tuple[str, str], tuple[Path, dict]] = {}
     for path, data in results:  # oldest first: later files replace earlier ones
         newest[(_device(data), _model(data))] = (path, data)
@@ -242,7 +275,7 @@ def top_section(results: list[tuple[Path, dict]]) -> str:
         if png.exists():
             out += ["", f"![{model} on {device}](benchmarks/results/{png.name})"]
         out.append("")
-    return "\n".join(out).rstrip()
+    return "\n".join(decode + out).rstrip()
 
 
 def replace_section(text: str, body: str) -> str | None:
@@ -263,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     results, scripts, skipped = load_results(args.results)
     targets = [
         (args.root / "benchmarks" / "README.md", benchmarks_section(results, scripts, skipped)),
-        (args.root / "README.md", top_section(results)),
+        (args.root / "README.md", top_section(results, scripts)),
     ]
     stale = []
     for path, body in targets:

@@ -33,7 +33,7 @@ from llmopt.codegen.quant_packing import pack_int4
 from .calibration import find_blocks, run_calibration
 from .config import GPTQ
 from .linears import linear_weight
-from .schemes import QuantizedWeight, _storage_dtype, int4_params, int8_scales, quantize_int4_with_params
+from .schemes import QuantizedWeight, storage_dtype, int4_params, int8_scales, quantize_int4_with_params
 
 
 class HessianAccumulator:
@@ -59,7 +59,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ = GP
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"gptq_quantize: weight [N, K] and hessian [K, K] expected, got "
                          f"{tuple(weight.shape)} and {tuple(hessian.shape)}")
-    storage = _storage_dtype(weight)
+    storage = storage_dtype(weight)
     W = weight.detach().to(torch.float32).clone()
     n, k = W.shape
     H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()

@@ -99,7 +99,7 @@ class QuantizedWeight:
         return replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
 
 
-def _storage_dtype(weight: torch.Tensor) -> torch.dtype:
+def storage_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float64,) or not weight.is_floating_point() else weight.dtype
 
 
@@ -146,7 +146,7 @@ def quantize_int4_with_params(weight: torch.Tensor, scales: torch.Tensor, zeros:
 
 def quantize_int8(weight: torch.Tensor, scheme: str = "int8") -> QuantizedWeight:
     _check_weight(weight)
-    scales = int8_scales(weight, _storage_dtype(weight))
+    scales = int8_scales(weight, storage_dtype(weight))
     return QuantizedWeight(scheme, quantize_int8_with_scales(weight, scales), scales)
 
 
@@ -156,7 +156,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool =
     if k % group_size:
         raise ValueError(f"int4 with group_size={group_size} needs in_features divisible by it, got K={k}")
     groups = weight.reshape(n * (k // group_size), group_size)
-    s, z = int4_params(groups, symmetric, _storage_dtype(weight))
+    s, z = int4_params(groups, symmetric, storage_dtype(weight))
     q = quantize_int4_with_params(groups, s, z).reshape(n, k)
     return QuantizedWeight("int4", pack_int4(q), s.reshape(n, -1), z.reshape(n, -1), group_size)
 
