@@ -53,9 +53,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from bench_fusions import gpu_time_us, input_copies, kernel_label, relative_error  # noqa: E402
+from bench_fusions import announce_run, gpu_time_us, input_copies, relative_error  # noqa: E402
 from common import (  # noqa: E402
-    add_run_arguments, apply_run_arguments, copy_bandwidth, environment, write_results,
+    add_run_arguments, apply_run_arguments, save_results,
 )
 from llmopt.codegen.timing import time_cpu  # noqa: E402
 
@@ -314,11 +314,7 @@ def main(argv=None) -> dict:
     if bad:
         p.error(f"--heads {heads} must be a multiple of every --kv-heads, got {bad}")
 
-    env = environment()
-    copy_gbps = copy_bandwidth(str(device), nbytes=(args.copy_mib or (1024 if cuda else 256)) << 20) / 1e9
-    kernel = kernel_label(torch.empty(1, device=device))
-    print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}; copy bandwidth {copy_gbps:.1f} GB/s; "
-          f"llmopt ops run: {kernel}")
+    env, copy_gbps, kernel = announce_run(device, args.copy_mib)
     if not cuda:
         print("no CUDA device: the llmopt ops run their PyTorch reference (CPU); reduced grid "
               f"({heads} query heads), fp32, no targets")
@@ -369,9 +365,7 @@ def main(argv=None) -> dict:
         "skipped": skipped,
         "results": rows,
     }
-    if not args.no_write:
-        print("wrote", write_results("attention", payload))
-    return payload
+    return save_results("attention", payload, args.no_write)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from common import (  # noqa: E402
-    add_run_arguments, apply_run_arguments, copy_bandwidth, environment, write_results,
+    add_run_arguments, apply_run_arguments, copy_bandwidth, environment, save_results,
 )
 
 from llmopt.codegen.kernel_mode import interpreting, use_triton  # noqa: E402
@@ -135,6 +135,19 @@ def kernel_label(t: torch.Tensor) -> str:
     if not use_triton(t):
         return "reference (CPU)" if t.device.type == "cpu" else "reference"
     return "triton (interpreter)" if interpreting() and not t.is_cuda else "triton"
+
+
+def announce_run(device: torch.device, copy_mib: Optional[int]) -> tuple:
+    """Measures the device copy bandwidth (over ``copy_mib`` MiB; 1 GiB on CUDA, 256 MiB
+    on CPU by default) and prints it with the device, versions and what the llmopt ops run
+    there; returns ``(environment, copy GB/s, kernel label)`` for the results file."""
+    env = environment()
+    nbytes = (copy_mib or (1024 if device.type == "cuda" else 256)) << 20
+    copy_gbps = copy_bandwidth(str(device), nbytes=nbytes) / 1e9
+    kernel = kernel_label(torch.empty(1, device=device))
+    print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}; copy bandwidth {copy_gbps:.1f} GB/s; "
+          f"llmopt ops run: {kernel}")
+    return env, copy_gbps, kernel
 
 
 def relative_error(actual, expected) -> float:
@@ -376,11 +389,7 @@ def main(argv=None) -> dict:
     if unknown:
         p.error(f"unknown ops {sorted(unknown)}; choose from {', '.join(OPS)}")
 
-    env = environment()
-    copy_gbps = copy_bandwidth(str(device), nbytes=(args.copy_mib or (1024 if cuda else 256)) << 20) / 1e9
-    kernel = kernel_label(torch.empty(1, device=device))
-    print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}; copy bandwidth {copy_gbps:.1f} GB/s; "
-          f"llmopt ops run: {kernel}")
+    env, copy_gbps, kernel = announce_run(device, args.copy_mib)
     if not cuda:
         print("no CUDA device: the llmopt ops run their PyTorch reference (CPU); reduced grid, fp32, "
               "GB/s for information only (no targets)")
@@ -422,9 +431,7 @@ def main(argv=None) -> dict:
         "skipped": skipped,
         "results": rows,
     }
-    if not args.no_write:
-        print("wrote", write_results("fusions", payload))
-    return payload
+    return save_results("fusions", payload, args.no_write)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,14 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
+def save_results(name: str, payload: dict, no_write: bool) -> dict:
+    """Writes ``payload`` as the ``name`` results file (:func:`write_results`) and says
+    where, unless ``no_write``; returns ``payload`` (what each script's ``main`` returns)."""
+    if not no_write:
+        print("wrote", write_results(name, payload))
+    return payload
+
+
 def add_run_arguments(parser) -> None:
     """The options every kernel benchmark script shares: timing mode, warm-up, threads,
     copy-bandwidth buffer, no-write. ``--rep`` stays per script (its defaults differ)."""
