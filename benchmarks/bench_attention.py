@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from bench_fusions import announce_run, gpu_time_us, input_copies, relative_error  # noqa: E402
 from common import (  # noqa: E402
-    add_run_arguments, apply_run_arguments, save_results,
+    parse_run_arguments, save_results,
 )
 from llmopt.codegen.timing import time_cpu  # noqa: E402
 
@@ -287,11 +287,7 @@ def main(argv=None) -> dict:
                         "(default 30 CUDA; CPU: 3 for prefill, 10 for decode)")
     p.add_argument("--max-kv-gib", type=float, default=24.0, help="skip decode cases whose K/V copy is larger")
     p.add_argument("--quick", action="store_true", help="CUDA: prefill 2k/8k, decode 8k at batch 1 and 16, 8 KV heads")
-    add_run_arguments(p)
-    args = p.parse_args(argv)
-
-    cuda = apply_run_arguments(args)
-    device = torch.device("cuda" if cuda else "cpu")
+    args, cuda, device = parse_run_arguments(p, argv)
     dtypes = [DTYPES[d] for d in (args.dtype or ("bf16" if cuda else "fp32")).split(",")]
     heads = args.heads or (32 if cuda else 8)
     kv_heads = args.kv_heads or ([32, 8] if cuda else [8, 2])

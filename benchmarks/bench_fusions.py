@@ -53,7 +53,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from common import (  # noqa: E402
-    add_run_arguments, apply_run_arguments, copy_bandwidth, environment, save_results,
+    copy_bandwidth, environment, parse_run_arguments, save_results,
 )
 
 from llmopt.codegen.kernel_mode import interpreting, use_triton  # noqa: E402
@@ -368,11 +368,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rep", type=int, default=None,
                    help="CUDA: ms of timed calls (triton.testing.do_bench), CPU: timed runs; median (default 50 / 3)")
     p.add_argument("--quick", action="store_true", help="one dtype, one intermediate size, 8 KV heads, fewer runs")
-    add_run_arguments(p)
-    args = p.parse_args(argv)
-
-    cuda = apply_run_arguments(args)
-    device = torch.device("cuda" if cuda else "cpu")
+    args, cuda, device = parse_run_arguments(p, argv)
     dtypes = [DTYPES[d] for d in (args.dtype or ("fp16,bf16" if cuda else "fp32")).split(",")]
     args.intermediate = args.intermediate or ([11008, 14336] if cuda else [11008])
     args.kv_heads = args.kv_heads or ([32, 8] if cuda else [8])

@@ -90,6 +90,15 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only, write no results file")
 
 
+def parse_run_arguments(parser, argv=None) -> tuple:
+    """Adds :func:`add_run_arguments`'s options to ``parser``, parses ``argv`` and applies
+    them (:func:`apply_run_arguments`); returns ``(args, cuda, device)``."""
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    cuda = apply_run_arguments(args)
+    return args, cuda, torch.device("cuda" if cuda else "cpu")
+
+
 def apply_run_arguments(args) -> bool:
     """Set the thread count and the warm-up default from :func:`add_run_arguments`'s
     options; returns whether CUDA is used."""
