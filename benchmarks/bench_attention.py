@@ -53,9 +53,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from bench_fusions import gpu_time_us, input_copies, kernel_label, relative_error  # noqa: E402
+from bench_fusions import announce_run, gpu_time_us, input_copies, relative_error  # noqa: E402
 from common import (  # noqa: E402
-    add_run_arguments, apply_run_arguments, copy_bandwidth, environment, write_results,
+    parse_run_arguments, save_results,
 )
 from llmopt.codegen.timing import time_cpu  # noqa: E402
 
@@ -287,11 +287,7 @@ def main(argv=None) -> dict:
                         "(default 30 CUDA; CPU: 3 for prefill, 10 for decode)")
     p.add_argument("--max-kv-gib", type=float, default=24.0, help="skip decode cases whose K/V copy is larger")
     p.add_argument("--quick", action="store_true", help="CUDA: prefill 2k/8k, decode 8k at batch 1 and 16, 8 KV heads")
-    add_run_arguments(p)
-    args = p.parse_args(argv)
-
-    cuda = apply_run_arguments(args)
-    device = torch.device("cuda" if cuda else "cpu")
+    args, cuda, device = parse_run_arguments(p, argv)
     dtypes = [DTYPES[d] for d in (args.dtype or ("bf16" if cuda else "fp32")).split(",")]
     heads = args.heads or (32 if cuda else 8)
     kv_heads = args.kv_heads or ([32, 8] if cuda else [8, 2])
@@ -314,11 +310,7 @@ def main(argv=None) -> dict:
     if bad:
         p.error(f"--heads {heads} must be a multiple of every --kv-heads, got {bad}")
 
-    env = environment()
-    copy_gbps = copy_bandwidth(str(device), nbytes=(args.copy_mib or (1024 if cuda else 256)) << 20) / 1e9
-    kernel = kernel_label(torch.empty(1, device=device))
-    print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}; copy bandwidth {copy_gbps:.1f} GB/s; "
-          f"llmopt ops run: {kernel}")
+    env, copy_gbps, kernel = announce_run(device, args.copy_mib)
     if not cuda:
         print("no CUDA device: the llmopt ops run their PyTorch reference (CPU); reduced grid "
               f"({heads} query heads), fp32, no targets")
@@ -369,9 +361,7 @@ def main(argv=None) -> dict:
         "skipped": skipped,
         "results": rows,
     }
-    if not args.no_write:
-        print("wrote", write_results("attention", payload))
-    return payload
+    return save_results("attention", payload, args.no_write)
 
 
 if __name__ == "__main__":

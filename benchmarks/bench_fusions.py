@@ -53,7 +53,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from common import (  # noqa: E402
-    add_run_arguments, apply_run_arguments, copy_bandwidth, environment, write_results,
+    copy_bandwidth, environment, parse_run_arguments, save_results,
 )
 
 from llmopt.codegen.kernel_mode import interpreting, use_triton  # noqa: E402
@@ -135,6 +135,19 @@ def kernel_label(t: torch.Tensor) -> str:
     if not use_triton(t):
         return "reference (CPU)" if t.device.type == "cpu" else "reference"
     return "triton (interpreter)" if interpreting() and not t.is_cuda else "triton"
+
+
+def announce_run(device: torch.device, copy_mib: Optional[int]) -> tuple:
+    """Measures the device copy bandwidth (over ``copy_mib`` MiB; 1 GiB on CUDA, 256 MiB
+    on CPU by default) and prints it with the device, versions and what the llmopt ops run
+    there; returns ``(environment, copy GB/s, kernel label)`` for the results file."""
+    env = environment()
+    nbytes = (copy_mib or (1024 if device.type == "cuda" else 256)) << 20
+    copy_gbps = copy_bandwidth(str(device), nbytes=nbytes) / 1e9
+    kernel = kernel_label(torch.empty(1, device=device))
+    print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}; copy bandwidth {copy_gbps:.1f} GB/s; "
+          f"llmopt ops run: {kernel}")
+    return env, copy_gbps, kernel
 
 
 def relative_error(actual, expected) -> float:
@@ -355,11 +368,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rep", type=int, default=None,
                    help="CUDA: ms of timed calls (triton.testing.do_bench), CPU: timed runs; median (default 50 / 3)")
     p.add_argument("--quick", action="store_true", help="one dtype, one intermediate size, 8 KV heads, fewer runs")
-    add_run_arguments(p)
-    args = p.parse_args(argv)
-
-    cuda = apply_run_arguments(args)
-    device = torch.device("cuda" if cuda else "cpu")
+    args, cuda, device = parse_run_arguments(p, argv)
     dtypes = [DTYPES[d] for d in (args.dtype or ("fp16,bf16" if cuda else "fp32")).split(",")]
     args.intermediate = args.intermediate or ([11008, 14336] if cuda else [11008])
     args.kv_heads = args.kv_heads or ([32, 8] if cuda else [8])
@@ -376,11 +385,7 @@ def main(argv=None) -> dict:
     if unknown:
         p.error(f"unknown ops {sorted(unknown)}; choose from {', '.join(OPS)}")
 
-    env = environment()
-    copy_gbps = copy_bandwidth(str(device), nbytes=(args.copy_mib or (1024 if cuda else 256)) << 20) / 1e9
-    kernel = kernel_label(torch.empty(1, device=device))
-    print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}; copy bandwidth {copy_gbps:.1f} GB/s; "
-          f"llmopt ops run: {kernel}")
+    env, copy_gbps, kernel = announce_run(device, args.copy_mib)
     if not cuda:
         print("no CUDA device: the llmopt ops run their PyTorch reference (CPU); reduced grid, fp32, "
               "GB/s for information only (no targets)")
@@ -422,9 +427,7 @@ def main(argv=None) -> dict:
         "skipped": skipped,
         "results": rows,
     }
-    if not args.no_write:
-        print("wrote", write_results("fusions", payload))
-    return payload
+    return save_results("fusions", payload, args.no_write)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from common import add_run_arguments, apply_run_arguments, environment, write_results  # noqa: E402
+from common import add_run_arguments, apply_run_arguments, environment, save_results  # noqa: E402
 
 import llmopt  # noqa: E402
 from llmopt.quant import Int4WeightOnly  # noqa: E402
@@ -224,9 +224,7 @@ def main(argv=None) -> dict:
         "environment": environment(),
         "note": "decode step = (generate(new) - generate(1)) / (new - 1); medians of interleaved rounds",
     }
-    if not args.no_write:
-        print("wrote", write_results("moe", payload))
-    return payload
+    return save_results("moe", payload, args.no_write)
 
 
 if __name__ == "__main__":

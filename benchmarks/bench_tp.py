@@ -159,7 +159,7 @@ def main() -> None:
     if args.rank_main:
         return rank_main(args)
 
-    from common import write_results
+    from common import save_results
 
     cases = {}
     print(f"load average (1 min): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
@@ -169,8 +169,7 @@ def main() -> None:
         print(f"{name:24s} decode {c['decode_tok_s']:7.1f} tok/s   graph weights {c['graph_weight_mb']:6.1f} MB/rank   "
               f"KV cache {c['kv_cache_mb']:7.3f} MB/rank   peak RSS {c['peak_rss_mb']:6.0f} MB/rank", flush=True)
     payload = results_payload(cases, args, os.getloadavg()[0])
-    if not args.no_write:
-        print("wrote", write_results("tp", payload))
+    save_results("tp", payload, args.no_write)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,14 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
+def save_results(name: str, payload: dict, no_write: bool) -> dict:
+    """Writes ``payload`` as the ``name`` results file (:func:`write_results`) and says
+    where, unless ``no_write``; returns ``payload`` (what each script's ``main`` returns)."""
+    if not no_write:
+        print("wrote", write_results(name, payload))
+    return payload
+
+
 def add_run_arguments(parser) -> None:
     """The options every kernel benchmark script shares: timing mode, warm-up, threads,
     copy-bandwidth buffer, no-write. ``--rep`` stays per script (its defaults differ)."""
@@ -80,6 +88,15 @@ def add_run_arguments(parser) -> None:
                         help="torch.set_num_threads; default 1 on CPU (on a shared machine a second OpenMP thread "
                              "mostly waits: Inductor's parallel regions stalled 40+ ms per call), untouched on CUDA")
     parser.add_argument("--no-write", action="store_true", help="print only, write no results file")
+
+
+def parse_run_arguments(parser, argv=None) -> tuple:
+    """Adds :func:`add_run_arguments`'s options to ``parser``, parses ``argv`` and applies
+    them (:func:`apply_run_arguments`); returns ``(args, cuda, device)``."""
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    cuda = apply_run_arguments(args)
+    return args, cuda, torch.device("cuda" if cuda else "cpu")
 
 
 def apply_run_arguments(args) -> bool:

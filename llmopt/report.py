@@ -172,18 +172,16 @@ class CompileReport:
             lines.append(f"{p.name:<26}{p.status:<16}{p.rewrites:>9}{p.seconds * 1e3:>9.1f}")
             if p.error:
                 lines.append(f"    error: {p.error}")
-        if self.rewrites:
-            lines += ["", "rewrites:"]
-            lines += [f"  {r.pass_name:<24} {r.layer or '-':<28} {r.detail}" for r in self.rewrites]
-        if self.near_misses:
-            lines += ["", "near-misses (not rewritten):"]
-            lines += [f"  {m.pass_name:<24} {m.layer or '-':<28} {m.node}: {m.reason}" for m in self.near_misses]
-        if self.kernel_choices:
-            lines += ["", "kernels:"]
-            lines += [f"  {k.layer or '-':<28} {k.op:<16} {k.kernel:<24} {k.reason}" for k in self.kernel_choices]
-        if self.fallbacks:
-            lines += ["", "fallbacks:"]
-            lines += [f"  {f.what}: {f.reason}" for f in self.fallbacks]
+        sections = (  # (title, records, one line per record); a section without records is left out
+            ("rewrites:", self.rewrites, lambda r: f"  {r.pass_name:<24} {r.layer or '-':<28} {r.detail}"),
+            ("near-misses (not rewritten):", self.near_misses,
+             lambda m: f"  {m.pass_name:<24} {m.layer or '-':<28} {m.node}: {m.reason}"),
+            ("kernels:", self.kernel_choices, lambda k: f"  {k.layer or '-':<28} {k.op:<16} {k.kernel:<24} {k.reason}"),
+            ("fallbacks:", self.fallbacks, lambda f: f"  {f.what}: {f.reason}"),
+        )
+        for title, records, line in sections:
+            if records:
+                lines += ["", title, *(line(r) for r in records)]
         for n in self.notes:
             lines.append(f"note: {n}")
         return "\n".join(lines)

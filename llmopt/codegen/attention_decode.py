@@ -81,17 +81,8 @@ import triton
 import triton.language as tl
 
 from .attention_blocks import (
-    block_dim,
-    capped_scores,
-    combine_lse,
-    dot_flags,
-    dot_pv,
-    dot_qk,
-    kv_tile_offsets,
-    normalize,
-    online_softmax_step,
-    partial_lse,
-    split_bounds,
+    block_dim, capped_scores, combine_lse, dot_flags, dot_pv, dot_qk, kv_tile_offsets, normalize,
+    online_softmax_step, partial_lse, split_bounds,
 )
 from .attention_decode_ref import KERNEL_DTYPES, attention_decode_cpu, attention_decode_ref, check_decode_args
 from .kernel_mode import kernel_mode, on_tensor_device, use_triton

@@ -59,15 +59,7 @@ import triton
 import triton.language as tl
 
 from .attention_blocks import (
-    LOG2E,
-    block_dim,
-    capped_scores,
-    dot_flags,
-    dot_pv,
-    dot_qk,
-    kv_tile_offsets,
-    normalize,
-    online_softmax_step,
+    LOG2E, block_dim, capped_scores, dot_flags, dot_pv, dot_qk, kv_tile_offsets, normalize, online_softmax_step,
 )
 from .attention_prefill_ref import attention_prefill_ref, check_prefill_inputs
 from .kernel_mode import interpreting, on_tensor_device, use_triton

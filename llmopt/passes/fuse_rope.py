@@ -235,12 +235,10 @@ def _rotated(r: fx.Node) -> tuple[fx.Node, bool] | None:
         parts = r.args[0]
         if len(parts) != 2 or not _last_dim(r, tensor_meta(r).dim()):
             return None
-        neg, first = parts
-        if not is_call(neg, aten.neg.default):
+        slices = _negated_slice_pair(*parts)
+        if slices is None:
             return None
-        second, lo = _slice(neg.args[0]), _slice(first)
-        if second is None or lo is None or second[0] is not lo[0]:
-            return None
+        second, lo = slices
         x = lo[0]
         d = tensor_meta(x).shape[-1]
         last = tensor_meta(x).dim() - 1
@@ -258,18 +256,27 @@ def _rotated(r: fx.Node) -> tuple[fx.Node, bool] | None:
         dim = st.args[1] if len(st.args) > 1 else 0
         if dim % sv.dim() != sv.dim() - 1:
             return None
-        neg, even = st.args[0]
-        if not is_call(neg, aten.neg.default):
+        slices = _negated_slice_pair(*st.args[0])
+        if slices is None:
             return None
-        odd, ev = _slice(neg.args[0]), _slice(even)
-        if odd is None or ev is None or odd[0] is not ev[0]:
-            return None
+        odd, ev = slices
         x = ev[0]
         xv = tensor_meta(x)
         d, last = xv.shape[-1], xv.dim() - 1
         if ev[1:] == (last, 0, d, 2) and odd[1:] == (last, 1, d, 2) and same_shape(tensor_meta(r), tuple(xv.shape)):
             return x, True
     return None
+
+
+def _negated_slice_pair(neg: Any, other: Any) -> tuple[tuple, tuple] | None:
+    """(:func:`_slice` of the input of ``neg``, :func:`_slice` of ``other``) when ``neg`` is
+    ``-(a slice)`` and both slice the same tensor: the two halves of a rotation."""
+    if not is_call(neg, aten.neg.default):
+        return None
+    negated, kept = _slice(neg.args[0]), _slice(other)
+    if negated is None or kept is None or negated[0] is not kept[0]:
+        return None
+    return negated, kept
 
 
 def _rotation_nodes(r: fx.Node) -> list[fx.Node]:

@@ -70,6 +70,26 @@ def check_against_truth(kernel, ref, args, config=None):
     assert_close(ref(**args), expected, dtype, what=f"{ref.__name__} vs fp64")
 
 
+def check_drawn_case(kernel, ref, case: dict, config: dict):
+    """:func:`check_against_truth` on a case drawn by :func:`drawn_cases`, its split-K added
+    to the kernel ``config``."""
+    case = dict(case)
+    split_k = case.pop("split_k")
+    check_against_truth(kernel, ref, make_case(**case), config={"SPLIT_K": split_k, **config})
+
+
+def check_inside_compile(ref, args, kernels: str, post):
+    """``post(llmopt::linear(**args))`` with ``kernels`` forced, inside a fullgraph
+    ``torch.compile`` (aot_eager), within tolerance of ``post`` of the fp64 truth."""
+    weight, bias, residual, activation = args["weight"], args["bias"], args["residual"], args["activation"]
+
+    def fn(x):
+        return post(torch.ops.llmopt.linear(x, weight, bias, residual, activation, kernels))
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(args["x"]), post(truth(ref, args)), args["x"].dtype)
+
+
 def check_opcheck(args, lead: tuple[int, ...], kernels: str):
     """``torch.library.opcheck`` of ``llmopt::linear`` on ``args`` (x and the residual with
     leading dims ``lead``) with the kernels string ``kernels`` forcing one kernel."""

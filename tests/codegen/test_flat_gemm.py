@@ -12,18 +12,12 @@ import pytest
 import torch
 from codegen import linear_cases
 from codegen.linear_cases import empty_table, make_case  # noqa: F401  (empty_table: a fixture)
-from conftest import assert_close
 from hypothesis import given
 
 import llmopt.codegen.linear  # noqa: F401  (registers llmopt::linear)
 from llmopt.codegen.flat_gemm import (
-    flat_gemm_block_m,
-    flat_gemm_configs,
-    flat_gemm_heuristic_config,
-    flat_gemm_ref,
-    flat_gemm_triton,
-    prune_flat_gemm_configs,
-    shared_memory_bytes,
+    flat_gemm_block_m, flat_gemm_configs, flat_gemm_heuristic_config, flat_gemm_ref, flat_gemm_triton,
+    prune_flat_gemm_configs, shared_memory_bytes,
 )
 from llmopt.codegen.gemv import ACTIVATIONS
 
@@ -33,13 +27,11 @@ ALL_FLAT = "1:flat_gemm,2:flat_gemm,4:flat_gemm,8:flat_gemm,16:flat_gemm,32:flat
 
 # The shared case builder and checks (tests/codegen/linear_cases.py), bound to this kernel.
 check_against_truth = functools.partial(linear_cases.check_against_truth, flat_gemm_triton, flat_gemm_ref)
-truth = functools.partial(linear_cases.truth, flat_gemm_ref)
 
 
 @given(case=linear_cases.drawn_cases(max_m=64))
 def test_flat_gemm_matches_fp64(case):
-    split_k = case.pop("split_k")
-    check_against_truth(make_case(**case), config={"SPLIT_K": split_k, "BLOCK_K": 32, "BLOCK_N": 32})
+    linear_cases.check_drawn_case(flat_gemm_triton, flat_gemm_ref, case, {"BLOCK_K": 32, "BLOCK_N": 32})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -75,13 +67,7 @@ def test_opcheck_with_flat_gemm_forced(triton_kernels, empty_table):
 
 def test_inside_torch_compile_fullgraph(triton_kernels, empty_table):
     args = make_case(5, 16, 48, torch.bfloat16, bias=False, residual=True, activation="gelu_tanh")
-    weight, residual = args["weight"], args["residual"]
-
-    def fn(x):
-        return torch.ops.llmopt.linear(x, weight, None, residual, "gelu_tanh", ALL_FLAT) * 2
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    assert_close(compiled(args["x"]), truth(args) * 2, torch.bfloat16)
+    linear_cases.check_inside_compile(flat_gemm_ref, args, ALL_FLAT, lambda y: y * 2)
 
 
 @pytest.mark.parametrize(

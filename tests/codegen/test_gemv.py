@@ -16,12 +16,7 @@ from hypothesis import given
 
 import llmopt.codegen.linear  # noqa: F401  (registers llmopt::linear)
 from llmopt.codegen.gemv import (
-    ACTIVATIONS,
-    gemv_configs,
-    gemv_heuristic_config,
-    gemv_ref,
-    gemv_triton,
-    prune_gemv_configs,
+    ACTIVATIONS, gemv_configs, gemv_heuristic_config, gemv_ref, gemv_triton, prune_gemv_configs,
 )
 
 DTYPES = linear_cases.DTYPES
@@ -30,13 +25,11 @@ ALL_GEMV = "1:gemv,2:gemv,4:gemv,8:gemv,16:gemv,32:gemv,64:gemv,inf:gemv"
 
 # The shared case builder and checks (tests/codegen/linear_cases.py), bound to this kernel.
 check_against_truth = functools.partial(linear_cases.check_against_truth, gemv_triton, gemv_ref)
-truth = functools.partial(linear_cases.truth, gemv_ref)
 
 
 @given(case=linear_cases.drawn_cases(max_m=4))
 def test_gemv_matches_fp64(case):
-    split_k = case.pop("split_k")
-    check_against_truth(make_case(**case), config={"SPLIT_K": split_k, "BLOCK_K": 32, "BLOCK_N": 16})
+    linear_cases.check_drawn_case(gemv_triton, gemv_ref, case, {"BLOCK_K": 32, "BLOCK_N": 16})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -82,13 +75,7 @@ def test_opcheck_with_gemv_forced(triton_kernels, empty_table):
 
 def test_inside_torch_compile_fullgraph(triton_kernels, empty_table):
     args = make_case(2, 16, 48, torch.float32, bias=True, residual=False, activation="")
-    weight, bias = args["weight"], args["bias"]
-
-    def fn(x):
-        return torch.ops.llmopt.linear(x, weight, bias, None, "", ALL_GEMV).relu()
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    assert_close(compiled(args["x"]), torch.relu(truth(args)), torch.float32)
+    linear_cases.check_inside_compile(gemv_ref, args, ALL_GEMV, torch.relu)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import llmopt
+from compiled import generate_eager_and_compiled
 from conftest import assert_close
 from models.tiny import CAUSAL, tiny_model, tokens
 
@@ -40,13 +41,8 @@ def test_logits_match_eager(family, dtype):
 def test_generate_tokens_equal_eager(family, cache):
     model = tiny_model(family)
     x = tokens(1, 6)
-    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
-    if cache == "static":
-        kwargs["cache_implementation"] = "static"
-    with torch.no_grad():
-        expected = model.generate(x, **kwargs)
-        model.forward = torch.compile(model.forward, backend="llmopt", options={"strict": True})
-        actual = model.generate(x, **kwargs)
+    kwargs = dict(cache_implementation="static") if cache == "static" else {}
+    expected, actual = generate_eager_and_compiled(model, x, max_new_tokens=12, **kwargs)
     assert torch.equal(actual, expected)
 
 
@@ -56,11 +52,7 @@ def test_generate_batch_of_ragged_prompts():
     mask = torch.ones_like(x)
     mask[0, :3] = 0  # left padding
     mask[1, :1] = 0
-    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        expected = model.generate(x, **kwargs)
-        model.forward = torch.compile(model.forward, backend="llmopt", options={"strict": True})
-        actual = model.generate(x, **kwargs)
+    expected, actual = generate_eager_and_compiled(model, x, attention_mask=mask, max_new_tokens=8)
     assert torch.equal(actual, expected)
 
 

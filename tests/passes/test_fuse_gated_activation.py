@@ -6,7 +6,6 @@ Spellings (SiLU/GELU/tanh-GELU, both operand orders, halves of one merged matmul
 not fire (each with its near-miss reason), numerics vs eager and vs an fp64 truth. (Greedy
 generation with the whole pipeline is checked in test_fuse_residual_norm.py.)
 """
-import copy
 import math
 
 import pytest
@@ -15,8 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-import llmopt
-from conftest import assert_close
+from compiled import check_logits, check_numerics, compile_and_report, flat, near_misses_of
 from models.tiny import NUM_LAYERS, tiny_model, tokens
 
 PASS = "fuse_gated_activation"
@@ -26,36 +24,15 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def compile_and_run(module, *inputs, only=ONLY):
-    torch._dynamo.reset()
-    options = {"strict": True}
-    if only is not None:
-        options["only"] = list(only)
-    with torch.no_grad():
-        out = torch.compile(module, backend="llmopt", options=options)(*inputs)
-    return out, llmopt.last_report()
+    return compile_and_report(module, *inputs, only=only)
 
 
 def near_misses(report):
-    return [nm.reason for nm in report.near_misses if nm.pass_name == PASS]
+    return near_misses_of(report, PASS)
 
 
 def details(report):
     return [rw.detail for rw in report.rewrites if rw.pass_name == PASS]
-
-
-def check_numerics(actual, module, inputs, dtype):
-    """Compiled vs an fp64 run of the same module (the truth) and vs eager, per the table."""
-    with torch.no_grad():
-        eager = module(*inputs)
-        truth = copy.deepcopy(module).double()(*[t.double() for t in inputs])
-    for a, e, t in zip(_flat(actual), _flat(eager), _flat(truth)):
-        assert a.dtype == e.dtype and a.shape == e.shape
-        assert_close(a, t, dtype, what="compiled vs fp64 truth")
-        assert_close(a, e, dtype, what="compiled vs eager")
-
-
-def _flat(x):
-    return list(x) if isinstance(x, (tuple, list)) else [x]
 
 
 def x_input(dtype, shape=(2, 5, HIDDEN)):
@@ -253,7 +230,7 @@ def test_variants_do_not_fire_and_say_why(how):
     assert any(NOT_FIRING[how] in r for r in reasons), reasons
     with torch.no_grad():
         eager = m(g, u)
-    for a, e in zip(_flat(out), _flat(eager)):
+    for a, e in zip(flat(out), flat(eager)):
         assert torch.equal(a, e)  # untouched graph: bit-identical to eager
 
 
@@ -316,8 +293,4 @@ def test_tiny_hf_model_counts_and_numerics(family, pipeline, dtype):
     if gated and pipeline == "default" and "merge_parallel_linears" in report.rewrites_by_pass():
         if report.rewrites_by_pass()["merge_parallel_linears"]:
             assert all("in place" in d for d in details(report))  # merged gate/up halves, no copy
-    with torch.no_grad():
-        eager = model(x)[0]
-        expected = copy.deepcopy(model).double()(x)[0]
-    assert_close(out[0], expected, dtype, what=f"{family} logits vs fp64")
-    assert_close(out[0], eager, dtype, what=f"{family} logits vs eager")
+    check_logits(out[0], model, x, dtype, family)

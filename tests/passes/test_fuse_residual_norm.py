@@ -5,7 +5,6 @@ LayerNorm with/without affine, pre- and post-norm), exact counts on tiny HF mode
 cases that must not fire (each with its near-miss reason), numerics vs eager and vs an fp64
 truth, and greedy generation identical to eager.
 """
-import copy
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llmopt
+from compiled import check_logits, check_numerics, compile_and_report, flat, generate_eager_and_compiled, near_misses_of
 from conftest import assert_close
 from models.tiny import NUM_LAYERS, tiny_model, tokens
 
@@ -22,42 +22,15 @@ HIDDEN = 48
 
 
 def compile_and_run(module, *inputs, only=ONLY):
-    torch._dynamo.reset()
-    options = {"strict": True}
-    if only is not None:
-        options["only"] = list(only)
-    with torch.no_grad():
-        out = torch.compile(module, backend="llmopt", options=options)(*inputs)
-    return out, llmopt.last_report()
+    return compile_and_report(module, *inputs, only=only)
 
 
 def near_misses(report):
-    return [nm.reason for nm in report.near_misses if nm.pass_name == PASS]
+    return near_misses_of(report, PASS)
 
 
 def fused_ops(report):
     return {k: v for k, v in report.ops_after.items() if k.startswith("llmopt.") and "norm" in k}
-
-
-def truth(module, *inputs):
-    """The module run in fp64 on the same (rounded) weights and inputs: the ground truth."""
-    ref = copy.deepcopy(module).double()
-    with torch.no_grad():
-        return ref(*[t.double() if t.is_floating_point() else t for t in inputs])
-
-
-def check_numerics(actual, module, inputs, dtype):
-    with torch.no_grad():
-        eager = module(*inputs)
-    expected = truth(module, *inputs)
-    for a, e, t in zip(_flat(actual), _flat(eager), _flat(expected)):
-        assert a.dtype == e.dtype and a.shape == e.shape
-        assert_close(a, t, dtype, what="compiled vs fp64 truth")
-        assert_close(a, e.to(a.dtype), dtype, what="compiled vs eager")
-
-
-def _flat(x):
-    return list(x) if isinstance(x, (tuple, list)) else [x]
 
 
 # --------------------------------------------------------------------------- spellings
@@ -314,7 +287,7 @@ def test_variants_do_not_fire_and_say_why(how):
     assert any(NOT_FIRING[how] in r for r in reasons), reasons
     with torch.no_grad():
         eager = m(*args)
-    for a, e in zip(_flat(out), _flat(eager)):
+    for a, e in zip(flat(out), flat(eager)):
         assert a.dtype == e.dtype
         assert torch.equal(a, e)  # untouched graph: bit-identical to eager
 
@@ -420,11 +393,7 @@ def test_tiny_hf_model_counts_and_numerics(family, pipeline, dtype):
         assert details["model.layers.0.input_layernorm"].startswith("rms_norm")
         assert details["model.layers.0.post_attention_layernorm"].startswith("add_rms_norm")
         assert details["model.norm"].startswith("add_rms_norm")
-    with torch.no_grad():
-        eager = model(x)[0]
-        expected = copy.deepcopy(model).double()(x)[0]
-    assert_close(out[0], expected, dtype, what=f"{family} logits vs fp64")
-    assert_close(out[0], eager, dtype, what=f"{family} logits vs eager")
+    check_logits(out[0], model, x, dtype, family)
 
 
 @pytest.mark.parametrize("cache", ["dynamic"])
@@ -432,12 +401,7 @@ def test_llama_generate_tokens_identical(cache):
     torch._dynamo.reset()
     model = randomize_vectors(tiny_model("llama"))
     x = tokens(1, 6)
-    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
-    if cache == "static":
-        kwargs["cache_implementation"] = "static"
-    with torch.no_grad():
-        expected = model.generate(x, **kwargs)
-        model.forward = torch.compile(model.forward, backend="llmopt", options={"strict": True})
-        actual = model.generate(x, **kwargs)
+    kwargs = dict(cache_implementation="static") if cache == "static" else {}
+    expected, actual = generate_eager_and_compiled(model, x, max_new_tokens=10, **kwargs)
     assert torch.equal(actual, expected)
     assert llmopt.last_report().rewrites_by_pass()[PASS] == EXPECTED["llama"][0]

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 import llmopt
+from compiled import generate_eager_and_compiled
 from conftest import assert_close
 from models.tiny import NUM_LAYERS, tiny_model, tokens
 
@@ -231,12 +232,8 @@ def test_llama_bf16_logits():
 def test_generate_tokens_equal_eager(cache):
     model = tiny_model("llama")
     x = tokens(1, 6)
-    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    if cache == "static":
-        kwargs["cache_implementation"] = "static"
-    with torch.no_grad():
-        expected = model.generate(x, **kwargs)
-        model.forward = torch.compile(model.forward, backend="llmopt", options={"strict": True, "only": PASSES})
-        actual = model.generate(x, **kwargs)
+    kwargs = dict(cache_implementation="static") if cache == "static" else {}
+    options = {"strict": True, "only": PASSES}
+    expected, actual = generate_eager_and_compiled(model, x, options, max_new_tokens=8, **kwargs)
     assert torch.equal(actual, expected)
     assert rope_count(llmopt.last_report()) == NUM_LAYERS  # the decode graph too

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llmopt
+from compiled import generate_eager_and_compiled
 from conftest import assert_close, needs_transformers
 from models.tiny import tiny_model, tokens
 
@@ -90,12 +91,8 @@ def test_decode_never_reads_past_the_valid_length():
 def test_hf_static_cache_generate_equals_eager(family):
     model = tiny_model(family)
     x = tokens(1, 6)
-    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, cache_implementation="static")
     torch._dynamo.reset()
-    with torch.no_grad():
-        expected = model.generate(x, **kwargs)
-        model.forward = torch.compile(model.forward, backend="llmopt", options={"strict": True})
-        actual = model.generate(x, **kwargs)
+    expected, actual = generate_eager_and_compiled(model, x, max_new_tokens=10, cache_implementation="static")
     assert torch.equal(actual, expected)
     decode = llmopt.last_report()
     assert decode.rewrites_by_pass()[PASS] == model.config.num_hidden_layers

@@ -11,18 +11,13 @@ import pytest
 import torch
 
 from llmopt.tools import autotune_cli
-from llmopt.codegen.tuning_table import TuningEntry, TuningTable, set_active_table
+from llmopt.codegen.tuning_table import TuningEntry, TuningTable
 from llmopt.tools.model_spec import resolve
 
 GPU = "NVIDIA Test GPU"
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path / "cache"))
-    previous = set_active_table(None)
-    yield
-    set_active_table(previous)
+pytestmark = pytest.mark.usefixtures("isolated_tuning_tables")  # (tests/conftest.py)
 
 
 @pytest.fixture

@@ -18,29 +18,23 @@ from llmopt.report import CompileReport
 from models.tiny import tiny_model, tokens
 
 
-class Mlp(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = torch.nn.Linear(8, 16)
-        self.down = torch.nn.Linear(16, 8)
-
-    def forward(self, x):
-        return self.down(torch.nn.functional.gelu(self.up(x)))
+def Mlp():
+    """Linear, GELU, linear: one graph, no breaks."""
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
 
 
-class Branchy(torch.nn.Module):
-    """Takes a Python branch on a tensor value: Dynamo must break the graph there."""
+class Branchy(torch.nn.Sequential):
+    """Two linears with a Python branch on a tensor value between them: Dynamo must break
+    the graph there."""
 
     def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(8, 8)
-        self.b = torch.nn.Linear(8, 8)
+        super().__init__(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
 
     def forward(self, x):
-        h = self.a(x)
+        h = self[0](x)
         if h.sum().item() > 0:  # graph break: the value decides the control flow
             h = h * 2
-        return self.b(h)
+        return self[1](h)
 
 
 @pytest.fixture(scope="module")
