@@ -37,7 +37,9 @@ files into the README table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import json
 import statistics
 import subprocess
@@ -87,22 +89,39 @@ def torchao_available() -> bool:
     return True
 
 
+def _own_code(fn, name: str):
+    """``fn`` called through a function with a code object of its own.
+
+    Dynamo keeps its compiled entries (and their guards) per code object and checks them in
+    turn at every call: compiling several backends on the same ``model.forward`` would make
+    each call of a later backend first fail the guards of all earlier ones (order-dependent
+    cost, up to milliseconds), and share one recompile limit. A wrapper with its own code
+    object gives each backend its own cache."""
+    @functools.wraps(fn)  # keeps the signature generate loops inspect
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    call.__code__ = call.__code__.replace(co_name=name)
+    return call
+
+
 def make_model(model, backend: str):
     """(the module the backend runs, a callable forward): quantizing peers get their own copy."""
+    forward = _own_code(model.forward, "forward_" + "".join(c if c.isalnum() else "_" for c in backend))
     if backend == "eager":
         return model, model.forward
     if backend == "inductor":
-        return model, torch.compile(model.forward)
+        return model, torch.compile(forward)
     if backend == "inductor-freezing":
-        return model, torch.compile(model.forward, options={"freezing": True})
+        return model, torch.compile(forward, options={"freezing": True})
     if backend == "inductor-max-autotune":
-        return model, torch.compile(model.forward, mode="max-autotune")
+        return model, torch.compile(forward, mode="max-autotune")
     if backend == "torchao-int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         quantized = copy.deepcopy(model)
         quantize_(quantized, Int8WeightOnlyConfig())
-        return quantized, torch.compile(quantized.forward)
+        return quantized, torch.compile(_own_code(quantized.forward, "forward_torchao"))
     options = {
         "llmopt": {},
         "llmopt-aten": {"inner": "aten"},
@@ -112,7 +131,7 @@ def make_model(model, backend: str):
     }.get(backend)
     if options is None:
         raise SystemExit(f"unknown backend {backend!r}; see --help")
-    return model, torch.compile(model.forward, backend="llmopt", options=options)
+    return model, torch.compile(forward, backend="llmopt", options=options)
 
 
 def sync(device) -> None:
@@ -170,17 +189,26 @@ def _from_stamps(t0: float, stamps: list[float], skip_prompt: bool) -> tuple[flo
     return ttft, [b - a for a, b in zip(times, times[1:])]
 
 
-def loop_hf(model, forward, prompt, new_tokens: int, cache_len: int) -> tuple[float, list[float]]:
-    stamps = _Stamps(prompt.device)
+@contextlib.contextmanager
+def _running(model, forward):
+    """``model.forward`` is the backend's forward for the duration (generate loops call the model)."""
     saved = model.forward
     model.forward = forward
     try:
-        t0 = time.perf_counter()
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, cache_implementation="static", streamer=stamps, pad_token_id=0,
-                       max_length=None if cache_len is None else min(cache_len, prompt.shape[1] + new_tokens))
+        yield
     finally:
         model.forward = saved
+
+
+def loop_hf(model, forward, prompt, new_tokens: int, cache_len: int) -> tuple[float, list[float]]:
+    """HF ``generate(cache_implementation="static")``: its cache holds prompt + new tokens
+    (HF sizes it; ``cache_len`` does not apply)."""
+    stamps = _Stamps(prompt.device)
+    with _running(model, forward):
+        t0 = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", streamer=stamps,
+                       pad_token_id=0)
     return _from_stamps(t0, stamps.times, skip_prompt=True)
 
 
@@ -188,14 +216,10 @@ def loop_llmopt(model, forward, prompt, new_tokens: int, cache_len: int) -> tupl
     import llmopt
 
     stamps = _Stamps(prompt.device)
-    saved = model.forward
-    model.forward = forward
-    try:
+    with _running(model, forward):
         t0 = time.perf_counter()
         llmopt.generate(model, prompt, max_new_tokens=new_tokens, stop_token_ids=(), streamer=stamps,
                         max_seq_len=cache_len, cuda_graphs=False)
-    finally:
-        model.forward = saved
     return _from_stamps(t0, stamps.times, skip_prompt=False)
 
 
@@ -363,6 +387,7 @@ def main(argv=None):
     for cache_len in caches:
         for batch in [int(b) for b in args.batch.split(",")]:
             prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), device=device)
+            torch._dynamo.reset()  # each case compiles its own graphs; drop the previous case's
             case = run_case(model, backends, prompt, cache_len, args, LOOPS[args.loop])
             eager = next((r for r in case if r["backend"] == "eager"), None)
             for r in case:
