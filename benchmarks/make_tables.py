@@ -226,22 +226,26 @@ def decode_tables(scripts: list[tuple[Path, dict]]) -> list[str]:
     newest: dict[tuple, tuple[Path, dict]] = {}
     for path, data in sorted(scripts, key=lambda item: item[0].name):
         if data.get("benchmark") == "decode" and data.get("results") and "loop" in data:
-            newest[(_device(data), data.get("preset"), data.get("dtype"), data.get("loop"))] = (path, data)
+            tag = path.stem.split("decode", 1)[-1].lstrip("-")  # --tag: one table per kind of run
+            device = data.get("environment", {}).get("device", "?")
+            newest[(device, data.get("preset"), data.get("dtype"), data.get("loop"), tag)] = (path, data)
     out = []
-    for (device, preset, dtype, loop), (path, data) in sorted(newest.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for (device, preset, dtype, loop, _), (path, data) in sorted(newest.items(), key=lambda kv: tuple(map(str, kv[0]))):
         env = data.get("environment", {})
-        out += [f"**Decode, {preset} {dtype} on {device}** (loop `{loop}`, prompt {data.get('prompt_len')}, "
-                f"{data.get('new_tokens')} new tokens, {data['results'][0].get('rounds')} interleaved rounds, read "
-                f"bandwidth {_num(data.get('read_bandwidth_GBps'))} GB/s; torch {env.get('torch')}; "
-                f"`{path.name}`)", "",
-                "| KV capacity | batch | backend | decode tok/s (spread) | llmopt × this | roofline | TTFT ms | peak MB |",
-                "|---:|---:|---|---:|---:|---:|---:|---:|"]
+        out += [f"**Decode, {preset} {dtype} on {device}, {env.get('threads')} threads** (loop `{loop}`, prompt "
+                f"{data.get('prompt_len')}, {data.get('new_tokens')} new tokens, {data['results'][0].get('rounds')} "
+                f"interleaved rounds, read bandwidth {_num(data.get('read_bandwidth_GBps'))} GB/s; torch "
+                f"{env.get('torch')}, transformers {env.get('transformers')}; `{path.name}`)", "",
+                "| KV capacity | batch | backend | decode tok/s (spread) | × eager | llmopt × this | roofline | TTFT ms "
+                "| peak MB |",
+                "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
         for r in data["results"]:
             lo, hi = r.get("decode_step_spread_s", [None, None])
             spread = f" ({r['batch'] / hi:.1f}–{r['batch'] / lo:.1f})" if lo and hi else ""
             mem = r.get("memory", {}).get("peak_MB")
             out.append(f"| {r.get('cache_len')} | {r.get('batch')} | {r['backend']} | "
-                       f"{_num(r.get('decode_tokens_per_s'))}{spread} | {_num(r.get('llmopt_speedup'), 2)}× | "
+                       f"{_num(r.get('decode_tokens_per_s'))}{spread} | {_num(r.get('vs_eager'), 2)}× | "
+                       f"{_num(r.get('llmopt_speedup'), 2)}× | "
                        f"{r.get('roofline_fraction', 0):.0%} | {_num(r.get('ttft_s', 0) * 1e3)} | "
                        f"{_num(mem, 0) if mem else '—'} |")
         out.append("")
