@@ -107,9 +107,9 @@ def _own_code(fn, name: str):
 
 def make_model(model, backend: str):
     """(the module the backend runs, a callable forward): quantizing peers get their own copy."""
-    forward = _own_code(model.forward, "forward_" + "".join(c if c.isalnum() else "_" for c in backend))
     if backend == "eager":
         return model, model.forward
+    forward = _own_code(model.forward, "forward_" + "".join(c if c.isalnum() else "_" for c in backend))
     if backend == "inductor":
         return model, torch.compile(forward)
     if backend == "inductor-freezing":

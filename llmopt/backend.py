@@ -380,9 +380,8 @@ def _make_executor(gm, fake_inputs, executor, report, opts, device, static_idxs)
             report.notes.append("executor: CUDA graphs (Inductor cudagraph trees; run the runtime with "
                                 "cuda_graphs=False)")
         try:
-            decompositions = cpu_decompositions() if device.type == "cpu" and kernel_mode() == "auto" else None
             run = compat.inductor_compile(gm, fake_inputs, cudagraphs=graphs, static_input_idxs=static_idxs,
-                                          decompositions=decompositions)
+                                          decompositions=_cpu_inlined_ops(device.type))
             return _refuse_nested_capture(run) if graphs else run
         except Exception as exc:
             if opts.strict or compat.is_dynamo_control_flow(exc):
@@ -404,6 +403,15 @@ def _make_executor(gm, fake_inputs, executor, report, opts, device, static_idxs)
     return run
 
 
+def _cpu_inlined_ops(device_type: str) -> dict:
+    """The llmopt ops both executors run as their ATen CPU code on ``device_type`` (op ->
+    function): on CPU with the kernel mode left to llmopt, the CPU decompositions — what the
+    ops run there, minus their contract checks (done when the graph was traced). Empty
+    elsewhere, and when ``LLMOPT_KERNELS`` forces a kernel mode (the ops must then go
+    through their own bodies)."""
+    return cpu_decompositions() if device_type == "cpu" and kernel_mode() == "auto" else {}
+
+
 def _call_python_impls(gm: fx.GraphModule, device_type: str) -> tuple[fx.GraphModule, int]:
     """A copy of ``gm`` whose llmopt op nodes call the Python function the dispatcher would
     run for them, and how many were redirected.
@@ -415,9 +423,7 @@ def _call_python_impls(gm: fx.GraphModule, device_type: str) -> tuple[fx.GraphMo
     """
     graph = _copy_graph(gm)
     count = 0
-    # With the kernel mode left to llmopt, the CPU decompositions are what the ops run on
-    # CPU minus their contract checks (done when the graph was traced): call them directly.
-    direct = cpu_decompositions() if device_type == "cpu" and kernel_mode() == "auto" else {}
+    direct = _cpu_inlined_ops(device_type)
     for node in graph.nodes:
         if node.op != "call_function":
             continue

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import functools
+
 import torch
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -373,10 +375,12 @@ def fake_tensor_mode() -> Any:
     return FakeTensorMode()
 
 
+@functools.lru_cache(maxsize=None)
 def onednn_linear_available() -> bool:
     """Whether ``torch.ops.mkldnn._linear_pointwise`` (oneDNN's linear, the op Inductor's
     CPU freezing lowers linears to) exists in this build: torch built with mkldnn, on x86
-    or arm64 with oneDNN. Present on every supported torch (2.6-2.13) built that way."""
+    or arm64 with oneDNN. Present on every supported torch (2.6-2.13) built that way.
+    Looked up once: it is a fact of the build, asked at every CPU linear call."""
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 

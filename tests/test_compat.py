@@ -103,3 +103,21 @@ def test_fake_tensor_mode_makes_tensors_without_memory():
     with compat.fake_tensor_mode():
         t = torch.empty(1 << 40, dtype=torch.uint8)  # a terabyte: fine without memory
     assert t.shape == (1 << 40,) and t.dtype == torch.uint8
+
+
+def test_onednn_linear_matches_f_linear_and_traces():
+    import pytest
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    if not compat.onednn_linear_available():
+        pytest.skip("torch built without oneDNN")
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 3, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    want = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    got = compat.onednn_linear(x, w, b)
+    assert got.shape == (2, 3, 24) and got.dtype == torch.float32
+    assert ((got.double() - want).norm() / want.norm()).item() <= 1e-5
+    assert ((compat.onednn_linear(x, w.t().contiguous().t(), None).double() - (want - b.double())).norm()
+            / want.norm()).item() <= 1e-5  # a strided (transposed-view) weight works too
+    traced = make_fx(compat.onednn_linear, tracing_mode="fake")(x, w, b)  # has a meta kernel: traces
+    assert any("_linear_pointwise" in str(n.target) for n in traced.graph.nodes)

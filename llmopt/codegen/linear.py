@@ -79,13 +79,19 @@ def linear_ref(x, weight, bias=None, residual=None, activation: str = ""):
     return gemv_ref(x, weight, bias, residual, activation)
 
 
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether :func:`linear_cpu` runs oneDNN for this dtype (fp32, where oneDNN is built);
+    the pass's kernel-choice reason reads the same rule."""
+    return dtype == torch.float32 and compat.onednn_linear_available()
+
+
 def linear_cpu(x, weight, bias=None, residual=None, activation: str = ""):
     """The CPU implementation: oneDNN's linear on the plain weight for fp32 (what
     :func:`compat.onednn_linear` explains), ``F.linear`` for other dtypes (oneDNN is not
     faster there without a packed copy of the weight); the epilogue in torch. Traceable,
     so the Inductor executor fuses the epilogue into a C++ loop (docs/executors.md).
     Unchecked: the op checks its contract first; a compiled graph checked it when traced."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32 and compat.onednn_linear_available():
+    if x.dtype == weight.dtype and onednn_runs(x.dtype):
         return epilogue_ref(compat.onednn_linear(x, weight, bias), residual, activation)
     return gemv_ref(x, weight, bias, residual, activation)
 
@@ -153,4 +159,4 @@ def _linear_fake(x, weight, bias, residual, activation, kernels):
     return x.new_empty((*x.shape[:-1], n_out))
 
 
-__all__ = ["linear", "linear_cpu", "linear_ref", "linear_triton", "select_kernel"]
+__all__ = ["linear", "linear_cpu", "onednn_runs", "linear_ref", "linear_triton", "select_kernel"]

@@ -302,7 +302,7 @@ CPU_KERNELS = ",".join(f"{bucket}:mm" for bucket in M_BUCKETS)
 
 
 def _cpu_reason(dtype) -> str:
-    if dtype == torch.float32 and compat.onednn_linear_available():
+    if _linear.onednn_runs(dtype):
         return "CPU: oneDNN linear on the plain weight"
     return "CPU: the PyTorch op"
 
