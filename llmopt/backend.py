@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from . import compat, frozen_weights
-from .codegen.cpu_decompositions import cpu_decompositions
+from .codegen.cpu_decompositions import cpu_decompositions, twin_calls
 from .codegen.kernel_mode import kernel_mode
 from .frozen_weights import FrozenWeights
 from .graph import count_ops, networkx_view, op_histogram, tensor_meta
@@ -381,7 +381,7 @@ def _make_executor(gm, fake_inputs, executor, report, opts, device, static_idxs)
                                 "cuda_graphs=False)")
         try:
             run = compat.inductor_compile(gm, fake_inputs, cudagraphs=graphs, static_input_idxs=static_idxs,
-                                          decompositions=_cpu_inlined_ops(device.type))
+                                          decompositions=_cpu_inductor_decompositions(gm, device.type))
             return _refuse_nested_capture(run) if graphs else run
         except Exception as exc:
             if opts.strict or compat.is_dynamo_control_flow(exc):
@@ -410,6 +410,19 @@ def _cpu_inlined_ops(device_type: str) -> dict:
     elsewhere, and when ``LLMOPT_KERNELS`` forces a kernel mode (the ops must then go
     through their own bodies)."""
     return cpu_decompositions() if device_type == "cpu" and kernel_mode() == "auto" else {}
+
+
+def _cpu_inductor_decompositions(gm: fx.GraphModule, device_type: str) -> dict:
+    """What the Inductor executor retraces ``gm``'s llmopt ops into on ``device_type``: the
+    inlined ones (:func:`_cpu_inlined_ops`) as ATen, every other llmopt op of the graph as
+    a call to its CPU twin (``codegen.cpu_decompositions.cpu_twin``: the same function
+    without the custom-op wrapper). Empty off the CPU."""
+    inlined = _cpu_inlined_ops(device_type)
+    if device_type != "cpu":
+        return inlined
+    opaque = {node.target for node in gm.graph.nodes if node.op == "call_function"
+              and getattr(getattr(node.target, "_schema", None), "name", "").startswith("llmopt::")}
+    return {**twin_calls(opaque - set(inlined)), **inlined}
 
 
 def _call_python_impls(gm: fx.GraphModule, device_type: str) -> tuple[fx.GraphModule, int]:

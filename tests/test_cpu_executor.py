@@ -103,3 +103,72 @@ def test_decompositions_compute_what_the_ops_compute():
         want, got = op(*args), table[op](*args)
         for a, e in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
             assert_close(a, e, torch.float32, what=str(op))
+
+
+def test_cache_write_decompositions_write_what_the_ops_write():
+    """The KV-cache writes inline as ``index_put_`` (an in-place scatter in Inductor's code):
+    the caches after the decomposition equal the caches after the op, the rotated q too."""
+    g = torch.Generator().manual_seed(1)
+    B, Hq, Hk, S, S_max, D = 2, 4, 2, 3, 16, 8
+    q, k, v = (torch.randn(B, h, S, D, generator=g) for h in (Hq, Hk, Hk))
+    cos, sin = torch.randn(S, D, generator=g), torch.randn(S, D, generator=g)
+    positions = torch.tensor([3, 4, 5])
+    ops, table = torch.ops.llmopt, cpu_decompositions()
+    caches = [torch.randn(B, Hk, S_max, D, generator=g) for _ in range(2)]
+    want = [c.clone() for c in caches]
+    got = [c.clone() for c in caches]
+    ops.kv_cache_append(want[0], want[1], positions, k, v)
+    table[ops.kv_cache_append.default](got[0], got[1], positions, k, v)
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+    q_want = ops.rope_kv_cache_append(q, k, v, cos, sin, D, False, want[0], want[1], positions)
+    q_got = table[ops.rope_kv_cache_append.default](q, k, v, cos, sin, D, False, got[0], got[1], positions)
+    assert_close(q_got, q_want, torch.float32, what="rotated q")
+    for a, e in zip(got, want):
+        assert_close(a, e, torch.float32, what="cache after rope + append")
+
+
+def test_cpu_twins_share_the_schema_and_run_the_cpu_function():
+    """An opaque op's twin has the op's schema under ``llmopt_cpu`` and computes (and
+    mutates) what the op does; decompositions route only llmopt ops that have one."""
+    import llmopt.codegen.int8_weight_only  # noqa: F401 - registers the op
+    from llmopt.codegen.cpu_decompositions import TWIN_NAMESPACE, cpu_twin, twin_calls
+
+    ops = torch.ops.llmopt
+    for op in (ops.attention_decode.default, ops.kv_cache_append.default, ops.int8_weight_only_linear.default):
+        twin = cpu_twin(op)
+        assert str(twin._schema) == str(op._schema).replace("llmopt::", f"{TWIN_NAMESPACE}::", 1)
+        assert cpu_twin(op) is twin  # registered once
+    assert cpu_twin(torch.ops.aten.mm.default) is None
+    assert set(twin_calls([ops.attention_decode.default, torch.ops.aten.mm.default])) == {ops.attention_decode.default}
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 1, 8, generator=g)
+    kc, vc = torch.randn(2, 2, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g)
+    lens = torch.tensor([5, 12])
+    want = ops.attention_decode(q, kc, vc, lens, None, 0.3)
+    assert torch.equal(cpu_twin(ops.attention_decode.default)(q, kc, vc, lens, None, 0.3), want)
+    k, v = torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 2, 1, 8, generator=g)
+    cpu_twin(ops.kv_cache_append.default)(kc, vc, torch.tensor([7]), k, v)
+    assert torch.equal(kc[:, :, 7:8], k) and torch.equal(vc[:, :, 7:8], v)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    short_lens = lens[:1]
+    with pytest.raises(ValueError, match="kv_lens"):  # the op's own contract, through the fake too
+        with FakeTensorMode() as mode:
+            fq, fk, fv, fl = (mode.from_tensor(t) for t in (q, kc, vc, short_lens))
+            cpu_twin(ops.attention_decode.default)(fq, fk, fv, fl, None, 0.3)
+
+
+def test_quantized_model_runs_its_ops_through_twins(shipped_default):
+    """int8 weight-only under the shipped executor: the generated code calls the twins (no
+    ``llmopt::`` op through the custom-op wrapper), logits equal the aten executor's."""
+    model = tiny_model("llama")
+    x = tokens(1, 5)
+    with torch.no_grad():
+        got = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"})(x).logits
+        assert llmopt.last_report().executor == "inductor"
+        torch._dynamo.reset()
+        want = torch.compile(tiny_model("llama"), backend="llmopt",
+                             options={"strict": True, "quantize": "int8", "inner": "aten"})(x).logits
+    assert_close(got, want, torch.float32, what="int8, inductor vs aten executor")

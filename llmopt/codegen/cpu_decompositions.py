@@ -10,10 +10,22 @@ gated activations become ATen that Inductor fuses into vectorized C++ loops, and
 ``llmopt.linear`` becomes oneDNN's linear plus its epilogue (:func:`linear_cpu`), the
 epilogue fused by Inductor.
 
+The KV-cache writes are in the table too: ``kv_cache_append`` (and RoPE fused with it)
+becomes an ``index_put_`` into the cache, which Inductor lowers to an in-place scatter
+fused with the rotation (one C++ loop per layer, no copy of the cache).
+
 Kept opaque (not in the table): the ops whose work depends on run-time lengths (attention
-over the valid KV prefix, the KV-cache writes, paged attention), MoE routing and experts,
-and the quantized linears (their CPU GEMVs are compiled on their own,
-``quant_linear_cpu``).
+over the valid KV prefix, paged attention), MoE routing and experts, and the quantized
+linears (their CPU GEMVs are compiled on their own, ``int8_weight_only_cpu``). Inductor
+calls those through the dispatcher, and a ``torch.library.custom_op`` call pays Python
+autograd and in-place/view wrappers there (about 30 us, twice that for an op that mutates,
+measured on the CI machine, against about 5 us for a plain library op). So each opaque op
+is called through its *CPU twin* (:func:`cpu_twin`): ``llmopt_cpu::<name>``, the same schema
+and the same Python function the dispatcher would run on CPU
+(``compat.custom_op_python_impl``), registered on the CPU key alone. The twins exist only
+inside Inductor-compiled CPU graphs (nothing requires grad there, and the in-place ops'
+version counters are not read); every other caller, the report and the tests see the
+``llmopt::`` op.
 
 Each entry takes the op's arguments in schema order and returns what the op returns, with
 the op's contract (fresh outputs; the reference is the tests' oracle, so the decomposed
@@ -21,11 +33,14 @@ graph computes what the op computes).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
+from llmopt import compat
+
 from llmopt.codegen.gated_activation import gated_activation_ref
+from llmopt.codegen.kv_cache import kv_cache_append_ref, rope_kv_cache_append_ref
 from llmopt.codegen.linear import linear_cpu
 from llmopt.codegen.residual_norm import add_layer_norm_ref, add_rms_norm_ref, layer_norm_ref, rms_norm_ref
 from llmopt.codegen.rope import rope_ref
@@ -47,7 +62,53 @@ def cpu_decompositions() -> dict[torch._ops.OpOverload, Callable]:
         ops.add_layer_norm.default: add_layer_norm_ref,
         ops.gated_activation.default: gated_activation_ref,
         ops.rope.default: rope_ref,
+        ops.kv_cache_append.default: kv_cache_append_ref,
+        ops.rope_kv_cache_append.default: rope_kv_cache_append_ref,
     }
 
 
-__all__ = ["cpu_decompositions"]
+# The namespace of the CPU twins; created on first use (no import-time registration) and
+# kept for the process, like the llmopt:: ops themselves.
+TWIN_NAMESPACE = "llmopt_cpu"
+_twin_library: torch.library.Library | None = None
+
+
+def cpu_twin(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """``llmopt_cpu::<name>.default`` for the ``llmopt::<name>`` custom op ``op`` (see the
+    module docstring), registered on first use; None when ``op`` is not a default overload of
+    an llmopt custom op whose CPU function can be found (then the op is called as it is)."""
+    global _twin_library
+    schema = getattr(op, "_schema", None)
+    if schema is None or not schema.name.startswith("llmopt::") or schema.overload_name not in ("", "default"):
+        return None
+    name = schema.name.split("::", 1)[1]
+    namespace = getattr(torch.ops, TWIN_NAMESPACE)
+    if hasattr(namespace, name):
+        return getattr(namespace, name).default
+    impl = compat.custom_op_python_impl(op, "cpu")
+    if impl is None:
+        return None
+    if _twin_library is None:
+        _twin_library = torch.library.Library(TWIN_NAMESPACE, "FRAGMENT")
+    _twin_library.define(str(schema).split("::", 1)[1])
+    _twin_library.impl(name, impl, "CPU")
+
+    def fake(*args, **kwargs):
+        # Shapes and contract checks: the llmopt op's own fake implementation.
+        return op(*args, **kwargs)
+
+    torch.library.register_fake(f"{TWIN_NAMESPACE}::{name}", fake, lib=_twin_library)
+    return getattr(namespace, name).default
+
+
+def twin_calls(ops: Iterable[torch._ops.OpOverload]) -> dict[torch._ops.OpOverload, Callable]:
+    """Decompositions that route each of ``ops`` (those with a twin) to its CPU twin."""
+    table = {}
+    for op in ops:
+        twin = cpu_twin(op)
+        if twin is not None:
+            table[op] = twin
+    return table
+
+
+__all__ = ["TWIN_NAMESPACE", "cpu_decompositions", "cpu_twin", "twin_calls"]

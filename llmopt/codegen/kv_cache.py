@@ -58,8 +58,10 @@ def _kv_append_kernel(
 # --------------------------------------------------------------------------- reference
 def kv_cache_append_ref(k_cache, v_cache, positions, k, v) -> None:
     if positions.dim() == 1:
-        k_cache.index_copy_(2, positions, k.to(k_cache.dtype))
-        v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
+        # ``index_put_`` rather than ``index_copy_``: Inductor lowers it to an in-place
+        # scatter into the cache, where ``index_copy_`` became a copy of the whole cache.
+        k_cache[:, :, positions] = k.to(k_cache.dtype)
+        v_cache[:, :, positions] = v.to(v_cache.dtype)
         return
     for b in range(k.shape[0]):  # per-sequence positions (ragged batches)
         k_cache[b].index_copy_(1, positions[b], k[b].to(k_cache.dtype))
