@@ -63,6 +63,7 @@ from .attention_blocks import (
 )
 from .attention_prefill_ref import attention_prefill_ref, check_prefill_inputs
 from .kernel_mode import interpreting, on_tensor_device, use_triton
+from .op_signature import signature_of
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -435,18 +436,8 @@ def _kernel_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("llmopt::attention_prefill", mutates_args=())
-def attention_prefill(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    kv_lens: Optional[torch.Tensor],
-    q_offsets: Optional[torch.Tensor],
-    scale: float,
-    causal: bool,
-    window: int = 0,
-    softcap: float = 0.0,
-) -> torch.Tensor:
+@signature_of(attention_prefill_ref)
+def attention_prefill(q, k, v, mask, kv_lens, q_offsets, scale, causal, window=0, softcap=0.0):
     """Prefill attention (module docstring): a fresh contiguous ``[B, Hq, Sq, D]`` tensor."""
     if _kernel_path(q, k, v):
         return attention_prefill_triton(q, k, v, mask, kv_lens, q_offsets, scale, causal, window, softcap)

@@ -45,6 +45,7 @@ import triton.language as tl
 
 from .buckets import m_bucket, next_pow2
 from .kernel_mode import on_tensor_device, use_triton
+from .op_signature import signature_of
 
 # Widest row held in registers at once; longer rows are processed in chunks of this size.
 MAX_BLOCK_N = 8192
@@ -490,7 +491,8 @@ def _kernel_path(x: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("llmopt::rms_norm", mutates_args=())
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+@signature_of(rms_norm_ref)
+def rms_norm(x, weight, eps, weight_offset=0.0):
     """RMSNorm over the last dim, fp32 math, output in ``x.dtype`` (a fresh contiguous tensor)."""
     if _kernel_path(x):
         return rms_norm_triton(x, weight, eps, weight_offset)
@@ -504,9 +506,8 @@ def _(x, weight, eps, weight_offset=0.0):
 
 
 @torch.library.custom_op("llmopt::add_rms_norm", mutates_args=())
-def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0
-) -> Tuple[torch.Tensor, torch.Tensor]:
+@signature_of(add_rms_norm_ref)
+def add_rms_norm(x, residual, weight, eps, weight_offset=0.0):
     """``h = x + residual`` (rounded to ``x.dtype``), ``y = rms_norm(h)``; returns ``(y, h)``."""
     if _kernel_path(x):
         return add_rms_norm_triton(x, residual, weight, eps, weight_offset)
@@ -521,9 +522,8 @@ def _(x, residual, weight, eps, weight_offset=0.0):
 
 
 @torch.library.custom_op("llmopt::layer_norm", mutates_args=())
-def layer_norm(
-    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
-) -> torch.Tensor:
+@signature_of(layer_norm_ref)
+def layer_norm(x, weight, bias, eps):
     """LayerNorm over the last dim, fp32 statistics, output in ``x.dtype`` (fresh, contiguous)."""
     if _kernel_path(x):
         return layer_norm_triton(x, weight, bias, eps)
@@ -537,13 +537,8 @@ def _(x, weight, bias, eps):
 
 
 @torch.library.custom_op("llmopt::add_layer_norm", mutates_args=())
-def add_layer_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    eps: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+@signature_of(add_layer_norm_ref)
+def add_layer_norm(x, residual, weight, bias, eps):
     """``h = x + residual`` (rounded to ``x.dtype``), ``y = layer_norm(h)``; returns ``(y, h)``."""
     if _kernel_path(x):
         return add_layer_norm_triton(x, residual, weight, bias, eps)
