@@ -294,27 +294,24 @@ def _attention_prefill_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        for start_n in range(lo, mid_lo, BLOCK_N):
-            acc, l_i, m_i = _attend_block(
-                acc, l_i, m_i, q, k_base, v_base, bt_row, mask_base, offs_m, q_len, pos_q, offs_d, start_n,
-                kv_len, window, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn,
-                stride_mm, stride_mn, scale, softcap, BLOCK_N, HEAD_DIM, PAGED, BLOCK_SIZE,
-                True, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, DOT_PRECISION, DOT_FP32,
-            )
-        for start_n in range(mid_lo, mid_hi, BLOCK_N):
-            acc, l_i, m_i = _attend_block(
-                acc, l_i, m_i, q, k_base, v_base, bt_row, mask_base, offs_m, q_len, pos_q, offs_d, start_n,
-                kv_len, window, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn,
-                stride_mm, stride_mn, scale, softcap, BLOCK_N, HEAD_DIM, PAGED, BLOCK_SIZE,
-                False, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, DOT_PRECISION, DOT_FP32,
-            )
-        for start_n in range(mid_hi, hi, BLOCK_N):
-            acc, l_i, m_i = _attend_block(
-                acc, l_i, m_i, q, k_base, v_base, bt_row, mask_base, offs_m, q_len, pos_q, offs_d, start_n,
-                kv_len, window, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn,
-                stride_mm, stride_mn, scale, softcap, BLOCK_N, HEAD_DIM, PAGED, BLOCK_SIZE,
-                True, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, DOT_PRECISION, DOT_FP32,
-            )
+        # Three stages over [lo, mid_lo), [mid_lo, mid_hi), [mid_hi, hi): only the interior
+        # (stage 1) skips the per-key masks. The stage is a compile-time constant
+        # (tl.static_range, as in Triton's fused-attention tutorial), so each stage is its
+        # own loop with its own constexpr, as if written out three times.
+        for stage in tl.static_range(3):
+            if stage == 0:
+                stage_lo, stage_hi = lo, mid_lo
+            elif stage == 1:
+                stage_lo, stage_hi = mid_lo, mid_hi
+            else:
+                stage_lo, stage_hi = mid_hi, hi
+            for start_n in range(stage_lo, stage_hi, BLOCK_N):
+                acc, l_i, m_i = _attend_block(
+                    acc, l_i, m_i, q, k_base, v_base, bt_row, mask_base, offs_m, q_len, pos_q, offs_d, start_n,
+                    kv_len, window, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn,
+                    stride_mm, stride_mn, scale, softcap, BLOCK_N, HEAD_DIM, PAGED, BLOCK_SIZE,
+                    stage != 1, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, DOT_PRECISION, DOT_FP32,
+                )
 
         # A row that saw no allowed key has l = 0 and acc = 0: its output is defined as 0.
         tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
@@ -395,19 +392,9 @@ def launch_prefill(q, k, v, out, *, scale, causal, window, softcap, mask=None, k
 
 
 @on_tensor_device
-def attention_prefill_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    kv_lens: Optional[torch.Tensor],
-    q_offsets: Optional[torch.Tensor],
-    scale: float,
-    causal: bool,
-    window: int = 0,
-    softcap: float = 0.0,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+@signature_of(attention_prefill_ref, extra=("out",))
+def attention_prefill_triton(q, k, v, mask, kv_lens, q_offsets, scale, causal, window=0, softcap=0.0,
+                             out: Optional[torch.Tensor] = None):
     """Prefill attention with the Triton kernel; returns ``out`` (allocated when None)."""
     op = "attention_prefill"
     check_prefill_inputs(op, q, k, v, mask, kv_lens, q_offsets, window, softcap)

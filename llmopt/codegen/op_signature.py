@@ -15,6 +15,10 @@ gives the op the names, defaults and annotations of ``rms_norm_ref``: a type cha
 there changes the op's schema, and a parameter renamed or added on one side only fails
 at import, not at the first call with keyword arguments. The op's body names its
 parameters (without types) because it uses them.
+
+A function that takes the reference's arguments and more (an op's ``workspace``, a Triton
+launcher's ``out``) declares only those after the reference's, with their annotations,
+and names them in ``extra``: ``@signature_of(attention_prefill_ref, extra=("out",))``.
 """
 from __future__ import annotations
 
@@ -28,21 +32,26 @@ def _names_and_defaults(sig: inspect.Signature) -> list[tuple]:
     return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
 
 
-def signature_of(reference: Callable) -> Callable[[F], F]:
-    """Decorator: give the decorated op body ``reference``'s signature (annotations resolved,
-    so a ``from __future__ import annotations`` module works). The body's parameter names,
-    kinds and defaults must equal the reference's; ``TypeError`` says where they differ."""
+def signature_of(reference: Callable, extra: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Decorator: give the decorated function ``reference``'s signature (annotations
+    resolved, so a ``from __future__ import annotations`` module works), followed by its own
+    parameters named in ``extra``. Its other parameters' names, kinds and defaults must
+    equal the reference's; ``TypeError`` says where they differ."""
     signature = inspect.signature(reference, eval_str=True)
 
     def apply(body: F) -> F:
-        own = inspect.signature(body)
-        if _names_and_defaults(own) != _names_and_defaults(signature):
+        own = inspect.signature(body, eval_str=True)
+        params = list(own.parameters.values())
+        shared, added = params[: len(params) - len(extra)], params[len(params) - len(extra):]
+        if (_names_and_defaults(own.replace(parameters=shared)) != _names_and_defaults(signature)
+                or tuple(p.name for p in added) != tuple(extra)):
             raise TypeError(
                 f"{body.__module__}.{body.__qualname__}{own} must take the parameters of its reference "
-                f"{reference.__module__}.{reference.__qualname__}{signature} (same names, order and defaults); "
-                "change both together"
+                f"{reference.__module__}.{reference.__qualname__}{signature} (same names, order and defaults)"
+                + (f", then {', '.join(extra)}" if extra else "") + "; change both together"
             )
-        body.__signature__ = signature
+        body.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *added],
+                                               return_annotation=signature.return_annotation)
         return body
 
     return apply
