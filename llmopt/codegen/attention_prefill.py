@@ -59,7 +59,8 @@ import triton
 import triton.language as tl
 
 from .attention_blocks import (
-    LOG2E, block_dim, capped_scores, dot_flags, dot_pv, dot_qk, kv_tile_offsets, normalize, online_softmax_step,
+    LOG2E, block_dim, capped_scores, dot_flags, dot_pv, dot_qk, kv_bases, kv_tile_offsets, normalize,
+    online_softmax_step,
 )
 from .attention_prefill_ref import attention_prefill_ref, check_prefill_inputs
 from .kernel_mode import interpreting, on_tensor_device, use_triton
@@ -279,13 +280,8 @@ def _attention_prefill_kernel(
         mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
         mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
 
-        # the key address: a dense cache is per sequence, a paged pool is shared (block table)
-        k_base = k_ptr + h_kv * stride_kh
-        v_base = v_ptr + h_kv * stride_vh
-        if not PAGED:
-            k_base += b * stride_kb
-            v_base += b * stride_vb
-        bt_row = bt_ptr + b * stride_tb
+        k_base, v_base, bt_row = kv_bases(k_ptr, v_ptr, bt_ptr, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh,
+                                          stride_tb, PAGED)
         mask_base = mask_ptr + b * stride_mb + h * stride_mh
         row_ok = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,

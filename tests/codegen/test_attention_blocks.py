@@ -5,7 +5,8 @@ Specification: ``online_softmax_step`` over key tiles, then ``normalize``, gives
 ``softmax(s) @ v`` (natural or base-2 units), 0 and no NaN for a row with no key;
 ``partial_lse`` is ``log(l) + shift`` (-inf when empty) and ``combine_lse`` merges
 normalized partials by their log-sum-exps into the whole softmax (0 when every split is
-empty); ``split_bounds`` returns the clamped length, the window start and a chunk that
+empty); ``kv_bases`` + ``kv_tile_offsets`` address key ``j`` of sequence ``b`` in a dense
+cache and, through the block table, in a paged pool; ``split_bounds`` returns the clamped length, the window start and a chunk that
 covers the attended keys in ``num_splits`` aligned pieces. Host side: ``block_dim`` and
 ``dot_flags``.
 """
@@ -19,7 +20,8 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from llmopt.codegen.attention_blocks import (  # noqa: E402
-    block_dim, combine_lse, dot_flags, normalize, online_softmax_step, partial_lse, split_bounds,
+    block_dim, combine_lse, dot_flags, kv_bases, kv_tile_offsets, normalize, online_softmax_step, partial_lse,
+    split_bounds,
 )
 
 M, N, D, BLOCK_N = 4, 37, 8, 16
@@ -125,6 +127,44 @@ def test_split_bounds_cover_the_attended_keys(window):
         assert chunk % align == 0 and chunk >= align
         assert lo + num_splits * chunk >= kv_len, "the splits cover [lo, kv_len)"
         assert chunk - align < max(-(-(kv_len - lo) // num_splits), 1), "the chunk is the smallest aligned one"
+
+
+@triton.jit
+def _gather_keys_kernel(k_ptr, bt_ptr, out_ptr, n, stride_kb, stride_kh, stride_kn, stride_kd, stride_tb, stride_tn,
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_n = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, D)
+    valid = offs_n < n
+    k_base, _, bt_row = kv_bases(k_ptr, k_ptr, bt_ptr, b, h, stride_kb, stride_kh, stride_kb, stride_kh,
+                                 stride_tb, PAGED)
+    k_off, _ = kv_tile_offsets(offs_n, valid, bt_row, stride_tn, stride_kb, stride_kn, stride_kb, stride_kn,
+                               PAGED, BLOCK_SIZE)
+    keys = tl.load(k_base + k_off[:, None] + dims[None, :] * stride_kd, mask=valid[:, None], other=0.0)
+    tl.store(out_ptr + ((b * tl.num_programs(1) + h) * BLOCK_N + offs_n[:, None]) * D + dims[None, :], keys,
+             mask=valid[:, None])
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_key_addresses_dense_and_through_the_block_table(paged):
+    g = torch.Generator().manual_seed(2)
+    batch, heads, n, bs = 2, 2, 11, 4
+    dense = torch.randn(batch, heads, 12, D, generator=g)
+    table = torch.tensor([[5, 0, 3], [1, 4, 2]], dtype=torch.int32)
+    if paged:  # the same keys, stored in blocks [num_blocks, H, bs, D] in table order
+        cache = torch.zeros(6, heads, bs, D)
+        for b in range(batch):
+            for j in range(3):
+                cache[table[b, j]] = dense[b, :, j * bs:(j + 1) * bs]
+        strides = (cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3))
+    else:
+        cache = dense.transpose(2, 3).contiguous().transpose(2, 3)  # any strides
+        strides = cache.stride()
+    out = poisoned((batch, heads, 16, D), torch.float32)
+    _gather_keys_kernel[(batch, heads)](cache, table, out, n, *strides, table.stride(0), table.stride(1), D=D,
+                                        BLOCK_N=16, PAGED=paged, BLOCK_SIZE=bs)
+    assert torch.equal(out[:, :, :n], dense[:, :, :n])
 
 
 def test_host_helpers():
