@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from common import add_run_arguments, apply_run_arguments, environment, save_results  # noqa: E402
+from examples._options import add_model_options  # noqa: E402
 
 import llmopt  # noqa: E402
 from llmopt.quant import Int4WeightOnly  # noqa: E402
@@ -130,14 +131,7 @@ def backend_groups(backends: list[str]) -> list[list[str]]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=512)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=1024)
+    add_model_options(p, hidden=256, intermediate=512, experts=8, top_k=2, layers=2, heads=8, kv_heads=2, vocab=1024)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=17)
     p.add_argument("--rep", type=int, default=5)

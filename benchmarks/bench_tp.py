@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from examples._options import add_model_options  # noqa: E402
 
 
 def model_config(args):
@@ -146,11 +148,7 @@ def results_payload(cases: dict, args, load: float) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=5)
+    add_model_options(p, layers=4, hidden=512, new_tokens=16, prompt_len=16, rounds=5)
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)

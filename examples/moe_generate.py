@@ -18,6 +18,7 @@ import torch
 import transformers as tf
 
 import llmopt
+from _options import add_model_options
 from llmopt.quant import Int4WeightOnly
 
 QUANTIZE = {"none": None, "int8": "int8", "int4": Int4WeightOnly(group_size=32)}
@@ -25,12 +26,7 @@ QUANTIZE = {"none": None, "int8": "int8", "int4": Int4WeightOnly(group_size=32)}
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=512)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=16)
+    add_model_options(p, layers=2, hidden=256, intermediate=512, experts=8, top_k=2, new_tokens=16)
     p.add_argument("--quantize", choices=sorted(QUANTIZE), default="none")
     args = p.parse_args()
 

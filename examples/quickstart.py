@@ -16,6 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llmopt
+from _options import add_model_options
 
 
 def timed_generate(model, prompt, new_tokens):
@@ -32,11 +33,7 @@ def summary(values):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
+    add_model_options(p, layers=4, hidden=256, new_tokens=64, prompt_len=16, rounds=5)
     args = p.parse_args()
 
     torch.manual_seed(0)

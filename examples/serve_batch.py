@@ -20,12 +20,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llmopt
+from _options import add_model_options
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
+    add_model_options(p, layers=4, hidden=256)
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32, help="most tokens a request generates")
     p.add_argument("--max-num-seqs", type=int, default=8, help="requests running at once")

@@ -18,6 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llmopt
+from _options import add_model_options
 from llmopt.runtime.speculative import layer_skip_draft
 
 
@@ -32,9 +33,7 @@ def build(layers: int, hidden: int, seed: int):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--new-tokens", type=int, default=48)
+    add_model_options(p, layers=4, hidden=256, new_tokens=48)
     p.add_argument("--k", type=int, default=4, help="proposals per verify step")
     p.add_argument("--compile", action="store_true", help='compile target and draft with backend="llmopt"')
     args = p.parse_args()

@@ -24,12 +24,19 @@ aten = torch.ops.aten
 RESHAPE_OPS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _CAST_KWARGS = {"dtype", "layout", "device", "memory_format"}
 
+# Views that keep every dimension whole: they reorder, insert, drop (size 1) or index
+# dimensions, or slice along one, but never merge or split one, so a dimension can be
+# followed through them by its index arguments (shard_tensor_parallel follows the head
+# dimension this way, checking those arguments per call).
+DIMENSION_VIEW_OPS = frozenset({
+    aten.transpose.int, aten.permute.default, aten.expand.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.slice.Tensor, aten.select.int, aten.alias.default, aten.detach.default,
+    aten.split.Tensor, aten.split_with_sizes.default,
+})
+
 # Ops that only reinterpret or move memory; excluded from "device operation" counts.
 VIEW_OPS = {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
-    aten.transpose.int, aten.permute.default, aten.expand.default, aten.unsqueeze.default,
-    aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims, aten.slice.Tensor, aten.select.int,
-    aten.alias.default, aten.detach.default, aten.split.Tensor, aten.split_with_sizes.default,
+    *RESHAPE_OPS, *DIMENSION_VIEW_OPS, aten.t.default, aten.squeeze.default, aten.squeeze.dims,
     aten.unbind.int, aten.as_strided.default, aten.view_as_real.default, aten.view_as_complex.default,
     aten.unflatten.int, aten.flatten.using_ints,
 }

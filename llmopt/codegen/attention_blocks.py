@@ -5,7 +5,8 @@ serving both KV layouts — a dense ``[B, Hkv, S, D]`` cache (HF layout, any str
 paged pool ``[num_blocks, Hkv, block_size, D]`` read through a block table
 (:mod:`.attention_paged`). What both kernels do alike lives here, once:
 
-- :func:`kv_tile_offsets` — the address of key ``j``, chosen by the constexpr ``PAGED``:
+- :func:`kv_bases` / :func:`kv_tile_offsets` — the address of key ``j``, chosen by the
+  constexpr ``PAGED``:
   ``j * stride_n`` in a dense cache (the caller's base already points at sequence ``b``),
   ``block_tables[b, j // BLOCK_SIZE] * stride_b + (j % BLOCK_SIZE) * stride_n`` in a pool
   (the base points at the KV head only). The key tile ``BLOCK_N`` does not depend on
@@ -62,6 +63,21 @@ def kv_tile_offsets(offs_n, n_valid, bt_row, stride_tn, stride_kb, stride_kn, st
         k_off = offs_n * stride_kn
         v_off = offs_n * stride_vn
     return k_off, v_off
+
+
+@triton.jit
+def kv_bases(k_ptr, v_ptr, bt_ptr, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh, stride_tb,
+             PAGED: tl.constexpr):
+    """``(k_base, v_base, bt_row)``: the bases :func:`kv_tile_offsets` addresses keys from.
+    A dense cache is per sequence (KV head ``h_kv`` of sequence ``b``); a paged pool is
+    shared by every sequence (KV head ``h_kv`` only), and ``bt_row`` is ``b``'s block-table
+    row."""
+    k_base = k_ptr + h_kv * stride_kh
+    v_base = v_ptr + h_kv * stride_vh
+    if not PAGED:
+        k_base += b * stride_kb
+        v_base += b * stride_vb
+    return k_base, v_base, bt_ptr + b * stride_tb
 
 
 @triton.jit
@@ -159,6 +175,7 @@ __all__ = [
     "dot_flags",
     "dot_pv",
     "dot_qk",
+    "kv_bases",
     "kv_tile_offsets",
     "normalize",
     "online_softmax_step",

@@ -81,7 +81,7 @@ import triton
 import triton.language as tl
 
 from .attention_blocks import (
-    block_dim, capped_scores, combine_lse, dot_flags, dot_pv, dot_qk, kv_tile_offsets, normalize,
+    block_dim, capped_scores, combine_lse, dot_flags, dot_pv, dot_qk, kv_bases, kv_tile_offsets, normalize,
     online_softmax_step, partial_lse, split_bounds,
 )
 from .attention_decode_ref import KERNEL_DTYPES, attention_decode_cpu, attention_decode_ref, check_decode_args
@@ -289,13 +289,8 @@ def _decode_split_kernel(
     d_valid = offs_d < HEAD_DIM
     b64 = pid_b.to(tl.int64)
     h64 = pid_h.to(tl.int64)
-    # the key address: a dense cache is per sequence, a paged pool is shared (block table)
-    k_base = k_ptr + h64 * stride_kh
-    v_base = v_ptr + h64 * stride_vh
-    if not PAGED:
-        k_base += b64 * stride_kb
-        v_base += b64 * stride_vb
-    bt_row = bt_ptr + b64 * stride_tb
+    k_base, v_base, bt_row = kv_bases(k_ptr, v_ptr, bt_ptr, b64, h64, stride_kb, stride_kh, stride_vb, stride_vh,
+                                      stride_tb, PAGED)
     m_base = mask_ptr + b64 * stride_mb + (h64 * GROUP) * stride_mh
     rows = g_valid[:, None] & d_valid[None, :]
 

@@ -18,15 +18,33 @@ import torch.nn.functional as F
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# The checks the dense and the paged decode contracts share (attention_paged_ref uses them).
+def check_one_new_token(op: str, q, several: str) -> None:
+    """q is ``[B, Hq, 1, D]``; ``several`` names the op to use for several new tokens."""
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(
+            f"{op}: q must be [B, Hq, 1, D] (one new token per sequence), got {tuple(q.shape)}; "
+            f"use {several} for several new tokens"
+        )
+
+
+def check_gqa(op: str, hq: int, hkv: int) -> None:
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{op}: {hq} query heads are not a multiple of {hkv} KV heads; GQA needs Hq % Hkv == 0")
+
+
+def check_window_softcap(op: str, window, softcap) -> None:
+    if window < 0:
+        raise ValueError(f"{op}: window={window} must be >= 0 (0 = no sliding window)")
+    if not softcap >= 0.0:
+        raise ValueError(f"{op}: softcap={softcap} must be >= 0 (0 = no logit softcap)")
+
+
 def check_decode_args(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max,
                       dtypes=KERNEL_DTYPES) -> tuple:
     """Check the op contract (shapes, dtypes, devices, scalars); return (B, Hq, Hkv, S_max, D)."""
     name = "attention_decode"
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(
-            f"{name}: q must be [B, Hq, 1, D] (one new token per sequence), got {tuple(q.shape)}; "
-            "use the prefill attention op for several query tokens"
-        )
+    check_one_new_token(name, q, "the prefill attention op")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
             f"{name}: k_cache and v_cache must both be [B, Hkv, S_max, D] (HF StaticCache layout), got "
@@ -39,10 +57,7 @@ def check_decode_args(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap
             f"{name}: k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)}: batch and head dim "
             "must be equal"
         )
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(
-            f"{name}: {Hq} query heads are not a multiple of {Hkv} KV heads; GQA needs Hq % Hkv == 0"
-        )
+    check_gqa(name, Hq, Hkv)
     if q.dtype not in dtypes:
         raise TypeError(f"{name}: dtype {q.dtype} is not supported; use one of {', '.join(map(str, dtypes))}")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
@@ -70,10 +85,7 @@ def check_decode_args(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap
                 f"{name}: mask of shape {tuple(mask.shape)} does not broadcast to [B, Hq, 1, S_max] = "
                 f"{[B, Hq, 1, S_max]}; HF static caches pass [B, 1, 1, S_max]"
             ) from None
-    if window < 0:
-        raise ValueError(f"{name}: window={window} must be >= 0 (0 = no sliding window)")
-    if not softcap >= 0.0:
-        raise ValueError(f"{name}: softcap={softcap} must be >= 0 (0 = no logit softcap)")
+    check_window_softcap(name, window, softcap)
     if unified_max is not None and not abs(unified_max) < float("inf"):
         raise ValueError(f"{name}: unified_max={unified_max} must be a finite float (or None for the exact path)")
     return B, Hq, Hkv, S_max, D

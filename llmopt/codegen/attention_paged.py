@@ -99,6 +99,7 @@ from .attention_paged_ref import (
 )
 from .attention_prefill import MAX_HEAD_DIM, launch_prefill, prefill_q_bucket
 from .kernel_mode import on_tensor_device, use_triton
+from .op_signature import signature_of
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -397,17 +398,9 @@ def _paged_kv_append_fake(k_pool, v_pool, slot_mapping, k, v) -> None:
 
 
 @torch.library.custom_op("llmopt::paged_attention_decode", mutates_args=("workspace",))
-def paged_attention_decode(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    window: int = 0,
-    softcap: float = 0.0,
-    workspace: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+@signature_of(paged_attention_decode_ref, extra=("workspace",))
+def paged_attention_decode(q, k_pool, v_pool, block_tables, seq_lens, scale, window=0, softcap=0.0,
+                           workspace: Optional[torch.Tensor] = None):
     """Decode attention of one new token per sequence over its paged KV.
 
     ``workspace``: the step's split workspace (:attr:`PagedDecodePlan.workspace`), shared by
@@ -430,17 +423,8 @@ def _paged_attention_decode_fake(q, k_pool, v_pool, block_tables, seq_lens, scal
 
 
 @torch.library.custom_op("llmopt::paged_attention_prefill", mutates_args=())
-def paged_attention_prefill(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    window: int = 0,
-    softcap: float = 0.0,
-) -> torch.Tensor:
+@signature_of(paged_attention_prefill_ref)
+def paged_attention_prefill(q, k_pool, v_pool, block_tables, seq_lens, query_start_loc, scale, window=0, softcap=0.0):
     """Causal attention of packed new tokens over their paged prefix and themselves."""
     if _kernel_path(q, k_pool, v_pool, block_tables, seq_lens, query_start_loc):
         return paged_attention_prefill_triton(q, k_pool, v_pool, block_tables, seq_lens, query_start_loc, scale,

@@ -8,8 +8,9 @@ blocks into a contiguous cache (:func:`gather_kv`) and run the dense references 
 paged attention is checked against the same request on its gathered, contiguous KV.
 """
 import torch
+from torch import Tensor
 
-from .attention_decode_ref import attention_decode_ref
+from .attention_decode_ref import attention_decode_ref, check_gqa, check_one_new_token, check_window_softcap
 from .attention_prefill_ref import attention_prefill_ref
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,20 +46,12 @@ def _check_index(op: str, name: str, t, shape: tuple, device) -> None:
         raise ValueError(f"{op}: {name} is on {t.device} but the pools on {device}; move it to {device}")
 
 
-def _check_scalars(op: str, window, softcap) -> None:
-    if window < 0:
-        raise ValueError(f"{op}: window={window} must be >= 0 (0 = no sliding window)")
-    if not softcap >= 0.0:
-        raise ValueError(f"{op}: softcap={softcap} must be >= 0 (0 = no logit softcap)")
-
-
 def _check_query_heads(op: str, q, k_pool, hq: int, dq: int) -> None:
     """q against the pools: head dim, GQA grouping, dtype, device."""
     _, hkv, _, d = k_pool.shape
     if dq != d:
         raise ValueError(f"{op}: q head dim {dq} differs from the pools' {d}")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"{op}: {hq} query heads are not a multiple of {hkv} KV heads; GQA needs Hq % Hkv == 0")
+    check_gqa(op, hq, hkv)
     if q.dtype != k_pool.dtype or q.device != k_pool.device:
         raise TypeError(f"{op}: q is {q.dtype} on {q.device} but the pools are {k_pool.dtype} on {k_pool.device}")
 
@@ -87,16 +80,12 @@ def check_decode_args(q, k_pool, v_pool, block_tables, seq_lens, window, softcap
     """Return (B, Hq, Hkv, block_size, D)."""
     op = "paged_attention_decode"
     _, hkv, bs, d = _check_pools(op, k_pool, v_pool, dtypes)
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(
-            f"{op}: q must be [B, Hq, 1, D] (one new token per sequence), got {tuple(q.shape)}; use "
-            "paged_attention_prefill for several new tokens"
-        )
+    check_one_new_token(op, q, "paged_attention_prefill")
     b, hq, _, dq = q.shape
     _check_query_heads(op, q, k_pool, hq, dq)
     _check_index(op, "block_tables", block_tables, (b, None), q.device)
     _check_index(op, "seq_lens", seq_lens, (b,), q.device)
-    _check_scalars(op, window, softcap)
+    check_window_softcap(op, window, softcap)
     return b, hq, hkv, bs, d
 
 
@@ -116,7 +105,7 @@ def check_prefill_args(q, k_pool, v_pool, block_tables, seq_lens, query_start_lo
     n = seq_lens.shape[0]
     _check_index(op, "block_tables", block_tables, (n, None), q.device)
     _check_index(op, "query_start_loc", query_start_loc, (n + 1,), q.device)
-    _check_scalars(op, window, softcap)
+    check_window_softcap(op, window, softcap)
     return t, n, hq, hkv, bs, d
 
 
@@ -216,7 +205,8 @@ def _decode_gathered(q, k, v, lens, scale, window, softcap):
     return torch.where((n > 0)[:, :, None, None], out, 0.0).to(q.dtype).contiguous()
 
 
-def paged_attention_decode_ref(q, k_pool, v_pool, block_tables, seq_lens, scale, window=0, softcap=0.0):
+def paged_attention_decode_ref(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                               scale: float, window: int = 0, softcap: float = 0.0) -> Tensor:
     """Dense decode attention on each sequence's gathered, contiguous KV (fp32 math; fp64 stays
     fp64 for the tests' ground truth)."""
     b, hq, hkv, bs, d = check_decode_args(q, k_pool, v_pool, block_tables, seq_lens, window, softcap)
@@ -228,8 +218,8 @@ def paged_attention_decode_ref(q, k_pool, v_pool, block_tables, seq_lens, scale,
     return _decode_gathered(q, k, v, seq_lens, scale, window, softcap)
 
 
-def paged_attention_prefill_ref(q, k_pool, v_pool, block_tables, seq_lens, query_start_loc, scale,
-                                window=0, softcap=0.0):
+def paged_attention_prefill_ref(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                                query_start_loc: Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> Tensor:
     """Dense causal attention of each sequence's new rows over its gathered, contiguous KV.
 
     Sequences with one new row (decodes riding along in a mixed step) go through the decode

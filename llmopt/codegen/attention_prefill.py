@@ -59,10 +59,12 @@ import triton
 import triton.language as tl
 
 from .attention_blocks import (
-    LOG2E, block_dim, capped_scores, dot_flags, dot_pv, dot_qk, kv_tile_offsets, normalize, online_softmax_step,
+    LOG2E, block_dim, capped_scores, dot_flags, dot_pv, dot_qk, kv_bases, kv_tile_offsets, normalize,
+    online_softmax_step,
 )
 from .attention_prefill_ref import attention_prefill_ref, check_prefill_inputs
 from .kernel_mode import interpreting, on_tensor_device, use_triton
+from .op_signature import signature_of
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -278,13 +280,8 @@ def _attention_prefill_kernel(
         mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
         mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
 
-        # the key address: a dense cache is per sequence, a paged pool is shared (block table)
-        k_base = k_ptr + h_kv * stride_kh
-        v_base = v_ptr + h_kv * stride_vh
-        if not PAGED:
-            k_base += b * stride_kb
-            v_base += b * stride_vb
-        bt_row = bt_ptr + b * stride_tb
+        k_base, v_base, bt_row = kv_bases(k_ptr, v_ptr, bt_ptr, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh,
+                                          stride_tb, PAGED)
         mask_base = mask_ptr + b * stride_mb + h * stride_mh
         row_ok = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -293,27 +290,24 @@ def _attention_prefill_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        for start_n in range(lo, mid_lo, BLOCK_N):
-            acc, l_i, m_i = _attend_block(
-                acc, l_i, m_i, q, k_base, v_base, bt_row, mask_base, offs_m, q_len, pos_q, offs_d, start_n,
-                kv_len, window, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn,
-                stride_mm, stride_mn, scale, softcap, BLOCK_N, HEAD_DIM, PAGED, BLOCK_SIZE,
-                True, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, DOT_PRECISION, DOT_FP32,
-            )
-        for start_n in range(mid_lo, mid_hi, BLOCK_N):
-            acc, l_i, m_i = _attend_block(
-                acc, l_i, m_i, q, k_base, v_base, bt_row, mask_base, offs_m, q_len, pos_q, offs_d, start_n,
-                kv_len, window, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn,
-                stride_mm, stride_mn, scale, softcap, BLOCK_N, HEAD_DIM, PAGED, BLOCK_SIZE,
-                False, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, DOT_PRECISION, DOT_FP32,
-            )
-        for start_n in range(mid_hi, hi, BLOCK_N):
-            acc, l_i, m_i = _attend_block(
-                acc, l_i, m_i, q, k_base, v_base, bt_row, mask_base, offs_m, q_len, pos_q, offs_d, start_n,
-                kv_len, window, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn,
-                stride_mm, stride_mn, scale, softcap, BLOCK_N, HEAD_DIM, PAGED, BLOCK_SIZE,
-                True, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, DOT_PRECISION, DOT_FP32,
-            )
+        # Three stages over [lo, mid_lo), [mid_lo, mid_hi), [mid_hi, hi): only the interior
+        # (stage 1) skips the per-key masks. The stage is a compile-time constant
+        # (tl.static_range, as in Triton's fused-attention tutorial), so each stage is its
+        # own loop with its own constexpr, as if written out three times.
+        for stage in tl.static_range(3):
+            if stage == 0:
+                stage_lo, stage_hi = lo, mid_lo
+            elif stage == 1:
+                stage_lo, stage_hi = mid_lo, mid_hi
+            else:
+                stage_lo, stage_hi = mid_hi, hi
+            for start_n in range(stage_lo, stage_hi, BLOCK_N):
+                acc, l_i, m_i = _attend_block(
+                    acc, l_i, m_i, q, k_base, v_base, bt_row, mask_base, offs_m, q_len, pos_q, offs_d, start_n,
+                    kv_len, window, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_tn,
+                    stride_mm, stride_mn, scale, softcap, BLOCK_N, HEAD_DIM, PAGED, BLOCK_SIZE,
+                    stage != 1, CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, DOT_PRECISION, DOT_FP32,
+                )
 
         # A row that saw no allowed key has l = 0 and acc = 0: its output is defined as 0.
         tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
@@ -394,19 +388,9 @@ def launch_prefill(q, k, v, out, *, scale, causal, window, softcap, mask=None, k
 
 
 @on_tensor_device
-def attention_prefill_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    kv_lens: Optional[torch.Tensor],
-    q_offsets: Optional[torch.Tensor],
-    scale: float,
-    causal: bool,
-    window: int = 0,
-    softcap: float = 0.0,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+@signature_of(attention_prefill_ref, extra=("out",))
+def attention_prefill_triton(q, k, v, mask, kv_lens, q_offsets, scale, causal, window=0, softcap=0.0,
+                             out: Optional[torch.Tensor] = None):
     """Prefill attention with the Triton kernel; returns ``out`` (allocated when None)."""
     op = "attention_prefill"
     check_prefill_inputs(op, q, k, v, mask, kv_lens, q_offsets, window, softcap)
@@ -435,18 +419,8 @@ def _kernel_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("llmopt::attention_prefill", mutates_args=())
-def attention_prefill(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    kv_lens: Optional[torch.Tensor],
-    q_offsets: Optional[torch.Tensor],
-    scale: float,
-    causal: bool,
-    window: int = 0,
-    softcap: float = 0.0,
-) -> torch.Tensor:
+@signature_of(attention_prefill_ref)
+def attention_prefill(q, k, v, mask, kv_lens, q_offsets, scale, causal, window=0, softcap=0.0):
     """Prefill attention (module docstring): a fresh contiguous ``[B, Hq, Sq, D]`` tensor."""
     if _kernel_path(q, k, v):
         return attention_prefill_triton(q, k, v, mask, kv_lens, q_offsets, scale, causal, window, softcap)

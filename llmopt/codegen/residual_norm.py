@@ -45,6 +45,7 @@ import triton.language as tl
 
 from .buckets import m_bucket, next_pow2
 from .kernel_mode import on_tensor_device, use_triton
+from .op_signature import signature_of
 
 # Widest row held in registers at once; longer rows are processed in chunks of this size.
 MAX_BLOCK_N = 8192
@@ -366,63 +367,42 @@ def _launch_rows(x, residual, y, h):
     return x2, r2, y2, h2
 
 
-def _launch_params(x2: torch.Tensor):
-    n = x2.shape[1]
-    block_n = min(next_pow2(n), MAX_BLOCK_N)
-    return n, block_n, n <= block_n
+# Each norm's kernels (autotuned; plain for the interpreter) and whether its per-feature
+# vectors may be absent (then passed as any valid pointer, never read, with HAS_<NAME>=False).
+_NORM_KERNELS = {
+    "rms_norm": (_rms_norm_tuned, _rms_norm_kernel, False),
+    "layer_norm": (_layer_norm_tuned, _layer_norm_kernel, True),
+}
 
 
-def _launch_norm(tuned, kernel, x, m: int, block_n: int, args: tuple, meta: dict) -> None:
-    """One program per row: autotuned on CUDA; under the interpreter one fixed config
+def _launch_norm(norm: str, x, residual, vectors: dict, scalars: tuple, y, h):
+    """Launch ``norm``'s kernel (with the residual add when given) into ``y`` (and ``h``);
+    returns (y, h). ``vectors``: the per-feature tensors by name in the kernel's order
+    (``weight``; ``weight``, ``bias``); ``scalars``: the kernel's float arguments. One
+    program per row: autotuned on CUDA; under the interpreter one fixed config
     (autotuning there would only time numpy)."""
+    tuned, kernel, optional = _NORM_KERNELS[norm]
+    x2, r2, y2, h2 = _launch_rows(x, residual, y, h)
+    m, n = x2.shape
+    if m == 0:
+        return y, h
+    block_n = min(next_pow2(n), MAX_BLOCK_N)
+    args = (
+        x2, r2, *(v if v is not None else x2 for v in vectors.values()), y2, h2,
+        n, m_bucket(m),
+        x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1),
+        *(v.stride(0) if v is not None else 0 for v in vectors.values()),
+        y2.stride(0), y2.stride(1), h2.stride(0), h2.stride(1),
+        *(float(s) for s in scalars),
+    )
+    meta = dict(HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, SINGLE_BLOCK=n <= block_n,
+                EMULATE_RTNE=not x.is_cuda)
+    if optional:
+        meta.update({f"HAS_{name.upper()}": v is not None for name, v in vectors.items()})
     if x.is_cuda:
         tuned[(m,)](*args, **meta)
     else:
         kernel[(m,)](*args, **meta, num_warps=_heuristic_num_warps(block_n))
-
-
-def _rms_norm_launch(x, residual, weight, eps, weight_offset, y, h):
-    """Launch RMSNorm (with the residual add when given) into ``y`` (and ``h``); returns (y, h)."""
-    x2, r2, y2, h2 = _launch_rows(x, residual, y, h)
-    m = x2.shape[0]
-    if m == 0:
-        return y, h
-    n, block_n, single = _launch_params(x2)
-    args = (
-        x2, r2, weight, y2, h2,
-        n, m_bucket(m),
-        x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), weight.stride(0),
-        y2.stride(0), y2.stride(1), h2.stride(0), h2.stride(1),
-        float(eps), float(weight_offset),
-    )
-    meta = dict(HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, SINGLE_BLOCK=single, EMULATE_RTNE=not x.is_cuda)
-    _launch_norm(_rms_norm_tuned, _rms_norm_kernel, x, m, block_n, args, meta)
-    return y, h
-
-
-def _layer_norm_launch(x, residual, weight, bias, eps, y, h):
-    """Launch LayerNorm (with the residual add when given) into ``y`` (and ``h``); returns (y, h)."""
-    x2, r2, y2, h2 = _launch_rows(x, residual, y, h)
-    m = x2.shape[0]
-    if m == 0:
-        return y, h
-    n, block_n, single = _launch_params(x2)
-    # Absent weight/bias: any valid pointer, never read (HAS_WEIGHT/HAS_BIAS are False).
-    w = weight if weight is not None else x2
-    b = bias if bias is not None else x2
-    args = (
-        x2, r2, w, b, y2, h2,
-        n, m_bucket(m),
-        x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1),
-        weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
-        y2.stride(0), y2.stride(1), h2.stride(0), h2.stride(1),
-        float(eps),
-    )
-    meta = dict(
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, SINGLE_BLOCK=single, EMULATE_RTNE=not x.is_cuda,
-    )
-    _launch_norm(_layer_norm_tuned, _layer_norm_kernel, x, m, block_n, args, meta)
     return y, h
 
 
@@ -432,55 +412,39 @@ def _new_or(out: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 
 @on_tensor_device
-def rms_norm_triton(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0, out: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+@signature_of(rms_norm_ref, extra=("out",))
+def rms_norm_triton(x, weight, eps, weight_offset=0.0, out: Optional[torch.Tensor] = None):
     """RMSNorm of ``x: [..., N]`` with the Triton kernel; returns ``out`` (allocated when None)."""
     _check_norm_inputs("rms_norm", x, None, {"weight": weight}, kernel=True)
-    return _rms_norm_launch(x, None, weight, eps, weight_offset, _new_or(out, x), None)[0]
+    return _launch_norm("rms_norm", x, None, {"weight": weight}, (eps, weight_offset), _new_or(out, x), None)[0]
 
 
 @on_tensor_device
-def add_rms_norm_triton(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    weight_offset: float = 0.0,
-    out: Optional[torch.Tensor] = None,
-    residual_out: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+@signature_of(add_rms_norm_ref, extra=("out", "residual_out"))
+def add_rms_norm_triton(x, residual, weight, eps, weight_offset=0.0, out: Optional[torch.Tensor] = None,
+                        residual_out: Optional[torch.Tensor] = None):
     """``h = x + residual; y = rms_norm(h)`` in one kernel; returns ``(y, h)``."""
     _check_norm_inputs("add_rms_norm", x, residual, {"weight": weight}, kernel=True)
-    return _rms_norm_launch(x, residual, weight, eps, weight_offset, _new_or(out, x), _new_or(residual_out, x))
+    return _launch_norm("rms_norm", x, residual, {"weight": weight}, (eps, weight_offset), _new_or(out, x),
+                        _new_or(residual_out, x))
 
 
 @on_tensor_device
-def layer_norm_triton(
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    eps: float,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+@signature_of(layer_norm_ref, extra=("out",))
+def layer_norm_triton(x, weight, bias, eps, out: Optional[torch.Tensor] = None):
     """LayerNorm of ``x: [..., N]`` with the Triton kernel; returns ``out`` (allocated when None)."""
     _check_norm_inputs("layer_norm", x, None, {"weight": weight, "bias": bias}, kernel=True)
-    return _layer_norm_launch(x, None, weight, bias, eps, _new_or(out, x), None)[0]
+    return _launch_norm("layer_norm", x, None, {"weight": weight, "bias": bias}, (eps,), _new_or(out, x), None)[0]
 
 
 @on_tensor_device
-def add_layer_norm_triton(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    eps: float,
-    out: Optional[torch.Tensor] = None,
-    residual_out: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+@signature_of(add_layer_norm_ref, extra=("out", "residual_out"))
+def add_layer_norm_triton(x, residual, weight, bias, eps, out: Optional[torch.Tensor] = None,
+                          residual_out: Optional[torch.Tensor] = None):
     """``h = x + residual; y = layer_norm(h)`` in one kernel; returns ``(y, h)``."""
     _check_norm_inputs("add_layer_norm", x, residual, {"weight": weight, "bias": bias}, kernel=True)
-    return _layer_norm_launch(x, residual, weight, bias, eps, _new_or(out, x), _new_or(residual_out, x))
+    return _launch_norm("layer_norm", x, residual, {"weight": weight, "bias": bias}, (eps,), _new_or(out, x),
+                        _new_or(residual_out, x))
 
 
 # --------------------------------------------------------------------------- registered ops
@@ -490,7 +454,8 @@ def _kernel_path(x: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("llmopt::rms_norm", mutates_args=())
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+@signature_of(rms_norm_ref)
+def rms_norm(x, weight, eps, weight_offset=0.0):
     """RMSNorm over the last dim, fp32 math, output in ``x.dtype`` (a fresh contiguous tensor)."""
     if _kernel_path(x):
         return rms_norm_triton(x, weight, eps, weight_offset)
@@ -504,9 +469,8 @@ def _(x, weight, eps, weight_offset=0.0):
 
 
 @torch.library.custom_op("llmopt::add_rms_norm", mutates_args=())
-def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0
-) -> Tuple[torch.Tensor, torch.Tensor]:
+@signature_of(add_rms_norm_ref)
+def add_rms_norm(x, residual, weight, eps, weight_offset=0.0):
     """``h = x + residual`` (rounded to ``x.dtype``), ``y = rms_norm(h)``; returns ``(y, h)``."""
     if _kernel_path(x):
         return add_rms_norm_triton(x, residual, weight, eps, weight_offset)
@@ -521,9 +485,8 @@ def _(x, residual, weight, eps, weight_offset=0.0):
 
 
 @torch.library.custom_op("llmopt::layer_norm", mutates_args=())
-def layer_norm(
-    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
-) -> torch.Tensor:
+@signature_of(layer_norm_ref)
+def layer_norm(x, weight, bias, eps):
     """LayerNorm over the last dim, fp32 statistics, output in ``x.dtype`` (fresh, contiguous)."""
     if _kernel_path(x):
         return layer_norm_triton(x, weight, bias, eps)
@@ -537,13 +500,8 @@ def _(x, weight, bias, eps):
 
 
 @torch.library.custom_op("llmopt::add_layer_norm", mutates_args=())
-def add_layer_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    eps: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+@signature_of(add_layer_norm_ref)
+def add_layer_norm(x, residual, weight, bias, eps):
     """``h = x + residual`` (rounded to ``x.dtype``), ``y = layer_norm(h)``; returns ``(y, h)``."""
     if _kernel_path(x):
         return add_layer_norm_triton(x, residual, weight, bias, eps)

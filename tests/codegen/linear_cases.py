@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import assert_close, poisoned
+from hypothesis import given
 from hypothesis import strategies as st
 
 from llmopt.codegen.gemv import ACTIVATIONS
@@ -76,6 +77,31 @@ def check_drawn_case(kernel, ref, case: dict, config: dict):
     case = dict(case)
     split_k = case.pop("split_k")
     check_against_truth(kernel, ref, make_case(**case), config={"SPLIT_K": split_k, **config})
+
+
+def specification_tests(kernel, ref, *, max_m: int, drawn_config: dict, epilogue_rows: int):
+    """The two tests both kernels' specifications state the same way, bound to ``kernel``:
+    hypothesis-drawn cases (M up to ``max_m``, launched with ``drawn_config``) and every
+    epilogue in every dtype on ``epilogue_rows`` rows; an empty reduction (K=0: the
+    output is the bias) and zero rows. Returns ``(drawn, every_epilogue, empty)``; a test
+    file assigns them to its own ``test_*`` names, which pytest collects."""
+
+    @given(case=drawn_cases(max_m=max_m))
+    def drawn(case):
+        check_drawn_case(kernel, ref, case, drawn_config)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("activation", ACTIVATIONS)
+    def every_epilogue(dtype, activation):
+        args = make_case(epilogue_rows, 100, 257, dtype, bias=True, residual=True, activation=activation)
+        check_against_truth(kernel, ref, args)
+
+    def empty():
+        bias = torch.randn(5)
+        assert torch.equal(kernel(torch.randn(3, 0), torch.randn(5, 0), bias), bias.expand(3, 5))
+        assert kernel(torch.randn(0, 4), torch.randn(5, 4)).shape == (0, 5)
+
+    return drawn, every_epilogue, empty
 
 
 def check_inside_compile(ref, args, kernels: str, post):

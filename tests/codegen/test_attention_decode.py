@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
+from codegen import attention_cases
 from conftest import assert_close, poisoned, relative_error, tolerance
 from llmopt.codegen.attention_decode import (
     UNIFIED_RANGE,
@@ -378,8 +379,7 @@ def _bad(**change):
 
 
 BAD_INPUTS = [
-    (dict(q=torch.randn(2, 4, 2, 64)), ValueError, "one new token"),
-    (dict(q=torch.randn(2, 3, 1, 64)), ValueError, "multiple of 2 KV heads"),
+    *attention_cases.shared_decode_rows(2, 4, 64),
     (dict(q=torch.randn(2, 4, 1, 32)), ValueError, "head dim"),
     (dict(v_cache=torch.randn(2, 2, 19, 64)), ValueError, "StaticCache layout"),
     (dict(k_cache=torch.randn(2, 2, 20, 64, dtype=torch.float16), v_cache=torch.randn(2, 2, 20, 64).half()),
@@ -392,19 +392,12 @@ BAD_INPUTS = [
     (dict(mask=torch.ones(2, 1, 1, 19, dtype=torch.bool)), ValueError, "does not broadcast"),
     (dict(mask=torch.ones(3, 1, 1, 20, dtype=torch.bool)), ValueError, "does not broadcast"),
     (dict(mask=torch.ones(2, 1, 1, 20, dtype=torch.int64)), TypeError, "bool"),
-    (dict(window=-1), ValueError, "window"),
-    (dict(softcap=-2.0), ValueError, "softcap"),
     (dict(unified_max=float("inf")), ValueError, "finite"),
 ]
 
 
-@pytest.mark.parametrize("change,error,message", BAD_INPUTS)
-@pytest.mark.parametrize("path", ["op", "triton"])
-def test_bad_inputs_raise_clear_errors(change, error, message, path):
-    args = _bad(**change)
-    fn = torch.ops.llmopt.attention_decode if path == "op" else attention_decode_triton
-    with pytest.raises(error, match=message):
-        fn(**args)
+test_bad_inputs_raise_clear_errors = attention_cases.bad_input_test(
+    torch.ops.llmopt.attention_decode, attention_decode_triton, _bad, BAD_INPUTS)
 
 
 def test_bad_out_buffer():

@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+from codegen import attention_cases
 from conftest import assert_close, count_allocations, poisoned, relative_error
 from llmopt.codegen.attention_decode import attention_decode_ref, attention_decode_triton
 from llmopt.codegen import attention_paged
@@ -407,8 +408,7 @@ def _decode_args(**change):
 
 
 DECODE_BAD = [
-    (dict(q=torch.randn(2, 4, 2, 16)), ValueError, "one new token"),
-    (dict(q=torch.randn(2, 3, 1, 16)), ValueError, "multiple of 2 KV heads"),
+    *attention_cases.shared_decode_rows(2, 4, 16),
     (dict(q=torch.randn(2, 4, 1, 8)), ValueError, "head dim"),
     (dict(q=torch.randn(2, 4, 1, 16).half()), TypeError, "pools are torch.float32"),
     (dict(v_pool=torch.randn(3, 2, 8, 16)), ValueError, "num_blocks, num_kv_heads, block_size, head_dim"),
@@ -416,17 +416,9 @@ DECODE_BAD = [
     (dict(block_tables=torch.zeros(2, 3)), TypeError, "block_tables must be int32 or int64"),
     (dict(seq_lens=torch.tensor([5, 40])), ValueError, "seq_lens must lie in"),
     (dict(block_tables=torch.full((2, 3), 99, dtype=torch.int32)), ValueError, "outside the pool"),
-    (dict(window=-1), ValueError, "window"),
-    (dict(softcap=-1.0), ValueError, "softcap"),
 ]
-
-
-@pytest.mark.parametrize("change,error,message", DECODE_BAD)
-@pytest.mark.parametrize("path", ["op", "triton"])
-def test_decode_bad_inputs(change, error, message, path):
-    fn = torch.ops.llmopt.paged_attention_decode if path == "op" else paged_attention_decode_triton
-    with pytest.raises(error, match=message):
-        fn(**_decode_args(**change))
+test_decode_bad_inputs = attention_cases.bad_input_test(
+    torch.ops.llmopt.paged_attention_decode, paged_attention_decode_triton, _decode_args, DECODE_BAD)
 
 
 def test_prefill_bad_inputs():

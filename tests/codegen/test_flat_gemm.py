@@ -12,16 +12,13 @@ import pytest
 import torch
 from codegen import linear_cases
 from codegen.linear_cases import empty_table, make_case  # noqa: F401  (empty_table: a fixture)
-from hypothesis import given
 
 import llmopt.codegen.linear  # noqa: F401  (registers llmopt::linear)
 from llmopt.codegen.flat_gemm import (
     flat_gemm_block_m, flat_gemm_configs, flat_gemm_heuristic_config, flat_gemm_ref, flat_gemm_triton,
     prune_flat_gemm_configs, shared_memory_bytes,
 )
-from llmopt.codegen.gemv import ACTIVATIONS
 
-DTYPES = linear_cases.DTYPES
 ALL_FLAT = "1:flat_gemm,2:flat_gemm,4:flat_gemm,8:flat_gemm,16:flat_gemm,32:flat_gemm,64:flat_gemm,inf:flat_gemm"
 
 
@@ -29,16 +26,9 @@ ALL_FLAT = "1:flat_gemm,2:flat_gemm,4:flat_gemm,8:flat_gemm,16:flat_gemm,32:flat
 check_against_truth = functools.partial(linear_cases.check_against_truth, flat_gemm_triton, flat_gemm_ref)
 
 
-@given(case=linear_cases.drawn_cases(max_m=64))
-def test_flat_gemm_matches_fp64(case):
-    linear_cases.check_drawn_case(flat_gemm_triton, flat_gemm_ref, case, {"BLOCK_K": 32, "BLOCK_N": 32})
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_every_epilogue(dtype, activation):
-    args = make_case(9, 100, 257, dtype, bias=True, residual=True, activation=activation)
-    check_against_truth(args)
+(test_flat_gemm_matches_fp64, test_every_epilogue,
+ test_empty_reduction_and_empty_rows) = linear_cases.specification_tests(
+    flat_gemm_triton, flat_gemm_ref, max_m=64, drawn_config={"BLOCK_K": 32, "BLOCK_N": 32}, epilogue_rows=9)
 
 
 @pytest.mark.parametrize("M", [17, 33, 63])
@@ -52,12 +42,6 @@ def test_fp32_long_reduction_holds_fp32_tolerance():
     # interpreter checks the fp32 accumulation over a long K
     args = make_case(16, 64, 512, torch.float32, bias=False, residual=False, activation="")
     check_against_truth(args)
-
-
-def test_empty_reduction_and_empty_rows():
-    bias = torch.randn(5)
-    assert torch.equal(flat_gemm_triton(torch.randn(3, 0), torch.randn(5, 0), bias), bias.expand(3, 5))
-    assert flat_gemm_triton(torch.randn(0, 4), torch.randn(5, 4)).shape == (0, 5)
 
 
 def test_opcheck_with_flat_gemm_forced(triton_kernels, empty_table):

@@ -12,14 +12,12 @@ import torch
 from codegen import linear_cases
 from codegen.linear_cases import empty_table, make_case  # noqa: F401  (empty_table: a fixture)
 from conftest import assert_close, poisoned
-from hypothesis import given
 
 import llmopt.codegen.linear  # noqa: F401  (registers llmopt::linear)
 from llmopt.codegen.gemv import (
-    ACTIVATIONS, gemv_configs, gemv_heuristic_config, gemv_ref, gemv_triton, prune_gemv_configs,
+    gemv_configs, gemv_heuristic_config, gemv_ref, gemv_triton, prune_gemv_configs,
 )
 
-DTYPES = linear_cases.DTYPES
 ALL_GEMV = "1:gemv,2:gemv,4:gemv,8:gemv,16:gemv,32:gemv,64:gemv,inf:gemv"
 
 
@@ -27,16 +25,9 @@ ALL_GEMV = "1:gemv,2:gemv,4:gemv,8:gemv,16:gemv,32:gemv,64:gemv,inf:gemv"
 check_against_truth = functools.partial(linear_cases.check_against_truth, gemv_triton, gemv_ref)
 
 
-@given(case=linear_cases.drawn_cases(max_m=4))
-def test_gemv_matches_fp64(case):
-    linear_cases.check_drawn_case(gemv_triton, gemv_ref, case, {"BLOCK_K": 32, "BLOCK_N": 16})
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_every_epilogue_single_row(dtype, activation):
-    args = make_case(1, 100, 257, dtype, bias=True, residual=True, activation=activation)
-    check_against_truth(args)
+(test_gemv_matches_fp64, test_every_epilogue_single_row,
+ test_empty_reduction_and_empty_rows) = linear_cases.specification_tests(
+    gemv_triton, gemv_ref, max_m=4, drawn_config={"BLOCK_K": 32, "BLOCK_N": 16}, epilogue_rows=1)
 
 
 @pytest.mark.parametrize("split_k", [4, 8])
@@ -58,14 +49,6 @@ def test_activation_extremes_stay_finite():
     for activation in ("silu", "gelu", "gelu_tanh"):
         out = gemv_triton(x, weight, activation=activation, out=poisoned((1, 2), torch.float32))
         assert_close(out, gemv_ref(x.double(), weight.double(), activation=activation), torch.float32)
-
-
-def test_empty_reduction_and_empty_rows():
-    x = torch.randn(3, 0)
-    weight = torch.randn(5, 0)
-    bias = torch.randn(5)
-    assert torch.equal(gemv_triton(x, weight, bias), bias.expand(3, 5))
-    assert gemv_triton(torch.randn(0, 4), torch.randn(5, 4)).shape == (0, 5)
 
 
 def test_opcheck_with_gemv_forced(triton_kernels, empty_table):

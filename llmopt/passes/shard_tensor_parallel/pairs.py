@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ...graph import is_constant, tensor_meta
+from ...graph import DIMENSION_VIEW_OPS, RESHAPE_OPS, is_constant, tensor_meta
 from ...runtime.distributed import TensorParallelError
 from ...runtime.rank_heads import kv_heads_of_rank  # also registers the ops of RANK_CACHE_OPS
 
@@ -27,7 +27,7 @@ TP_LOCAL_HEADS = torch.ops.llmopt.tp_local_heads.default
 TP_FULL_HEADS = torch.ops.llmopt.tp_full_heads.default
 RANK_CACHE_OPS = {TP_LOCAL_HEADS, TP_FULL_HEADS}
 
-VIEW_SIZE_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+VIEW_SIZE_OPS = frozenset(RESHAPE_OPS)  # views given a new size (the head split's views)
 
 SDPA_OPS = {
     getattr(aten, name).default
@@ -45,15 +45,12 @@ SDPA_OPS = {
 # layout), and ops checked per call in check_dims (a dimension argument must not be the
 # sharded one).
 HEAD_LOCAL_OPS = {
-    aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim,
-    aten.clone.default, aten.alias.default, aten.detach.default, aten.expand.default,
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
+    *DIMENSION_VIEW_OPS, aten.clone.default, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
     aten.silu.default, aten.gelu.default, aten.tanh.default, aten.pow.Tensor_Scalar,
     aten.sigmoid.default, aten.relu.default, aten.exp.default, aten.where.self,
     aten._to_copy.default, aten.rsqrt.default, aten.add.Scalar, aten.mul.Scalar,
     aten.bmm.default, aten.index_copy.default, aten.index_put.default, operator.getitem,
-    aten.slice.Tensor, aten.select.int, aten.cat.default, aten._softmax.default, aten.split.Tensor,
-    aten.split_with_sizes.default, *VIEW_SIZE_OPS, *SDPA_OPS, *RANK_CACHE_OPS,
+    aten.cat.default, aten._softmax.default, *VIEW_SIZE_OPS, *SDPA_OPS, *RANK_CACHE_OPS,
 }
 
 
