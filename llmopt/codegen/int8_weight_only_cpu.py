@@ -86,10 +86,13 @@ def compile_gemv(args: tuple[torch.Tensor, ...]):
 class CompiledCpuGemv:
     """Compiled int8 GEMVs by call signature (thread count, shapes, dtypes); see module
     docstring. ``compiler``: how a missing one is made (``compile_gemv``; tests pass a
-    failing one). After one compile failure it declines every call (``failed`` says why)."""
+    failing one); ``label``: the scheme named in the failure warning (``int4_weight_only_cpu``
+    keeps an instance of its own). After one compile failure it declines every call
+    (``failed`` says why)."""
 
-    def __init__(self, compiler=compile_gemv) -> None:
+    def __init__(self, compiler=compile_gemv, label: str = "int8") -> None:
         self._compile = compiler
+        self.label = label
         self._compiled: dict[tuple, object] = {}
         self.failed: str | None = None
 
@@ -113,8 +116,8 @@ class CompiledCpuGemv:
                 fn = self._compile(args)
             except Exception as exc:  # noqa: BLE001 - any compile failure means: use the reference
                 self.failed = f"{type(exc).__name__}: {exc}"
-                log.warning("llmopt: the generated CPU int8 GEMV is unavailable (%s); int8 linears "
-                            "on CPU use the slower reference from now on", self.failed)
+                log.warning("llmopt: the generated CPU %s GEMV is unavailable (%s); %s linears "
+                            "on CPU use the slower reference from now on", self.label, self.failed, self.label)
                 return None
             self._compiled[key] = fn
         return fn(list(args))[0]
