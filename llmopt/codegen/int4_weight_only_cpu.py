@@ -51,14 +51,13 @@ from __future__ import annotations
 
 import torch
 
-from .int8_weight_only_cpu import CompiledCpuGemv
+from .int8_weight_only_cpu import CompiledCpuGemv, compile_gemv, gemv_call_supported
 
 # Rows up to which the generated GEMV is used. Measured (one thread, N=2048 K=768, weights
 # streamed): M=1 0.5 ms, M=4 1.7 ms, M=8 3.2 ms against 11-14 ms for the reference (whose
 # whole-weight dequantize dominates); each M compiles its own kernels, so larger M
 # (prefill) stays on the reference rather than compiling one kernel per prompt length.
 CPU_INT4_GEMV_MAX_M = 8
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _int4_gemv(xd: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -86,12 +85,7 @@ def _int4_gemv(xd: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, z
 
 def compile_int4_gemv(args: tuple[torch.Tensor, ...]):
     """Trace the int4 GEMV expression on ``args`` and compile it with Inductor (static shapes)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from ..compat import inductor_compile
-
-    example = [a.clone() for a in args]
-    return inductor_compile(make_fx(_int4_gemv)(*example), example)
+    return compile_gemv(args, expression=_int4_gemv)
 
 
 # The process's compiled int4 GEMVs: the one owner of these kernels (see module docstring).
@@ -100,16 +94,7 @@ COMPILED_INT4_GEMVS = CompiledCpuGemv(compiler=compile_int4_gemv, label="int4")
 
 def int4_gemv_cpu_supported(x2: torch.Tensor, w_packed: torch.Tensor, gemvs: CompiledCpuGemv | None = None) -> bool:
     """Whether the generated GEMV handles this call: CPU, float32/bf16/fp16, 1..CPU_INT4_GEMV_MAX_M rows."""
-    gemvs = COMPILED_INT4_GEMVS if gemvs is None else gemvs
-    return (
-        gemvs.failed is None
-        and x2.device.type == "cpu"
-        and w_packed.device.type == "cpu"
-        and x2.dtype in _DTYPES
-        and 0 < x2.shape[0] <= CPU_INT4_GEMV_MAX_M
-        and w_packed.numel() > 0
-        and not torch.compiler.is_compiling()
-    )
+    return gemv_call_supported(COMPILED_INT4_GEMVS if gemvs is None else gemvs, x2, w_packed, CPU_INT4_GEMV_MAX_M)
 
 
 def int4_gemv_cpu(x2: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
