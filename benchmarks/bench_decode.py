@@ -10,7 +10,9 @@ Peers (``--backends``): ``eager``; ``inductor`` (``torch.compile`` default); on 
 ``inductor-freezing`` (``options={"freezing": True}``, Inductor's weight pre-packing); on
 CUDA ``inductor-max-autotune`` (CUDA graphs); ``torchao-int8`` (torchao int8 weight-only +
 Inductor, when torchao imports); llmopt as shipped (``llmopt``), its executors forced
-(``llmopt-aten``, ``llmopt-inductor``) and quantized (``llmopt-int8``, ``llmopt-int4``).
+(``llmopt-aten``, ``llmopt-inductor``) and quantized (``llmopt-int8``, ``llmopt-int4``, and
+``llmopt-int4-head``: int4 with the untied ``lm_head`` quantized too, which the int4 default
+keeps in float).
 
 Method (DESIGN.md "Benchmarks"):
 - same model, same prompt, same KV capacity; every backend compiles ``model.forward``;
@@ -105,6 +107,12 @@ def _own_code(fn, name: str):
     return call
 
 
+def _int4_with_head():
+    from llmopt.quant import Int4WeightOnly
+
+    return Int4WeightOnly(group_size=128, quantize_head=True)
+
+
 def make_model(model, backend: str):
     """(the module the backend runs, a callable forward): quantizing peers get their own copy."""
     if backend == "eager":
@@ -128,6 +136,7 @@ def make_model(model, backend: str):
         "llmopt-inductor": {"inner": "inductor"},
         "llmopt-int8": {"quantize": "int8"},
         "llmopt-int4": {"quantize": "int4-g128"},
+        "llmopt-int4-head": {"quantize": _int4_with_head()},
     }.get(backend)
     if options is None:
         raise SystemExit(f"unknown backend {backend!r}; see --help")
@@ -257,7 +266,7 @@ def bytes_per_step(model, batch: int, kv_len: int, weight_bytes: int | None = No
 
 
 # Weight bits of the quantizing backends (their linears; embeddings and norms stay float).
-QUANT_BITS = {"llmopt-int8": 8, "torchao-int8": 8, "llmopt-int4": 4}
+QUANT_BITS = {"llmopt-int8": 8, "torchao-int8": 8, "llmopt-int4": 4, "llmopt-int4-head": 4}
 
 
 def quantized_weight_bytes(model, bits: int) -> int:
@@ -353,7 +362,7 @@ def main(argv=None):
     p.add_argument("--loop", default="static", choices=sorted(LOOPS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--backends", default=None, help="comma list: eager,inductor,inductor-freezing,inductor-max-autotune,"
-                                                    "torchao-int8,llmopt,llmopt-aten,llmopt-inductor,llmopt-int8,llmopt-int4")
+                                                    "torchao-int8,llmopt,llmopt-aten,llmopt-inductor,llmopt-int8,llmopt-int4,llmopt-int4-head")
     p.add_argument("--memory", action="store_true", help="also measure each backend's peak memory in a fresh process")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--tag", default=None, help="suffix of the results file name")

@@ -73,23 +73,27 @@ def _int8_gemv(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, *bia
     return (y.to(x.dtype),)
 
 
-def compile_gemv(args: tuple[torch.Tensor, ...]):
-    """Trace the GEMV expression on ``args`` and compile it with Inductor (static shapes)."""
+def compile_gemv(args: tuple[torch.Tensor, ...], expression=_int8_gemv):
+    """Trace the GEMV ``expression`` (default: the int8 one; ``int4_weight_only_cpu`` passes
+    its own) on ``args`` and compile it with Inductor (static shapes)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from ..compat import inductor_compile
 
     example = [a.clone() for a in args]
-    return inductor_compile(make_fx(_int8_gemv)(*example), example)
+    return inductor_compile(make_fx(expression)(*example), example)
 
 
 class CompiledCpuGemv:
     """Compiled int8 GEMVs by call signature (thread count, shapes, dtypes); see module
     docstring. ``compiler``: how a missing one is made (``compile_gemv``; tests pass a
-    failing one). After one compile failure it declines every call (``failed`` says why)."""
+    failing one); ``label``: the scheme named in the failure warning (``int4_weight_only_cpu``
+    keeps an instance of its own). After one compile failure it declines every call
+    (``failed`` says why)."""
 
-    def __init__(self, compiler=compile_gemv) -> None:
+    def __init__(self, compiler=compile_gemv, label: str = "int8") -> None:
         self._compile = compiler
+        self.label = label
         self._compiled: dict[tuple, object] = {}
         self.failed: str | None = None
 
@@ -113,8 +117,8 @@ class CompiledCpuGemv:
                 fn = self._compile(args)
             except Exception as exc:  # noqa: BLE001 - any compile failure means: use the reference
                 self.failed = f"{type(exc).__name__}: {exc}"
-                log.warning("llmopt: the generated CPU int8 GEMV is unavailable (%s); int8 linears "
-                            "on CPU use the slower reference from now on", self.failed)
+                log.warning("llmopt: the generated CPU %s GEMV is unavailable (%s); %s linears "
+                            "on CPU use the slower reference from now on", self.label, self.failed, self.label)
                 return None
             self._compiled[key] = fn
         return fn(list(args))[0]
@@ -127,18 +131,24 @@ class CompiledCpuGemv:
 COMPILED_GEMVS = CompiledCpuGemv()
 
 
-def int8_gemv_cpu_supported(x2: torch.Tensor, w_int8: torch.Tensor, gemvs: CompiledCpuGemv | None = None) -> bool:
-    """Whether the generated GEMV handles this call: CPU, float32/bf16/fp16, 1..CPU_GEMV_MAX_M rows."""
-    gemvs = COMPILED_GEMVS if gemvs is None else gemvs
+def gemv_call_supported(gemvs: CompiledCpuGemv, x2: torch.Tensor, weight: torch.Tensor, max_m: int) -> bool:
+    """Whether a generated CPU GEMV (int8 here, int4 in ``int4_weight_only_cpu``) handles
+    this call: its compiler works, CPU tensors, float32/bf16/fp16 activations, 1..max_m rows,
+    outside a torch.compile trace."""
     return (
         gemvs.failed is None
         and x2.device.type == "cpu"
-        and w_int8.device.type == "cpu"
+        and weight.device.type == "cpu"
         and x2.dtype in _DTYPES
-        and 0 < x2.shape[0] <= CPU_GEMV_MAX_M
-        and w_int8.numel() > 0
+        and 0 < x2.shape[0] <= max_m
+        and weight.numel() > 0
         and not torch.compiler.is_compiling()
     )
+
+
+def int8_gemv_cpu_supported(x2: torch.Tensor, w_int8: torch.Tensor, gemvs: CompiledCpuGemv | None = None) -> bool:
+    """Whether the generated GEMV handles this call: CPU, float32/bf16/fp16, 1..CPU_GEMV_MAX_M rows."""
+    return gemv_call_supported(COMPILED_GEMVS if gemvs is None else gemvs, x2, w_int8, CPU_GEMV_MAX_M)
 
 
 def int8_gemv_cpu(x2: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, bias=None,

@@ -7,11 +7,12 @@ compiler's ``quantize`` option (inside the frozen graph) say *where*. Strings ac
 
 ``compute_dtype`` (weight-only configs and GPTQ): ``None`` (default) runs the quantized
 matmul in the activations' dtype (exact dequantize-and-multiply semantics). ``"bfloat16"``
-casts the linear's input to bf16 and its output back: on CPU, PyTorch's int4 weight kernel
-is fast only for bf16 activations, so this is what makes a float32 model faster after int4
-quantization (int8 needs no cast: its float32 decode path is llmopt's generated GEMV, see
-llmopt/codegen/int8_weight_only_cpu.py); the extra error (activations rounded to 8 mantissa
-bits, ~0.2% relative) is below the weight quantization error.
+casts the linear's input to bf16 and its output back: on CPU it selects PyTorch's bf16
+int4 / int8 weight-pack kernels. A float32 model needs no cast for speed in decode: its
+int8 and int4 linears with a few rows run GEMVs llmopt has Inductor generate
+(llmopt/codegen/int8_weight_only_cpu.py, int4_weight_only_cpu.py), float32-exact; the
+cast's extra error (activations rounded to 8 mantissa bits, ~0.2% relative) is below the
+weight quantization error.
 
 ``quantize_head`` (weight-only and W8A8 configs): whether the output head (``lm_head``)
 is quantized too, when it is not tied to the input embeddings (a tied head stays float:

@@ -6,7 +6,7 @@ model quantized in eager mode also traces under ``torch.compile`` (the ops have 
 implementations). State-dict keys are stable: they are what ``save_quantized`` writes.
 
 ``compute_dtype`` (from the config) casts the input to that dtype and the output back
-(float32 models on CPU use bf16 this way for int4: PyTorch's int4 CPU kernel is bf16-only).
+(on CPU that selects PyTorch's bf16 int4 kernel; float32 decode has its own generated GEMV).
 
 On CPU, the int4 kernel of PyTorch needs its own blocked weight layout. When the module
 computes in bfloat16 (bf16 scales or ``compute_dtype``: the only dtype for which that

@@ -182,10 +182,6 @@ def quantize_(
     targets = select_linears(model, config, filter_fn)
 
     compute_dtype = getattr(config, "compute_dtype", None)
-    int4 = isinstance(config, Int4WeightOnly) or (isinstance(config, GPTQ) and config.bits == 4)
-    slow_int4 = int4 and compute_dtype is None and any(
-        lin.weight.dtype == torch.float32 and lin.weight.device.type == "cpu" for lin in targets.values()
-    )
 
     def replace(name: str, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
         set_submodule(model, name, QuantizedLinear(qw, bias, compute_dtype))
@@ -206,11 +202,4 @@ def quantize_(
     if left:
         warnings.warn(f"quantize_: left {len(left)} MoE experts module(s) in float: {next(iter(left.values()))}",
                       stacklevel=2)
-    if slow_int4:
-        warnings.warn(
-            "quantize_: weight-only int4 with float32 activations on CPU runs the dequantize + matmul "
-            "reference (PyTorch's fast int4 CPU kernel is bfloat16-only); for speed, pass "
-            "compute_dtype='bfloat16' or convert the model with model.to(torch.bfloat16)",
-            stacklevel=2,
-        )
     return model

@@ -22,7 +22,6 @@ from quant.quant_fixtures import tiny_llama, token_batches
 import llmopt.quant.io as qio
 from llmopt.quant import CheckpointError, load_quantized, quantize_, save_quantized
 
-pytestmark = pytest.mark.filterwarnings("ignore:quantize_. weight-only")
 
 MODULE = "model.layers.0.self_attn.q_proj"
 

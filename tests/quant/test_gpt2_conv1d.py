@@ -19,7 +19,6 @@ from quant.quant_fixtures import LOGIT_BOUNDS
 
 from llmopt.quant import GPTQ, W8A8, QuantizedLinear, load_quantized, quantize_, save_quantized
 
-pytestmark = pytest.mark.filterwarnings("ignore:quantize_. weight-only")
 
 CONV1D_PER_LAYER = 4  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
 

@@ -18,7 +18,6 @@ from quant.trained_model import perplexity, split_tokens, trained_model, windows
 
 from llmopt.quant import GPTQ, W8A8, Int4WeightOnly, Int8WeightOnly, quantize_
 
-pytestmark = pytest.mark.filterwarnings("ignore:quantize_. weight-only")
 
 EVAL_WINDOWS = 200
 
