@@ -95,6 +95,20 @@ def _as_process_group(value: Any, dist) -> Any:
     )
 
 
+def compiled_tensor_parallel(model: Any) -> Any:
+    """The ``tensor_parallel`` option ``model`` was compiled with (``torch.compile(model,
+    backend="llmopt", options={"tensor_parallel": ...})``, or a module whose ``forward`` was
+    compiled so), None when it was not: what the runtime's own caches (``llmopt.generate``'s
+    static cache, the Engine's paged pools) read to hold only this rank's K/V heads."""
+    from .. import compat
+
+    for candidate in (model, getattr(model, "forward", None)):
+        options = compat.compile_options(candidate)
+        if options is not None:
+            return options.get("tensor_parallel")
+    return None
+
+
 class CollectiveFailedError(RuntimeError):
     """A collective of a tensor-parallel graph failed: another rank exited or timed out."""
 

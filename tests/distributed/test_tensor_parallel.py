@@ -5,7 +5,8 @@ one scenario of ``tp_worker.py``; the tests read what every rank recorded. The o
 the same seeded model run eagerly in one process: prefill logits within the fp32
 tolerance and equal greedy tokens, for Llama with 2 KV heads (split over the ranks) and 1
 KV head (replicated), Qwen2 (attention biases) and GPT-2 (Conv1D, fused ``c_attn``); int8
-and int4 under TP against the same scheme on one device; the vocab-parallel embedding; a
+and int4 under TP against the same scheme on one device; a tiny Mixtral with its expert
+stacks split along the intermediate dimension (float and int8); the vocab-parallel embedding; a
 ``StaticKVCache`` holding only the rank's KV heads; the Engine under TP against
 ``llmopt.generate``. Exact counts: per 2-layer model, 4 column- and 4 row-parallel linears,
 4 all-reduces, a vocab-parallel LM head with its all-gather, and the rank's graph holding
@@ -35,6 +36,11 @@ def memory(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    return run_ranks("moe", tmp_path_factory.mktemp("tp_moe"))
+
+
+@pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
     return run_ranks("runtime", tmp_path_factory.mktemp("tp_runtime"))
 
@@ -60,6 +66,8 @@ def test_greedy_generation_equal_and_no_decode_recompile(families, name):
         r = result[name]
         assert r["tokens"] == r["ref_tokens"]
         assert r["again_equal"]
+        # generate's own cache holds this rank's K/V heads: 2 split over 2 ranks / the 1 replicated
+        assert r["generate_cache_heads"] == [1]
         # one graph without cache, then the prefill and ONE decode graph for all decode steps
         assert r["graphs_first"] == 3
 
@@ -79,6 +87,22 @@ def test_quantized_under_tensor_parallel(runtime, scheme, quantized):
         assert r["quantized"] == quantized
         assert (r["column"], r["row"], r["vocab"]) == (4, 4, 1)
         assert r["tokens"] == r["ref_tokens"]
+
+
+def test_moe_experts_sharded_along_intermediate(moe):
+    for result in moe:
+        assert result["logits_error"] <= tolerance(torch.float32)
+        assert result["tokens"] == result["ref_tokens"]
+        # per 2-layer Mixtral: 2 QKV columns, 2 o_proj rows, 2 expert blocks (4 stacks), the LM head
+        assert (result["column"], result["row"], result["experts"], result["vocab"], result["rewrites"]) == (2, 2, 2, 1, 9)
+        # one all-reduce per attention and per expert block, the LM head's all-gather
+        assert (result["all_reduce"], result["all_gather"]) == (4, 1)
+        # replicated: embedding 256x64, 5 norms, RoPE inv_freq (8), 2 routers 4x64; the rest halves
+        replicated = (256 * 64 + 5 * 64 + 8 + 2 * 4 * 64) * 4
+        assert result["weight_bytes"] == (result["single_weight_bytes"] - replicated) // 2 + replicated
+        # int8 experts: each rank quantizes its shards (2 expert blocks + 5 linears), tokens as on one device
+        assert result["int8_experts"] == 7
+        assert result["int8_tokens"] == result["int8_ref_tokens"]
 
 
 def test_vocab_parallel_embedding(memory):

@@ -9,6 +9,7 @@ graph, bytes of weights the rank's graph holds, graphs compiled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -64,6 +65,24 @@ def capture_graphs():
     return graphs
 
 
+@contextlib.contextmanager
+def cache_heads_recorded():
+    """The K/V head count of every StaticKVCache built inside the block."""
+    from llmopt.runtime.static_cache import StaticKVCache
+
+    heads, init = [], StaticKVCache.__init__
+
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        heads.append(self.shape[1])
+
+    StaticKVCache.__init__ = record
+    try:
+        yield heads
+    finally:
+        StaticKVCache.__init__ = init
+
+
 def graph_facts(gm) -> dict:
     ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     consts = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -108,7 +127,9 @@ def scenario_families(args) -> dict:
         if name in ("llama", "llama_mqa"):
             with torch.no_grad():
                 ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
-                got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=())
+                with cache_heads_recorded() as heads:  # the cache generate allocates itself
+                    got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=())
+                out[name]["generate_cache_heads"] = heads
                 n_graphs = len(llmopt.reports())
                 again = llmopt.generate(compiled, ids[:, :4], max_new_tokens=7, stop_token_ids=())
                 ref_again = llmopt.generate(model, ids[:, :4], max_new_tokens=7, stop_token_ids=())
@@ -249,6 +270,41 @@ def scenario_engine(args) -> dict:
             outs = engine.generate(prompts, params)
     sharded = [next(p.rewrites for p in r.passes if p.name == "shard_tensor_parallel") for r in llmopt.reports()]
     return {"outputs": outs, "refs": refs, "sharded_per_graph": sharded}
+
+
+def scenario_moe(args) -> dict:
+    """Tiny Mixtral (4 experts, top-2, I = 96): expert stacks sharded along I, prefill logits and
+    greedy tokens against the eager model in one process; int8 experts against int8 on one device."""
+    graphs = capture_graphs()
+    model = build("mixtral")
+    ids = tokens(1, 6)
+    try:
+        with torch.no_grad():
+            ref_logits = model(ids, use_cache=False).logits
+            ref = llmopt.generate(model, ids, max_new_tokens=6, stop_token_ids=())
+            compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+            logits = compiled(ids, use_cache=False).logits
+            facts = {**pass_facts(llmopt.last_report()), **graph_facts(graphs[0])}
+            got = llmopt.generate(compiled, ids, max_new_tokens=6, stop_token_ids=())
+            compat.reset_dynamo()
+            single = torch.compile(model, backend="llmopt", options={"strict": True})
+            single(ids, use_cache=False)
+            facts["single_weight_bytes"] = graph_facts(graphs[-1])["weight_bytes"]
+            compat.reset_dynamo()
+            ref8 = llmopt.generate(torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"}),
+                                   ids, max_new_tokens=6, stop_token_ids=())
+            compat.reset_dynamo()
+            llmopt.clear_reports()
+            got8 = llmopt.generate(torch.compile(model, backend="llmopt", options={**OPTIONS, "quantize": "int8"}),
+                                   ids, max_new_tokens=6, stop_token_ids=())
+    finally:
+        backend.run_pipeline = graphs_pipeline_original
+    report = llmopt.reports()[0]
+    details = [r.detail for r in report.rewrites if r.pass_name == "shard_tensor_parallel"]
+    return {"logits_error": relative_error(logits, ref_logits), "tokens": got.tolist(), "ref_tokens": ref.tolist(),
+            "int8_tokens": got8.tolist(), "int8_ref_tokens": ref8.tolist(), **facts,
+            "experts": sum(d.startswith("experts tensor-parallel") for d in details),
+            "int8_experts": next(p.rewrites for p in report.passes if p.name == "quantize_linears")}
 
 
 def scenario_heads(args) -> dict:

@@ -43,6 +43,11 @@ once, after the all-reduce. The collectives are ``torch.distributed``'s function
 (``compat.functional_collectives``), which the aten executor runs as they are and
 Inductor schedules.
 
+Mixture-of-experts blocks (``llmopt::fused_experts`` from ``fuse_moe``) are sharded by
+:mod:`.experts`: every expert's gate/up rows and down columns along the intermediate
+dimension (the MLP split, for all experts at once), the router replicated, one
+``all_reduce`` after the weighted combine.
+
 Every rank must feed the same tokens: the graph broadcasts rank 0's token ids and asserts
 that this rank's are equal (a rank sampling on its own would otherwise make the
 all-reduces mix different sequences, silently).
@@ -70,6 +75,7 @@ from ... import compat
 from ...graph import is_constant, tensor_meta
 from ...runtime.distributed import resolve_tensor_parallel
 from .collectives import check_same_ids, find_lm_head, shard_embedding, shard_lm_head
+from .experts import FUSED_EXPERTS, shard_experts
 from .pairs import NotShardable, aten, assign_heads, find_pair, is_const_linear
 from .rewrite import shard_pair
 
@@ -107,6 +113,15 @@ def run(gm: fx.GraphModule, ctx) -> int:
         shard_pair(gm, pair, tp, ctx, all_reduce, wait)
         sharded += len(pair.cols) + 1
         collectives += 1
+    experts = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == FUSED_EXPERTS:
+            stacks = shard_experts(gm, node, tp, ctx, all_reduce, wait)
+            if stacks:
+                old_weights.update(stacks)
+                experts += 1
+                sharded += len(stacks)
+                collectives += 1
     head = find_lm_head(gm, claimed)
     if head is not None:
         vocab = int(tensor_meta(head.args[1]).shape[0])
@@ -125,7 +140,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
                 old_weights.add(table.target)
                 sharded += 1
                 collectives += 1
-            if pairs and isinstance(ids, fx.Node) and ids.op == "placeholder" and ids not in checked:
+            if (pairs or experts) and isinstance(ids, fx.Node) and ids.op == "placeholder" and ids not in checked:
                 check_same_ids(gm, ids, tp, wait)
                 checked.add(ids)
                 collectives += 1
@@ -135,9 +150,9 @@ def run(gm: fx.GraphModule, ctx) -> int:
     _release(gm, old_weights)
     ctx.report.notes.append(
         f"shard_tensor_parallel: rank {tp.rank} of {tp.world_size} ({tp.backend}): {sharded} weight(s) sharded "
-        f"in {len(pairs)} column/row pair(s), {collectives} collective(s) inserted"
+        f"in {len(pairs)} column/row pair(s) and {experts} expert block(s), {collectives} collective(s) inserted"
     )
-    if pairs:
+    if pairs or experts:
         ctx.report.notes.append(
             "shard_tensor_parallel: each all_reduce stays a separate collective right before the residual "
             "add + norm (fuse_residual_norm fuses those two; fusing the all-reduce into them needs a custom "
