@@ -10,6 +10,7 @@ construction, before any compilation work.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,14 @@ def resolve_tensor_parallel(value: Any) -> TensorParallelGroup | None:
         group_name=group.group_name,
         backend=str(dist.get_backend(group)),
     )
+
+
+def process_group_of(value: Any) -> Any:
+    """The ``ProcessGroup`` the option ``value`` names (checked as :func:`resolve_tensor_parallel`
+    checks it), for the runtime's own host-side collectives."""
+    resolve_tensor_parallel(value)
+    dist = _dist()
+    return _as_process_group(value, dist) or dist.group.WORLD
 
 
 def _as_process_group(value: Any, dist) -> Any:
@@ -125,20 +134,27 @@ def guard_collectives(run, value: Any):
     tp = resolve_tensor_parallel(value)
 
     def call(args):
-        try:
+        with collectives_guarded(tp):
             return run(args)
-        except RuntimeError as exc:
-            if not _is_collective_failure(exc):
-                raise
-            raise CollectiveFailedError(
-                f"llmopt tensor parallelism: a collective over {tp.world_size} ranks failed on rank {tp.rank} "
-                f"({tp.backend}): another rank probably exited or did not reach the same step within the "
-                f"process group's timeout. Check the other ranks' logs; every rank must run the same calls. "
-                f"Cause: {exc}"
-            ) from exc
 
     call._boxed_call = True
     return call
+
+
+@contextlib.contextmanager
+def collectives_guarded(tp: TensorParallelGroup):
+    """Turn a failed collective inside the block into :class:`CollectiveFailedError`."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not _is_collective_failure(exc):
+            raise
+        raise CollectiveFailedError(
+            f"llmopt tensor parallelism: a collective over {tp.world_size} ranks failed on rank {tp.rank} "
+            f"({tp.backend}): another rank probably exited or did not reach the same step within the "
+            f"process group's timeout. Check the other ranks' logs; every rank must run the same calls. "
+            f"Cause: {exc}"
+        ) from exc
 
 
 def _is_collective_failure(exc: BaseException) -> bool:

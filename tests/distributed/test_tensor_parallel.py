@@ -131,12 +131,31 @@ def test_static_cache_holds_only_the_ranks_heads(memory, name):
             assert r["eager_error"] is None
 
 
+@pytest.mark.parametrize("name", ["llama", "llama_mqa"])
+def test_hf_generate_static_cache_sharded_in_prefill_and_decode(memory, name):
+    for result in memory:
+        r = result["hf_static"][name]
+        assert r["tokens"] == r["ref_tokens"]
+        # HF allocates its StaticCache inside the prefill graph: that graph's attention is sharded
+        # too (9 = every linear), not only the decode graph's
+        assert r["sharded_per_graph"] == [9, 9]
+
+
 def test_engine_under_tensor_parallel(runtime):
     for result in runtime:
         r = result["engine"]
         assert r["outputs"] == r["refs"]  # greedy and seeded sampling: identical on every rank
         assert max(r["sharded_per_graph"]) >= 5  # at least the MLPs and the LM head are sharded
     assert runtime[0]["engine"]["outputs"] == runtime[1]["engine"]["outputs"]
+    # unseeded sampling (each rank seeded differently): rank 0's tokens on every rank
+    assert runtime[0]["engine"]["unseeded"] == runtime[1]["engine"]["unseeded"]
+
+
+def test_engine_ranks_scheduling_differently_fail_loudly(runtime):
+    for result in runtime:
+        error = result["engine"]["diverged"]
+        assert error is not None and error.startswith("ScheduleDivergedError"), error
+        assert "rank(s) [1] scheduled a different step than rank 0" in error
 
 
 def test_indivisible_heads_error_names_both_numbers(runtime):
@@ -160,6 +179,14 @@ def test_dead_rank_fails_the_others_clearly(tmp_path):
     error = results[0]["error"]
     assert error is not None and error.startswith("CollectiveFailedError")
     assert "another rank probably exited" in error
+
+
+def test_rank_dying_mid_decode_fails_the_others_within_the_timeout(tmp_path):
+    results = run_ranks("dead_mid_decode", tmp_path, expect_fail=(1,), timeout=300)
+    r = results[0]
+    assert r["error"] is not None and r["error"].startswith("CollectiveFailedError"), r
+    assert "another rank probably exited" in r["error"]
+    assert r["seconds"] < 60  # the process group's timeout is 30 s: a clear error, never a hang
 
 
 def test_option_without_process_group_is_a_clear_error():

@@ -161,8 +161,8 @@ def scenario_runtime(args) -> dict:
 
 
 def scenario_memory(args) -> dict:
-    """What a rank holds: the vocab-parallel embedding and the per-rank KV cache."""
-    return run_parts(args, scenario_embedding, scenario_rank_cache)
+    """What a rank holds: the vocab-parallel embedding and the per-rank KV cache; HF's own static cache."""
+    return run_parts(args, scenario_embedding, scenario_rank_cache, scenario_hf_static)
 
 
 def scenario_quantized(args) -> dict:
@@ -268,8 +268,18 @@ def scenario_engine(args) -> dict:
         compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
         with Engine(compiled, max_num_seqs=4, block_size=8, max_model_len=64, max_num_batched_tokens=24) as engine:
             outs = engine.generate(prompts, params)
+            # unseeded sampling: each rank's own generator draws, rank 0's tokens are broadcast
+            torch.manual_seed(100 + args.rank)
+            unseeded = engine.generate(prompts[:2], llmopt.SamplingParams(max_new_tokens=5, stop_token_ids=(),
+                                                                          temperature=1.0))
+            try:  # rank 1 schedules one request more: both ranks stop with a clear error
+                extra = prompts[:2] if args.rank == 0 else prompts
+                engine.generate(extra, llmopt.SamplingParams(max_new_tokens=3, stop_token_ids=()))
+                diverged = None
+            except Exception as exc:
+                diverged = f"{type(exc).__name__}: {exc}"
     sharded = [next(p.rewrites for p in r.passes if p.name == "shard_tensor_parallel") for r in llmopt.reports()]
-    return {"outputs": outs, "refs": refs, "sharded_per_graph": sharded}
+    return {"outputs": outs, "refs": refs, "sharded_per_graph": sharded, "unseeded": unseeded, "diverged": diverged}
 
 
 def scenario_moe(args) -> dict:
@@ -307,6 +317,23 @@ def scenario_moe(args) -> dict:
             "int8_experts": next(p.rewrites for p in report.passes if p.name == "quantize_linears")}
 
 
+def scenario_hf_static(args) -> dict:
+    """Hugging Face generate(cache_implementation="static"): HF allocates the cache inside the
+    prefill graph; its attention is sharded there too, and the tokens equal one process's."""
+    from compiled import generate_eager_and_compiled
+
+    out = {}
+    for name in ("llama", "llama_mqa"):
+        compat.reset_dynamo()
+        llmopt.clear_reports()
+        ref, got = generate_eager_and_compiled(build(name), tokens(1, 6), OPTIONS, max_new_tokens=6,
+                                               cache_implementation="static")
+        out[name] = {"tokens": got.tolist(), "ref_tokens": ref.tolist(),
+                     "sharded_per_graph": [next(p.rewrites for p in r.passes if p.name == "shard_tensor_parallel")
+                                           for r in llmopt.reports()]}
+    return out
+
+
 def scenario_heads(args) -> dict:
     model = build("llama_3heads")
     try:
@@ -341,6 +368,23 @@ def scenario_dead_rank(args) -> dict:
     return {"error": None, "seconds": time.monotonic() - start}
 
 
+def scenario_dead_mid_decode(args) -> dict:
+    """Rank 1 exits after two decode steps of llmopt.generate; rank 0 goes on decoding."""
+    model = build("llama")
+    compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+    with torch.no_grad():
+        llmopt.generate(compiled, tokens(1, 4), max_new_tokens=3, stop_token_ids=())  # compiled: prefill, decode
+        if args.rank == 1:  # the same call, cut short: this rank leaves after its third token
+            llmopt.generate(compiled, tokens(1, 4), max_new_tokens=3, stop_token_ids=())
+            os._exit(3)
+        start = time.monotonic()
+        try:
+            llmopt.generate(compiled, tokens(1, 4), max_new_tokens=12, stop_token_ids=())
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("scenario")
@@ -358,7 +402,7 @@ def main() -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(path + ".tmp", path)
-    if args.scenario != "dead_rank":
+    if not args.scenario.startswith("dead_"):
         dist.destroy_process_group()
 
 

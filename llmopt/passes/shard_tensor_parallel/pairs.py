@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from ...graph import is_constant, tensor_meta
+from ..kv_cache import FRESH_ALLOCATIONS
 from ...runtime.distributed import TensorParallelError
 from ...runtime.rank_heads import kv_heads_of_rank  # also registers the ops of RANK_CACHE_OPS
 
@@ -83,9 +84,19 @@ class Pair:
     region: list[fx.Node]
     segments: list[Segment]
     write_backs: list[fx.Node] = field(default_factory=list)
+    # cache writes into an allocation made in this graph and returned by it (Hugging Face's
+    # StaticCache initializes lazily, inside the prefill graph): returned with all heads
+    fresh_outputs: list[fx.Node] = field(default_factory=list)
     kind: str = "mlp"
     q_heads: int = 0
     kv_heads: int = 0
+
+
+
+def is_fresh_cache_write(n: fx.Node) -> bool:
+    """``index_copy(zeros(...), dim, pos, new)``: the first write into a cache allocated in this graph."""
+    cache = n.args[0] if n.target == aten.index_copy.default else None
+    return isinstance(cache, fx.Node) and cache.op == "call_function" and cache.target in FRESH_ALLOCATIONS
 
 
 
@@ -128,7 +139,7 @@ def find_pair(gm, row: fx.Node, claimed: set) -> Pair | None:
     region = [n for n in sorted(region_set, key=order.__getitem__) if n not in cols]
     if row.args[0] not in region_set:
         return None
-    write_backs = []
+    write_backs, fresh_outputs = [], []
     for n in region:
         if n.op != "call_function" or n.target not in HEAD_LOCAL_OPS:
             raise NotShardable(f"{node_name(n)} ({n.target}) between the column and row linears is not known to be head-local")
@@ -138,11 +149,14 @@ def find_pair(gm, row: fx.Node, claimed: set) -> Pair | None:
             if user.target == aten.copy_.default and user.args[1] is n and user.args[0].op == "placeholder":
                 write_backs.append(user)  # a functionalized cache update written back
                 continue
+            if user.op == "output" and is_fresh_cache_write(n):
+                fresh_outputs.append(n)  # a cache allocated in this graph (lazy StaticCache), returned
+                continue
             raise NotShardable(f"{node_name(n)} is also used outside the layer by {node_name(user)}")
     segments = []
     for col in cols:
         segments.extend(_segments(col, region_set))
-    return Pair(row, cols, region, segments, write_backs)
+    return Pair(row, cols, region, segments, write_backs, fresh_outputs)
 
 
 
