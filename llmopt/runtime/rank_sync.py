@@ -23,7 +23,7 @@ import hashlib
 
 import torch
 
-from .distributed import collectives_guarded, compiled_tensor_parallel, process_group_of, resolve_tensor_parallel
+from .distributed import collectives_guarded, process_group_of, resolve_tensor_parallel
 
 __all__ = ["RankSync", "ScheduleDivergedError"]
 
@@ -45,9 +45,8 @@ class RankSync:
         self.steps = 0
 
     @classmethod
-    def for_model(cls, model, device: torch.device) -> RankSync | None:
-        """The sync of a model compiled with ``tensor_parallel`` over several ranks, else None."""
-        value = compiled_tensor_parallel(model)
+    def for_option(cls, value, device: torch.device) -> RankSync | None:
+        """The sync for the compile option ``tensor_parallel=value`` over several ranks, else None."""
         if value is None or resolve_tensor_parallel(value).world_size == 1:
             return None
         return cls(value, device)

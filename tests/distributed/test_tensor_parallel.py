@@ -123,7 +123,8 @@ def test_static_cache_holds_only_the_ranks_heads(memory, name):
         assert r["tokens"] == r["ref_tokens"] and r["again_equal"]
         # prefill and one decode graph; a second prompt length makes the prefill dynamic, once
         assert (r["graphs"], r["graphs_second"]) == (2, 3)
-        assert min(r["sharded_per_graph"]) == 9  # attention sharded in every graph, over the rank's cache
+        assert min(r["sharded_per_graph"]) == 9
+        assert r["pool_heads"] == 1  # the paged pools hold this rank's K/V head only (of 2)  # attention sharded in every graph, over the rank's cache
         assert r["markers"] == 0
         if name == "llama":  # read by the unsharded eager model: a clear error, not a wrong answer
             assert r["eager_error"].startswith("RankLocalCacheError") and "compile the model" in r["eager_error"]
@@ -145,7 +146,9 @@ def test_engine_under_tensor_parallel(runtime):
     for result in runtime:
         r = result["engine"]
         assert r["outputs"] == r["refs"]  # greedy and seeded sampling: identical on every rank
-        assert max(r["sharded_per_graph"]) >= 5  # at least the MLPs and the LM head are sharded
+        # every graph (prefill and decode steps) fully sharded: the paged attention included
+        assert min(r["sharded_per_graph"]) == 9
+        assert r["pool_heads"] == 1  # the paged pools hold this rank's K/V head only (of 2)
     assert runtime[0]["engine"]["outputs"] == runtime[1]["engine"]["outputs"]
     # unseeded sampling (each rank seeded differently): rank 0's tokens on every rank
     assert runtime[0]["engine"]["unseeded"] == runtime[1]["engine"]["unseeded"]

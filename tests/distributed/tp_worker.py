@@ -268,6 +268,7 @@ def scenario_engine(args) -> dict:
         compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
         with Engine(compiled, max_num_seqs=4, block_size=8, max_model_len=64, max_num_batched_tokens=24) as engine:
             outs = engine.generate(prompts, params)
+            pool_heads = engine.cache.layout.num_kv_heads
             # unseeded sampling: each rank's own generator draws, rank 0's tokens are broadcast
             torch.manual_seed(100 + args.rank)
             unseeded = engine.generate(prompts[:2], llmopt.SamplingParams(max_new_tokens=5, stop_token_ids=(),
@@ -279,7 +280,8 @@ def scenario_engine(args) -> dict:
             except Exception as exc:
                 diverged = f"{type(exc).__name__}: {exc}"
     sharded = [next(p.rewrites for p in r.passes if p.name == "shard_tensor_parallel") for r in llmopt.reports()]
-    return {"outputs": outs, "refs": refs, "sharded_per_graph": sharded, "unseeded": unseeded, "diverged": diverged}
+    return {"outputs": outs, "refs": refs, "sharded_per_graph": sharded, "unseeded": unseeded, "diverged": diverged,
+            "pool_heads": pool_heads}
 
 
 def scenario_moe(args) -> dict:

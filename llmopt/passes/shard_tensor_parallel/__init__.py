@@ -63,9 +63,10 @@ holds only this rank's K/V heads and marks its write and read with ``tp_local_he
 (``rewrite._rank_cache_marker``), after checking that the cache's heads are this rank's.
 A cache of all heads still works: the graph then reads and writes its heads of it.
 
-Limits (docs/tensor_parallel.md): the Engine's paged attention is not sharded (its
-append is not known here); the user's module keeps its full parameters (the graph holds
-only this rank's shards; the merged full weights are released).
+The Engine's paged attention (``paged_kv_append`` / ``paged_attention_*``) is head-local
+too (:mod:`.paged`): each call reads and writes this rank's heads of the pools, which keep
+all heads. Limits (docs/tensor_parallel.md): the user's module keeps its full parameters
+(the graph holds only this rank's shards; the merged full weights are released).
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ from ...graph import is_constant, tensor_meta
 from ...runtime.distributed import resolve_tensor_parallel
 from .collectives import check_same_ids, find_lm_head, shard_embedding, shard_lm_head
 from .experts import FUSED_EXPERTS, shard_experts
+from .paged import untangle_workspaces
 from .pairs import NotShardable, aten, assign_heads, find_pair, is_const_linear
 from .rewrite import shard_pair
 
@@ -90,6 +92,8 @@ def run(gm: fx.GraphModule, ctx) -> int:
         ctx.report.notes.append("shard_tensor_parallel: world size 1, nothing to shard")
         return 0
     all_reduce, all_gather, wait = compat.functional_collectives()
+    if untangle_workspaces(gm):  # the Engine's decode graph: its scratch workspace no longer crosses layers
+        gm.graph.eliminate_dead_code()
     pairs, claimed = [], set()
     for node in list(gm.graph.nodes):
         if not is_const_linear(gm, node):

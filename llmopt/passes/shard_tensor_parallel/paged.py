@@ -32,25 +32,10 @@ import operator
 import torch
 import torch.fx as fx
 
-from .pairs import NotShardable, aten, as_int
+from .pairs import AF_V2, PAGED_APPEND, PAGED_DECODE, NotShardable, aten, as_int, is_paged_call
 from .region import evaluate
 
-__all__ = ["is_paged_call", "shard_paged_bases", "untangle_workspaces"]
-
-AF_V2 = getattr(torch.ops.higher_order, "auto_functionalized_v2", None)
-PAGED_APPEND = torch.ops.llmopt.paged_kv_append.default
-PAGED_DECODE = torch.ops.llmopt.paged_attention_decode.default
-PAGED_PREFILL = torch.ops.llmopt.paged_attention_prefill.default
-
-
-def is_paged_call(n: fx.Node) -> bool:
-    """A paged attention op, or the functionalized call of a mutating one."""
-    if n.op != "call_function":
-        return False
-    if n.target == PAGED_PREFILL:
-        return True
-    return AF_V2 is not None and n.target is AF_V2 and n.args[0] in (PAGED_APPEND, PAGED_DECODE)
-
+__all__ = ["shard_paged_bases", "untangle_workspaces"]
 
 def untangle_workspaces(gm: fx.GraphModule) -> int:
     """Every decode attention reads the workspace graph input itself; the chain's write-back is
@@ -75,17 +60,25 @@ def untangle_workspaces(gm: fx.GraphModule) -> int:
     return len(roots)
 
 
-def shard_paged_bases(gm: fx.GraphModule, n: fx.Node, frac: dict, slice_cache: dict) -> None:
-    """Point a functionalized paged call's bases at this rank's heads of them (dim 1)."""
+def shard_paged_bases(gm: fx.GraphModule, n: fx.Node, full: dict, frac: dict, slice_cache: dict) -> None:
+    """Point a functionalized paged call's bases that hold all heads at this rank's heads of
+    them (dim 1). Pools of the rank's heads (``rank_heads``: the ``k`` given is the
+    ``tp_local_heads`` marker's, already local before sharding) are left as they are."""
     if n.target is not AF_V2:
         return
     src = n.kwargs["k"] if n.args[0] is PAGED_APPEND else n.kwargs["q"]
-    if src not in frac:
+    if src not in frac or src not in full:
         return
     lo, hi = frac[src]
+    all_heads = as_int(full[src].shape[1])
+    if all_heads == as_int(src.meta["val"].shape[1]):
+        return  # the input was not cut here: the bases are the rank's already
     bases = []
     for b in n.kwargs["_all_bases"]:
         heads = as_int(b.meta["val"].shape[1])
+        if heads != all_heads:
+            bases.append(b)
+            continue
         start, end = lo * heads, hi * heads
         if start.denominator != 1 or end.denominator != 1:
             raise NotShardable(f"{n.name}: {b.name} cannot be cut at this rank's heads")

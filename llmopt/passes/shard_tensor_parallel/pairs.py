@@ -20,6 +20,7 @@ import torch.fx as fx
 from ...graph import is_constant, tensor_meta
 from ..kv_cache import FRESH_ALLOCATIONS
 from ...runtime.distributed import TensorParallelError
+from ...codegen import attention_paged as _paged_ops  # noqa: F401  (registers the llmopt::paged_* ops)
 from ...runtime.rank_heads import kv_heads_of_rank  # also registers the ops of RANK_CACHE_OPS
 
 aten = torch.ops.aten
@@ -27,6 +28,12 @@ aten = torch.ops.aten
 TP_LOCAL_HEADS = torch.ops.llmopt.tp_local_heads.default
 TP_FULL_HEADS = torch.ops.llmopt.tp_full_heads.default
 RANK_CACHE_OPS = {TP_LOCAL_HEADS, TP_FULL_HEADS}
+
+# The Engine's paged attention (runtime/paged_model.py; sharded by .paged).
+AF_V2 = getattr(torch.ops.higher_order, "auto_functionalized_v2", None)
+PAGED_APPEND = torch.ops.llmopt.paged_kv_append.default
+PAGED_DECODE = torch.ops.llmopt.paged_attention_decode.default
+PAGED_PREFILL = torch.ops.llmopt.paged_attention_prefill.default
 
 VIEW_SIZE_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
@@ -100,6 +107,17 @@ def is_fresh_cache_write(n: fx.Node) -> bool:
 
 
 
+def is_paged_call(n: fx.Node) -> bool:
+    """The Engine's paged attention ops (``llmopt::paged_attention_prefill``, and the
+    functionalized ``paged_kv_append`` / ``paged_attention_decode``): head-local, see .paged."""
+    if n.op != "call_function":
+        return False
+    if n.target == PAGED_PREFILL:
+        return True
+    return AF_V2 is not None and n.target is AF_V2 and n.args[0] in (PAGED_APPEND, PAGED_DECODE)
+
+
+
 def is_const_linear(gm, node) -> bool:
     return (
         node.op == "call_function"
@@ -141,7 +159,7 @@ def find_pair(gm, row: fx.Node, claimed: set) -> Pair | None:
         return None
     write_backs, fresh_outputs = [], []
     for n in region:
-        if n.op != "call_function" or n.target not in HEAD_LOCAL_OPS:
+        if n.op != "call_function" or (n.target not in HEAD_LOCAL_OPS and not is_paged_call(n)):
             raise NotShardable(f"{node_name(n)} ({n.target}) between the column and row linears is not known to be head-local")
         for user in n.users:
             if user in region_set or user is row:

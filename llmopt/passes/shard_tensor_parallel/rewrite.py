@@ -14,7 +14,8 @@ import torch.fx as fx
 
 from ...graph import add_constant, constant_value, real_tensors, tensor_meta
 from .collectives import shard_row
-from .pairs import RANK_CACHE_OPS, TP_LOCAL_HEADS, VIEW_SIZE_OPS, NotShardable, Pair, aten, node_name
+from .paged import shard_paged_bases
+from .pairs import RANK_CACHE_OPS, TP_LOCAL_HEADS, VIEW_SIZE_OPS, NotShardable, Pair, aten, is_paged_call, node_name
 from .region import check_dims, evaluate, local_expand, local_view_shape, shard_dim, slice_side_inputs
 
 
@@ -79,7 +80,10 @@ def shard_pair(gm, pair: Pair, tp, ctx, all_reduce, wait) -> None:
         elif n.target in RANK_CACHE_OPS:
             frac[n] = _rank_cache_marker(n, full, frac, pair)
             markers.append(n)
-        slice_side_inputs(gm, n, full, frac, slice_cache)
+        if is_paged_call(n):  # pools / workspace: a slice at dim 1, not the trailing-dims rule
+            shard_paged_bases(gm, n, full, frac, slice_cache)
+        else:
+            slice_side_inputs(gm, n, full, frac, slice_cache)
         check_dims(n, full)
         n.meta["val"] = evaluate(n)
     for m in markers:  # identities now (see _rank_cache_marker): gone, so later passes see plain cache ops
