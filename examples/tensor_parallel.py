@@ -91,7 +91,7 @@ def main():
                               dtype=spec.dtype, device=spec.device, tensor_parallel="auto")
         hf = model.generate(ids, past_key_values=cache, **hf_kwargs)
 
-        # the Engine: the same requests on every rank; its paged attention runs replicated
+        # the Engine: the same requests on every rank; paged pools of this rank's KV heads
         params = llmopt.SamplingParams(max_new_tokens=args.new_tokens, stop_token_ids=())
         with llmopt.Engine(compiled, max_num_seqs=2, block_size=8,
                            max_model_len=args.prompt_len + args.new_tokens + 8) as engine:

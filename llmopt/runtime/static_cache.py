@@ -52,7 +52,6 @@ from collections.abc import Iterator
 
 import torch
 
-from .distributed import TensorParallelError, resolve_tensor_parallel
 from .rank_heads import rank_kv_heads  # also registers llmopt::tp_local_heads / tp_full_heads
 
 try:

@@ -251,3 +251,27 @@ def test_world_size_one_compiles_unsharded(one_rank_group):
     torch._dynamo.reset()
     assert relative_error(out, ref) <= tolerance(torch.float32)
     assert "shard_tensor_parallel: world size 1, nothing to shard" in llmopt.last_report().notes
+
+
+def test_rank_sync_on_one_rank(one_rank_group):
+    from llmopt.runtime.rank_sync import RankSync
+    from llmopt.runtime.scheduler import StepBatch
+
+    assert RankSync.for_option(None, torch.device("cpu")) is None
+    assert RankSync.for_option("auto", torch.device("cpu")) is None  # one rank: nothing to agree on
+    sync = RankSync("auto", torch.device("cpu"))
+    batch = StepBatch(decode_only=True, ids=[5], positions=[3], seq_ids=[0], counts=[1], slots=[[3]], rows=[0])
+    sync.check_schedule(batch)
+    sync.check_schedule(None)
+    assert sync.broadcast_tokens([7, 9]) == [7, 9] and sync.broadcast_tokens([]) == []
+
+
+def test_caches_hold_all_heads_without_several_ranks(one_rank_group):
+    from llmopt.runtime.paged_cache import PagedCacheLayout
+    from llmopt.runtime.rank_heads import rank_kv_heads
+    from models.tiny import tiny_model
+
+    config = tiny_model("llama").config
+    assert rank_kv_heads(None, 2, "cache") is None and rank_kv_heads("auto", 2, "cache") is None
+    layout = PagedCacheLayout.from_config(config, 4, 8, tensor_parallel="auto")
+    assert (layout.num_kv_heads, layout.rank_heads) == (2, None)

@@ -280,8 +280,9 @@ def scenario_engine(args) -> dict:
             except Exception as exc:
                 diverged = f"{type(exc).__name__}: {exc}"
     sharded = [next(p.rewrites for p in r.passes if p.name == "shard_tensor_parallel") for r in llmopt.reports()]
+    reinplaced = [next(p.rewrites for p in r.passes if p.name == "reinplace_kv") for r in llmopt.reports()]
     return {"outputs": outs, "refs": refs, "sharded_per_graph": sharded, "unseeded": unseeded, "diverged": diverged,
-            "pool_heads": pool_heads}
+            "pool_heads": pool_heads, "reinplaced_per_graph": reinplaced}
 
 
 def scenario_moe(args) -> dict:

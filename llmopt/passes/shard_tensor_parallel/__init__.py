@@ -64,8 +64,8 @@ holds only this rank's K/V heads and marks its write and read with ``tp_local_he
 A cache of all heads still works: the graph then reads and writes its heads of it.
 
 The Engine's paged attention (``paged_kv_append`` / ``paged_attention_*``) is head-local
-too (:mod:`.paged`): each call reads and writes this rank's heads of the pools, which keep
-all heads. Limits (docs/tensor_parallel.md): the user's module keeps its full parameters
+too (:mod:`.paged`): the Engine's pools hold this rank's heads only (marked like the static
+cache's), a pool or workspace of all heads is read and written at this rank's heads. Limits (docs/tensor_parallel.md): the user's module keeps its full parameters
 (the graph holds only this rank's shards; the merged full weights are released).
 """
 from __future__ import annotations

@@ -15,21 +15,24 @@ independently, so they are head-local like SDPA; what the pass must add is:
   pair may not have. Every layer's call is pointed at the graph input itself and the
   write-back dropped (before the pairs are found; nothing reads a workspace's content
   after the layer that wrote it).
-- :func:`shard_paged_bases`: the bases (pools, workspace) hold all heads; each call reads
-  and writes this rank's heads of them, a slice along dim 1 by the head fraction of the
-  ``k`` (append) or ``q`` (decode) it is given. The pools' write-backs then go to the same
-  slices (``rewrite.shard_pair``'s ``slice_cache``).
+- :func:`shard_paged_bases`: a base that holds all heads (the decode workspace
+  ``[N, Hq, ...]``; pools of all heads, built without ``tensor_parallel``) is read and
+  written at this rank's heads, a slice along dim 1 by the head fraction of the ``k``
+  (append) or ``q`` (decode) it is given; the pools' write-backs then go to the same slices
+  (``rewrite.shard_pair``'s ``slice_cache``).
 
-The pools keep all heads (this rank writes and reads its own): pools of the rank's heads
-only would need the Engine's layout and the paged attention to carry the
-``tp_local_heads`` / ``tp_full_heads`` markers as the static cache does (docs/tensor_parallel.md,
-"Limits"). Torch releases without ``auto_functionalized_v2`` leave the attention replicated.
+The Engine builds pools of the rank's heads only (``PagedCacheLayout.from_config(...,
+tensor_parallel=)``) and its attention marks them as the static cache does
+(``tp_local_heads`` on the new K/V, ``tp_full_heads`` on the pools it reads; removed by
+``rewrite._rank_cache_marker``): the pools are then graph inputs of the local size, not
+slices, so ``reinplace_kv`` writes them in place as on one device. Torch releases without
+``auto_functionalized_v2`` leave the attention replicated (and such pools then raise
+``RankLocalCacheError``, saying so).
 """
 from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 
 from .pairs import AF_V2, PAGED_APPEND, PAGED_DECODE, NotShardable, aten, as_int, is_paged_call
