@@ -148,6 +148,8 @@ def test_engine_under_tensor_parallel(runtime):
         # every graph (prefill and decode steps) fully sharded: the paged attention included
         assert min(r["sharded_per_graph"]) == 9
         assert r["pool_heads"] == 1  # the paged pools hold this rank's K/V head only (of 2)
+        # both layers' pool appends written in place (the pools are graph inputs, not slices)
+        assert set(r["reinplaced_per_graph"]) == {2}
     assert runtime[0]["engine"]["outputs"] == runtime[1]["engine"]["outputs"]
     # unseeded sampling (each rank seeded differently): rank 0's tokens on every rank
     assert runtime[0]["engine"]["unseeded"] == runtime[1]["engine"]["unseeded"]
