@@ -9,7 +9,11 @@ keeps this rank's attention heads and MLP features, adds an all-reduce after ``o
 ``down_proj`` and gathers the vocabulary-parallel logits (docs/tensor_parallel.md). Rank 0
 then checks that greedy tokens from ``llmopt.generate`` and from Hugging Face ``generate``
 with a static cache of the rank's KV heads (``StaticKVCache(..., tensor_parallel="auto")``)
-equal the model run eagerly in one process, and prints what was sharded.
+equal the model run eagerly in one process, and so do ``llmopt.Engine``'s (which checks
+every step that all ranks scheduled the same batch, and takes rank 0's sampled tokens), and
+prints what was sharded. ``llmopt.generate``'s own cache holds only the rank's KV heads too
+(it reads the compile's ``tensor_parallel`` option). A mixture-of-experts model (``--model``
+a local Mixtral / Qwen-MoE directory) has its experts split along their intermediate dimension.
 
 Without ``torchrun`` (no ``RANK`` in the environment) the script starts ``--nproc`` copies of
 itself with the variables ``torchrun`` would set. Backend: NCCL when CUDA is available,
@@ -87,6 +91,12 @@ def main():
                               dtype=spec.dtype, device=spec.device, tensor_parallel="auto")
         hf = model.generate(ids, past_key_values=cache, **hf_kwargs)
 
+        # the Engine: the same requests on every rank; paged pools of this rank's KV heads
+        params = llmopt.SamplingParams(max_new_tokens=args.new_tokens, stop_token_ids=())
+        with llmopt.Engine(compiled, max_num_seqs=2, block_size=8,
+                           max_model_len=args.prompt_len + args.new_tokens + 8) as engine:
+            served = engine.generate([ids[0].tolist()], params)[0]
+
     if rank == 0:
         world = dist.get_world_size()
         print(f"model: {spec.name}, {spec.num_parameters():,} parameters, {world} ranks ({dist.get_backend()})")
@@ -98,6 +108,7 @@ def main():
                 print(f"  {r.layer}: {r.detail}")
         print(f"tokens equal (llmopt.generate, {world} ranks vs eager): {torch.equal(ours, eager)}")
         print(f"tokens equal (HF generate + StaticKVCache, {world} ranks vs eager): {torch.equal(hf, eager)}")
+        print(f"tokens equal (llmopt.Engine, {world} ranks vs eager): {served == eager[0, ids.shape[1]:].tolist()}")
         print(f"KV heads in this rank's cache: {cache.shape[1]} of {model.config.num_key_value_heads}")
     dist.destroy_process_group()
 

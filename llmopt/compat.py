@@ -395,3 +395,39 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     and it has a meta kernel, so it traces under fake tensors.
     """
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def compile_options(model: Any, backend: str = "llmopt") -> dict | None:
+    """The ``options`` dict given to ``torch.compile(model, backend=backend, options=...)``
+    for ``model`` (a ``torch.compile`` wrapper of a module or a function), ``{}`` when it was
+    compiled with that backend and no options, None when it was not compiled with it.
+
+    Dynamo keeps the backend behind a chain of wrappers (``OptimizedModule.dynamo_ctx`` →
+    the frame callback → ``ConvertFrame`` → ``WrapBackendDebug`` → ``torch._TorchCompileWrapper``,
+    whose ``kwargs`` hold the options); the chain differs across releases, so it is walked
+    through every attribute that links one wrapper to the next, until the wrapper that names
+    the backend.
+    """
+    ctx = getattr(model, "dynamo_ctx", None)
+    start = getattr(ctx, "callback", None)
+    if start is None:  # a compiled function: the context sits in its closure
+        for cell in getattr(model, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if hasattr(value, "callback"):
+                start = value.callback
+                break
+    seen, stack = set(), [start]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen or len(seen) > 32:
+            continue
+        seen.add(id(obj))
+        if getattr(obj, "compiler_name", None) == backend and isinstance(getattr(obj, "kwargs", None), dict):
+            return dict(obj.kwargs.get("options") or {})
+        for link in ("_torchdynamo_orig_backend", "_torchdynamo_orig_callable", "__wrapped__", "_inner_convert",
+                     "compiler_fn"):
+            stack.append(getattr(obj, link, None))
+    return None

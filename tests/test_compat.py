@@ -121,3 +121,13 @@ def test_onednn_linear_matches_f_linear_and_traces():
             / want.norm()).item() <= 1e-5  # a strided (transposed-view) weight works too
     traced = make_fx(compat.onednn_linear, tracing_mode="fake")(x, w, b)  # has a meta kernel: traces
     assert any("_linear_pointwise" in str(n.target) for n in traced.graph.nodes)
+
+
+def test_compile_options_read_back_from_the_wrapper():
+    module = torch.nn.Linear(2, 2)
+    options = {"strict": True, "tensor_parallel": None}
+    assert compat.compile_options(torch.compile(module, backend="llmopt", options=options)) == options
+    assert compat.compile_options(torch.compile(module, backend="llmopt")) == {}
+    assert compat.compile_options(torch.compile(module.forward, backend="llmopt", options=options)) == options
+    assert compat.compile_options(torch.compile(module, backend="eager")) is None
+    assert compat.compile_options(module) is None

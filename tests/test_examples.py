@@ -34,7 +34,8 @@ SMALL: dict[str, tuple[list[str], list[str]]] = {
                          "tokens equal to eager: True"]),
     "tensor_parallel.py": (["--layers", "1", "--new-tokens", "4", "--prompt-len", "6"],
                            ["tokens equal (llmopt.generate, 2 ranks vs eager): True",
-                            "tokens equal (HF generate + StaticKVCache, 2 ranks vs eager): True"]),
+                            "tokens equal (HF generate + StaticKVCache, 2 ranks vs eager): True",
+                            "tokens equal (llmopt.Engine, 2 ranks vs eager): True"]),
     # Written with other issues:
     "quantize_and_save.py": (["--small", "--scheme", "int8", "--out", "{tmp}/quantized"], []),
 }

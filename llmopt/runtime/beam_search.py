@@ -72,6 +72,7 @@ def run_beam_search(
 ) -> torch.Tensor:
     """The loop behind ``generate(..., num_beams=n)``: ``[B, P + generated]``, each prompt's best
     finished hypothesis followed by ``pad_id``."""
+    from .distributed import compiled_tensor_parallel
     from .static_cache import KVCacheFullError, StaticKVCache
 
     _check(num_beams, length_penalty, early_stopping, params)
@@ -85,7 +86,8 @@ def run_beam_search(
     seq_len = total if max_seq_len is None else max_seq_len
     if seq_len < total - 1:
         raise KVCacheFullError(seq_len, total - 1)
-    cache = StaticKVCache(config, batch_size=batch * n, max_seq_len=seq_len, dtype=dtype, device=device)
+    cache = StaticKVCache(config, batch_size=batch * n, max_seq_len=seq_len, dtype=dtype, device=device,
+                          tensor_parallel=compiled_tensor_parallel(model))  # this rank's K/V heads under TP
 
     flat_ids = input_ids.repeat_interleave(n, 0)
     flat_mask = attention_mask.repeat_interleave(n, 0)

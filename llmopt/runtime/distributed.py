@@ -10,6 +10,7 @@ construction, before any compilation work.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,14 @@ def resolve_tensor_parallel(value: Any) -> TensorParallelGroup | None:
     )
 
 
+def process_group_of(value: Any) -> Any:
+    """The ``ProcessGroup`` the option ``value`` names (checked as :func:`resolve_tensor_parallel`
+    checks it), for the runtime's own host-side collectives."""
+    resolve_tensor_parallel(value)
+    dist = _dist()
+    return _as_process_group(value, dist) or dist.group.WORLD
+
+
 def _as_process_group(value: Any, dist) -> Any:
     if isinstance(value, str):
         if value != "auto":
@@ -95,6 +104,20 @@ def _as_process_group(value: Any, dist) -> Any:
     )
 
 
+def compiled_tensor_parallel(model: Any) -> Any:
+    """The ``tensor_parallel`` option ``model`` was compiled with (``torch.compile(model,
+    backend="llmopt", options={"tensor_parallel": ...})``, or a module whose ``forward`` was
+    compiled so), None when it was not: what the runtime's own caches (``llmopt.generate``'s
+    static cache, the Engine's paged pools) read to hold only this rank's K/V heads."""
+    from .. import compat
+
+    for candidate in (model, getattr(model, "forward", None)):
+        options = compat.compile_options(candidate)
+        if options is not None:
+            return options.get("tensor_parallel")
+    return None
+
+
 class CollectiveFailedError(RuntimeError):
     """A collective of a tensor-parallel graph failed: another rank exited or timed out."""
 
@@ -111,20 +134,27 @@ def guard_collectives(run, value: Any):
     tp = resolve_tensor_parallel(value)
 
     def call(args):
-        try:
+        with collectives_guarded(tp):
             return run(args)
-        except RuntimeError as exc:
-            if not _is_collective_failure(exc):
-                raise
-            raise CollectiveFailedError(
-                f"llmopt tensor parallelism: a collective over {tp.world_size} ranks failed on rank {tp.rank} "
-                f"({tp.backend}): another rank probably exited or did not reach the same step within the "
-                f"process group's timeout. Check the other ranks' logs; every rank must run the same calls. "
-                f"Cause: {exc}"
-            ) from exc
 
     call._boxed_call = True
     return call
+
+
+@contextlib.contextmanager
+def collectives_guarded(tp: TensorParallelGroup):
+    """Turn a failed collective inside the block into :class:`CollectiveFailedError`."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not _is_collective_failure(exc):
+            raise
+        raise CollectiveFailedError(
+            f"llmopt tensor parallelism: a collective over {tp.world_size} ranks failed on rank {tp.rank} "
+            f"({tp.backend}): another rank probably exited or did not reach the same step within the "
+            f"process group's timeout. Check the other ranks' logs; every rank must run the same calls. "
+            f"Cause: {exc}"
+        ) from exc
 
 
 def _is_collective_failure(exc: BaseException) -> bool:

@@ -49,6 +49,8 @@ from .hf_model import as_token_tuple, floating_parameter, generation_attr
 from .model_runner import ModelRunner
 from .paged_cache import PagedCacheLayout, PagedKVCache
 from .paged_model import PagedModelRunner
+from .distributed import compiled_tensor_parallel
+from .rank_sync import RankSync
 from .sampling import SamplingParams, make_generator
 from .scheduler import (FINISHED, POLICIES, EngineStats, Request, Scheduler, StepBatch, StreamCallback,
                         as_sampling_params)
@@ -172,7 +174,11 @@ class Engine:
         blocks_per_seq = -(-max_model_len // block_size)
         if num_blocks is None:
             num_blocks = max_num_seqs * blocks_per_seq
-        layout = PagedCacheLayout.from_config(hf.config, num_blocks, block_size, self.dtype, self.device)
+        # tensor parallelism (the model compiled with options={"tensor_parallel": ...}): pools of
+        # this rank's K/V heads, and the ranks' agreement on each step (.rank_sync)
+        tensor_parallel = compiled_tensor_parallel(model)
+        layout = PagedCacheLayout.from_config(hf.config, num_blocks, block_size, self.dtype, self.device,
+                                              tensor_parallel=tensor_parallel)
         self.cache = PagedKVCache(layout, max_blocks_per_seq=blocks_per_seq)
         self.vocab_size = int(getattr(hf.config, "vocab_size", 0) or 0)
         self.eos_token_ids = as_token_tuple(generation_attr(hf, "eos_token_id"))
@@ -188,6 +194,8 @@ class Engine:
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self.runner = ModelRunner(paged_model, self.cache, device=self.device, max_num_seqs=max_num_seqs,
                                   cuda_graphs=use_graphs)
+        # tensor parallelism: ranks check they run the same step and take rank 0's tokens
+        self._rank_sync = RankSync.for_option(tensor_parallel, self.device)
 
     # -- requests -----------------------------------------------------------------------
     def add_request(self, prompt_ids, sampling_params: SamplingParams | None = None, *,
@@ -255,6 +263,8 @@ class Engine:
             if outputs is not None:
                 return outputs
         batch = self.scheduler.schedule()
+        if self._rank_sync is not None:
+            self._rank_sync.check_schedule(batch)
         if batch is None:
             return []
         decode_tokens = batch.decode_tokens  # before the commit gives first tokens an output
@@ -344,6 +354,8 @@ class Engine:
                 entries.append((child, row))
             req.children = []
         tokens = self.runner.sample(entries, logits)
+        if self._rank_sync is not None:
+            tokens = self._rank_sync.broadcast_tokens(tokens)
         outputs = []
         for (req, _), token in zip(entries, tokens):
             reason = self._commit_token(req, token)

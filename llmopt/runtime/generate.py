@@ -434,6 +434,7 @@ def _resolve_pad_token(pad_token_id, hf_model, stops) -> int:
 def _prepare_cache(cache, model, hf_model, batch, max_seq_len, default_len, dtype, device):
     # Imported here: it needs transformers, which `import llmopt` must not (see runtime/__init__).
     from .hf_cache_compat import check_model_takes_cache_objects
+    from .distributed import compiled_tensor_parallel
     from .static_cache import StaticKVCache
 
     check_model_takes_cache_objects(hf_model)
@@ -462,7 +463,10 @@ def _prepare_cache(cache, model, hf_model, batch, max_seq_len, default_len, dtyp
         max_seq_len = default_len
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be an int >= 1, got {max_seq_len!r}")
-    return StaticKVCache(config, batch_size=batch, max_seq_len=max_seq_len, dtype=dtype, device=device)
+    # Under tensor parallelism (the model compiled with options={"tensor_parallel": ...}) the
+    # cache holds only this rank's K/V heads, as StaticKVCache(..., tensor_parallel=) does.
+    return StaticKVCache(config, batch_size=batch, max_seq_len=max_seq_len, dtype=dtype, device=device,
+                         tensor_parallel=compiled_tensor_parallel(model))
 
 
 class _Progress:

@@ -110,15 +110,24 @@ class ModelRunner:
         if qsl is None:
             qsl = self._qsl_by_bucket[bucket] = torch.arange(bucket + 1, dtype=torch.int32, device=ids.device)
         meta = PagedAttentionMetadata(block_tables, seq_lens, qsl, slot_mapping, True,
-                                      self.cache.k_pools, self.cache.v_pools)
+                                      self.cache.k_pools, self.cache.v_pools,
+                                      rank_heads=self.cache.layout.rank_heads)
         return self.model(ids, positions, meta, None)
 
     def _probe_metadata(self) -> PagedAttentionMetadata:
         dev = self.device
+        k_pools, v_pools = self.cache.k_pools, self.cache.v_pools
+        if self.cache.layout.rank_heads is not None:
+            # the check runs the eager (unsharded) model, which computes all K/V heads: one
+            # scratch block of all heads per layer (the padding token writes nothing)
+            lay = self.cache.layout
+            shape = (1, lay.rank_heads[2], lay.block_size, lay.head_dim)
+            k_pools = [torch.zeros(shape, dtype=lay.dtype, device=dev) for _ in range(lay.num_layers)]
+            v_pools = [torch.zeros(shape, dtype=lay.dtype, device=dev) for _ in range(lay.num_layers)]
         return PagedAttentionMetadata(
             block_tables=torch.zeros((1, self.cache.max_blocks_per_seq), dtype=torch.int32, device=dev),
             seq_lens=torch.zeros(1, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=dev),
             slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=dev),
-            decode_only=True, k_pools=self.cache.k_pools, v_pools=self.cache.v_pools,
+            decode_only=True, k_pools=k_pools, v_pools=v_pools,
         )

@@ -44,6 +44,7 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from .. import compat
+from .rank_heads import rank_kv_heads
 from ..codegen.attention_paged import (
     DEFAULT_BLOCK_SIZE,
     PagedDecodePlan,
@@ -135,6 +136,9 @@ class PagedCacheLayout:
     block_size: int = DEFAULT_BLOCK_SIZE
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
+    # Tensor parallelism: (start, end, all) of the K/V heads this rank's pools hold
+    # (num_kv_heads == end - start); None: all heads. See runtime/rank_heads.py.
+    rank_heads: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_blocks", "num_kv_heads", "head_dim", "block_size"):
@@ -157,8 +161,9 @@ class PagedCacheLayout:
 
     @classmethod
     def from_config(cls, config, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                    dtype: torch.dtype = torch.float32, device="cpu") -> PagedCacheLayout:
-        """The layout for a Hugging Face decoder config (layers, KV heads, head dim)."""
+                    dtype: torch.dtype = torch.float32, device="cpu", *, tensor_parallel=None) -> PagedCacheLayout:
+        """The layout for a Hugging Face decoder config (layers, KV heads, head dim);
+        ``tensor_parallel=`` (the compile option's value): pools of this rank's K/V heads only."""
         getter = getattr(config, "get_text_config", None)
         cfg = config
         if getter is not None:
@@ -175,7 +180,11 @@ class PagedCacheLayout:
                 f"cannot read num_hidden_layers / num_key_value_heads / head_dim from {type(cfg).__name__}; "
                 "build PagedCacheLayout(...) explicitly"
             )
-        return cls(int(layers), num_blocks, int(kv_heads), int(head_dim), block_size, dtype, torch.device(device))
+        rank_heads = rank_kv_heads(tensor_parallel, int(kv_heads), "the Engine's paged KV cache")
+        if rank_heads is not None:
+            kv_heads = rank_heads[1] - rank_heads[0]
+        return cls(int(layers), num_blocks, int(kv_heads), int(head_dim), block_size, dtype, torch.device(device),
+                   rank_heads)
 
 
 @dataclasses.dataclass
@@ -213,6 +222,8 @@ class PagedAttentionMetadata:
     v_pools: list[torch.Tensor] = dataclasses.field(default_factory=list, repr=False)
     layers_seen: list[int] | None = None
     decode_plan: PagedDecodePlan | None = None
+    # the layout's rank_heads: the pools hold only these K/V heads (tensor parallelism)
+    rank_heads: tuple[int, int, int] | None = None
 
     def plan_decode(self, num_q_heads: int, head_dim: int, dtype: torch.dtype | None = None) -> PagedDecodePlan:
         """The step's decode plan for ``num_q_heads`` query heads of ``head_dim``: the one
@@ -475,6 +486,7 @@ class PagedKVCache:
             decode_only=decode_only,
             k_pools=self.k_pools,
             v_pools=self.v_pools,
+            rank_heads=self.layout.rank_heads,
         )
 
     def __repr__(self) -> str:

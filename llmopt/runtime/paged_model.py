@@ -47,6 +47,7 @@ import torch
 from ..codegen import attention_paged as _paged_ops  # noqa: F401  (registers the llmopt::paged_* ops)
 from .hf_model import forward_parameter_names, text_config, unwrap_hf_model
 from .paged_cache import PagedAttentionMetadata
+from .rank_heads import RankLocalCacheError  # noqa: F401  (registers llmopt::tp_local_heads / tp_full_heads)
 
 __all__ = ["ATTENTION_NAME", "PagedModelRunner", "paged_attention_forward", "register_paged_attention"]
 
@@ -85,9 +86,18 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     if meta.layers_seen is not None:
         meta.layers_seen.append(layer)
     k_pool, v_pool = meta.k_pools[layer], meta.v_pools[layer]
+    if meta.rank_heads is not None:
+        # pools of this rank's K/V heads (tensor parallelism): write those heads, read the pools
+        # as if they held all; shard_tensor_parallel removes both markers (see .rank_heads)
+        start, end, total = meta.rank_heads
+        key = torch.ops.llmopt.tp_local_heads(key, 1, start, end)
+        value = torch.ops.llmopt.tp_local_heads(value, 1, start, end)
     # [1, H, T, D] -> [T, H, D]: views, no copy
     torch.ops.llmopt.paged_kv_append(k_pool, v_pool, meta.slot_mapping, key[0].transpose(0, 1),
                                      value[0].transpose(0, 1))
+    if meta.rank_heads is not None:
+        k_pool = torch.ops.llmopt.tp_full_heads(k_pool, 1, total, start)
+        v_pool = torch.ops.llmopt.tp_full_heads(v_pool, 1, total, start)
     q = query[0].transpose(0, 1)
     scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
     window = int(sliding_window) if sliding_window else 0

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RankLocalCacheError", "kv_heads_of_rank", "tp_full_heads", "tp_local_heads"]
+__all__ = ["RankLocalCacheError", "kv_heads_of_rank", "rank_kv_heads", "tp_full_heads", "tp_local_heads"]
 
 
 class RankLocalCacheError(RuntimeError):
@@ -42,6 +42,29 @@ def kv_heads_of_rank(kv_heads: int, world_size: int, rank: int) -> tuple[int, in
         head = rank * kv_heads // world_size
         return head, head + 1
     return None
+
+
+def rank_kv_heads(tensor_parallel, kv_heads: int, what: str) -> tuple[int, int, int] | None:
+    """``(start, end, kv_heads)`` of the K/V heads a cache built with ``tensor_parallel=`` (the
+    compile option's value) holds on this rank, or None when it holds all of them (no
+    tensor parallelism, one rank, or a single KV head replicated on every rank). ``what``
+    names the cache in the error raised when the heads cannot be split."""
+    if tensor_parallel is None:
+        return None
+    from .distributed import TensorParallelError, resolve_tensor_parallel
+
+    tp = resolve_tensor_parallel(tensor_parallel)
+    if tp.world_size == 1:
+        return None
+    heads = kv_heads_of_rank(kv_heads, tp.world_size, tp.rank)
+    if heads is None:
+        raise TensorParallelError(
+            f"{what}: {kv_heads} key/value heads cannot be split over the world size {tp.world_size}; "
+            "use a world size that divides the heads or is a multiple of them"
+        )
+    if heads[1] - heads[0] == kv_heads:  # one KV head replicated on every rank: nothing to save
+        return None
+    return (*heads, kv_heads)
 
 
 @torch.library.custom_op("llmopt::tp_local_heads", mutates_args=())

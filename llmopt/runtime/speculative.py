@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .distributed import compiled_tensor_parallel
 from .hf_model import floating_parameter, forward_parameter_names, text_config, unwrap_hf_model
 from .sampling import SamplingParams, top_k_filter, top_p_filter
 
@@ -404,7 +405,8 @@ def run_speculative(
         # The draft writes at most k + 1 slots past the target's reservation (module doc). Its
         # size follows the target cache's, not the request: a compiled draft is not re-traced.
         draft_cache = StaticKVCache(config, batch_size=batch, max_seq_len=cache.max_seq_len + k + 1,
-                                    dtype=weight.dtype if weight is not None else cache.dtype, device=device)
+                                    dtype=weight.dtype if weight is not None else cache.dtype, device=device,
+                                    tensor_parallel=compiled_tensor_parallel(draft))
         proposer = DraftModelProposer(draft, draft_cache, k, forward_parameter_names(hf_draft), attention_mask,
                                       prompt_len - (attention_mask.cumsum(-1) == 0).sum(-1) + max_new_tokens - 2)
 

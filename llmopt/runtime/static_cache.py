@@ -52,8 +52,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .distributed import TensorParallelError, resolve_tensor_parallel
-from .rank_heads import kv_heads_of_rank  # also registers llmopt::tp_local_heads / tp_full_heads
+from .rank_heads import rank_kv_heads  # also registers llmopt::tp_local_heads / tp_full_heads
 
 try:
     from .hf_cache_compat import (
@@ -183,23 +182,6 @@ class StaticKVLayer(StaticLayerBase):
         self.num_tokens = 0
 
 
-def _rank_heads(tensor_parallel, kv_heads: int) -> tuple[int, int, int] | None:
-    if tensor_parallel is None:
-        return None
-    tp = resolve_tensor_parallel(tensor_parallel)
-    if tp.world_size == 1:
-        return None
-    heads = kv_heads_of_rank(kv_heads, tp.world_size, tp.rank)
-    if heads is None:
-        raise TensorParallelError(
-            f"StaticKVCache: {kv_heads} key/value heads cannot be split over the world size {tp.world_size}; "
-            "use a world size that divides the heads or is a multiple of them"
-        )
-    if heads[1] - heads[0] == kv_heads:  # one KV head replicated on every rank: nothing to save
-        return None
-    return (*heads, kv_heads)
-
-
 class StaticKVCache(StaticCacheBase):
     """Preallocated per-layer K/V ``[batch, num_kv_heads, max_seq_len, head_dim]`` (see module doc).
 
@@ -248,7 +230,7 @@ class StaticKVCache(StaticCacheBase):
         kv_heads = num_kv_heads or kv_heads
         dim = head_dim or dim
         # (start, end, all heads) of this rank's K/V heads under tensor parallelism, else None.
-        self.rank_heads = _rank_heads(tensor_parallel, kv_heads)
+        self.rank_heads = rank_kv_heads(tensor_parallel, kv_heads, "StaticKVCache")
         if self.rank_heads is not None:
             kv_heads = self.rank_heads[1] - self.rank_heads[0]
 

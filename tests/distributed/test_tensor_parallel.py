@@ -5,7 +5,8 @@ one scenario of ``tp_worker.py``; the tests read what every rank recorded. The o
 the same seeded model run eagerly in one process: prefill logits within the fp32
 tolerance and equal greedy tokens, for Llama with 2 KV heads (split over the ranks) and 1
 KV head (replicated), Qwen2 (attention biases) and GPT-2 (Conv1D, fused ``c_attn``); int8
-and int4 under TP against the same scheme on one device; the vocab-parallel embedding; a
+and int4 under TP against the same scheme on one device; a tiny Mixtral with its expert
+stacks split along the intermediate dimension (float and int8); the vocab-parallel embedding; a
 ``StaticKVCache`` holding only the rank's KV heads; the Engine under TP against
 ``llmopt.generate``. Exact counts: per 2-layer model, 4 column- and 4 row-parallel linears,
 4 all-reduces, a vocab-parallel LM head with its all-gather, and the rank's graph holding
@@ -35,6 +36,11 @@ def memory(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    return run_ranks("moe", tmp_path_factory.mktemp("tp_moe"))
+
+
+@pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
     return run_ranks("runtime", tmp_path_factory.mktemp("tp_runtime"))
 
@@ -60,6 +66,8 @@ def test_greedy_generation_equal_and_no_decode_recompile(families, name):
         r = result[name]
         assert r["tokens"] == r["ref_tokens"]
         assert r["again_equal"]
+        # generate's own cache holds this rank's K/V heads: 2 split over 2 ranks / the 1 replicated
+        assert r["generate_cache_heads"] == [1]
         # one graph without cache, then the prefill and ONE decode graph for all decode steps
         assert r["graphs_first"] == 3
 
@@ -79,6 +87,22 @@ def test_quantized_under_tensor_parallel(runtime, scheme, quantized):
         assert r["quantized"] == quantized
         assert (r["column"], r["row"], r["vocab"]) == (4, 4, 1)
         assert r["tokens"] == r["ref_tokens"]
+
+
+def test_moe_experts_sharded_along_intermediate(moe):
+    for result in moe:
+        assert result["logits_error"] <= tolerance(torch.float32)
+        assert result["tokens"] == result["ref_tokens"]
+        # per 2-layer Mixtral: 2 QKV columns, 2 o_proj rows, 2 expert blocks (4 stacks), the LM head
+        assert (result["column"], result["row"], result["experts"], result["vocab"], result["rewrites"]) == (2, 2, 2, 1, 9)
+        # one all-reduce per attention and per expert block, the LM head's all-gather
+        assert (result["all_reduce"], result["all_gather"]) == (4, 1)
+        # replicated: embedding 256x64, 5 norms, RoPE inv_freq (8), 2 routers 4x64; the rest halves
+        replicated = (256 * 64 + 5 * 64 + 8 + 2 * 4 * 64) * 4
+        assert result["weight_bytes"] == (result["single_weight_bytes"] - replicated) // 2 + replicated
+        # int8 experts: each rank quantizes its shards (2 expert blocks + 5 linears), tokens as on one device
+        assert result["int8_experts"] == 7
+        assert result["int8_tokens"] == result["int8_ref_tokens"]
 
 
 def test_vocab_parallel_embedding(memory):
@@ -107,12 +131,35 @@ def test_static_cache_holds_only_the_ranks_heads(memory, name):
             assert r["eager_error"] is None
 
 
+@pytest.mark.parametrize("name", ["llama", "llama_mqa"])
+def test_hf_generate_static_cache_sharded_in_prefill_and_decode(memory, name):
+    for result in memory:
+        r = result["hf_static"][name]
+        assert r["tokens"] == r["ref_tokens"]
+        # HF allocates its StaticCache inside the prefill graph: that graph's attention is sharded
+        # too (9 = every linear), not only the decode graph's
+        assert r["sharded_per_graph"] == [9, 9]
+
+
 def test_engine_under_tensor_parallel(runtime):
     for result in runtime:
         r = result["engine"]
         assert r["outputs"] == r["refs"]  # greedy and seeded sampling: identical on every rank
-        assert max(r["sharded_per_graph"]) >= 5  # at least the MLPs and the LM head are sharded
+        # every graph (prefill and decode steps) fully sharded: the paged attention included
+        assert min(r["sharded_per_graph"]) == 9
+        assert r["pool_heads"] == 1  # the paged pools hold this rank's K/V head only (of 2)
+        # both layers' pool appends written in place (the pools are graph inputs, not slices)
+        assert set(r["reinplaced_per_graph"]) == {2}
     assert runtime[0]["engine"]["outputs"] == runtime[1]["engine"]["outputs"]
+    # unseeded sampling (each rank seeded differently): rank 0's tokens on every rank
+    assert runtime[0]["engine"]["unseeded"] == runtime[1]["engine"]["unseeded"]
+
+
+def test_engine_ranks_scheduling_differently_fail_loudly(runtime):
+    for result in runtime:
+        error = result["engine"]["diverged"]
+        assert error is not None and error.startswith("ScheduleDivergedError"), error
+        assert "rank(s) [1] scheduled a different step than rank 0" in error
 
 
 def test_indivisible_heads_error_names_both_numbers(runtime):
@@ -136,6 +183,14 @@ def test_dead_rank_fails_the_others_clearly(tmp_path):
     error = results[0]["error"]
     assert error is not None and error.startswith("CollectiveFailedError")
     assert "another rank probably exited" in error
+
+
+def test_rank_dying_mid_decode_fails_the_others_within_the_timeout(tmp_path):
+    results = run_ranks("dead_mid_decode", tmp_path, expect_fail=(1,), timeout=300)
+    r = results[0]
+    assert r["error"] is not None and r["error"].startswith("CollectiveFailedError"), r
+    assert "another rank probably exited" in r["error"]
+    assert r["seconds"] < 60  # the process group's timeout is 30 s: a clear error, never a hang
 
 
 def test_option_without_process_group_is_a_clear_error():
@@ -197,3 +252,27 @@ def test_world_size_one_compiles_unsharded(one_rank_group):
     torch._dynamo.reset()
     assert relative_error(out, ref) <= tolerance(torch.float32)
     assert "shard_tensor_parallel: world size 1, nothing to shard" in llmopt.last_report().notes
+
+
+def test_rank_sync_on_one_rank(one_rank_group):
+    from llmopt.runtime.rank_sync import RankSync
+    from llmopt.runtime.scheduler import StepBatch
+
+    assert RankSync.for_option(None, torch.device("cpu")) is None
+    assert RankSync.for_option("auto", torch.device("cpu")) is None  # one rank: nothing to agree on
+    sync = RankSync("auto", torch.device("cpu"))
+    batch = StepBatch(decode_only=True, ids=[5], positions=[3], seq_ids=[0], counts=[1], slots=[[3]], rows=[0])
+    sync.check_schedule(batch)
+    sync.check_schedule(None)
+    assert sync.broadcast_tokens([7, 9]) == [7, 9] and sync.broadcast_tokens([]) == []
+
+
+def test_caches_hold_all_heads_without_several_ranks(one_rank_group):
+    from llmopt.runtime.paged_cache import PagedCacheLayout
+    from llmopt.runtime.rank_heads import rank_kv_heads
+    from models.tiny import tiny_model
+
+    config = tiny_model("llama").config
+    assert rank_kv_heads(None, 2, "cache") is None and rank_kv_heads("auto", 2, "cache") is None
+    layout = PagedCacheLayout.from_config(config, 4, 8, tensor_parallel="auto")
+    assert (layout.num_kv_heads, layout.rank_heads) == (2, None)

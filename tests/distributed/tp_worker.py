@@ -9,6 +9,7 @@ graph, bytes of weights the rank's graph holds, graphs compiled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -64,6 +65,24 @@ def capture_graphs():
     return graphs
 
 
+@contextlib.contextmanager
+def cache_heads_recorded():
+    """The K/V head count of every StaticKVCache built inside the block."""
+    from llmopt.runtime.static_cache import StaticKVCache
+
+    heads, init = [], StaticKVCache.__init__
+
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        heads.append(self.shape[1])
+
+    StaticKVCache.__init__ = record
+    try:
+        yield heads
+    finally:
+        StaticKVCache.__init__ = init
+
+
 def graph_facts(gm) -> dict:
     ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     consts = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -108,7 +127,9 @@ def scenario_families(args) -> dict:
         if name in ("llama", "llama_mqa"):
             with torch.no_grad():
                 ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
-                got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=())
+                with cache_heads_recorded() as heads:  # the cache generate allocates itself
+                    got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=())
+                out[name]["generate_cache_heads"] = heads
                 n_graphs = len(llmopt.reports())
                 again = llmopt.generate(compiled, ids[:, :4], max_new_tokens=7, stop_token_ids=())
                 ref_again = llmopt.generate(model, ids[:, :4], max_new_tokens=7, stop_token_ids=())
@@ -140,8 +161,8 @@ def scenario_runtime(args) -> dict:
 
 
 def scenario_memory(args) -> dict:
-    """What a rank holds: the vocab-parallel embedding and the per-rank KV cache."""
-    return run_parts(args, scenario_embedding, scenario_rank_cache)
+    """What a rank holds: the vocab-parallel embedding and the per-rank KV cache; HF's own static cache."""
+    return run_parts(args, scenario_embedding, scenario_rank_cache, scenario_hf_static)
 
 
 def scenario_quantized(args) -> dict:
@@ -247,8 +268,73 @@ def scenario_engine(args) -> dict:
         compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
         with Engine(compiled, max_num_seqs=4, block_size=8, max_model_len=64, max_num_batched_tokens=24) as engine:
             outs = engine.generate(prompts, params)
+            pool_heads = engine.cache.layout.num_kv_heads
+            # unseeded sampling: each rank's own generator draws, rank 0's tokens are broadcast
+            torch.manual_seed(100 + args.rank)
+            unseeded = engine.generate(prompts[:2], llmopt.SamplingParams(max_new_tokens=5, stop_token_ids=(),
+                                                                          temperature=1.0))
+            try:  # rank 1 schedules one request more: both ranks stop with a clear error
+                extra = prompts[:2] if args.rank == 0 else prompts
+                engine.generate(extra, llmopt.SamplingParams(max_new_tokens=3, stop_token_ids=()))
+                diverged = None
+            except Exception as exc:
+                diverged = f"{type(exc).__name__}: {exc}"
     sharded = [next(p.rewrites for p in r.passes if p.name == "shard_tensor_parallel") for r in llmopt.reports()]
-    return {"outputs": outs, "refs": refs, "sharded_per_graph": sharded}
+    reinplaced = [next(p.rewrites for p in r.passes if p.name == "reinplace_kv") for r in llmopt.reports()]
+    return {"outputs": outs, "refs": refs, "sharded_per_graph": sharded, "unseeded": unseeded, "diverged": diverged,
+            "pool_heads": pool_heads, "reinplaced_per_graph": reinplaced}
+
+
+def scenario_moe(args) -> dict:
+    """Tiny Mixtral (4 experts, top-2, I = 96): expert stacks sharded along I, prefill logits and
+    greedy tokens against the eager model in one process; int8 experts against int8 on one device."""
+    graphs = capture_graphs()
+    model = build("mixtral")
+    ids = tokens(1, 6)
+    try:
+        with torch.no_grad():
+            ref_logits = model(ids, use_cache=False).logits
+            ref = llmopt.generate(model, ids, max_new_tokens=6, stop_token_ids=())
+            compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+            logits = compiled(ids, use_cache=False).logits
+            facts = {**pass_facts(llmopt.last_report()), **graph_facts(graphs[0])}
+            got = llmopt.generate(compiled, ids, max_new_tokens=6, stop_token_ids=())
+            compat.reset_dynamo()
+            single = torch.compile(model, backend="llmopt", options={"strict": True})
+            single(ids, use_cache=False)
+            facts["single_weight_bytes"] = graph_facts(graphs[-1])["weight_bytes"]
+            compat.reset_dynamo()
+            ref8 = llmopt.generate(torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"}),
+                                   ids, max_new_tokens=6, stop_token_ids=())
+            compat.reset_dynamo()
+            llmopt.clear_reports()
+            got8 = llmopt.generate(torch.compile(model, backend="llmopt", options={**OPTIONS, "quantize": "int8"}),
+                                   ids, max_new_tokens=6, stop_token_ids=())
+    finally:
+        backend.run_pipeline = graphs_pipeline_original
+    report = llmopt.reports()[0]
+    details = [r.detail for r in report.rewrites if r.pass_name == "shard_tensor_parallel"]
+    return {"logits_error": relative_error(logits, ref_logits), "tokens": got.tolist(), "ref_tokens": ref.tolist(),
+            "int8_tokens": got8.tolist(), "int8_ref_tokens": ref8.tolist(), **facts,
+            "experts": sum(d.startswith("experts tensor-parallel") for d in details),
+            "int8_experts": next(p.rewrites for p in report.passes if p.name == "quantize_linears")}
+
+
+def scenario_hf_static(args) -> dict:
+    """Hugging Face generate(cache_implementation="static"): HF allocates the cache inside the
+    prefill graph; its attention is sharded there too, and the tokens equal one process's."""
+    from compiled import generate_eager_and_compiled
+
+    out = {}
+    for name in ("llama", "llama_mqa"):
+        compat.reset_dynamo()
+        llmopt.clear_reports()
+        ref, got = generate_eager_and_compiled(build(name), tokens(1, 6), OPTIONS, max_new_tokens=6,
+                                               cache_implementation="static")
+        out[name] = {"tokens": got.tolist(), "ref_tokens": ref.tolist(),
+                     "sharded_per_graph": [next(p.rewrites for p in r.passes if p.name == "shard_tensor_parallel")
+                                           for r in llmopt.reports()]}
+    return out
 
 
 def scenario_heads(args) -> dict:
@@ -285,6 +371,23 @@ def scenario_dead_rank(args) -> dict:
     return {"error": None, "seconds": time.monotonic() - start}
 
 
+def scenario_dead_mid_decode(args) -> dict:
+    """Rank 1 exits after two decode steps of llmopt.generate; rank 0 goes on decoding."""
+    model = build("llama")
+    compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+    with torch.no_grad():
+        llmopt.generate(compiled, tokens(1, 4), max_new_tokens=3, stop_token_ids=())  # compiled: prefill, decode
+        if args.rank == 1:  # the same call, cut short: this rank leaves after its third token
+            llmopt.generate(compiled, tokens(1, 4), max_new_tokens=3, stop_token_ids=())
+            os._exit(3)
+        start = time.monotonic()
+        try:
+            llmopt.generate(compiled, tokens(1, 4), max_new_tokens=12, stop_token_ids=())
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("scenario")
@@ -302,7 +405,7 @@ def main() -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(path + ".tmp", path)
-    if args.scenario != "dead_rank":
+    if not args.scenario.startswith("dead_"):
         dist.destroy_process_group()
 
 

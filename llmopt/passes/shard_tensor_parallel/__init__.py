@@ -43,6 +43,11 @@ once, after the all-reduce. The collectives are ``torch.distributed``'s function
 (``compat.functional_collectives``), which the aten executor runs as they are and
 Inductor schedules.
 
+Mixture-of-experts blocks (``llmopt::fused_experts`` from ``fuse_moe``) are sharded by
+:mod:`.experts`: every expert's gate/up rows and down columns along the intermediate
+dimension (the MLP split, for all experts at once), the router replicated, one
+``all_reduce`` after the weighted combine.
+
 Every rank must feed the same tokens: the graph broadcasts rank 0's token ids and asserts
 that this rank's are equal (a rank sampling on its own would otherwise make the
 all-reduces mix different sequences, silently).
@@ -58,9 +63,10 @@ holds only this rank's K/V heads and marks its write and read with ``tp_local_he
 (``rewrite._rank_cache_marker``), after checking that the cache's heads are this rank's.
 A cache of all heads still works: the graph then reads and writes its heads of it.
 
-Limits (docs/tensor_parallel.md): the Engine's paged attention is not sharded (its
-append is not known here); the user's module keeps its full parameters (the graph holds
-only this rank's shards; the merged full weights are released).
+The Engine's paged attention (``paged_kv_append`` / ``paged_attention_*``) is head-local
+too (:mod:`.paged`): the Engine's pools hold this rank's heads only (marked like the static
+cache's), a pool or workspace of all heads is read and written at this rank's heads. Limits (docs/tensor_parallel.md): the user's module keeps its full parameters
+(the graph holds only this rank's shards; the merged full weights are released).
 """
 from __future__ import annotations
 
@@ -70,6 +76,8 @@ from ... import compat
 from ...graph import is_constant, tensor_meta
 from ...runtime.distributed import resolve_tensor_parallel
 from .collectives import check_same_ids, find_lm_head, shard_embedding, shard_lm_head
+from .experts import FUSED_EXPERTS, shard_experts
+from .paged import untangle_workspaces
 from .pairs import NotShardable, aten, assign_heads, find_pair, is_const_linear
 from .rewrite import shard_pair
 
@@ -84,6 +92,8 @@ def run(gm: fx.GraphModule, ctx) -> int:
         ctx.report.notes.append("shard_tensor_parallel: world size 1, nothing to shard")
         return 0
     all_reduce, all_gather, wait = compat.functional_collectives()
+    if untangle_workspaces(gm):  # the Engine's decode graph: its scratch workspace no longer crosses layers
+        gm.graph.eliminate_dead_code()
     pairs, claimed = [], set()
     for node in list(gm.graph.nodes):
         if not is_const_linear(gm, node):
@@ -107,6 +117,15 @@ def run(gm: fx.GraphModule, ctx) -> int:
         shard_pair(gm, pair, tp, ctx, all_reduce, wait)
         sharded += len(pair.cols) + 1
         collectives += 1
+    experts = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == FUSED_EXPERTS:
+            stacks = shard_experts(gm, node, tp, ctx, all_reduce, wait)
+            if stacks:
+                old_weights.update(stacks)
+                experts += 1
+                sharded += len(stacks)
+                collectives += 1
     head = find_lm_head(gm, claimed)
     if head is not None:
         vocab = int(tensor_meta(head.args[1]).shape[0])
@@ -125,7 +144,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
                 old_weights.add(table.target)
                 sharded += 1
                 collectives += 1
-            if pairs and isinstance(ids, fx.Node) and ids.op == "placeholder" and ids not in checked:
+            if (pairs or experts) and isinstance(ids, fx.Node) and ids.op == "placeholder" and ids not in checked:
                 check_same_ids(gm, ids, tp, wait)
                 checked.add(ids)
                 collectives += 1
@@ -135,9 +154,9 @@ def run(gm: fx.GraphModule, ctx) -> int:
     _release(gm, old_weights)
     ctx.report.notes.append(
         f"shard_tensor_parallel: rank {tp.rank} of {tp.world_size} ({tp.backend}): {sharded} weight(s) sharded "
-        f"in {len(pairs)} column/row pair(s), {collectives} collective(s) inserted"
+        f"in {len(pairs)} column/row pair(s) and {experts} expert block(s), {collectives} collective(s) inserted"
     )
-    if pairs:
+    if pairs or experts:
         ctx.report.notes.append(
             "shard_tensor_parallel: each all_reduce stays a separate collective right before the residual "
             "add + norm (fuse_residual_norm fuses those two; fusing the all-reduce into them needs a custom "

@@ -36,8 +36,17 @@ def shard_row(gm, row: fx.Node, frac: dict, tp, ctx, all_reduce, wait) -> None:
     bias = row.args[2] if len(row.args) > 2 else None
     row.args = (x, w_node, None)
     row.meta["val"] = aten.linear.default(tensor_meta(x), tensor_meta(w_node))
-    with gm.graph.inserting_after(row):
-        reduced = gm.graph.call_function(all_reduce, (row, "sum", tp.group_name))
+    reduce_after(gm, row, tp, all_reduce, wait, bias)
+    ctx.rewrite(row, f"row-parallel: {k_full} → {k_local} input columns, then all_reduce(sum) over {world} ranks"
+                + (" and the bias added once" if bias is not None else ""))
+
+
+
+def reduce_after(gm, node: fx.Node, tp, all_reduce, wait, bias: fx.Node | None = None) -> fx.Node:
+    """Make every user of ``node`` (this rank's partial sum) read ``all_reduce(sum)`` of it
+    (plus ``bias``, added once after the sum); returns the last node inserted."""
+    with gm.graph.inserting_after(node):
+        reduced = gm.graph.call_function(all_reduce, (node, "sum", tp.group_name))
     with gm.graph.inserting_after(reduced):
         done = gm.graph.call_function(wait, (reduced,))
     last = done
@@ -45,11 +54,10 @@ def shard_row(gm, row: fx.Node, frac: dict, tp, ctx, all_reduce, wait) -> None:
         with gm.graph.inserting_after(done):
             last = gm.graph.call_function(aten.add.Tensor, (done, bias))
     for n in (reduced, done, last):
-        n.meta = {k: v for k, v in row.meta.items() if k != "val"}
+        n.meta = {k: v for k, v in node.meta.items() if k != "val"}
         n.meta["val"] = evaluate(n)
-    row.replace_all_uses_with(last, delete_user_cb=lambda u: u is not reduced)
-    ctx.rewrite(row, f"row-parallel: {k_full} → {k_local} input columns, then all_reduce(sum) over {world} ranks"
-                + (" and the bias added once" if bias is not None else ""))
+    node.replace_all_uses_with(last, delete_user_cb=lambda u: u is not reduced)
+    return last
 
 
 

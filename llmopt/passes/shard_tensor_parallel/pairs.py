@@ -18,7 +18,9 @@ import torch
 import torch.fx as fx
 
 from ...graph import DIMENSION_VIEW_OPS, RESHAPE_OPS, is_constant, tensor_meta
+from ..kv_cache import FRESH_ALLOCATIONS
 from ...runtime.distributed import TensorParallelError
+from ...codegen import attention_paged as _paged_ops  # noqa: F401  (registers the llmopt::paged_* ops)
 from ...runtime.rank_heads import kv_heads_of_rank  # also registers the ops of RANK_CACHE_OPS
 
 aten = torch.ops.aten
@@ -26,6 +28,12 @@ aten = torch.ops.aten
 TP_LOCAL_HEADS = torch.ops.llmopt.tp_local_heads.default
 TP_FULL_HEADS = torch.ops.llmopt.tp_full_heads.default
 RANK_CACHE_OPS = {TP_LOCAL_HEADS, TP_FULL_HEADS}
+
+# The Engine's paged attention (runtime/paged_model.py; sharded by .paged).
+AF_V2 = getattr(torch.ops.higher_order, "auto_functionalized_v2", None)
+PAGED_APPEND = torch.ops.llmopt.paged_kv_append.default
+PAGED_DECODE = torch.ops.llmopt.paged_attention_decode.default
+PAGED_PREFILL = torch.ops.llmopt.paged_attention_prefill.default
 
 VIEW_SIZE_OPS = frozenset(RESHAPE_OPS)  # views given a new size (the head split's views)
 
@@ -80,9 +88,30 @@ class Pair:
     region: list[fx.Node]
     segments: list[Segment]
     write_backs: list[fx.Node] = field(default_factory=list)
+    # cache writes into an allocation made in this graph and returned by it (Hugging Face's
+    # StaticCache initializes lazily, inside the prefill graph): returned with all heads
+    fresh_outputs: list[fx.Node] = field(default_factory=list)
     kind: str = "mlp"
     q_heads: int = 0
     kv_heads: int = 0
+
+
+
+def is_fresh_cache_write(n: fx.Node) -> bool:
+    """``index_copy(zeros(...), dim, pos, new)``: the first write into a cache allocated in this graph."""
+    cache = n.args[0] if n.target == aten.index_copy.default else None
+    return isinstance(cache, fx.Node) and cache.op == "call_function" and cache.target in FRESH_ALLOCATIONS
+
+
+
+def is_paged_call(n: fx.Node) -> bool:
+    """The Engine's paged attention ops (``llmopt::paged_attention_prefill``, and the
+    functionalized ``paged_kv_append`` / ``paged_attention_decode``): head-local, see .paged."""
+    if n.op != "call_function":
+        return False
+    if n.target == PAGED_PREFILL:
+        return True
+    return AF_V2 is not None and n.target is AF_V2 and n.args[0] in (PAGED_APPEND, PAGED_DECODE)
 
 
 
@@ -125,9 +154,9 @@ def find_pair(gm, row: fx.Node, claimed: set) -> Pair | None:
     region = [n for n in sorted(region_set, key=order.__getitem__) if n not in cols]
     if row.args[0] not in region_set:
         return None
-    write_backs = []
+    write_backs, fresh_outputs = [], []
     for n in region:
-        if n.op != "call_function" or n.target not in HEAD_LOCAL_OPS:
+        if n.op != "call_function" or (n.target not in HEAD_LOCAL_OPS and not is_paged_call(n)):
             raise NotShardable(f"{node_name(n)} ({n.target}) between the column and row linears is not known to be head-local")
         for user in n.users:
             if user in region_set or user is row:
@@ -135,11 +164,14 @@ def find_pair(gm, row: fx.Node, claimed: set) -> Pair | None:
             if user.target == aten.copy_.default and user.args[1] is n and user.args[0].op == "placeholder":
                 write_backs.append(user)  # a functionalized cache update written back
                 continue
+            if user.op == "output" and is_fresh_cache_write(n):
+                fresh_outputs.append(n)  # a cache allocated in this graph (lazy StaticCache), returned
+                continue
             raise NotShardable(f"{node_name(n)} is also used outside the layer by {node_name(user)}")
     segments = []
     for col in cols:
         segments.extend(_segments(col, region_set))
-    return Pair(row, cols, region, segments, write_backs)
+    return Pair(row, cols, region, segments, write_backs, fresh_outputs)
 
 
 

@@ -14,7 +14,8 @@ import torch.fx as fx
 
 from ...graph import add_constant, constant_value, real_tensors, tensor_meta
 from .collectives import shard_row
-from .pairs import RANK_CACHE_OPS, TP_LOCAL_HEADS, VIEW_SIZE_OPS, NotShardable, Pair, aten, node_name
+from .paged import shard_paged_bases
+from .pairs import RANK_CACHE_OPS, TP_LOCAL_HEADS, VIEW_SIZE_OPS, NotShardable, Pair, aten, is_paged_call, node_name
 from .region import check_dims, evaluate, local_expand, local_view_shape, shard_dim, slice_side_inputs
 
 
@@ -79,7 +80,10 @@ def shard_pair(gm, pair: Pair, tp, ctx, all_reduce, wait) -> None:
         elif n.target in RANK_CACHE_OPS:
             frac[n] = _rank_cache_marker(n, full, frac, pair)
             markers.append(n)
-        slice_side_inputs(gm, n, full, frac, slice_cache)
+        if is_paged_call(n):  # pools / workspace: a slice at dim 1, not the trailing-dims rule
+            shard_paged_bases(gm, n, full, frac, slice_cache)
+        else:
+            slice_side_inputs(gm, n, full, frac, slice_cache)
         check_dims(n, full)
         n.meta["val"] = evaluate(n)
     for m in markers:  # identities now (see _rank_cache_marker): gone, so later passes see plain cache ops
@@ -92,7 +96,27 @@ def shard_pair(gm, pair: Pair, tp, ctx, all_reduce, wait) -> None:
             if key is None:
                 raise NotShardable(f"cannot write {node_name(value)} back into {node_name(dest)}")
             wb.args = (slice_cache[key], value)
+    for n in pair.fresh_outputs:
+        _return_full_cache(gm, n, slice_cache)
     shard_row(gm, pair.row, frac, tp, ctx, all_reduce, wait)
+
+
+def _return_full_cache(gm, n: fx.Node, slice_cache: dict) -> None:
+    """A cache allocated in this graph and returned (Hugging Face's lazy StaticCache in the
+    prefill graph) now holds this rank's heads only; return it with all heads again (the
+    rank's written, the others still as allocated), because the next graph is traced from
+    the unsharded model, which writes all heads into it. The decode graph then reads and
+    writes this rank's heads of it (``slice_side_inputs``)."""
+    alloc = n.args[0]
+    key = next((k for k in slice_cache if slice_cache[k] is alloc), None)
+    if key is None:
+        return  # the allocation was not cut: the write keeps its full shape
+    full_alloc, dim, start, end = key
+    with gm.graph.inserting_after(n):
+        full = gm.graph.call_function(aten.slice_scatter.default, (full_alloc, n, dim, start, end))
+    full.meta["val"] = evaluate(full)
+    out = next(u for u in n.users if u.op == "output")
+    out.args = fx.node.map_aggregate(out.args, lambda a: full if a is n else a)
 
 
 def _rank_cache_marker(n: fx.Node, full: dict, frac: dict, pair: Pair) -> tuple[Fraction, Fraction]:
