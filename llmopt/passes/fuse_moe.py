@@ -32,8 +32,10 @@ by its shape in the graph instead, and proves it by computing:
    2e-2 in fp16/bf16) is far below the effect of any real difference (a skipped
    renormalization changes the output by tens of percent).
 
-A shared expert (Qwen2-MoE's ``sigmoid(gate(x)) * mlp(x)``) is a dense MLP outside the
-region: merge_parallel_linears and fuse_gated_activation fuse it like any MLP. With
+A shared expert added to the block's output (Qwen2-MoE's ``sigmoid(gate(x)) * mlp(x)``, or
+an ungated ``mlp(x)``) is outside the region; once the block is fused, ``moe_shared_expert``
+folds it into the same ``fused_experts`` call as ``ceil(I_s / I)`` chunk-experts (exact: a
+gated MLP is a sum over its intermediate units). With
 ``quantize=`` the fused experts are then quantized by ``quantize_experts`` (called from
 quantize_linears). A model already quantized by ``llmopt.quantize_`` traces its
 ``QuantizedExperts`` op: such a block is a near-miss ("already one llmopt op").
@@ -65,6 +67,7 @@ import torch.fx as fx
 from .. import compat
 from ..codegen import moe_experts, moe_quant, moe_route  # noqa: F401  registers the llmopt::moe_route, fused_experts* ops
 from ..graph import constant_value, real_tensors, tensor_meta
+from .moe_shared_expert import fuse_shared_expert
 from .near_miss import NearMiss
 
 aten = torch.ops.aten
@@ -94,9 +97,18 @@ def run(gm: fx.GraphModule, ctx) -> int:
                 continue
             if done is not None:
                 new, detail = done
+                gm.graph.eliminate_dead_code()
+                try:
+                    shared = fuse_shared_expert(gm, new)
+                except NearMiss as miss:
+                    ctx.near_miss(miss.node, miss.reason)
+                    shared = None
+                if shared is not None:
+                    new, shared_detail = shared
+                    detail = f"{detail} + {shared_detail}"
+                    gm.graph.eliminate_dead_code()
                 ctx.rewrite(new, detail)
                 count += 1
-                gm.graph.eliminate_dead_code()
     return count
 
 
