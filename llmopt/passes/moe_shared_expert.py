@@ -200,8 +200,9 @@ def fuse_shared_expert(gm: fx.GraphModule, fused: fx.Node) -> tuple[fx.Node, str
             out = call_with_meta(graph, aten.view.default, (new, list(tensor_meta(add).shape)))
     new.meta.update({k: v for k, v in fused.meta.items() if k != "val"})
     add.replace_all_uses_with(out)
-    for n in [add, *glue, *mlp_nodes, *(v for v in fused.users if v is not add), fused]:
-        if n.graph is graph and not n.users:
+    # In use order, each once (an ungated expert's output is both glue and the MLP's down).
+    for n in dict.fromkeys([add, *glue, *mlp_nodes, *(v for v in fused.users if v is not add), fused]):
+        if not n.users:
             graph.erase_node(n)
     gated = "sigmoid-gated " if gate_logit is not None else ""
     return new, f"{gated}shared expert (I={i_s}) fused as {c} chunk-experts"
