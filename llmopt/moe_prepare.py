@@ -30,6 +30,7 @@ spellings); transformers 5's stacked ``*Experts`` layout (the target layout).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -42,6 +43,11 @@ from .codegen import moe_experts, moe_route  # noqa: F401  registers llmopt::moe
 _MLP_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 _PROOF_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 _HALF_TOLERANCE = 2e-2
+# Set on a loop block that could not be replaced: the automatic callers (every generate
+# call) do not prove it again. An instance attribute, so no global state.
+_LEFT_MARK = "_llmopt_prepare_moe_left"
+
+log = logging.getLogger("llmopt")
 
 
 @dataclass
@@ -148,12 +154,33 @@ def prepare_moe(model: nn.Module) -> MoePreparation:
         if not fqn:
             done.left["<the model>"] = "the model itself is the block: prepare a module that contains it"
             continue
-        new, why = _stacked_block(block)
-        if new is not None:
-            why = _agree(block, new)
+        why = getattr(block, _LEFT_MARK, None)
+        if why is None:
+            new, why = _stacked_block(block)
+            if new is not None:
+                why = _agree(block, new)
         if why:
             done.left[fqn] = why
+            setattr(block, _LEFT_MARK, why)
             continue
         set_submodule(model, fqn, new)  # the per-expert modules go with the old block
         done.replaced.append(fqn)
+    return done
+
+
+def prepare_moe_automatically(model) -> MoePreparation | None:
+    """:func:`prepare_moe` as llmopt's entry points call it (``llmopt.compile``,
+    ``llmopt.generate``, ``llmopt.Engine``): on the module under a ``torch.compile`` wrapper,
+    logged when it changed something, free when there is nothing to do (one walk over the
+    modules; a block already left is not proven again). Each replacement is proven as in
+    :func:`prepare_moe`, so the model computes what it computed before."""
+    from torch import nn
+
+    module = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    if not isinstance(module, nn.Module):
+        return None
+    done = prepare_moe(module)
+    if done.replaced or done.experts_implementation:
+        log.info("llmopt: prepared MoE blocks for fusion (llmopt.prepare_moe): replaced %s%s", done.replaced or "none",
+                 f"; experts_implementation switched to {done.experts_implementation}" if done.experts_implementation else "")
     return done

@@ -4,7 +4,8 @@ transformers 4.48's Mixtral block (reproduced in tests/models/moe_loops.py, and 
 one under transformers 4.48 when /tmp/tf448 holds it): replaced (proven equal first), the
 compiled graph then holds one llmopt.fused_experts per block, outputs equal eager's,
 quantize="int8" composes; a 5.x model with experts_implementation="eager" is switched to
-grouped_mm and fused; a block that is not a loop of gated MLPs is left with its reason.
+grouped_mm and fused; a block that is not a loop of gated MLPs is left with its reason (and not
+proven again); llmopt.compile, llmopt.generate and the Engine prepare the model themselves.
 """
 import os
 import subprocess
@@ -94,6 +95,50 @@ def test_blocks_that_are_not_loops_of_gated_mlps_are_left_with_the_reason():
     assert isinstance(model.blocks[1], MixtralSparseMoeBlock448)
 
 
+def test_a_left_block_is_not_proven_again(monkeypatch):
+    from llmopt import moe_prepare
+
+    model = TwoBlocks().eval()
+    model.blocks[1].experts[2].w2 = nn.Linear(24, HIDDEN, bias=True)
+    llmopt.prepare_moe(model)
+    calls = []
+    monkeypatch.setattr(moe_prepare, "_stacked_block", lambda block: calls.append(block) or (None, "?"))
+    again = llmopt.prepare_moe(model)
+    assert calls == [] and "not a bias-free gated MLP" in again.left["blocks.1"]
+
+
+def test_llmopt_compile_prepares_loop_blocks_itself():
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        expected = model(x)
+        out = llmopt.compile(model, options={"strict": True})(x)
+    assert all(isinstance(b, StackedMoeBlock) for b in model.blocks)
+    assert llmopt.last_report().ops_after.get("llmopt.fused_experts.default") == 2
+    assert_close(out[0], expected[0].double())
+
+
+def test_generate_and_engine_prepare_the_model_they_receive():
+    """An eager-experts 5.x model: llmopt.generate on its torch.compile wrapper switches it to
+    grouped_mm first (so the compiled graphs fuse), tokens equal eager's; the Engine does the
+    same at construction."""
+    model = tiny_model("mixtral", experts_implementation="eager")
+    x = tokens(1, 5)
+    with torch.no_grad():
+        expected = llmopt.generate(tiny_model("mixtral", experts_implementation="eager"), x, 4)
+        llmopt.clear_reports()
+        got = llmopt.generate(torch.compile(model, backend="llmopt", options={"strict": True}), x, 4)
+    assert torch.equal(got, expected)
+    assert model.config._experts_implementation == "grouped_mm"
+    assert all(r.rewrites_by_pass().get("fuse_moe") == NUM_LAYERS for r in llmopt.reports())
+    from llmopt.runtime.engine import Engine
+
+    other = tiny_model("mixtral", experts_implementation="eager")
+    Engine(other, max_num_seqs=1, block_size=8, max_model_len=16).close()
+    assert other.config._experts_implementation == "grouped_mm"
+
+
 _TF448 = Path(os.environ.get("LLMOPT_TF448", "/tmp/tf448"))
 
 
@@ -117,6 +162,12 @@ def test_real_transformers_448_mixtral_is_fused_with_equal_greedy_tokens():
             assert llmopt.last_report().ops_after.get("llmopt.fused_experts.default") == 2
             assert err < 1e-5, err
             assert torch.equal(llmopt.generate(compiled, x, 8), llmopt.generate(eager, x, 8))
+            # Not prepared by hand: llmopt.generate prepares the model under the wrapper itself.
+            torch._dynamo.reset()
+            plain = copy.deepcopy(eager)
+            llmopt.clear_reports()
+            assert torch.equal(llmopt.generate(torch.compile(plain, backend="llmopt"), x, 8), llmopt.generate(eager, x, 8))
+            assert all(r.ops_after.get("llmopt.fused_experts.default") == 2 for r in llmopt.reports())
         print("ok")
     """)
     root = Path(__file__).resolve().parents[1]
