@@ -168,6 +168,15 @@ def test_real_transformers_448_mixtral_is_fused_with_equal_greedy_tokens():
             llmopt.clear_reports()
             assert torch.equal(llmopt.generate(torch.compile(plain, backend="llmopt"), x, 8), llmopt.generate(eager, x, 8))
             assert all(r.ops_after.get("llmopt.fused_experts.default") == 2 for r in llmopt.reports())
+            # Plain torch.compile with Dynamo's capture_dynamic_output_shape_ops (this process's
+            # own choice): the whole model is one graph, fuse_moe stacks the per-expert weights.
+            torch._dynamo.reset()
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True
+            loop = copy.deepcopy(eager)
+            out = torch.compile(loop, backend="llmopt", options={"strict": True})(x).logits
+            assert llmopt.last_report().rewrites_by_pass()["fuse_moe"] == 2
+            err = ((out - eager(x).logits).norm() / eager(x).logits.norm()).item()
+            assert err < 1e-5, err
         print("ok")
     """)
     root = Path(__file__).resolve().parents[1]

@@ -67,6 +67,7 @@ import torch.fx as fx
 from .. import compat
 from ..codegen import moe_experts, moe_quant, moe_route  # noqa: F401  registers the llmopt::moe_route, fused_experts* ops
 from ..graph import constant_value, real_tensors, tensor_meta
+from . import moe_expert_stacks as expert_stacks
 from .moe_shared_expert import fuse_shared_expert
 from .near_miss import NearMiss
 
@@ -281,9 +282,12 @@ def fuse_block(gm: fx.GraphModule, topk: fx.Node) -> tuple[fx.Node, str] | None:
     stacks = [n for n in prelude if n.op == "get_attr"]
     sizes = [n for n in prelude if n.op == "placeholder"]
     prelude = [n for n in prelude if n.op != "placeholder"]
-    if len(stacks) != 2 or any(tensor_meta(s) is None or tensor_meta(s).dim() != 3 for s in stacks):
+    # A per-expert loop traced whole (capture_dynamic_output_shape_ops): 3 weights per expert.
+    triples = expert_stacks.expert_triples(gm, stacks, int(tensor_meta(logits).shape[-1]))
+    if triples is None and (len(stacks) != 2 or any(tensor_meta(s) is None or tensor_meta(s).dim() != 3 for s in stacks)):
         shapes = [tuple(tensor_meta(s).shape) if tensor_meta(s) is not None else "?" for s in stacks]
-        raise NearMiss(topk, f"the block reads {len(stacks)} frozen constants {shapes}, expected the two 3-D expert weight stacks")
+        raise NearMiss(topk, f"the block reads {len(stacks)} frozen constants {shapes}, expected the two 3-D expert weight "
+                       "stacks or three 2-D weights per expert")
     xv, ov = tensor_meta(x), tensor_meta(exit_node)
     if tuple(ov.shape) != tuple(xv.shape) and not all(isinstance(d, int) for d in ov.shape):
         raise NearMiss(exit_node, f"block output {tuple(ov.shape)} has another, symbolic shape than the tokens {tuple(xv.shape)}")
@@ -293,7 +297,10 @@ def fuse_block(gm: fx.GraphModule, topk: fx.Node) -> tuple[fx.Node, str] | None:
     activation = activation_in(region)
     if activation is None:
         raise NearMiss(topk, "no single gated activation (silu, gelu, tanh gelu) in the block")
-    reading = prove(gm, prelude + region, exit_node, x, p, logits, scoring, k, stacks, activation, sizes)
+    if triples is None:
+        reading = prove(gm, prelude + region, exit_node, x, p, logits, scoring, k, stacks, activation, sizes)
+    else:
+        reading = _prove_per_expert(gm, prelude + region, exit_node, x, p, logits, scoring, k, triples, activation, sizes)
     if reading is None:
         raise NearMiss(exit_node, "the block does not compute sum_j w_j expert_j(x) for any reading of its weights "
                        "(renormalized or not, stacks transposed or not): left as is")
@@ -332,6 +339,21 @@ def fuse_block(gm: fx.GraphModule, topk: fx.Node) -> tuple[fx.Node, str] | None:
 
 
 # --------------------------------------------------------------------------- the proof
+def _prove_per_expert(gm, region, exit_node, x, p, logits, scoring, k, triples, activation, sizes):
+    """:func:`prove` over stacks built from per-expert weights, each pair read gate-first and
+    then up-first; the stacks become the weights' storage once a reading holds."""
+    gate_up, down = expert_stacks.build(gm, triples, region[0])
+    for swap in (False, True):
+        if swap:
+            expert_stacks.swap_gate_up(gm, gate_up, triples)
+        reading = prove(gm, region, exit_node, x, p, logits, scoring, k, [gate_up, down], activation, sizes)
+        if reading is not None:
+            expert_stacks.share(gm, gate_up, down, triples)
+            return reading
+    expert_stacks.drop(gm, [gate_up, down])
+    return None
+
+
 def prove(gm, region, exit_node, x, p, logits, scoring, k, stacks, activation, sizes=()):
     """The (renormalize, gate_up, down, transposed) reading under which the region equals
     the fused ops on random inputs, or None. With dynamic shapes the region runs at the

@@ -242,3 +242,23 @@ def test_transformers_448_per_expert_loop_stays_correct_unfused():
         expected = m(x)
     assert_close(out[0], expected[0])
     assert_close(out[1], expected[1])
+
+
+def test_transformers_448_per_expert_loop_traced_whole_is_fused():
+    """With Dynamo's capture_dynamic_output_shape_ops (the user's switch: llmopt never changes
+    Dynamo's config), the loop's torch.where traces with unbacked sizes, the block is one
+    graph, and fuse_moe stacks the 3 per-expert weights (moe_expert_stacks): one rewrite,
+    each expert's weights views of the stacks (held once), output equal to eager's."""
+    torch.manual_seed(0)
+    m = MixtralSparseMoeBlock448().eval()
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        expected = m(x)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        out, report = compile_and_run(m, x)
+    assert report.rewrites_by_pass()[PASS] == 1, near_misses(report)
+    assert "fused_experts(silu, 4 experts, I=24)" in details(report)[0]
+    stack = m.experts[0].w1.weight.untyped_storage()
+    assert all(p.untyped_storage().data_ptr() == stack.data_ptr() for e in m.experts for p in (e.w1.weight, e.w3.weight))
+    assert_close(out[0], expected[0])
+    assert_close(out[1], expected[1])
