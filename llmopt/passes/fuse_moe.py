@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from typing import Any
 
 import torch
@@ -88,6 +89,7 @@ _FUSED_EXPERT_OPS = (
 
 
 def run(gm: fx.GraphModule, ctx) -> int:
+    _note_skipped_loops(ctx)
     count = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target == aten.topk.default and node.graph is gm.graph:
@@ -111,6 +113,18 @@ def run(gm: fx.GraphModule, ctx) -> int:
                 ctx.rewrite(new, detail)
                 count += 1
     return count
+
+
+def _note_skipped_loops(ctx) -> None:
+    """A per-expert loop that Dynamo ran eagerly is in no graph: say so, and how to fix it."""
+    skipped = compat.skipped_data_dependent_loops()
+    if not skipped:
+        return
+    message = ("a data-dependent torch.where/nonzero broke the graph inside a loop, so Dynamo ran that frame eagerly "
+               "(a per-expert MoE loop, e.g. transformers 4.4x): no graph holds such blocks and llmopt cannot fuse "
+               f"them; {expert_stacks.FLAG_HINT}")
+    ctx.report.notes.append(f"fuse_moe: {skipped} frame(s) skipped by Dynamo so far: {message}")
+    warnings.warn(f"llmopt: {message}", stacklevel=2)  # one text: Python shows it once
 
 
 # --------------------------------------------------------------------------- the anchor
