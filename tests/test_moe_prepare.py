@@ -95,6 +95,49 @@ def test_blocks_that_are_not_loops_of_gated_mlps_are_left_with_the_reason():
     assert isinstance(model.blocks[1], MixtralSparseMoeBlock448)
 
 
+class SharedExpert(nn.Module):
+    def __init__(self, inter):
+        super().__init__()
+        self.gate_proj = nn.Linear(HIDDEN, inter, bias=False)
+        self.up_proj = nn.Linear(HIDDEN, inter, bias=False)
+        self.down_proj = nn.Linear(inter, HIDDEN, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LoopWithSharedExpert(MixtralSparseMoeBlock448):
+    """transformers 4.4x Qwen2-MoE's shape: the loop plus a sigmoid-gated shared expert."""
+
+    def __init__(self, shared_inter=40):
+        super().__init__()
+        self.shared_expert = SharedExpert(shared_inter)
+        self.shared_expert_gate = nn.Linear(HIDDEN, 1, bias=False)
+
+    def forward(self, hidden_states):
+        out, logits = super().forward(hidden_states)
+        x = hidden_states.view(-1, HIDDEN)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out + shared.view(out.shape), logits
+
+
+def test_a_shared_expert_is_folded_into_the_stacks():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"block": LoopWithSharedExpert()}).eval()
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        expected = model["block"](x)
+    done = llmopt.prepare_moe(model)
+    assert done.replaced == ["block"], done.left
+    block = model["block"]
+    assert block.shared_chunks == 2 and block.gate_up_proj.shape[0] == 4 + 2  # 40 units over I = 24: 2 chunks
+    assert not hasattr(block, "shared_expert")  # released: held once, in the stacks
+    with torch.no_grad():
+        out = torch.compile(block, backend="llmopt", options={"strict": True})(x)
+    assert llmopt.last_report().ops_after.get("llmopt.fused_experts.default") == 1
+    assert_close(out[0], expected[0].double())
+
+
 def test_a_left_block_is_not_proven_again(monkeypatch):
     from llmopt import moe_prepare
 

@@ -43,32 +43,13 @@ import math
 import torch
 import torch.fx as fx
 
-from ..codegen.gated_activation import gated_activation_ref
+from ..codegen.moe_experts import chunk_experts, zero_preserving
 from ..frozen_weights import note_read, share_storage
 from ..graph import add_constant, call_with_meta, constant_value, other_operand, real_tensors, tensor_meta
 from .near_miss import NearMiss
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-
-
-def chunk_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, inter: int):
-    """The dense gated MLP ``(gate [I_s, H], up [I_s, H], down [H, I_s])`` as ``c = ceil(I_s / inter)``
-    experts: ``(gate_up [c, 2·inter, H], down [c, H, inter])``, the last chunk zero-padded."""
-    i_s, h = w_gate.shape
-    c = math.ceil(i_s / inter)
-    pad = c * inter - i_s
-    gate = torch.nn.functional.pad(w_gate, (0, 0, 0, pad)).view(c, inter, h)
-    up = torch.nn.functional.pad(w_up, (0, 0, 0, pad)).view(c, inter, h)
-    down = torch.nn.functional.pad(w_down, (0, pad)).view(h, c, inter).transpose(0, 1)
-    return torch.cat([gate, up], dim=1).contiguous(), down.contiguous()
-
-
-def zero_preserving(activation: str) -> bool:
-    """``act(0) == 0``: a zero-padded intermediate unit adds nothing."""
-    with real_tensors():
-        zero = torch.zeros(1, dtype=torch.float64)
-        return bool(gated_activation_ref(zero, torch.ones_like(zero), activation).eq(0).all())
 
 
 # --------------------------------------------------------------------------- the pattern
@@ -158,7 +139,9 @@ def fuse_shared_expert(gm: fx.GraphModule, fused: fx.Node) -> tuple[fx.Node, str
         raise NearMiss(add, "shared expert not fused: the routed stacks are read transposed")
     if any(not isinstance(c, fx.Node) or c.op != "get_attr" for c in consts):
         raise NearMiss(add, "shared expert not fused: its weights or the expert stacks are not frozen constants")
-    if act != activation or not zero_preserving(act):
+    with real_tensors():
+        zero_ok = zero_preserving(act)
+    if act != activation or not zero_ok:
         raise NearMiss(add, f"shared expert not fused: its activation {act} is not the routed experts' {activation} "
                        "with act(0) = 0 (needed to zero-pad its last chunk)")
     inner = mlp_nodes[1:] + glue[1:]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import llmopt
 from conftest import assert_close
 from llmopt.codegen.gated_activation import gated_activation_ref
-from llmopt.passes.moe_shared_expert import chunk_experts, zero_preserving
+from llmopt.codegen.moe_experts import chunk_experts, zero_preserving
 from models.tiny import NUM_LAYERS, tiny_model, tokens
 
 PASS = "fuse_moe"
