@@ -45,12 +45,17 @@ class TwoBlocks(nn.Module):
         return x, torch.stack(logits)
 
 
-def test_loop_blocks_are_replaced_and_fused():
+def seeded_two_blocks():
+    """(model, tokens, its eager output) for a seeded TwoBlocks."""
     torch.manual_seed(0)
     model = TwoBlocks().eval()
     x = torch.randn(2, 5, HIDDEN)
     with torch.no_grad():
-        expected = model(x)
+        return model, x, model(x)
+
+
+def test_loop_blocks_are_replaced_and_fused():
+    model, x, expected = seeded_two_blocks()
     done = llmopt.prepare_moe(model)
     assert done.replaced == ["blocks.0", "blocks.1"] and done.left == {}
     assert all(isinstance(b, StackedMoeBlock) for b in model.blocks)
@@ -151,11 +156,8 @@ def test_a_left_block_is_not_proven_again(monkeypatch):
 
 
 def test_llmopt_compile_prepares_loop_blocks_itself():
-    torch.manual_seed(0)
-    model = TwoBlocks().eval()
-    x = torch.randn(2, 5, HIDDEN)
+    model, x, expected = seeded_two_blocks()
     with torch.no_grad():
-        expected = model(x)
         out = llmopt.compile(model, options={"strict": True})(x)
     assert all(isinstance(b, StackedMoeBlock) for b in model.blocks)
     assert llmopt.last_report().ops_after.get("llmopt.fused_experts.default") == 2

@@ -45,6 +45,7 @@ import torch.fx as fx
 
 from ..codegen.moe_experts import chunk_experts, zero_preserving
 from ..frozen_weights import note_read, share_storage
+from .fuse_gated_activation import activation_of
 from ..graph import add_constant, call_with_meta, constant_value, other_operand, real_tensors, tensor_meta
 from .near_miss import NearMiss
 
@@ -69,17 +70,6 @@ def _linear_of(n, x_sources) -> fx.Node | None:
     return n.args[1]
 
 
-def _activation_of(n) -> tuple[str, fx.Node] | None:
-    if not isinstance(n, fx.Node) or n.op != "call_function":
-        return None
-    if n.target == aten.silu.default:
-        return "silu", n.args[0]
-    if n.target == aten.gelu.default:
-        approximate = n.args[1] if len(n.args) > 1 else n.kwargs.get("approximate", "none")
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate, "?"), n.args[0]
-    return None
-
-
 def shared_mlp(n, x_sources):
     """(activation, gate W, up W, down W, nodes) when ``n = down(act(gate(x')) * up(x'))``."""
     if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target == aten.linear.default):
@@ -90,7 +80,7 @@ def shared_mlp(n, x_sources):
         return None
     w_down = n.args[1]
     for a, b in (prod.args, prod.args[::-1]):
-        act = _activation_of(a)
+        act = activation_of(a)
         if act is None:
             continue
         w_gate, w_up = _linear_of(act[1], x_sources), _linear_of(b, x_sources)

@@ -20,29 +20,7 @@ import llmopt
 from conftest import assert_close
 from models.moe_loops import MixtralSparseMoeBlock448
 from models.tiny import NUM_LAYERS, tiny_model, tokens
-
-PASS = "fuse_moe"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def compile_and_run(module, *inputs, **options):
-    with torch.no_grad():
-        out = torch.compile(module, backend="llmopt", options={"strict": True, **options})(*inputs)
-    return out, llmopt.last_report()
-
-
-def near_misses(report):
-    return [nm.reason for nm in report.near_misses if nm.pass_name == PASS]
-
-
-def details(report):
-    return [rw.detail for rw in report.rewrites if rw.pass_name == PASS]
+from passes.moe_compile import PASS, fresh_dynamo, compile_and_run, details, near_misses  # noqa: F401  (the fixture)
 
 
 # --------------------------------------------------------------------------- HF models

@@ -12,35 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import llmopt
 from conftest import assert_close
 from llmopt.codegen.gated_activation import gated_activation_ref
 from llmopt.codegen.moe_experts import chunk_experts, zero_preserving
 from models.tiny import NUM_LAYERS, tiny_model, tokens
+from passes.moe_compile import PASS, fresh_dynamo, compile_and_run, details, fused_once_and_equal, near_misses  # noqa: F401  (the fixture)
 
-PASS = "fuse_moe"
 HIDDEN, INTER, EXPERTS, TOP_K = 32, 24, 4, 2
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def compile_and_run(module, *inputs, **options):
-    with torch.no_grad():
-        out = torch.compile(module, backend="llmopt", options={"strict": True, **options})(*inputs)
-    return out, llmopt.last_report()
-
-
-def details(report):
-    return [rw.detail for rw in report.rewrites if rw.pass_name == PASS]
-
-
-def near_misses(report):
-    return [nm.reason for nm in report.near_misses if nm.pass_name == PASS]
 
 
 @pytest.mark.parametrize("i_s, inter", [(80, 48), (72, 24), (5, 7), (13, 4)])
@@ -131,26 +109,21 @@ class SharedMoE(nn.Module):
 def test_shared_expert_of_any_width_is_fused(gated):
     m = SharedMoE(shared_inter=2 * INTER + 5, gated=gated).eval()
     x = torch.randn(2, 5, HIDDEN)
-    out, report = compile_and_run(m, x)
-    assert report.rewrites_by_pass()[PASS] == 1, near_misses(report)
+    report = fused_once_and_equal(m, x)
     assert details(report)[0].endswith(f"{'sigmoid-gated ' if gated else ''}shared expert (I={2 * INTER + 5}) fused as 3 chunk-experts")
     # One linear left: the router (merged with the shared gate's [1, H] row when gated).
     assert report.ops_after.get("aten.linear.default", 0) + report.ops_after.get("llmopt.linear.default", 0) == 1
-    with torch.no_grad():
-        assert_close(out, m(x))
 
 
 def test_a_shared_expert_of_exactly_one_chunk_becomes_views_of_the_stacks():
     m = SharedMoE(shared_inter=INTER).eval()
     x = torch.randn(1, 3, HIDDEN)
-    out, report = compile_and_run(m, x)
+    report = fused_once_and_equal(m, x)
     assert "fused as 1 chunk-experts" in details(report)[0]
     whole = m.gate_up.untyped_storage()
     for p in (m.s_gate.weight, m.s_up.weight):
         assert p.untyped_storage().data_ptr() == whole.data_ptr()
     assert m.s_down.weight.untyped_storage().data_ptr() == m.down.untyped_storage().data_ptr()
-    with torch.no_grad():
-        assert_close(out, m(x))
 
 
 def test_a_shared_expert_with_another_activation_is_a_near_miss():
