@@ -100,6 +100,8 @@ def find_shared(fused: fx.Node, x: fx.Node):
     if add.op != "call_function" or add.target != aten.add.Tensor or len(add.args) != 2 or add.kwargs:
         return None
     other = other_operand(add, head)
+    if tensor_meta(other) is None or tuple(tensor_meta(other).shape) != tuple(tensor_meta(head).shape):
+        return None  # a broadcasting add is not "routed + shared" row by row
     x_sources = {x, _strip_views(x)}
     mlp = shared_mlp(other, x_sources)
     if mlp is not None:

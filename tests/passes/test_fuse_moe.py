@@ -77,7 +77,8 @@ def test_greedy_generate_tokens_equal_eager(family, monkeypatch):
         assert sum(n.target == torch.ops.llmopt.fused_experts.default for n in gm.graph.nodes) == NUM_LAYERS
 
 
-def test_engine_on_a_compiled_moe_model_equals_each_request_alone(monkeypatch):
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # qwen2_moe: the shared chunk-experts with symbolic T
+def test_engine_on_a_compiled_moe_model_equals_each_request_alone(family, monkeypatch):
     """Continuous batching (paged attention, mixed prefill/decode steps, recompiled with
     symbolic token counts: the dynamic-shape case of the pass, its proof run at the traced
     sizes) over the fused MoE graphs: each request's tokens are those of llmopt.generate
@@ -88,7 +89,7 @@ def test_engine_on_a_compiled_moe_model_equals_each_request_alone(monkeypatch):
 
     graphs = capture_final_graphs(monkeypatch)
 
-    model = tiny_model("mixtral")
+    model = tiny_model(family)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 9, 3)]
     new = [6, 4, 7]
