@@ -68,6 +68,7 @@ import torch.fx as fx
 from .. import compat
 from ..codegen import moe_experts, moe_quant, moe_route  # noqa: F401  registers the llmopt::moe_route, fused_experts* ops
 from ..graph import constant_value, real_tensors, tensor_meta
+from ..report import reports
 from . import moe_expert_stacks as expert_stacks
 from .moe_shared_expert import fuse_shared_expert
 from .near_miss import NearMiss
@@ -118,12 +119,14 @@ def run(gm: fx.GraphModule, ctx) -> int:
 def _note_skipped_loops(ctx) -> None:
     """A per-expert loop that Dynamo ran eagerly is in no graph: say so, and how to fix it."""
     skipped = compat.skipped_data_dependent_loops()
-    if not skipped:
+    heading = f"fuse_moe: {skipped} frame(s) skipped by Dynamo so far: "
+    # Dynamo's counter only grows: note each new count once (not on every later graph).
+    if not skipped or any(n.startswith(heading) for r in reports() for n in r.notes):
         return
     message = ("a data-dependent torch.where/nonzero broke the graph inside a loop, so Dynamo ran that frame eagerly "
                "(a per-expert MoE loop, e.g. transformers 4.4x): no graph holds such blocks and llmopt cannot fuse "
                f"them; {expert_stacks.FLAG_HINT}")
-    ctx.report.notes.append(f"fuse_moe: {skipped} frame(s) skipped by Dynamo so far: {message}")
+    ctx.report.notes.append(heading + message)
     warnings.warn(f"llmopt: {message}", stacklevel=2)  # one text: Python shows it once
 
 
