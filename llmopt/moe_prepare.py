@@ -166,9 +166,17 @@ def prepare_moe(model: nn.Module) -> MoePreparation:
 
     done = MoePreparation()
     config = getattr(model, "config", None)
-    if getattr(config, "_experts_implementation", None) == "eager" and hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation("grouped_mm")
-        done.experts_implementation = "grouped_mm"
+    # Only a model with transformers 5's stacked experts modules (a dense model's config
+    # says "eager" too, and its set_experts_implementation raises ValueError).
+    stacked = any(isinstance(getattr(m, "experts", None), nn.Module) and not isinstance(m.experts, nn.ModuleList)
+                  for m in model.modules())
+    if (stacked and getattr(config, "_experts_implementation", None) == "eager"
+            and hasattr(model, "set_experts_implementation")):
+        try:
+            model.set_experts_implementation("grouped_mm")
+            done.experts_implementation = "grouped_mm"
+        except ValueError as exc:  # this model's experts have no grouped_mm: they stay as they are
+            done.left["<experts_implementation>"] = f"not switched to grouped_mm: {exc}"
     loops = [(fqn, m) for fqn, m in model.named_modules()
              if isinstance(getattr(m, "experts", None), nn.ModuleList) and hasattr(m, "gate")]
     for fqn, block in loops:
