@@ -91,6 +91,13 @@ def test_eager_experts_implementation_is_switched_to_grouped_mm():
     assert_close(out, expected.double())
 
 
+def test_a_dense_model_is_left_untouched():
+    """Its config says experts_implementation "eager" too; it has no experts to switch."""
+    model = tiny_model("llama")
+    done = llmopt.prepare_moe(model)
+    assert done.replaced == [] and done.left == {} and done.experts_implementation is None
+
+
 def test_blocks_that_are_not_loops_of_gated_mlps_are_left_with_the_reason():
     model = TwoBlocks().eval()
     model.blocks[1].experts[2].w2 = nn.Linear(24, HIDDEN, bias=True)  # an expert bias
