@@ -51,8 +51,12 @@ def __getattr__(name):
 
 def compile(model, *, options=None, **torch_compile_kwargs):
     """``torch.compile(model, backend="llmopt", options=options)`` with the options
-    validated now rather than at the first call."""
+    validated now rather than at the first call, and ``llmopt.prepare_moe`` applied to
+    ``model`` first (per-expert-loop MoE blocks become fusable; a no-op otherwise)."""
     import torch
 
+    from .moe_prepare import prepare_moe_automatically
+
     Options.from_user(options)
+    prepare_moe_automatically(model)  # per-expert-loop MoE blocks become fusable (proven equal)
     return torch.compile(model, backend="llmopt", options=dict(options or {}), **torch_compile_kwargs)

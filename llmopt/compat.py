@@ -201,6 +201,17 @@ def graph_break_reasons() -> Any:
     return torch._dynamo.explain
 
 
+def skipped_data_dependent_loops() -> int:
+    """Frames Dynamo has run eagerly so far (this process, since its last reset) because a
+    data-dependent ``nonzero`` (``torch.where(mask)``) broke the graph inside a loop: the
+    per-expert MoE loop of transformers 4.4x. Read from Dynamo's ``unimplemented`` counter,
+    whose keys are its graph-break messages (matched on the op and on "loop")."""
+    from torch._dynamo.utils import counters
+
+    return sum(n for reason, n in counters.get("unimplemented", {}).items()
+               if "nonzero" in reason and "loop" in reason)
+
+
 def statically_true(expr: Any) -> bool:
     """True when a (possibly symbolic) boolean is known true without adding a guard."""
     if isinstance(expr, bool):

@@ -130,6 +130,27 @@ def active_expert_bytes(w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torc
     return per_expert * ids.numel()
 
 
+# --------------------------------------------------------------------------- a dense MLP as experts
+def chunk_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, inter: int):
+    """The dense gated MLP ``(gate [I_s, H], up [I_s, H], down [H, I_s])`` as ``c = ceil(I_s / inter)``
+    experts: ``(gate_up [c, 2·inter, H], down [c, H, inter])``, the last chunk zero-padded."""
+    i_s, h = w_gate.shape
+    c = -(-i_s // inter)
+    pad = c * inter - i_s
+    gate = torch.nn.functional.pad(w_gate, (0, 0, 0, pad)).view(c, inter, h)
+    up = torch.nn.functional.pad(w_up, (0, 0, 0, pad)).view(c, inter, h)
+    down = torch.nn.functional.pad(w_down, (0, pad)).view(h, c, inter).transpose(0, 1)
+    return torch.cat([gate, up], dim=1).contiguous(), down.contiguous()
+
+
+def zero_preserving(activation: str) -> bool:
+    """``act(0) == 0``: a zero-padded intermediate unit adds nothing."""
+    from .gated_activation import gated_activation_ref
+
+    zero = torch.zeros(1, dtype=torch.float64)
+    return bool(gated_activation_ref(zero, torch.ones_like(zero), activation).eq(0).all())
+
+
 # --------------------------------------------------------------------------- checks
 def check_routed_shapes(op: str, x, gate_up_shape, down_shape, weights, ids, activation: str) -> None:
     """The contract every fused-experts op shares, on the logical (dequantized) stack shapes

@@ -32,8 +32,10 @@ by its shape in the graph instead, and proves it by computing:
    2e-2 in fp16/bf16) is far below the effect of any real difference (a skipped
    renormalization changes the output by tens of percent).
 
-A shared expert (Qwen2-MoE's ``sigmoid(gate(x)) * mlp(x)``) is a dense MLP outside the
-region: merge_parallel_linears and fuse_gated_activation fuse it like any MLP. With
+A shared expert added to the block's output (Qwen2-MoE's ``sigmoid(gate(x)) * mlp(x)``, or
+an ungated ``mlp(x)``) is outside the region; once the block is fused, ``moe_shared_expert``
+folds it into the same ``fused_experts`` call as ``ceil(I_s / I)`` chunk-experts (exact: a
+gated MLP is a sum over its intermediate units). With
 ``quantize=`` the fused experts are then quantized by ``quantize_experts`` (called from
 quantize_linears). A model already quantized by ``llmopt.quantize_`` traces its
 ``QuantizedExperts`` op: such a block is a near-miss ("already one llmopt op").
@@ -57,6 +59,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from typing import Any
 
 import torch
@@ -65,6 +68,9 @@ import torch.fx as fx
 from .. import compat
 from ..codegen import moe_experts, moe_quant, moe_route  # noqa: F401  registers the llmopt::moe_route, fused_experts* ops
 from ..graph import constant_value, real_tensors, tensor_meta
+from ..report import reports
+from . import moe_expert_stacks as expert_stacks
+from .moe_shared_expert import fuse_shared_expert
 from .near_miss import NearMiss
 
 aten = torch.ops.aten
@@ -84,6 +90,7 @@ _FUSED_EXPERT_OPS = (
 
 
 def run(gm: fx.GraphModule, ctx) -> int:
+    _note_skipped_loops(ctx)
     count = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target == aten.topk.default and node.graph is gm.graph:
@@ -94,10 +101,33 @@ def run(gm: fx.GraphModule, ctx) -> int:
                 continue
             if done is not None:
                 new, detail = done
+                gm.graph.eliminate_dead_code()
+                try:
+                    shared = fuse_shared_expert(gm, new)
+                except NearMiss as miss:
+                    ctx.near_miss(miss.node, miss.reason)
+                    shared = None
+                if shared is not None:
+                    new, shared_detail = shared
+                    detail = f"{detail} + {shared_detail}"
+                    gm.graph.eliminate_dead_code()
                 ctx.rewrite(new, detail)
                 count += 1
-                gm.graph.eliminate_dead_code()
     return count
+
+
+def _note_skipped_loops(ctx) -> None:
+    """A per-expert loop that Dynamo ran eagerly is in no graph: say so, and how to fix it."""
+    skipped = compat.skipped_data_dependent_loops()
+    heading = f"fuse_moe: {skipped} frame(s) skipped by Dynamo so far: "
+    # Dynamo's counter only grows: note each new count once (not on every later graph).
+    if not skipped or any(n.startswith(heading) for r in reports() for n in r.notes):
+        return
+    message = ("a data-dependent torch.where/nonzero broke the graph inside a loop, so Dynamo ran that frame eagerly "
+               "(a per-expert MoE loop, e.g. transformers 4.4x): no graph holds such blocks and llmopt cannot fuse "
+               f"them; {expert_stacks.FLAG_HINT}")
+    ctx.report.notes.append(heading + message)
+    warnings.warn(f"llmopt: {message}", stacklevel=2)  # one text: Python shows it once
 
 
 # --------------------------------------------------------------------------- the anchor
@@ -269,9 +299,12 @@ def fuse_block(gm: fx.GraphModule, topk: fx.Node) -> tuple[fx.Node, str] | None:
     stacks = [n for n in prelude if n.op == "get_attr"]
     sizes = [n for n in prelude if n.op == "placeholder"]
     prelude = [n for n in prelude if n.op != "placeholder"]
-    if len(stacks) != 2 or any(tensor_meta(s) is None or tensor_meta(s).dim() != 3 for s in stacks):
+    # A per-expert loop traced whole (capture_dynamic_output_shape_ops): 3 weights per expert.
+    triples = expert_stacks.expert_triples(gm, stacks, int(tensor_meta(logits).shape[-1]))
+    if triples is None and (len(stacks) != 2 or any(tensor_meta(s) is None or tensor_meta(s).dim() != 3 for s in stacks)):
         shapes = [tuple(tensor_meta(s).shape) if tensor_meta(s) is not None else "?" for s in stacks]
-        raise NearMiss(topk, f"the block reads {len(stacks)} frozen constants {shapes}, expected the two 3-D expert weight stacks")
+        raise NearMiss(topk, f"the block reads {len(stacks)} frozen constants {shapes}, expected the two 3-D expert weight "
+                       "stacks or three 2-D weights per expert")
     xv, ov = tensor_meta(x), tensor_meta(exit_node)
     if tuple(ov.shape) != tuple(xv.shape) and not all(isinstance(d, int) for d in ov.shape):
         raise NearMiss(exit_node, f"block output {tuple(ov.shape)} has another, symbolic shape than the tokens {tuple(xv.shape)}")
@@ -281,7 +314,10 @@ def fuse_block(gm: fx.GraphModule, topk: fx.Node) -> tuple[fx.Node, str] | None:
     activation = activation_in(region)
     if activation is None:
         raise NearMiss(topk, "no single gated activation (silu, gelu, tanh gelu) in the block")
-    reading = prove(gm, prelude + region, exit_node, x, p, logits, scoring, k, stacks, activation, sizes)
+    if triples is None:
+        reading = prove(gm, prelude + region, exit_node, x, p, logits, scoring, k, stacks, activation, sizes)
+    else:
+        reading = _prove_per_expert(gm, prelude + region, exit_node, x, p, logits, scoring, k, triples, activation, sizes)
     if reading is None:
         raise NearMiss(exit_node, "the block does not compute sum_j w_j expert_j(x) for any reading of its weights "
                        "(renormalized or not, stacks transposed or not): left as is")
@@ -320,6 +356,21 @@ def fuse_block(gm: fx.GraphModule, topk: fx.Node) -> tuple[fx.Node, str] | None:
 
 
 # --------------------------------------------------------------------------- the proof
+def _prove_per_expert(gm, region, exit_node, x, p, logits, scoring, k, triples, activation, sizes):
+    """:func:`prove` over stacks built from per-expert weights, each pair read gate-first and
+    then up-first; the stacks become the weights' storage once a reading holds."""
+    gate_up, down = expert_stacks.build(gm, triples, region[0])
+    for swap in (False, True):
+        if swap:
+            expert_stacks.swap_gate_up(gm, gate_up, triples)
+        reading = prove(gm, region, exit_node, x, p, logits, scoring, k, [gate_up, down], activation, sizes)
+        if reading is not None:
+            expert_stacks.share(gm, gate_up, down, triples)
+            return reading
+    expert_stacks.drop(gm, [gate_up, down])
+    return None
+
+
 def prove(gm, region, exit_node, x, p, logits, scoring, k, stacks, activation, sizes=()):
     """The (renormalize, gate_up, down, transposed) reading under which the region equals
     the fused ops on random inputs, or None. With dynamic shapes the region runs at the

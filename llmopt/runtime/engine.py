@@ -152,6 +152,9 @@ class Engine:
                             ("default_max_new_tokens", default_max_new_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        from ..moe_prepare import prepare_moe_automatically  # lazy: importing llmopt loads no MoE kernels
+
+        prepare_moe_automatically(model)  # per-expert-loop MoE blocks become fusable (proven equal)
         self.speculative = speculative
         if speculative is not None:
             check_engine_speculative(speculative, model)  # before the model is switched to paged attention

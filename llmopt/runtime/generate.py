@@ -109,6 +109,9 @@ def generate(
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     input_ids, attention_mask = _check_prompts(input_ids, attention_mask)
     hf_model = unwrap_hf_model(model)
+    from ..moe_prepare import prepare_moe_automatically  # lazy: importing llmopt loads no MoE kernels
+
+    prepare_moe_automatically(hf_model)  # per-expert-loop MoE blocks become fusable (proven equal)
     device, dtype = _device_and_dtype(model, hf_model, input_ids, cache)
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device)

@@ -1,7 +1,7 @@
 """fuse_moe: a sparse MoE block becomes llmopt.moe_route + llmopt.fused_experts.
 
 Exactly once per MoE layer on tiny random-weight Mixtral, Qwen2-MoE (shared expert with its
-sigmoid gate) and Qwen3-MoE in the installed transformers' spellings ("grouped_mm", the
+sigmoid gate, fused into the same call as chunk-experts) and Qwen3-MoE in the installed transformers' spellings ("grouped_mm", the
 default, and "batched_mm"); logits vs eager and vs an fp64 truth within the tolerance table;
 greedy llmopt.generate tokens equal (prefill and decode graphs both fused). Blocks spelled
 differently stay as they are, each with its near-miss reason (a bias in the experts, gate/up
@@ -20,29 +20,7 @@ import llmopt
 from conftest import assert_close
 from models.moe_loops import MixtralSparseMoeBlock448
 from models.tiny import NUM_LAYERS, tiny_model, tokens
-
-PASS = "fuse_moe"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def compile_and_run(module, *inputs, **options):
-    with torch.no_grad():
-        out = torch.compile(module, backend="llmopt", options={"strict": True, **options})(*inputs)
-    return out, llmopt.last_report()
-
-
-def near_misses(report):
-    return [nm.reason for nm in report.near_misses if nm.pass_name == PASS]
-
-
-def details(report):
-    return [rw.detail for rw in report.rewrites if rw.pass_name == PASS]
+from passes.moe_compile import PASS, fresh_dynamo, compile_and_run, details, near_misses  # noqa: F401  (the fixture)
 
 
 # --------------------------------------------------------------------------- HF models
@@ -57,7 +35,8 @@ def fp64_copy(model):
     "family, impl, dtype, expected",
     [
         ("mixtral", None, torch.float32, "moe_route(softmax, top_k=2, renormalize=True) + fused_experts(silu, 4 experts, I=96)"),
-        ("qwen2_moe", "batched_mm", torch.bfloat16, "moe_route(softmax, top_k=2, renormalize=False) + fused_experts(silu, 4 experts, I=48)"),
+        ("qwen2_moe", "batched_mm", torch.bfloat16, "moe_route(softmax, top_k=2, renormalize=False) + fused_experts(silu, 4 experts, I=48)"
+         " + sigmoid-gated shared expert (I=80) fused as 2 chunk-experts"),
         ("qwen3_moe", None, torch.bfloat16, "moe_route(softmax, top_k=2, renormalize=True) + fused_experts(silu, 4 experts, I=48)"),
     ],
     ids=["mixtral-fp32", "qwen2_moe-batched_mm-bf16", "qwen3_moe-bf16"],
@@ -73,8 +52,8 @@ def test_fires_once_per_moe_layer_and_matches_eager(family, impl, dtype, expecte
     assert report.ops_after.get("llmopt.moe_route.default") == NUM_LAYERS
     for leftover in ("aten.topk.default", "aten.sort.default", "transformers.grouped_mm_fallback.default", "aten.bmm.default"):
         assert leftover not in report.ops_after
-    if family == "qwen2_moe":  # the shared expert: a dense gated MLP, fused as such
-        assert report.ops_after.get("llmopt.gated_activation.default") == NUM_LAYERS
+    if family == "qwen2_moe":  # the shared expert: chunk-experts of the same fused call (test_moe_shared_expert.py)
+        assert "llmopt.gated_activation.default" not in report.ops_after
     with torch.no_grad():
         eager = model(x).logits
         truth = fp64_copy(model)(x).logits
@@ -98,7 +77,8 @@ def test_greedy_generate_tokens_equal_eager(family, monkeypatch):
         assert sum(n.target == torch.ops.llmopt.fused_experts.default for n in gm.graph.nodes) == NUM_LAYERS
 
 
-def test_engine_on_a_compiled_moe_model_equals_each_request_alone(monkeypatch):
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # qwen2_moe: the shared chunk-experts with symbolic T
+def test_engine_on_a_compiled_moe_model_equals_each_request_alone(family, monkeypatch):
     """Continuous batching (paged attention, mixed prefill/decode steps, recompiled with
     symbolic token counts: the dynamic-shape case of the pass, its proof run at the traced
     sizes) over the fused MoE graphs: each request's tokens are those of llmopt.generate
@@ -109,7 +89,7 @@ def test_engine_on_a_compiled_moe_model_equals_each_request_alone(monkeypatch):
 
     graphs = capture_final_graphs(monkeypatch)
 
-    model = tiny_model("mixtral")
+    model = tiny_model(family)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 9, 3)]
     new = [6, 4, 7]
@@ -223,6 +203,7 @@ def test_a_topk_that_is_not_routing_is_left_alone():
 
 
 # --------------------------------------------------------------------------- transformers 4.48
+@pytest.mark.filterwarnings("ignore:llmopt. a data-dependent")
 def test_transformers_448_per_expert_loop_stays_correct_unfused():
     """Dynamo cannot trace the loop (a data-dependent torch.where inside a for loop): it runs
     the block's frame eagerly and compiles only the expert MLPs, so no llmopt graph holds a
@@ -237,7 +218,30 @@ def test_transformers_448_per_expert_loop_stays_correct_unfused():
     reports = llmopt.reports()[start:]
     assert reports and all("aten.topk.default" not in r.ops_after for r in reports)
     assert sum(r.rewrites_by_pass().get(PASS, 0) for r in reports) == 0
+    # Said in the report (and warned once): why, and the two fixes.
+    notes = [n for r in reports for n in r.notes if n.startswith("fuse_moe:")]
+    assert notes and "capture_dynamic_output_shape_ops = True" in notes[0] and "llmopt.prepare_moe(model)" in notes[0]
     with torch.no_grad():
         expected = m(x)
+    assert_close(out[0], expected[0])
+    assert_close(out[1], expected[1])
+
+
+def test_transformers_448_per_expert_loop_traced_whole_is_fused():
+    """With Dynamo's capture_dynamic_output_shape_ops (the user's switch: llmopt never changes
+    Dynamo's config), the loop's torch.where traces with unbacked sizes, the block is one
+    graph, and fuse_moe stacks the 3 per-expert weights (moe_expert_stacks): one rewrite,
+    each expert's weights views of the stacks (held once), output equal to eager's."""
+    torch.manual_seed(0)
+    m = MixtralSparseMoeBlock448().eval()
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        expected = m(x)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        out, report = compile_and_run(m, x)
+    assert report.rewrites_by_pass()[PASS] == 1, near_misses(report)
+    assert "fused_experts(silu, 4 experts, I=24)" in details(report)[0]
+    stack = m.experts[0].w1.weight.untyped_storage()
+    assert all(p.untyped_storage().data_ptr() == stack.data_ptr() for e in m.experts for p in (e.w1.weight, e.w3.weight))
     assert_close(out[0], expected[0])
     assert_close(out[1], expected[1])

@@ -107,7 +107,8 @@ def test_w8a8_leaves_experts_in_float_with_the_reason():
 @pytest.mark.parametrize("family, impl", [("qwen2_moe", "batched_mm"), ("qwen3_moe", None)],
                          ids=["qwen2_moe-batched_mm", "qwen3_moe"])
 def test_qwen_moe_experts_are_quantized_too(family, impl):
-    """Qwen2-MoE (shared expert beside the block, batched spelling) and Qwen3-MoE."""
+    """Qwen2-MoE (shared expert folded into the stacks as chunk-experts, quantized with them;
+    batched spelling) and Qwen3-MoE."""
     model = tiny_model(family, experts_implementation=impl)
     x = tokens(2, 5)
     logits, report = compile_and_run(model, x, "int8")
