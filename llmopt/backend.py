@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from . import compat, frozen_weights
+from . import compat, frozen_weights, weight_release
 from .codegen.cpu_decompositions import cpu_decompositions
 from .codegen.kernel_mode import kernel_mode
 from .frozen_weights import FrozenWeights
@@ -259,6 +259,13 @@ def _compile_frozen(gm: fx.GraphModule, real_inputs: list[Any], job: _FrozenComp
         run_pipeline(gm, ctx)
     gm.recompile()
     if weights.weights:
+        released = weight_release.release(gm, weights.weights, weight_release.graph_tensors(gm), weights.reader,
+                                          opts.release_weights)
+        if released:
+            report.notes.append(
+                f"weights: {len(released)} released (their memory freed: the graph reads quantized or sharded "
+                "copies; eager calls of their modules raise; options={'release_weights': False} keeps them)"
+            )
         counts = weights.seal()
         report.notes.append(
             f"weights: {counts['frozen']} frozen; {counts['shared']} read in place by the graph (in-place "
@@ -451,6 +458,7 @@ def _frozen_call(inner: Callable, keep: list[int], weights: FrozenWeights, check
         return inner(kept)
 
     run._boxed_call = True
+    run.llmopt_reader = weights.reader  # alive as long as this graph: it reads those storages
     return run
 
 

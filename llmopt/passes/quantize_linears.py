@@ -8,12 +8,13 @@ share one implementation (scheme ops, CPU int4 layout, ``compute_dtype``). It ru
 giving one quantized QKV matmul per layer (per-output-channel and per-group scales do not
 cross the members' boundaries, so this equals quantizing the members separately).
 
-Memory and weight changes: the float weights stay the model's parameters (eager calls and
-Dynamo recompiles for new shapes read them), so a compiled ``quantize=`` model holds the
-quantized copy on top of them; ``llmopt.quantize_`` before compiling holds only the
-quantized weights. An in-place change to a quantized weight through the parameter raises
+Memory and weight changes: the quantized module is a derived constant
+(``weight_release.derived``): after compiling, the float weight's memory is released (the
+parameter keeps its shape; eager calls of its module raise) and a Dynamo recompile for a
+new shape reuses the cached module. With ``options={"release_weights": False}`` the float
+weights stay, and an in-place change to a quantized weight through the parameter raises
 at the next call (``frozen_weights``); one through ``p.data`` cannot be seen (README,
-"Frozen weights").
+"Frozen weights"). ``llmopt.quantize_`` before compiling holds only the quantized weights.
 
 Which linears: as ``quantize_``'s default, all of them, except the output head
 (``lm_head``, ``embed_out``, ``output``) unless the config's ``quantize_head`` is set (the
@@ -32,9 +33,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..frozen_weights import note_read
 from ..graph import constant_value, fake_like, free_attr_name, is_constant, real_tensors, tensor_meta
 from ..report import layer_of
+from ..weight_release import derived
 
 aten = torch.ops.aten
 
@@ -83,14 +84,20 @@ def run(gm: fx.GraphModule, ctx) -> int:
         if isinstance(config, Int4WeightOnly) and wv.shape[1] % config.group_size:
             ctx.near_miss(node, f"K={wv.shape[1]} is not a multiple of group_size={config.group_size}")
             continue
-        # The graph will read the quantized copy: an in-place write to the float weight can
-        # no longer reach it, so the frozen-weight check raises on one (frozen_weights).
-        note_read(gm, w.target, f"it was quantized with {type(config).__name__}")
         with real_tensors():
-            weight = constant_value(gm, w)
             bias = constant_value(gm, b) if b is not None else None
-            module = QuantizedLinear(quantize_weight(weight.detach(), config), bias, getattr(config, "compute_dtype", None))
-            module.to(weight.device)
+
+            def make(weight, bias=bias):
+                module = QuantizedLinear(quantize_weight(weight.detach(), config), bias,
+                                         getattr(config, "compute_dtype", None))
+                return module.to(weight.device)
+
+            # The graph reads the quantized copy: the float weight is derived (an in-place
+            # write raises) and released after compiling; a recompile reuses this module
+            # (weight_release). The bias is part of the key: the module holds it.
+            kind = ("QuantizedLinear", repr(config), None if bias is None else (id(bias.untyped_storage()),
+                                                                                 bias.storage_offset()))
+            module = derived(gm, w, kind, make, f"it was quantized with {type(config).__name__}")
         name = free_attr_name(gm, "llmopt_qlinear_" + (layer.replace(".", "_") or node.name))
         gm.add_submodule(name, module)
         with gm.graph.inserting_before(node):
