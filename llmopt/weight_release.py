@@ -113,6 +113,7 @@ class Pending:
     """Derived constants computed by one compile, waiting for :func:`release`."""
 
     items: list[tuple[torch.Tensor, tuple, Any, str]] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)  # names of the weights released so far
 
 
 PENDING_KEY = "llmopt_derived_constants"
@@ -157,34 +158,63 @@ def release(gm: torch.fx.GraphModule, weights: list, graph_tensors: list[torch.T
 
     ``weights``: the ledger's frozen weights (``name``, ``tensor``, ``derived``);
     ``graph_tensors``: every tensor the final graph reads. Returns the released weights'
-    names; the cache entries move to the registry so that a recompile reuses them."""
+    names (with those :func:`release_unread` released during the passes); the cache
+    entries move to the registry so that a recompile reuses them."""
     pending = gm.meta.pop(PENDING_KEY, None)
     register_readers(graph_tensors, token)
     for t in graph_tensors:
         check_readable(t, "the compiled graph")
-    if pending is None or not enabled:
+    if pending is None:
         return []
-    read = {id(t.untyped_storage()) for t in graph_tensors if isinstance(t, torch.Tensor)}
-    by_storage: dict[int, list] = {}
-    for w in weights:
-        by_storage.setdefault(id(w.tensor.untyped_storage()), []).append(w)
-    names = []
-    for source, key, product, why in pending.items:
-        storage = source.untyped_storage()
-        record = _RELEASED.get(storage)
-        if record is not None:  # released before (or just now, by another derived constant)
-            record.products.setdefault(key, product)
-            continue
-        on_storage = by_storage.get(id(storage), [])
+    if enabled:
+        read = {id(t.untyped_storage()) for t in graph_tensors}
+        for source, _, _, _ in list(pending.items):
+            _release_storage(source.untyped_storage(), weights, read, token, pending)
+    return pending.released
+
+
+def release_unread(gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: Any) -> None:
+    """A pass stopped reading the constant ``node`` (its last user was replaced by a
+    derived constant): release its storage now rather than when the graph is done, so that
+    the float weights and their quantized copies are never all held at once."""
+    from .frozen_weights import ledger
+
+    pending, led = gm.meta.get(PENDING_KEY), ledger(gm)
+    if node.users or pending is None or led is None or not ctx.options.release_weights:
+        return
+    tensor = getattr(gm, node.target, None) if "." not in node.target else None
+    if not isinstance(tensor, torch.Tensor):
+        return
+    read = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n is not node:
+            obj = gm.get_submodule(n.target.rsplit(".", 1)[0]) if "." in n.target else gm
+            value = getattr(obj, n.target.rsplit(".", 1)[-1], None)
+            values = list(value.parameters()) + list(value.buffers()) if isinstance(value, torch.nn.Module) else [value]
+            read.update(id(v.untyped_storage()) for v in values if isinstance(v, torch.Tensor))
+    _release_storage(tensor.untyped_storage(), led.weights, read, led.reader, pending)
+
+
+def _release_storage(storage: torch.UntypedStorage, weights: list, read: set[int], token: ReaderToken,
+                     pending: Pending) -> None:
+    """Release ``storage`` when only derived constants need it; move its cache entries."""
+    items = [it for it in pending.items if it[0].untyped_storage() is storage]
+    if not items:
+        return
+    record = _RELEASED.get(storage)
+    if record is None:
+        on_storage = [w for w in weights if w.tensor.untyped_storage() is storage]
         if (not on_storage or id(storage) in read or not storage.resizable() or _read_elsewhere(storage, token)
                 or any(w.derived is None for w in on_storage)):
-            continue
-        record = Released([w.name for w in on_storage], why, storage.nbytes(), {key: product})
+            return
+        record = Released([w.name for w in on_storage], items[0][3], storage.nbytes())
         _RELEASED[storage] = record
         storage.resize_(0)
-        names.extend(record.names)
+        pending.released.extend(record.names)
         _guard_modules({id(w.tensor): w.name for w in on_storage})
-    return names
+    for it in items:
+        record.products.setdefault(it[1], it[2])
+        pending.items.remove(it)
 
 
 def _guard_modules(params: dict[int, str]) -> None:

@@ -110,7 +110,7 @@ def test_weight_change_gives_new_logits_or_raises(name):
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_quantized_weight_change_raises(name, how):
     model = tiny_model(name)
-    compiled = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"})
+    compiled = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8", "release_weights": False})
     x = tokens(1, 6)
     compiled_logits(compiled, x)
     change(model, QUANTIZED[name], how)
@@ -124,7 +124,7 @@ def test_quantized_weight_change_raises(name, how):
                    "every call (README 'Frozen weights'; use llmopt.quantize_ before compiling)")
 def test_quantized_weight_changed_through_data_is_seen():
     model = tiny_model("llama")
-    compiled = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"})
+    compiled = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8", "release_weights": False})
     x = tokens(1, 6)
     compiled_logits(compiled, x)
     change(model, QUANTIZED["llama"], "p.data.copy_")
@@ -133,7 +133,7 @@ def test_quantized_weight_changed_through_data_is_seen():
 
 def test_unquantized_weights_of_a_quantized_model_are_read_in_place():
     model = tiny_model("llama")
-    compiled = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"})
+    compiled = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8", "release_weights": False})
     x = tokens(1, 6)
     compiled_logits(compiled, x)
     change(model, "model.layers.1.post_attention_layernorm.weight", "p.data.copy_")

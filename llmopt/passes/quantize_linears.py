@@ -35,7 +35,7 @@ import torch.fx as fx
 
 from ..graph import constant_value, fake_like, free_attr_name, is_constant, real_tensors, tensor_meta
 from ..report import layer_of
-from ..weight_release import derived
+from ..weight_release import derived, release_unread
 
 aten = torch.ops.aten
 
@@ -104,6 +104,9 @@ def run(gm: fx.GraphModule, ctx) -> int:
             call = _emit_kernel_call(gm, name, module, x, node)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
+        if not w.users:
+            gm.graph.erase_node(w)
+            release_unread(gm, w, ctx)
         count += 1
         ctx.rewrite(call, f"{module.scheme} linear N={module.out_features} K={module.in_features}"
                     + (f" g{module.group_size}" if module.scheme == "int4" else ""))
