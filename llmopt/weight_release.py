@@ -187,7 +187,7 @@ def release_unread(gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: Any) -> N
         return
     read = set()
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and n is not node:
+        if n.op == "get_attr" and n is not node and n.users:  # an unused get_attr reads nothing
             obj = gm.get_submodule(n.target.rsplit(".", 1)[0]) if "." in n.target else gm
             value = getattr(obj, n.target.rsplit(".", 1)[-1], None)
             values = list(value.parameters()) + list(value.buffers()) if isinstance(value, torch.nn.Module) else [value]
@@ -259,11 +259,11 @@ def graph_tensors(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
     """Every tensor the graph reads through ``get_attr`` (a submodule's parameters and
     buffers included); drops the constants of ``gm`` that no node reads any more (a
     consumed float weight), so that they hold no memory and no executor sees them."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [b for b in gm._buffers if b not in used]:
+    named = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [b for b in gm._buffers if b not in named]:
         delattr(gm, name)
     out = []
-    for target in used:
+    for target in {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}:
         obj = gm
         for part in target.split("."):
             obj = getattr(obj, part)

@@ -47,7 +47,6 @@ def run(gm: fx.GraphModule, ctx) -> int:
     from ..quant import GPTQ, Int4WeightOnly, Int8KVCache
     from ..quant.modules import QuantizedLinear
     from ..quant.quantize import HEAD_NAMES
-    from ..quant.schemes import quantize_weight
 
     if isinstance(config, GPTQ):
         ctx.report.fallback(
@@ -88,7 +87,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
             bias = constant_value(gm, b) if b is not None else None
 
             def make(weight, bias=bias):
-                module = QuantizedLinear(quantize_weight(weight.detach(), config), bias,
+                module = QuantizedLinear(quantize_in_row_blocks(weight.detach(), config), bias,
                                          getattr(config, "compute_dtype", None))
                 return module.to(weight.device)
 
@@ -111,6 +110,24 @@ def run(gm: fx.GraphModule, ctx) -> int:
         ctx.rewrite(call, f"{module.scheme} linear N={module.out_features} K={module.in_features}"
                     + (f" g{module.group_size}" if module.scheme == "int4" else ""))
     return count
+
+
+# Rows quantized at once: the float temporaries of quantizing one block stay a few MiB,
+# not a copy of the largest weight (a merged gate/up), which alone can exceed 10% of a
+# small model's weights (the memory bound, tests/test_weight_storage.py).
+QUANTIZE_BLOCK_BYTES = 1 << 20
+
+
+def quantize_in_row_blocks(weight: torch.Tensor, config):
+    """``quantize_weight(weight, config)``, computed in blocks of output rows. Equal to it:
+    every scheme here scales per output row (int4 per group of one row's columns)."""
+    from ..quant.schemes import concat_quantized, quantize_weight
+
+    n, k = weight.shape
+    rows = max(1, QUANTIZE_BLOCK_BYTES // max(1, k * weight.element_size()))
+    if n <= rows:
+        return quantize_weight(weight, config)
+    return concat_quantized([quantize_weight(weight[i:i + rows], config) for i in range(0, n, rows)])
 
 
 def _emit_kernel_call(gm: fx.GraphModule, name: str, module, x: fx.Node, anchor: fx.Node) -> fx.Node:
