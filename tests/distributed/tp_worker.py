@@ -98,20 +98,22 @@ def scenario_families(args) -> dict:
         compat.reset_dynamo()
         llmopt.clear_reports()
         del graphs[:]
-        with torch.no_grad():
+        generates = name in ("llama", "llama_mqa")
+        with torch.no_grad():  # the eager references first: compiling releases the full weights
             ref_logits = model(ids, use_cache=False).logits
+            if generates:
+                ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
+                ref_again = llmopt.generate(model, ids[:, :4], max_new_tokens=7, stop_token_ids=())
             compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
             logits = compiled(ids, use_cache=False).logits
         out[name] = {"logits_error": relative_error(logits, ref_logits), **pass_facts(llmopt.last_report()),
-                     **graph_facts(graphs[0])}
+                     **graph_facts(graphs[0]), "param_bytes": held_parameter_bytes(model)}
         log(f"{name}: logits")
-        if name in ("llama", "llama_mqa"):
-            with torch.no_grad():
-                ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
+        if generates:
+            with torch.no_grad():  # new shapes: recompiles take the shards from the cache
                 got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=())
                 n_graphs = len(llmopt.reports())
                 again = llmopt.generate(compiled, ids[:, :4], max_new_tokens=7, stop_token_ids=())
-                ref_again = llmopt.generate(model, ids[:, :4], max_new_tokens=7, stop_token_ids=())
             out[name].update(tokens=got.tolist(), ref_tokens=ref.tolist(), again_equal=bool(torch.equal(again, ref_again)),
                              graphs_first=n_graphs, graphs_second=len(llmopt.reports()))
             log(f"{name}: generate")
@@ -121,6 +123,11 @@ def scenario_families(args) -> dict:
         torch.compile(build("llama"), backend="llmopt", options={"strict": True})(tokens(1, 6), use_cache=False)
     out["llama"]["single_weight_bytes"] = graph_facts(graphs[0])["weight_bytes"]
     return out
+
+
+def held_parameter_bytes(model) -> int:
+    """Bytes of the distinct storages behind the model's parameters (a released one: 0)."""
+    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
 
 
 def run_parts(args, *parts) -> dict:

@@ -59,8 +59,9 @@ holds only this rank's K/V heads and marks its write and read with ``tp_local_he
 A cache of all heads still works: the graph then reads and writes its heads of it.
 
 Limits (docs/tensor_parallel.md): the Engine's paged attention is not sharded (its
-append is not known here); the user's module keeps its full parameters (the graph holds
-only this rank's shards; the merged full weights are released).
+append is not known here). Weights: the graph holds only this rank's shards, computed
+through ``weight_release.derived``, so the full weights are released after compiling and a
+recompile takes the shards from the cache (docs/frozen_weights.md).
 """
 from __future__ import annotations
 
