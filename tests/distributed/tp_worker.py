@@ -107,7 +107,8 @@ def scenario_families(args) -> dict:
             compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
             logits = compiled(ids, use_cache=False).logits
         out[name] = {"logits_error": relative_error(logits, ref_logits), **pass_facts(llmopt.last_report()),
-                     **graph_facts(graphs[0]), "param_bytes": held_parameter_bytes(model)}
+                     **graph_facts(graphs[0]), "param_bytes": held_parameter_bytes(model),
+                     "held": [(n, p.untyped_storage().nbytes()) for n, p in model.named_parameters() if p.untyped_storage().nbytes()]}
         log(f"{name}: logits")
         if generates:
             with torch.no_grad():  # new shapes: recompiles take the shards from the cache
@@ -188,9 +189,9 @@ def scenario_embedding(args) -> dict:
     try:
         with torch.no_grad():
             ref_logits = model(ids, use_cache=False).logits
+            ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())  # before: compiling releases
             compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
             logits = compiled(ids, use_cache=False).logits
-            ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
             got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=())
     finally:
         collectives.EMBEDDING_SHARD_MIN_BYTES = threshold
@@ -219,18 +220,18 @@ def scenario_rank_cache(args) -> dict:
         try:
             with torch.no_grad():
                 ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
-                compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+                ref_again = llmopt.generate(model, ids[:, :4], max_new_tokens=7, stop_token_ids=())
+                compiled = torch.compile(model, backend="llmopt", options=OPTIONS)  # releases the full weights
                 got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=(), cache=cache)
                 n_graphs = len(llmopt.reports())
                 again = llmopt.generate(compiled, ids[:, :4], max_new_tokens=7, stop_token_ids=(), cache=cache)
-                ref_again = llmopt.generate(model, ids[:, :4], max_new_tokens=7, stop_token_ids=())
         finally:
             backend.run_pipeline = graphs_pipeline_original
         ops = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
         try:
-            with torch.no_grad():
-                model(ids, past_key_values=StaticKVCache(model.config, batch_size=1, max_seq_len=16,
-                                                         tensor_parallel="auto"))
+            with torch.no_grad():  # an uncompiled model (the compiled one's full weights are released)
+                build(name)(ids, past_key_values=StaticKVCache(model.config, batch_size=1, max_seq_len=16,
+                                                               tensor_parallel="auto"))
             eager_error = None
         except Exception as exc:
             eager_error = f"{type(exc).__name__}: {exc}"

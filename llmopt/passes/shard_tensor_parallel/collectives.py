@@ -25,6 +25,8 @@ from .region import evaluate
 # Why a full weight is derived (frozen_weights) and released (weight_release): the graph
 # reads this rank's shard of it, which a recompile takes from the cache.
 SHARDED = "it was sharded for tensor parallelism"
+# A block of rows is already contiguous, so ``.contiguous()`` would return a view that keeps
+# the whole weight alive: row shards are cloned.
 
 
 def shard_row(gm, row: fx.Node, frac: dict, tp, ctx, all_reduce, wait) -> None:
@@ -75,7 +77,7 @@ def shard_lm_head(gm, head, tp, ctx, all_gather, wait) -> None:
     per = int(w.shape[0]) // world
     with real_tensors():
         w_local, b_local = (
-            derived(gm, n, ("tp_vocab", rank, world), lambda v: v[rank * per:(rank + 1) * per].contiguous(), SHARDED)
+            derived(gm, n, ("tp_vocab", rank, world), lambda v: v[rank * per:(rank + 1) * per].clone(), SHARDED)
             if n is not None else None
             for n in (head.args[1], head.args[2] if len(head.args) > 2 else None))
     args = [head.args[0], add_constant(gm, "tp_vocab_weight", w_local, head)]
@@ -157,7 +159,7 @@ def shard_embedding(gm, node: fx.Node, tp, ctx, all_reduce, wait) -> bool:
     per = vocab // world
     lo, hi = rank * per, (rank + 1) * per
     with real_tensors():
-        w_local = derived(gm, node.args[0], ("tp_vocab", rank, world), lambda v: v[lo:hi].contiguous(), SHARDED)
+        w_local = derived(gm, node.args[0], ("tp_vocab", rank, world), lambda v: v[lo:hi].clone(), SHARDED)
     ids, g = node.args[1], gm.graph
 
     def call(target, *args):
