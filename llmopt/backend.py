@@ -18,7 +18,9 @@ into it, so in-place writes (``p.copy_``, ``p.data.copy_``, ``load_state_dict``)
 compiled graph. A weight whose value the compiler consumed (quantized) raises at the next
 call when modified in place through the parameter; a replaced weight (``p.data = new``, a
 new ``nn.Parameter``) always raises at the next call. Recompile after such a change
-(``torch._dynamo.reset()`` then call the compiled model again).
+(``torch._dynamo.reset()`` then call the compiled model again). A float weight the
+graph reads only a quantized or sharded copy of is released after compiling
+(``weight_release``; ``options={"release_weights": False}`` keeps it).
 
 Only inference is optimized: a graph compiled with autograd recording (grad mode on and
 inputs that require grad) runs unchanged, with a report entry saying so.

@@ -20,6 +20,9 @@ quantize or shard them. Two things must then hold (DESIGN.md, "Memory"):
   Not detectable without reading the weights at every call: an in-place write through
   ``p.data`` (which bypasses the version counter) to a *derived* weight. README "Frozen
   weights" documents it; quantizing before compiling (``llmopt.quantize_``) avoids it.
+- **A weight replaced by a derived constant is released** (``weight_release``, on by
+  default): once only its quantized copy or its shard is read, its storage is resized to
+  0 bytes and recompiles take the derived constant from a cache.
 
 The API a pass uses (the ledger lives in ``gm.meta``, so passes need no new argument):
 
