@@ -113,8 +113,11 @@ def _int4_with_head():
     return Int4WeightOnly(group_size=128, quantize_head=True)
 
 
-def make_model(model, backend: str):
-    """(the module the backend runs, a callable forward): quantizing peers get their own copy."""
+def make_model(model, backend: str, shared: bool = True):
+    """(the module the backend runs, a callable forward): quantizing peers get their own copy
+    when ``model`` is shared with other backends (llmopt's ``quantize=`` releases the float
+    weights it quantized, README "Frozen weights"); a fresh process measuring one backend's
+    memory passes ``shared=False``."""
     if backend == "eager":
         return model, model.forward
     forward = _own_code(model.forward, "forward_" + "".join(c if c.isalnum() else "_" for c in backend))
@@ -140,6 +143,9 @@ def make_model(model, backend: str):
     }.get(backend)
     if options is None:
         raise SystemExit(f"unknown backend {backend!r}; see --help")
+    if "quantize" in options and shared:
+        model = copy.deepcopy(model)
+        forward = _own_code(model.forward, "forward_" + "".join(c if c.isalnum() else "_" for c in backend))
     return model, torch.compile(forward, backend="llmopt", options=options)
 
 
@@ -295,7 +301,7 @@ def rss_mb(key):
         return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
 base = rss_mb("VmRSS") if device.type == "cpu" else torch.cuda.memory_allocated() / 2**20
 with torch.no_grad():
-    module, forward = b.make_model(model, args["backend"])
+    module, forward = b.make_model(model, args["backend"], shared=False)
     prompt = torch.randint(1, model.config.vocab_size, (args["batch"], args["prompt_len"]), device=device)
     b.loop_static(module, forward, prompt, 8, args["cache_len"])
 peak = rss_mb("VmHWM") if device.type == "cpu" else torch.cuda.max_memory_allocated() / 2**20

@@ -35,6 +35,7 @@ Writes ``benchmarks/results/<device>-<date>-moe.json`` (``common.write_results``
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import sys
@@ -115,10 +116,12 @@ def _compile_keeping_cache(model, backend: str, int4_group: int = 32):
         return model
     if backend == "inductor":
         return torch.compile(model, options={"freezing": True} if not torch.cuda.is_available() else None)
+    # A quantized backend compiles its own copy: quantize= releases the floats it quantized.
     if backend == "llmopt-int8":
-        return torch.compile(model, backend="llmopt", options={"quantize": "int8"})
+        return torch.compile(copy.deepcopy(model), backend="llmopt", options={"quantize": "int8"})
     if backend == "llmopt-int4":
-        return torch.compile(model, backend="llmopt", options={"quantize": Int4WeightOnly(group_size=int4_group)})
+        return torch.compile(copy.deepcopy(model), backend="llmopt",
+                             options={"quantize": Int4WeightOnly(group_size=int4_group)})
     return torch.compile(model, backend="llmopt")
 
 

@@ -214,10 +214,13 @@ def bench_compiled(device: str, config: dict, tokens: int, prompt_len: int) -> d
     results = {}
     for name, options in compiled_variants(device).items():
         torch._dynamo.reset()
-        forward = model.forward if options is None else torch.compile(model.forward, backend="llmopt", options=options)
+        # A quantized variant compiles its own copy: quantize= releases the floats it quantized.
+        m = copy.deepcopy(model) if options and "quantize" in options else model
+        forward = m.forward if options is None else torch.compile(m.forward, backend="llmopt", options=options)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            r = run_backend(model, forward, prompt, tokens, max_len)
+            r = run_backend(m, forward, prompt, tokens, max_len)
+        del m, forward
         results[name] = r
         print(f"  compiled {name:32s} {r['decode_tokens_per_s']:8.1f} tok/s  TTFT {r['ttft_s'] * 1e3:7.1f} ms  "
               f"warm-up {r['warmup_s']:5.1f} s", flush=True)

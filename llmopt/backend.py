@@ -18,7 +18,9 @@ into it, so in-place writes (``p.copy_``, ``p.data.copy_``, ``load_state_dict``)
 compiled graph. A weight whose value the compiler consumed (quantized) raises at the next
 call when modified in place through the parameter; a replaced weight (``p.data = new``, a
 new ``nn.Parameter``) always raises at the next call. Recompile after such a change
-(``torch._dynamo.reset()`` then call the compiled model again).
+(``torch._dynamo.reset()`` then call the compiled model again). A float weight the
+graph reads only a quantized or sharded copy of is released after compiling
+(``weight_release``; ``options={"release_weights": False}`` keeps it).
 
 Only inference is optimized: a graph compiled with autograd recording (grad mode on and
 inputs that require grad) runs unchanged, with a report entry saying so.
@@ -35,7 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from . import compat, frozen_weights
+from . import compat, frozen_weights, weight_release
 from .codegen.cpu_decompositions import cpu_decompositions, twin_calls
 from .codegen.kernel_mode import kernel_mode
 from .frozen_weights import FrozenWeights
@@ -259,6 +261,13 @@ def _compile_frozen(gm: fx.GraphModule, real_inputs: list[Any], job: _FrozenComp
         run_pipeline(gm, ctx)
     gm.recompile()
     if weights.weights:
+        released = weight_release.release(gm, weights.weights, weight_release.graph_tensors(gm), weights.reader,
+                                          opts.release_weights)
+        if released:
+            report.notes.append(
+                f"weights: {len(released)} released (their memory freed: the graph reads quantized or sharded "
+                "copies; eager calls of their modules raise; options={'release_weights': False} keeps them)"
+            )
         counts = weights.seal()
         report.notes.append(
             f"weights: {counts['frozen']} frozen; {counts['shared']} read in place by the graph (in-place "
@@ -464,6 +473,7 @@ def _frozen_call(inner: Callable, keep: list[int], weights: FrozenWeights, check
         return inner(kept)
 
     run._boxed_call = True
+    run.llmopt_reader = weights.reader  # alive as long as this graph: it reads those storages
     return run
 
 

@@ -20,6 +20,9 @@ quantize or shard them. Two things must then hold (DESIGN.md, "Memory"):
   Not detectable without reading the weights at every call: an in-place write through
   ``p.data`` (which bypasses the version counter) to a *derived* weight. README "Frozen
   weights" documents it; quantizing before compiling (``llmopt.quantize_``) avoids it.
+- **A weight replaced by a derived constant is released** (``weight_release``, on by
+  default): once only its quantized copy or its shard is read, its storage is resized to
+  0 bytes and recompiles take the derived constant from a cache.
 
 The API a pass uses (the ledger lives in ``gm.meta``, so passes need no new argument):
 
@@ -39,12 +42,14 @@ comparison per derived weight: about 0.2 us per weight (README "Frozen weights")
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from .compat import real_tensor_mode
+from .weight_release import OPT_OUT, ReaderToken, ReleasedWeightError, layout, released, storage_nbytes
 
 LEDGER_KEY = "llmopt_frozen_weights"
 
@@ -76,6 +81,8 @@ class FrozenWeights:
     weights: list[FrozenWeight] = field(default_factory=list)
     # constant attribute name -> [(weight number, view of the constant that *is* the weight)]
     views: dict[str, list[tuple[int, ViewFn]]] = field(default_factory=dict)
+    # this graph in the registry of in-place readers (weight_release): kept alive by its call
+    reader: ReaderToken = field(default_factory=ReaderToken)
 
     def add(self, index: int, name: str, tensor: torch.Tensor, constant: str) -> None:
         self.views[constant] = [(len(self.weights), _identity)]
@@ -155,14 +162,19 @@ def _share_storage(gm, led: FrozenWeights, new: str, parts) -> int:
         old_value = _attr(gm, old)
         if old_value is None:
             continue
-        piece = part(storage)
+        piece = layout(part, storage)
         if piece.shape != old_value.shape or piece.dtype != old_value.dtype:
             raise ValueError(f"share_storage: {old} is {tuple(old_value.shape)}, its view of {new} is {tuple(piece.shape)}")
         for number, view in led.views.get(old, ()):
             tensor = led.weights[number].tensor
             # Compose: the weight is view(old constant) and old constant = part(new).
             fn = _compose(view, part)
-            value = fn(storage)
+            value = layout(fn, storage)
+            if released(tensor) is not None and tensor.untyped_storage() is not storage.untyped_storage():
+                # The values are gone: a copy of them would be garbage (weight_release).
+                raise ReleasedWeightError(
+                    f"llmopt: {led.weights[number].name} was released after an earlier compile and cannot be "
+                    f"re-arranged into {new}; call torch._dynamo.reset() and reload the model, or {OPT_OUT}")
             if value.shape != tensor.shape or value.dtype != tensor.dtype or value.device != tensor.device:
                 raise ValueError(f"share_storage: {led.weights[number].name} would change shape or dtype")
             if number in seen:
@@ -205,12 +217,12 @@ def reusable_storage(members: Sequence[torch.Tensor | None], widths: Sequence[in
     first, start = present[0]
     if first.device.type == "meta" or not first.is_contiguous():
         return None
-    row = first[0].numel() if first.dim() > 1 else 1
+    row = math.prod(first.shape[1:])  # not first[0]: no view of a released weight (weight_release)
     base = first.storage_offset() - start * row
     storage = first.untyped_storage()
     total = sum(widths)
     shape = (total, *first.shape[1:])
-    if base < 0 or (base + total * row) * first.element_size() > storage.nbytes():
+    if base < 0 or (base + total * row) * first.element_size() > storage_nbytes(first):
         return None
     for m, offset in present:
         if (
@@ -221,7 +233,11 @@ def reusable_storage(members: Sequence[torch.Tensor | None], widths: Sequence[in
             or m.storage_offset() != base + offset * row
         ):
             return None
-    merged = first.new_empty(0).set_(storage, base, shape, _contiguous_strides(shape))
+    # A storage released after an earlier compile (weight_release) has no values: the view
+    # is built in a layout window, and gaps cannot be proven zero.
+    merged = layout(lambda t: t.new_empty(0).set_(storage, base, shape, _contiguous_strides(shape)), first)
+    if released(first) is not None:
+        return None if len(present) < len(members) else merged
     for i, m in enumerate(members):
         if m is None and bool(merged.narrow(0, sum(widths[:i]), widths[i]).any()):
             return None

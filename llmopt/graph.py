@@ -143,7 +143,9 @@ def constant_value(gm: fx.GraphModule, node: fx.Node, layout_only: bool = False)
         obj = getattr(obj, part)
     if not layout_only:
         from .frozen_weights import note_read
+        from .weight_release import check_readable
 
+        check_readable(obj, f"compiling (constant {node.target})")  # never compute on freed memory
         note_read(gm, node.target)
     return obj
 

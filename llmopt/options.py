@@ -49,6 +49,9 @@ class Options:
     check_weights: at every call, raise when a frozen weight was replaced (``p.data =``,
         a new Parameter) or a weight the graph holds a derived copy of (quantized) was
         modified in place (``llmopt/frozen_weights.py``).
+    release_weights: free the memory of the float weights the graph no longer reads (it
+        reads their quantized or sharded copies); eager calls of their modules then raise
+        (``llmopt/weight_release.py``, README "Frozen weights"). ``False`` keeps them.
     unified_max_softmax: decode attention uses FlashDecoding++'s unified max value
         (exact fallback for rows that overflow it).
     log: print the compile report at compile time (also ``LLMOPT_LOG=1``).
@@ -67,6 +70,7 @@ class Options:
     tuning_table: str | None = None
     freeze: bool = True
     check_weights: bool = True
+    release_weights: bool = True
     unified_max_softmax: bool = False
     log: bool = field(default_factory=lambda: os.environ.get("LLMOPT_LOG", "0") not in ("", "0"))
     tensor_parallel: Any = None
@@ -79,7 +83,7 @@ class Options:
         _check_choice("inner", self.inner, INNER_EXECUTORS)
         _check_choice("autotune", self.autotune, AUTOTUNE_MODES)
         _check_choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
-        for name in ("strict", "freeze", "check_weights", "unified_max_softmax", "log"):
+        for name in ("strict", "freeze", "check_weights", "release_weights", "unified_max_softmax", "log"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"llmopt option {name!r} must be True or False, got {getattr(self, name)!r}")
         if self.tuning_table is not None and not isinstance(self.tuning_table, (str, os.PathLike)):

@@ -7,7 +7,8 @@ The contract (README "Frozen weights", llmopt/frozen_weights.py):
   recompile; a quantized weight raises instead (the graph reads its quantized copy);
 - replaced (``p.data = new``, ``module.weight = nn.Parameter(new)``): raises at the next
   call (or Dynamo recompiles on the new object, and the logits are the new ones);
-- peak memory of a compiled model is at most eager's + 10% of the weight bytes.
+- peak memory of a compiled model is at most eager's + 10% of the weight bytes, quantized
+  inside the graph (``quantize="int8"``) too: the floats are released (test_weight_release).
 """
 import json
 import os
@@ -110,7 +111,7 @@ def test_weight_change_gives_new_logits_or_raises(name):
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_quantized_weight_change_raises(name, how):
     model = tiny_model(name)
-    compiled = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"})
+    compiled = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8", "release_weights": False})
     x = tokens(1, 6)
     compiled_logits(compiled, x)
     change(model, QUANTIZED[name], how)
@@ -124,7 +125,7 @@ def test_quantized_weight_change_raises(name, how):
                    "every call (README 'Frozen weights'; use llmopt.quantize_ before compiling)")
 def test_quantized_weight_changed_through_data_is_seen():
     model = tiny_model("llama")
-    compiled = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"})
+    compiled = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8", "release_weights": False})
     x = tokens(1, 6)
     compiled_logits(compiled, x)
     change(model, QUANTIZED["llama"], "p.data.copy_")
@@ -133,7 +134,7 @@ def test_quantized_weight_changed_through_data_is_seen():
 
 def test_unquantized_weights_of_a_quantized_model_are_read_in_place():
     model = tiny_model("llama")
-    compiled = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"})
+    compiled = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8", "release_weights": False})
     x = tokens(1, 6)
     compiled_logits(compiled, x)
     change(model, "model.layers.1.post_attention_layernorm.weight", "p.data.copy_")
@@ -255,7 +256,7 @@ _RSS_SCRIPT = textwrap.dedent(
         gc.collect()
         model(x)
         eager_peak = peak_kb()
-        compiled = torch.compile(model, backend="llmopt", options={"strict": True})
+        compiled = torch.compile(model, backend="llmopt", options={"strict": True, **json.loads(sys.argv[3])})
         compiled(x)
         compiled(x)
         compiled_peak = peak_kb()
@@ -264,11 +265,17 @@ _RSS_SCRIPT = textwrap.dedent(
 )
 
 
-def test_compiled_peak_rss_within_ten_percent_of_weights_over_eager():
+# float: merged weights are the members' storage; int8: the quantized weights replace the
+# floats (released as each linear is quantized, llmopt/weight_release.py).
+MEMORY_OPTIONS = {"float": {}, "int8": {"quantize": "int8"}}
+
+
+@pytest.mark.parametrize("options", sorted(MEMORY_OPTIONS))
+def test_compiled_peak_rss_within_ten_percent_of_weights_over_eager(options):
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests_dir), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(
-        [sys.executable, "-c", _RSS_SCRIPT, tests_dir, json.dumps(MEMORY_CONFIG)],
+        [sys.executable, "-c", _RSS_SCRIPT, tests_dir, json.dumps(MEMORY_CONFIG), json.dumps(MEMORY_OPTIONS[options])],
         check=True, capture_output=True, text=True, timeout=600, env=env,
     )
     m = json.loads(out.stdout.strip().splitlines()[-1])
@@ -281,7 +288,8 @@ def test_compiled_peak_rss_within_ten_percent_of_weights_over_eager():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (max_memory_allocated)")
-def test_compiled_peak_cuda_memory_within_ten_percent_of_weights_over_eager():
+@pytest.mark.parametrize("options", sorted(MEMORY_OPTIONS))
+def test_compiled_peak_cuda_memory_within_ten_percent_of_weights_over_eager(options):
     import transformers as tf
 
     torch.manual_seed(0)
@@ -293,7 +301,7 @@ def test_compiled_peak_cuda_memory_within_ten_percent_of_weights_over_eager():
         torch.cuda.reset_peak_memory_stats()
         model(x)
         eager_peak = torch.cuda.max_memory_allocated()
-        compiled = torch.compile(model, backend="llmopt", options={"strict": True})
+        compiled = torch.compile(model, backend="llmopt", options={"strict": True, **MEMORY_OPTIONS[options]})
         compiled(x)
         compiled(x)
         torch.cuda.synchronize()

@@ -32,6 +32,7 @@ import torch.fx as fx
 
 from ..frozen_weights import reusable_storage, share_storage
 from ..graph import add_constant, constant_value, is_constant, real_tensors, tensor_meta
+from ..weight_release import check_readable
 
 aten = torch.ops.aten
 
@@ -93,6 +94,8 @@ def fuse(gm: fx.GraphModule, nodes: list[fx.Node], ctx) -> fx.Node:
     with real_tensors():
         merged_w = reusable_storage(weights, widths)
         if merged_w is None:
+            for w in weights:  # a copy reads the values: never of a released weight's freed memory
+                check_readable(w, "merge_parallel_linears")
             merged_w = torch.cat([w.detach() for w in weights], dim=0)
         merged_b = None
         if any(b is not None for b in biases):

@@ -26,6 +26,7 @@ import torch.fx as fx
 from .. import compat
 from ..frozen_weights import alias_constant
 from ..graph import VIEW_OPS, add_constant, constant_value, is_constant, real_tensors, tensor_meta
+from ..weight_release import layout
 
 aten = torch.ops.aten
 
@@ -266,7 +267,7 @@ def _weight_nk(gm: fx.GraphModule, wt: fx.Node) -> fx.Node | None:
         if value.dim() != 2:
             return None
         with real_tensors():
-            transposed = value.t()
+            transposed = layout(torch.t, value)  # a view: also of a released weight (weight_release)
         node = add_constant(gm, wt.target + "_t", transposed, wt)
         alias_constant(gm, node.target, wt.target, _transpose)
         return node

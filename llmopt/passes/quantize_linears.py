@@ -8,12 +8,13 @@ share one implementation (scheme ops, CPU int4 layout, ``compute_dtype``). It ru
 giving one quantized QKV matmul per layer (per-output-channel and per-group scales do not
 cross the members' boundaries, so this equals quantizing the members separately).
 
-Memory and weight changes: the float weights stay the model's parameters (eager calls and
-Dynamo recompiles for new shapes read them), so a compiled ``quantize=`` model holds the
-quantized copy on top of them; ``llmopt.quantize_`` before compiling holds only the
-quantized weights. An in-place change to a quantized weight through the parameter raises
+Memory and weight changes: the quantized module is a derived constant
+(``weight_release.derived``): after compiling, the float weight's memory is released (the
+parameter keeps its shape; eager calls of its module raise) and a Dynamo recompile for a
+new shape reuses the cached module. With ``options={"release_weights": False}`` the float
+weights stay, and an in-place change to a quantized weight through the parameter raises
 at the next call (``frozen_weights``); one through ``p.data`` cannot be seen (README,
-"Frozen weights").
+"Frozen weights"). ``llmopt.quantize_`` before compiling holds only the quantized weights.
 
 Which linears: as ``quantize_``'s default, all of them, except the output head
 (``lm_head``, ``embed_out``, ``output``) unless the config's ``quantize_head`` is set (the
@@ -32,9 +33,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..frozen_weights import note_read
 from ..graph import constant_value, fake_like, free_attr_name, is_constant, real_tensors, tensor_meta
 from ..report import layer_of
+from ..weight_release import derived, release_unread
 
 aten = torch.ops.aten
 
@@ -46,7 +47,6 @@ def run(gm: fx.GraphModule, ctx) -> int:
     from ..quant import GPTQ, Int4WeightOnly, Int8KVCache
     from ..quant.modules import QuantizedLinear
     from ..quant.quantize import HEAD_NAMES
-    from ..quant.schemes import quantize_weight
 
     if isinstance(config, GPTQ):
         ctx.report.fallback(
@@ -83,24 +83,51 @@ def run(gm: fx.GraphModule, ctx) -> int:
         if isinstance(config, Int4WeightOnly) and wv.shape[1] % config.group_size:
             ctx.near_miss(node, f"K={wv.shape[1]} is not a multiple of group_size={config.group_size}")
             continue
-        # The graph will read the quantized copy: an in-place write to the float weight can
-        # no longer reach it, so the frozen-weight check raises on one (frozen_weights).
-        note_read(gm, w.target, f"it was quantized with {type(config).__name__}")
         with real_tensors():
-            weight = constant_value(gm, w)
             bias = constant_value(gm, b) if b is not None else None
-            module = QuantizedLinear(quantize_weight(weight.detach(), config), bias, getattr(config, "compute_dtype", None))
-            module.to(weight.device)
+
+            def make(weight, bias=bias):
+                module = QuantizedLinear(quantize_in_row_blocks(weight.detach(), config), bias,
+                                         getattr(config, "compute_dtype", None))
+                return module.to(weight.device)
+
+            # The graph reads the quantized copy: the float weight is derived (an in-place
+            # write raises) and released after compiling; a recompile reuses this module
+            # (weight_release). The bias is part of the key: the module holds it.
+            kind = ("QuantizedLinear", repr(config), None if bias is None else (id(bias.untyped_storage()),
+                                                                                 bias.storage_offset()))
+            module = derived(gm, w, kind, make, f"it was quantized with {type(config).__name__}")
         name = free_attr_name(gm, "llmopt_qlinear_" + (layer.replace(".", "_") or node.name))
         gm.add_submodule(name, module)
         with gm.graph.inserting_before(node):
             call = _emit_kernel_call(gm, name, module, x, node)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
+        if not w.users:
+            gm.graph.erase_node(w)
+            release_unread(gm, w, ctx)
         count += 1
         ctx.rewrite(call, f"{module.scheme} linear N={module.out_features} K={module.in_features}"
                     + (f" g{module.group_size}" if module.scheme == "int4" else ""))
     return count
+
+
+# Rows quantized at once: the float temporaries of quantizing one block stay a few MiB,
+# not a copy of the largest weight (a merged gate/up), which alone can exceed 10% of a
+# small model's weights (the memory bound, tests/test_weight_storage.py).
+QUANTIZE_BLOCK_BYTES = 1 << 20
+
+
+def quantize_in_row_blocks(weight: torch.Tensor, config):
+    """``quantize_weight(weight, config)``, computed in blocks of output rows. Equal to it:
+    every scheme here scales per output row (int4 per group of one row's columns)."""
+    from ..quant.schemes import concat_quantized, quantize_weight
+
+    n, k = weight.shape
+    rows = max(1, QUANTIZE_BLOCK_BYTES // max(1, k * weight.element_size()))
+    if n <= rows:
+        return quantize_weight(weight, config)
+    return concat_quantized([quantize_weight(weight[i:i + rows], config) for i in range(0, n, rows)])
 
 
 def _emit_kernel_call(gm: fx.GraphModule, name: str, module, x: fx.Node, anchor: fx.Node) -> fx.Node:

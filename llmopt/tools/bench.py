@@ -172,6 +172,10 @@ def _compile(model: torch.nn.Module, backend: str, settings: BenchSettings):
     options = dict(settings.options)
     if settings.quantize:
         options["quantize"] = settings.quantize
+        # Every backend runs the one model: keep the float weights for those that follow
+        # (quantize= would release them; README "Frozen weights"). The memory figures of a
+        # quantized llmopt backend then include the float weights.
+        options.setdefault("release_weights", False)
     if backend.startswith("llmopt-"):
         options["inner"] = backend.removeprefix("llmopt-")
     return torch.compile(model, backend="llmopt", options=options)

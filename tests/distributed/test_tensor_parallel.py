@@ -77,6 +77,10 @@ def test_rank_holds_half_of_each_sharded_weight(families):
     # replicated: embedding 256x64, 5 RMSNorm weights, RoPE inv_freq (8); the rest is sharded
     replicated = (256 * 64 + 5 * 64 + 8) * 4
     assert r["weight_bytes"] == (r["single_weight_bytes"] - replicated) // 2 + replicated
+    # the full weights were released (weight_release): the rank's parameters hold only the
+    # replicated ones (inv_freq is a buffer), so all it holds is its graph's weights (half of
+    # each sharded one), not the whole model once more
+    assert r["param_bytes"] == replicated - 8 * 4, r["held"]
 
 
 # every sharded linear, quantized per rank (int4 keeps the LM head in floating point, as on one device)

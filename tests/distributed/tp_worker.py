@@ -117,22 +117,25 @@ def scenario_families(args) -> dict:
         compat.reset_dynamo()
         llmopt.clear_reports()
         del graphs[:]
-        with torch.no_grad():
+        generates = name in ("llama", "llama_mqa")
+        with torch.no_grad():  # the eager references first: compiling releases the full weights
             ref_logits = model(ids, use_cache=False).logits
+            if generates:
+                ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
+                ref_again = llmopt.generate(model, ids[:, :4], max_new_tokens=7, stop_token_ids=())
             compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
             logits = compiled(ids, use_cache=False).logits
         out[name] = {"logits_error": relative_error(logits, ref_logits), **pass_facts(llmopt.last_report()),
-                     **graph_facts(graphs[0])}
+                     **graph_facts(graphs[0]), "param_bytes": held_parameter_bytes(model),
+                     "held": [(n, p.untyped_storage().nbytes()) for n, p in model.named_parameters() if p.untyped_storage().nbytes()]}
         log(f"{name}: logits")
-        if name in ("llama", "llama_mqa"):
-            with torch.no_grad():
-                ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
+        if generates:
+            with torch.no_grad():  # new shapes: recompiles take the shards from the cache
                 with cache_heads_recorded() as heads:  # the cache generate allocates itself
                     got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=())
                 out[name]["generate_cache_heads"] = heads
                 n_graphs = len(llmopt.reports())
                 again = llmopt.generate(compiled, ids[:, :4], max_new_tokens=7, stop_token_ids=())
-                ref_again = llmopt.generate(model, ids[:, :4], max_new_tokens=7, stop_token_ids=())
             out[name].update(tokens=got.tolist(), ref_tokens=ref.tolist(), again_equal=bool(torch.equal(again, ref_again)),
                              graphs_first=n_graphs, graphs_second=len(llmopt.reports()))
             log(f"{name}: generate")
@@ -142,6 +145,11 @@ def scenario_families(args) -> dict:
         torch.compile(build("llama"), backend="llmopt", options={"strict": True})(tokens(1, 6), use_cache=False)
     out["llama"]["single_weight_bytes"] = graph_facts(graphs[0])["weight_bytes"]
     return out
+
+
+def held_parameter_bytes(model) -> int:
+    """Bytes of the distinct storages behind the model's parameters (a released one: 0)."""
+    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
 
 
 def run_parts(args, *parts) -> dict:
@@ -176,7 +184,9 @@ def scenario_quantized(args) -> dict:
         model = build(name)
         ids = tokens(1, 6)
         with torch.no_grad():
-            single = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": scheme})
+            # the TP compile below quantizes the same floats: the reference keeps them
+            single = torch.compile(model, backend="llmopt", options={"strict": True, "quantize": scheme,
+                                                                       "release_weights": False})
             ref = llmopt.generate(single, ids, max_new_tokens=6, stop_token_ids=())
             compat.reset_dynamo()
             llmopt.clear_reports()
@@ -200,9 +210,9 @@ def scenario_embedding(args) -> dict:
     try:
         with torch.no_grad():
             ref_logits = model(ids, use_cache=False).logits
+            ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())  # before: compiling releases
             compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
             logits = compiled(ids, use_cache=False).logits
-            ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
             got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=())
     finally:
         collectives.EMBEDDING_SHARD_MIN_BYTES = threshold
@@ -231,18 +241,18 @@ def scenario_rank_cache(args) -> dict:
         try:
             with torch.no_grad():
                 ref = llmopt.generate(model, ids, max_new_tokens=5, stop_token_ids=())
-                compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+                ref_again = llmopt.generate(model, ids[:, :4], max_new_tokens=7, stop_token_ids=())
+                compiled = torch.compile(model, backend="llmopt", options=OPTIONS)  # releases the full weights
                 got = llmopt.generate(compiled, ids, max_new_tokens=5, stop_token_ids=(), cache=cache)
                 n_graphs = len(llmopt.reports())
                 again = llmopt.generate(compiled, ids[:, :4], max_new_tokens=7, stop_token_ids=(), cache=cache)
-                ref_again = llmopt.generate(model, ids[:, :4], max_new_tokens=7, stop_token_ids=())
         finally:
             backend.run_pipeline = graphs_pipeline_original
         ops = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
         try:
-            with torch.no_grad():
-                model(ids, past_key_values=StaticKVCache(model.config, batch_size=1, max_seq_len=16,
-                                                         tensor_parallel="auto"))
+            with torch.no_grad():  # an uncompiled model (the compiled one's full weights are released)
+                build(name)(ids, past_key_values=StaticKVCache(model.config, batch_size=1, max_seq_len=16,
+                                                               tensor_parallel="auto"))
             eager_error = None
         except Exception as exc:
             eager_error = f"{type(exc).__name__}: {exc}"

@@ -65,8 +65,10 @@ A cache of all heads still works: the graph then reads and writes its heads of i
 
 The Engine's paged attention (``paged_kv_append`` / ``paged_attention_*``) is head-local
 too (:mod:`.paged`): the Engine's pools hold this rank's heads only (marked like the static
-cache's), a pool or workspace of all heads is read and written at this rank's heads. Limits (docs/tensor_parallel.md): the user's module keeps its full parameters
-(the graph holds only this rank's shards; the merged full weights are released).
+cache's), a pool or workspace of all heads is read and written at this rank's heads.
+Weights (docs/tensor_parallel.md): the graph holds only this rank's shards, computed
+through ``weight_release.derived``, so the full weights are released after compiling and a
+recompile takes the shards from the cache (docs/frozen_weights.md).
 """
 from __future__ import annotations
 

@@ -16,22 +16,31 @@ import torch
 import torch.fx as fx
 
 from ... import compat
-from ...graph import add_constant, constant_value, real_tensors, tensor_meta
+from ...graph import add_constant, real_tensors, tensor_meta
+from ...weight_release import derived
 from .pairs import NotShardable, aten, is_const_linear, node_name
 from .region import evaluate
+
+
+# Why a full weight is derived (frozen_weights) and released (weight_release): the graph
+# reads this rank's shard of it, which a recompile takes from the cache.
+SHARDED = "it was sharded for tensor parallelism"
+# A block of rows is already contiguous, so ``.contiguous()`` would return a view that keeps
+# the whole weight alive: row shards are cloned.
 
 
 def shard_row(gm, row: fx.Node, frac: dict, tp, ctx, all_reduce, wait) -> None:
     """Row linear: the input columns of this rank's features, no bias, all_reduce(sum), then the bias."""
     world, rank = tp.world_size, tp.rank
     x = row.args[0]
-    w = constant_value(gm, row.args[1])
+    w = tensor_meta(row.args[1])
     k_full, k_local = int(w.shape[1]), int(tensor_meta(x).shape[-1])
     lo, hi = frac.get(x, (Fraction(rank, world), Fraction(rank + 1, world)))
     if k_local * world != k_full or (lo, hi) != (Fraction(rank, world), Fraction(rank + 1, world)):
         raise NotShardable(f"{node_name(row)} receives {k_local} of {k_full} features, not this rank's block")
     with real_tensors():
-        w_local = w[:, rank * k_local:(rank + 1) * k_local].contiguous()
+        w_local = derived(gm, row.args[1], ("tp_cols", rank, world),
+                          lambda v: v[:, rank * k_local:(rank + 1) * k_local].contiguous(), SHARDED)
     w_node = add_constant(gm, "tp_row_weight", w_local, row)
     bias = row.args[2] if len(row.args) > 2 else None
     row.args = (x, w_node, None)
@@ -72,12 +81,13 @@ def find_lm_head(gm, claimed) -> fx.Node | None:
 
 def shard_lm_head(gm, head, tp, ctx, all_gather, wait) -> None:
     world, rank = tp.world_size, tp.rank
-    w = constant_value(gm, head.args[1])
-    b = constant_value(gm, head.args[2]) if len(head.args) > 2 and head.args[2] is not None else None
+    w = tensor_meta(head.args[1])
     per = int(w.shape[0]) // world
     with real_tensors():
-        w_local = w[rank * per:(rank + 1) * per].contiguous()
-        b_local = b[rank * per:(rank + 1) * per].contiguous() if b is not None else None
+        w_local, b_local = (
+            derived(gm, n, ("tp_vocab", rank, world), lambda v: v[rank * per:(rank + 1) * per].clone(), SHARDED)
+            if n is not None else None
+            for n in (head.args[1], head.args[2] if len(head.args) > 2 else None))
     args = [head.args[0], add_constant(gm, "tp_vocab_weight", w_local, head)]
     if b_local is not None:
         args.append(add_constant(gm, "tp_vocab_bias", b_local, head))
@@ -156,9 +166,8 @@ def shard_embedding(gm, node: fx.Node, tp, ctx, all_reduce, wait) -> bool:
         return False
     per = vocab // world
     lo, hi = rank * per, (rank + 1) * per
-    w = constant_value(gm, node.args[0])
     with real_tensors():
-        w_local = w[lo:hi].contiguous()
+        w_local = derived(gm, node.args[0], ("tp_vocab", rank, world), lambda v: v[lo:hi].clone(), SHARDED)
     ids, g = node.args[1], gm.graph
 
     def call(target, *args):

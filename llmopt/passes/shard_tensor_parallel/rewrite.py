@@ -12,8 +12,9 @@ from fractions import Fraction
 import torch
 import torch.fx as fx
 
-from ...graph import add_constant, constant_value, real_tensors, tensor_meta
-from .collectives import shard_row
+from ...graph import add_constant, real_tensors, tensor_meta
+from ...weight_release import derived
+from .collectives import SHARDED, shard_row
 from .paged import shard_paged_bases
 from .pairs import RANK_CACHE_OPS, TP_LOCAL_HEADS, VIEW_SIZE_OPS, NotShardable, Pair, aten, is_paged_call, node_name
 from .region import check_dims, evaluate, local_expand, local_view_shape, shard_dim, slice_side_inputs
@@ -26,12 +27,14 @@ def shard_pair(gm, pair: Pair, tp, ctx, all_reduce, wait) -> None:
     new_segments = {}
     for col in pair.cols:
         segs = [s for s in pair.segments if s.col is col]
-        w = constant_value(gm, col.args[1])
-        b = constant_value(gm, col.args[2]) if len(col.args) > 2 and col.args[2] is not None else None
+        w = tensor_meta(col.args[1])
         rows = [slice(s.start + s.keep[0] * s.unit, s.start + s.keep[1] * s.unit) for s in segs]
-        with real_tensors():
-            w_local = torch.cat([w[r] for r in rows]).contiguous()
-            b_local = torch.cat([b[r] for r in rows]).contiguous() if b is not None else None
+        with real_tensors():  # shards are derived: cached for recompiles, the full weight released
+            key = ("tp_rows", tp.rank, world, tuple((r.start, r.stop) for r in rows))
+            w_local, b_local = (
+                derived(gm, n, key, lambda v: torch.cat([v[r] for r in rows]).contiguous(), SHARDED)
+                if n is not None else None
+                for n in (col.args[1], col.args[2] if len(col.args) > 2 else None))
         w_node = add_constant(gm, "tp_col_weight", w_local, col)
         args = [col.args[0], w_node]
         if b_local is not None:

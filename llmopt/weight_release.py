@@ -1,0 +1,275 @@
+"""Releasing the float weights a compiled graph no longer reads (quantized, sharded).
+
+Why: ``options={"quantize": "int8"}`` or ``{"tensor_parallel": ...}`` makes the graph read a
+*derived* constant (the quantized weight, this rank's shard). Without a release the model
+holds both: the user's float parameters and the derived copy (issue #16 item 5, #18 item 4).
+
+What (the contract, README "Frozen weights", docs/frozen_weights.md): after the graph that
+consumed a weight is built, the storage behind the weight is resized to 0 bytes, as FSDP
+does for its unsharded parameters (``p.untyped_storage().resize_(0)``). The parameter
+object, its shape, stride, dtype and device stay, so Dynamo's guards and llmopt's own
+per-call check (frozen_weights) still hold. Afterwards:
+
+- the compiled model works, and a **recompile** (new batch size, dynamic shape) reuses the
+  derived constants from a per-storage cache (:func:`derived`), never re-reading the freed
+  floats; a compile that would need the freed values (other options, a pass that reads
+  them) raises :class:`ReleasedWeightError` instead of computing on garbage;
+- an **eager** call of a module holding a released parameter, or its ``load_state_dict``,
+  raises :class:`ReleasedWeightError` (a forward / load pre-hook installed at release);
+- an in-place write through the tensor itself (``p.copy_``, ``p.data.copy_``) has no memory
+  to write to: it is not allowed (it crashes the process; torch cannot check it);
+- ``options={"release_weights": False}`` keeps the originals (and the older contract:
+  in-place writes to a quantized weight raise at the next call).
+
+A storage is released only when no live compiled graph reads it in place (a registry of
+readers per storage, :func:`register_readers`) and every weight on it was consumed.
+
+Metadata of a released tensor can still be re-arranged (a merge that finds the members
+adjacent, a transposed view): :func:`layout` regrows the storage for the duration of a
+view-building function (uncommitted memory on CPU, one group on CUDA) and frees it again.
+"""
+from __future__ import annotations
+
+import gc
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+OPT_OUT = "compile with options={'release_weights': False} to keep the original weights"
+
+
+class ReleasedWeightError(RuntimeError):
+    """A released weight (its memory freed after compilation) was needed."""
+
+
+@dataclass
+class Released:
+    """One released storage: what it held and the constants derived from it."""
+
+    names: list[str]
+    reason: str
+    nbytes: int
+    # (kind, offset, shape, stride, dtype) of the source view -> the derived constant
+    products: dict[tuple, Any] = field(default_factory=dict)
+
+
+class ReaderToken:
+    """Identity of one compiled graph in the reader registry (held by its frozen call)."""
+
+
+# storage -> Released; storage -> the compiled graphs reading it in place. Weak keys: an
+# entry dies with the model's storage; weak readers: a reader dies with its compiled graph.
+_RELEASED: "weakref.WeakKeyDictionary[torch.UntypedStorage, Released]" = weakref.WeakKeyDictionary()
+_READERS: "weakref.WeakKeyDictionary[torch.UntypedStorage, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+_HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def released(t: Any) -> Released | None:
+    """The release record of ``t``'s storage, while it is released (0 bytes)."""
+    if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
+        return None
+    storage = t.untyped_storage()
+    record = _RELEASED.get(storage)
+    return record if record is not None and storage.nbytes() == 0 else None
+
+
+def check_readable(t: torch.Tensor, what: str) -> None:
+    """Raise when a pass is about to read the values of a released tensor."""
+    record = released(t)
+    if record is not None:
+        raise ReleasedWeightError(
+            f"llmopt: {what} needs the values of {', '.join(record.names)}, whose memory was released after an "
+            f"earlier compile ({record.reason}); call torch._dynamo.reset() and reload the model, or {OPT_OUT}"
+        )
+
+
+def layout(fn: Callable[..., Any], *tensors: torch.Tensor) -> Any:
+    """``fn(*tensors)``, where ``fn`` only builds views: a released storage is regrown for
+    the call (torch checks a view's bounds against the storage size) and freed again. The
+    memory is never written or read, so on CPU it is not even committed."""
+    grown = []
+    for t in tensors:
+        record = released(t)
+        if record is not None and all(s is not t.untyped_storage() for s in grown):
+            grown.append(t.untyped_storage())
+            grown[-1].resize_(record.nbytes)
+    try:
+        return fn(*tensors)
+    finally:
+        for s in grown:
+            s.resize_(0)
+
+
+def storage_nbytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s storage, as it was before a release."""
+    record = released(t)
+    return record.nbytes if record is not None else t.untyped_storage().nbytes()
+
+
+@dataclass
+class Pending:
+    """Derived constants computed by one compile, waiting for :func:`release`."""
+
+    items: list[tuple[torch.Tensor, tuple, Any, str]] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)  # names of the weights released so far
+
+
+PENDING_KEY = "llmopt_derived_constants"
+
+
+def derived(gm: torch.fx.GraphModule, node: torch.fx.Node, kind: tuple, make: Callable[[torch.Tensor], Any],
+            why: str) -> Any:
+    """``make(value)``: a constant derived from the value of the frozen constant ``node``
+    (quantized, sharded); the weights behind it become derived (frozen_weights). Reused
+    from the cache when the constant's storage was released by an earlier compile; raises
+    when it was released without this product (other options, another kind)."""
+    from .frozen_weights import note_read
+    from .graph import constant_value
+
+    source = constant_value(gm, node, layout_only=True)
+    note_read(gm, node.target, why)
+    key = (kind, source.storage_offset(), tuple(source.shape), tuple(source.stride()), source.dtype)
+    record = released(source)
+    if record is not None:
+        if key in record.products:
+            return record.products[key]
+        check_readable(source, why)
+    product = make(source)
+    gm.meta.setdefault(PENDING_KEY, Pending()).items.append((source, key, product, why))
+    return product
+
+
+def register_readers(tensors: Iterable[torch.Tensor], token: ReaderToken) -> None:
+    """``token``'s graph reads these tensors' storages in place: they must not be released."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            _READERS.setdefault(t.untyped_storage(), weakref.WeakSet()).add(token)
+
+
+def _read_elsewhere(storage: torch.UntypedStorage, token: ReaderToken) -> bool:
+    return any(r is not token for r in _READERS.get(storage, ()))
+
+
+def release(gm: torch.fx.GraphModule, weights: list, graph_tensors: list[torch.Tensor], token: ReaderToken,
+            enabled: bool) -> list[str]:
+    """Free the storages of frozen weights that only derived constants of this graph read.
+
+    ``weights``: the ledger's frozen weights (``name``, ``tensor``, ``derived``);
+    ``graph_tensors``: every tensor the final graph reads. Returns the released weights'
+    names (with those :func:`release_unread` released during the passes); the cache
+    entries move to the registry so that a recompile reuses them."""
+    pending = gm.meta.pop(PENDING_KEY, None)
+    register_readers(graph_tensors, token)
+    for t in graph_tensors:
+        check_readable(t, "the compiled graph")
+    if pending is None:
+        return []
+    if enabled:
+        read = {id(t.untyped_storage()) for t in graph_tensors}
+        for source, _, _, _ in list(pending.items):
+            _release_storage(source.untyped_storage(), weights, read, token, pending)
+    return pending.released
+
+
+def release_unread(gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: Any) -> None:
+    """A pass stopped reading the constant ``node`` (its last user was replaced by a
+    derived constant): release its storage now rather than when the graph is done, so that
+    the float weights and their quantized copies are never all held at once."""
+    from .frozen_weights import ledger
+
+    pending, led = gm.meta.get(PENDING_KEY), ledger(gm)
+    if node.users or pending is None or led is None or not ctx.options.release_weights:
+        return
+    tensor = getattr(gm, node.target, None) if "." not in node.target else None
+    if not isinstance(tensor, torch.Tensor):
+        return
+    read = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n is not node and n.users:  # an unused get_attr reads nothing
+            obj = gm.get_submodule(n.target.rsplit(".", 1)[0]) if "." in n.target else gm
+            value = getattr(obj, n.target.rsplit(".", 1)[-1], None)
+            values = list(value.parameters()) + list(value.buffers()) if isinstance(value, torch.nn.Module) else [value]
+            read.update(id(v.untyped_storage()) for v in values if isinstance(v, torch.Tensor))
+    _release_storage(tensor.untyped_storage(), led.weights, read, led.reader, pending)
+
+
+def _release_storage(storage: torch.UntypedStorage, weights: list, read: set[int], token: ReaderToken,
+                     pending: Pending) -> None:
+    """Release ``storage`` when only derived constants need it; move its cache entries."""
+    items = [it for it in pending.items if it[0].untyped_storage() is storage]
+    if not items:
+        return
+    record = _RELEASED.get(storage)
+    if record is None:
+        on_storage = [w for w in weights if w.tensor.untyped_storage() is storage]
+        if (not on_storage or id(storage) in read or not storage.resizable() or _read_elsewhere(storage, token)
+                or any(w.derived is None for w in on_storage)):
+            return
+        record = Released([w.name for w in on_storage], items[0][3], storage.nbytes())
+        _RELEASED[storage] = record
+        storage.resize_(0)
+        pending.released.extend(record.names)
+        _guard_modules({id(w.tensor): w.name for w in on_storage})
+    for it in items:
+        record.products.setdefault(it[1], it[2])
+        pending.items.remove(it)
+
+
+def _guard_modules(params: dict[int, str]) -> None:
+    """Install the pre-hooks that explain eager use of released parameters. The backend
+    sees parameter tensors, not modules, so their owners are found by one scan."""
+    for obj in gc.get_objects():
+        # type(), not isinstance: some objects answer isinstance through a lazy __getattr__
+        if not issubclass(type(obj), torch.nn.Module) or obj in _HOOKED:
+            continue
+        if any(id(p) in params for p in obj._parameters.values() if p is not None):
+            obj.register_forward_pre_hook(_refuse_forward)
+            if hasattr(obj, "register_load_state_dict_pre_hook"):  # torch >= 2.5
+                obj.register_load_state_dict_pre_hook(_refuse_load)
+            _HOOKED.add(obj)
+
+
+def _released_parameters(module: torch.nn.Module) -> list[Released]:
+    return [r for r in (released(p) for p in module._parameters.values()) if r is not None]
+
+
+def _refuse_forward(module: torch.nn.Module, args: Any) -> None:
+    if torch.compiler.is_compiling():  # traced by a recompile: the graph reads the derived constants
+        return
+    records = _released_parameters(module)
+    if records:
+        raise ReleasedWeightError(
+            f"llmopt: {type(module).__name__} was called eagerly, but its weights ({', '.join(records[0].names)}) "
+            f"were released after torch.compile ({records[0].reason}): call the compiled model instead, or {OPT_OUT}"
+        )
+
+
+def _refuse_load(module: torch.nn.Module, *args: Any) -> None:
+    records = _released_parameters(module)
+    if records:
+        raise ReleasedWeightError(
+            f"llmopt: load_state_dict into {', '.join(records[0].names)}, whose memory was released after "
+            f"torch.compile ({records[0].reason}); reload the model and compile it again, or {OPT_OUT}"
+        )
+
+
+def graph_tensors(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+    """Every tensor the graph reads through ``get_attr`` (a submodule's parameters and
+    buffers included); drops the constants of ``gm`` that no node reads any more (a
+    consumed float weight), so that they hold no memory and no executor sees them."""
+    named = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [b for b in gm._buffers if b not in named]:
+        delattr(gm, name)
+    out = []
+    for target in {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}:
+        obj = gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, torch.Tensor):
+            out.append(obj)
+        elif isinstance(obj, torch.nn.Module):
+            out.extend(obj.parameters())
+            out.extend(b for b in obj.buffers() if b is not None)
+    return out

@@ -1,0 +1,124 @@
+"""Quantized (and sharded) weights replace the originals: the floats are released after compiling.
+
+The contract (README "Frozen weights", llmopt/weight_release.py):
+- a compiled ``quantize=`` model holds no float copy of a quantized weight: its storage is
+  0 bytes, the parameter keeps shape, stride, dtype and device (Dynamo's guards hold);
+- a recompile (new batch size, dynamic shape) reuses the quantized constants: it never
+  quantizes again, so never quantizes freed memory;
+- an eager call of a module whose weight was released, or its ``load_state_dict``, raises
+  a clear llmopt error; a compile that would need the freed values raises one too;
+- ``options={"release_weights": False}`` keeps the originals;
+- a storage that another live compiled graph reads in place is not released.
+The memory bound (compiled peak <= eager + 10% of the weight bytes) is in test_weight_storage.
+"""
+import copy
+
+import pytest
+import torch
+
+import llmopt
+from conftest import assert_close
+from llmopt.weight_release import ReleasedWeightError, released
+from models.tiny import tiny_model, tokens
+
+QUANTIZED = {"llama": ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"),
+             "gpt2": ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj")}
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def held_bytes(model) -> int:
+    """Bytes of the distinct storages behind the parameters (merged Q/K/V share one)."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
+
+
+def compile_int8(model, **extra):
+    return torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8", **extra})
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_quantized_floats_are_released_and_a_recompile_reuses_the_quantized_weights(name, monkeypatch):
+    model = tiny_model(name)
+    kept = copy.deepcopy(model)  # the reference: the same quantized compile, originals kept
+    before = held_bytes(model)
+    compiled, reference = compile_int8(model), compile_int8(kept, release_weights=False)
+    with torch.no_grad():
+        got = compiled(tokens(1, 6)).logits
+        assert any("released" in n for n in llmopt.last_report().notes)
+        assert_close(got, reference(tokens(1, 6)).logits, torch.float32, what="released vs kept, first compile")
+        for module in QUANTIZED[name]:
+            w = model.get_submodule(module).weight
+            assert released(w) is not None and w.untyped_storage().nbytes() == 0
+            assert w.shape == kept.get_submodule(module).weight.shape
+            assert w.stride() == kept.get_submodule(module).weight.stride()
+        assert held_bytes(model) < 0.5 * before
+        assert held_bytes(kept) == before
+
+        from llmopt.quant import schemes
+
+        calls = []
+        real_quantize = schemes.quantize_weight
+        monkeypatch.setattr(schemes, "quantize_weight", lambda *a, **k: calls.append(a) or real_quantize(*a, **k))
+        n_reports = len(llmopt.reports())
+        for batch, seq in ((3, 6), (2, 9)):  # new shapes: Dynamo recompiles, llmopt re-freezes
+            got = compiled(tokens(batch, seq)).logits
+            assert_close(got, reference(tokens(batch, seq)).logits, torch.float32, what=f"recompile {batch}x{seq}")
+        assert len(llmopt.reports()) > n_reports  # it did recompile
+        released_calls = [a for a in calls if a[0].untyped_storage().nbytes() == 0]
+        assert not released_calls, "a recompile quantized a released weight"
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_eager_use_of_a_released_weight_raises_a_clear_error(name):
+    model = tiny_model(name)
+    compiled = compile_int8(model)
+    with torch.no_grad():
+        compiled(tokens(1, 6))
+        with pytest.raises(ReleasedWeightError, match="called eagerly.*released after torch.compile.*release_weights"):
+            model(tokens(1, 6))
+        with pytest.raises(ReleasedWeightError, match="load_state_dict.*release_weights"):
+            model.load_state_dict(model.state_dict())
+        compiled(tokens(1, 6))  # the compiled model still works
+
+
+def test_release_weights_false_keeps_the_originals():
+    model = tiny_model("llama")
+    before = held_bytes(model)
+    compiled = compile_int8(model, release_weights=False)
+    x = tokens(1, 6)
+    with torch.no_grad():
+        compiled(x)
+        assert held_bytes(model) >= before
+        assert not any("released" in n for n in llmopt.last_report().notes)
+        model(x)  # eager still works
+
+
+def test_a_compile_that_needs_released_values_raises_instead_of_reading_freed_memory():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        compile_int8(model)(tokens(1, 6))
+        torch._dynamo.reset()
+        unquantized = torch.compile(model, backend="llmopt", options={"strict": True})
+        with pytest.raises(Exception, match="released after an earlier compile") as info:
+            unquantized(tokens(1, 6))
+        assert "release_weights" in str(info.value)
+
+
+def test_weights_another_compiled_graph_reads_in_place_are_not_released():
+    model = tiny_model("llama")
+    x = tokens(1, 6)
+    with torch.no_grad():
+        want = model(x).logits
+        plain = torch.compile(model, backend="llmopt", options={"strict": True})
+        plain(x)
+        before = held_bytes(model)
+        compile_int8(model)(x)
+        assert held_bytes(model) == before  # the first graph reads every float weight
+        assert_close(plain(x).logits, want, torch.float32)
+        model(x)
