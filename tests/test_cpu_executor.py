@@ -179,6 +179,7 @@ def test_quantized_model_runs_its_ops_through_twins(shipped_default):
                              options={"strict": True, "quantize": "int8", "inner": "aten"})(x).logits
     assert_close(got, want, torch.float32, what="int8, inductor vs aten executor")
 
+
 @pytest.mark.parametrize("executor", ["aten", "inductor"])
 def test_bf16_decode_gives_eager_tokens(executor, shipped_default, monkeypatch):
     """bf16 decode (M = 1) runs the generated bf16 GEMV (codegen/bf16_gemv_cpu.py): its
