@@ -384,9 +384,14 @@ def is_traced(t: torch.Tensor) -> bool:
     CPU decompositions that way). Code with a traced and an eager form (the bf16 CPU GEMV:
     an expression for Inductor, a precompiled kernel when called) branches on it."""
     from torch._subclasses.fake_tensor import FakeTensor
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-    return isinstance(t, FakeTensor) or get_proxy_mode() is not None
+    if isinstance(t, FakeTensor):
+        return True
+    try:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    except ImportError:  # older builds: ask the dispatch-mode stack directly
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    return get_proxy_mode() is not None
 
 
 def fake_tensor_mode() -> Any:
