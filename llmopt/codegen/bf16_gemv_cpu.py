@@ -25,8 +25,12 @@ Two forms of one expression, :func:`bf16_gemv_expression`:
   expression itself, which Inductor lowers to the same C++ reduction loop inside the
   graph's code, with the epilogue (bias, gated activation, residual) in the loops that
   follow, and no extern call (a custom-op call costs about as much as the GEMV).
-:func:`linear.linear_cpu` picks between them (``compat.is_traced``) and is the one place
-that decides which CPU linears run it (:func:`bf16_gemv_runs`).
+:func:`linear.linear_cpu` picks between them (``compat.is_traced``);
+:func:`linear.cpu_linear_kernel` is the one place that decides which CPU linears run it
+(reading :func:`bf16_gemv_runs`). Whole decode step of ``llama-100m`` in bf16 (batch 1,
+one thread, same shared machine): 1.24x Inductor under the Inductor executor and 1.26x
+under the aten one, against 0.87x and 0.82x with the GEMV switched off
+(docs/executors.md).
 """
 from __future__ import annotations
 
