@@ -378,6 +378,22 @@ def mark_static_address(t: torch.Tensor) -> None:
     torch._dynamo.mark_static_address(t)
 
 
+def is_traced(t: torch.Tensor) -> bool:
+    """Whether ``t`` is being traced rather than computed: a fake tensor, or a call made
+    under ``make_fx``'s proxy mode (Inductor's retrace in :func:`inductor_compile` runs the
+    CPU decompositions that way). Code with a traced and an eager form (the bf16 CPU GEMV:
+    an expression for Inductor, a precompiled kernel when called) branches on it."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(t, FakeTensor):
+        return True
+    try:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    except ImportError:  # older builds: ask the dispatch-mode stack directly
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    return get_proxy_mode() is not None
+
+
 def fake_tensor_mode() -> Any:
     """A fresh ``FakeTensorMode``: tensors made inside have shapes, dtypes and devices but
     no memory (the AOT GPU build check makes "CUDA" tensors with it on a CPU machine)."""

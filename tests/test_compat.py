@@ -131,3 +131,21 @@ def test_compile_options_read_back_from_the_wrapper():
     assert compat.compile_options(torch.compile(module.forward, backend="llmopt", options=options)) == options
     assert compat.compile_options(torch.compile(module, backend="eager")) is None
     assert compat.compile_options(module) is None
+
+
+def test_is_traced_under_make_fx_and_for_fake_tensors_only():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    seen = []
+
+    def record(x):
+        seen.append(compat.is_traced(x))
+        return x + 1
+
+    x = torch.randn(3)
+    record(x)
+    make_fx(record)(x)  # real tensors, proxy mode
+    make_fx(record, tracing_mode="fake")(x)
+    with compat.fake_tensor_mode() as mode:
+        record(mode.from_tensor(x))
+    assert seen == [False, True, True, True]

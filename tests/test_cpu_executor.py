@@ -53,22 +53,28 @@ def test_default_executor_matches_eager_and_fp64(family, shipped_default):
     assert_close(got, expected.double(), torch.float32, what=f"{family} vs eager")
 
 
-def test_decode_over_a_static_cache_gives_eager_tokens(shipped_default):
+def _greedy(model, forward, prompt, steps=6):
+    """Greedy tokens of ``forward`` over a fresh static cache: one prefill, ``steps`` decodes."""
     from transformers import StaticCache
 
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    n = prompt.shape[1]
+    with torch.no_grad():
+        out = forward(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(n), use_cache=True)
+        tok, seq = out.logits[:, -1:].argmax(-1), []
+        for pos in range(n, n + steps):
+            seq.append(int(tok))
+            out = forward(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([pos]), use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+    return seq
+
+
+def test_decode_over_a_static_cache_gives_eager_tokens(shipped_default):
     model = tiny_model("llama")
     prompt = tokens(1, 7)
 
-    def greedy(forward, steps=6):
-        cache = StaticCache(config=model.config, max_cache_len=32)
-        with torch.no_grad():
-            out = forward(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(7), use_cache=True)
-            tok, seq = out.logits[:, -1:].argmax(-1), []
-            for pos in range(7, 7 + steps):
-                seq.append(int(tok))
-                out = forward(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([pos]), use_cache=True)
-                tok = out.logits[:, -1:].argmax(-1)
-        return seq
+    def greedy(forward):
+        return _greedy(model, forward, prompt)
 
     expected = greedy(model.forward)
     assert greedy(torch.compile(model.forward, backend="llmopt", options={"strict": True})) == expected
@@ -172,3 +178,24 @@ def test_quantized_model_runs_its_ops_through_twins(shipped_default):
         want = torch.compile(tiny_model("llama"), backend="llmopt",
                              options={"strict": True, "quantize": "int8", "inner": "aten"})(x).logits
     assert_close(got, want, torch.float32, what="int8, inductor vs aten executor")
+
+
+@pytest.mark.parametrize("executor", ["aten", "inductor"])
+def test_bf16_decode_gives_eager_tokens(executor, shipped_default, monkeypatch):
+    """bf16 decode (M = 1) runs the generated bf16 GEMV (codegen/bf16_gemv_cpu.py): its
+    compiled kernel under the aten executor, its expression inlined under Inductor; both
+    give eager's greedy tokens."""
+    import llmopt.codegen.bf16_gemv_cpu as bcpu
+    from llmopt.codegen.int8_weight_only_cpu import CompiledCpuGemv
+
+    monkeypatch.setenv(CPU_EXECUTOR_ENV, executor)
+    monkeypatch.setattr(bcpu, "BF16_GEMVS", CompiledCpuGemv(compiler=bcpu.compile_bf16_gemv, label="bf16"))  # counts this test's kernels
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    prompt = tokens(1, 7)
+    expected = _greedy(model, model.forward, prompt)
+    assert _greedy(model, torch.compile(model.forward, backend="llmopt", options={"strict": True}), prompt) == expected
+    assert llmopt.last_report().executor == executor
+    if executor == "aten":
+        assert len(bcpu.BF16_GEMVS) > 0, "the decode linears ran the compiled bf16 GEMV"
+    else:
+        assert len(bcpu.BF16_GEMVS) == 0, "Inductor generates the GEMV in the graph's code"

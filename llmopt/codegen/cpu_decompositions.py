@@ -7,8 +7,10 @@ dispatcher per node (tens of microseconds, as much as a decode-sized op), and no
 its pointwise math with its neighbours. So the Inductor executor on CPU retraces the graph
 with this table (``compat.inductor_compile(..., decompositions=...)``): norms, RoPE and
 gated activations become ATen that Inductor fuses into vectorized C++ loops, and
-``llmopt.linear`` becomes oneDNN's linear plus its epilogue (:func:`linear_cpu`), the
-epilogue fused by Inductor.
+``llmopt.linear`` becomes what :func:`linear_cpu` runs — oneDNN's linear in fp32; in bf16
+at decode rows the generated GEMV's multiply-and-reduce expression, which Inductor turns
+into a C++ loop in the graph's code (``bf16_gemv_cpu``) — plus its epilogue, fused by
+Inductor.
 
 The KV-cache writes are in the table too: ``kv_cache_append`` (and RoPE fused with it)
 becomes an ``index_put_`` into the cache, which Inductor lowers to an in-place scatter

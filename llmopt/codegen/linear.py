@@ -30,13 +30,16 @@ Kernels: ``gemv`` (:mod:`llmopt.codegen.gemv`), ``flat_gemm``
 ``torch.nn.functional.linear`` (cuBLAS) with the epilogue in torch.
 On CPU the op runs :func:`linear_cpu`: oneDNN's linear on the plain weight for fp32 (about
 twice ``F.linear``'s bandwidth at decode sizes on the CI machine, no packed copy of the weight),
-``F.linear`` otherwise; for dtypes the Triton kernels are not built for, :func:`linear_ref`.
+for bf16 at M <= 2 a generated GEMV that streams the bf16 weight once
+(:mod:`llmopt.codegen.bf16_gemv_cpu`), ``F.linear`` otherwise; for dtypes the Triton kernels
+are not built for, :func:`linear_ref`.
 """
 from typing import Optional
 
 import torch
 
 from llmopt import compat
+from llmopt.codegen.bf16_gemv_cpu import bf16_gemv_cpu, bf16_gemv_expression, bf16_gemv_runs
 from llmopt.codegen.flat_gemm import flat_gemm_triton
 from llmopt.codegen.gemv import KERNEL_DTYPES, check_linear_args, epilogue_ref, gemv_ref, gemv_triton
 from llmopt.codegen.kernel_mode import use_triton
@@ -85,14 +88,36 @@ def onednn_runs(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and compat.onednn_linear_available()
 
 
+def cpu_linear_kernel(dtype: torch.dtype, rows) -> str:
+    """What :func:`linear_cpu` runs for ``rows`` rows (M) of ``dtype``: ``"onednn"`` (fp32),
+    ``"bf16_gemv"`` (bf16, M <= ``BF16_GEMV_MAX_M``: :mod:`llmopt.codegen.bf16_gemv_cpu`)
+    or ``"mm"`` (``F.linear``). The one rule; the pass's kernel-choice reasons read it."""
+    if onednn_runs(dtype):
+        return "onednn"
+    if bf16_gemv_runs(dtype, rows):
+        return "bf16_gemv"
+    return "mm"
+
+
 def linear_cpu(x, weight, bias=None, residual=None, activation: str = ""):
-    """The CPU implementation: oneDNN's linear on the plain weight for fp32 (what
-    :func:`compat.onednn_linear` explains), ``F.linear`` for other dtypes (oneDNN is not
-    faster there without a packed copy of the weight); the epilogue in torch. Traceable,
-    so the Inductor executor fuses the epilogue into a C++ loop (docs/executors.md).
-    Unchecked: the op checks its contract first; a compiled graph checked it when traced."""
-    if x.dtype == weight.dtype and onednn_runs(x.dtype):
+    """The CPU implementation, by :func:`cpu_linear_kernel`: oneDNN's linear on the plain
+    weight for fp32 (what :func:`compat.onednn_linear` explains), the generated bf16 GEMV
+    for bf16 decode rows (its compiled kernel when called, its expression when traced for
+    Inductor), ``F.linear`` otherwise (oneDNN is not faster there without a packed copy of
+    the weight); the epilogue in torch. Traceable, so the Inductor executor fuses the
+    epilogue into a C++ loop (docs/executors.md). Unchecked: the op checks its contract
+    first; a compiled graph checked it when traced."""
+    same = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    kernel = cpu_linear_kernel(x.dtype, rows) if same else "mm"
+    if kernel == "onednn":
         return epilogue_ref(compat.onednn_linear(x, weight, bias), residual, activation)
+    if kernel == "bf16_gemv":
+        x2 = x.reshape(rows, x.shape[-1])
+        y = (bf16_gemv_expression(x2, weight, bias) if compat.is_traced(x)
+             else bf16_gemv_cpu(x2, weight, bias))
+        if y is not None:
+            return epilogue_ref(y.view(*x.shape[:-1], weight.shape[0]), residual, activation)
     return gemv_ref(x, weight, bias, residual, activation)
 
 
@@ -159,4 +184,4 @@ def _linear_fake(x, weight, bias, residual, activation, kernels):
     return x.new_empty((*x.shape[:-1], n_out))
 
 
-__all__ = ["linear", "linear_cpu", "onednn_runs", "linear_ref", "linear_triton", "select_kernel"]
+__all__ = ["linear", "linear_cpu", "cpu_linear_kernel", "onednn_runs", "linear_ref", "linear_triton", "select_kernel"]

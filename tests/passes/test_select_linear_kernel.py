@@ -8,6 +8,7 @@ GPU name), inside the same fake mode; the rewritten graph then runs on CPU, wher
 ``llmopt.linear`` executes its PyTorch reference — or, with the ``triton_kernels``
 fixture, the chosen GEMV / flat GEMM Triton kernels in the interpreter.
 """
+import copy
 import json
 
 import pytest
@@ -138,6 +139,21 @@ def test_cpu_rewrites_every_linear_to_the_op_and_reports_it():
     assert shapes == sorted([(128, 64), (64, 64), (320, 64), (64, 160)] * NUM_LAYERS + [(256, 64)])
     assert {k.layer for k in choices} >= {"lm_head", "model.layers.0.mlp.down_proj"}
     assert "kernels:" in str(report)
+
+
+def test_cpu_bf16_reports_the_generated_gemv_for_decode_buckets():
+    """bf16 on CPU: same rewrite count as fp32; buckets M <= 2 say the generated bf16 GEMV
+    runs (codegen/bf16_gemv_cpu.py), larger ones the PyTorch op (linear.cpu_linear_kernel)."""
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    x = tokens(1, 1)
+    out, report = compile_run(model, x, only=[*BEFORE, PASS])
+    truth = copy.deepcopy(model).double()(x).logits.detach()  # the same bf16 weights, in fp64
+    assert_close(out.logits, truth, torch.bfloat16)
+    assert report.rewrites_by_pass()[PASS] == 4 * NUM_LAYERS + 1
+    for k in (k for k in report.kernel_choices if k.op == "linear"):
+        reasons = {b.m_bucket: b.reason for b in k.buckets}
+        assert all("generated bf16 GEMV" in reasons[b] for b in ("1", "2")), reasons
+        assert all(reasons[b] == "CPU: the PyTorch op" for b in ("4", "64", "inf")), reasons
 
 
 def test_quantized_linears_are_left_alone_and_listed():
