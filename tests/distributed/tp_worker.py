@@ -309,16 +309,19 @@ def scenario_moe(args) -> dict:
             logits = compiled(ids, use_cache=False).logits
             facts = {**pass_facts(llmopt.last_report()), **graph_facts(graphs[0])}
             got = llmopt.generate(compiled, ids, max_new_tokens=6, stop_token_ids=())
+            # Each later compile takes a fresh copy (same seed, same weights): compiling releases
+            # the weights it sharded or quantized (README "Frozen weights").
             compat.reset_dynamo()
-            single = torch.compile(model, backend="llmopt", options={"strict": True})
+            single = torch.compile(build("mixtral"), backend="llmopt", options={"strict": True})
             single(ids, use_cache=False)
             facts["single_weight_bytes"] = graph_facts(graphs[-1])["weight_bytes"]
             compat.reset_dynamo()
-            ref8 = llmopt.generate(torch.compile(model, backend="llmopt", options={"strict": True, "quantize": "int8"}),
+            ref8 = llmopt.generate(torch.compile(build("mixtral"), backend="llmopt",
+                                                 options={"strict": True, "quantize": "int8"}),
                                    ids, max_new_tokens=6, stop_token_ids=())
             compat.reset_dynamo()
             llmopt.clear_reports()
-            got8 = llmopt.generate(torch.compile(model, backend="llmopt", options={**OPTIONS, "quantize": "int8"}),
+            got8 = llmopt.generate(torch.compile(build("mixtral"), backend="llmopt", options={**OPTIONS, "quantize": "int8"}),
                                    ids, max_new_tokens=6, stop_token_ids=())
     finally:
         backend.run_pipeline = graphs_pipeline_original
