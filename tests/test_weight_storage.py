@@ -249,8 +249,10 @@ _RSS_SCRIPT = textwrap.dedent(
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     x = torch.randint(1, 4096, (1, 16))
     with torch.no_grad():
-        small = tiny_model("llama")  # load and warm the compiler machinery first
-        torch.compile(small, backend="llmopt")(tokens(1, 6))
+        # Load and warm the compiler machinery first, with the same options (quantizing
+        # imports its own modules): what is measured below is the weights, not the imports.
+        small = tiny_model("llama")
+        torch.compile(small, backend="llmopt", options=json.loads(sys.argv[3]))(tokens(1, 6))
         torch._dynamo.reset()
         del small
         gc.collect()
