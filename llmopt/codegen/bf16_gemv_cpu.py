@@ -78,11 +78,7 @@ def bf16_gemv_cpu(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     gemvs = BF16_GEMVS if gemvs is None else gemvs
     if gemvs.failed is not None or weight.numel() == 0:
         return None
-    args = (x2, weight) if bias is None else (x2, weight, bias)
-    # The kernel was generated for contiguous inputs (it checks sizes and strides).
-    args = tuple(a.contiguous() for a in args)
-    with torch.no_grad():
-        return gemvs(args)
+    return gemvs((x2, weight) if bias is None else (x2, weight, bias))
 
 
 __all__ = ["BF16_GEMV_MAX_M", "BF16_GEMVS", "bf16_gemv_cpu", "bf16_gemv_expression", "bf16_gemv_runs",

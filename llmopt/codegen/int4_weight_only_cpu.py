@@ -109,8 +109,4 @@ def int4_gemv_cpu(x2: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor
     m, k = x2.shape
     # even / odd columns as two contiguous rows: read with stride 2, the loop is scalar
     xd = x2.reshape(m, k // 2, 2).permute(2, 0, 1).contiguous()
-    args = (xd, w_packed, scales, zeros) if bias is None else (xd, w_packed, scales, zeros, bias)
-    # The kernel was generated for contiguous inputs (it checks sizes and strides).
-    args = tuple(a.contiguous() for a in args)
-    with torch.no_grad():
-        return gemvs(args)
+    return gemvs((xd, w_packed, scales, zeros) if bias is None else (xd, w_packed, scales, zeros, bias))

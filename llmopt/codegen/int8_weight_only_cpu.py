@@ -107,9 +107,11 @@ class CompiledCpuGemv:
         self.failed = None
 
     def __call__(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-        """The GEMV of ``args`` (contiguous CPU tensors), or None when Inductor cannot compile."""
+        """The GEMV of ``args`` (CPU tensors), or None when Inductor cannot compile."""
         if self.failed is not None:
             return None
+        # The kernel was generated for contiguous inputs (it checks sizes and strides).
+        args = tuple(a.contiguous() for a in args)
         key = (torch.get_num_threads(),) + tuple((tuple(a.shape), a.dtype) for a in args)
         fn = self._compiled.get(key)
         if fn is None:
@@ -121,7 +123,8 @@ class CompiledCpuGemv:
                             "on CPU use the slower reference from now on", self.label, self.failed, self.label)
                 return None
             self._compiled[key] = fn
-        return fn(list(args))[0]
+        with torch.no_grad():
+            return fn(list(args))[0]
 
     def __len__(self) -> int:
         return len(self._compiled)
@@ -159,8 +162,4 @@ def int8_gemv_cpu(x2: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, 
     gemvs = COMPILED_GEMVS if gemvs is None else gemvs
     if not int8_gemv_cpu_supported(x2, w_int8, gemvs):
         return None
-    args = (x2, w_int8, scales) if bias is None else (x2, w_int8, scales, bias)
-    # The kernel was generated for contiguous inputs (it checks sizes and strides).
-    args = tuple(a.contiguous() for a in args)
-    with torch.no_grad():
-        return gemvs(args)
+    return gemvs((x2, w_int8, scales) if bias is None else (x2, w_int8, scales, bias))
