@@ -58,9 +58,15 @@ PRESETS = {
     # ~110M parameters: the CPU configuration of issue 5.
     "llama-100m": dict(vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                        num_attention_heads=12, num_key_value_heads=4),
-    # ~0.5B parameters: the large end of the CPU range of issue 16.
+    # ~55M parameters: the small end of the CPU range of issue 16.
+    "llama-50m": dict(vocab_size=16000, hidden_size=512, intermediate_size=2048, num_hidden_layers=10,
+                      num_attention_heads=8, num_key_value_heads=4),
+    # ~0.5B parameters.
     "llama-500m": dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,
                        num_attention_heads=12, num_key_value_heads=4),
+    # ~1.1B parameters (TinyLlama-1.1B's shape): the large end of the CPU range of issue 16.
+    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                     num_attention_heads=32, num_key_value_heads=4),
     "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32),
     "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
