@@ -29,7 +29,7 @@ def test_cpu_rehearsal_runs_every_step_and_writes_results(tmp_path, monkeypatch)
 
 def test_the_gpu_plan_runs_the_full_size_steps(tmp_path):
     """What the GPU run will execute (checked without a GPU): Llama-3-8B in bf16, eager vs
-    Inductor max-autotune vs llmopt, then int8 and int4, within the 8-minute budget."""
+    Inductor max-autotune vs llmopt, then int8 and int4, within the 9-minute budget."""
     steps = gpu_check.plan("cuda", tmp_path)
     bench = next(s for s in steps if s.name == "bench")
     assert "llama-3-8b" in bench.command and "bf16" in bench.command
@@ -37,4 +37,17 @@ def test_the_gpu_plan_runs_the_full_size_steps(tmp_path):
     assert [s.command[-1] for s in steps if s.name in ("bench-int8", "bench-int4")] == ["int8", "int4-g128"]
     spec = next(s for s in steps if s.name == "speculative")
     assert "bench_speculative.py" in spec.command[1] and "cuda" in spec.command and "--compile" in spec.command
+    moe = next(s for s in steps if s.name == "moe")
+    assert "bench_moe.py" in moe.command[1] and "--quick" not in moe.command
     assert sum(s.timeout_s for s in steps) <= gpu_check.GPU_BUDGET_S
+
+
+def test_the_gpu_plan_adds_tensor_parallelism_with_two_gpus(tmp_path, monkeypatch):
+    """With >= 2 GPUs the check also runs bench_tp over NCCL (1 GPU vs all), still in budget."""
+    monkeypatch.setattr(gpu_check.torch.cuda, "device_count", lambda: 2)
+    steps = gpu_check.plan("cuda", tmp_path)
+    tp = next(s for s in steps if s.name == "tp")
+    assert "bench_tp.py" in tp.command[1] and tp.command[2:4] == ["--device", "cuda"]
+    assert sum(s.timeout_s for s in steps) <= gpu_check.GPU_BUDGET_S
+    monkeypatch.setattr(gpu_check.torch.cuda, "device_count", lambda: 1)
+    assert "tp" not in [s.name for s in gpu_check.plan("cuda", tmp_path)]
