@@ -44,6 +44,9 @@ from llmopt import compat
 from llmopt.codegen.gated_activation import gated_activation_ref
 from llmopt.codegen.kv_cache import kv_cache_append_ref, rope_kv_cache_append_ref
 from llmopt.codegen.linear import linear_cpu
+from llmopt.codegen.moe_cpu import fused_experts_cpu, fused_experts_int4_cpu, fused_experts_int8_cpu, moe_route_cpu
+from llmopt.codegen.moe_experts import fused_experts_ref
+from llmopt.codegen.moe_quant import fused_experts_int4_ref, fused_experts_int8_ref
 from llmopt.codegen.residual_norm import add_layer_norm_ref, add_rms_norm_ref, layer_norm_ref, rms_norm_ref
 from llmopt.codegen.rope import rope_ref
 
@@ -51,6 +54,20 @@ from llmopt.codegen.rope import rope_ref
 def _linear(x, weight, bias, residual, activation, kernels):
     # ``kernels`` names GPU kernels per M bucket; the CPU has one implementation.
     return linear_cpu(x, weight, bias, residual, activation)
+
+
+def _sorted_experts(op: torch._ops.OpOverload, reference: Callable) -> Callable:
+    # The per-expert path of a fused-experts op (``codegen.moe_cpu``): its CPU twin when
+    # traced (it reads the counts per expert at run time), its reference when called.
+    def run(*args):
+        return cpu_twin(op)(*args) if compat.is_traced(args[0]) else reference(*args)
+
+    return run
+
+
+def _moe(decomposition: Callable, op: torch._ops.OpOverload, reference: Callable) -> Callable:
+    sorted_path = _sorted_experts(op, reference)
+    return lambda *args: decomposition(*args, sorted_path=sorted_path)
 
 
 def cpu_decompositions() -> dict[torch._ops.OpOverload, Callable]:
@@ -66,6 +83,12 @@ def cpu_decompositions() -> dict[torch._ops.OpOverload, Callable]:
         ops.rope.default: rope_ref,
         ops.kv_cache_append.default: kv_cache_append_ref,
         ops.rope_kv_cache_append.default: rope_kv_cache_append_ref,
+        ops.moe_route.default: moe_route_cpu,
+        ops.fused_experts.default: _moe(fused_experts_cpu, ops.fused_experts.default, fused_experts_ref),
+        ops.fused_experts_int8.default: _moe(fused_experts_int8_cpu, ops.fused_experts_int8.default,
+                                             fused_experts_int8_ref),
+        ops.fused_experts_int4.default: _moe(fused_experts_int4_cpu, ops.fused_experts_int4.default,
+                                             fused_experts_int4_ref),
     }
 
 
