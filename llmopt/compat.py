@@ -394,6 +394,15 @@ def is_traced(t: torch.Tensor) -> bool:
     return get_proxy_mode() is not None
 
 
+def inductor_generated_code(fn: Callable, *args: Any) -> tuple[Any, list[str]]:
+    """``fn(*args)`` and the source of every graph Inductor compiled during the call
+    (``torch._inductor.utils.run_and_get_code``): what tests read to check what a CPU
+    decomposition became (an indirect load inside a reduction, no gathered copy)."""
+    from torch._inductor.utils import run_and_get_code
+
+    return run_and_get_code(fn, *args)
+
+
 def fake_tensor_mode() -> Any:
     """A fresh ``FakeTensorMode``: tensors made inside have shapes, dtypes and devices but
     no memory (the AOT GPU build check makes "CUDA" tensors with it on a CPU machine)."""
