@@ -90,21 +90,24 @@ def int8_rows(codes: torch.Tensor, scales: torch.Tensor, acc: torch.dtype) -> Ro
     return lambda a, ids: (a[:, :, None, :] * codes[ids].to(acc)).sum(dim=-1) * scales[ids].to(acc)
 
 
+def _per_byte(params: torch.Tensor, repeat: int) -> torch.Tensor:
+    """``[..., groups]`` -> ``[..., groups * repeat]``, each value repeated over its group's bytes."""
+    return params[..., None].expand(*params.shape, repeat).flatten(-2)
+
+
 def int4_rows(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, acc: torch.dtype) -> RowDot:
     """``dot`` over packed int4 codes ``[E, N, K / 2]`` (low nibble = even input) with
     ``scales`` / ``zeros`` ``[E, N, K / group]``: each byte's two codes dequantized in the
     reduction, ``(q - z) s``, against the even and the odd inputs."""
 
     def dot(a, ids):
-        t, k, kk = a.shape
-        grouped = (t, k, 1, kk // group, group // 2)
-        even, odd = a[..., 0::2].reshape(grouped), a[..., 1::2].reshape(grouped)
+        even, odd = a[..., None, 0::2], a[..., None, 1::2]
         q = packed[ids]
-        q = q.view(*q.shape[:3], kk // group, group // 2)
-        z, s = zeros[ids].to(acc)[..., None], scales[ids].to(acc)[..., None]
+        # Per-group parameters repeated over the group's bytes: a view Inductor indexes, no copy.
+        z, s = (_per_byte(p[ids].to(acc), group // 2) for p in (zeros, scales))
         lo = ((q & 0xF).to(acc) - z) * s
         hi = ((q >> 4).to(acc) - z) * s
-        return (even * lo + odd * hi).sum(dim=(-2, -1))
+        return (even * lo + odd * hi).sum(dim=-1)
 
     return dot
 
