@@ -187,3 +187,20 @@ def test_bf16_decode_compiled_matches_fp64(fresh_dynamo):
         truth = moe_experts.fused_experts_ref(x.double(), block.w_gate_up.double(), block.w_down.double(),
                                               weights.double(), ids, "silu")
     assert_close(got.double(), truth.to(torch.bfloat16).double(), torch.bfloat16, what="bf16 compiled decode vs fp64")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["random", "one_expert", "half_empty"])
+@pytest.mark.parametrize("tokens", [1, 9, 64])
+def test_grouped_and_looped_sorted_paths_match_fp64(dtype, kind, tokens):
+    """The sorted path with ``torch._grouped_mm`` (where the CPU runs it) and with the loop
+    over experts: each within the tolerance of the fp64 truth, empty experts included."""
+    if compat.cpu_grouped_mm(dtype) is None:
+        pytest.skip("this torch has no CPU _grouped_mm: the loop is the only sorted path")
+    x, w_gate_up, w_down = make_experts(tokens, 16, 64, 96, dtype)
+    weights, ids = routing(tokens, 16, 4, kind)
+    truth = moe_experts.fused_experts_ref(x.double(), w_gate_up.double(), w_down.double(), weights.double(), ids, "silu")
+    grouped = moe_experts.grouped_experts_ref(x, w_gate_up, w_down, weights, ids, "silu", compat.cpu_grouped_mm(dtype))
+    looped = moe_experts.routed_experts_ref(x, 16, lambda e: (w_gate_up[e], w_down[e]), weights, ids, "silu")
+    for got, what in ((grouped, "grouped_mm"), (looped, "loop")):
+        assert_close(got.double(), truth.to(dtype).double(), dtype, what=what)
