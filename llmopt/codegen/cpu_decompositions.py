@@ -16,9 +16,12 @@ The KV-cache writes are in the table too: ``kv_cache_append`` (and RoPE fused wi
 becomes an ``index_put_`` into the cache, which Inductor lowers to an in-place scatter
 fused with the rotation (one C++ loop per layer, no copy of the cache).
 
+MoE routing is in the table as ATen, and the fused-experts ops (float, int8, int4) too:
+at decode sizes a GEMV whose weight loads are indexed by the expert id, at prefill sizes
+their sorted path through the CPU twin (``codegen.moe_cpu``).
+
 Kept opaque (not in the table): the ops whose work depends on run-time lengths (attention
-over the valid KV prefix, paged attention), MoE routing and experts, and the quantized
-linears (their CPU GEMVs are compiled on their own, ``int8_weight_only_cpu``). Inductor
+over the valid KV prefix, paged attention), and the quantized linears (their CPU GEMVs are compiled on their own, ``int8_weight_only_cpu``). Inductor
 calls those through the dispatcher, and a ``torch.library.custom_op`` call pays Python
 autograd and in-place/view wrappers there (about 30 us, twice that for an op that mutates,
 measured on the CI machine, against about 5 us for a plain library op). So each opaque op

@@ -204,3 +204,20 @@ def test_grouped_and_looped_sorted_paths_match_fp64(dtype, kind, tokens):
     looped = moe_experts.routed_experts_ref(x, 16, lambda e: (w_gate_up[e], w_down[e]), weights, ids, "silu")
     for got, what in ((grouped, "grouped_mm"), (looped, "loop")):
         assert_close(got.double(), truth.to(dtype).double(), dtype, what=what)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # qwen2_moe: shared chunk-experts in the stacks
+def test_generate_under_the_inductor_executor_gives_eager_tokens(family, fresh_dynamo):
+    """Tiny real architectures, prefill (sorted path through the twin) then decode (the
+    generated GEMV): greedy tokens equal eager's."""
+    import llmopt
+    from models.tiny import tiny_model, tokens
+
+    model = tiny_model(family)
+    x = tokens(1, 6)
+    with torch.no_grad():
+        expected = llmopt.generate(model, x, 6)
+        compiled = torch.compile(model, backend="llmopt", options={"strict": True, "inner": "inductor"})
+        actual = llmopt.generate(compiled, x, 6)
+    assert llmopt.last_report().executor == "inductor"
+    assert torch.equal(actual, expected)
