@@ -29,9 +29,13 @@ even and odd inputs).
 ``moe_route`` becomes its reference (softmax or sigmoid, top-k, renormalization): ATen that
 Inductor fuses (softmax) or calls directly (top-k), without a custom-op call.
 
-Prefill (more pairs than the rule allows): the sorted per-expert path, whose matmuls are
-BLAS-sized there; under Inductor it is called through the op's CPU twin (its work depends on
-the run-time counts per expert, which a traced graph cannot hold).
+Prefill (more pairs than the rule allows): the op's sorted path (``moe_experts``: tokens
+gathered in expert order, ``torch._grouped_mm`` or one matmul pair per expert, one
+``index_add_``), whose matmuls are BLAS-sized there; under Inductor it is called through the
+op's CPU twin (its shapes depend on the run-time counts per expert, and Inductor's meta
+function of ``_grouped_mm`` takes bf16 only). A dense formulation (every token through every
+expert, masked) was not adopted: it multiplies the matmul work by ``E / k``, and where that
+would be small (few tokens) the GEMV already reads less.
 
 Called rather than traced (the aten executor, which runs these decompositions eagerly), the
 expression would materialize the gather, so every call runs the sorted path.
