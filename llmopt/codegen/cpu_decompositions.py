@@ -70,7 +70,12 @@ def _sorted_experts(op: torch._ops.OpOverload, reference: Callable) -> Callable:
 
 def _moe(decomposition: Callable, op: torch._ops.OpOverload, reference: Callable) -> Callable:
     sorted_path = _sorted_experts(op, reference)
-    return lambda *args: decomposition(*args, sorted_path=sorted_path)
+
+    def run(*args):
+        return decomposition(*args, sorted_path=sorted_path)
+
+    run.__name__ = decomposition.__name__  # what the aten executor's graph code names
+    return run
 
 
 def cpu_decompositions() -> dict[torch._ops.OpOverload, Callable]:
