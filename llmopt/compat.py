@@ -394,6 +394,34 @@ def is_traced(t: torch.Tensor) -> bool:
     return get_proxy_mode() is not None
 
 
+def inductor_generated_code(fn: Callable, *args: Any) -> tuple[Any, list[str]]:
+    """``fn(*args)`` and the source of every graph Inductor compiled during the call
+    (``torch._inductor.utils.run_and_get_code``): what tests read to check what a CPU
+    decomposition became (an indirect load inside a reduction, no gathered copy)."""
+    from torch._inductor.utils import run_and_get_code
+
+    return run_and_get_code(fn, *args)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_grouped_mm(dtype: torch.dtype) -> Callable | None:
+    """``torch._grouped_mm`` (``(x [S, K], w [G, K, N], offs [G] int32) -> [S, N]``, rows
+    ``offs[g-1]:offs[g]`` times ``w[g]``: the matmuls of all groups in one call, no host
+    sync) where it runs eagerly on CPU tensors of ``dtype``, else None (the caller loops
+    over the groups). Probed once per dtype on a tiny call: CPU support arrived in later
+    2.x releases. Not for traced code: Inductor's meta function accepts bf16 only."""
+    fn = getattr(torch, "_grouped_mm", None)
+    if fn is None:
+        return None
+    # Strides must be multiples of 16 bytes (the caller checks its own sizes).
+    x, w = torch.ones(3, 8, dtype=dtype), torch.ones(2, 16, 8, dtype=dtype).transpose(1, 2)
+    try:
+        y = fn(x, w, offs=torch.tensor([1, 3], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return fn if tuple(y.shape) == (3, 16) and bool((y == 8).all()) else None
+
+
 def fake_tensor_mode() -> Any:
     """A fresh ``FakeTensorMode``: tensors made inside have shapes, dtypes and devices but
     no memory (the AOT GPU build check makes "CUDA" tensors with it on a CPU machine)."""

@@ -149,3 +149,20 @@ def test_is_traced_under_make_fx_and_for_fake_tensors_only():
     with compat.fake_tensor_mode() as mode:
         record(mode.from_tensor(x))
     assert seen == [False, True, True, True]
+
+
+def test_cpu_grouped_mm_multiplies_each_group_by_its_matrix_or_is_absent():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        fn = compat.cpu_grouped_mm(dtype)
+        if fn is None:
+            continue
+        x, w = torch.randn(5, 16).to(dtype), torch.randn(3, 8, 16).to(dtype).transpose(1, 2)
+        offs = torch.tensor([2, 2, 5], dtype=torch.int32)  # the middle group is empty
+        want = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
+        assert torch.allclose(fn(x, w, offs=offs).double(), want.double(), rtol=1e-2, atol=1e-2)
+
+
+def test_inductor_generated_code_returns_the_result_and_the_source():
+    fn = torch.compile(lambda x: (x * 2).sum(), backend="inductor")
+    result, code = compat.inductor_generated_code(fn, torch.ones(4))
+    assert result.item() == 8 and any("def call" in c for c in code)

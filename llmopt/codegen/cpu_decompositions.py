@@ -16,9 +16,12 @@ The KV-cache writes are in the table too: ``kv_cache_append`` (and RoPE fused wi
 becomes an ``index_put_`` into the cache, which Inductor lowers to an in-place scatter
 fused with the rotation (one C++ loop per layer, no copy of the cache).
 
+MoE routing is in the table as ATen, and the fused-experts ops (float, int8, int4) too:
+at decode sizes a GEMV whose weight loads are indexed by the expert id, at prefill sizes
+their sorted path through the CPU twin (``codegen.moe_cpu``).
+
 Kept opaque (not in the table): the ops whose work depends on run-time lengths (attention
-over the valid KV prefix, paged attention), MoE routing and experts, and the quantized
-linears (their CPU GEMVs are compiled on their own, ``int8_weight_only_cpu``). Inductor
+over the valid KV prefix, paged attention), and the quantized linears (their CPU GEMVs are compiled on their own, ``int8_weight_only_cpu``). Inductor
 calls those through the dispatcher, and a ``torch.library.custom_op`` call pays Python
 autograd and in-place/view wrappers there (about 30 us, twice that for an op that mutates,
 measured on the CI machine, against about 5 us for a plain library op). So each opaque op
@@ -44,6 +47,9 @@ from llmopt import compat
 from llmopt.codegen.gated_activation import gated_activation_ref
 from llmopt.codegen.kv_cache import kv_cache_append_ref, rope_kv_cache_append_ref
 from llmopt.codegen.linear import linear_cpu
+from llmopt.codegen.moe_cpu import fused_experts_cpu, fused_experts_int4_cpu, fused_experts_int8_cpu, moe_route_cpu
+from llmopt.codegen.moe_experts import fused_experts_ref
+from llmopt.codegen.moe_quant import fused_experts_int4_ref, fused_experts_int8_ref
 from llmopt.codegen.residual_norm import add_layer_norm_ref, add_rms_norm_ref, layer_norm_ref, rms_norm_ref
 from llmopt.codegen.rope import rope_ref
 
@@ -51,6 +57,25 @@ from llmopt.codegen.rope import rope_ref
 def _linear(x, weight, bias, residual, activation, kernels):
     # ``kernels`` names GPU kernels per M bucket; the CPU has one implementation.
     return linear_cpu(x, weight, bias, residual, activation)
+
+
+def _sorted_experts(op: torch._ops.OpOverload, reference: Callable) -> Callable:
+    # The per-expert path of a fused-experts op (``codegen.moe_cpu``): its CPU twin when
+    # traced (it reads the counts per expert at run time), its reference when called.
+    def run(*args):
+        return cpu_twin(op)(*args) if compat.is_traced(args[0]) else reference(*args)
+
+    return run
+
+
+def _moe(decomposition: Callable, op: torch._ops.OpOverload, reference: Callable) -> Callable:
+    sorted_path = _sorted_experts(op, reference)
+
+    def run(*args):
+        return decomposition(*args, sorted_path=sorted_path)
+
+    run.__name__ = decomposition.__name__  # what the aten executor's graph code names
+    return run
 
 
 def cpu_decompositions() -> dict[torch._ops.OpOverload, Callable]:
@@ -66,6 +91,12 @@ def cpu_decompositions() -> dict[torch._ops.OpOverload, Callable]:
         ops.rope.default: rope_ref,
         ops.kv_cache_append.default: kv_cache_append_ref,
         ops.rope_kv_cache_append.default: rope_kv_cache_append_ref,
+        ops.moe_route.default: moe_route_cpu,
+        ops.fused_experts.default: _moe(fused_experts_cpu, ops.fused_experts.default, fused_experts_ref),
+        ops.fused_experts_int8.default: _moe(fused_experts_int8_cpu, ops.fused_experts_int8.default,
+                                             fused_experts_int8_ref),
+        ops.fused_experts_int4.default: _moe(fused_experts_int4_cpu, ops.fused_experts_int4.default,
+                                             fused_experts_int4_ref),
     }
 
 
