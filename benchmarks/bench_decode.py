@@ -312,7 +312,7 @@ with torch.no_grad():
     module, forward = b.make_model(model, args["backend"], shared=False)
     prompt = torch.randint(1, model.config.vocab_size, (args["batch"], args["prompt_len"]), device=device)
     start = time.perf_counter()
-    b.loop_static(module, forward, prompt, 8, args["cache_len"])
+    b.loop_static(module, forward, prompt, min(8, args["cache_len"] - args["prompt_len"]), args["cache_len"])
     first = time.perf_counter() - start
 peak = rss_mb("VmHWM") if device.type == "cpu" else torch.cuda.max_memory_allocated() / 2**20
 print(json.dumps({{"model_MB": base, "peak_MB": peak, "first_generation_s": first}}))
