@@ -32,7 +32,11 @@ Method (DESIGN.md "Benchmarks"):
   (``sum`` over a 1 GiB tensor on CPU, a device copy on CUDA);
 - peak memory (``--memory``): each backend once more in a fresh process (build, compile,
   one short generation); peak RSS on CPU (Linux ``VmHWM``), ``max_memory_allocated`` on
-  CUDA, and the excess over eager as a fraction of the weight bytes.
+  CUDA, and the excess over eager as a fraction of the weight bytes;
+- compile time (``--compile-time``): that fresh process's first generation (compile +
+  first calls), with an empty Inductor cache directory (``cold``) and again over the cache
+  it filled (``warm``), and the ratio to Inductor's; the in-process ``warmup_s`` is not
+  comparable across backends (docs/compile_time.md).
 Writes ``benchmarks/results/<device>-<date>-decode[-<tag>].json``; ``make_tables.py`` turns the
 files into the README table.
 """
@@ -44,8 +48,10 @@ import copy
 import functools
 import json
 import statistics
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -294,9 +300,11 @@ def quantized_weight_bytes(model, bits: int) -> int:
     return total
 
 
-# --------------------------------------------------------------------------- peak memory
+# --------------------------------------------------------------------------- fresh processes
+# One backend alone in a fresh process: build, compile, one short generation. Prints its
+# peak memory and the time of that first generation (compile + first calls).
 _MEMORY_CHILD = r"""
-import json, sys, torch
+import json, sys, time, torch
 sys.path.insert(0, {bench_dir!r})
 import bench_decode as b
 args = json.loads({args!r})
@@ -309,21 +317,48 @@ base = rss_mb("VmRSS") if device.type == "cpu" else torch.cuda.memory_allocated(
 with torch.no_grad():
     module, forward = b.make_model(model, args["backend"], shared=False)
     prompt = torch.randint(1, model.config.vocab_size, (args["batch"], args["prompt_len"]), device=device)
-    b.loop_static(module, forward, prompt, 8, args["cache_len"])
+    start = time.perf_counter()
+    b.loop_static(module, forward, prompt, min(8, args["cache_len"] - args["prompt_len"]), args["cache_len"])
+    first = time.perf_counter() - start
 peak = rss_mb("VmHWM") if device.type == "cpu" else torch.cuda.max_memory_allocated() / 2**20
-print(json.dumps({{"model_MB": base, "peak_MB": peak}}))
+print(json.dumps({{"model_MB": base, "peak_MB": peak, "first_generation_s": first}}))
 """
+
+
+def _fresh_process(backend: str, args, device: torch.device, cache_len: int, batch: int,
+                   env: dict | None = None) -> dict:
+    child = _MEMORY_CHILD.format(bench_dir=str(Path(__file__).resolve().parent), args=json.dumps(dict(
+        backend=backend, preset=args.preset, dtype=args.dtype, device=device.type, cache_len=cache_len,
+        batch=batch, prompt_len=args.prompt_len)))
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=1800,
+                          env=None if env is None else {**os.environ, **env})
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def peak_memory(backend: str, args, device: torch.device, cache_len: int, batch: int) -> dict:
     """Peak memory of one backend in a fresh process (so that no other backend's state counts)."""
-    child = _MEMORY_CHILD.format(bench_dir=str(Path(__file__).resolve().parent), args=json.dumps(dict(
-        backend=backend, preset=args.preset, dtype=args.dtype, device=device.type, cache_len=cache_len,
-        batch=batch, prompt_len=args.prompt_len)))
-    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    out = _fresh_process(backend, args, device, cache_len, batch)
+    out.pop("first_generation_s", None)
+    return out
+
+
+def compile_time(backend: str, args, device: torch.device, cache_len: int, batch: int) -> dict:
+    """Compile time of one backend alone in a fresh process: the first generation (compile of
+    the prefill and decode graphs + their first calls), ``cold`` with an empty Inductor cache
+    directory, then ``warm`` in another fresh process over the cache the first one filled
+    (Inductor's FX graph and AOTAutograd caches hit). The in-process ``warmup_s`` depends on
+    the backends compiled before it (Inductor keeps built C++ kernels in memory, and the
+    default cache directory outlives the process), so it is no fair comparison."""
+    with tempfile.TemporaryDirectory(prefix="llmopt-bench-cache-") as cache:
+        out = {}
+        for state in ("cold", "warm"):
+            run = _fresh_process(backend, args, device, cache_len, batch, {"TORCHINDUCTOR_CACHE_DIR": cache})
+            if "error" in run:
+                return {"error": run["error"]}
+            out[f"{state}_s"] = run["first_generation_s"]
+    return out
 
 
 # --------------------------------------------------------------------------- one case
@@ -376,6 +411,8 @@ def main(argv=None):
     p.add_argument("--backends", default=None, help="comma list: eager,inductor,inductor-freezing,inductor-max-autotune,"
                                                     "torchao-int8,llmopt,llmopt-aten,llmopt-inductor,llmopt-int8,llmopt-int4,llmopt-int4-head")
     p.add_argument("--memory", action="store_true", help="also measure each backend's peak memory in a fresh process")
+    p.add_argument("--compile-time", action="store_true",
+                   help="also time each backend's compile in fresh processes, cold and warm Inductor cache")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--tag", default=None, help="suffix of the results file name")
     p.add_argument("--no-write", action="store_true")
@@ -418,6 +455,13 @@ def main(argv=None):
                     r["vs_eager"] = eager["decode_step_s"] / r["decode_step_s"]
                 if args.memory:
                     r["memory"] = peak_memory(r["backend"], args, device, cache_len, batch)
+                if args.compile_time:
+                    r["compile"] = compile_time(r["backend"], args, device, cache_len, batch)
+            inductor = next((r.get("compile", {}) for r in case if r["backend"] == "inductor"), {})
+            for r in case:
+                for state in ("cold", "warm"):
+                    if f"{state}_s" in r.get("compile", {}) and inductor.get(f"{state}_s"):
+                        r["compile"][f"{state}_vs_inductor"] = r["compile"][f"{state}_s"] / inductor[f"{state}_s"]
             if args.memory and eager is not None and "peak_MB" in eager["memory"]:
                 weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
                 for r in case:
@@ -433,6 +477,8 @@ def main(argv=None):
                       f"decode {r['decode_tokens_per_s']:7.1f} tok/s (step {r['decode_step_s'] * 1e3:6.2f} ms, "
                       f"rounds {lo * 1e3:.2f}-{hi * 1e3:.2f})  {r['roofline_fraction']:5.0%} roofline"
                       + (f"  peak {mem['peak_MB']:.0f} MB" if "peak_MB" in mem else "")
+                      + (f"  compile cold {r['compile']['cold_s']:.1f} s warm {r['compile']['warm_s']:.1f} s"
+                         if "cold_s" in r.get("compile", {}) else "")
                       + (f"  llmopt {r['llmopt_speedup']:.2f}x" if "llmopt_speedup" in r else ""), flush=True)
             results.extend(case)
     payload = {"benchmark": "decode", "environment": env, "preset": args.preset, "config": PRESETS[args.preset],

@@ -90,8 +90,11 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
         _finish_report(report, opts)
         return gm.forward
 
+    capture_start = time.perf_counter()
+
     def fw_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]):
-        return compile_inference_graph(aten_gm, list(fake_inputs), full_inputs, len(lifted), opts, input_names)
+        return compile_inference_graph(aten_gm, list(fake_inputs), full_inputs, len(lifted), opts, input_names,
+                                       capture_seconds=time.perf_counter() - capture_start)
 
     try:
         return compat.aot_inference_capture(gm, example_inputs, fw_compiler)
@@ -143,6 +146,7 @@ def compile_inference_graph(
     n_lifted: int,
     opts: Options,
     input_names: Sequence[str] = (),
+    capture_seconds: float = 0.0,
 ) -> Callable:
     """Freeze, run the passes and pick the executor for one ATen inference graph.
 
@@ -158,13 +162,16 @@ def compile_inference_graph(
 
     The tuning table is resolved here, once for the graph and its variants, and handed to
     the passes in the ``PassContext``: each compile reads its own table and installs none
-    process-wide (docs/linear_dispatch.md)."""
+    process-wide (docs/linear_dispatch.md).
+
+    ``capture_seconds`` (AOTAutograd's capture of ``gm``) is counted in the first compile's
+    report, as its ``capture`` phase."""
     # Only read when the pass that uses it runs (a corrupt file warns only then).
     table = (resolve_tuning_table(opts, _device_and_dtypes(fake_inputs)[0])
              if opts.enabled("select_linear_kernel") else None)
     job = _FrozenCompile(fake_inputs, n_lifted, opts, tuple(input_names), table)
     pristine = _copy_module(gm) if opts.freeze else None
-    first, positions = _compile_frozen(gm, real_inputs, job)
+    first, positions = _compile_frozen(gm, real_inputs, job, capture_seconds)
     if pristine is None or not positions:
         return first
 
@@ -225,16 +232,21 @@ class _FrozenCompile:
     tuning_table: Any
 
 
-def _compile_frozen(gm: fx.GraphModule, real_inputs: list[Any], job: _FrozenCompile) -> tuple[Callable, list[int]]:
+def _compile_frozen(gm: fx.GraphModule, real_inputs: list[Any], job: _FrozenCompile,
+                    capture_seconds: float = 0.0) -> tuple[Callable, list[int]]:
     """One frozen compile: the callable and the call-input positions of its frozen weights."""
     fake_inputs, n_lifted, opts, input_names = job.fake_inputs, job.n_lifted, job.opts, job.input_names
     start = time.perf_counter()
     report = CompileReport(options=opts.to_dict())
+    phases = _PhaseClock(report, start)
+    if capture_seconds:
+        report.compile_phases["capture"] = capture_seconds
     device, dtypes = _device_and_dtypes(fake_inputs)
     report.device, report.dtypes = str(device), dtypes
     report.nodes_before = count_ops(gm)
     report.ops_before = op_histogram(gm)
     report.graph_before = networkx_view(gm)
+    phases.lap("report")
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     mutated = _mutated_placeholders(gm)
@@ -249,6 +261,7 @@ def _compile_frozen(gm: fx.GraphModule, real_inputs: list[Any], job: _FrozenComp
         keep = _freeze(gm, placeholders, real_inputs, n_lifted, mutated, names, weights)
         report.frozen_constants = len(weights.weights)
     frozen_weights.attach(gm, weights)
+    phases.lap("freeze")
 
     kept_fake = [fake_inputs[i] for i in keep] if len(fake_inputs) == len(placeholders) else fake_inputs
     executor = opts.inner if opts.inner != "auto" else default_executor(device.type)
@@ -260,6 +273,7 @@ def _compile_frozen(gm: fx.GraphModule, real_inputs: list[Any], job: _FrozenComp
                           tuning_table=job.tuning_table)
         run_pipeline(gm, ctx)
     gm.recompile()
+    phases.lap("passes")
     if weights.weights:
         released = weight_release.release(gm, weights.weights, weight_release.graph_tensors(gm), weights.reader,
                                           opts.release_weights)
@@ -273,19 +287,36 @@ def _compile_frozen(gm: fx.GraphModule, real_inputs: list[Any], job: _FrozenComp
             f"weights: {counts['frozen']} frozen; {counts['shared']} read in place by the graph (in-place "
             f"writes reach it), {counts['derived']} derived at compile time (in-place writes raise)"
         )
+    phases.lap("freeze")
 
     static_idxs = [j for j, i in enumerate(keep) if i < len(real_inputs) and compat.module_state_kind(real_inputs[i])]
     inner = _make_executor(gm, kept_fake, executor, report, opts, device, static_idxs)
+    phases.lap("executor")
     report.nodes_after = count_ops(gm)
     report.ops_after = op_histogram(gm)
     report.graph_after = networkx_view(gm)
-    report.compile_seconds = time.perf_counter() - start
+    phases.lap("report")
+    report.compile_seconds = phases.last - start + capture_seconds  # the phases add up to it
     _finish_report(report, opts)
     if opts.tensor_parallel is not None:
         from .runtime.distributed import guard_collectives
 
         inner = guard_collectives(inner, opts.tensor_parallel)
     return _frozen_call(inner, keep, weights, opts.check_weights), [w.index for w in weights.weights]
+
+
+class _PhaseClock:
+    """Adds the time since the previous lap to ``report.compile_phases[name]`` (a phase
+    may come back: ``freeze`` before and after the passes, ``report`` at both ends)."""
+
+    def __init__(self, report: CompileReport, start: float):
+        self.report, self.last = report, start
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        phases = self.report.compile_phases
+        phases[name] = phases.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def _device_and_dtypes(inputs: list[Any]) -> tuple[torch.device, list[str]]:

@@ -114,6 +114,11 @@ class CompileReport:
     kernel_choices: list[KernelChoice] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     compile_seconds: float = 0.0
+    # Where compile_seconds went, phase -> seconds, in order: "capture" (AOTAutograd's ATen
+    # graph; the first compile of a graph only), "freeze", "passes", "executor" (the inner
+    # executor's compile: Inductor's retrace, codegen and C++ build), "report" (histograms
+    # and graph views). Empty for a graph that fell back before compiling.
+    compile_phases: dict[str, float] = field(default_factory=dict)
     # Graph structure (node -> op, edges) before and after, for drawing; not in to_json().
     graph_before: Any = field(default=None, repr=False)
     graph_after: Any = field(default=None, repr=False)
@@ -133,6 +138,10 @@ class CompileReport:
                       buckets: list[BucketKernel] | tuple[BucketKernel, ...] = ()) -> None:
         self.kernel_choices.append(KernelChoice(_node_name(node), layer_of(node), op, kernel, reason,
                                                 N, K, dtype, list(buckets)))
+
+    def phases_text(self) -> str:
+        """``capture 1.20s, freeze 0.05s, ...``: :attr:`compile_phases` on one line."""
+        return ", ".join(f"{name} {seconds:.2f}s" for name, seconds in self.compile_phases.items())
 
     def rewrites_by_pass(self) -> dict[str, int]:
         return {p.name: p.rewrites for p in self.passes}
@@ -164,7 +173,8 @@ class CompileReport:
             f"llmopt compile report — graph {self.graph_index} on {self.device} "
             f"({', '.join(self.dtypes) or 'no tensors'}), executor {self.executor or '?'}",
             f"nodes: {self.nodes_before} → {self.nodes_after}   frozen constants: {self.frozen_constants}"
-            f"   mutated inputs: {len(self.mutated_inputs)}   compile time: {self.compile_seconds:.2f}s",
+            f"   mutated inputs: {len(self.mutated_inputs)}   compile time: {self.compile_seconds:.2f}s"
+            + (f" ({self.phases_text()})" if self.compile_phases else ""),
             "",
             f"{'pass':<26}{'status':<16}{'rewrites':>9}{'ms':>9}",
         ]

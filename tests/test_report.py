@@ -126,3 +126,11 @@ def test_registry_numbers_bounds_and_clears():
     registry.register(first)
     assert first.graph_index == 0
 
+
+
+def test_compile_time_is_broken_down_by_phase(report):
+    # Every phase of the backend is timed; together they are the compile time.
+    assert set(report.compile_phases) == {"capture", "report", "freeze", "passes", "executor"}
+    assert all(s >= 0 for s in report.compile_phases.values())
+    assert sum(report.compile_phases.values()) == pytest.approx(report.compile_seconds, rel=1e-6, abs=1e-6)
+    assert "passes" in str(report) and json.loads(report.to_json())["compile_phases"].keys() == report.compile_phases.keys()

@@ -182,7 +182,8 @@ def format_text(e: Explanation) -> str:
     for g in e.graphs:
         r = g.report
         lines += ["", f"graph {r.graph_index} ({g.call}) on {r.device} ({', '.join(r.dtypes) or '-'}), executor "
-                      f"{r.executor or '?'}: nodes {r.nodes_before} → {r.nodes_after}, {r.compile_seconds:.2f} s"]
+                      f"{r.executor or '?'}: nodes {r.nodes_before} → {r.nodes_after}, {r.compile_seconds:.2f} s"
+                      + (f" ({r.phases_text()})" if r.compile_phases else "")]
         if g.inputs:
             lines.append(f"  inputs: {clip(', '.join(g.inputs), 110)}")
         lines.append(f"  {'pass':<24}{'status':<15}{'rewrites':>9}{'near-misses':>13}{'ms':>8}")
