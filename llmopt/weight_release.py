@@ -321,6 +321,37 @@ def _refuse_load(module: torch.nn.Module, *args: Any) -> None:
         )
 
 
+def cached_for(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors the release cache holds for these tensors' released storages: their
+    derived constants (a quantized module's buffers, a shard), and those derived from them
+    in turn. With the parameters and the graphs' constants, that is all a compiled model
+    holds; memory tests count it (a float shard left beside its quantized copy would show)."""
+    out: list[torch.Tensor] = []
+    stack = [t.untyped_storage() for t in tensors if isinstance(t, torch.Tensor)]
+    seen: set[int] = set()
+    while stack:
+        storage = stack.pop()
+        record = _RELEASED.get(storage)
+        if id(storage) in seen or record is None:
+            continue
+        seen.add(id(storage))
+        for product in record.products.values():
+            for t in _tensors_of(product):
+                out.append(t)
+                stack.append(t.untyped_storage())
+    return out
+
+
+def _tensors_of(product: Any) -> list[torch.Tensor]:
+    if isinstance(product, torch.Tensor):
+        return [product]
+    if isinstance(product, torch.nn.Module):
+        return [*product.parameters(), *(b for b in product.buffers() if b is not None)]
+    if isinstance(product, (tuple, list)):
+        return [t for p in product for t in _tensors_of(p)]
+    return []
+
+
 def graph_tensors(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
     """Every tensor the graph reads through ``get_attr`` (a submodule's parameters and
     buffers included); drops the constants of ``gm`` that no node reads any more (a

@@ -152,6 +152,27 @@ def held_parameter_bytes(model) -> int:
     return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
 
 
+def rank_held_bytes(model, graphs) -> dict:
+    """What the rank holds for ``model``: the distinct storages behind its parameters, the
+    constants its compiled ``graphs`` read and the release cache's derived constants
+    (weight_release.cached_for); ``graph``: those the graphs read."""
+    from llmopt.weight_release import cached_for
+
+    def constants(gm):
+        for target in {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}:
+            obj = gm
+            for part in target.split("."):
+                obj = getattr(obj, part)
+            yield from ([obj] if isinstance(obj, torch.Tensor) else [*obj.parameters(), *obj.buffers()])
+
+    read = {id(t.untyped_storage()): t.untyped_storage() for gm in graphs for t in constants(gm)}
+    params = list(model.parameters())
+    held = dict(read)
+    held.update({id(t.untyped_storage()): t.untyped_storage() for t in [*params, *cached_for(params)]})
+    return {"held": sum(s.nbytes() for s in held.values()), "graph": sum(s.nbytes() for s in read.values()),
+            "param": held_parameter_bytes(model)}
+
+
 def run_parts(args, *parts) -> dict:
     """Several scenarios in one launch (a launch costs the ranks' start-up), each from a clean Dynamo."""
     out = {}
@@ -309,6 +330,7 @@ def scenario_moe(args) -> dict:
             logits = compiled(ids, use_cache=False).logits
             facts = {**pass_facts(llmopt.last_report()), **graph_facts(graphs[0])}
             got = llmopt.generate(compiled, ids, max_new_tokens=6, stop_token_ids=())
+            facts["held_float"] = rank_held_bytes(model, graphs)  # after the prefill and decode recompiles
             # Each later compile takes a fresh copy (same seed, same weights): compiling releases
             # the weights it sharded or quantized (README "Frozen weights").
             compat.reset_dynamo()
@@ -321,8 +343,10 @@ def scenario_moe(args) -> dict:
                                    ids, max_new_tokens=6, stop_token_ids=())
             compat.reset_dynamo()
             llmopt.clear_reports()
-            got8 = llmopt.generate(torch.compile(build("mixtral"), backend="llmopt", options={**OPTIONS, "quantize": "int8"}),
+            model8, first8 = build("mixtral"), len(graphs)
+            got8 = llmopt.generate(torch.compile(model8, backend="llmopt", options={**OPTIONS, "quantize": "int8"}),
                                    ids, max_new_tokens=6, stop_token_ids=())
+            facts["held_int8"] = rank_held_bytes(model8, graphs[first8:])
     finally:
         backend.run_pipeline = graphs_pipeline_original
     report = llmopt.reports()[0]
