@@ -182,6 +182,15 @@ def test_engine_under_tensor_parallel(runtime):
     assert runtime[0]["engine"]["unseeded"] == runtime[1]["engine"]["unseeded"]
 
 
+def test_engine_speculative_with_a_draft_model_under_tensor_parallel(runtime):
+    for result in runtime:
+        r = result["speculative"]
+        assert r["outputs"] == r["refs"]  # greedy: the tokens of one process without speculation
+        assert r["proposed"] > 0  # the draft did propose (verify steps ran)
+        assert min(r["sharded_per_graph"]) == 9  # every target graph sharded (the draft stays eager)
+    assert runtime[0]["speculative"]["outputs"] == runtime[1]["speculative"]["outputs"]
+
+
 def test_engine_ranks_scheduling_differently_fail_loudly(runtime):
     for result in runtime:
         error = result["engine"]["diverged"]

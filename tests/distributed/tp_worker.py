@@ -185,8 +185,8 @@ def run_parts(args, *parts) -> dict:
 
 
 def scenario_runtime(args) -> dict:
-    """Quantized linears, the Engine, the errors."""
-    return run_parts(args, scenario_quantized, scenario_engine, scenario_heads, scenario_diverged)
+    """Quantized linears, the Engine (and with a draft model), the errors."""
+    return run_parts(args, scenario_quantized, scenario_engine, scenario_speculative, scenario_heads, scenario_diverged)
 
 
 def scenario_memory(args) -> dict:
@@ -314,6 +314,26 @@ def scenario_engine(args) -> dict:
     reinplaced = [next(p.rewrites for p in r.passes if p.name == "reinplace_kv") for r in llmopt.reports()]
     return {"outputs": outs, "refs": refs, "sharded_per_graph": sharded, "unseeded": unseeded, "diverged": diverged,
             "pool_heads": pool_heads, "reinplaced_per_graph": reinplaced}
+
+
+def scenario_speculative(args) -> dict:
+    """The Engine with a draft model (a differently seeded tiny Llama, eager and replicated on
+    every rank) over the sharded target: greedy tokens equal to one process's plain greedy."""
+    from llmopt.runtime.engine import Engine
+
+    model = build("llama")
+    draft = tiny_model("llama", seed=1)
+    prompts = [tokens(1, n, seed=n)[0].tolist() for n in (5, 9, 3)]
+    params = llmopt.SamplingParams(max_new_tokens=7, stop_token_ids=())
+    with torch.no_grad():
+        refs = [llmopt.generate(model, torch.tensor([p]), sampling=params)[0, len(p):].tolist() for p in prompts]
+        compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+        with Engine(compiled, max_num_seqs=4, block_size=8, max_model_len=64, max_num_batched_tokens=24,
+                    speculative=llmopt.Speculative(draft=draft, k=3)) as engine:
+            outs = engine.generate(prompts, params)
+            proposed = sum(engine.speculative_stats(i).proposed[0] for i in range(len(prompts)))
+    sharded = [next(p.rewrites for p in r.passes if p.name == "shard_tensor_parallel") for r in llmopt.reports()]
+    return {"outputs": outs, "refs": refs, "proposed": proposed, "sharded_per_graph": sharded}
 
 
 def scenario_moe(args) -> dict:
