@@ -24,6 +24,15 @@ per-call check (frozen_weights) still hold. Afterwards:
 A storage is released only when no live compiled graph reads it in place (a registry of
 readers per storage, :func:`register_readers`) and every weight on it was consumed.
 
+A product may come from several sources (quantized expert stacks, a shared expert chunked
+into the expert stacks: issue #19): it is cached on each source's storage under one key
+that names every source by a storage serial (:func:`storage_serial`; never reused, unlike
+``id()``, and a released storage has no ``data_ptr``). A product may be a source in turn
+(a rank's shard, then quantized: issue #18): once the graph reads only the last product,
+the intermediate one is released like a weight, and the cache chain still serves a
+recompile. The registries are weak-keyed on storage objects, which torch keeps unique per
+storage (torch >= 2.1); a released storage cannot be keyed by its address.
+
 Metadata of a released tensor can still be re-arranged (a merge that finds the members
 adjacent, a transposed view): :func:`layout` regrows the storage for the duration of a
 view-building function (uncommitted memory on CPU, one group on CUDA) and frees it again.
