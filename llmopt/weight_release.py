@@ -40,9 +40,9 @@ view-building function (uncommitted memory on CPU, one group on CUDA) and frees 
 from __future__ import annotations
 
 import gc
+import itertools
 import weakref
 from dataclasses import dataclass, field
-import itertools
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -138,7 +138,7 @@ class Pending:
 
     items: list[tuple[torch.Tensor, tuple, Any, str]] = field(default_factory=list)
     released: list[str] = field(default_factory=list)  # names of the weights released so far
-    readers: dict[int, list] | None = None  # release_unread's index of get_attr nodes by storage
+    readers: dict[int, tuple] | None = None  # release_unread's index of get_attr nodes by storage
 
 
 PENDING_KEY = "llmopt_derived_constants"
@@ -223,17 +223,19 @@ def release_unread(gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: Any) -> N
     if pending.readers is None:
         pending.readers = _readers_by_storage(gm)
     storage = tensor.untyped_storage()
-    read = {id(storage)} if any(n is not node and n.users for n in pending.readers.get(id(storage), ())) else set()
+    _, nodes = pending.readers.get(id(storage), (None, ()))
+    read = {id(storage)} if any(n is not node and n.users for n in nodes) else set()
     _release_storage(storage, led.weights, read, led.reader, pending)
 
 
-def _readers_by_storage(gm: torch.fx.GraphModule) -> dict[int, list[torch.fx.Node]]:
-    """id(storage) -> the get_attr nodes reading it: built once per compile, so that
+def _readers_by_storage(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.UntypedStorage, list[torch.fx.Node]]]:
+    """id(storage) -> (the storage, kept alive so that its id is not reused; the get_attr
+    nodes reading it): built once per compile, so that
     releasing after each of n linears is O(n), not a scan of the graph per linear. A node
     that loses its users reads nothing (checked at use). Nodes added later read new
     constants (quantized buffers); were one to read an indexed storage, the final
     :func:`release` check would raise rather than let the graph read freed memory."""
-    index: dict[int, list[torch.fx.Node]] = {}
+    index: dict[int, tuple[torch.UntypedStorage, list[torch.fx.Node]]] = {}
     for n in gm.graph.nodes:
         if n.op != "get_attr":
             continue
@@ -242,7 +244,7 @@ def _readers_by_storage(gm: torch.fx.GraphModule) -> dict[int, list[torch.fx.Nod
         values = list(value.parameters()) + list(value.buffers()) if isinstance(value, torch.nn.Module) else [value]
         for v in values:
             if isinstance(v, torch.Tensor):
-                index.setdefault(id(v.untyped_storage()), []).append(n)
+                index.setdefault(id(v.untyped_storage()), (v.untyped_storage(), []))[1].append(n)
     return index
 
 
