@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from ..frozen_weights import share_storage
 from ..graph import add_constant, constant_value, real_tensors, tensor_meta
+from ..weight_release import check_readable
 
 FLAG_HINT = (
     "compile with torch._dynamo.config.capture_dynamic_output_shape_ops = True (Dynamo then traces the "
@@ -59,6 +60,10 @@ def build(gm: fx.GraphModule, triples: list[list[fx.Node]], before: fx.Node) -> 
     """Two new constants: the stacks, gate rows first (reading the first of each pair as the gate)."""
     with real_tensors():
         parts = [[constant_value(gm, n, layout_only=True).detach() for n in t] for t in triples]
+        for part in (p for t in parts for p in t):
+            # Quantized or sharded stacks were released by an earlier compile (weight_release):
+            # this loop spelling is re-stacked by copying, which needs the values.
+            check_readable(part, "stacking a per-expert MoE loop again (use llmopt.prepare_moe(model))")
         gate_up = torch.stack([torch.cat([g, u], dim=0) for g, u, _ in parts])
         down = torch.stack([d for _, _, d in parts])
     return add_constant(gm, "moe_gate_up_stack", gate_up, before), add_constant(gm, "moe_down_stack", down, before)
