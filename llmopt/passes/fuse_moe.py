@@ -362,6 +362,8 @@ def _prove_per_expert(gm, region, exit_node, x, p, logits, scoring, k, triples, 
     then up-first; the stacks become the weights' storage once a reading holds."""
     gate_up, down = expert_stacks.build(gm, triples, region[0])
     for swap in (False, True):
+        if swap and expert_stacks.reused(gm, gate_up):
+            break  # the stacks of an earlier compile, already in their proven order (no values to swap)
         if swap:
             expert_stacks.swap_gate_up(gm, gate_up, triples)
         reading = prove(gm, region, exit_node, x, p, logits, scoring, k, [gate_up, down], activation, sizes)
@@ -397,7 +399,7 @@ def prove(gm, region, exit_node, x, p, logits, scoring, k, stacks, activation, s
     if not readings:
         return None
     with real_tensors(), torch.no_grad():
-        weights_of = _proof_weights(gm, stacks)
+        weights_of = _proof_weights(gm, stacks, region)
         module = _region_module(gm, region, exit_node, x, p, sizes, weights_of)
         device = weights_of[stacks[0].target].device
         draws = []
@@ -434,21 +436,30 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return num / den if den else num
 
 
-def _proof_weights(gm, stacks) -> dict[str, torch.Tensor]:
-    """The stacks the proof runs with, by attribute name: the real ones, or seeded random
-    stand-ins of the same shape for stacks an earlier compile released (weight_release: a
-    recompile after quantizing or sharding them). Which reading of the parameters the block
-    computes is a property of the code, not of the values, so random weights prove it as well."""
-    out = {}
-    for i, node in enumerate(stacks):
+def _proof_weights(gm, stacks, region=()) -> dict[str, torch.Tensor]:
+    """The constants the proof runs with, by attribute name: the stacks (their values read:
+    the weights become derived) and the region's other constants, except that a constant
+    an earlier compile released (weight_release: a recompile after quantizing or sharding
+    the stacks) is a view of a seeded random stand-in for its whole storage, so views of one
+    storage (per-expert weights and the stacks they live in) stay consistent. Which reading
+    of the parameters the block computes is a property of the code, not of the values, so
+    random weights prove it as well."""
+    out, stand_ins = {}, {}
+    region_constants = [n for n in region if n.op == "get_attr" and n not in stacks]
+    for node in [*stacks, *region_constants]:
         value = constant_value(gm, node, layout_only=True)
-        if released(value) is None:
-            value = constant_value(gm, node)  # the values are read: the weights become derived
-        else:
-            g = torch.Generator(device="cpu").manual_seed(1000 + i)
-            scale = value.shape[-1] ** -0.5
-            value = (scale * torch.randn(tuple(value.shape), generator=g)).to(device=value.device, dtype=value.dtype)
-        out[node.target] = value
+        record = released(value)
+        if record is None:
+            if node in stacks:  # the values are read: the weights become derived
+                out[node.target] = constant_value(gm, node)
+            continue
+        storage = value.untyped_storage()
+        if id(storage) not in stand_ins:
+            g = torch.Generator(device="cpu").manual_seed(1000 + len(stand_ins))
+            flat = torch.randn(record.nbytes // value.element_size(), generator=g) * value.shape[-1] ** -0.5
+            stand_ins[id(storage)] = (storage, flat.to(device=value.device, dtype=value.dtype))
+        flat = stand_ins[id(storage)][1]
+        out[node.target] = flat.as_strided(tuple(value.shape), tuple(value.stride()), value.storage_offset())
     return out
 
 

@@ -227,6 +227,26 @@ def test_transformers_448_per_expert_loop_stays_correct_unfused():
     assert_close(out[1], expected[1])
 
 
+def test_per_expert_loop_quantized_is_released_and_a_recompile_reuses_the_stacks():
+    """int8 releases the stacks built from the per-expert weights; a recompile (new shape)
+    finds the weights already views of those stacks, proves the block on stand-ins and reuses
+    the quantized experts: outputs equal to the same compile keeping the floats."""
+    torch.manual_seed(0)
+    m = MixtralSparseMoeBlock448().eval()
+    kept = copy.deepcopy(m)
+    shapes = [torch.randn(2, 5, HIDDEN), torch.randn(3, 7, HIDDEN)]
+    options = {"strict": True, "quantize": "int8"}
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.no_grad():
+        reference = torch.compile(kept, backend="llmopt", options={**options, "release_weights": False})
+        want = [reference(x)[0] for x in shapes]
+        torch._dynamo.reset()
+        compiled = torch.compile(m, backend="llmopt", options=options)
+        got = [compiled(x)[0] for x in shapes]
+        assert llmopt.last_report().rewrites_by_pass()[PASS] == 1  # the recompile fused it again
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(p.untyped_storage().nbytes() == 0 for e in m.experts for p in e.parameters())
+
+
 def test_transformers_448_per_expert_loop_traced_whole_is_fused():
     """With Dynamo's capture_dynamic_output_shape_ops (the user's switch: llmopt never changes
     Dynamo's config), the loop's torch.where traces with unbacked sizes, the block is one
