@@ -24,6 +24,15 @@ per-call check (frozen_weights) still hold. Afterwards:
 A storage is released only when no live compiled graph reads it in place (a registry of
 readers per storage, :func:`register_readers`) and every weight on it was consumed.
 
+A product may come from several sources (quantized expert stacks, a shared expert chunked
+into the expert stacks: issue #19): it is cached on each source's storage under one key
+that names every source by a storage serial (:func:`storage_serial`; never reused, unlike
+``id()``, and a released storage has no ``data_ptr``). A product may be a source in turn
+(a rank's shard, then quantized: issue #18): once the graph reads only the last product,
+the intermediate one is released like a weight, and the cache chain still serves a
+recompile. The registries are weak-keyed on storage objects, which torch keeps unique per
+storage (torch >= 2.1); a released storage cannot be keyed by its address.
+
 Metadata of a released tensor can still be re-arranged (a merge that finds the members
 adjacent, a transposed view): :func:`layout` regrows the storage for the duration of a
 view-building function (uncommitted memory on CPU, one group on CUDA) and frees it again.
@@ -31,9 +40,10 @@ view-building function (uncommitted memory on CPU, one group on CUDA) and frees 
 from __future__ import annotations
 
 import gc
+import itertools
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -64,6 +74,20 @@ class ReaderToken:
 _RELEASED: "weakref.WeakKeyDictionary[torch.UntypedStorage, Released]" = weakref.WeakKeyDictionary()
 _READERS: "weakref.WeakKeyDictionary[torch.UntypedStorage, weakref.WeakSet]" = weakref.WeakKeyDictionary()
 _HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+# storage -> a number never reused (weak keys: dies with the storage), for cache keys that
+# name several storages: an id() or data_ptr() can come back for a new storage, and a
+# released storage has no data_ptr at all.
+_SERIALS: "weakref.WeakKeyDictionary[torch.UntypedStorage, int]" = weakref.WeakKeyDictionary()
+_NEXT_SERIAL = itertools.count()
+
+
+def storage_serial(t: torch.Tensor) -> int:
+    """A number naming ``t``'s storage for as long as it lives (never reused)."""
+    storage = t.untyped_storage()
+    serial = _SERIALS.get(storage)
+    if serial is None:
+        serial = _SERIALS[storage] = next(_NEXT_SERIAL)
+    return serial
 
 
 def released(t: Any) -> Released | None:
@@ -114,30 +138,39 @@ class Pending:
 
     items: list[tuple[torch.Tensor, tuple, Any, str]] = field(default_factory=list)
     released: list[str] = field(default_factory=list)  # names of the weights released so far
+    readers: dict[int, tuple] | None = None  # release_unread's index of get_attr nodes by storage
 
 
 PENDING_KEY = "llmopt_derived_constants"
 
 
-def derived(gm: torch.fx.GraphModule, node: torch.fx.Node, kind: tuple, make: Callable[[torch.Tensor], Any],
-            why: str) -> Any:
-    """``make(value)``: a constant derived from the value of the frozen constant ``node``
-    (quantized, sharded); the weights behind it become derived (frozen_weights). Reused
-    from the cache when the constant's storage was released by an earlier compile; raises
-    when it was released without this product (other options, another kind)."""
+def derived(gm: torch.fx.GraphModule, nodes: "torch.fx.Node | Sequence[torch.fx.Node]", kind: tuple,
+            make: Callable[..., Any], why: str) -> Any:
+    """``make(*values)``: a constant derived from the values of the frozen constants
+    ``nodes`` (one node: a quantized weight, a shard; several: quantized expert stacks, a
+    shared expert chunked into the expert stacks); the weights behind them become derived
+    (frozen_weights). The product is cached on every source storage, so a recompile reuses
+    it when an earlier compile released any of them; raises when one was released without
+    this product (other options, another kind)."""
     from .frozen_weights import note_read
     from .graph import constant_value
 
-    source = constant_value(gm, node, layout_only=True)
-    note_read(gm, node.target, why)
-    key = (kind, source.storage_offset(), tuple(source.shape), tuple(source.stride()), source.dtype)
-    record = released(source)
-    if record is not None:
+    nodes = [nodes] if isinstance(nodes, torch.fx.Node) else list(nodes)
+    sources = [constant_value(gm, n, layout_only=True) for n in nodes]
+    for n in nodes:
+        note_read(gm, n.target, why)
+    # Storage serials, not ids: the key must not match a later storage at a reused address.
+    key = (kind, tuple((storage_serial(s), s.storage_offset(), tuple(s.shape), tuple(s.stride()), s.dtype)
+                       for s in sources))
+    records = [r for r in (released(s) for s in sources) if r is not None]
+    for record in records:
         if key in record.products:
             return record.products[key]
-        check_readable(source, why)
-    product = make(source)
-    gm.meta.setdefault(PENDING_KEY, Pending()).items.append((source, key, product, why))
+    for s in sources:
+        check_readable(s, why)
+    product = make(*sources)
+    pending = gm.meta.setdefault(PENDING_KEY, Pending())
+    pending.items.extend((s, key, product, why) for s in sources)
     return product
 
 
@@ -168,7 +201,9 @@ def release(gm: torch.fx.GraphModule, weights: list, graph_tensors: list[torch.T
         return []
     if enabled:
         read = {id(t.untyped_storage()) for t in graph_tensors}
-        for source, _, _, _ in list(pending.items):
+        # Latest first: a product derived further (a shard, then quantized) is released while
+        # the item naming its parent is still pending.
+        for source, _, _, _ in reversed(list(pending.items)):
             _release_storage(source.untyped_storage(), weights, read, token, pending)
     return pending.released
 
@@ -185,14 +220,32 @@ def release_unread(gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: Any) -> N
     tensor = getattr(gm, node.target, None) if "." not in node.target else None
     if not isinstance(tensor, torch.Tensor):
         return
-    read = set()
+    if pending.readers is None:
+        pending.readers = _readers_by_storage(gm)
+    storage = tensor.untyped_storage()
+    _, nodes = pending.readers.get(id(storage), (None, ()))
+    read = {id(storage)} if any(n is not node and n.users for n in nodes) else set()
+    _release_storage(storage, led.weights, read, led.reader, pending)
+
+
+def _readers_by_storage(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.UntypedStorage, list[torch.fx.Node]]]:
+    """id(storage) -> (the storage, kept alive so that its id is not reused; the get_attr
+    nodes reading it): built once per compile, so that
+    releasing after each of n linears is O(n), not a scan of the graph per linear. A node
+    that loses its users reads nothing (checked at use). Nodes added later read new
+    constants (quantized buffers); were one to read an indexed storage, the final
+    :func:`release` check would raise rather than let the graph read freed memory."""
+    index: dict[int, tuple[torch.UntypedStorage, list[torch.fx.Node]]] = {}
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and n is not node and n.users:  # an unused get_attr reads nothing
-            obj = gm.get_submodule(n.target.rsplit(".", 1)[0]) if "." in n.target else gm
-            value = getattr(obj, n.target.rsplit(".", 1)[-1], None)
-            values = list(value.parameters()) + list(value.buffers()) if isinstance(value, torch.nn.Module) else [value]
-            read.update(id(v.untyped_storage()) for v in values if isinstance(v, torch.Tensor))
-    _release_storage(tensor.untyped_storage(), led.weights, read, led.reader, pending)
+        if n.op != "get_attr":
+            continue
+        obj = gm.get_submodule(n.target.rsplit(".", 1)[0]) if "." in n.target else gm
+        value = getattr(obj, n.target.rsplit(".", 1)[-1], None)
+        values = list(value.parameters()) + list(value.buffers()) if isinstance(value, torch.nn.Module) else [value]
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                index.setdefault(id(v.untyped_storage()), (v.untyped_storage(), []))[1].append(n)
+    return index
 
 
 def _release_storage(storage: torch.UntypedStorage, weights: list, read: set[int], token: ReaderToken,
@@ -203,18 +256,42 @@ def _release_storage(storage: torch.UntypedStorage, weights: list, read: set[int
         return
     record = _RELEASED.get(storage)
     if record is None:
-        on_storage = [w for w in weights if w.tensor.untyped_storage() is storage]
-        if (not on_storage or id(storage) in read or not storage.resizable() or _read_elsewhere(storage, token)
-                or any(w.derived is None for w in on_storage)):
+        if id(storage) in read or not storage.resizable() or _read_elsewhere(storage, token):
             return
-        record = Released([w.name for w in on_storage], items[0][3], storage.nbytes())
+        on_storage = [w for w in weights if w.tensor.untyped_storage() is storage]
+        if on_storage:
+            if any(w.derived is None for w in on_storage):
+                return
+            names = [w.name for w in on_storage]
+        else:
+            # No weight of the model: a derived constant that a further derivation replaced
+            # (a shard, then quantized): its record lives in its parent's cache.
+            names = _product_names(storage, weights, pending)
+            if names is None:
+                return
+        record = Released(names, items[0][3], storage.nbytes())
         _RELEASED[storage] = record
         storage.resize_(0)
-        pending.released.extend(record.names)
-        _guard_modules({id(w.tensor): w.name for w in on_storage})
+        if on_storage:  # a derived constant is no weight of the model: not counted
+            pending.released.extend(record.names)
+            _guard_modules({id(w.tensor): w.name for w in on_storage})
     for it in items:
         record.products.setdefault(it[1], it[2])
-        pending.items.remove(it)
+    moved = {id(it) for it in items}  # by identity: == on the tuples would compare tensors
+    pending.items[:] = [it for it in pending.items if id(it) not in moved]
+
+
+def _product_names(storage: torch.UntypedStorage, weights: list, pending: Pending) -> list[str] | None:
+    """Names for a derived constant on ``storage`` ("<weight> (derived: why)"), or None when
+    ``storage`` holds no product of this compile's derivations (then it is not ours to free)."""
+    for source, _, product, why in pending.items:
+        if isinstance(product, torch.Tensor) and product.untyped_storage() is storage:
+            parent = source.untyped_storage()
+            record = _RELEASED.get(parent)
+            names = record.names if record is not None else [w.name for w in weights
+                                                             if w.tensor.untyped_storage() is parent]
+            return [f"a derived copy of {', '.join(names) or 'a constant'} ({why})"]
+    return None
 
 
 def _guard_modules(params: dict[int, str]) -> None:
@@ -253,6 +330,37 @@ def _refuse_load(module: torch.nn.Module, *args: Any) -> None:
             f"llmopt: load_state_dict into {', '.join(records[0].names)}, whose memory was released after "
             f"torch.compile ({records[0].reason}); reload the model and compile it again, or {OPT_OUT}"
         )
+
+
+def cached_for(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors the release cache holds for these tensors' released storages: their
+    derived constants (a quantized module's buffers, a shard), and those derived from them
+    in turn. With the parameters and the graphs' constants, that is all a compiled model
+    holds; memory tests count it (a float shard left beside its quantized copy would show)."""
+    out: list[torch.Tensor] = []
+    stack = [t.untyped_storage() for t in tensors if isinstance(t, torch.Tensor)]
+    seen: set[int] = set()
+    while stack:
+        storage = stack.pop()
+        record = _RELEASED.get(storage)
+        if id(storage) in seen or record is None:
+            continue
+        seen.add(id(storage))
+        for product in record.products.values():
+            for t in _tensors_of(product):
+                out.append(t)
+                stack.append(t.untyped_storage())
+    return out
+
+
+def _tensors_of(product: Any) -> list[torch.Tensor]:
+    if isinstance(product, torch.Tensor):
+        return [product]
+    if isinstance(product, torch.nn.Module):
+        return [*product.parameters(), *(b for b in product.buffers() if b is not None)]
+    if isinstance(product, (tuple, list)):
+        return [t for p in product for t in _tensors_of(p)]
+    return []
 
 
 def graph_tensors(gm: torch.fx.GraphModule) -> list[torch.Tensor]:

@@ -122,3 +122,19 @@ def test_weights_another_compiled_graph_reads_in_place_are_not_released():
         assert held_bytes(model) == before  # the first graph reads every float weight
         assert_close(plain(x).logits, want, torch.float32)
         model(x)
+
+
+def test_release_during_quantization_indexes_the_graph_once_per_compile(monkeypatch):
+    """release_unread runs after each quantized linear: it looks the weight's other readers up
+    in an index built once per compile (linear in the linears), not in a scan per linear."""
+    from llmopt import weight_release
+
+    builds = []
+    real = weight_release._readers_by_storage
+    monkeypatch.setattr(weight_release, "_readers_by_storage", lambda gm: builds.append(gm) or real(gm))
+    model = tiny_model("llama")
+    with torch.no_grad():
+        compile_int8(model)(tokens(1, 6))
+    quantized = next(p.rewrites for p in llmopt.last_report().passes if p.name == "quantize_linears")
+    assert quantized > 4 and len(builds) == 1
+    assert released(model.get_submodule("model.layers.0.self_attn.q_proj").weight) is not None

@@ -69,6 +69,7 @@ from .. import compat
 from ..codegen import moe_experts, moe_quant, moe_route  # noqa: F401  registers the llmopt::moe_route, fused_experts* ops
 from ..graph import constant_value, real_tensors, tensor_meta
 from ..report import reports
+from ..weight_release import released
 from . import moe_expert_stacks as expert_stacks
 from .moe_shared_expert import fuse_shared_expert
 from .near_miss import NearMiss
@@ -361,6 +362,8 @@ def _prove_per_expert(gm, region, exit_node, x, p, logits, scoring, k, triples, 
     then up-first; the stacks become the weights' storage once a reading holds."""
     gate_up, down = expert_stacks.build(gm, triples, region[0])
     for swap in (False, True):
+        if swap and expert_stacks.reused(gm, gate_up):
+            break  # the stacks of an earlier compile, already in their proven order (no values to swap)
         if swap:
             expert_stacks.swap_gate_up(gm, gate_up, triples)
         reading = prove(gm, region, exit_node, x, p, logits, scoring, k, [gate_up, down], activation, sizes)
@@ -395,9 +398,10 @@ def prove(gm, region, exit_node, x, p, logits, scoring, k, stacks, activation, s
                 readings.append((renormalize, gu, dn, transposed))
     if not readings:
         return None
-    module = _region_module(gm, region, exit_node, x, p, sizes)
     with real_tensors(), torch.no_grad():
-        device = constant_value(gm, stacks[0]).device
+        weights_of = _proof_weights(gm, stacks, region)
+        module = _region_module(gm, region, exit_node, x, p, sizes, weights_of)
+        device = weights_of[stacks[0].target].device
         draws = []
         for seed in _CHECK_SEEDS:
             g = torch.Generator(device="cpu").manual_seed(seed)
@@ -408,7 +412,7 @@ def prove(gm, region, exit_node, x, p, logits, scoring, k, stacks, activation, s
             draws.append((xs, z, pz.to(probs.dtype), module(xs, pz.to(probs.dtype), *size_values)))
         tol = _CHECK_TOLERANCE.get(xv.dtype, _HALF_TOLERANCE)
         for renormalize, gu, dn, transposed in readings:
-            w_gu, w_d = constant_value(gm, gu), constant_value(gm, dn)
+            w_gu, w_d = weights_of[gu.target], weights_of[dn.target]
             if transposed:
                 w_gu, w_d = w_gu.transpose(1, 2), w_d.transpose(1, 2)
             ok = True
@@ -432,8 +436,36 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return num / den if den else num
 
 
-def _region_module(gm, region, exit_node, x, p, sizes=()) -> fx.GraphModule:
-    """The region as a module of its own: (tokens, probabilities, *sizes) -> block output."""
+def _proof_weights(gm, stacks, region=()) -> dict[str, torch.Tensor]:
+    """The constants the proof runs with, by attribute name: the stacks (their values read:
+    the weights become derived) and the region's other constants, except that a constant
+    an earlier compile released (weight_release: a recompile after quantizing or sharding
+    the stacks) is a view of a seeded random stand-in for its whole storage, so views of one
+    storage (per-expert weights and the stacks they live in) stay consistent. Which reading
+    of the parameters the block computes is a property of the code, not of the values, so
+    random weights prove it as well."""
+    out, stand_ins = {}, {}
+    region_constants = [n for n in region if n.op == "get_attr" and n not in stacks]
+    for node in [*stacks, *region_constants]:
+        value = constant_value(gm, node, layout_only=True)
+        record = released(value)
+        if record is None:
+            if node in stacks:  # the values are read: the weights become derived
+                out[node.target] = constant_value(gm, node)
+            continue
+        storage = value.untyped_storage()
+        if id(storage) not in stand_ins:
+            g = torch.Generator(device="cpu").manual_seed(1000 + len(stand_ins))
+            flat = torch.randn(record.nbytes // value.element_size(), generator=g) * value.shape[-1] ** -0.5
+            stand_ins[id(storage)] = (storage, flat.to(device=value.device, dtype=value.dtype))
+        flat = stand_ins[id(storage)][1]
+        out[node.target] = flat.as_strided(tuple(value.shape), tuple(value.stride()), value.storage_offset())
+    return out
+
+
+def _region_module(gm, region, exit_node, x, p, sizes=(), weights_of=None) -> fx.GraphModule:
+    """The region as a module of its own: (tokens, probabilities, *sizes) -> block output;
+    the stacks in ``weights_of`` replace the model's (stand-ins for released ones)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {x: graph.placeholder("x"), p: graph.placeholder("probs")}
     for i, size in enumerate(sizes):
@@ -447,4 +479,10 @@ def _region_module(gm, region, exit_node, x, p, sizes=()) -> fx.GraphModule:
     for n in region:
         env[n] = graph.get_attr(n.target) if n.op == "get_attr" else graph.node_copy(n, lookup)
     graph.output(env[exit_node])
-    return fx.GraphModule(gm, graph)
+    module = fx.GraphModule(gm, graph)
+    for target, value in (weights_of or {}).items():
+        if "." not in target and target in module._buffers:
+            module._buffers[target] = value
+        elif "." not in target:
+            setattr(module, target, value)
+    return module

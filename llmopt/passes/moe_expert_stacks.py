@@ -21,11 +21,14 @@ Source: transformers 4.48 ``MixtralSparseMoeBlock`` (the loop); Dynamo's
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
-from ..frozen_weights import share_storage
+from ..frozen_weights import ledger, share_storage
 from ..graph import add_constant, constant_value, real_tensors, tensor_meta
+from ..weight_release import check_readable, layout
 
 FLAG_HINT = (
     "compile with torch._dynamo.config.capture_dynamic_output_shape_ops = True (Dynamo then traces the "
@@ -56,12 +59,46 @@ def expert_triples(gm: fx.GraphModule, constants: list[fx.Node], num_experts: in
 
 
 def build(gm: fx.GraphModule, triples: list[list[fx.Node]], before: fx.Node) -> tuple[fx.Node, fx.Node]:
-    """Two new constants: the stacks, gate rows first (reading the first of each pair as the gate)."""
+    """Two new constants: the stacks, gate rows first (reading the first of each pair as the
+    gate). A recompile finds the weights already views of the stacks an earlier compile
+    built (:func:`share`): those stacks again, no copy (their memory may be released)."""
     with real_tensors():
         parts = [[constant_value(gm, n, layout_only=True).detach() for n in t] for t in triples]
-        gate_up = torch.stack([torch.cat([g, u], dim=0) for g, u, _ in parts])
-        down = torch.stack([d for _, _, d in parts])
-    return add_constant(gm, "moe_gate_up_stack", gate_up, before), add_constant(gm, "moe_down_stack", down, before)
+        stacks = _earlier_stacks(parts)
+        if stacks is None:
+            for part in (p for t in parts for p in t):
+                # Released by an earlier compile (weight_release) but not laid out as its
+                # stacks: a copy would need the values.
+                check_readable(part, "stacking a per-expert MoE loop again (use llmopt.prepare_moe(model))")
+            stacks = (torch.stack([torch.cat([g, u], dim=0) for g, u, _ in parts]), torch.stack([d for _, _, d in parts]))
+    return add_constant(gm, "moe_gate_up_stack", stacks[0], before), add_constant(gm, "moe_down_stack", stacks[1], before)
+
+
+def _earlier_stacks(parts) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The [E, 2I, H] / [E, H, I] stacks the parts are views of (gate rows first), or None."""
+    first_g, first_d = parts[0][0], parts[0][2]
+    inter = first_g.shape[0]
+    gu_shape = (len(parts), 2 * inter, *first_g.shape[1:])
+    d_shape = (len(parts), *first_d.shape)
+    row, d_size = math.prod(first_g.shape), math.prod(first_d.shape)
+    for e, (g, u, d) in enumerate(parts):
+        expected = ((g, first_g, 2 * e * row), (u, first_g, (2 * e + 1) * row), (d, first_d, e * d_size))
+        if any(t.untyped_storage() is not ref.untyped_storage() or t.storage_offset() != offset
+               or not t.is_contiguous() for t, ref, offset in expected):
+            return None
+    if first_g.untyped_storage() is first_d.untyped_storage():
+        return None
+    return tuple(layout(lambda t, shape=shape: t.new_empty(0).set_(t.untyped_storage(), 0, shape), ref)
+                 for ref, shape in ((first_g, gu_shape), (first_d, d_shape)))
+
+
+def reused(gm: fx.GraphModule, gate_up: fx.Node) -> bool:
+    """Whether ``gate_up`` is stacks an earlier compile built (see :func:`build`): model
+    weights already live in its storage (a fresh stack holds none until :func:`share`)."""
+    led = ledger(gm)
+    with real_tensors():
+        storage = constant_value(gm, gate_up, layout_only=True).untyped_storage()
+        return led is not None and any(w.tensor.untyped_storage() is storage for w in led.weights)
 
 
 def swap_gate_up(gm: fx.GraphModule, gate_up: fx.Node, triples: list[list[fx.Node]]) -> None:

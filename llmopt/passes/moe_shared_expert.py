@@ -23,10 +23,13 @@ Memory: the new stacks are *the* storage of the routed stacks (``frozen_weights.
 the model's expert parameters become views into them). The shared expert's weights are views
 of the new stacks too when ``I_s == I`` (one chunk, no padding); otherwise their chunks are a
 copy (a chunk of a row-major ``[I_s, H]`` matrix cannot be a strided view of an ``[E+c, 2I, H]``
-stack) and they become *derived* (an in-place write raises at the next call): the compiled
-model holds the shared expert twice, the routed experts once. A recompile finds the routed
-stacks already at the head of the earlier graph's stacks and reuses that storage when its
-chunk tail is unchanged.
+stack): the stacks are then a product *derived* from the three shared weights
+(``weight_release.derived`` with several sources), so the shared weights' memory is released
+after compiling (with ``release_weights=False`` they stay, derived: an in-place write raises
+at the next call) and the model holds every expert once, in the stacks. A recompile takes
+the stacks from the release cache (they extend the routed stacks it finds), or, when nothing
+was released, finds the routed stacks already at the head of the earlier graph's stacks and
+reuses that storage when its chunk tail is unchanged.
 
 Near-misses (the shared expert then stays a dense MLP that ``merge_parallel_linears`` and
 ``fuse_gated_activation`` fuse): an activation other than the routed experts' or with
@@ -44,7 +47,8 @@ import torch
 import torch.fx as fx
 
 from ..codegen.moe_experts import chunk_experts, zero_preserving
-from ..frozen_weights import note_read, share_storage
+from ..frozen_weights import share_storage
+from ..weight_release import OPT_OUT, ReleasedWeightError, check_readable, derived, released
 from .fuse_gated_activation import activation_of
 from ..graph import add_constant, call_with_meta, constant_value, other_operand, real_tensors, tensor_meta
 from .near_miss import NearMiss
@@ -185,19 +189,17 @@ def fuse_shared_expert(gm: fx.GraphModule, fused: fx.Node) -> tuple[fx.Node, str
 
 def _stacks(gm, anchor, gu_node, d_node, shared, inter: int, c: int, exact: bool):
     """The new [E+c, 2I, H] / [E+c, H, I] stack constants, made the storage of the routed
-    stacks (and of the shared weights when ``exact``: one unpadded chunk)."""
+    stacks (and of the shared weights when ``exact``: one unpadded chunk; otherwise the
+    stacks are a product derived from the shared weights, which are then released)."""
     wg, wu, wd = shared
     with real_tensors():
         routed_gu = constant_value(gm, gu_node, layout_only=True)
         routed_d = constant_value(gm, d_node, layout_only=True)
-        sg, su, sd = (constant_value(gm, n, layout_only=exact) for n in (wg, wu, wd))
-        chunk_gu, chunk_d = chunk_experts(sg.detach(), su.detach(), sd.detach(), inter)
-        new_gu = _reusable(routed_gu, chunk_gu)
-        new_d = _reusable(routed_d, chunk_d)
-        if new_gu is None:
-            new_gu = torch.cat([routed_gu.detach(), chunk_gu])
-        if new_d is None:
-            new_d = torch.cat([routed_d.detach(), chunk_d])
+        if exact:
+            new_gu, new_d = _append(routed_gu, routed_d, *(constant_value(gm, n, layout_only=True) for n in shared),
+                                    inter)
+        else:
+            new_gu, new_d = _derived_stacks(gm, routed_gu, routed_d, shared, inter)
     e = routed_gu.shape[0]
     gu = add_constant(gm, "moe_gate_up_with_shared", new_gu, anchor)
     dn = add_constant(gm, "moe_down_with_shared", new_d, anchor)
@@ -208,10 +210,49 @@ def _stacks(gm, anchor, gu_node, d_node, shared, inter: int, c: int, exact: bool
         d_parts += [(wd.target, lambda s: s[e])]
     share_storage(gm, gu.target, gu_parts)
     share_storage(gm, dn.target, d_parts)
-    if not exact:
-        for n in shared:
-            note_read(gm, n.target, "the compiled graph holds a chunked copy of it in the MoE expert stacks")
     return gu, dn
+
+
+def _derived_stacks(gm, routed_gu, routed_d, shared, inter: int):
+    """[routed; chunks of the shared expert], derived from the shared weights
+    (``weight_release.derived``, three sources): the chunks are a copy, so the shared
+    weights' own memory is released after compiling and the expert is held once, in the
+    stacks. The stacks' storage is the routed experts' (their parameters become views of
+    it), so the cached product holds no memory of its own; a recompile takes it from the
+    cache when it still extends the routed stacks it finds (same storage, offset 0)."""
+    e = routed_gu.shape[0]
+    kind = ("moe_shared_stacks", e, inter, tuple(routed_gu.shape), tuple(routed_d.shape))
+    cached = any(released(constant_value(gm, n, layout_only=True)) is not None for n in shared)
+    new_gu, new_d = derived(gm, shared, kind, lambda sg, su, sd: _append(routed_gu, routed_d, sg, su, sd, inter),
+                            "the compiled graph holds a chunked copy of it in the MoE expert stacks")
+    if cached and not (_extends(routed_gu, new_gu) and _extends(routed_d, new_d)):
+        # The cached stacks extend other routed weights (replaced since): no chunks to rebuild them from.
+        raise ReleasedWeightError(
+            f"llmopt: the shared expert's weights were released after an earlier compile and the routed experts "
+            f"were replaced since, so the expert stacks cannot be rebuilt; reload the model, or {OPT_OUT}")
+    return new_gu, new_d
+
+
+def _append(routed_gu, routed_d, sg, su, sd, inter: int):
+    """The stacks [routed; chunks]: the routed stacks' own storage when an earlier compile
+    already made it so with the same chunks, else a copy (the chunks are temporaries)."""
+    chunk_gu, chunk_d = chunk_experts(sg.detach(), su.detach(), sd.detach(), inter)
+    new_gu = _reusable(routed_gu, chunk_gu)
+    new_d = _reusable(routed_d, chunk_d)
+    if new_gu is None or new_d is None:  # a copy reads the routed values: never freed memory
+        check_readable(routed_gu, "joining the shared expert to the expert stacks")
+        check_readable(routed_d, "joining the shared expert to the expert stacks")
+    if new_gu is None:
+        new_gu = torch.cat([routed_gu.detach(), chunk_gu])
+    if new_d is None:
+        new_d = torch.cat([routed_d.detach(), chunk_d])
+    return new_gu, new_d
+
+
+def _extends(routed: torch.Tensor, stack: torch.Tensor) -> bool:
+    """Whether ``routed`` is the head of ``stack``: its storage, offset 0, same layout."""
+    return (routed.untyped_storage() is stack.untyped_storage() and routed.storage_offset() == 0
+            and routed.stride() == stack.stride() and routed.shape[1:] == stack.shape[1:])
 
 
 def _reusable(routed: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor | None:

@@ -12,10 +12,12 @@ reading the buffers of a :class:`llmopt.quant.experts.QuantizedExperts` submodul
 module ``llmopt.quantize_`` swaps into eager models: one quantizer for both paths).
 
 Memory: the float stacks' ``get_attr`` nodes (and a transpose of them) are erased, so the
-compiled graph reads only the quantized stacks; the float stacks stay the model's
-parameters, as for quantized linears (docs/frozen_weights.md). They become *derived*
-(``note_read``): an in-place write to them raises at the next call. ``llmopt.quantize_``
-before compiling holds only the quantized stacks.
+compiled graph reads only the quantized stacks. As for quantized linears
+(docs/frozen_weights.md), the quantized module is derived from both stacks
+(``weight_release.derived``): the float stacks' memory is released after compiling (under
+tensor parallelism: this rank's float shards, themselves derived from the full stacks), a
+recompile reuses the module, and with ``release_weights=False`` they stay derived (an
+in-place write raises at the next call).
 
 Near-misses: a scheme without expert kernels (W8A8), an int4 group size that does not
 divide the hidden or intermediate size, stacks that are not frozen constants.
@@ -25,8 +27,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..frozen_weights import note_read
-from ..graph import constant_value, fake_like, free_attr_name, is_constant, real_tensors, tensor_meta
+from ..graph import fake_like, free_attr_name, is_constant, real_tensors, tensor_meta
+from ..weight_release import derived, release_unread
 
 aten = torch.ops.aten
 
@@ -48,15 +50,19 @@ def run(gm: fx.GraphModule, ctx, config) -> int:
         if problem is not None:
             ctx.near_miss(node, problem)
             continue
-        values = []
-        for attr, transposed in stacks:
-            note_read(gm, attr.target, f"the experts were quantized with {type(config).__name__}")
-            with real_tensors():
-                w = constant_value(gm, attr)
-                values.append(w.transpose(1, 2) if transposed else w)
-        with real_tensors():
+        flags = [transposed for _, transposed in stacks]
+
+        def make(*values, flags=flags):
+            values = [w.transpose(1, 2) if t else w for w, t in zip(values, flags)]
             module = QuantizedExperts.from_stacks(values[0], values[1], activation, config)
-            module.to(values[0].device)
+            return module.to(values[0].device)
+
+        # One product of two stacks (weight_release.derived): the float stacks are released
+        # after compiling (under tensor parallelism: this rank's float shards), and a
+        # recompile reuses the quantized module.
+        with real_tensors():
+            module = derived(gm, [attr for attr, _ in stacks], ("QuantizedExperts", repr(config), activation, *flags),
+                             make, f"the experts were quantized with {type(config).__name__}")
         name = free_attr_name(gm, f"llmopt_qexperts_{node.name}")
         gm.add_submodule(name, module)
         with gm.graph.inserting_before(node):
@@ -65,6 +71,8 @@ def run(gm: fx.GraphModule, ctx, config) -> int:
         gm.graph.erase_node(node)
         for s in (gu, dn):  # the float stacks leave the graph
             _erase_if_unused(gm, s)
+        for attr, _ in stacks:  # freed now, not after the graph: never floats and int8 all at once
+            release_unread(gm, attr, ctx)
         count += 1
         group = f" g{module.group_size}" if module.scheme == "int4" else ""
         ctx.rewrite(new, f"{module.scheme}{group} experts: {e} experts, H={hidden}, I={two_i // 2}")

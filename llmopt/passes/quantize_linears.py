@@ -35,7 +35,7 @@ import torch.fx as fx
 
 from ..graph import constant_value, fake_like, free_attr_name, is_constant, real_tensors, tensor_meta
 from ..report import layer_of
-from ..weight_release import derived, release_unread
+from ..weight_release import derived, release_unread, storage_serial
 
 aten = torch.ops.aten
 
@@ -94,7 +94,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
             # The graph reads the quantized copy: the float weight is derived (an in-place
             # write raises) and released after compiling; a recompile reuses this module
             # (weight_release). The bias is part of the key: the module holds it.
-            kind = ("QuantizedLinear", repr(config), None if bias is None else (id(bias.untyped_storage()),
+            kind = ("QuantizedLinear", repr(config), None if bias is None else (storage_serial(bias),
                                                                                  bias.storage_offset()))
             module = derived(gm, w, kind, make, f"it was quantized with {type(config).__name__}")
         name = free_attr_name(gm, "llmopt_qlinear_" + (layer.replace(".", "_") or node.name))

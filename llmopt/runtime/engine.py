@@ -424,10 +424,15 @@ class Engine:
         windows, draft_probs = [], []
         for req, n in feeds:
             guess, q = spec.propose(req, n - 1, self.vocab_size)
-            window = [req.output[-1]] + guess
-            windows.append(window)
+            windows.append([req.output[-1]] + guess)
             draft_probs.append(q)
-            batch.add(req, window, self.cache.append_slots(req.id, n))
+        slots = [self.cache.append_slots(req.id, n) for req, n in feeds]
+        if self._rank_sync is not None:  # same feeds on every rank, then rank 0's proposals (.rank_sync)
+            self._rank_sync.check_fields(("speculative", [(r.id, n) for r, n in feeds], slots))
+            flat = self._rank_sync.broadcast_tokens([t for w in windows for t in w])
+            windows = [flat[sum(n for _, n in feeds[:i]):][:n] for i, (_, n) in enumerate(feeds)]
+        for (req, _), window, req_slots in zip(feeds, windows, slots):
+            batch.add(req, window, req_slots)
         batch.rows = list(range(len(batch.ids)))
         reqs = [r for r, _ in feeds]
         self.stats.decode_tokens += len(reqs)
@@ -436,6 +441,9 @@ class Engine:
         with torch.no_grad():
             logits = self.runner.forward(batch)
             verdicts = spec.verify(reqs, windows, draft_probs, logits)
+        if self._rank_sync is not None:  # rank 0's acceptance on every rank
+            flat = self._rank_sync.broadcast_tokens([v for pair in verdicts for v in pair])
+            verdicts = list(zip(flat[0::2], flat[1::2]))
         self.stats.forward_seconds += time.perf_counter() - start_time
         outputs = []
         for req, window, (correct, new) in zip(reqs, windows, verdicts):

@@ -13,6 +13,10 @@ source of legitimate divergence, sampling:
   :class:`ScheduleDivergedError` on every rank (never a silent mix of two batches);
 - :meth:`RankSync.broadcast_tokens`: rank 0's sampled tokens replace every rank's, so
   unseeded sampling (each rank's own generator) still gives one sequence on all ranks.
+  A speculative step (``Engine(speculative=...)``) broadcasts rank 0's proposals before the
+  forward and rank 0's verdicts (accepted count, next token) after it: each rank's draft
+  runs replicated, but only rank 0's proposals are fed, so a sampling draft with unseeded
+  generators cannot feed the ranks different windows.
 
 The collectives are host-side ``torch.distributed`` calls on the compile's process group
 (CPU tensors on gloo, the engine's device on NCCL), outside the compiled graph.
@@ -53,12 +57,17 @@ class RankSync:
 
     def check_schedule(self, batch) -> None:
         """All-gather the step's digest; raise :class:`ScheduleDivergedError` if ranks differ."""
-        self.steps += 1
         if batch is None:
             fields = ("idle",)
         else:
             fields = (batch.decode_only, batch.seq_ids, batch.counts, batch.slots, batch.positions, batch.ids,
                       batch.rows)
+        self.check_fields(fields)
+
+    def check_fields(self, fields: tuple) -> None:
+        """:meth:`check_schedule` of a step described by ``fields`` (a speculative step checks
+        its feed counts and slots before rank 0's proposals are broadcast: equal sizes)."""
+        self.steps += 1
         digest = int.from_bytes(hashlib.blake2b(repr(fields).encode(), digest_size=8).digest(), "little", signed=True)
         mine = torch.tensor([digest], dtype=torch.int64, device=self.device)
         every = torch.empty(self.tp.world_size, dtype=torch.int64, device=self.device)

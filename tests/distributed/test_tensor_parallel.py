@@ -109,6 +109,29 @@ def test_moe_experts_sharded_along_intermediate(moe):
         assert result["int8_tokens"] == result["int8_ref_tokens"]
 
 
+def test_moe_rank_holds_only_its_shards(moe):
+    """The full expert stacks are released after sharding, and with int8 the float shards too
+    (weight_release): after prefill and decode recompiles a rank holds its graph's constants
+    and the replicated parameters, nothing else. Tiny Mixtral: H 64, I 96 -> 48 per rank,
+    4 experts, 2 layers, 4 heads (2 per rank) and 2 KV heads (1) of 16, vocab 256 (128)."""
+    h, i, e, layers, vocab, f32 = 64, 48, 4, 2, 128, 4
+    replicated = (256 * 64 + 5 * 64 + 2 * 4 * 64) * f32  # embedding, 5 norms, 2 routers (parameters)
+    # per layer: QKV rows 32 + 16 + 16 and o_proj's 32 input columns; gate/up 2I rows, down I columns
+    linears = [(64, h), (h, 32)] * layers + [(vocab, h)]  # (output rows, input columns), + the LM head
+    experts = [(e * 2 * i, h), (e * h, i)] * layers  # the stacks as (expert rows, columns)
+    inv_freq = 8 * f32
+    for result in moe:
+        float_held = result["held_float"]
+        assert float_held["param"] == replicated  # the full stacks and weights: released
+        assert float_held["held"] == float_held["graph"]  # nothing held that the graph does not read
+        assert float_held["graph"] == replicated + inv_freq + sum(n * k for n, k in linears + experts) * f32
+        int8_held = result["held_int8"]
+        assert int8_held["param"] == replicated
+        assert int8_held["held"] == int8_held["graph"]  # no float shard left in the cache
+        # int8: one byte per weight and one fp32 scale per output row (per expert row for the stacks)
+        assert int8_held["graph"] == replicated + inv_freq + sum(n * k + n * f32 for n, k in linears + experts)
+
+
 def test_vocab_parallel_embedding(memory):
     for result in memory:
         r = result["embedding"]
@@ -157,6 +180,15 @@ def test_engine_under_tensor_parallel(runtime):
     assert runtime[0]["engine"]["outputs"] == runtime[1]["engine"]["outputs"]
     # unseeded sampling (each rank seeded differently): rank 0's tokens on every rank
     assert runtime[0]["engine"]["unseeded"] == runtime[1]["engine"]["unseeded"]
+
+
+def test_engine_speculative_with_a_draft_model_under_tensor_parallel(runtime):
+    for result in runtime:
+        r = result["speculative"]
+        assert r["outputs"] == r["refs"]  # greedy: the tokens of one process without speculation
+        assert r["proposed"] > 0  # the draft did propose (verify steps ran)
+        assert min(r["sharded_per_graph"]) == 9  # every target graph sharded (the draft stays eager)
+    assert runtime[0]["speculative"]["outputs"] == runtime[1]["speculative"]["outputs"]
 
 
 def test_engine_ranks_scheduling_differently_fail_loudly(runtime):

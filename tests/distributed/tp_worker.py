@@ -152,6 +152,27 @@ def held_parameter_bytes(model) -> int:
     return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
 
 
+def rank_held_bytes(model, graphs) -> dict:
+    """What the rank holds for ``model``: the distinct storages behind its parameters, the
+    constants its compiled ``graphs`` read and the release cache's derived constants
+    (weight_release.cached_for); ``graph``: those the graphs read."""
+    from llmopt.weight_release import cached_for
+
+    def constants(gm):
+        for target in {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}:
+            obj = gm
+            for part in target.split("."):
+                obj = getattr(obj, part)
+            yield from ([obj] if isinstance(obj, torch.Tensor) else [*obj.parameters(), *obj.buffers()])
+
+    read = {id(t.untyped_storage()): t.untyped_storage() for gm in graphs for t in constants(gm)}
+    params = list(model.parameters())
+    held = dict(read)
+    held.update({id(t.untyped_storage()): t.untyped_storage() for t in [*params, *cached_for(params)]})
+    return {"held": sum(s.nbytes() for s in held.values()), "graph": sum(s.nbytes() for s in read.values()),
+            "param": held_parameter_bytes(model)}
+
+
 def run_parts(args, *parts) -> dict:
     """Several scenarios in one launch (a launch costs the ranks' start-up), each from a clean Dynamo."""
     out = {}
@@ -164,8 +185,8 @@ def run_parts(args, *parts) -> dict:
 
 
 def scenario_runtime(args) -> dict:
-    """Quantized linears, the Engine, the errors."""
-    return run_parts(args, scenario_quantized, scenario_engine, scenario_heads, scenario_diverged)
+    """Quantized linears, the Engine (and with a draft model), the errors."""
+    return run_parts(args, scenario_quantized, scenario_engine, scenario_speculative, scenario_heads, scenario_diverged)
 
 
 def scenario_memory(args) -> dict:
@@ -295,6 +316,26 @@ def scenario_engine(args) -> dict:
             "pool_heads": pool_heads, "reinplaced_per_graph": reinplaced}
 
 
+def scenario_speculative(args) -> dict:
+    """The Engine with a draft model (a differently seeded tiny Llama, eager and replicated on
+    every rank) over the sharded target: greedy tokens equal to one process's plain greedy."""
+    from llmopt.runtime.engine import Engine
+
+    model = build("llama")
+    draft = tiny_model("llama", seed=1)
+    prompts = [tokens(1, n, seed=n)[0].tolist() for n in (5, 9, 3)]
+    params = llmopt.SamplingParams(max_new_tokens=7, stop_token_ids=())
+    with torch.no_grad():
+        refs = [llmopt.generate(model, torch.tensor([p]), sampling=params)[0, len(p):].tolist() for p in prompts]
+        compiled = torch.compile(model, backend="llmopt", options=OPTIONS)
+        with Engine(compiled, max_num_seqs=4, block_size=8, max_model_len=64, max_num_batched_tokens=24,
+                    speculative=llmopt.Speculative(draft=draft, k=3)) as engine:
+            outs = engine.generate(prompts, params)
+            proposed = sum(engine.speculative_stats(i).proposed[0] for i in range(len(prompts)))
+    sharded = [next(p.rewrites for p in r.passes if p.name == "shard_tensor_parallel") for r in llmopt.reports()]
+    return {"outputs": outs, "refs": refs, "proposed": proposed, "sharded_per_graph": sharded}
+
+
 def scenario_moe(args) -> dict:
     """Tiny Mixtral (4 experts, top-2, I = 96): expert stacks sharded along I, prefill logits and
     greedy tokens against the eager model in one process; int8 experts against int8 on one device."""
@@ -309,6 +350,7 @@ def scenario_moe(args) -> dict:
             logits = compiled(ids, use_cache=False).logits
             facts = {**pass_facts(llmopt.last_report()), **graph_facts(graphs[0])}
             got = llmopt.generate(compiled, ids, max_new_tokens=6, stop_token_ids=())
+            facts["held_float"] = rank_held_bytes(model, graphs)  # after the prefill and decode recompiles
             # Each later compile takes a fresh copy (same seed, same weights): compiling releases
             # the weights it sharded or quantized (README "Frozen weights").
             compat.reset_dynamo()
@@ -321,8 +363,10 @@ def scenario_moe(args) -> dict:
                                    ids, max_new_tokens=6, stop_token_ids=())
             compat.reset_dynamo()
             llmopt.clear_reports()
-            got8 = llmopt.generate(torch.compile(build("mixtral"), backend="llmopt", options={**OPTIONS, "quantize": "int8"}),
+            model8, first8 = build("mixtral"), len(graphs)
+            got8 = llmopt.generate(torch.compile(model8, backend="llmopt", options={**OPTIONS, "quantize": "int8"}),
                                    ids, max_new_tokens=6, stop_token_ids=())
+            facts["held_int8"] = rank_held_bytes(model8, graphs[first8:])
     finally:
         backend.run_pipeline = graphs_pipeline_original
     report = llmopt.reports()[0]

@@ -45,6 +45,9 @@ def test_fires_once_per_moe_layer_and_matches_eager(family, impl, dtype, expecte
     model = tiny_model(family, dtype, experts_implementation=impl)
     assert model.config._experts_implementation == (impl or "grouped_mm")
     x = tokens(2, 7)
+    with torch.no_grad():  # before compiling: it releases the weights it replaced (a chunked shared expert)
+        eager = model(x).logits
+        truth = fp64_copy(model)(x).logits
     out, report = compile_and_run(model, x)
     assert report.rewrites_by_pass()[PASS] == NUM_LAYERS, near_misses(report)
     assert [d.split(" → ")[1] for d in details(report)] == [expected] * NUM_LAYERS
@@ -54,9 +57,6 @@ def test_fires_once_per_moe_layer_and_matches_eager(family, impl, dtype, expecte
         assert leftover not in report.ops_after
     if family == "qwen2_moe":  # the shared expert: chunk-experts of the same fused call (test_moe_shared_expert.py)
         assert "llmopt.gated_activation.default" not in report.ops_after
-    with torch.no_grad():
-        eager = model(x).logits
-        truth = fp64_copy(model)(x).logits
     assert_close(out.logits, truth, dtype, what=f"{family} logits vs fp64")
     assert_close(out.logits, eager, dtype, what=f"{family} logits vs eager")
 
@@ -225,6 +225,26 @@ def test_transformers_448_per_expert_loop_stays_correct_unfused():
         expected = m(x)
     assert_close(out[0], expected[0])
     assert_close(out[1], expected[1])
+
+
+def test_per_expert_loop_quantized_is_released_and_a_recompile_reuses_the_stacks():
+    """int8 releases the stacks built from the per-expert weights; a recompile (new shape)
+    finds the weights already views of those stacks, proves the block on stand-ins and reuses
+    the quantized experts: outputs equal to the same compile keeping the floats."""
+    torch.manual_seed(0)
+    m = MixtralSparseMoeBlock448().eval()
+    kept = copy.deepcopy(m)
+    shapes = [torch.randn(2, 5, HIDDEN), torch.randn(3, 7, HIDDEN)]
+    options = {"strict": True, "quantize": "int8"}
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.no_grad():
+        reference = torch.compile(kept, backend="llmopt", options={**options, "release_weights": False})
+        want = [reference(x)[0] for x in shapes]
+        torch._dynamo.reset()
+        compiled = torch.compile(m, backend="llmopt", options=options)
+        got = [compiled(x)[0] for x in shapes]
+        assert llmopt.last_report().rewrites_by_pass()[PASS] == 1  # the recompile fused it again
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(p.untyped_storage().nbytes() == 0 for e in m.experts for p in e.parameters())
 
 
 def test_transformers_448_per_expert_loop_traced_whole_is_fused():

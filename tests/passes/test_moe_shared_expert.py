@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import llmopt
+
 from conftest import assert_close
 from llmopt.codegen.gated_activation import gated_activation_ref
 from llmopt.codegen.moe_experts import chunk_experts, zero_preserving
@@ -19,6 +21,7 @@ from models.tiny import NUM_LAYERS, tiny_model, tokens
 from passes.moe_compile import PASS, fresh_dynamo, compile_and_run, details, fused_once_and_equal, near_misses  # noqa: F401  (the fixture)
 
 HIDDEN, INTER, EXPERTS, TOP_K = 32, 24, 4, 2
+EXP_Q = 4  # tiny Qwen2-MoE: experts per layer
 
 
 @pytest.mark.parametrize("i_s, inter", [(80, 48), (72, 24), (5, 7), (13, 4)])
@@ -47,19 +50,63 @@ def test_zero_preserving_activations():
 def test_qwen2_moe_shared_expert_is_one_fused_call_per_layer():
     model = tiny_model("qwen2_moe")
     x = tokens(2, 7)
+    with torch.no_grad():  # before compiling: the shared experts' own weights are released
+        eager = model(x).logits
     out, report = compile_and_run(model, x)
     assert report.rewrites_by_pass()[PASS] == NUM_LAYERS, near_misses(report)
     assert all(d.endswith("+ sigmoid-gated shared expert (I=80) fused as 2 chunk-experts") for d in details(report))
     assert report.ops_after.get("llmopt.fused_experts.default") == NUM_LAYERS
     # No dense shared MLP left: no gated activation, no sigmoid (the gate is the chunk-experts' weight).
     assert "llmopt.gated_activation.default" not in report.ops_after
-    with torch.no_grad():
-        eager = model(x).logits
     assert_close(out.logits, eager, torch.float32, what="qwen2_moe logits vs eager")
     experts = model.model.layers[0].mlp.experts
     stack = experts.gate_up_proj
     # The routed stack is the head of the fused [E + 2, 2I, H] stack: held once.
     assert stack.untyped_storage().nbytes() == (EXPERTS + 2) * stack[0].numel() * stack.element_size()
+
+
+def _held_bytes(model) -> int:
+    """Bytes of the distinct storages behind the parameters (a released one holds 0)."""
+    return sum({id(p.untyped_storage()): p.untyped_storage().nbytes() for p in model.parameters()}.values())
+
+
+def test_qwen2_moe_shared_expert_is_held_once_after_prefill_and_decode(monkeypatch):
+    """I_s = 80 over I = 48: the chunks are a copy in the stacks, so the shared expert's own
+    weights are released (derived from three sources); a decode recompile reuses the stacks."""
+    import llmopt.passes.moe_shared_expert as shared_pass
+    from llmopt.weight_release import ReleasedWeightError, released
+
+    model = tiny_model("qwen2_moe")
+    x = tokens(1, 6)
+    layers = [layer.mlp for layer in model.model.layers]
+    size = next(model.parameters()).element_size()
+    c = 2
+    stacks = sum(((EXP_Q + c) * m.experts.gate_up_proj[0].numel() + (EXP_Q + c) * m.experts.down_proj[0].numel()) * size
+                 for m in layers)
+    mlp_owned = {id(p) for m in layers for p in (*m.experts.parameters(), *m.shared_expert.parameters())}
+    rest = sum(p.numel() * size for p in model.parameters() if id(p) not in mlp_owned)
+    with torch.no_grad():
+        prefill = model(x, use_cache=True)
+        step = model(x[:, -1:] + 1, past_key_values=prefill.past_key_values).logits
+        eager_prefill = prefill.logits
+    compiled = torch.compile(model, backend="llmopt", options={"strict": True})
+    with torch.no_grad():
+        out = compiled(x, use_cache=True)
+        assert_close(out.logits, eager_prefill, torch.float32, what="qwen2_moe prefill vs eager")
+        chunked, n_reports = [], len(llmopt.reports())
+        monkeypatch.setattr(shared_pass, "chunk_experts", lambda *a: chunked.append(a) or chunk_experts(*a))
+        got = compiled(x[:, -1:] + 1, past_key_values=out.past_key_values).logits  # decode: a recompile
+        assert_close(got, step, torch.float32, what="qwen2_moe decode vs eager")
+    assert len(llmopt.reports()) > n_reports  # the decode step did recompile
+    assert not chunked, "the decode recompile re-chunked the (released) shared expert"
+    for m in layers:
+        for p in m.shared_expert.parameters():
+            assert released(p) is not None and p.untyped_storage().nbytes() == 0
+    assert _held_bytes(model) == stacks + rest  # no second copy of the shared expert
+    with pytest.raises(ReleasedWeightError, match="called eagerly.*released after torch.compile.*release_weights"):
+        model(x)
+    with pytest.raises(ReleasedWeightError, match="load_state_dict.*release_weights"):
+        model.load_state_dict(model.state_dict())
 
 
 def test_qwen2_moe_int8_experts_include_the_shared_chunks():
@@ -129,9 +176,10 @@ def test_a_shared_expert_of_exactly_one_chunk_becomes_views_of_the_stacks():
 def test_a_shared_expert_with_another_activation_is_a_near_miss():
     m = SharedMoE(shared_inter=INTER + 3, shared_act=F.gelu).eval()
     x = torch.randn(2, 4, HIDDEN)
+    with torch.no_grad():
+        want = m(x)
     out, report = compile_and_run(m, x)
     assert report.rewrites_by_pass()[PASS] == 1  # the routed experts still fuse
     assert any("its activation gelu is not the routed experts' silu" in r for r in near_misses(report)), near_misses(report)
     assert "chunk-experts" not in details(report)[0]
-    with torch.no_grad():
-        assert_close(out, m(x))
+    assert_close(out, want)

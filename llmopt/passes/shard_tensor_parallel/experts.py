@@ -19,14 +19,19 @@ the kernels are unchanged, only ``I`` is smaller. A stack whose ``I`` is not div
 ``quantize="int8"`` / ``"int4-..."`` quantizes each rank's shards (per-channel scales of a
 gate/up shard are those of the whole stack; down shards get their own, as row-parallel
 linears do).
+
+Memory: the shards are derived from the full stacks (``weight_release.derived``), so each
+rank releases the full stacks after compiling and keeps its shards; with ``quantize=`` the
+float shards are released in turn, and the rank holds only its quantized shards.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from ...graph import add_constant, constant_value, is_constant, real_tensors, tensor_meta
-from .collectives import reduce_after
+from ...graph import add_constant, is_constant, real_tensors, tensor_meta
+from ...weight_release import derived
+from .collectives import SHARDED, reduce_after
 
 __all__ = ["FUSED_EXPERTS", "shard_experts"]
 
@@ -47,10 +52,14 @@ def shard_experts(gm, node: fx.Node, tp, ctx, all_reduce, wait) -> list[str] | N
         return None
     per = inter // world
     lo, hi = rank * per, (rank + 1) * per
-    w_gate_up, w_down = constant_value(gm, gate_up), constant_value(gm, down)
+    # Shards derived from the full stacks (weight_release.derived): the full stacks are
+    # released after compiling and a recompile reuses the shards. A clone, not
+    # .contiguous(): a slice that is already contiguous (one rank) would keep the stack alive.
     with real_tensors():
-        gate_up_local = torch.cat([w_gate_up[:, lo:hi], w_gate_up[:, inter + lo:inter + hi]], dim=1).contiguous()
-        down_local = w_down[:, :, lo:hi].contiguous()
+        gate_up_local = derived(gm, gate_up, ("tp_experts_gate_up", rank, world), lambda w: torch.cat(
+            [w[:, lo:hi], w[:, inter + lo:inter + hi]], dim=1), SHARDED)
+        down_local = derived(gm, down, ("tp_experts_down", rank, world),
+                             lambda w: w[:, :, lo:hi].clone(memory_format=torch.contiguous_format), SHARDED)
     node.args = (node.args[0], add_constant(gm, "tp_experts_gate_up", gate_up_local, node),
                  add_constant(gm, "tp_experts_down", down_local, node), *node.args[3:])
     reduce_after(gm, node, tp, all_reduce, wait)
