@@ -154,6 +154,11 @@ def test_cpu_twins_share_the_schema_and_run_the_cpu_function():
     lens = torch.tensor([5, 12])
     want = ops.attention_decode(q, kc, vc, lens, None, 0.3)
     assert torch.equal(cpu_twin(ops.attention_decode.default)(q, kc, vc, lens, None, 0.3), want)
+    same = torch.tensor([9, 9])  # the decode case: the twin's traced path (SDPA, no checks)
+    assert torch.equal(cpu_twin(ops.attention_decode.default)(q, kc, vc, same, None, 0.3),
+                       ops.attention_decode(q, kc, vc, same, None, 0.3))
+    with pytest.raises(ValueError, match="kv_lens must lie in"):  # value checks stay per call
+        cpu_twin(ops.attention_decode.default)(q, kc, vc, torch.tensor([13, 13]), None, 0.3)
     k, v = torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 2, 1, 8, generator=g)
     cpu_twin(ops.kv_cache_append.default)(kc, vc, torch.tensor([7]), k, v)
     assert torch.equal(kc[:, :, 7:8], k) and torch.equal(vc[:, :, 7:8], v)
