@@ -26,10 +26,17 @@ Method (DESIGN.md "Benchmarks"):
   with the compiled forward, per-token times from a streamer), ``llmopt``
   (``llmopt.generate`` with the compiled model, per-token times from its streamer);
 - KV capacity (``--cache``): ``short`` = prompt + new tokens, or a number (4096);
+- two step times: ``decode_step_s`` is the loop's step (token to token: the forward plus
+  what the loop does around it, e.g. HF ``generate``'s logits processing, the argmax) and
+  ``forward_step_s`` the compiled forward's decode calls alone (timed around each call of
+  the backend's forward, the same wrapper for every backend; first decode call excluded);
 - roofline: bytes a decode step must read = the parameters minus the input embedding
   table (a step reads ``batch`` rows of it) + the valid K and V of every layer; the
   fraction = those bytes / step time / the read bandwidth measured in the same run
-  (``sum`` over a 1 GiB tensor on CPU, a device copy on CUDA);
+  (:class:`ReadBandwidth`: ``sum`` over a 1 GiB tensor on CPU, a device copy on CUDA, once
+  per round between the rounds; its median and spread are reported), for both step times
+  (``roofline_fraction``, ``forward_roofline_fraction``); the issue's target is the
+  forward's;
 - peak memory (``--memory``): each backend once more in a fresh process (build, compile,
   one short generation); peak RSS on CPU (Linux ``VmHWM``), ``max_memory_allocated`` on
   CUDA, and the excess over eager as a fraction of the weight bytes;
@@ -167,6 +174,32 @@ def sync(device) -> None:
 
 
 # --------------------------------------------------------------------------- the loops
+class TimedForward:
+    """A backend's forward that records how long each decode call takes (the forward step
+    alone, without the loop around it). Calls of one token per sequence are decode calls;
+    the others (prefill) are not recorded. ``functools.wraps`` keeps the signature that
+    generate loops inspect. The same wrapper times every backend, so the figures compare."""
+
+    def __init__(self, forward, device):
+        functools.update_wrapper(self, forward)  # first: it copies forward's __dict__ over ours
+        self.forward, self.device, self.times = forward, device, []
+
+    def __call__(self, *args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        sync(self.device)
+        t = time.perf_counter()
+        out = self.forward(*args, **kwargs)
+        sync(self.device)
+        if ids is not None and ids.dim() == 2 and ids.shape[1] == 1:
+            self.times.append(time.perf_counter() - t)
+        return out
+
+    def take(self) -> list[float]:
+        """The decode call times recorded since the last ``take``."""
+        times, self.times = self.times, []
+        return times
+
+
 def loop_static(model, forward, prompt, new_tokens: int, cache_len: int) -> tuple[float, list[float]]:
     """(TTFT s, decode step times s): prefill + greedy decode over a HF StaticCache."""
     from transformers import StaticCache
@@ -254,17 +287,46 @@ LOOPS = {"static": loop_static, "hf": loop_hf, "llmopt": loop_llmopt}
 
 
 # --------------------------------------------------------------------------- roofline
+class ReadBandwidth:
+    """Bytes/s the device reads, sampled between the timed rounds.
+
+    CPU: ``sum`` over a 1 GiB fp32 tensor with all threads, 32x the CI machine's last-level
+    cache (32 MiB), so that it streams from memory and not from cache; a sample is the
+    median of 5 sums (the first ones pay page and frequency warm-up). CUDA: half of a
+    device copy's traffic. Why sampled per round rather than once: on a shared machine
+    the figure moved from 27.8 to 49.1 GB/s between runs of one day; measured next to each
+    round it sees the machine the rounds saw, and the median over the run with its spread
+    (``read_bandwidth_spread_GBps``) says how far to trust the roofline fractions."""
+
+    BYTES = 2**30  # the CPU buffer (a smoke test may shrink it)
+
+    def __init__(self, device: torch.device):
+        self.device, self.samples = device, []
+        self._buffer = torch.ones(self.BYTES // 4, dtype=torch.float32) if device.type == "cpu" else None
+
+    def sample(self) -> float:
+        if self.device.type == "cuda":
+            value = copy_bandwidth("cuda") / 2
+        else:
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                self._buffer.sum()
+                times.append(time.perf_counter() - t)
+            value = self._buffer.numel() * 4 / statistics.median(times)
+        self.samples.append(value)
+        return value
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def spread(self) -> list[float]:
+        return [min(self.samples), max(self.samples)]
+
+
 def read_bandwidth(device: torch.device) -> float:
-    """Bytes/s the device reads: ``sum`` over 1 GiB on CPU (all threads), a copy on CUDA."""
-    if device.type == "cuda":
-        return copy_bandwidth("cuda") / 2  # read half of the copy's traffic
-    x = torch.ones(2**28, dtype=torch.float32)
-    times = []
-    for _ in range(7):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return x.numel() * 4 / statistics.median(times[2:])
+    """One :class:`ReadBandwidth` sample: bytes/s the device reads."""
+    return ReadBandwidth(device).sample()
 
 
 def bytes_per_step(model, batch: int, kv_len: int, weight_bytes: int | None = None) -> int:
@@ -362,11 +424,14 @@ def compile_time(backend: str, args, device: torch.device, cache_len: int, batch
 
 
 # --------------------------------------------------------------------------- one case
-def run_case(model, backends, prompt, cache_len: int, args, loop) -> list[dict]:
+def run_case(model, backends, prompt, cache_len: int, args, loop, bandwidth: ReadBandwidth | None = None) -> list[dict]:
+    """Every backend compiled and warmed, then ``args.rounds`` interleaved rounds; one
+    ``bandwidth`` sample after each round."""
     device = prompt.device
     runs, prepared = {}, {}
     for backend in backends:
         module, forward = make_model(model, backend)
+        forward = TimedForward(forward, device)
         start = time.perf_counter()
         with torch.no_grad():
             loop(module, forward, prompt, args.new_tokens, cache_len)  # compile prefill + decode, warm
@@ -376,19 +441,24 @@ def run_case(model, backends, prompt, cache_len: int, args, loop) -> list[dict]:
     for r in range(args.rounds):
         for backend in order[r % len(order):] + order[:r % len(order)]:
             module, forward, _ = prepared[backend]
+            forward.take()
             with torch.no_grad():
                 ttft, steps = loop(module, forward, prompt, args.new_tokens, cache_len)
-            runs[backend].append((ttft, statistics.median(steps[1:] or steps)))
+            calls = forward.take()
+            runs[backend].append((ttft, statistics.median(steps[1:] or steps), statistics.median(calls[1:] or calls)))
+        if bandwidth is not None:
+            bandwidth.sample()
     results = []
     for backend in backends:
         module = prepared[backend][0]
-        ttfts, steps = [t for t, _ in runs[backend]], [s for _, s in runs[backend]]
+        ttfts, steps, calls = (list(column) for column in zip(*runs[backend]))
         step = statistics.median(steps)
         results.append({
             "backend": backend, "batch": prompt.shape[0], "cache_len": cache_len, "loop": args.loop,
             "ttft_s": statistics.median(ttfts), "ttft_spread_s": [min(ttfts), max(ttfts)],
             "decode_step_s": step, "decode_step_spread_s": [min(steps), max(steps)],
             "decode_tokens_per_s": prompt.shape[0] / step,
+            "forward_step_s": statistics.median(calls), "forward_step_spread_s": [min(calls), max(calls)],
             "warmup_s": prepared[backend][2], "rounds": args.rounds,
             "bytes_per_step": bytes_per_step(module, prompt.shape[0], args.prompt_len + args.new_tokens // 2,
                                              quantized_weight_bytes(module, QUANT_BITS[backend])
@@ -436,21 +506,28 @@ def main(argv=None):
     caches = [args.max_cache_len] if args.max_cache_len else [
         args.prompt_len + args.new_tokens if c == "short" else int(c) for c in args.cache.split(",")]
     env = environment()
-    bandwidth = read_bandwidth(device)
+    bandwidth = ReadBandwidth(device)
+    bandwidth.sample()
     model = build(args.preset, dtype, device.type, max(caches))
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.preset}: {params / 1e6:.0f}M parameters, {args.dtype}, {env['device']}, {env['threads']} threads, "
-          f"read bandwidth {bandwidth / 1e9:.1f} GB/s, loop {args.loop}, {args.rounds} interleaved rounds")
+          f"read bandwidth {bandwidth.median() / 1e9:.1f} GB/s (first sample), loop {args.loop}, {args.rounds} interleaved rounds")
     results = []
     for cache_len in caches:
         for batch in [int(b) for b in args.batch.split(",")]:
             prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), device=device)
             torch._dynamo.reset()  # each case compiles its own graphs; drop the previous case's
-            case = run_case(model, backends, prompt, cache_len, args, LOOPS[args.loop])
+            case = run_case(model, backends, prompt, cache_len, args, LOOPS[args.loop], bandwidth)
+            results.extend(case)
+    # The fractions use the bandwidth over the whole run (every round's sample).
+    for cache_len in caches:
+        for batch in [int(b) for b in args.batch.split(",")]:
+            case = [r for r in results if r["cache_len"] == cache_len and r["batch"] == batch]
             eager = next((r for r in case if r["backend"] == "eager"), None)
             for r in case:
                 r["achieved_GBps"] = r["bytes_per_step"] / r["decode_step_s"] / 1e9
-                r["roofline_fraction"] = r["bytes_per_step"] / r["decode_step_s"] / bandwidth
+                r["roofline_fraction"] = r["bytes_per_step"] / r["decode_step_s"] / bandwidth.median()
+                r["forward_roofline_fraction"] = r["bytes_per_step"] / r["forward_step_s"] / bandwidth.median()
                 if eager is not None:
                     r["vs_eager"] = eager["decode_step_s"] / r["decode_step_s"]
                 if args.memory:
@@ -475,15 +552,19 @@ def main(argv=None):
                 mem = r.get("memory", {})
                 print(f"  cache {cache_len:5d} batch {batch:2d} {r['backend']:18s} TTFT {r['ttft_s'] * 1e3:8.1f} ms  "
                       f"decode {r['decode_tokens_per_s']:7.1f} tok/s (step {r['decode_step_s'] * 1e3:6.2f} ms, "
-                      f"rounds {lo * 1e3:.2f}-{hi * 1e3:.2f})  {r['roofline_fraction']:5.0%} roofline"
+                      f"rounds {lo * 1e3:.2f}-{hi * 1e3:.2f}; forward {r['forward_step_s'] * 1e3:6.2f} ms)  "
+                      f"{r['roofline_fraction']:5.0%} roofline (forward {r['forward_roofline_fraction']:4.0%})"
                       + (f"  peak {mem['peak_MB']:.0f} MB" if "peak_MB" in mem else "")
                       + (f"  compile cold {r['compile']['cold_s']:.1f} s warm {r['compile']['warm_s']:.1f} s"
                          if "cold_s" in r.get("compile", {}) else "")
                       + (f"  llmopt {r['llmopt_speedup']:.2f}x" if "llmopt_speedup" in r else ""), flush=True)
-            results.extend(case)
+    print(f"read bandwidth over the run: median {bandwidth.median() / 1e9:.1f} GB/s, "
+          f"spread {bandwidth.spread()[0] / 1e9:.1f}-{bandwidth.spread()[1] / 1e9:.1f} GB/s ({len(bandwidth.samples)} samples)")
     payload = {"benchmark": "decode", "environment": env, "preset": args.preset, "config": PRESETS[args.preset],
                "dtype": args.dtype, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "loop": args.loop,
-               "read_bandwidth_GBps": bandwidth / 1e9, "results": results}
+               "read_bandwidth_GBps": bandwidth.median() / 1e9,
+               "read_bandwidth_spread_GBps": [b / 1e9 for b in bandwidth.spread()],
+               "read_bandwidth_samples": len(bandwidth.samples), "results": results}
     if not args.no_write:
         print("wrote", write_results("decode" + (f"-{args.tag}" if args.tag else ""), payload))
     return payload

@@ -221,8 +221,9 @@ def benchmarks_section(results: list[tuple[Path, dict]], scripts: list[tuple[Pat
 def decode_tables(scripts: list[tuple[Path, dict]]) -> list[str]:
     """The newest ``bench_decode.py`` result per device, model, dtype and loop: decode
     tokens/s per backend and case (KV capacity, batch) with the median's spread over the
-    interleaved rounds, llmopt's speed-up over each peer, roofline fraction, TTFT and, when
-    measured, peak memory."""
+    interleaved rounds, llmopt's speed-up over each peer, roofline fraction (of the loop's
+    step, and of the forward step alone where the file has it), TTFT and, when measured,
+    peak memory."""
     newest: dict[tuple, tuple[Path, dict]] = {}
     for path, data in sorted(scripts, key=lambda item: item[0].name):
         if data.get("benchmark") == "decode" and data.get("results") and "loop" in data:
@@ -232,9 +233,12 @@ def decode_tables(scripts: list[tuple[Path, dict]]) -> list[str]:
     out = []
     for (device, preset, dtype, loop, _), (path, data) in sorted(newest.items(), key=lambda kv: tuple(map(str, kv[0]))):
         env = data.get("environment", {})
+        bw_spread = data.get("read_bandwidth_spread_GBps")
+        bandwidth = _num(data.get("read_bandwidth_GBps")) + (
+            f" (spread {_num(bw_spread[0])}–{_num(bw_spread[1])})" if bw_spread else "")
         out += [f"**Decode, {preset} {dtype} on {device}, {env.get('threads')} threads** (loop `{loop}`, prompt "
                 f"{data.get('prompt_len')}, {data.get('new_tokens')} new tokens, {data['results'][0].get('rounds')} "
-                f"interleaved rounds, read bandwidth {_num(data.get('read_bandwidth_GBps'))} GB/s; torch "
+                f"interleaved rounds, read bandwidth {bandwidth} GB/s; torch "
                 f"{env.get('torch')}, transformers {env.get('transformers')}; `{path.name}`)", "",
                 "| KV capacity | batch | backend | decode tok/s (spread) | × eager | llmopt × this | roofline | TTFT ms "
                 "| peak MB |",
@@ -243,10 +247,12 @@ def decode_tables(scripts: list[tuple[Path, dict]]) -> list[str]:
             lo, hi = r.get("decode_step_spread_s", [None, None])
             spread = f" ({r['batch'] / hi:.1f}–{r['batch'] / lo:.1f})" if lo and hi else ""
             mem = r.get("memory", {}).get("peak_MB")
+            forward = r.get("forward_roofline_fraction")
+            roofline = f"{r.get('roofline_fraction', 0):.0%}" + (f" (forward {forward:.0%})" if forward else "")
             out.append(f"| {r.get('cache_len')} | {r.get('batch')} | {r['backend']} | "
                        f"{_num(r.get('decode_tokens_per_s'))}{spread} | {_num(r.get('vs_eager'), 2)}× | "
                        f"{_num(r.get('llmopt_speedup'), 2)}× | "
-                       f"{r.get('roofline_fraction', 0):.0%} | {_num(r.get('ttft_s', 0) * 1e3)} | "
+                       f"{roofline} | {_num(r.get('ttft_s', 0) * 1e3)} | "
                        f"{_num(mem, 0) if mem else '—'} |")
         out.append("")
     return out

@@ -1,4 +1,4 @@
-"""Smoke test of the kernel benchmark scripts: each ``main()`` on its smallest grid.
+"""Smoke test of the benchmark scripts: each ``main()`` on its smallest grid.
 
 ``benchmarks/bench_fusions.py`` and ``benchmarks/bench_attention.py`` call the llmopt ops
 by their registered names and signatures; this runs both end to end (tiny shapes, one
@@ -77,3 +77,40 @@ def test_bench_speculative_tiny(keep_num_threads):
     assert payload["benchmark"] == "speculative"
     assert {row["proposer"] for row in payload["results"]} == {"none", "draft", "ngram", "layer_skip"}
     assert all(row["tokens_per_s"]["llmopt.generate"] > 0 for row in payload["results"])
+
+
+@pytest.mark.parametrize("loop", ["static", "hf", "llmopt"])
+def test_bench_decode_reports_the_forward_step_and_the_bandwidth_spread(loop, keep_num_threads, monkeypatch):
+    """bench_decode on the tiny preset, eager only (no compile): every loop reports the
+    forward's decode calls apart from the loop's step (never longer than it), and the read
+    bandwidth sampled once per round with its spread."""
+    import bench_decode
+
+    monkeypatch.setattr(bench_decode.ReadBandwidth, "BYTES", 2**20)
+    rounds = 2
+    payload = bench_decode.main(["--preset", "tiny", "--backends", "eager", "--loop", loop, "--prompt-len", "5",
+                                 "--new-tokens", "4", "--rounds", str(rounds), "--threads", "1", "--no-write"])
+    assert payload["read_bandwidth_samples"] == 1 + rounds  # one before the model, one per round
+    lo, hi = payload["read_bandwidth_spread_GBps"]
+    assert 0 < lo <= payload["read_bandwidth_GBps"] <= hi
+    (row,) = payload["results"]
+    assert 0 < row["forward_step_s"] <= row["decode_step_s"] * 1.5  # a step's median holds its forward
+    assert row["forward_step_spread_s"][0] <= row["forward_step_s"] <= row["forward_step_spread_s"][1]
+    assert row["forward_roofline_fraction"] >= row["roofline_fraction"] * 0.6
+
+
+def test_timed_forward_records_decode_calls_only():
+    """Prefill calls (several tokens) are not decode steps; the wrapper keeps the signature."""
+    import inspect
+
+    import bench_decode
+
+    def forward(input_ids=None, cache_position=None):
+        return input_ids
+
+    timed = bench_decode.TimedForward(forward, torch.device("cpu"))
+    assert inspect.signature(timed) == inspect.signature(forward)
+    timed(input_ids=torch.zeros(2, 5, dtype=torch.long))
+    timed(torch.zeros(2, 1, dtype=torch.long))
+    timed(input_ids=torch.zeros(2, 1, dtype=torch.long))
+    assert len(timed.take()) == 2 and timed.take() == []

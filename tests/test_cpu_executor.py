@@ -154,6 +154,11 @@ def test_cpu_twins_share_the_schema_and_run_the_cpu_function():
     lens = torch.tensor([5, 12])
     want = ops.attention_decode(q, kc, vc, lens, None, 0.3)
     assert torch.equal(cpu_twin(ops.attention_decode.default)(q, kc, vc, lens, None, 0.3), want)
+    same = torch.tensor([9, 9])  # the decode case: the twin's traced path (SDPA, no checks)
+    assert torch.equal(cpu_twin(ops.attention_decode.default)(q, kc, vc, same, None, 0.3),
+                       ops.attention_decode(q, kc, vc, same, None, 0.3))
+    with pytest.raises(ValueError, match="kv_lens must lie in"):  # value checks stay per call
+        cpu_twin(ops.attention_decode.default)(q, kc, vc, torch.tensor([13, 13]), None, 0.3)
     k, v = torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 2, 1, 8, generator=g)
     cpu_twin(ops.kv_cache_append.default)(kc, vc, torch.tensor([7]), k, v)
     assert torch.equal(kc[:, :, 7:8], k) and torch.equal(vc[:, :, 7:8], v)
@@ -199,3 +204,38 @@ def test_bf16_decode_gives_eager_tokens(executor, shipped_default, monkeypatch):
         assert len(bcpu.BF16_GEMVS) > 0, "the decode linears ran the compiled bf16 GEMV"
     else:
         assert len(bcpu.BF16_GEMVS) == 0, "Inductor generates the GEMV in the graph's code"
+
+
+def test_fp32_decode_row_is_the_generated_gemv_under_inductor_only():
+    """fp32 at M = 1 (linear.FP32_GEMV_MAX_M): under Inductor's retrace (make_fx) the linear
+    is the GEMV's multiply-and-reduce expression, which Inductor generates in the graph's
+    C++; more rows, and a call (aten executor, eager), stay oneDNN's linear. Both forms
+    against the fp64 truth, epilogue included."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from llmopt import compat
+    from llmopt.codegen.linear import FP32_GEMV_MAX_M, cpu_linear_kernel, linear_cpu
+
+    if not compat.onednn_linear_available():
+        pytest.skip("torch built without oneDNN: fp32 CPU linears run F.linear")
+    assert [cpu_linear_kernel(torch.float32, m) for m in (1, 2, 4, None)] == ["fp32_gemv", "onednn", "onednn", "onednn"]
+    assert FP32_GEMV_MAX_M == 1
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(2 * 24, 40, generator=g), torch.randn(2 * 24, generator=g)
+    r = torch.randn(1, 1, 24, generator=g)
+
+    def run(x, w, b, r):
+        return linear_cpu(x, w, b, r.expand(*x.shape[:-1], 24), "silu")
+
+    def targets(m):
+        gm = make_fx(run, tracing_mode="fake")(torch.randn(m, 1, 40), w, b, r)
+        return gm, {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+    decode_gm, decode = targets(1)
+    assert "aten.sum.dim_IntList" in decode and not any("linear_pointwise" in t for t in decode)
+    assert any("linear_pointwise" in t for t in targets(2)[1])
+    x = torch.randn(1, 1, 40, generator=g)
+    y = (x.double() @ w.double().T + b.double())
+    truth = torch.nn.functional.silu(y[..., :24]) * y[..., 24:] + r.double()
+    assert_close(decode_gm(x, w, b, r), truth, torch.float32, what="traced fp32 GEMV vs fp64")
+    assert_close(run(x, w, b, r), truth, torch.float32, what="called (oneDNN) vs fp64")

@@ -15,8 +15,16 @@ second copy of every weight, is faster. Measured on the CI machine (one thread, 
 cycled so they stream from memory, ``llama-100m`` shapes, the machine shared with other
 jobs, ratios of interleaved medians): at M = 1 this GEMV is 1.6-2.8x ``F.linear`` and
 oneDNN's ``_linear_pointwise`` on the plain bf16 weight (which is within ~10% of
-``F.linear``); at M = 2 1.0-1.8x; at M = 4 0.6-0.95x (the generated loop re-reads the
-weight once per row). Hence ``BF16_GEMV_MAX_M = 2``; above it ``F.linear`` runs.
+``F.linear``); at M = 2 1.0-1.8x; at M = 4 0.6-0.95x. Hence ``BF16_GEMV_MAX_M = 2``;
+above it ``F.linear`` runs. Rechecked for #16's bf16 batch 4 (same method, a [2048, 768]
+weight, 24 copies cycled): M = 1/2/4/8 at 1.8-2.0x / 1.1-1.25x / 0.69-0.71x / 0.40-0.42x
+``F.linear``, in both loop orders (rows outside the weight rows, or inside them with the
+result transposed): the time grows with M at a fixed weight, so the loop is bound by its
+arithmetic (a bf16-to-fp32 conversion and a multiply-add per weight element and row), not
+by reading the weight; raising the bound would slow batch 4 down.
+
+The expression is dtype-generic (``.to(float32)`` is free on fp32): fp32 decode rows
+(M = 1) inside a graph Inductor compiles run it too (``linear.FP32_GEMV_MAX_M``).
 
 Two forms of one expression, :func:`bf16_gemv_expression`:
 - called (the aten executor, eager ``llmopt.linear``): the kernel compiled for the call's

@@ -30,7 +30,10 @@ and the same Python function the dispatcher would run on CPU
 (``compat.custom_op_python_impl``), registered on the CPU key alone. The twins exist only
 inside Inductor-compiled CPU graphs (nothing requires grad there, and the in-place ops'
 version counters are not read); every other caller, the report and the tests see the
-``llmopt::`` op.
+``llmopt::`` op. A twin runs the op's CPU function, or where :data:`TRACED_CPU_IMPLS` names
+one, a version that skips the contract checks the op's fake implementation already made
+when the graph was traced (the twin's fake calls the op's): ``attention_decode``'s Python
+checks cost as much as its SDPA at decode sizes (``attention_decode_cpu_traced``).
 
 Each entry takes the op's arguments in schema order and returns what the op returns, with
 the op's contract (fresh outputs; the reference is the tests' oracle, so the decomposed
@@ -44,6 +47,7 @@ import torch
 
 from llmopt import compat
 
+from llmopt.codegen.attention_decode_ref import attention_decode_cpu_traced
 from llmopt.codegen.gated_activation import gated_activation_ref
 from llmopt.codegen.kv_cache import kv_cache_append_ref, rope_kv_cache_append_ref
 from llmopt.codegen.linear import linear_cpu
@@ -105,6 +109,11 @@ def cpu_decompositions() -> dict[torch._ops.OpOverload, Callable]:
 TWIN_NAMESPACE = "llmopt_cpu"
 _twin_library: torch.library.Library | None = None
 
+# op name -> the CPU function its twin runs instead of the op's own: the same result for
+# every input the op's fake implementation accepts, with the shape/dtype checks left to
+# the trace (a twin is only ever called from a graph traced through that fake).
+TRACED_CPU_IMPLS: dict[str, Callable] = {"attention_decode": attention_decode_cpu_traced}
+
 
 def cpu_twin(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
     """``llmopt_cpu::<name>.default`` for the ``llmopt::<name>`` custom op ``op`` (see the
@@ -118,7 +127,7 @@ def cpu_twin(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
     namespace = getattr(torch.ops, TWIN_NAMESPACE)
     if hasattr(namespace, name):
         return getattr(namespace, name).default
-    impl = compat.custom_op_python_impl(op, "cpu")
+    impl = TRACED_CPU_IMPLS.get(name) or compat.custom_op_python_impl(op, "cpu")
     if impl is None:
         return None
     if _twin_library is None:
@@ -144,4 +153,4 @@ def twin_calls(ops: Iterable[torch._ops.OpOverload]) -> dict[torch._ops.OpOverlo
     return table
 
 
-__all__ = ["TWIN_NAMESPACE", "cpu_decompositions", "cpu_twin", "twin_calls"]
+__all__ = ["TRACED_CPU_IMPLS", "TWIN_NAMESPACE", "cpu_decompositions", "cpu_twin", "twin_calls"]

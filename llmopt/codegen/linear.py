@@ -30,9 +30,10 @@ Kernels: ``gemv`` (:mod:`llmopt.codegen.gemv`), ``flat_gemm``
 ``torch.nn.functional.linear`` (cuBLAS) with the epilogue in torch.
 On CPU the op runs :func:`linear_cpu`: oneDNN's linear on the plain weight for fp32 (about
 twice ``F.linear``'s bandwidth at decode sizes on the CI machine, no packed copy of the weight),
-for bf16 at M <= 2 a generated GEMV that streams the bf16 weight once
-(:mod:`llmopt.codegen.bf16_gemv_cpu`), ``F.linear`` otherwise; for dtypes the Triton kernels
-are not built for, :func:`linear_ref`.
+except at M = 1 inside a graph Inductor compiles, where the generated GEMV's expression
+(:mod:`llmopt.codegen.bf16_gemv_cpu`, dtype-generic) becomes a loop of the graph's own C++;
+for bf16 at M <= 2 that GEMV, ``F.linear`` otherwise; for dtypes the Triton kernels are not
+built for, :func:`linear_ref`. :func:`cpu_linear_kernel` is the one rule.
 """
 from typing import Optional
 
@@ -88,12 +89,25 @@ def onednn_runs(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and compat.onednn_linear_available()
 
 
+# fp32 rows up to which the generated GEMV runs instead of oneDNN when Inductor compiles the
+# graph. Measured on the CI machine (one thread, the machine shared: ratios of interleaved
+# in-process medians): the whole llama-100m decode step at batch 1 is 1.12-1.31x faster
+# with it (four runs), compile time unchanged; per linear it streams a K = 768 weight at
+# x.sum()'s bandwidth, 1.2-1.5x oneDNN's, while oneDNN wins at K = 2048 (down_proj, 1.3-1.5x)
+# and at M = 4 (the generated loop reads the weight once per row). A K bound made no
+# difference to the whole step, so the rule is rows only. Two threads, quiet machine: the
+# step went 17.7-18.8 -> 14.2 ms with this and the traced attention twin. docs/executors.md.
+FP32_GEMV_MAX_M = 1
+
+
 def cpu_linear_kernel(dtype: torch.dtype, rows) -> str:
-    """What :func:`linear_cpu` runs for ``rows`` rows (M) of ``dtype``: ``"onednn"`` (fp32),
-    ``"bf16_gemv"`` (bf16, M <= ``BF16_GEMV_MAX_M``: :mod:`llmopt.codegen.bf16_gemv_cpu`)
-    or ``"mm"`` (``F.linear``). The one rule; the pass's kernel-choice reasons read it."""
+    """What :func:`linear_cpu` runs for ``rows`` rows (M) of ``dtype``: ``"fp32_gemv"`` (fp32,
+    M <= ``FP32_GEMV_MAX_M``: the generated GEMV inlined in a graph Inductor compiles, oneDNN
+    when the op is called), ``"onednn"`` (fp32), ``"bf16_gemv"`` (bf16, M <=
+    ``BF16_GEMV_MAX_M``: :mod:`llmopt.codegen.bf16_gemv_cpu`) or ``"mm"`` (``F.linear``).
+    The one rule; the pass's kernel-choice reasons read it."""
     if onednn_runs(dtype):
-        return "onednn"
+        return "fp32_gemv" if isinstance(rows, int) and 0 < rows <= FP32_GEMV_MAX_M else "onednn"
     if bf16_gemv_runs(dtype, rows):
         return "bf16_gemv"
     return "mm"
@@ -101,7 +115,8 @@ def cpu_linear_kernel(dtype: torch.dtype, rows) -> str:
 
 def linear_cpu(x, weight, bias=None, residual=None, activation: str = ""):
     """The CPU implementation, by :func:`cpu_linear_kernel`: oneDNN's linear on the plain
-    weight for fp32 (what :func:`compat.onednn_linear` explains), the generated bf16 GEMV
+    weight for fp32 (what :func:`compat.onednn_linear` explains; at M = 1 under Inductor's
+    retrace the generated GEMV's expression instead), the generated bf16 GEMV
     for bf16 decode rows (its compiled kernel when called, its expression when traced for
     Inductor), ``F.linear`` otherwise (oneDNN is not faster there without a packed copy of
     the weight); the epilogue in torch. Traceable, so the Inductor executor fuses the
@@ -110,6 +125,11 @@ def linear_cpu(x, weight, bias=None, residual=None, activation: str = ""):
     same = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     kernel = cpu_linear_kernel(x.dtype, rows) if same else "mm"
+    if kernel == "fp32_gemv":
+        if compat.is_traced(x):  # Inductor's retrace: the expression becomes the graph's C++
+            y = bf16_gemv_expression(x.reshape(rows, x.shape[-1]), weight, bias)
+            return epilogue_ref(y.view(*x.shape[:-1], weight.shape[0]), residual, activation)
+        kernel = "onednn"  # called (aten executor, eager): not measured faster than oneDNN
     if kernel == "onednn":
         return epilogue_ref(compat.onednn_linear(x, weight, bias), residual, activation)
     if kernel == "bf16_gemv":
@@ -184,4 +204,4 @@ def _linear_fake(x, weight, bias, residual, activation, kernels):
     return x.new_empty((*x.shape[:-1], n_out))
 
 
-__all__ = ["linear", "linear_cpu", "cpu_linear_kernel", "onednn_runs", "linear_ref", "linear_triton", "select_kernel"]
+__all__ = ["FP32_GEMV_MAX_M", "linear", "linear_cpu", "cpu_linear_kernel", "onednn_runs", "linear_ref", "linear_triton", "select_kernel"]

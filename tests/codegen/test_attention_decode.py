@@ -27,6 +27,7 @@ from llmopt.codegen.attention_decode import (
     decode_num_splits,
     prune_decode_configs,
 )
+from llmopt.codegen.attention_decode_ref import attention_decode_cpu_traced
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -328,12 +329,20 @@ def test_reference_mode_runs_the_reference(reference_kernels, monkeypatch):
     q, k, v, lens = _small_args()
     got = torch.ops.llmopt.attention_decode(q, k, v, lens, None, 0.125)
     assert_close(got, ground_truth(q, k, v, lens, None, 0.125), dtype=q.dtype)
+    # the CPU twin's traced path too
+    import llmopt.codegen.attention_decode_ref as ref_module
+
+    monkeypatch.setattr(ref_module, "attention_decode_cpu", not_this)
+    monkeypatch.setattr(ref_module.F, "scaled_dot_product_attention", not_this)
+    assert torch.equal(attention_decode_cpu_traced(q, k, v, lens, None, 0.125), got)
 
 
+@pytest.mark.parametrize("cpu_impl", [attention_decode_cpu, attention_decode_cpu_traced], ids=["checked", "traced"])
 @given(data=st.data())
-def test_cpu_implementation_matches_fp64(data):
-    """The CPU path (fused SDPA over the valid prefix, the reference where SDPA cannot
-    express the case) against the fp64 truth, masks and windows included."""
+def test_cpu_implementation_matches_fp64(cpu_impl, data):
+    """The CPU paths (fused SDPA over the valid prefix, the reference where SDPA cannot
+    express the case; the traced one, which the CPU twin runs, with the contract checks
+    left to the trace) against the fp64 truth, masks and windows included."""
     B = data.draw(st.integers(1, 3), label="B")
     Hkv = data.draw(st.integers(1, 3), label="Hkv")
     G = data.draw(st.sampled_from([1, 2, 4]), label="group")
@@ -352,18 +361,46 @@ def test_cpu_implementation_matches_fp64(data):
     if kind is not None:
         pads = [data.draw(st.integers(0, n - 1), label="pad") for n in lens]
         mask = left_padding_mask(lens, pads, S, kind, dtype)
-    got = attention_decode_cpu(q, k, v, kv_lens, mask, 0.125, window=window, softcap=softcap)
+    got = cpu_impl(q, k, v, kv_lens, mask, 0.125, window=window, softcap=softcap)
     assert got.shape == q.shape and got.dtype == q.dtype
     truth = ground_truth(q, k, v, kv_lens, mask, 0.125, window=window, softcap=softcap)
     assert_close(got, truth, dtype=dtype, what="cpu path vs fp64")
 
 
-def test_cpu_implementation_fully_masked_row_is_zero():
+@pytest.mark.parametrize("cpu_impl", [attention_decode_cpu, attention_decode_cpu_traced], ids=["checked", "traced"])
+def test_cpu_implementation_fully_masked_row_is_zero(cpu_impl):
     q, k, v, lens = make_inputs(2, 2, 2, 64, 9, torch.float32, [9, 9])
     mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
     mask[1] = False
-    got = attention_decode_cpu(q, k, v, lens, mask, 0.125)
+    got = cpu_impl(q, k, v, lens, mask, 0.125)
     assert torch.equal(got[1], torch.zeros_like(got[1])) and torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_traced_cpu_path_takes_sdpa_for_the_decode_case(mask_kind, monkeypatch):
+    """The usual decode call (equal lengths, a mask keeping every valid key) runs SDPA in
+    the traced path without the checked implementation, with its result bit for bit;
+    anything else (different lengths, a padding mask, a length past the cache) goes to
+    the checked implementation, which raises the op's errors."""
+    import llmopt.codegen.attention_decode_ref as ref_module
+
+    q, k, v, lens = make_inputs(2, 2, 3, 64, 20, torch.float32, [13, 13])
+    mask = {None: None, "bool": torch.ones(2, 1, 1, 20, dtype=torch.bool),
+            "additive": torch.zeros(2, 1, 1, 20)}[mask_kind]
+    want = attention_decode_cpu(q, k, v, lens, mask, 0.125)
+    fallbacks = []
+    checked = ref_module.attention_decode_cpu
+    monkeypatch.setattr(ref_module, "attention_decode_cpu", lambda *a: fallbacks.append(a) or checked(*a))
+    assert torch.equal(attention_decode_cpu_traced(q, k, v, lens, mask, 0.125), want)
+    assert not fallbacks
+    if mask is not None:
+        padded = mask.clone()
+        padded[1, ..., 0] = False if mask.dtype == torch.bool else float("-inf")
+        attention_decode_cpu_traced(q, k, v, lens, padded, 0.125)
+        assert len(fallbacks) == 1
+    attention_decode_cpu_traced(q, k, v, torch.tensor([13, 7]), mask, 0.125)
+    with pytest.raises(ValueError, match="kv_lens must lie in"):
+        attention_decode_cpu_traced(q, k, v, torch.tensor([21, 21]), mask, 0.125)
 
 
 # ---------------------------------------------------------------------------------------

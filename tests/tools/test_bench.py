@@ -219,3 +219,18 @@ def test_script_table_renders_rows_of_plain_numbers():
     lines = mt.script_table(data)
     assert lines[0] == "| backend | batch | decode tokens per s | ttft s |"
     assert lines[3] == "| llmopt-aten | 1 | 29.4 | 0.254 |"
+
+
+def test_decode_table_shows_the_forward_roofline_and_the_bandwidth_spread():
+    """A bench_decode file with the forward step and sampled bandwidth shows both; an older
+    file (neither field) renders as before."""
+    mt = _make_tables()
+    row = {"backend": "llmopt", "batch": 1, "cache_len": 88, "decode_tokens_per_s": 50.0, "decode_step_s": 0.02,
+           "decode_step_spread_s": [0.019, 0.021], "roofline_fraction": 0.6, "ttft_s": 0.1, "rounds": 3}
+    data = {"benchmark": "decode", "loop": "static", "preset": "llama-100m", "dtype": "fp32",
+            "read_bandwidth_GBps": 30.0, "results": [dict(row)]}
+    old = "\n".join(mt.decode_tables([(Path("cpu-x-decode.json"), data)]))
+    assert "read bandwidth 30.0 GB/s;" in old and "| 60% |" in old
+    data.update(read_bandwidth_spread_GBps=[28.0, 33.5], results=[dict(row, forward_roofline_fraction=0.75)])
+    new = "\n".join(mt.decode_tables([(Path("cpu-x-decode.json"), data)]))
+    assert "read bandwidth 30.0 (spread 28.0–33.5) GB/s;" in new and "| 60% (forward 75%) |" in new
