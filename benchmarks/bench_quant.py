@@ -16,7 +16,7 @@ time on CPU.
   Llama-2-7B-shaped config cut to 4 layers.
 * ``compiled``: the same model under ``torch.compile(backend="llmopt")`` with a
   ``StaticCache``, float vs ``options={"quantize": ...}`` (quantized inside the graph), and
-  eager float as the common baseline (``bench_decode.run_backend``).
+  eager float as the common baseline (``run_backend``, over ``bench_decode.loop_static``).
 * ``model bytes``: bytes of all persistent tensors (what ``save_quantized`` writes) and
   of the linear weights alone.
 * ``linear``: one linear at M = 1 (the decode GEMV), weights streamed from memory (see
@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import environment  # noqa: E402
+from llmopt.codegen.locked_file import atomic_write_text  # noqa: E402
 from llmopt.codegen.timing import cuda_time_us, time_rounds  # noqa: E402
 from llmopt.tools.bench import device_info  # noqa: E402
 from llmopt.quant import W8A8, Int4WeightOnly, Int8WeightOnly, QuantizedLinear, quantize_, quantize_weight  # noqa: E402
@@ -201,9 +202,23 @@ def bench_decode(device: str, config: dict, tokens: int, prompt_len: int) -> dic
     return results
 
 
+def run_backend(model, forward, prompt, tokens: int, max_len: int) -> dict:
+    """One compiled variant through ``bench_decode.loop_static`` (HF StaticCache, greedy):
+    a first generation that compiles and warms (``warmup_s``), then a timed one (TTFT and
+    the median decode step)."""
+    from bench_decode import loop_static
+
+    start = time.perf_counter()
+    loop_static(model, forward, prompt, tokens, max_len)
+    warmup = time.perf_counter() - start
+    ttft, steps = loop_static(model, forward, prompt, tokens, max_len)
+    step = statistics.median(steps[1:] or steps)
+    return {"decode_tokens_per_s": prompt.shape[0] / step, "decode_step_s": step, "ttft_s": ttft,
+            "warmup_s": warmup}
+
+
 def bench_compiled(device: str, config: dict, tokens: int, prompt_len: int) -> dict:
     """Eager float vs llmopt float vs llmopt quantized, HF StaticCache, one process."""
-    from bench_decode import run_backend
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -343,8 +358,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     tag = "cuda" if "cuda" in devices else "cpu"
     path = os.path.join(args.out, f"{tag}-{dt.date.today().isoformat()}-quant.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
 
 

@@ -114,3 +114,18 @@ def test_timed_forward_records_decode_calls_only():
     timed(torch.zeros(2, 1, dtype=torch.long))
     timed(input_ids=torch.zeros(2, 1, dtype=torch.long))
     assert len(timed.take()) == 2 and timed.take() == []
+
+
+def test_bench_quant_compiled_variants_run(keep_num_threads, monkeypatch):
+    """bench_quant's compiled section (eager vs llmopt through bench_decode's static loop)
+    runs end to end on a one-layer model: it once imported a bench_decode helper that no
+    longer existed, and only a run catches that."""
+    import bench_quant
+
+    monkeypatch.setattr(bench_quant, "compiled_variants",
+                        lambda device: {"eager fp32": None, "llmopt int8": {"quantize": "int8"}})
+    config = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2)
+    results = bench_quant.bench_compiled("cpu", config, tokens=3, prompt_len=4)
+    assert list(results) == ["eager fp32", "llmopt int8"]
+    assert all(r["decode_tokens_per_s"] > 0 and r["speedup_vs_eager"] > 0 for r in results.values())
