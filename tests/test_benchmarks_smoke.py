@@ -97,6 +97,12 @@ def test_bench_decode_reports_the_forward_step_and_the_bandwidth_spread(loop, ke
     assert 0 < row["forward_step_s"] <= row["decode_step_s"] * 1.5  # a step's median holds its forward
     assert row["forward_step_spread_s"][0] <= row["forward_step_s"] <= row["forward_step_spread_s"][1]
     assert row["forward_roofline_fraction"] >= row["roofline_fraction"] * 0.6
+    # each round's step against the bandwidth sampled around that round, median over rounds
+    assert len(row["round_read_bandwidth_GBps"]) == len(row["forward_step_rounds_s"]) == rounds
+    paired = sorted(row["bytes_per_step"] / t / (b * 1e9)
+                    for t, b in zip(row["forward_step_rounds_s"], row["round_read_bandwidth_GBps"]))
+    assert row["forward_roofline_fraction"] == pytest.approx((paired[0] + paired[1]) / 2)
+    assert row["forward_roofline_fraction_run_median"] > 0
 
 
 def test_timed_forward_records_decode_calls_only():
