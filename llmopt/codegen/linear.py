@@ -94,20 +94,25 @@ def onednn_runs(dtype: torch.dtype) -> bool:
 # in-process medians): the whole llama-100m decode step at batch 1 is 1.12-1.31x faster
 # with it (four runs), compile time unchanged; per linear it streams a K = 768 weight at
 # x.sum()'s bandwidth, 1.2-1.5x oneDNN's, while oneDNN wins at K = 2048 (down_proj, 1.3-1.5x)
-# and at M = 4 (the generated loop reads the weight once per row). A K bound made no
-# difference to the whole step, so the rule is rows only. Two threads, quiet machine: the
-# step went 17.7-18.8 -> 14.2 ms with this and the traced attention twin. docs/executors.md.
+# and at M = 4 (the generated loop reads the weight once per row). Two threads, quiet
+# machine: the step went 17.7-18.8 -> 14.2 ms with this and the traced attention twin.
+# K bound: on llama-1b (K = 2048 and 5632 everywhere) the generated GEMV made the whole
+# step 1.11x slower than oneDNN (176 vs 157 ms, 3 interleaved rounds, 2 threads, quiet
+# machine), so weights with K > 1024 stay on oneDNN. docs/executors.md.
 FP32_GEMV_MAX_M = 1
+FP32_GEMV_MAX_K = 1024
 
 
-def cpu_linear_kernel(dtype: torch.dtype, rows) -> str:
-    """What :func:`linear_cpu` runs for ``rows`` rows (M) of ``dtype``: ``"fp32_gemv"`` (fp32,
-    M <= ``FP32_GEMV_MAX_M``: the generated GEMV inlined in a graph Inductor compiles, oneDNN
-    when the op is called), ``"onednn"`` (fp32), ``"bf16_gemv"`` (bf16, M <=
+def cpu_linear_kernel(dtype: torch.dtype, rows, k: int | None = None) -> str:
+    """What :func:`linear_cpu` runs for ``rows`` rows (M) of ``dtype`` and ``k`` input
+    features (None: not known, the M rule alone): ``"fp32_gemv"`` (fp32, M <=
+    ``FP32_GEMV_MAX_M`` and K <= ``FP32_GEMV_MAX_K``: the generated GEMV inlined in a graph
+    Inductor compiles, oneDNN when the op is called), ``"onednn"`` (fp32), ``"bf16_gemv"`` (bf16, M <=
     ``BF16_GEMV_MAX_M``: :mod:`llmopt.codegen.bf16_gemv_cpu`) or ``"mm"`` (``F.linear``).
     The one rule; the pass's kernel-choice reasons read it."""
     if onednn_runs(dtype):
-        return "fp32_gemv" if isinstance(rows, int) and 0 < rows <= FP32_GEMV_MAX_M else "onednn"
+        small_k = k is None or k <= FP32_GEMV_MAX_K
+        return "fp32_gemv" if isinstance(rows, int) and 0 < rows <= FP32_GEMV_MAX_M and small_k else "onednn"
     if bf16_gemv_runs(dtype, rows):
         return "bf16_gemv"
     return "mm"
@@ -124,7 +129,7 @@ def linear_cpu(x, weight, bias=None, residual=None, activation: str = ""):
     first; a compiled graph checked it when traced."""
     same = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    kernel = cpu_linear_kernel(x.dtype, rows) if same else "mm"
+    kernel = cpu_linear_kernel(x.dtype, rows, x.shape[-1]) if same else "mm"
     if kernel == "fp32_gemv":
         if compat.is_traced(x):  # Inductor's retrace: the expression becomes the graph's C++
             y = bf16_gemv_expression(x.reshape(rows, x.shape[-1]), weight, bias)
@@ -204,4 +209,4 @@ def _linear_fake(x, weight, bias, residual, activation, kernels):
     return x.new_empty((*x.shape[:-1], n_out))
 
 
-__all__ = ["FP32_GEMV_MAX_M", "linear", "linear_cpu", "cpu_linear_kernel", "onednn_runs", "linear_ref", "linear_triton", "select_kernel"]
+__all__ = ["FP32_GEMV_MAX_K", "FP32_GEMV_MAX_M", "linear", "linear_cpu", "cpu_linear_kernel", "onednn_runs", "linear_ref", "linear_triton", "select_kernel"]
