@@ -93,11 +93,12 @@ def test_qwen2_moe_shared_expert_is_held_once_after_prefill_and_decode(monkeypat
     with torch.no_grad():
         out = compiled(x, use_cache=True)
         assert_close(out.logits, eager_prefill, torch.float32, what="qwen2_moe prefill vs eager")
-        chunked, n_reports = [], len(llmopt.reports())
+        # the newest report, not the count: the registry keeps the last 64 (a full suite fills it)
+        chunked, last_report = [], (llmopt.reports() or [None])[-1]
         monkeypatch.setattr(shared_pass, "chunk_experts", lambda *a: chunked.append(a) or chunk_experts(*a))
         got = compiled(x[:, -1:] + 1, past_key_values=out.past_key_values).logits  # decode: a recompile
         assert_close(got, step, torch.float32, what="qwen2_moe decode vs eager")
-    assert len(llmopt.reports()) > n_reports  # the decode step did recompile
+    assert llmopt.reports()[-1] is not last_report  # the decode step did recompile
     assert not chunked, "the decode recompile re-chunked the (released) shared expert"
     for m in layers:
         for p in m.shared_expert.parameters():
