@@ -43,10 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from examples._options import add_model_options  # noqa: E402
 
 
+def attention_heads(hidden: int) -> int:
+    """Query heads of the benchmark's Llama (KV heads: half): head dim 64 at the CPU size,
+    128 at GPU sizes."""
+    return max(8, hidden // 128)
+
+
 def model_config(args):
     import transformers as tf
 
-    heads = max(8, args.hidden // 128)  # head dim 64 at the CPU size, 128 at GPU sizes
+    heads = attention_heads(args.hidden)
     return tf.LlamaConfig(vocab_size=8192, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
                           num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
                           max_position_embeddings=1024)
@@ -156,7 +162,7 @@ def results_payload(cases: dict, args, load: float) -> dict:
              "peak_RSS_MB_per_rank": c["peak_rss_mb"],
              **({"peak_CUDA_MB_per_rank": c["peak_cuda_mb"]} if "peak_cuda_mb" in c else {})}
             for name, c in cases.items()]
-    heads = max(8, args.hidden // 128)
+    heads = attention_heads(args.hidden)
     note = (f"Llama {args.layers} layers, hidden {args.hidden}, {heads} heads / {heads // 2} KV heads, vocab 8192, "
             f"{'bf16 on ' + args.device if args.device == 'cuda' else 'fp32'}; "
             f"decode slope between {4} and {4 + args.new_tokens} new tokens, median of {args.rounds}; "
