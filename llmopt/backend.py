@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from . import compat, frozen_weights, weight_release
+from . import compat, frozen_weights, heap_trim, weight_release
 from .codegen.cpu_decompositions import cpu_decompositions, twin_calls
 from .codegen.kernel_mode import kernel_mode
 from .frozen_weights import FrozenWeights
@@ -97,7 +97,7 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
                                        capture_seconds=time.perf_counter() - capture_start)
 
     try:
-        return compat.aot_inference_capture(gm, example_inputs, fw_compiler)
+        compiled = compat.aot_inference_capture(gm, example_inputs, fw_compiler)
     except Exception as exc:
         if opts.strict or compat.is_dynamo_control_flow(exc):
             raise
@@ -107,6 +107,10 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
         log.warning("llmopt: capture failed, running the graph unoptimized (detail in llmopt.last_report()): %s",
                     one_line_error(exc))
         return gm.forward
+    # The compile's freed native memory back to the OS before Dynamo builds its guards (the
+    # next peak of the process); docs/memory.md has the measurement.
+    heap_trim.trim_free_heap()
+    return compiled
 
 
 def _lifted_module_state(gm: fx.GraphModule) -> list[torch.Tensor]:
