@@ -140,23 +140,34 @@ def note_read(gm: torch.fx.GraphModule, constant: str, why: str = "") -> None:
             weight.derived = why or "the compiled graph uses a value computed from it at compile time"
 
 
-def share_storage(gm: torch.fx.GraphModule, new: str, parts: Sequence[tuple[str, ViewFn]]) -> int:
+def share_storage(gm: torch.fx.GraphModule, new: str, parts: Sequence[tuple[str, ViewFn]],
+                  fill: Callable[[int], None] | None = None) -> int:
     """The constant ``new`` replaces the constants ``parts[i][0]``, each equal to
     ``parts[i][1](new)``: rebind the user's tensors behind them as views into ``new`` and
     point the old constants there too, so their memory is freed. Returns how many user
-    tensors were rebound."""
+    tensors were rebound.
+
+    ``fill(i)``, when given, writes part ``i``'s values into ``new``; it is called just
+    before part ``i`` is rebound, after part ``i - 1``'s old storage lost its last
+    reference here. A caller that builds ``new`` this way and keeps no reference of its own
+    to the parts holds at most one part twice, never the whole of ``new`` (docs/memory.md)."""
     led = ledger(gm)
     if led is None:
+        for i in range(len(parts) if fill is not None else 0):
+            fill(i)
         return 0
     with real_tensor_mode():
-        return _share_storage(gm, led, new, parts)
+        return _share_storage(gm, led, new, parts, fill)
 
 
-def _share_storage(gm, led: FrozenWeights, new: str, parts) -> int:
+def _share_storage(gm, led: FrozenWeights, new: str, parts, fill: Callable[[int], None] | None = None) -> int:
     storage = _attr(gm, new)
     rebound = 0
     seen: set[int] = set()
-    for old, part in parts:
+    for i, (old, part) in enumerate(parts):
+        old_value = None  # the previous part's old constant: its last reference in this frame
+        if fill is not None:
+            fill(i)
         if old == new:
             continue
         old_value = _attr(gm, old)

@@ -16,8 +16,9 @@ attaches ``meta["llmopt_scheme"]``) only merge with members of the same scheme a
 size, through that scheme's own concatenation.
 
 Memory: the merged weight becomes the members' storage (``frozen_weights.share_storage``):
-the model's parameters are rebound as row views into it and their old memory is freed, so
-each weight is held once and in-place writes to a member (``load_state_dict``,
+the model's parameters are rebound as row views into it and their old memory is freed —
+member by member as the merged weight is filled, so that even while merging at most one
+member is held twice (not the group; docs/memory.md) — so each weight is held once and in-place writes to a member (``load_state_dict``,
 ``p.data.copy_``) reach the merged matmul. A recompile of the same model (a new shape)
 finds the members already adjacent in one storage and merges them without a copy
 (``frozen_weights.reusable_storage``), so every compiled graph reads the same memory.
@@ -91,12 +92,19 @@ def fuse(gm: fx.GraphModule, nodes: list[fx.Node], ctx) -> fx.Node:
     weights = [constant_value(gm, n.args[1], layout_only=True) for n in nodes]
     biases = [constant_value(gm, b, layout_only=True) if b is not None else None for b in bias_nodes]
     widths = [int(w.shape[0]) for w in weights]
+    fill = None
     with real_tensors():
         merged_w = reusable_storage(weights, widths)
         if merged_w is None:
-            for w in weights:  # a copy reads the values: never of a released weight's freed memory
-                check_readable(w, "merge_parallel_linears")
-            merged_w = torch.cat([w.detach() for w in weights], dim=0)
+            for i in range(len(weights)):  # a copy reads the values: never of a released weight's freed memory
+                check_readable(weights[i], "merge_parallel_linears")
+            # Built member by member while share_storage rebinds them (below): the empty
+            # rows are not resident until written, and each member's storage is freed as
+            # soon as it is a view of its rows, so the merge holds one member twice at most,
+            # not the whole group (a torch.cat would hold every member beside the result).
+            merged_w = weights[0].new_empty((sum(widths), *weights[0].shape[1:]))
+            fill = _row_filler(merged_w, weights, widths)
+        weights = None  # the filler holds the only reference left to the members
         merged_b = None
         if any(b is not None for b in biases):
             merged_b = reusable_storage(biases, widths)
@@ -108,7 +116,8 @@ def fuse(gm: fx.GraphModule, nodes: list[fx.Node], ctx) -> fx.Node:
     w_node = add_constant(gm, "merged_weight", merged_w, first)
     b_node = add_constant(gm, "merged_bias", merged_b, first) if merged_b is not None else None
     starts = [sum(widths[:i]) for i in range(len(widths))]
-    share_storage(gm, w_node.target, [(n.args[1].target, _rows(s, w)) for n, s, w in zip(nodes, starts, widths)])
+    share_storage(gm, w_node.target, [(n.args[1].target, _rows(s, w)) for n, s, w in zip(nodes, starts, widths)],
+                  fill=fill)
     if b_node is not None:
         share_storage(gm, b_node.target, [(b.target, _rows(s, w)) for b, s, w in zip(bias_nodes, starts, widths) if b is not None])
     with gm.graph.inserting_before(first):
@@ -127,6 +136,19 @@ def fuse(gm: fx.GraphModule, nodes: list[fx.Node], ctx) -> fx.Node:
     names = ", ".join(_short(n) for n in nodes)
     ctx.rewrite(merged, f"merged {len(nodes)} linears ({names}) → N={sum(widths)}, K={int(merged_w.shape[1])}")
     return merged
+
+
+def _row_filler(merged: torch.Tensor, members: list[torch.Tensor], widths: list[int]):
+    """``fill(i)``: copy member ``i`` into its rows of ``merged`` and drop the reference to it."""
+    members = list(members)
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+
+    def fill(i: int) -> None:
+        with real_tensors():
+            merged[starts[i]:starts[i] + widths[i]].copy_(members[i].detach())
+        members[i] = None
+
+    return fill
 
 
 def _rows(start: int, width: int):

@@ -84,3 +84,41 @@ def test_rewrite_count_on_hf_architectures(family):
     assert report.rewrites_by_pass()[PASS] == EXPECTED[family] * layers
     hits = [r.layer for r in report.rewrites if r.pass_name == PASS]
     assert all(".0." in h or ".1." in h for h in hits), hits
+
+
+def test_merge_frees_each_member_before_copying_the_next(monkeypatch):
+    """The merged weight is filled member by member, and each member's storage is freed as
+    soon as it is a view of its rows: when member i is copied, members 0..i-1 are gone, so
+    the merge holds at most one member twice, never the whole group (docs/memory.md).
+    Tracked on the storages themselves (weak references), not on timing or RSS."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    import llmopt.passes.merge_parallel_linears as merge
+
+    checked = []
+    share = merge.share_storage
+
+    def tracking(gm, new, parts, fill=None):
+        if fill is None:
+            return share(gm, new, parts, fill)
+        members = [StorageWeakRef(getattr(gm, old).untyped_storage()) for old, _ in parts]
+
+        def checked_fill(i):
+            still_held = [j for j in range(i) if not members[j].expired()]
+            checked.append((len(parts), i, still_held))
+            fill(i)
+
+        return share(gm, new, parts, checked_fill)
+
+    monkeypatch.setattr(merge, "share_storage", tracking)
+    model = tiny_model("llama")
+    x = tokens(1, 6)
+    with torch.no_grad():
+        expected = model(x).logits
+    out, report = run(model, x)
+    assert_close(out.logits, expected, torch.float32)
+    groups = sum(r.pass_name == PASS for r in report.rewrites)
+    assert groups == 2 * model.config.num_hidden_layers  # Q/K/V and gate/up of every layer
+    # Every member of every group was filled, and no earlier member of its group was alive.
+    assert len(checked) == 5 * model.config.num_hidden_layers
+    assert all(not held for _, _, held in checked), [c for c in checked if c[2]]
