@@ -70,8 +70,23 @@ def build(gm: fx.GraphModule, triples: list[list[fx.Node]], before: fx.Node) -> 
                 # Released by an earlier compile (weight_release) but not laid out as its
                 # stacks: a copy would need the values.
                 check_readable(part, "stacking a per-expert MoE loop again (use llmopt.prepare_moe(model))")
-            stacks = (torch.stack([torch.cat([g, u], dim=0) for g, u, _ in parts]), torch.stack([d for _, _, d in parts]))
+            stacks = (_stack_pairs(parts), torch.stack([d for _, _, d in parts]))
     return add_constant(gm, "moe_gate_up_stack", stacks[0], before), add_constant(gm, "moe_down_stack", stacks[1], before)
+
+
+def _stack_pairs(parts) -> torch.Tensor:
+    """The [E, 2I, H] stack of each expert's gate rows then up rows, written in place: a
+    ``torch.stack`` of per-expert ``torch.cat``s would hold every pair a third time while
+    stacking (docs/memory.md)."""
+    g0 = parts[0][0]
+    if any(t.dtype != g0.dtype or t.device != g0.device or t.shape != g0.shape for g, u, _ in parts for t in (g, u)):
+        return torch.stack([torch.cat([g, u], dim=0) for g, u, _ in parts])  # promotes / checks as torch does
+    inter = g0.shape[0]
+    stack = g0.new_empty((len(parts), 2 * inter, *g0.shape[1:]))
+    for e, (g, u, _) in enumerate(parts):
+        stack[e, :inter].copy_(g)
+        stack[e, inter:].copy_(u)
+    return stack
 
 
 def _earlier_stacks(parts) -> tuple[torch.Tensor, torch.Tensor] | None:
