@@ -40,6 +40,7 @@ import torch.fx as fx
 from . import compat, frozen_weights, weight_release
 from .codegen.cpu_decompositions import cpu_decompositions, twin_calls
 from .codegen.kernel_mode import kernel_mode
+from .decompose import decompose
 from .frozen_weights import FrozenWeights
 from .graph import count_ops, networkx_view, op_histogram, tensor_meta
 from .options import Options
@@ -421,7 +422,8 @@ def _make_executor(gm, fake_inputs, executor, report, opts, device, static_idxs)
                                 "cuda_graphs=False)")
         try:
             run = compat.inductor_compile(gm, fake_inputs, cudagraphs=graphs, static_input_idxs=static_idxs,
-                                          decompositions=_cpu_inductor_decompositions(gm, device.type))
+                                          decompositions=_cpu_inductor_decompositions(gm, device.type),
+                                          decompose=decompose)
             return _refuse_nested_capture(run) if graphs else run
         except Exception as exc:
             if opts.strict or compat.is_dynamo_control_flow(exc):
