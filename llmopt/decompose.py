@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from . import compat
+from .graph import attr_value
 
 log = logging.getLogger("llmopt")
 
@@ -84,15 +85,9 @@ def _decompose_selected(gm: fx.GraphModule, table: dict) -> fx.GraphModule:
         env[node] = graph.node_copy(node, lambda n: env[n])
     # The new module holds the same tensors as ``gm`` (by reference) and the decompositions'
     # own constants.
-    attrs = {n.target: constants[n.target] if n.target in constants else _attr(gm, n.target)
+    attrs = {n.target: constants[n.target] if n.target in constants else attr_value(gm, n.target)
              for n in graph.nodes if n.op == "get_attr"}
     return fx.GraphModule(attrs, graph)
-
-
-def _attr(module: torch.nn.Module, target: str) -> Any:
-    for name in target.split("."):
-        module = getattr(module, name)
-    return module
 
 
 def _inline(graph: fx.Graph, node: fx.Node, env: dict, table: dict, constants: dict, traces: dict) -> Any:
