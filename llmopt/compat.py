@@ -151,7 +151,9 @@ def _constants_by_reference(gm: torch.fx.GraphModule) -> None:
 def has_composite_implicit_kernel(op: Any) -> bool:
     """Whether ``op`` (an ATen op overload) has a ``CompositeImplicitAutograd`` kernel: a
     trace below autograd (``make_fx``) records its parts, never the op itself."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
+    key = torch._C.DispatchKey.CompositeImplicitAutograd
+    # A Python kernel (``op.py_impl``) counts too: make_fx traces with the Python dispatcher.
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key) or key in getattr(op, "py_kernels", {})
 
 
 def custom_op_python_impl(op: Any, device_type: str) -> Callable | None:
