@@ -148,6 +148,12 @@ def _constants_by_reference(gm: torch.fx.GraphModule) -> None:
     record_has_frozen_params(gm)
 
 
+def is_op_overload(target: Any) -> bool:
+    """Whether an FX node's target is a dispatcher op overload (``aten.mm.default``, an
+    llmopt op), rather than a Python function or a higher-order op."""
+    return isinstance(target, torch._ops.OpOverload)
+
+
 def has_composite_implicit_kernel(op: Any) -> bool:
     """Whether ``op`` (an ATen op overload) has a ``CompositeImplicitAutograd`` kernel: a
     trace below autograd (``make_fx``) records its parts, never the op itself."""

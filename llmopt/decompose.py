@@ -31,6 +31,7 @@ from .graph import attr_value
 
 log = logging.getLogger("llmopt")
 
+
 class _Unsupported(Exception):
     """The shortcut does not apply to this graph: retrace it whole."""
 
@@ -56,7 +57,7 @@ def _needs_retrace(node: fx.Node, table: dict) -> bool:
     target = node.target
     if target is operator.getitem:
         return False
-    if not isinstance(target, torch._ops.OpOverload):
+    if not compat.is_op_overload(target):
         raise _Unsupported(f"call of {target!r}")
     return target in table or compat.has_composite_implicit_kernel(target)
 
