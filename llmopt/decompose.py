@@ -97,7 +97,10 @@ def _inline(graph: fx.Graph, node: fx.Node, env: dict, table: dict, constants: d
 
     A trace depends only on the op, the arguments that are not tensors and the tensors'
     metadata (their values are fake), so one trace serves every node that has the same
-    (the same op in each decoder layer): ``traces`` holds them by that key."""
+    (the same op in each decoder layer): ``traces`` holds them by that key. The copies of
+    one trace share its fake values (``meta["val"]``); Inductor reads their metadata, and
+    the code it generated from such a graph was checked to have the same kernels as from
+    the whole retrace (docs/compile_time.md)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     inputs: list[fx.Node] = []
