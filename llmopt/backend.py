@@ -40,8 +40,9 @@ import torch.fx as fx
 from . import compat, frozen_weights, heap_trim, weight_release
 from .codegen.cpu_decompositions import cpu_decompositions, twin_calls
 from .codegen.kernel_mode import kernel_mode
+from .decompose import decompose
 from .frozen_weights import FrozenWeights
-from .graph import count_ops, networkx_view, op_histogram, tensor_meta
+from .graph import attr_value, count_ops, networkx_view, op_histogram, tensor_meta
 from .options import Options
 from .passes import PassContext, run_pipeline
 from .passes.select_linear_kernel import resolve_tuning_table
@@ -174,26 +175,36 @@ def compile_inference_graph(
     table = (resolve_tuning_table(opts, _device_and_dtypes(fake_inputs)[0])
              if opts.enabled("select_linear_kernel") else None)
     job = _FrozenCompile(fake_inputs, n_lifted, opts, tuple(input_names), table)
-    pristine = _copy_module(gm) if opts.freeze else None
+    pristine = _Pristine(gm) if opts.freeze else None
     first, positions = _compile_frozen(gm, real_inputs, job, capture_seconds)
     if pristine is None or not positions:
         return first
 
     def compile_variant(args):
-        fn, _ = _compile_frozen(_copy_module(pristine), list(args), job)
+        fn, _ = _compile_frozen(pristine.module(), list(args), job)
         return fn
 
     return _per_weight_set(first, positions, real_inputs, compile_variant)
 
 
-def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
+def _copy_graph(gm: fx.GraphModule | fx.Graph) -> fx.Graph:
     graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
+    graph.output(graph.graph_copy(gm if isinstance(gm, fx.Graph) else gm.graph, {}))
     return graph
 
 
-def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
-    return fx.GraphModule(gm, _copy_graph(gm))
+class _Pristine:
+    """A captured graph as it was before freezing and the passes, for the compiles of other
+    weight sets: a copy of its nodes and the tensors its ``get_attr`` nodes name. Cheaper
+    than a ``GraphModule`` copy, whose Python code would be generated at every compile
+    and used only when a second weight set comes (rarely)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.graph = _copy_graph(gm)
+        self.attrs = {n.target: attr_value(gm, n.target) for n in self.graph.nodes if n.op == "get_attr"}
+
+    def module(self) -> fx.GraphModule:
+        return fx.GraphModule(self.attrs, _copy_graph(self.graph))
 
 
 def _per_weight_set(first: Callable, positions: list[int], real_inputs: list[Any],
@@ -425,7 +436,8 @@ def _make_executor(gm, fake_inputs, executor, report, opts, device, static_idxs)
                                 "cuda_graphs=False)")
         try:
             run = compat.inductor_compile(gm, fake_inputs, cudagraphs=graphs, static_input_idxs=static_idxs,
-                                          decompositions=_cpu_inductor_decompositions(gm, device.type))
+                                          decompositions=_cpu_inductor_decompositions(gm, device.type),
+                                          decompose=decompose)
             return _refuse_nested_capture(run) if graphs else run
         except Exception as exc:
             if opts.strict or compat.is_dynamo_control_flow(exc):

@@ -69,6 +69,7 @@ def inductor_compile(
     cudagraphs: bool = False,
     static_input_idxs: Sequence[int] = (),
     decompositions: dict | None = None,
+    decompose: Callable[[torch.fx.GraphModule, Sequence[Any], dict], torch.fx.GraphModule] | None = None,
 ) -> Callable:
     """Compile an ATen inference graph with Inductor; returns a boxed callable.
 
@@ -77,7 +78,9 @@ def inductor_compile(
     with ``mark_static_address``), which the replay then reads in place instead of copying.
     ``decompositions`` (op overload -> function) are applied on top of Inductor's own when
     the graph is retraced: llmopt ops named there are inlined as ATen (on CPU,
-    ``codegen.cpu_decompositions``), the others stay extern calls.
+    ``codegen.cpu_decompositions``), the others stay extern calls. ``decompose(gm, inputs,
+    table)`` applies the table (default: ``make_fx`` retraces the whole graph;
+    ``llmopt.decompose.decompose`` retraces only the nodes that need it).
     """
     from torch._inductor.compile_fx import compile_fx_inner
 
@@ -96,7 +99,10 @@ def inductor_compile(
 
         table = dict(select_decomp_table())
         table.update(decompositions or {})
-        gm = make_fx(gm, decomposition_table=table)(*example_inputs)
+        if decompose is not None:
+            gm = decompose(gm, example_inputs, table)
+        else:
+            gm = make_fx(gm, decomposition_table=table)(*example_inputs)
         _constants_by_reference(gm)
         # is_inference: the graph has no backward. Without it cudagraph trees record in
         # forward mode, expect a backward that never comes, and never reach their replay
@@ -140,6 +146,20 @@ def _constants_by_reference(gm: torch.fx.GraphModule) -> None:
         if isinstance(value, torch.Tensor):
             value._is_frozen_param = True
     record_has_frozen_params(gm)
+
+
+def is_op_overload(target: Any) -> bool:
+    """Whether an FX node's target is a dispatcher op overload (``aten.mm.default``, an
+    llmopt op), rather than a Python function or a higher-order op."""
+    return isinstance(target, torch._ops.OpOverload)
+
+
+def has_composite_implicit_kernel(op: Any) -> bool:
+    """Whether ``op`` (an ATen op overload) has a ``CompositeImplicitAutograd`` kernel: a
+    trace below autograd (``make_fx``) records its parts, never the op itself."""
+    key = torch._C.DispatchKey.CompositeImplicitAutograd
+    # A Python kernel (``op.py_impl``) counts too: make_fx traces with the Python dispatcher.
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key) or key in getattr(op, "py_kernels", {})
 
 
 def custom_op_python_impl(op: Any, device_type: str) -> Callable | None:

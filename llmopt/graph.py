@@ -177,6 +177,13 @@ def fake_like(anchor: fx.Node, tensor: torch.Tensor):
     return tensor
 
 
+def attr_value(module: Any, target: str) -> Any:
+    """What a ``get_attr`` node with this ``target`` (``a.b.c``) reads from ``module``."""
+    for name in target.split("."):
+        module = getattr(module, name)
+    return module
+
+
 def free_attr_name(gm, base: str) -> str:
     """``base``, or ``base_1``, ``base_2``...: the first name no attribute of ``gm`` has yet
     (for submodules and constants a pass adds)."""

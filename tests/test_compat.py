@@ -81,6 +81,15 @@ def test_inductor_compile_of_a_make_fx_graph_with_real_inputs():
     torch.testing.assert_close(out, x @ w.float().t())
 
 
+def test_op_overloads_and_what_make_fx_splits():
+    aten = torch.ops.aten
+    assert compat.has_composite_implicit_kernel(aten.linear.default)
+    assert compat.has_composite_implicit_kernel(aten.reshape.default)
+    assert not compat.has_composite_implicit_kernel(aten.mm.default)
+    assert not compat.has_composite_implicit_kernel(aten.silu.default)
+    assert compat.is_op_overload(aten.mm.default) and not compat.is_op_overload(torch.nn.functional.silu)
+
+
 def test_dynamo_control_flow_exceptions_are_recognized():
     import torch._dynamo.exc as dynamo_exc
 
