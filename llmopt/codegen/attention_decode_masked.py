@@ -26,7 +26,7 @@ import torch
 
 # Caches with at most this many slots run decode attention over their whole capacity
 # (above); larger ones keep the valid-prefix twin. See docs/executors.md for the figures.
-FULL_CAPACITY_MAX_SLOTS = 256
+FULL_CAPACITY_MAX_SLOTS = 128
 
 
 def full_capacity_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
