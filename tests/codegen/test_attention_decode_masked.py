@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from codegen.test_attention_decode import DTYPES, ground_truth, left_padding_mask, make_inputs
+from codegen.test_attention_decode import DTYPES, draw_cpu_case, ground_truth, left_padding_mask, make_inputs
 from conftest import assert_close
 from llmopt.codegen.attention_decode_masked import (
     FULL_CAPACITY_MAX_SLOTS,
@@ -33,30 +33,14 @@ def poison_past_lengths(cache: torch.Tensor, lens) -> torch.Tensor:
 
 @given(data=st.data())
 def test_matches_fp64_with_nan_past_the_lengths(data):
-    B = data.draw(st.integers(1, 3), label="B")
-    Hkv = data.draw(st.integers(1, 3), label="Hkv")
-    G = data.draw(st.sampled_from([1, 2, 4]), label="group")
-    D = data.draw(st.sampled_from([16, 64, 80]), label="D")
-    S = data.draw(st.sampled_from([1, 7, 17, 100]), label="S_max")
-    dtype = data.draw(st.sampled_from(DTYPES + (torch.float64,)), label="dtype")
-    lens = data.draw(st.lists(st.integers(1, S), min_size=B, max_size=B), label="kv_lens")
-    strided = data.draw(st.booleans(), label="strided")
-    window = data.draw(st.sampled_from([0, 0, 1, 5]), label="window")
-    softcap = data.draw(st.sampled_from([0.0, 0.0, 30.0]), label="softcap")
-    kind = data.draw(st.sampled_from([None, "bool", "-inf", "min"]), label="mask")
-    q, k, v, kv_lens = make_inputs(B, Hkv, G, D, S, dtype, lens, strided)
-    mask = None
-    if kind is not None:
-        pads = [data.draw(st.integers(0, n - 1), label="pad") for n in lens]
-        mask = left_padding_mask(lens, pads, S, kind, dtype if dtype != torch.float64 else torch.float32)
-        if mask.dtype != torch.bool:
-            mask = mask.to(dtype)
+    q, k, v, kv_lens, mask, window, softcap = draw_cpu_case(data, DTYPES + (torch.float64,))
+    lens = kv_lens.tolist()
     truth = ground_truth(q, k, v, kv_lens, mask, 0.125, window=window, softcap=softcap)
     k, v = poison_past_lengths(k, lens), poison_past_lengths(v, lens)
     got = attention_decode_full_capacity(q, k, v, kv_lens, mask, 0.125, window=window, softcap=softcap)
     assert got.shape == q.shape and got.dtype == q.dtype
     assert torch.isfinite(got).all(), "NaN past a sequence's length leaked into its output"
-    assert_close(got, truth, dtype=dtype, what="full capacity vs fp64")
+    assert_close(got, truth, dtype=q.dtype, what="full capacity vs fp64")
 
 
 def test_rows_with_nothing_to_attend_to_are_zero():
