@@ -20,8 +20,13 @@ MoE routing is in the table as ATen, and the fused-experts ops (float, int8, int
 at decode sizes a GEMV whose weight loads are indexed by the expert id, at prefill sizes
 their sorted path through the CPU twin (``codegen.moe_cpu``).
 
-Kept opaque (not in the table): the ops whose work depends on run-time lengths (attention
-over the valid KV prefix, paged attention), and the quantized linears (their CPU GEMVs are compiled on their own, ``int8_weight_only_cpu``). Inductor
+Decode attention is in the table with two forms: over a static cache of at most
+``attention_decode_masked.FULL_CAPACITY_MAX_SLOTS`` slots, ATen over the whole capacity
+masked by the valid lengths (Inductor fuses it into the layer's C++, no Python per layer);
+over a larger cache, a call to its CPU twin, which reads only the valid prefix.
+
+Kept opaque (not in the table): the ops whose work depends on run-time lengths (paged
+attention), and the quantized linears (their CPU GEMVs are compiled on their own, ``int8_weight_only_cpu``). Inductor
 calls those through the dispatcher, and a ``torch.library.custom_op`` call pays Python
 autograd and in-place/view wrappers there (about 30 us, twice that for an op that mutates,
 measured on the CI machine, against about 5 us for a plain library op). So each opaque op
