@@ -69,7 +69,12 @@ def _greedy(model, forward, prompt, steps=6):
     return seq
 
 
-def test_decode_over_a_static_cache_gives_eager_tokens(shipped_default):
+@pytest.mark.parametrize("attention", ["full_capacity", "twin"])
+def test_decode_over_a_static_cache_gives_eager_tokens(attention, shipped_default, monkeypatch):
+    """Decode attention as Inductor-fused ATen over the 32-slot cache's whole capacity, and
+    (bound lowered to 0) as the CPU twin over the valid prefix: eager's greedy tokens."""
+    if attention == "twin":
+        monkeypatch.setattr("llmopt.codegen.attention_decode_masked.FULL_CAPACITY_MAX_SLOTS", 0)
     model = tiny_model("llama")
     prompt = tokens(1, 7)
 
@@ -109,6 +114,36 @@ def test_decompositions_compute_what_the_ops_compute():
         want, got = op(*args), table[op](*args)
         for a, e in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
             assert_close(a, e, torch.float32, what=str(op))
+
+
+@pytest.mark.parametrize("capacity", [16, 200])
+def test_decode_attention_is_inlined_for_small_caches_only(capacity):
+    """Retraced for Inductor (make_fx with the CPU table), ``attention_decode`` over a cache
+    of at most ``FULL_CAPACITY_MAX_SLOTS`` slots becomes ATen (no call left), over a larger
+    one a call to its CPU twin; called (the aten executor), it is the op's CPU function.
+    All three against the op."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from llmopt.codegen.attention_decode_masked import FULL_CAPACITY_MAX_SLOTS
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    kc, vc = (torch.randn(2, 2, capacity, 16, generator=g) for _ in range(2))
+    lens = torch.tensor([capacity // 2, capacity // 2])
+    mask = torch.ones(2, 1, 1, capacity, dtype=torch.bool)
+    op, table = torch.ops.llmopt.attention_decode.default, cpu_decompositions()
+
+    def run(q, kc, vc, lens, mask):
+        return op(q, kc, vc, lens, mask, 0.25)
+
+    gm = make_fx(run, decomposition_table=table, tracing_mode="fake")(q, kc, vc, lens, mask)
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    twin_called = any("llmopt_cpu.attention_decode" in t for t in targets)
+    assert twin_called == (capacity > FULL_CAPACITY_MAX_SLOTS)
+    assert not any(t.startswith("llmopt.") for t in targets)
+    want = op(q, kc, vc, lens, mask, 0.25)
+    assert_close(gm(q, kc, vc, lens, mask), want, torch.float32, what="retraced")
+    assert_close(table[op](q, kc, vc, lens, mask, 0.25), want, torch.float32, what="called")
 
 
 def test_cache_write_decompositions_write_what_the_ops_write():

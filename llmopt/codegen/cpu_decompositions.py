@@ -20,8 +20,13 @@ MoE routing is in the table as ATen, and the fused-experts ops (float, int8, int
 at decode sizes a GEMV whose weight loads are indexed by the expert id, at prefill sizes
 their sorted path through the CPU twin (``codegen.moe_cpu``).
 
-Kept opaque (not in the table): the ops whose work depends on run-time lengths (attention
-over the valid KV prefix, paged attention), and the quantized linears (their CPU GEMVs are compiled on their own, ``int8_weight_only_cpu``). Inductor
+Decode attention is in the table with two forms: over a static cache of at most
+``attention_decode_masked.FULL_CAPACITY_MAX_SLOTS`` slots, ATen over the whole capacity
+masked by the valid lengths (Inductor fuses it into the layer's C++, no Python per layer);
+over a larger cache, a call to its CPU twin, which reads only the valid prefix.
+
+Kept opaque (not in the table): the ops whose work depends on run-time lengths (paged
+attention), and the quantized linears (their CPU GEMVs are compiled on their own, ``int8_weight_only_cpu``). Inductor
 calls those through the dispatcher, and a ``torch.library.custom_op`` call pays Python
 autograd and in-place/view wrappers there (about 30 us, twice that for an op that mutates,
 measured on the CI machine, against about 5 us for a plain library op). So each opaque op
@@ -47,7 +52,10 @@ import torch
 
 from llmopt import compat
 
-from llmopt.codegen.attention_decode_ref import attention_decode_cpu_traced
+import llmopt.codegen.attention_decode  # noqa: F401 - registers llmopt::attention_decode, which _attention_decode names
+
+from llmopt.codegen.attention_decode_masked import attention_decode_full_capacity, full_capacity_applies
+from llmopt.codegen.attention_decode_ref import attention_decode_cpu_traced, attention_decode_fallback
 from llmopt.codegen.gated_activation import gated_activation_ref
 from llmopt.codegen.kv_cache import kv_cache_append_ref, rope_kv_cache_append_ref
 from llmopt.codegen.linear import linear_cpu
@@ -82,11 +90,24 @@ def _moe(decomposition: Callable, op: torch._ops.OpOverload, reference: Callable
     return run
 
 
+def _attention_decode(q, k_cache, v_cache, kv_lens, mask, scale, window=0, softcap=0.0, unified_max=None):
+    # Traced for Inductor: over a small cache's whole capacity as fused ATen (no Python per
+    # layer), else the CPU twin over the valid prefix (``codegen.attention_decode_masked``).
+    # Called (the aten executor): what the op runs on CPU.
+    args = (q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
+    if not compat.is_traced(q):
+        return attention_decode_fallback(*args)
+    if full_capacity_applies(q, k_cache):
+        return attention_decode_full_capacity(*args)
+    return cpu_twin(torch.ops.llmopt.attention_decode.default)(*args)
+
+
 def cpu_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """op overload -> its CPU decomposition (see the module docstring)."""
     ops = torch.ops.llmopt
     return {
         ops.linear.default: _linear,
+        ops.attention_decode.default: _attention_decode,
         ops.rms_norm.default: rms_norm_ref,
         ops.add_rms_norm.default: add_rms_norm_ref,
         ops.layer_norm.default: layer_norm_ref,

@@ -83,6 +83,31 @@ def left_padding_mask(lens, pads, S, kind, dtype=torch.float32):
     return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, neg)
 
 
+def draw_cpu_case(data, dtypes=DTYPES):
+    """A hypothesis-drawn case for the CPU paths: ``(q, k, v, kv_lens, mask, window,
+    softcap)`` — ragged or equal lengths, strided or not, masks (bool, -inf, dtype min),
+    windows and soft-caps."""
+    B = data.draw(st.integers(1, 3), label="B")
+    Hkv = data.draw(st.integers(1, 3), label="Hkv")
+    G = data.draw(st.sampled_from([1, 2, 4]), label="group")
+    D = data.draw(st.sampled_from([16, 64, 80]), label="D")
+    S = data.draw(st.sampled_from([1, 7, 17, 100]), label="S_max")
+    dtype = data.draw(st.sampled_from(dtypes), label="dtype")
+    same = data.draw(st.booleans(), label="equal lengths")
+    length = st.integers(1, S)
+    lens = [data.draw(length, label="len")] * B if same else data.draw(st.lists(length, min_size=B, max_size=B))
+    strided = data.draw(st.booleans(), label="strided")
+    window = data.draw(st.sampled_from([0, 0, 1, 5]), label="window")
+    softcap = data.draw(st.sampled_from([0.0, 0.0, 30.0]), label="softcap")
+    kind = data.draw(st.sampled_from([None, "bool", "-inf", "min"]), label="mask")
+    q, k, v, kv_lens = make_inputs(B, Hkv, G, D, S, dtype, lens, strided)
+    mask = None
+    if kind is not None:
+        pads = [data.draw(st.integers(0, n - 1), label="pad") for n in lens]
+        mask = left_padding_mask(lens, pads, S, kind, dtype)
+    return q, k, v, kv_lens, mask, window, softcap
+
+
 # ---------------------------------------------------------------------------------------
 # numerics
 # ---------------------------------------------------------------------------------------
@@ -343,28 +368,11 @@ def test_cpu_implementation_matches_fp64(cpu_impl, data):
     """The CPU paths (fused SDPA over the valid prefix, the reference where SDPA cannot
     express the case; the traced one, which the CPU twin runs, with the contract checks
     left to the trace) against the fp64 truth, masks and windows included."""
-    B = data.draw(st.integers(1, 3), label="B")
-    Hkv = data.draw(st.integers(1, 3), label="Hkv")
-    G = data.draw(st.sampled_from([1, 2, 4]), label="group")
-    D = data.draw(st.sampled_from([16, 64, 80]), label="D")
-    S = data.draw(st.sampled_from([1, 7, 17, 100]), label="S_max")
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    same = data.draw(st.booleans(), label="equal lengths")
-    length = st.integers(1, S)
-    lens = [data.draw(length, label="len")] * B if same else data.draw(st.lists(length, min_size=B, max_size=B))
-    strided = data.draw(st.booleans(), label="strided")
-    window = data.draw(st.sampled_from([0, 0, 1, 5]), label="window")
-    softcap = data.draw(st.sampled_from([0.0, 0.0, 30.0]), label="softcap")
-    kind = data.draw(st.sampled_from([None, "bool", "-inf", "min"]), label="mask")
-    q, k, v, kv_lens = make_inputs(B, Hkv, G, D, S, dtype, lens, strided)
-    mask = None
-    if kind is not None:
-        pads = [data.draw(st.integers(0, n - 1), label="pad") for n in lens]
-        mask = left_padding_mask(lens, pads, S, kind, dtype)
+    q, k, v, kv_lens, mask, window, softcap = draw_cpu_case(data)
     got = cpu_impl(q, k, v, kv_lens, mask, 0.125, window=window, softcap=softcap)
     assert got.shape == q.shape and got.dtype == q.dtype
     truth = ground_truth(q, k, v, kv_lens, mask, 0.125, window=window, softcap=softcap)
-    assert_close(got, truth, dtype=dtype, what="cpu path vs fp64")
+    assert_close(got, truth, dtype=q.dtype, what="cpu path vs fp64")
 
 
 @pytest.mark.parametrize("cpu_impl", [attention_decode_cpu, attention_decode_cpu_traced], ids=["checked", "traced"])
