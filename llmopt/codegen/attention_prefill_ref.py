@@ -192,11 +192,14 @@ def attention_prefill_cpu_traced(q, k, v, mask, kv_lens, q_offsets, scale, causa
     what Hugging Face's static-cache mask is then), or else passed as one boolean (or, for
     an additive mask, one float in q's dtype) tensor. Anything else runs the reference.
 
-    Why: the reference computes in fp32. In bf16 that is four casts per call (q, k, v and
-    the output: ~10% of the llama-100m bf16 prefill on the CI machine) and an fp32 SDPA,
-    where ATen's CPU flash attention already accumulates bf16/fp16 in fp32 (its scores,
-    softmax and output accumulator), as eager Hugging Face and Inductor's graph run it.
-    The causal path skips the blocks above the diagonal and builds no mask.
+    Why: the reference computes in fp32. In bf16 that is four copies per call (q, k, v and
+    the output) and an fp32 SDPA with a float mask, where ATen's CPU flash attention
+    already accumulates bf16/fp16 in fp32 (its scores, softmax and output accumulator), as
+    eager Hugging Face and Inductor's graph run it. The causal path skips the blocks above
+    the diagonal and builds no mask. Measured on the CI machine (one thread, llama-100m
+    shapes, prompt 64): 490-640 us per call through the reference, ~360 us here (docs/executors.md).
+    An additive mask of another dtype than q's (its -inf/finfo.min would not survive the
+    cast) takes the reference.
     """
     if softcap > 0 or q.dtype == torch.float64 or q.numel() == 0 or kernel_mode() == "reference":
         return attention_prefill_ref(q, k, v, mask, kv_lens, q_offsets, scale, causal, window, softcap)
@@ -215,9 +218,10 @@ def attention_prefill_cpu_traced(q, k, v, mask, kv_lens, q_offsets, scale, causa
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.contiguous()
     allowed, bias = _allowed_keys(q, k, mask, None, q_offsets, causal, window)
-    if not bool(allowed.any(dim=-1).all()):  # a row with no key is 0: the reference's rule
+    if (bias is not None and bias.dtype != q.dtype) or not bool(allowed.any(dim=-1).all()):
+        # (a row with no key is 0: the reference's rule)
         return attention_prefill_ref(q, k, v, mask, kv_lens, q_offsets, scale, causal, window, softcap)
-    attn_mask = allowed if bias is None else torch.where(allowed, bias.to(q.dtype), float("-inf"))
+    attn_mask = allowed if bias is None else torch.where(allowed, bias, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
     return out.contiguous()
 

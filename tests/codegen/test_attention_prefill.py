@@ -427,8 +427,9 @@ def test_compiled_cpu_path_causal_only_for_an_exact_lower_triangle(dtype):
 
 
 def test_compiled_cpu_path_hands_the_rare_cases_to_the_reference():
-    """Ragged lengths, a row with no key, soft-capping and fp64 run the reference, which
-    zeroes keys past a sequence's length and rows with no key."""
+    """Ragged lengths, a row with no key, soft-capping, an additive mask of another dtype
+    and fp64 run the reference, which zeroes keys past a sequence's length and rows with no
+    key."""
     q, k, v = make_qkv(2, 4, 2, 5, 12, 64, torch.float32)
     ragged = torch.tensor([12, 6], dtype=torch.int32)
     no_key = torch.ones(2, 1, 5, 12, dtype=torch.bool)
@@ -437,6 +438,10 @@ def test_compiled_cpu_path_hands_the_rare_cases_to_the_reference():
                  (None, None, None, 0.125, True, 0, 30.0)):
         want = attention_prefill_ref(q, k, v, *args)
         assert torch.equal(attention_prefill_cpu_traced(q, k, v, *args), want)
+    qh, kh, vh = (t.half() for t in (q, k, v))  # an fp32 finfo.min mask would overflow fp16
+    wide = torch.zeros(2, 1, 5, 12).masked_fill(~no_key, torch.finfo(torch.float32).min)
+    assert torch.equal(attention_prefill_cpu_traced(qh, kh, vh, wide, None, None, 0.125, False),
+                       attention_prefill_ref(qh, kh, vh, wide, None, None, 0.125, False))
     k[1, :, 6:] = float("nan")  # past kv_lens: never read
     assert bool(attention_prefill_cpu_traced(q, k, v, None, ragged, None, 0.125, True).isfinite().all())
     qd, kd, vd = (t.double() for t in (q, k, v))
