@@ -206,6 +206,35 @@ def test_cpu_twins_share_the_schema_and_run_the_cpu_function():
             cpu_twin(ops.attention_decode.default)(fq, fk, fv, fl, None, 0.3)
 
 
+def test_prefill_attention_twin_runs_sdpa_in_the_input_dtype():
+    """``attention_prefill``'s twin runs ``attention_prefill_cpu_traced`` (the op's contract
+    checked at trace time): in bf16 no fp32 copy of q, k, v, within the bf16 tolerance of
+    the fp64 truth; the fake (the op's own) still checks the contract."""
+    from llmopt.codegen.attention_prefill_ref import attention_prefill_cpu_traced, attention_prefill_ref
+    from llmopt.codegen.cpu_decompositions import TRACED_CPU_IMPLS, cpu_twin
+
+    assert TRACED_CPU_IMPLS["attention_prefill"] is attention_prefill_cpu_traced
+    twin = cpu_twin(torch.ops.llmopt.attention_prefill.default)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 9, 6, 16, generator=g).transpose(1, 2).bfloat16()
+    kc, vc = (torch.randn(2, 2, 20, 16, generator=g).bfloat16() for _ in range(2))
+    mask = (torch.arange(20)[None, :] <= torch.arange(9)[:, None])[None, None].expand(2, 1, 9, 20)
+    lens, offsets = torch.tensor([9, 9], dtype=torch.int32), torch.tensor([0, 0], dtype=torch.int32)
+    args = (mask, lens, offsets, 0.25, False, 0, 0.0)
+    with torch.profiler.profile() as prof:
+        got = twin(q, kc, vc, *args)
+    assert "aten::_to_copy" not in {e.key for e in prof.key_averages()}
+    truth = attention_prefill_ref(q.double(), kc.double(), vc.double(), *args)
+    assert_close(got, truth, torch.bfloat16, what="prefill twin")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    short_lens = lens[:1]
+    with pytest.raises(ValueError, match="kv_lens"):
+        with FakeTensorMode() as mode:
+            fq, fk, fv, fm, fl, fo = (mode.from_tensor(t) for t in (q, kc, vc, mask, short_lens, offsets))
+            twin(fq, fk, fv, fm, fl, fo, 0.25, False, 0, 0.0)
+
+
 def test_quantized_model_runs_its_ops_through_twins(shipped_default):
     """int8 weight-only under the shipped executor: the generated code calls the twins (no
     ``llmopt::`` op through the custom-op wrapper), logits equal the aten executor's."""

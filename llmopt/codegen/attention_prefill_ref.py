@@ -8,12 +8,18 @@ window, bool or additive mask, logit soft-cap, GQA/MQA; a row with no allowed ke
   op's fake implementation runs it too.
 - :func:`attention_prefill_ref` — the reference, also the paged prefill reference's
   (:mod:`.attention_paged` runs it on each sequence's gathered KV).
+- :func:`attention_prefill_cpu_traced` — what a compiled CPU graph runs (the op's CPU twin,
+  ``codegen.cpu_decompositions``): SDPA in the inputs' dtype over the valid keys, with
+  SDPA's own causal path when the mask is plain causality; the reference otherwise.
 
 Kept apart from the kernel module so each reads on its own (and stays under 600 lines).
 """
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+
+from .kernel_mode import kernel_mode
 
 LENGTH_DTYPES = (torch.int32, torch.int64)
 
@@ -174,4 +180,60 @@ def attention_prefill_ref(
     return out.to(q.dtype).contiguous()
 
 
-__all__ = ["LENGTH_DTYPES", "attention_prefill_ref", "check_prefill_inputs"]
+# --------------------------------------------------------------------------- compiled CPU path
+def attention_prefill_cpu_traced(q, k, v, mask, kv_lens, q_offsets, scale, causal, window=0, softcap=0.0):
+    """:func:`attention_prefill_ref` for a call from a compiled CPU graph (the op's CPU twin).
+
+    The contract was checked by the op's fake implementation when the graph was traced, and
+    the graph's guards keep it: per call this looks only at values. The prefill's usual
+    case (every sequence the same valid length, no soft-cap, every query row with a key)
+    runs one SDPA in the inputs' own dtype over the valid keys; the mask is dropped for
+    SDPA's ``is_causal`` when it is exactly top-left causality (a prompt from position 0,
+    what Hugging Face's static-cache mask is then), or else passed as one boolean (or, for
+    an additive mask, one float in q's dtype) tensor. Anything else runs the reference.
+
+    Why: the reference computes in fp32. In bf16 that is four copies per call (q, k, v and
+    the output) and an fp32 SDPA with a float mask, where ATen's CPU flash attention
+    already accumulates bf16/fp16 in fp32 (its scores, softmax and output accumulator), as
+    eager Hugging Face and Inductor's graph run it. The causal path skips the blocks above
+    the diagonal and builds no mask. Measured on the CI machine (one thread, llama-100m
+    shapes, prompt 64): 490-640 us per call through the reference, ~360 us here (docs/executors.md).
+    An additive mask of another dtype than q's (its -inf/finfo.min would not survive the
+    cast) takes the reference.
+    """
+    if softcap > 0 or q.dtype == torch.float64 or q.numel() == 0 or kernel_mode() == "reference":
+        return attention_prefill_ref(q, k, v, mask, kv_lens, q_offsets, scale, causal, window, softcap)
+    sq, length = q.shape[2], k.shape[2]
+    if kv_lens is not None:
+        lens = kv_lens.tolist()
+        length = lens[0]
+        if not 0 < length <= k.shape[2] or any(n != length for n in lens):  # ragged: the reference zeroes
+            return attention_prefill_ref(q, k, v, mask, kv_lens, q_offsets, scale, causal, window, softcap)
+        k, v = k[:, :, :length], v[:, :, :length]
+        if mask is not None and mask.shape[-1] != 1:
+            mask = mask[..., :length]
+    gqa = q.shape[1] != k.shape[1]
+    from_start = q_offsets is None or not any(q_offsets.tolist())
+    if window == 0 and sq == length and from_start and ((causal and mask is None) or _lower_triangle(mask, sq)):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return out.contiguous()
+    allowed, bias = _allowed_keys(q, k, mask, None, q_offsets, causal, window)
+    if (bias is not None and bias.dtype != q.dtype) or not bool(allowed.any(dim=-1).all()):
+        # (a row with no key is 0: the reference's rule)
+        return attention_prefill_ref(q, k, v, mask, kv_lens, q_offsets, scale, causal, window, softcap)
+    attn_mask = allowed if bias is None else torch.where(allowed, bias, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
+    return out.contiguous()
+
+
+def _lower_triangle(mask: Optional[torch.Tensor], s: int) -> bool:
+    # True when ``mask`` is a full bool [..., s, s] mask whose every pattern is exactly
+    # causality (key j allowed for query i iff j <= i); a mask broadcast over queries or
+    # keys is not. Two small ops: this runs once per layer.
+    if mask is None or mask.dtype != torch.bool or tuple(mask.shape[-2:]) != (s, s):
+        return False
+    tril = torch.ones((s, s), dtype=torch.bool, device=mask.device).tril_()
+    return torch.equal(mask, tril.expand(mask.shape))
+
+
+__all__ = ["LENGTH_DTYPES", "attention_prefill_cpu_traced", "attention_prefill_ref", "check_prefill_inputs"]

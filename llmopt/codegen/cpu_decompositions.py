@@ -38,7 +38,9 @@ version counters are not read); every other caller, the report and the tests see
 ``llmopt::`` op. A twin runs the op's CPU function, or where :data:`TRACED_CPU_IMPLS` names
 one, a version that skips the contract checks the op's fake implementation already made
 when the graph was traced (the twin's fake calls the op's): ``attention_decode``'s Python
-checks cost as much as its SDPA at decode sizes (``attention_decode_cpu_traced``).
+checks cost as much as its SDPA at decode sizes (``attention_decode_cpu_traced``), and
+``attention_prefill``'s reference computes in fp32, four casts per call in bf16
+(``attention_prefill_cpu_traced``).
 
 Each entry takes the op's arguments in schema order and returns what the op returns, with
 the op's contract (fresh outputs; the reference is the tests' oracle, so the decomposed
@@ -56,6 +58,7 @@ import llmopt.codegen.attention_decode  # noqa: F401 - registers llmopt::attenti
 
 from llmopt.codegen.attention_decode_masked import attention_decode_full_capacity, full_capacity_applies
 from llmopt.codegen.attention_decode_ref import attention_decode_cpu_traced, attention_decode_fallback
+from llmopt.codegen.attention_prefill_ref import attention_prefill_cpu_traced
 from llmopt.codegen.gated_activation import gated_activation_ref
 from llmopt.codegen.kv_cache import kv_cache_append_ref, rope_kv_cache_append_ref
 from llmopt.codegen.linear import linear_cpu
@@ -133,7 +136,10 @@ _twin_library: torch.library.Library | None = None
 # op name -> the CPU function its twin runs instead of the op's own: the same result for
 # every input the op's fake implementation accepts, with the shape/dtype checks left to
 # the trace (a twin is only ever called from a graph traced through that fake).
-TRACED_CPU_IMPLS: dict[str, Callable] = {"attention_decode": attention_decode_cpu_traced}
+TRACED_CPU_IMPLS: dict[str, Callable] = {
+    "attention_decode": attention_decode_cpu_traced,
+    "attention_prefill": attention_prefill_cpu_traced,  # SDPA in the inputs' dtype
+}
 
 
 def cpu_twin(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:

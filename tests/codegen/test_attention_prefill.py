@@ -1,7 +1,8 @@
 """Prefill attention (``llmopt::attention_prefill``): kernel vs reference vs fp64 truth.
 
-Three implementations are compared: the Triton kernel (in the interpreter on CPU, writing
-into a NaN-poisoned output), ``attention_prefill_ref`` in the input dtype, and the fp64
+Four implementations are compared: the Triton kernel (in the interpreter on CPU, writing
+into a NaN-poisoned output), ``attention_prefill_ref`` in the input dtype, the compiled CPU
+graph's path ``attention_prefill_cpu_traced`` (SDPA in the input dtype), and the fp64
 ground truth, which is the reference run on fp64 inputs. The reference itself is checked
 against ``naive_attention`` below, written straight from the op's definition (repeat the KV
 heads, build the allowed mask position by position, softmax, fully masked rows -> 0), so a
@@ -21,6 +22,7 @@ from llmopt.codegen.attention_prefill import (
     attention_prefill_ref,
     attention_prefill_triton,
 )
+from llmopt.codegen.attention_prefill_ref import attention_prefill_cpu_traced
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -81,6 +83,7 @@ def check(q, k, v, mask=None, kv_lens=None, q_offsets=None, scale=None, causal=T
     truth = attention_prefill_ref(q.double(), k.double(), v.double(), *args)
     assert_close(got, truth, dtype=q.dtype, what="kernel")
     assert_close(attention_prefill_ref(q, k, v, *args), truth, dtype=q.dtype, what="reference")
+    assert_close(attention_prefill_cpu_traced(q, k, v, *args), truth, dtype=q.dtype, what="compiled CPU path")
     if naive:
         assert_close(truth, naive_attention(q, k, v, *args), dtype=torch.float64, what="fp64 reference")
     return got, truth
@@ -369,3 +372,78 @@ def test_large_head_dim_falls_back_to_reference(triton_kernels):
     got = torch.ops.llmopt.attention_prefill(q, k, v, None, None, None, 0.1, True, 0, 0.0)
     assert_close(got, naive_attention(q, k, v, None, None, None, 0.1, True), dtype=torch.float32)
     assert math.isfinite(float(got.abs().max()))
+
+
+# --------------------------------------------------------------------------- compiled CPU path
+def static_cache_prefill(b, s, cache_len, offset, dtype):
+    """A Hugging Face static-cache prefill of ``s`` tokens at ``offset``, as llmopt's pass
+    calls the op: q [B, 12, S, 64] (a projection transposed), the [B, 4, cache_len, 64] cache,
+    the bool mask over the whole cache, kv_lens = offset + S, q_offsets = offset, causal False."""
+    q = torch.randn(b, s, 12, 64, dtype=dtype).transpose(1, 2)
+    k, v = (torch.randn(b, 4, cache_len, 64, dtype=dtype) for _ in range(2))
+    positions = offset + torch.arange(s)
+    mask = (torch.arange(cache_len)[None, :] <= positions[:, None])[None, None].expand(b, 1, s, cache_len)
+    lens = torch.full((b,), offset + s, dtype=torch.int32)
+    return q, k, v, mask, lens, torch.full((b,), offset, dtype=torch.int32)
+
+
+def ops_run(fn, *args):
+    """(result, the ATen ops ``fn(*args)`` dispatched)."""
+    with torch.profiler.profile() as prof:
+        out = fn(*args)
+    return out, {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, s, cache_len, offset", [(1, 64, 88, 0), (4, 17, 4096, 0), (2, 7, 40, 9)])
+def test_compiled_cpu_path_runs_sdpa_in_the_input_dtype(dtype, b, s, cache_len, offset):
+    """The prefill of a static cache: one SDPA on the valid keys in q's dtype, with SDPA's
+    causal path and no mask (no copy of q, k, v) from position 0, a bool mask after it
+    (chunked prefill); close to the truth."""
+    q, k, v, mask, lens, offsets = static_cache_prefill(b, s, cache_len, offset, dtype)
+    args = (mask, lens, offsets, 0.125, False)
+    got, ran = ops_run(attention_prefill_cpu_traced, q, k, v, *args)
+    truth = attention_prefill_ref(q.double(), k.double(), v.double(), *args)
+    assert_close(got, truth, dtype=dtype, what="compiled CPU path")
+    assert got.dtype == dtype and got.shape == q.shape and got.is_contiguous()
+    assert "aten::scaled_dot_product_attention" in ran
+    if offset == 0:  # the causality check, then no mask and no copy at all
+        assert "aten::tril_" in ran and "aten::_to_copy" not in ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_path_causal_only_for_an_exact_lower_triangle(dtype):
+    """A mask broadcast over the keys, or causal but for one key, is not mistaken for
+    causality (SDPA's is_causal would give another answer)."""
+    q, k, v = make_qkv(2, 4, 2, 9, 9, 64, dtype)
+    every_key = torch.ones(2, 1, 9, 1, dtype=torch.bool)
+    almost = torch.ones(9, 9, dtype=torch.bool).tril()
+    almost[5, 2] = False
+    for mask in (every_key, almost[None, None], None):
+        args = (mask, None, None, 0.125, False)
+        truth = attention_prefill_ref(q.double(), k.double(), v.double(), *args)
+        assert_close(attention_prefill_cpu_traced(q, k, v, *args), truth, dtype=dtype, what=f"mask {mask}")
+        assert_close(naive_attention(q, k, v, *args), truth, dtype=torch.float64, what="definition")
+
+
+def test_compiled_cpu_path_hands_the_rare_cases_to_the_reference():
+    """Ragged lengths, a row with no key, soft-capping, an additive mask of another dtype
+    and fp64 run the reference, which zeroes keys past a sequence's length and rows with no
+    key."""
+    q, k, v = make_qkv(2, 4, 2, 5, 12, 64, torch.float32)
+    ragged = torch.tensor([12, 6], dtype=torch.int32)
+    no_key = torch.ones(2, 1, 5, 12, dtype=torch.bool)
+    no_key[1, 0, 3] = False
+    for args in ((None, ragged, None, 0.125, True), (no_key, None, None, 0.125, False),
+                 (None, None, None, 0.125, True, 0, 30.0)):
+        want = attention_prefill_ref(q, k, v, *args)
+        assert torch.equal(attention_prefill_cpu_traced(q, k, v, *args), want)
+    qh, kh, vh = (t.half() for t in (q, k, v))  # an fp32 finfo.min mask would overflow fp16
+    wide = torch.zeros(2, 1, 5, 12).masked_fill(~no_key, torch.finfo(torch.float32).min)
+    assert torch.equal(attention_prefill_cpu_traced(qh, kh, vh, wide, None, None, 0.125, False),
+                       attention_prefill_ref(qh, kh, vh, wide, None, None, 0.125, False))
+    k[1, :, 6:] = float("nan")  # past kv_lens: never read
+    assert bool(attention_prefill_cpu_traced(q, k, v, None, ragged, None, 0.125, True).isfinite().all())
+    qd, kd, vd = (t.double() for t in (q, k, v))
+    assert torch.equal(attention_prefill_cpu_traced(qd, kd, vd, None, None, None, 0.125, True),
+                       attention_prefill_ref(qd, kd, vd, None, None, None, 0.125, True))
