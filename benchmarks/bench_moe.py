@@ -164,7 +164,8 @@ def main(argv=None) -> dict:
             models = {}
             for backend in group:  # compile and warm up every backend of the group first
                 model = _compile_keeping_cache(moe, backend, args.int4_group)
-                start = len(llmopt.reports())
+                last = llmopt.last_report()  # reports are numbered; the registry keeps only the last 64
+                start = last.graph_index + 1 if last is not None else 0
                 t0 = time.perf_counter()
                 logits = model(prompt).logits
                 tokens = llmopt.generate(model, short, args.new)
@@ -177,7 +178,7 @@ def main(argv=None) -> dict:
                     row["tokens_equal_eager"] = bool(torch.equal(tokens, reference[1]))
                 if backend.startswith("llmopt"):
                     row["fuse_moe_rewrites_per_graph"] = [
-                        r.rewrites_by_pass().get("fuse_moe", 0) for r in llmopt.reports()[start:]]
+                        r.rewrites_by_pass().get("fuse_moe", 0) for r in llmopt.reports() if r.graph_index >= start]
                 models[backend], results[backend], timings[backend] = model, row, ([], [])
             # Interleaved rounds: a shared machine's load drifts, and drifts alike for every backend.
             for _ in range(args.rep):
