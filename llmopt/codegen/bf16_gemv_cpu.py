@@ -50,29 +50,10 @@ from .int8_weight_only_cpu import CompiledCpuGemv, compile_gemv
 BF16_GEMV_MAX_M = 2
 
 
-# fp32 rows: K is reduced in two steps, over chunks of this many elements then over the
-# chunks, when it divides K. Inductor then keeps one vector accumulator per chunk position
-# instead of one chain over the whole row, and the weight streams faster. Measured on the CI
-# machine (quiet, 2 threads, M = 1, weights cycled so they stream from memory, medians of 9
-# interleaved rounds, the whole compiled call): [N, 768] weights (N = 1280, 2048, 4096,
-# 16000) 1.11-1.15x the one-step reduction (e.g. 23.5 -> 26.8 GB/s against ~30 GB/s of
-# ``x.sum()``), chunks of 64 and 128 gained less; at K = 2048 level. In bf16 the chunked form
-# was 0.67-0.76x (M = 1, 2): the bf16-to-fp32 conversion does not vectorize the same way, so
-# bf16 keeps the one-step reduction.
-FP32_GEMV_CHUNK = 32
-
-
 def bf16_gemv_expression(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``[M, N]`` = ``x [M, K] @ weight [N, K].T (+ bias)`` as a multiply-and-reduce in
-    float32, returned in ``x.dtype``: the expression both forms run (fp32 with K a multiple
-    of :data:`FP32_GEMV_CHUNK` above it: the K sum in two steps, see there)."""
-    m, k = x.shape
-    n = weight.shape[0]
-    c = FP32_GEMV_CHUNK
-    if x.dtype == torch.float32 and weight.dtype == torch.float32 and k > c and k % c == 0:
-        y = (x.reshape(m, 1, k // c, c) * weight.reshape(n, k // c, c)).sum(-1).sum(-1)
-    else:
-        y = (x.to(torch.float32)[:, None, :] * weight.to(torch.float32)).sum(-1)
+    float32, returned in ``x.dtype``: the expression both forms run."""
+    y = (x.to(torch.float32)[:, None, :] * weight.to(torch.float32)).sum(-1)
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
@@ -108,5 +89,5 @@ def bf16_gemv_cpu(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return gemvs((x2, weight) if bias is None else (x2, weight, bias))
 
 
-__all__ = ["BF16_GEMV_MAX_M", "BF16_GEMVS", "FP32_GEMV_CHUNK", "bf16_gemv_cpu", "bf16_gemv_expression", "bf16_gemv_runs",
+__all__ = ["BF16_GEMV_MAX_M", "BF16_GEMVS", "bf16_gemv_cpu", "bf16_gemv_expression", "bf16_gemv_runs",
            "compile_bf16_gemv"]

@@ -137,31 +137,3 @@ def test_opcheck_and_fullgraph_compile_at_decode_rows():
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     truth = (F.linear(F.silu(_f64(x)), _f64(w), _f64(bias)) + _f64(residual)) * 2
     assert_close(compiled(x), truth, BF16, "fullgraph torch.compile vs fp64")
-
-
-@given(m=st.integers(1, 2), n=st.sampled_from([1, 7, 40]), k=st.sampled_from([17, 32, 64, 96, 768]),
-       with_bias=st.booleans(), transposed=st.booleans())
-def test_fp32_chunked_expression_matches_truth(m, n, k, with_bias, transposed):
-    """fp32 rows reduce K in two steps (chunks of ``FP32_GEMV_CHUNK``) when the chunk divides
-    K, else in one: both against the fp64 truth, eagerly and compiled by Inductor (the form
-    the decode graph's C++ runs), non-contiguous x included."""
-    g = torch.Generator().manual_seed(k * 31 + n)
-    x = torch.randn(k, m, generator=g).t() if transposed else torch.randn(m, k, generator=g)
-    w = torch.randn(n, k, generator=g) / k ** 0.5
-    bias = torch.randn(n, generator=g) if with_bias else None
-    truth = F.linear(_f64(x), _f64(w), _f64(bias))
-    assert_close(bcpu.bf16_gemv_expression(x, w, bias), truth, torch.float32, "fp32 GEMV expression vs fp64")
-    torch.compiler.reset()  # one compile per example: Dynamo's recompile limit would stop the 9th
-    compiled = torch.compile(bcpu.bf16_gemv_expression, backend="inductor", fullgraph=True, dynamic=False)
-    assert_close(compiled(x, w, bias), truth, torch.float32, "fp32 GEMV compiled by Inductor vs fp64")
-
-
-def test_fp32_expression_reduces_in_chunks_only_where_the_chunk_divides_k():
-    def sums(k, dtype=torch.float32):
-        x, w = torch.randn(1, k, dtype=dtype), torch.randn(8, k, dtype=dtype)
-        gm = make_fx(lambda x, w: bcpu.bf16_gemv_expression(x, w), tracing_mode="fake")(x, w)
-        return sum(n.target == torch.ops.aten.sum.dim_IntList for n in gm.graph.nodes)
-
-    c = bcpu.FP32_GEMV_CHUNK
-    assert sums(4 * c) == 2 and sums(4 * c + 1) == 1 and sums(c) == 1
-    assert sums(4 * c, BF16) == 1, "bf16 keeps the one-step reduction (measured faster)"
