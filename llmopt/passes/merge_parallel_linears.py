@@ -92,6 +92,7 @@ def fuse(gm: fx.GraphModule, nodes: list[fx.Node], ctx) -> fx.Node:
     weights = [constant_value(gm, n.args[1], layout_only=True) for n in nodes]
     biases = [constant_value(gm, b, layout_only=True) if b is not None else None for b in bias_nodes]
     widths = [int(w.shape[0]) for w in weights]
+    starts = [sum(widths[:i]) for i in range(len(widths))]
     fill = None
     with real_tensors():
         merged_w = reusable_storage(weights, widths)
@@ -103,7 +104,7 @@ def fuse(gm: fx.GraphModule, nodes: list[fx.Node], ctx) -> fx.Node:
             # soon as it is a view of its rows, so the merge holds one member twice at most,
             # not the whole group (a torch.cat would hold every member beside the result).
             merged_w = weights[0].new_empty((sum(widths), *weights[0].shape[1:]))
-            fill = _row_filler(merged_w, weights, widths)
+            fill = _row_filler(merged_w, weights, starts, widths)
         weights = None  # the filler holds the only reference left to the members
         merged_b = None
         if any(b is not None for b in biases):
@@ -115,7 +116,6 @@ def fuse(gm: fx.GraphModule, nodes: list[fx.Node], ctx) -> fx.Node:
                 )
     w_node = add_constant(gm, "merged_weight", merged_w, first)
     b_node = add_constant(gm, "merged_bias", merged_b, first) if merged_b is not None else None
-    starts = [sum(widths[:i]) for i in range(len(widths))]
     share_storage(gm, w_node.target, [(n.args[1].target, _rows(s, w)) for n, s, w in zip(nodes, starts, widths)],
                   fill=fill)
     if b_node is not None:
@@ -138,10 +138,9 @@ def fuse(gm: fx.GraphModule, nodes: list[fx.Node], ctx) -> fx.Node:
     return merged
 
 
-def _row_filler(merged: torch.Tensor, members: list[torch.Tensor], widths: list[int]):
+def _row_filler(merged: torch.Tensor, members: list[torch.Tensor], starts: list[int], widths: list[int]):
     """``fill(i)``: copy member ``i`` into its rows of ``merged`` and drop the reference to it."""
     members = list(members)
-    starts = [sum(widths[:i]) for i in range(len(widths))]
 
     def fill(i: int) -> None:
         with real_tensors():
