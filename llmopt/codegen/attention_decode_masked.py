@@ -24,6 +24,8 @@ A row with nothing to attend to is 0, as in the reference.
 """
 import torch
 
+from .attention_decode_ref import decode_key_mask
+
 # Caches with at most this many slots run decode attention over their whole capacity
 # (above); larger ones keep the valid-prefix twin. See docs/executors.md for the figures.
 FULL_CAPACITY_MAX_SLOTS = 128
@@ -53,18 +55,9 @@ def attention_decode_full_capacity(q, k_cache, v_cache, kv_lens, mask, scale, wi
     s = (qg * k_cache[:, :, None].to(compute)).sum(-1) * scale  # [B, Hkv, G, S]
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    pos = torch.arange(S, device=q.device)
-    lens = kv_lens.to(torch.int64)[:, None]  # [B, 1]
-    valid = pos[None, :] < lens  # [B, S]
-    if window > 0:
-        valid = valid & (pos[None, :] >= lens - window)
-    valid = valid[:, None, None, :]  # [B, 1, 1, S]
-    if mask is not None:
-        user = mask.expand(B, Hq, 1, S).reshape(B, Hkv, G, S)
-        if user.dtype == torch.bool:
-            valid = valid & user
-        else:
-            s = s + user.to(compute)
+    valid, bias = decode_key_mask(kv_lens.to(torch.int64), S, mask, window, Hq, Hkv, S)
+    if bias is not None:
+        s = s + bias.to(compute)
     s = torch.where(valid, s, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(m == float("-inf"), 0.0, m)  # a row with every slot masked: p = 0, output 0

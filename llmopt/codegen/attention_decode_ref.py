@@ -96,6 +96,30 @@ def check_decode_args(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap
     return B, Hq, Hkv, S_max, D
 
 
+def decode_key_mask(lens, length: int, mask, window: int, Hq: int, Hkv: int, S_max: int):
+    """Which of the cache's first ``length`` slots each query head may attend to, and the
+    user's additive mask over them, for a decode step (``lens``: [B] int64 valid lengths;
+    ``mask`` broadcastable to [B, Hq, 1, S_max], ``S_max`` the cache's capacity).
+
+    Returns ``(valid, bias)``: ``valid`` is bool, [B, 1, 1, length] (a slot is below its
+    sequence's length and, with a ``window``, among its last ``window`` slots), narrowed by a
+    bool user ``mask`` to [B, Hkv, G, length]; ``bias`` is an additive user ``mask`` as
+    [B, Hkv, G, length] in its own dtype, else None. Shared by the reference (over the
+    longest valid prefix) and the full-capacity form (``length`` = the capacity)."""
+    B = lens.shape[0]
+    pos = torch.arange(length, device=lens.device)
+    valid = pos[None, :] < lens[:, None]  # [B, length]
+    if window > 0:
+        valid = valid & (pos[None, :] >= lens[:, None] - window)
+    valid = valid[:, None, None, :]
+    if mask is None:
+        return valid, None
+    user = mask.expand(B, Hq, 1, S_max)[..., :length].reshape(B, Hkv, Hq // Hkv, length)
+    if user.dtype == torch.bool:
+        return valid & user, None
+    return valid, user
+
+
 def attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window=0, softcap=0.0, unified_max=None):
     """Eager reference, the CPU implementation and the tests' oracle (fp64 in, fp64 out).
 
@@ -128,18 +152,9 @@ def attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window=0, so
     s = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, L]
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    pos = torch.arange(L, device=q.device)
-    in_cache = pos[None, :] < lens[:, None]  # [B, L]
-    valid = in_cache
-    if window > 0:
-        valid = valid & (pos[None, :] >= lens[:, None] - window)
-    valid = valid[:, None, None, :]
-    if mask is not None:
-        user = mask.expand(B, Hq, 1, S_max)[..., :L].reshape(B, Hkv, G, L)
-        if user.dtype == torch.bool:
-            valid = valid & user
-        else:
-            s = s + user.to(compute)
+    valid, bias = decode_key_mask(lens, L, mask, window, Hq, Hkv, S_max)
+    if bias is not None:
+        s = s + bias.to(compute)
     s = s.masked_fill(~valid, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = m.masked_fill(m == float("-inf"), 0.0)
@@ -147,6 +162,7 @@ def attention_decode_ref(q, k_cache, v_cache, kv_lens, mask, scale, window=0, so
     l = p.sum(-1, keepdim=True)
     if shortest < L:
         # positions past a shorter sequence's end may hold anything (NaN): 0 * NaN is NaN
+        in_cache = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L]
         v = v.masked_fill(~in_cache[:, None, :, None], 0.0)
     o = torch.matmul(p, v) / torch.where(l > 0, l, torch.ones_like(l))
     return o.reshape(B, Hq, 1, D).to(q.dtype)
@@ -252,5 +268,5 @@ def attention_decode_fallback(q, k_cache, v_cache, kv_lens, mask, scale, window,
     return run(q, k_cache, v_cache, kv_lens, mask, scale, window, softcap, unified_max)
 
 
-__all__ = ["KERNEL_DTYPES", "attention_decode_cpu", "attention_decode_cpu_traced", "attention_decode_ref",
+__all__ = ["KERNEL_DTYPES", "attention_decode_cpu", "attention_decode_cpu_traced", "attention_decode_ref", "decode_key_mask",
            "check_decode_args"]
