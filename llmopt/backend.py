@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from . import compat, frozen_weights, heap_trim, weight_release
+from . import capture_cache, compat, frozen_weights, heap_trim, weight_release
 from .codegen.cpu_decompositions import cpu_decompositions, twin_calls
 from .codegen.kernel_mode import kernel_mode
 from .decompose import decompose
@@ -92,10 +92,20 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
         return gm.forward
 
     capture_start = time.perf_counter()
+    key, cache_status = _capture_cache_key(gm, full_inputs, opts)
+    entry = _cached_capture(key, full_inputs, example_inputs)
+    if entry is not None:
+        with compat.aot_compile_context(entry.fake_mode):
+            compiled = compile_inference_graph(entry.gm, entry.fake_inputs, full_inputs, len(lifted), opts,
+                                               input_names, capture_seconds=time.perf_counter() - capture_start,
+                                               capture_cache="hit")
+        heap_trim.trim_free_heap()
+        return capture_cache.runtime_call(compiled, lifted, entry.plan)
 
     def fw_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]):
+        status = cache_status if key is None else _store_capture(key, aten_gm, len(full_inputs))
         return compile_inference_graph(aten_gm, list(fake_inputs), full_inputs, len(lifted), opts, input_names,
-                                       capture_seconds=time.perf_counter() - capture_start)
+                                       capture_seconds=time.perf_counter() - capture_start, capture_cache=status)
 
     try:
         compiled = compat.aot_inference_capture(gm, example_inputs, fw_compiler)
@@ -112,6 +122,41 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
     # next peak of the process); docs/memory.md has the measurement.
     heap_trim.trim_free_heap()
     return compiled
+
+
+def _capture_cache_key(gm: fx.GraphModule, full_inputs: list[Any], opts: Options) -> tuple[str | None, str]:
+    """The capture cache's key of this graph (llmopt/capture_cache.py), or None and why not."""
+    if not capture_cache.enabled(opts):
+        return None, "off"
+    try:
+        return capture_cache.key_of(gm, full_inputs), ""
+    except capture_cache.Uncacheable as exc:
+        return None, f"not cached: {exc}"
+
+
+def _cached_capture(key: str | None, full_inputs: list[Any], example_inputs: Sequence[Any]):
+    """The cached capture of ``key`` over Dynamo's fake inputs, or None (a miss)."""
+    fake_mode = compat.detect_fake_mode(example_inputs) if key is not None else None
+    if fake_mode is None:
+        return None
+    return capture_cache.load(key, fake_mode, [compat.fake_input(fake_mode, t) for t in full_inputs])
+
+
+def _store_capture(key: str, aten_gm: fx.GraphModule, n_inputs: int) -> str:
+    """Keep AOTAutograd's captured graph for the next compile; the report's status line.
+    Called before the passes rewrite ``aten_gm`` in place."""
+    plan = compat.aot_output_plan(n_inputs)
+    if plan is None:
+        return "not cached: AOTAutograd's runtime wrapper does more than llmopt replays (aliased outputs, " \
+               "mutations outside the graph, subclasses or RNG state)"
+    try:
+        capture_cache.store(key, aten_gm, plan)
+    except capture_cache.Uncacheable as exc:
+        return f"not cached: {exc}"
+    except OSError as exc:
+        log.warning("llmopt: capture cache entry not written (%s)", one_line_error(exc))
+        return f"not cached: {one_line_error(exc)}"
+    return "stored"
 
 
 def _lifted_module_state(gm: fx.GraphModule) -> list[torch.Tensor]:
@@ -152,6 +197,7 @@ def compile_inference_graph(
     opts: Options,
     input_names: Sequence[str] = (),
     capture_seconds: float = 0.0,
+    capture_cache: str = "",
 ) -> Callable:
     """Freeze, run the passes and pick the executor for one ATen inference graph.
 
@@ -169,14 +215,15 @@ def compile_inference_graph(
     the passes in the ``PassContext``: each compile reads its own table and installs none
     process-wide (docs/linear_dispatch.md).
 
-    ``capture_seconds`` (AOTAutograd's capture of ``gm``) is counted in the first compile's
-    report, as its ``capture`` phase."""
+    ``capture_seconds`` (AOTAutograd's capture of ``gm``, or the capture cache's lookup on a
+    hit) is counted in the first compile's report, as its ``capture`` phase, and
+    ``capture_cache`` is the cache's status line (``CompileReport.capture_cache``)."""
     # Only read when the pass that uses it runs (a corrupt file warns only then).
     table = (resolve_tuning_table(opts, _device_and_dtypes(fake_inputs)[0])
              if opts.enabled("select_linear_kernel") else None)
     job = _FrozenCompile(fake_inputs, n_lifted, opts, tuple(input_names), table)
     pristine = _Pristine(gm) if opts.freeze else None
-    first, positions = _compile_frozen(gm, real_inputs, job, capture_seconds)
+    first, positions = _compile_frozen(gm, real_inputs, job, capture_seconds, capture_cache)
     if pristine is None or not positions:
         return first
 
@@ -248,7 +295,7 @@ class _FrozenCompile:
 
 
 def _compile_frozen(gm: fx.GraphModule, real_inputs: list[Any], job: _FrozenCompile,
-                    capture_seconds: float = 0.0) -> tuple[Callable, list[int]]:
+                    capture_seconds: float = 0.0, capture_cache: str = "") -> tuple[Callable, list[int]]:
     """One frozen compile: the callable and the call-input positions of its frozen weights."""
     fake_inputs, n_lifted, opts, input_names = job.fake_inputs, job.n_lifted, job.opts, job.input_names
     start = time.perf_counter()
@@ -256,6 +303,7 @@ def _compile_frozen(gm: fx.GraphModule, real_inputs: list[Any], job: _FrozenComp
     phases = _PhaseClock(report, start)
     if capture_seconds:
         report.compile_phases["capture"] = capture_seconds
+    report.capture_cache = capture_cache
     device, dtypes = _device_and_dtypes(fake_inputs)
     report.device, report.dtypes = str(device), dtypes
     report.nodes_before = count_ops(gm)

@@ -506,3 +506,186 @@ def compile_options(model: Any, backend: str = "llmopt") -> dict | None:
                      "compiler_fn"):
             stack.append(getattr(obj, link, None))
     return None
+
+
+# --------------------------------------------------------------------------- capture cache
+def aot_output_plan(n_inputs: int) -> dict[str, list] | None:
+    """Inside the ``fw_compiler`` of :func:`aot_inference_capture`: what AOTAutograd's
+    runtime wrapper does around the compiled graph, when it does almost nothing.
+
+    ``outputs``: one entry per output, None (the graph's output is returned as is) or an
+    input index (the output *is* that input, returned as the very input object).
+    ``versions``: the inputs the graph writes in place whose version counter the wrapper
+    bumps at each call (the compiled code writes them without autograd seeing it). None
+    for the whole plan when the wrapper does more: an input mutation it replays outside the graph, an
+    output that aliases an input or another output, deduplicated or synthetic-base inputs,
+    tensor subclasses, functionalized RNG, effect tokens. Only a plain plan lets the
+    capture cache (``llmopt/capture_cache.py``) skip AOTAutograd: it reads the private
+    ``ViewAndMutationMeta`` AOTAutograd leaves on the tracing context."""
+    try:
+        from torch._functorch._aot_autograd.schemas import MutationType, OutputType
+        from torch._guards import TracingContext
+    except ImportError:
+        return None
+    meta = getattr(TracingContext.try_get(), "fw_metadata", None)
+    if meta is None or len(getattr(meta, "input_info", ())) != n_inputs:
+        return None
+    if any(i.mutation_type not in (MutationType.NOT_MUTATED, MutationType.MUTATED_IN_GRAPH) for i in meta.input_info):
+        return None
+    if (getattr(meta, "num_intermediate_bases", 1) or getattr(meta, "tokens", None)
+            or getattr(meta, "is_rng_op_functionalized", True)
+            or any(type(m).__name__ == "SubclassCreationMeta" for m in getattr(meta, "subclass_inp_meta", None) or ())):
+        return None
+    plan: list[int | None] = []
+    for out in meta.output_info:
+        if out.output_type == OutputType.non_alias:
+            plan.append(None)
+        elif out.output_type == OutputType.is_input and isinstance(out.base_idx, int):
+            plan.append(out.base_idx)
+        else:
+            return None
+    versions = getattr(meta, "mutated_graph_handled_indices_seen_by_autograd", None)
+    if versions is None:  # pragma: no cover - torch before the field: the same rule
+        versions = [i for i, info in enumerate(meta.input_info) if info.mutation_type == MutationType.MUTATED_IN_GRAPH
+                    and not getattr(info, "mutations_hidden_from_autograd", False)]
+    return {"outputs": plan, "versions": [int(i) for i in versions]}
+
+
+def aot_compile_context(fake_mode: Any) -> Any:
+    """The state AOTAutograd compiles a captured graph in (its ``fw_compiler`` runs inside
+    it): ``fake_mode`` active, the Python dispatcher on when the mode has a shape
+    environment, autograd's multithreading off, the RNG state restored afterwards. A capture
+    cache hit compiles in the same state, so that what a pass or a decomposition traces
+    there (``torch.arange`` inside a decomposition is fake, not a real constant) comes out
+    the same as after a capture."""
+    import contextlib
+
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._dynamo.utils import preserve_rng_state
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autograd.set_multithreading_enabled(False))
+    stack.enter_context(preserve_rng_state())
+    stack.enter_context(fake_mode)
+    if getattr(fake_mode, "shape_env", None) is not None:
+        stack.enter_context(enable_python_dispatcher())
+    return stack
+
+
+def inductor_cache_dir() -> str:
+    """The directory Inductor keeps its on-disk caches in (``TORCHINDUCTOR_CACHE_DIR``,
+    default ``<tmp>/torchinductor_<user>``); the capture cache lives under it, so that
+    clearing Inductor's caches clears it too."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # pragma: no cover - older layouts
+        from torch._inductor.utils import cache_dir
+    return cache_dir()
+
+
+def caches_force_disabled() -> bool:
+    """Whether Inductor was told to use no cache (``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``)."""
+    import torch._inductor.config as inductor_config
+
+    return bool(getattr(inductor_config, "force_disable_caches", False))
+
+
+def functorch_config_items() -> list[tuple[str, Any]]:
+    """AOTAutograd's settings that are plain values, sorted (part of the capture cache's
+    key: they shape the captured graph)."""
+    import torch._functorch.config as functorch_config
+
+    plain = (bool, int, float, str, type(None))
+    items = functorch_config.get_config_copy().items()
+    return sorted((k, v) for k, v in items if isinstance(v, plain))
+
+
+def fake_input(fake_mode: Any, t: Any) -> Any:
+    """``t`` as a static-shape fake tensor of ``fake_mode`` (Dynamo's, for a graph input)."""
+    return fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t
+
+
+def fx_tensor_metadata(t: torch.Tensor) -> Any:
+    """The ``meta["tensor_meta"]`` FX's shape propagation gives a node of value ``t``."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    return _extract_tensor_metadata(t)
+
+
+def operator_namespace(target: Any) -> str | None:
+    """The namespace of a dispatcher operator an FX node calls (``"aten"`` for
+    ``aten.mm.default`` or the packet ``aten.mm``, ``"higher_order"`` for a higher-order
+    op), None for anything else (a Python function)."""
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return str(getattr(target, "_qualified_op_name", "?::")).split("::")[0]
+    if isinstance(target, torch._ops.OperatorBase):
+        return str(getattr(target, "namespace", "?"))
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def op_overload_parts(op: Any) -> tuple[str, str, str]:
+    """``aten.mm.default`` as ``("aten", "mm", "default")``; :func:`resolve_op_overload`
+    is its inverse."""
+    name, overload = op.__name__.rsplit(".", 1)
+    return op.namespace, name, overload
+
+
+def resolve_op_overload(namespace: str, name: str, overload: str) -> Any:
+    """The op overload ``torch.ops.<namespace>.<name>.<overload>``; AttributeError when
+    this process has no such op (a library not loaded, another torch)."""
+    op = getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    if not is_op_overload(op):
+        raise AttributeError(f"torch.ops.{namespace}.{name}.{overload} is not an op overload")
+    return op
+
+
+def any_autocast_enabled() -> bool:
+    """Whether autocast is on for any device type (a captured graph then has its casts
+    baked in, and AOTAutograd runs it with autocast off)."""
+    fn = getattr(torch._C, "_is_any_autocast_enabled", None)
+    if fn is not None:
+        return bool(fn())
+    return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()  # pragma: no cover
+
+
+def fx_name_state(graph: torch.fx.Graph) -> dict[str, Any] | None:
+    """The names an FX graph has handed out (erased nodes' included) and its counter per
+    base name: what decides the name of the next node a pass creates (``getitem_7``)."""
+    ns = getattr(graph, "_graph_namespace", None)
+    used, counts = getattr(ns, "_used_names", None), getattr(ns, "_base_count", None)
+    if not isinstance(used, set) or not isinstance(counts, dict):
+        return None
+    return {"used": sorted(used), "counts": dict(counts)}
+
+
+def restore_fx_name_state(graph: torch.fx.Graph, state: dict[str, Any] | None) -> None:
+    """Give a rebuilt graph the name state :func:`fx_name_state` read from the original, so
+    that the nodes passes create get the same names (and Inductor's FX graph cache, which
+    keys on the graph's code, finds the same graph)."""
+    ns = getattr(graph, "_graph_namespace", None)
+    if state is None or not isinstance(getattr(ns, "_used_names", None), set):
+        return
+    ns._used_names.update(state["used"])
+    ns._base_count.clear()
+    ns._base_count.update(state["counts"])
+
+
+def fake_tensor_over_meta(fake_mode: Any, meta: torch.Tensor, device: torch.device) -> Any:
+    """A fake tensor of ``fake_mode`` on ``device`` whose data is the meta tensor ``meta``
+    (its storage shared with every other tensor over the same meta storage): 10 us, where
+    a factory call under the mode is 50-140 us."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return FakeTensor(fake_mode, meta, device)
+
+
+def make_graph_module(root: torch.nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """A GraphModule as ``make_fx`` makes one: inside Dynamo's compile a lazy one, whose
+    Python code is generated on first call rather than at every ``recompile()`` (a pass
+    pipeline recompiles many times)."""
+    try:
+        from torch.fx._lazy_graph_module import _make_graph_module
+    except ImportError:  # pragma: no cover
+        return torch.fx.GraphModule(root, graph)
+    return _make_graph_module(root, graph)

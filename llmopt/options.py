@@ -58,6 +58,9 @@ class Options:
     tensor_parallel: ``None`` (one device), ``"auto"`` (shard over the default
         ``torch.distributed`` process group) or an explicit ``ProcessGroup`` / 1-D
         ``DeviceMesh``; see docs/tensor_parallel.md.
+    capture_cache: keep each graph's AOTAutograd capture on disk (under Inductor's cache
+        directory) and reuse it when the same graph is compiled again, in any process
+        (llmopt/capture_cache.py, docs/compile_time.md).
     """
 
     disable: tuple[str, ...] = ()
@@ -74,6 +77,7 @@ class Options:
     unified_max_softmax: bool = False
     log: bool = field(default_factory=lambda: os.environ.get("LLMOPT_LOG", "0") not in ("", "0"))
     tensor_parallel: Any = None
+    capture_cache: bool = True
 
     def __post_init__(self):
         for name in ("disable", "only"):
@@ -83,7 +87,7 @@ class Options:
         _check_choice("inner", self.inner, INNER_EXECUTORS)
         _check_choice("autotune", self.autotune, AUTOTUNE_MODES)
         _check_choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
-        for name in ("strict", "freeze", "check_weights", "release_weights", "unified_max_softmax", "log"):
+        for name in ("strict", "freeze", "check_weights", "release_weights", "unified_max_softmax", "log", "capture_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"llmopt option {name!r} must be True or False, got {getattr(self, name)!r}")
         if self.tuning_table is not None and not isinstance(self.tuning_table, (str, os.PathLike)):

@@ -119,6 +119,9 @@ class CompileReport:
     # executor's compile: Inductor's retrace, codegen and C++ build), "report" (histograms
     # and graph views). Empty for a graph that fell back before compiling.
     compile_phases: dict[str, float] = field(default_factory=dict)
+    # The capture cache (llmopt/capture_cache.py) for this graph: "hit" (no AOTAutograd
+    # trace), "stored" (captured, and kept for the next compile), "off", or "not cached: why".
+    capture_cache: str = ""
     # Graph structure (node -> op, edges) before and after, for drawing; not in to_json().
     graph_before: Any = field(default=None, repr=False)
     graph_after: Any = field(default=None, repr=False)
@@ -174,7 +177,8 @@ class CompileReport:
             f"({', '.join(self.dtypes) or 'no tensors'}), executor {self.executor or '?'}",
             f"nodes: {self.nodes_before} → {self.nodes_after}   frozen constants: {self.frozen_constants}"
             f"   mutated inputs: {len(self.mutated_inputs)}   compile time: {self.compile_seconds:.2f}s"
-            + (f" ({self.phases_text()})" if self.compile_phases else ""),
+            + (f" ({self.phases_text()})" if self.compile_phases else "")
+            + (f"   capture cache: {self.capture_cache}" if self.capture_cache else ""),
             "",
             f"{'pass':<26}{'status':<16}{'rewrites':>9}{'ms':>9}",
         ]

@@ -175,3 +175,105 @@ def test_inductor_generated_code_returns_the_result_and_the_source():
     fn = torch.compile(lambda x: (x * 2).sum(), backend="inductor")
     result, code = compat.inductor_generated_code(fn, torch.ones(4))
     assert result.item() == 8 and any("def call" in c for c in code)
+
+
+# -- the capture cache's wrappers (llmopt/capture_cache.py) -------------------------------
+def test_aot_output_plan_inside_the_fw_compiler():
+    plans = []
+
+    def fw(gm, inputs):
+        plans.append(compat.aot_output_plan(len(inputs)))
+
+        def run(args):
+            return gm(*args)
+
+        run._boxed_call = True
+        return run
+
+    def backend(gm, inputs):
+        return compat.aot_inference_capture(gm, inputs, fw)
+
+    def step(x, buf):
+        buf.add_(x)
+        return x * 2, buf
+
+    with torch.no_grad():
+        torch.compile(step, backend=backend)(torch.randn(3), torch.zeros(3))
+        torch.compile(lambda x: (x.view(3), x + 1), backend=backend)(torch.randn(3))
+    # Dynamo returns ``buf`` itself; the graph writes it in place and bumps its version.
+    assert plans[0] is not None and plans[0]["outputs"] == [None] and len(plans[0]["versions"]) == 1
+    assert plans[1] is None  # an output aliasing an input: the wrapper regenerates it
+    assert compat.aot_output_plan(1) is None  # outside a capture
+
+
+def test_inductor_cache_dir_and_switch():
+    import os
+
+    assert os.path.isdir(compat.inductor_cache_dir())
+    assert isinstance(compat.caches_force_disabled(), bool)
+
+
+def test_functorch_config_items_are_plain_and_sorted():
+    items = compat.functorch_config_items()
+    assert items and items == sorted(items)
+    assert all(isinstance(v, (bool, int, float, str, type(None))) for _, v in items)
+
+
+def test_op_overload_parts_round_trip():
+    op = torch.ops.aten.add.Tensor
+    assert compat.op_overload_parts(op) == ("aten", "add", "Tensor")
+    assert compat.resolve_op_overload(*compat.op_overload_parts(op)) is op
+    try:
+        compat.resolve_op_overload("aten", "no_such_op_anywhere", "default")
+    except AttributeError:
+        pass
+    else:
+        raise AssertionError("an unknown op resolved")
+    assert compat.operator_namespace(op) == "aten"
+    assert compat.operator_namespace(torch.ops.aten.add) == "aten"
+    assert compat.operator_namespace(len) is None
+
+
+def test_any_autocast_enabled():
+    assert not compat.any_autocast_enabled()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compat.any_autocast_enabled()
+
+
+def test_fake_tensors_from_meta_and_from_inputs():
+    mode = compat.fake_tensor_mode()
+    base = torch.empty(12, device="meta")
+    a = compat.fake_tensor_over_meta(mode, base.as_strided((2, 3), (3, 1), 0), torch.device("cpu"))
+    b = compat.fake_tensor_over_meta(mode, base.as_strided((3,), (1,), 6), torch.device("cpu"))
+    assert a.device.type == "cpu" and b.storage_offset() == 6
+    assert a.untyped_storage()._cdata == b.untyped_storage()._cdata
+    f = compat.fake_input(mode, torch.randn(4, 5))
+    assert compat.detect_fake_mode([f]) is mode and f.shape == (4, 5)
+    assert compat.fx_tensor_metadata(f).shape == (4, 5)
+
+
+def test_fx_name_state_round_trip():
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    for _ in range(3):
+        g.erase_node(g.call_function(torch.relu, (x,)))
+    state = compat.fx_name_state(g)
+    fresh = torch.fx.Graph()
+    fresh.placeholder("x")
+    compat.restore_fx_name_state(fresh, state)
+    assert fresh.call_function(torch.relu, (x,)).name == g.call_function(torch.relu, (x,)).name == "relu_3"
+
+
+def test_aot_compile_context_makes_factories_fake():
+    mode = compat.fake_tensor_mode()
+    with compat.aot_compile_context(mode):
+        t = torch.arange(4)
+    assert compat.detect_fake_mode([t]) is mode
+
+
+def test_make_graph_module():
+    g = torch.fx.Graph()
+    g.output(g.call_function(torch.neg, (g.placeholder("x"),)))
+    gm = compat.make_graph_module(torch.nn.Module(), g)
+    assert isinstance(gm, torch.fx.GraphModule)
+    assert torch.equal(gm(torch.ones(2)), -torch.ones(2))

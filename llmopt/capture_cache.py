@@ -1,0 +1,459 @@
+"""On-disk cache of the captured ATen graph: a warm compile skips AOTAutograd.
+
+Why: on a warm start (a second process over Inductor's filled caches) Inductor skips
+AOTAutograd with its AOTAutograd cache, while llmopt, a backend of its own, traced every
+graph again: 2.5 of the ~11 s warm compile of ``llama-100m`` (docs/compile_time.md). This
+module keeps the functionalized ATen graph AOTAutograd hands llmopt's ``fw_compiler``, as
+JSON, keyed by everything that decides it; a hit rebuilds it in milliseconds, and the
+freeze, the passes and the executor then run as after a capture. What comes after the
+capture is not cached here: the passes read the live weights (merged, quantized and
+released weights are rebuilt from them), and Inductor's FX graph cache already keeps the
+compiled code of the post-pass graph, which is then the same graph as the first time.
+
+**The key** (SHA-256) covers: the Dynamo graph node by node (op, target by qualified name,
+arguments, tensor constants by value), every input's type, shape, stride, offset, dtype,
+device, ``requires_grad``, Dynamo mark and storage sharing, the grad mode and default
+dtype, AOTAutograd's settings, the torch and Python versions, and the source of every
+llmopt module. A graph whose capture could depend on anything else is never cached
+(:class:`Uncacheable` names why, and the report says it): symbolic shapes, tensor
+subclasses, autocast, calls of Python functions outside torch (or closures), custom ops
+outside ``aten``/``prims``/``llmopt`` (their Python decompositions can change under the
+same name), higher-order ops, submodule calls.
+
+**What a hit may skip** is only AOTAutograd's trace: its runtime wrapper must be one
+llmopt can replay exactly (:func:`llmopt.compat.aot_output_plan`): outputs returned as
+they are or as the very input they are, in-graph input writes with their version-counter
+bumps, nothing else. Other graphs are captured every time.
+
+**Files**: ``<Inductor cache dir>/llmopt-capture/<key>.json``, written atomically, with
+the SHA-256 of its payload checked on load; a corrupt or unreadable entry is a miss (a
+one-line warning), and the next capture replaces it. ``options={"capture_cache": False}``
+or ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` turns it off. Clearing Inductor's cache
+directory clears it.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import compat
+from .codegen.locked_file import atomic_write_json
+from .graph import attr_value
+
+log = logging.getLogger("llmopt")
+
+FORMAT = 1
+SUBDIR = "llmopt-capture"
+# Modules whose functions a cached Dynamo graph may call (their code is fixed by the
+# torch and Python versions in the key).
+_TRUSTED_MODULES = ("torch", "_operator", "operator", "builtins", "math")
+_TRUSTED_OP_NAMESPACES = ("aten", "prims", "llmopt")
+# A tensor constant of the Dynamo graph is keyed by its bytes up to this size.
+_MAX_CONSTANT_BYTES = 16 << 20
+_PLAIN_TENSOR_TYPES = tuple(t for t in (torch.Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", None)) if t)
+
+
+class Uncacheable(Exception):
+    """Why a graph's capture is not cached (the report's ``capture_cache`` says it)."""
+
+
+class Entry:
+    """A cache hit: the captured graph, the fake mode and fake inputs its placeholders
+    hold, and the runtime plan (:func:`llmopt.compat.aot_output_plan`)."""
+
+    def __init__(self, gm: fx.GraphModule, fake_mode: Any, fake_inputs: list[Any], plan: dict[str, list]):
+        self.gm, self.fake_mode, self.fake_inputs, self.plan = gm, fake_mode, fake_inputs, plan
+
+
+def cache_dir() -> Path:
+    return Path(compat.inductor_cache_dir()) / SUBDIR
+
+
+def enabled(opts: Any) -> bool:
+    return bool(getattr(opts, "capture_cache", True)) and not compat.caches_force_disabled()
+
+
+# --------------------------------------------------------------------------- the key
+def key_of(gm: fx.GraphModule, inputs: Sequence[Any]) -> str:
+    """The cache key of capturing ``gm`` on ``inputs`` (lifted module state first);
+    raises :class:`Uncacheable`."""
+    if type(gm) is not fx.GraphModule and not isinstance(gm, fx.GraphModule):
+        raise Uncacheable(f"the graph is a {type(gm).__name__}, not a GraphModule")
+    if compat.any_autocast_enabled():
+        raise Uncacheable("autocast is on")
+    h = hashlib.sha256()
+    for part in (f"format {FORMAT}", f"torch {torch.__version__}", f"python {sys.version_info[:3]}",
+                 f"llmopt {_llmopt_source_hash()}", f"grad {torch.is_grad_enabled()}",
+                 f"default dtype {torch.get_default_dtype()}", f"functorch {compat.functorch_config_items()!r}"):
+        h.update(part.encode() + b"\n")
+    h.update(_inputs_fingerprint(inputs).encode())
+    h.update(_graph_fingerprint(gm).encode())
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def _llmopt_source_hash() -> str:
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _inputs_fingerprint(inputs: Sequence[Any]) -> str:
+    lines, storages = [], {}
+    for i, t in enumerate(inputs):
+        if not isinstance(t, torch.Tensor):
+            raise Uncacheable(f"input {i} is a {type(t).__name__} (a dynamic scalar), not a tensor")
+        if type(t) not in _PLAIN_TENSOR_TYPES:
+            raise Uncacheable(f"input {i} is a tensor subclass ({type(t).__name__})")
+        if t.layout != torch.strided:
+            raise Uncacheable(f"input {i} has layout {t.layout}")
+        sizes = [*t.shape, *t.stride(), t.storage_offset()]
+        if not all(type(s) is int for s in sizes):
+            raise Uncacheable(f"input {i} has a symbolic shape")
+        storage = (t.device, t.untyped_storage().data_ptr()) if t.untyped_storage().nbytes() else None
+        alias = storages.setdefault(storage, i) if storage is not None else i
+        lines.append(f"{i} {type(t).__name__} {tuple(t.shape)} {t.stride()} {t.storage_offset()} {t.dtype} {t.device} "
+                     f"rg={t.requires_grad} inf={t.is_inference()} conj={t.is_conj()} neg={t.is_neg()} "
+                     f"mark={compat.module_state_kind(t)} alias={alias}")
+    return "\n".join(lines) + "\n"
+
+
+def _graph_fingerprint(gm: fx.GraphModule) -> str:
+    lines = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            raise Uncacheable(f"the graph calls the submodule {node.target}")
+        if node.op == "get_attr":
+            target = f"{node.target}={_constant_fingerprint(gm, node.target)}"
+        elif node.op == "call_function":
+            target = _callable_name(node.target)
+        else:
+            target = str(node.target)
+        lines.append(f"{node.op} {node.name} {target} {_describe(node.args)} {_describe(node.kwargs)}")
+    return "\n".join(lines) + "\n"
+
+
+def _callable_name(fn: Any) -> str:
+    namespace = compat.operator_namespace(fn)
+    if namespace is not None:
+        if namespace not in _TRUSTED_OP_NAMESPACES:
+            raise Uncacheable(f"the graph calls the {namespace} op {fn} (its decomposition may change under the same name)")
+        return f"op {fn}"
+    module = getattr(fn, "__module__", None) or ""
+    qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if not isinstance(qualname, str) or "<" in qualname or module.split(".")[0] not in _TRUSTED_MODULES:
+        raise Uncacheable(f"the graph calls {module}.{qualname} (Python outside torch, or a closure)")
+    return f"py {module}.{qualname}"
+
+
+def _constant_fingerprint(gm: fx.GraphModule, target: str) -> str:
+    value = attr_value(gm, target)
+    if type(value) not in _PLAIN_TENSOR_TYPES:
+        raise Uncacheable(f"the graph reads the attribute {target} ({type(value).__name__})")
+    nbytes = value.numel() * value.element_size()
+    if nbytes > _MAX_CONSTANT_BYTES:
+        raise Uncacheable(f"the graph's constant {target} is {nbytes} bytes")
+    data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    digest = hashlib.sha256(bytes(data.numpy())).hexdigest()
+    return f"{tuple(value.shape)} {value.stride()} {value.dtype} {value.device} {digest}"
+
+
+def _describe(a: Any) -> str:
+    if isinstance(a, fx.Node):
+        return "%" + a.name
+    if a is None or isinstance(a, (bool, int, float, str)) and type(a) in (bool, int, float, str):
+        return repr(a)
+    if isinstance(a, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return f"{type(a).__name__}:{a}"
+    if isinstance(a, slice):
+        return f"slice({_describe(a.start)},{_describe(a.stop)},{_describe(a.step)})"
+    if a is Ellipsis:
+        return "..."
+    if isinstance(a, (list, tuple)):
+        return f"{type(a).__name__}(" + ",".join(_describe(x) for x in a) + ")"
+    if isinstance(a, dict):
+        return "{" + ",".join(f"{k!r}:{_describe(v)}" for k, v in a.items()) + "}"
+    raise Uncacheable(f"an argument of type {type(a).__name__} in the graph")
+
+
+# --------------------------------------------------------------------------- the entry
+def serialize(gm: fx.GraphModule, plan: dict[str, list]) -> dict:
+    """The captured graph and its runtime plan as JSON data; raises :class:`Uncacheable`."""
+    nodes, storages = [], _Storages()
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "call_function", "output"):
+            raise Uncacheable(f"the captured graph has a {node.op} node ({node.name})")
+        if node.op == "call_function":
+            target = _encode_target(node.target)
+        else:
+            target = node.target
+        nodes.append([node.op, node.name, target, _encode(node.args), _encode(node.kwargs), _encode_meta(node, storages)])
+    outputs = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    if not isinstance(outputs, (list, tuple)) or len(outputs) != len(plan["outputs"]):
+        raise Uncacheable("the captured graph's outputs do not match AOTAutograd's output plan")
+    return {"nodes": nodes, "plan": plan, "names": compat.fx_name_state(gm.graph)}
+
+
+def _encode_target(target: Any) -> Any:
+    if compat.is_op_overload(target):
+        return {"op": list(compat.op_overload_parts(target))}
+    module = getattr(target, "__module__", "")
+    if module in ("_operator", "operator", "math", "builtins"):
+        return {"py": [module, target.__name__]}
+    raise Uncacheable(f"the captured graph calls {target!r}")
+
+
+def _encode(a: Any) -> Any:
+    if isinstance(a, fx.Node):
+        return {"n": a.name}
+    if a is None or type(a) in (bool, int, str):
+        return a
+    if type(a) is float:
+        return {"f": repr(a)}
+    if isinstance(a, torch.dtype):
+        return {"dtype": str(a).replace("torch.", "")}
+    if isinstance(a, torch.device):
+        return {"device": str(a)}
+    if isinstance(a, torch.layout):
+        return {"layout": str(a).replace("torch.", "")}
+    if isinstance(a, torch.memory_format):
+        return {"mf": str(a).replace("torch.", "")}
+    if isinstance(a, tuple):
+        return {"tuple": [_encode(x) for x in a]}
+    if isinstance(a, list):
+        return [_encode(x) for x in a]
+    if isinstance(a, dict) and all(type(k) is str for k in a):
+        return {"dict": {k: _encode(v) for k, v in a.items()}}
+    raise Uncacheable(f"a {type(a).__name__} argument in the captured graph")
+
+
+class _Storages:
+    """Numbers the storages of a graph's values in order of appearance: a view shares its
+    base's storage (and Inductor's reinplacing reads that aliasing), so the entry keeps it."""
+
+    def __init__(self):
+        self.ids: dict[Any, tuple[int, torch.dtype]] = {}
+
+    def group(self, v: torch.Tensor) -> tuple[int, bool]:
+        """(the storage's number, whether ``v`` is the first value seen over it)."""
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        ref = StorageWeakRef(v.untyped_storage())
+        if ref in self.ids:
+            number, dtype = self.ids[ref]
+            if dtype != v.dtype:
+                raise Uncacheable(f"a {v.dtype} view of a {dtype} value in the captured graph")
+            return number, False
+        self.ids[ref] = (len(self.ids), v.dtype)
+        return len(self.ids) - 1, True
+
+
+def _encode_value(v: Any, storages: _Storages) -> Any:
+    if isinstance(v, torch.Tensor):
+        sizes = [*v.shape, *v.stride(), v.storage_offset(), v.untyped_storage().nbytes()]
+        if not all(type(s) is int for s in sizes):
+            raise Uncacheable("a symbolic shape in the captured graph")
+        number, first = storages.group(v)
+        return {"T": [list(v.shape), list(v.stride()), v.storage_offset(), str(v.dtype).replace("torch.", ""),
+                      str(v.device), number, v.untyped_storage().nbytes() if first else None]}
+    if isinstance(v, (list, tuple)):
+        return {"tuple" if isinstance(v, tuple) else "list": [_encode_value(x, storages) for x in v]}
+    if v is None or type(v) in (bool, int):
+        return v
+    if type(v) is float:
+        return {"f": repr(v)}
+    raise Uncacheable(f"a node value of type {type(v).__name__} in the captured graph")
+
+
+def _encode_meta(node: fx.Node, storages: _Storages) -> dict:
+    meta: dict[str, Any] = {}
+    if "val" in node.meta:
+        meta["val"] = _encode_value(node.meta["val"], storages)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        meta["nn_module_stack"] = [[str(k), str(v[0]), _type_name(v[1])] if isinstance(v, tuple) and len(v) == 2
+                                   else [str(k), str(v), ""] for k, v in stack.items()]
+    original = node.meta.get("original_aten")
+    if compat.is_op_overload(original):
+        meta["original_aten"] = list(compat.op_overload_parts(original))
+    return meta
+
+
+def _type_name(t: Any) -> str:
+    return t if isinstance(t, str) else f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', t)}"
+
+
+class _Stale(Exception):
+    """An entry this process cannot rebuild (an op missing, a name that came out different)."""
+
+
+def deserialize(data: dict, fake_mode: Any, fake_inputs: Sequence[Any]) -> fx.GraphModule:
+    """The graph :func:`serialize` wrote, its placeholders holding ``fake_inputs`` and every
+    other node a fake value of ``fake_mode``; raises ``_Stale`` when it cannot be rebuilt."""
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    inputs = iter(fake_inputs)
+    bases: dict[int, tuple[str, torch.Tensor]] = {}  # storage number -> ("meta"|"fake", base)
+    for op, name, target, args, kwargs, meta in data["nodes"]:
+        if op == "placeholder":
+            node = graph.placeholder(target)
+        elif op == "output":
+            node = graph.output(_decode(args, env)[0])
+        else:
+            node = graph.create_node(op, _decode_target(target), tuple(_decode(args, env)), _decode(kwargs, env), name=name)
+        if node.name != name:
+            raise _Stale(f"node {name} came out as {node.name}")
+        env[name] = node
+        if op == "placeholder":
+            value = next(inputs, None)
+            stored = (meta.get("val") or {}).get("T")
+            if not isinstance(value, torch.Tensor) or stored is None or stored[:5] != _encode_value(value, _Storages())["T"][:5]:
+                raise _Stale(f"input {name} does not match the entry")
+            bases.setdefault(stored[5], ("fake", value))
+            node.meta["val"] = value
+        elif "val" in meta:
+            node.meta["val"] = _decode_value(meta["val"], fake_mode, bases)
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            node.meta["tensor_meta"] = compat.fx_tensor_metadata(node.meta["val"])
+        if "nn_module_stack" in meta:
+            node.meta["nn_module_stack"] = {k: (path, kind) for k, path, kind in meta["nn_module_stack"]}
+        if "original_aten" in meta:
+            node.meta["original_aten"] = _resolve(meta["original_aten"])
+    if next(inputs, None) is not None:
+        raise _Stale("the entry has fewer inputs than the graph")
+    compat.restore_fx_name_state(graph, data.get("names"))
+    return compat.make_graph_module(torch.nn.Module(), graph)
+
+
+def _resolve(parts: list) -> Any:
+    try:
+        return compat.resolve_op_overload(*parts)
+    except AttributeError as exc:
+        raise _Stale(str(exc)) from None
+
+
+def _decode_target(t: dict) -> Any:
+    if "op" in t:
+        return _resolve(t["op"])
+    module, name = t["py"]
+    if module not in ("_operator", "operator", "math", "builtins"):
+        raise _Stale(f"the entry calls {module}.{name}")
+    return getattr(importlib.import_module(module), name)
+
+
+def _decode(a: Any, env: dict[str, fx.Node]) -> Any:
+    if isinstance(a, list):
+        return [_decode(x, env) for x in a]
+    if not isinstance(a, dict):
+        return a
+    (tag, v), = a.items()
+    if tag == "n":
+        return env[v]
+    if tag == "f":
+        return float(v)
+    if tag in ("dtype", "layout", "mf"):
+        return getattr(torch, v)
+    if tag == "device":
+        return torch.device(v)
+    if tag == "tuple":
+        return tuple(_decode(x, env) for x in v)
+    if tag == "dict":
+        return {k: _decode(x, env) for k, x in v.items()}
+    raise _Stale(f"unknown argument tag {tag!r}")
+
+
+def _decode_value(v: Any, fake_mode: Any, bases: dict[int, tuple[str, torch.Tensor]]) -> Any:
+    if not isinstance(v, dict):
+        return v
+    (tag, x), = v.items()
+    if tag == "f":
+        return float(x)
+    if tag in ("list", "tuple"):
+        items = [_decode_value(i, fake_mode, bases) for i in x]
+        return tuple(items) if tag == "tuple" else items
+    shape, stride, offset, dtype, device, number, nbytes = x
+    dtype, device = getattr(torch, dtype), torch.device(device)
+    if number not in bases:  # the first value over this storage: a meta storage of its size
+        if nbytes is None:
+            raise _Stale(f"storage {number} has no size")
+        bases[number] = ("meta", torch.empty(nbytes // dtype.itemsize, dtype=dtype, device="meta"))
+    kind, base = bases[number]
+    if base.dtype != dtype:
+        raise _Stale(f"storage {number} holds {base.dtype}, not {dtype}")
+    if kind == "fake":  # a view of a graph input: a view of its fake tensor
+        with fake_mode:
+            return base.as_strided(shape, stride, offset)
+    return compat.fake_tensor_over_meta(fake_mode, base.as_strided(shape, stride, offset), device)
+
+
+# --------------------------------------------------------------------------- files
+def load(key: str, fake_mode: Any, fake_inputs: Sequence[Any]) -> Entry | None:
+    """The entry of ``key`` rebuilt, or None (a miss; a bad file also warns)."""
+    path = cache_dir() / f"{key}.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("llmopt: capture cache entry %s unreadable (%s); capturing again", path, exc)
+        return None
+    try:
+        data = json.loads(text)
+        payload = data["payload"]
+        if data.get("format") != FORMAT or data.get("key") != key or data.get("sha256") != _digest(payload):
+            raise ValueError("checksum, key or format mismatch")
+        gm = deserialize(payload, fake_mode, fake_inputs)
+        plan = payload["plan"]
+    except (ValueError, KeyError, TypeError, _Stale) as exc:
+        log.warning("llmopt: capture cache entry %s not used (%s: %s); capturing again", path, type(exc).__name__, exc)
+        return None
+    return Entry(gm, fake_mode, list(fake_inputs), plan)
+
+
+def store(key: str, gm: fx.GraphModule, plan: dict[str, list]) -> None:
+    """Write ``gm``'s entry (atomically); raises :class:`Uncacheable`."""
+    payload = serialize(gm, plan)
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(directory / f"{key}.json", {"format": FORMAT, "key": key, "torch": torch.__version__,
+                                                  "sha256": _digest(payload), "payload": payload})
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+                          .encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- the call
+def runtime_call(compiled: Callable, lifted: Sequence[torch.Tensor], plan: dict[str, list]) -> Callable:
+    """What a hit returns to Dynamo in place of AOTAutograd's wrapper: the compiled (boxed)
+    graph called on the lifted module state and the graph's inputs, the inputs it writes in
+    place given a new version, and each output that *is* an input returned as that input."""
+    lifted = list(lifted)
+    versions = list(plan["versions"])
+    aliased = [(j, i) for j, i in enumerate(plan["outputs"]) if i is not None]
+
+    def forward(*args):
+        full = [*lifted, *args]
+        same = [(j, full[i]) for j, i in aliased]  # before the call: a boxed callee may clear ``full``
+        for i in versions:
+            torch.autograd.graph.increment_version(full[i])
+        outs = compiled(full)
+        if same:
+            outs = list(outs)
+            for j, t in same:
+                outs[j] = t
+        return outs
+
+    return forward
