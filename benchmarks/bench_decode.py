@@ -46,9 +46,10 @@ Method (DESIGN.md "Benchmarks"):
   one short generation); peak RSS on CPU (Linux ``VmHWM``), ``max_memory_allocated`` on
   CUDA, and the excess over eager as a fraction of the weight bytes;
 - compile time (``--compile-time``): that fresh process's first generation (compile +
-  first calls), with an empty Inductor cache directory (``cold``) and again over the cache
-  it filled (``warm``), and the ratio to Inductor's; the in-process ``warmup_s`` is not
-  comparable across backends (docs/compile_time.md).
+  first calls), with an empty cache directory (``cold``) and in 3 more fresh processes over
+  the cache it filled (``warm``: the median, samples and spread; the backends alternated),
+  and the ratio to Inductor's; the in-process ``warmup_s`` is not comparable across
+  backends (docs/compile_time.md).
 Writes ``benchmarks/results/<device>-<date>-decode[-<tag>].json``; ``make_tables.py`` turns the
 files into the README table.
 """
@@ -411,20 +412,39 @@ def peak_memory(backend: str, args, device: torch.device, cache_len: int, batch:
     return out
 
 
-def compile_time(backend: str, args, device: torch.device, cache_len: int, batch: int) -> dict:
-    """Compile time of one backend alone in a fresh process: the first generation (compile of
-    the prefill and decode graphs + their first calls), ``cold`` with an empty Inductor cache
-    directory, then ``warm`` in another fresh process over the cache the first one filled
-    (Inductor's FX graph and AOTAutograd caches hit). The in-process ``warmup_s`` depends on
-    the backends compiled before it (Inductor keeps built C++ kernels in memory, and the
-    default cache directory outlives the process), so it is no fair comparison."""
-    with tempfile.TemporaryDirectory(prefix="llmopt-bench-cache-") as cache:
-        out = {}
-        for state in ("cold", "warm"):
-            run = _fresh_process(backend, args, device, cache_len, batch, {"TORCHINDUCTOR_CACHE_DIR": cache})
-            if "error" in run:
-                return {"error": run["error"]}
-            out[f"{state}_s"] = run["first_generation_s"]
+WARM_COMPILE_RUNS = 3
+
+
+def compile_times(backends: list[str], args, device: torch.device, cache_len: int, batch: int) -> dict:
+    """Compile time of each backend alone in fresh processes: the first generation (compile
+    of the prefill and decode graphs + their first calls), ``cold`` with an empty cache
+    directory of the backend's own, then ``warm`` in :data:`WARM_COMPILE_RUNS` more fresh
+    processes over the directory the cold one filled (Inductor's FX graph and AOTAutograd
+    caches, llmopt's capture cache), the backends alternated round by round so that a
+    noisy minute hits them all. ``warm_s`` is the median, with the samples and their
+    spread; ``warm_vs_inductor`` (added by the caller) is the median of the rounds' ratios.
+    The in-process ``warmup_s`` depends on the backends compiled before it (Inductor keeps
+    built C++ kernels in memory, and the default cache directory outlives the process), so
+    it is no fair comparison."""
+    out: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        caches = {be: stack.enter_context(tempfile.TemporaryDirectory(prefix="llmopt-bench-cache-")) for be in backends}
+        for be in backends:
+            run = _fresh_process(be, args, device, cache_len, batch, {"TORCHINDUCTOR_CACHE_DIR": caches[be]})
+            out[be] = {"error": run["error"]} if "error" in run else {"cold_s": run["first_generation_s"], "warm_samples_s": []}
+        for _ in range(WARM_COMPILE_RUNS):
+            for be in backends:
+                if "error" in out[be]:
+                    continue
+                run = _fresh_process(be, args, device, cache_len, batch, {"TORCHINDUCTOR_CACHE_DIR": caches[be]})
+                if "error" in run:
+                    out[be] = {"error": run["error"]}
+                else:
+                    out[be]["warm_samples_s"].append(run["first_generation_s"])
+    for r in out.values():
+        if "warm_samples_s" in r:
+            r["warm_s"] = statistics.median(r["warm_samples_s"])
+            r["warm_spread_s"] = [min(r["warm_samples_s"]), max(r["warm_samples_s"])]
     return out
 
 
@@ -551,13 +571,18 @@ def main(argv=None):
                     r["vs_eager"] = eager["decode_step_s"] / r["decode_step_s"]
                 if args.memory:
                     r["memory"] = peak_memory(r["backend"], args, device, cache_len, batch)
-                if args.compile_time:
-                    r["compile"] = compile_time(r["backend"], args, device, cache_len, batch)
+            if args.compile_time:
+                compiles = compile_times([r["backend"] for r in case], args, device, cache_len, batch)
+                for r in case:
+                    r["compile"] = compiles[r["backend"]]
             inductor = next((r.get("compile", {}) for r in case if r["backend"] == "inductor"), {})
             for r in case:
-                for state in ("cold", "warm"):
-                    if f"{state}_s" in r.get("compile", {}) and inductor.get(f"{state}_s"):
-                        r["compile"][f"{state}_vs_inductor"] = r["compile"][f"{state}_s"] / inductor[f"{state}_s"]
+                c = r.get("compile", {})
+                if "cold_s" in c and inductor.get("cold_s"):
+                    c["cold_vs_inductor"] = c["cold_s"] / inductor["cold_s"]
+                if c.get("warm_samples_s") and inductor.get("warm_samples_s"):
+                    c["warm_vs_inductor"] = statistics.median(
+                        a / b for a, b in zip(c["warm_samples_s"], inductor["warm_samples_s"]))
             if args.memory and eager is not None and "peak_MB" in eager["memory"]:
                 weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
                 for r in case:

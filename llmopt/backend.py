@@ -92,18 +92,23 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
         return gm.forward
 
     capture_start = time.perf_counter()
-    key, cache_status = _capture_cache_key(gm, full_inputs, opts)
-    entry = _cached_capture(key, full_inputs, example_inputs)
-    if entry is not None:
-        with compat.aot_compile_context(entry.fake_mode):
-            compiled = compile_inference_graph(entry.gm, entry.fake_inputs, full_inputs, len(lifted), opts,
-                                               input_names, capture_seconds=time.perf_counter() - capture_start,
-                                               capture_cache="hit")
-        heap_trim.trim_free_heap()
-        return capture_cache.runtime_call(compiled, lifted, entry.plan)
+    cached = capture_cache.Lookup(gm, full_inputs, example_inputs, opts)
+    if cached.entry is not None:
+        try:
+            with compat.aot_compile_context(cached.entry.fake_mode):
+                compiled = compile_inference_graph(cached.entry.gm, cached.entry.fake_inputs, full_inputs, len(lifted),
+                                                   opts, input_names, capture_cache="hit",
+                                                   capture_seconds=time.perf_counter() - capture_start)
+        except Exception as exc:
+            if opts.strict or compat.is_dynamo_control_flow(exc):
+                raise
+            cached.hit_failed(exc)  # then captured as if there were no entry
+        else:
+            heap_trim.trim_free_heap()
+            return capture_cache.runtime_call(compiled, lifted, cached.entry.plan)
 
     def fw_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]):
-        status = cache_status if key is None else _store_capture(key, aten_gm, len(full_inputs))
+        status = cached.store(aten_gm)  # before the passes rewrite it in place
         return compile_inference_graph(aten_gm, list(fake_inputs), full_inputs, len(lifted), opts, input_names,
                                        capture_seconds=time.perf_counter() - capture_start, capture_cache=status)
 
@@ -122,41 +127,6 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
     # next peak of the process); docs/memory.md has the measurement.
     heap_trim.trim_free_heap()
     return compiled
-
-
-def _capture_cache_key(gm: fx.GraphModule, full_inputs: list[Any], opts: Options) -> tuple[str | None, str]:
-    """The capture cache's key of this graph (llmopt/capture_cache.py), or None and why not."""
-    if not capture_cache.enabled(opts):
-        return None, "off"
-    try:
-        return capture_cache.key_of(gm, full_inputs), ""
-    except capture_cache.Uncacheable as exc:
-        return None, f"not cached: {exc}"
-
-
-def _cached_capture(key: str | None, full_inputs: list[Any], example_inputs: Sequence[Any]):
-    """The cached capture of ``key`` over Dynamo's fake inputs, or None (a miss)."""
-    fake_mode = compat.detect_fake_mode(example_inputs) if key is not None else None
-    if fake_mode is None:
-        return None
-    return capture_cache.load(key, fake_mode, [compat.fake_input(fake_mode, t) for t in full_inputs])
-
-
-def _store_capture(key: str, aten_gm: fx.GraphModule, n_inputs: int) -> str:
-    """Keep AOTAutograd's captured graph for the next compile; the report's status line.
-    Called before the passes rewrite ``aten_gm`` in place."""
-    plan = compat.aot_output_plan(n_inputs)
-    if plan is None:
-        return "not cached: AOTAutograd's runtime wrapper does more than llmopt replays (aliased outputs, " \
-               "mutations outside the graph, subclasses or RNG state)"
-    try:
-        capture_cache.store(key, aten_gm, plan)
-    except capture_cache.Uncacheable as exc:
-        return f"not cached: {exc}"
-    except OSError as exc:
-        log.warning("llmopt: capture cache entry not written (%s)", one_line_error(exc))
-        return f"not cached: {one_line_error(exc)}"
-    return "stored"
 
 
 def _lifted_module_state(gm: fx.GraphModule) -> list[torch.Tensor]:

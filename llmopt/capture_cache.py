@@ -13,8 +13,8 @@ compiled code of the post-pass graph, which is then the same graph as the first 
 **The key** (SHA-256) covers: the Dynamo graph node by node (op, target by qualified name,
 arguments, tensor constants by value), every input's type, shape, stride, offset, dtype,
 device, ``requires_grad``, Dynamo mark and storage sharing, the grad mode and default
-dtype, AOTAutograd's settings, the torch and Python versions, and the source of every
-llmopt module. A graph whose capture could depend on anything else is never cached
+dtype, the SDPA-kernel and deterministic-algorithm switches, AOTAutograd's settings, the
+torch and Python versions, and the source of every llmopt module. A graph whose capture could depend on anything else is never cached
 (:class:`Uncacheable` names why, and the report says it): symbolic shapes, tensor
 subclasses, autocast, calls of Python functions outside torch (or closures), custom ops
 outside ``aten``/``prims``/``llmopt`` (their Python decompositions can change under the
@@ -48,6 +48,7 @@ import torch.fx as fx
 from . import compat
 from .codegen.locked_file import atomic_write_json
 from .graph import attr_value
+from .report import one_line_error
 
 log = logging.getLogger("llmopt")
 
@@ -86,18 +87,30 @@ def enabled(opts: Any) -> bool:
 def key_of(gm: fx.GraphModule, inputs: Sequence[Any]) -> str:
     """The cache key of capturing ``gm`` on ``inputs`` (lifted module state first);
     raises :class:`Uncacheable`."""
-    if type(gm) is not fx.GraphModule and not isinstance(gm, fx.GraphModule):
+    if not isinstance(gm, fx.GraphModule):
         raise Uncacheable(f"the graph is a {type(gm).__name__}, not a GraphModule")
     if compat.any_autocast_enabled():
         raise Uncacheable("autocast is on")
     h = hashlib.sha256()
     for part in (f"format {FORMAT}", f"torch {torch.__version__}", f"python {sys.version_info[:3]}",
                  f"llmopt {_llmopt_source_hash()}", f"grad {torch.is_grad_enabled()}",
-                 f"default dtype {torch.get_default_dtype()}", f"functorch {compat.functorch_config_items()!r}"):
+                 f"default dtype {torch.get_default_dtype()}", f"functorch {compat.functorch_config_items()!r}",
+                 f"switches {_global_switches()!r}"):
         h.update(part.encode() + b"\n")
     h.update(_inputs_fingerprint(inputs).encode())
     h.update(_graph_fingerprint(gm).encode())
     return h.hexdigest()
+
+
+def _global_switches() -> list[tuple[str, Any]]:
+    """Process-wide switches a capture reads: which SDPA kernel the graph records, and
+    deterministic algorithms (some decompositions differ)."""
+    out: list[tuple[str, Any]] = [("deterministic", torch.are_deterministic_algorithms_enabled())]
+    for name in ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled"):
+        fn = getattr(torch.backends.cuda, name, None)
+        if fn is not None:
+            out.append((name, bool(fn())))
+    return out
 
 
 @lru_cache(maxsize=None)
@@ -400,8 +413,9 @@ def _decode_value(v: Any, fake_mode: Any, bases: dict[int, tuple[str, torch.Tens
 # --------------------------------------------------------------------------- files
 def load(key: str, fake_mode: Any, fake_inputs: Sequence[Any]) -> Entry | None:
     """The entry of ``key`` rebuilt, or None (a miss; a bad file also warns)."""
-    path = cache_dir() / f"{key}.json"
+    path = Path(f"{key}.json")
     try:
+        path = cache_dir() / path
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
@@ -422,7 +436,7 @@ def load(key: str, fake_mode: Any, fake_inputs: Sequence[Any]) -> Entry | None:
 
 
 def store(key: str, gm: fx.GraphModule, plan: dict[str, list]) -> None:
-    """Write ``gm``'s entry (atomically); raises :class:`Uncacheable`."""
+    """Write ``gm``'s entry (atomically); raises :class:`Uncacheable`, or OSError."""
     payload = serialize(gm, plan)
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -433,6 +447,64 @@ def store(key: str, gm: fx.GraphModule, plan: dict[str, list]) -> None:
 def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
                           .encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- the backend's use
+class Lookup:
+    """One graph's trip through the cache, as the backend uses it: the key and the entry
+    (None on a miss) at construction, :meth:`store` from AOTAutograd's ``fw_compiler``
+    after a capture, :meth:`hit_failed` when compiling a hit raised. Never fails a
+    compile: an unexpected error here is logged in one line and the graph is captured as
+    without a cache (in ``strict`` mode it is raised); ``status`` is the report's line."""
+
+    def __init__(self, gm: fx.GraphModule, full_inputs: Sequence[Any], example_inputs: Sequence[Any], opts: Any):
+        self.key: str | None = None
+        self.entry: Entry | None = None
+        self.status = "off"
+        self.n_inputs, self.strict = len(full_inputs), bool(getattr(opts, "strict", False))
+        if not enabled(opts):
+            return
+        try:
+            self.key = key_of(gm, full_inputs)
+            fake_mode = compat.detect_fake_mode(example_inputs)
+            if fake_mode is not None:
+                self.entry = load(self.key, fake_mode, [compat.fake_input(fake_mode, t) for t in full_inputs])
+        except Uncacheable as exc:
+            self.key, self.status = None, f"not cached: {exc}"
+        except Exception as exc:
+            self._unexpected("lookup", exc)
+
+    def store(self, aten_gm: fx.GraphModule) -> str:
+        """Keep AOTAutograd's captured ``aten_gm`` for the next compile; the status line."""
+        if self.key is None:
+            return self.status
+        plan = compat.aot_output_plan(self.n_inputs)
+        if plan is None:
+            return ("not cached: AOTAutograd's runtime wrapper does more than llmopt replays (aliased outputs, "
+                    "mutations outside the graph, subclasses or RNG state)")
+        try:
+            store(self.key, aten_gm, plan)
+        except Uncacheable as exc:
+            return f"not cached: {exc}"
+        except OSError as exc:  # a full disk or a read-only cache directory is no error of the model
+            log.warning("llmopt: capture cache entry not written (%s)", one_line_error(exc))
+            return f"not cached: the entry could not be written ({one_line_error(exc)})"
+        except Exception as exc:
+            self._unexpected("store", exc)
+            return self.status
+        return "stored"
+
+    def hit_failed(self, exc: BaseException) -> None:
+        log.warning("llmopt: compiling the cached capture failed, capturing again: %s", one_line_error(exc))
+        self.entry, self.key = None, None
+        self.status = f"not used: compiling the cached capture failed ({one_line_error(exc)})"
+
+    def _unexpected(self, what: str, exc: Exception) -> None:
+        if self.strict or compat.is_dynamo_control_flow(exc):
+            raise exc
+        log.warning("llmopt: capture cache %s failed, capturing without it: %s", what, one_line_error(exc))
+        self.key, self.entry = None, None
+        self.status = f"not cached: the {what} failed ({one_line_error(exc)})"
 
 
 # --------------------------------------------------------------------------- the call

@@ -135,3 +135,24 @@ def test_bench_quant_compiled_variants_run(keep_num_threads, monkeypatch):
     results = bench_quant.bench_compiled("cpu", config, tokens=3, prompt_len=4)
     assert list(results) == ["eager fp32", "llmopt int8"]
     assert all(r["decode_tokens_per_s"] > 0 and r["speedup_vs_eager"] > 0 for r in results.values())
+
+
+def test_compile_times_alternate_backends_and_report_the_spread(monkeypatch):
+    """--compile-time: one cold process per backend (its own cache directory), then warm
+    processes alternated round by round; the median, the samples and their spread."""
+    import bench_decode
+
+    calls = []
+    times = {"inductor": iter([40.0, 7.0, 7.4, 6.9]), "llmopt": iter([42.0, 9.0, 9.9, 9.2])}
+
+    def fake_process(backend, args, device, cache_len, batch, env=None):
+        calls.append((backend, env["TORCHINDUCTOR_CACHE_DIR"]))
+        return {"first_generation_s": next(times[backend])}
+
+    monkeypatch.setattr(bench_decode, "_fresh_process", fake_process)
+    out = bench_decode.compile_times(["inductor", "llmopt"], None, torch.device("cpu"), 72, 1)
+    assert [b for b, _ in calls] == ["inductor", "llmopt"] * 4
+    assert len({d for b, d in calls if b == "inductor"}) == 1 != len({d for _, d in calls})
+    assert out["inductor"] == {"cold_s": 40.0, "warm_samples_s": [7.0, 7.4, 6.9], "warm_s": 7.0,
+                               "warm_spread_s": [6.9, 7.4]}
+    assert out["llmopt"]["warm_s"] == 9.2 and out["llmopt"]["warm_spread_s"] == [9.0, 9.9]

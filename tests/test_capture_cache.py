@@ -313,3 +313,56 @@ def test_argument_encoding_round_trips(arg):
     decoded = capture_cache._decode(encoded, {})
     assert decoded == arg and type(decoded) is type(arg)
     assert repr(decoded) == repr(arg)
+
+
+def test_a_failing_cache_never_fails_the_compile(cache, monkeypatch, caplog):
+    """An unexpected error in the cache (here, in the key) is one warning line and a
+    capture as without a cache; strict mode raises it."""
+
+    def broken(gm, inputs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(capture_cache, "key_of", broken)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: torch.relu(x) * 3, backend="llmopt")
+    with torch.no_grad():
+        assert torch.equal(f(torch.ones(3)), torch.full((3,), 3.0))
+    assert llmopt.last_report().capture_cache.startswith("not cached: the lookup failed (RuntimeError: disk on fire")
+    assert "capture cache lookup failed" in caplog.text
+    torch._dynamo.reset()
+    g = torch.compile(lambda x: torch.relu(x) * 3, backend="llmopt", options={"strict": True})
+    with pytest.raises(Exception, match="disk on fire"), torch.no_grad():
+        g(torch.ones(3))
+
+
+def test_an_unwritable_cache_directory_is_a_warning(monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(capture_cache, "cache_dir", lambda: blocker / "sub")  # under a file: mkdir fails
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(lambda x: x + 1, backend="llmopt", options={"strict": True})(torch.ones(2))
+    assert llmopt.last_report().capture_cache.startswith("not cached: the entry could not be written")
+    assert "not written" in caplog.text
+
+
+def test_a_hit_that_fails_to_compile_is_captured_again(cache, monkeypatch, caplog):
+    _generate("llama")
+    real = backend.compile_inference_graph
+
+    def fail_on_hit(*args, capture_cache="", **kwargs):
+        if capture_cache == "hit":
+            raise RuntimeError("stale entry")
+        return real(*args, capture_cache=capture_cache, **kwargs)
+
+    monkeypatch.setattr(backend, "compile_inference_graph", fail_on_hit)
+    torch._dynamo.reset()
+    llmopt.clear_reports()
+    model = tiny_model("llama")
+    model.forward = torch.compile(model.forward, backend="llmopt")  # not strict
+    with torch.no_grad():
+        out = model.generate(tokens(2, 7), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                             cache_implementation="static")
+    statuses = [r.capture_cache for r in llmopt.reports()]
+    assert statuses and all(s.startswith("not used: compiling the cached capture failed") for s in statuses)
+    assert torch.equal(out, _generate("llama", {"capture_cache": False})[0])
