@@ -10,6 +10,12 @@ recorded and the next one still runs):
 1. ``ops`` — every llmopt kernel family on the device against its PyTorch reference at
    Llama-3-8B decode shapes (bf16), relative Frobenius error within the tolerance table
    of ``tests/conftest.py``: ``python -m llmopt.tools.gpu_check --ops-only``.
+1b. ``capture-cache`` — a tiny Llama compiled (``aten`` executor, to fit in 30 s) and run
+   twice on the device, Dynamo reset between: the second compile must find each graph in
+   llmopt's capture cache (``hit``, docs/compile_time.md) and generate the same tokens:
+   the hit path on CUDA (``--capture-cache-only``; left out with >= 2 GPUs, where the
+   ``tp`` step takes its time). The ``bench-int8``/``bench-int4`` steps hit the ``bench``
+   step's entries with the Inductor executor and CUDA graphs.
 2. ``kernel-benchmarks`` — ``benchmarks/bench_fusions.py --quick``, ``bench_attention.py
    --quick``, ``bench_linear.py`` (M = 1, 16, 64 on the Llama-3-8B shapes): times against
    eager / SDPA / Inductor with the fraction of the measured copy bandwidth (roofline).
@@ -49,6 +55,7 @@ from typing import Any
 
 import torch
 
+from llmopt import compat
 from llmopt.codegen.locked_file import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +83,11 @@ def plan(device: str, out: Path) -> list[Step]:
     cuda = device == "cuda"
     bench = REPO / "benchmarks"
     # time limits on CUDA add up to the 9-minute budget (GPU_BUDGET_S)
+    tp = cuda and torch.cuda.device_count() >= 2
     steps = [Step("ops", [py, "-m", "llmopt.tools.gpu_check", "--ops-only", "--device", device], 45 if cuda else 120)]
+    if not tp:  # with tensor parallelism the budget has no room left for it
+        steps.append(Step("capture-cache", [py, "-m", "llmopt.tools.gpu_check", "--capture-cache-only",
+                                            "--device", device], 30 if cuda else 120))
     if cuda:
         kernel_args = [
             [str(bench / "bench_fusions.py"), "--quick"],
@@ -107,7 +118,7 @@ def plan(device: str, out: Path) -> list[Step]:
              "--vocab", "8192", "--rep", "3"] if cuda else ["--quick", "--no-write"])
     steps.append(Step("moe", [py, *moe], 60 if cuda else 180))
     # Tensor parallelism (issue 18), only where there are GPUs to split over: 1 GPU vs all.
-    if cuda and torch.cuda.device_count() >= 2:
+    if tp:
         steps.append(Step("tp", [py, str(bench / "bench_tp.py"), "--device", "cuda", "--rounds", "3"], 50))
     if cuda:
         model, size = "llama-3-8b", ["--dtype", "bf16"]
@@ -295,6 +306,47 @@ def check_ops(device: str) -> list[dict[str, Any]]:
     return rows
 
 
+def check_capture_cache(device: str) -> dict[str, Any]:
+    """Step 1b: a tiny Llama (bf16 on CUDA) compiled with llmopt (``aten`` executor) and generating twice, each
+    time from a fresh Dynamo state and an identical fresh model, over a cache directory of
+    its own. The first compile stores each graph's capture, the second must hit and give
+    the same tokens (the same post-pass graph, so the same compiled code)."""
+    import tempfile
+
+    import transformers as tf
+
+    import llmopt
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config = tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    prompt = torch.randint(1, 256, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    runs = []
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="llmopt-gpu-check-") as cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+        try:
+            for _ in range(2):
+                compat.reset_dynamo()
+                llmopt.clear_reports()
+                torch.manual_seed(0)
+                model = tf.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+                model.forward = torch.compile(model.forward, backend="llmopt", options={"inner": "aten"})
+                with torch.no_grad():
+                    out = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                         cache_implementation="static")
+                runs.append((out.cpu(), [r.capture_cache for r in llmopt.reports()]))
+        finally:
+            if saved is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+    (first, stored), (second, statuses) = runs
+    same = torch.equal(first, second)
+    ok = "stored" in stored and statuses == ["hit" if s == "stored" else s for s in stored] and same
+    return {"first": stored, "second": statuses, "same_tokens": same, "ok": ok}
+
+
 # ---------------------------------------------------------------------------------------
 # Summary
 # ---------------------------------------------------------------------------------------
@@ -386,6 +438,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
                         help="cuda (default when a GPU is visible) or cpu (the rehearsal at reduced size)")
     parser.add_argument("--ops-only", action="store_true", help=argparse.SUPPRESS)  # step 1, in its own process
+    parser.add_argument("--capture-cache-only", action="store_true", help=argparse.SUPPRESS)  # step 1b
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     if device is None:
@@ -396,6 +449,10 @@ def main(argv=None) -> int:
         print("llmopt.tools.gpu_check: --device cuda but torch sees no GPU (torch.cuda.is_available() is False)",
               file=sys.stderr)
         return 2
+    if args.capture_cache_only:
+        result = check_capture_cache(device)
+        print(json.dumps(result))
+        return 0 if result["ok"] else 1
     if args.ops_only:
         rows = check_ops(device)
         print(json.dumps(rows))

@@ -16,7 +16,7 @@ def test_cpu_rehearsal_runs_every_step_and_writes_results(tmp_path, monkeypatch)
     assert not failed, failed
     assert data["ok"] and data["ops"] and all(r["ok"] for r in data["ops"])
     names = [s["name"] for s in data["steps"]]
-    assert names[0] == "ops" and {"bench", "bench-int8", "bench-int4"} <= set(names)
+    assert names[:2] == ["ops", "capture-cache"] and {"bench", "bench-int8", "bench-int4"} <= set(names)
     assert any(n.startswith("kernel-benchmarks:") for n in names)
     for step in data["steps"]:
         for path in step["outputs"]:
@@ -25,6 +25,12 @@ def test_cpu_rehearsal_runs_every_step_and_writes_results(tmp_path, monkeypatch)
     assert json.loads(stem.with_suffix(".json").read_text())["ok"]
     assert stem.with_suffix(".txt").read_text() == text and f"{len(names)}/{len(names)} steps passed" in text
     assert len(text.splitlines()) <= 40, "one screen"
+
+
+def test_capture_cache_step_hits_on_the_second_compile():
+    result = gpu_check.check_capture_cache("cpu")
+    assert result["ok"], result
+    assert result["second"][0] == "hit" and result["same_tokens"]
 
 
 def test_the_gpu_plan_runs_the_full_size_steps(tmp_path):
@@ -49,5 +55,7 @@ def test_the_gpu_plan_adds_tensor_parallelism_with_two_gpus(tmp_path, monkeypatc
     tp = next(s for s in steps if s.name == "tp")
     assert "bench_tp.py" in tp.command[1] and tp.command[2:4] == ["--device", "cuda"]
     assert sum(s.timeout_s for s in steps) <= gpu_check.GPU_BUDGET_S
+    assert "capture-cache" not in [s.name for s in steps]  # no room left in the budget
     monkeypatch.setattr(gpu_check.torch.cuda, "device_count", lambda: 1)
-    assert "tp" not in [s.name for s in gpu_check.plan("cuda", tmp_path)]
+    names = [s.name for s in gpu_check.plan("cuda", tmp_path)]
+    assert "tp" not in names and "capture-cache" in names
