@@ -8,11 +8,12 @@ def test_version_tuple():
     assert compat.TORCH_VERSION >= (2, 6)
 
 
-def test_aot_capture_gives_aten_graph():
-    seen = {}
+def _capturing_backend(inspect):
+    """A Dynamo backend that captures with compat.aot_inference_capture, calls
+    ``inspect(aten_gm, fake_inputs)`` inside the fw_compiler and runs the ATen graph."""
 
     def fw(gm, inputs):
-        seen["targets"] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+        inspect(gm, inputs)
 
         def run(args):
             return gm(*args)
@@ -23,9 +24,17 @@ def test_aot_capture_gives_aten_graph():
     def backend(gm, inputs):
         return compat.aot_inference_capture(gm, inputs, fw)
 
-    f = torch.compile(lambda x: torch.nn.functional.silu(x) * 2, backend=backend)
+    return backend
+
+
+def test_aot_capture_gives_aten_graph():
+    seen = {}
+
+    def inspect(gm, inputs):
+        seen["targets"] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+    f = torch.compile(lambda x: torch.nn.functional.silu(x) * 2, backend=_capturing_backend(inspect))
     with torch.no_grad():
-        pass
         f(torch.randn(4))
     assert all(t.startswith("aten.") for t in seen["targets"])
 
@@ -180,18 +189,7 @@ def test_inductor_generated_code_returns_the_result_and_the_source():
 # -- the capture cache's wrappers (llmopt/capture_cache.py) -------------------------------
 def test_aot_output_plan_inside_the_fw_compiler():
     plans = []
-
-    def fw(gm, inputs):
-        plans.append(compat.aot_output_plan(len(inputs)))
-
-        def run(args):
-            return gm(*args)
-
-        run._boxed_call = True
-        return run
-
-    def backend(gm, inputs):
-        return compat.aot_inference_capture(gm, inputs, fw)
+    backend = _capturing_backend(lambda gm, inputs: plans.append(compat.aot_output_plan(len(inputs))))
 
     def step(x, buf):
         buf.add_(x)
