@@ -17,8 +17,9 @@ dtype, the SDPA-kernel and deterministic-algorithm switches, AOTAutograd's setti
 torch and Python versions, and the source of every llmopt module. A graph whose capture could depend on anything else is never cached
 (:class:`Uncacheable` names why, and the report says it): symbolic shapes, tensor
 subclasses, autocast, calls of Python functions outside torch (or closures), custom ops
-outside ``aten``/``prims``/``llmopt`` (their Python decompositions can change under the
-same name), higher-order ops, submodule calls.
+outside ``aten``/``prims``/``llmopt`` that the capture decomposes (their Python can change
+under the same name; one that stays a single call is keyed by the source of its fake
+implementation's module), higher-order ops, submodule calls.
 
 **What a hit may skip** is only AOTAutograd's trace: its runtime wrapper must be one
 llmopt can replay exactly (:func:`llmopt.compat.aot_output_plan`): outputs returned as
@@ -160,9 +161,15 @@ def _graph_fingerprint(gm: fx.GraphModule) -> str:
 def _callable_name(fn: Any) -> str:
     namespace = compat.operator_namespace(fn)
     if namespace is not None:
-        if namespace not in _TRUSTED_OP_NAMESPACES:
-            raise Uncacheable(f"the graph calls the {namespace} op {fn} (its decomposition may change under the same name)")
-        return f"op {fn}"
+        if namespace in _TRUSTED_OP_NAMESPACES:
+            return f"op {fn}"
+        # Another library's custom op: cached only when it stays one call in the capture,
+        # keyed by the source of its fake implementation (what the capture reads of it).
+        source = compat.custom_op_fake_source(fn)
+        if source is None:
+            raise Uncacheable(f"the graph calls the {namespace} op {fn} (decomposed by the capture, or not a "
+                              "torch.library.custom_op with a readable fake implementation)")
+        return f"op {fn} fake {hashlib.sha256(source.encode()).hexdigest()}"
     module = getattr(fn, "__module__", None) or ""
     qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
     if not isinstance(qualname, str) or "<" in qualname or module.split(".")[0] not in _TRUSTED_MODULES:

@@ -689,3 +689,29 @@ def make_graph_module(root: torch.nn.Module, graph: torch.fx.Graph) -> torch.fx.
     except ImportError:  # pragma: no cover
         return torch.fx.GraphModule(root, graph)
     return _make_graph_module(root, graph)
+
+
+def custom_op_fake_source(op: Any) -> str | None:
+    """The source of the module holding the fake (meta) implementation of a
+    ``torch.library.custom_op`` the graph calls, when the op stays one call in a captured
+    graph (no ``CompositeImplicitAutograd`` kernel): then the capture depends on the op only
+    through that implementation (its outputs' shapes and strides). None when the op is
+    decomposed by a capture, is not a ``custom_op``, or its source cannot be read (the
+    capture cache then does not cache the graph). Reads the private
+    ``torch._library.custom_ops.OPDEFS`` registry."""
+    import inspect
+
+    try:
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:  # pragma: no cover
+        return None
+    qualname = getattr(op, "_qualified_op_name", None) or getattr(getattr(op, "_schema", None), "name", None)
+    opdef = OPDEFS.get(qualname) if isinstance(qualname, str) else None
+    fake = getattr(opdef, "_abstract_fn", None)
+    overloads = [getattr(op, name) for name in op.overloads()] if hasattr(op, "overloads") else [op]
+    if fake is None or any(has_composite_implicit_kernel(o) for o in overloads):
+        return None
+    try:
+        return inspect.getsource(inspect.getmodule(fake))
+    except (OSError, TypeError):
+        return None

@@ -275,3 +275,18 @@ def test_make_graph_module():
     gm = compat.make_graph_module(torch.nn.Module(), g)
     assert isinstance(gm, torch.fx.GraphModule)
     assert torch.equal(gm(torch.ones(2)), -torch.ones(2))
+
+
+def test_custom_op_fake_source():
+    @torch.library.custom_op("llmopt_test_compat::noop", mutates_args=())
+    def noop(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @noop.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    source = compat.custom_op_fake_source(torch.ops.llmopt_test_compat.noop)
+    assert source is not None and "def test_custom_op_fake_source" in source  # this module
+    assert compat.custom_op_fake_source(torch.ops.llmopt_test_compat.noop.default) == source
+    assert compat.custom_op_fake_source(torch.ops.aten.add.Tensor) is None  # not a custom_op
