@@ -579,7 +579,15 @@ def inductor_cache_dir() -> str:
     try:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
     except ImportError:  # pragma: no cover - older layouts
-        from torch._inductor.utils import cache_dir
+        try:
+            from torch._inductor.runtime.runtime_utils import cache_dir
+        except ImportError:
+            import getpass
+            import os
+            import tempfile
+
+            return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(
+                tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
     return cache_dir()
 
 
