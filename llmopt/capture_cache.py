@@ -28,7 +28,8 @@ bumps, nothing else. Other graphs are captured every time.
 
 **Files**: ``<Inductor cache dir>/llmopt-capture/<key>.json``, written atomically, with
 the SHA-256 of its payload checked on load; a corrupt or unreadable entry is a miss (a
-one-line warning), and the next capture replaces it. ``options={"capture_cache": False}``
+one-line warning), and the next capture replaces it. At most :data:`MAX_ENTRIES` are
+kept (least recently used evicted). ``options={"capture_cache": False}``
 or ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` turns it off. Clearing Inductor's cache
 directory clears it.
 """
@@ -38,6 +39,8 @@ import hashlib
 import importlib
 import json
 import logging
+import os
+import re
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -59,6 +62,13 @@ SUBDIR = "llmopt-capture"
 # torch and Python versions in the key).
 _TRUSTED_MODULES = ("torch", "_operator", "operator", "builtins", "math")
 _TRUSTED_OP_NAMESPACES = ("aten", "prims", "llmopt")
+# The directory keeps at most MAX_ENTRIES entries: a write past it deletes the least
+# recently used (by mtime; a hit touches its entry) down to KEEP_ENTRIES. Every change to
+# llmopt's source starts new entries (the key hashes it), so without a cap a developer's
+# or a CI machine's directory would only grow (~20 MB per run of the test suite).
+MAX_ENTRIES = 1024
+KEEP_ENTRIES = 768
+_ENTRY_NAME = re.compile(r"^[0-9a-f]{64}\.json$")
 # A tensor constant of the Dynamo graph is keyed by its bytes up to this size.
 _MAX_CONSTANT_BYTES = 16 << 20
 _PLAIN_TENSOR_TYPES = tuple(t for t in (torch.Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", None)) if t)
@@ -439,6 +449,10 @@ def load(key: str, fake_mode: Any, fake_inputs: Sequence[Any]) -> Entry | None:
     except (ValueError, KeyError, TypeError, _Stale) as exc:
         log.warning("llmopt: capture cache entry %s not used (%s: %s); capturing again", path, type(exc).__name__, exc)
         return None
+    try:
+        os.utime(path)  # recently used: the last to be evicted
+    except OSError:
+        pass
     return Entry(gm, fake_mode, list(fake_inputs), plan)
 
 
@@ -449,6 +463,31 @@ def store(key: str, gm: fx.GraphModule, plan: dict[str, list]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(directory / f"{key}.json", {"format": FORMAT, "key": key, "torch": torch.__version__,
                                                   "sha256": _digest(payload), "payload": payload})
+    evict(directory)
+
+
+def evict(directory: Path) -> int:
+    """Past :data:`MAX_ENTRIES` entries, delete the least recently used down to
+    :data:`KEEP_ENTRIES`; only files named like an entry. Returns how many went."""
+    entries = []
+    with os.scandir(directory) as it:
+        for e in it:
+            if _ENTRY_NAME.match(e.name):
+                try:
+                    entries.append((e.stat().st_mtime, e.path))
+                except OSError:  # deleted meanwhile by another process
+                    pass
+    if len(entries) <= MAX_ENTRIES:
+        return 0
+    entries.sort()
+    removed = 0
+    for _, path in entries[:len(entries) - KEEP_ENTRIES]:
+        try:
+            os.remove(path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def _digest(payload: Any) -> str:

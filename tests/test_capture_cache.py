@@ -376,3 +376,25 @@ def test_a_hit_that_fails_to_compile_is_captured_again(cache, monkeypatch, caplo
     statuses = [r.capture_cache for r in llmopt.reports()]
     assert statuses and all(s.startswith("not used: compiling the cached capture failed") for s in statuses)
     assert torch.equal(out, _generate("llama", {"capture_cache": False})[0])
+
+
+def test_eviction_keeps_the_recently_used_entries(cache, monkeypatch):
+    monkeypatch.setattr(capture_cache, "MAX_ENTRIES", 5)
+    monkeypatch.setattr(capture_cache, "KEEP_ENTRIES", 3)
+    names = [f"{i:064x}.json" for i in range(6)]
+    for age, name in enumerate(names):  # names[0] is the newest
+        path = cache / name
+        path.write_text("{}")
+        os.utime(path, (1_000_000 - age, 1_000_000 - age))
+    (cache / "notes.txt").write_text("not an entry")
+    assert capture_cache.evict(cache) == 3
+    assert sorted(p.name for p in cache.iterdir()) == sorted([*names[:3], "notes.txt"])
+    assert capture_cache.evict(cache) == 0
+
+
+def test_a_hit_marks_its_entry_recently_used(cache):
+    _generate("llama")
+    for path in cache.glob("*.json"):
+        os.utime(path, (1_000_000, 1_000_000))
+    _generate("llama")
+    assert all(path.stat().st_mtime > 1_000_000 for path in cache.glob("*.json"))
