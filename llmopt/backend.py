@@ -92,13 +92,16 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
         return gm.forward
 
     capture_start = time.perf_counter()
+
+    def compile_captured(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any], cache_status: str) -> Callable:
+        return compile_inference_graph(aten_gm, list(fake_inputs), full_inputs, len(lifted), opts, input_names,
+                                       capture_seconds=time.perf_counter() - capture_start, capture_cache=cache_status)
+
     cached = capture_cache.Lookup(gm, full_inputs, example_inputs, opts)
     if cached.entry is not None:
         try:
             with compat.aot_compile_context(cached.entry.fake_mode):
-                compiled = compile_inference_graph(cached.entry.gm, cached.entry.fake_inputs, full_inputs, len(lifted),
-                                                   opts, input_names, capture_cache="hit",
-                                                   capture_seconds=time.perf_counter() - capture_start)
+                compiled = compile_captured(cached.entry.gm, cached.entry.fake_inputs, "hit")
         except Exception as exc:
             if opts.strict or compat.is_dynamo_control_flow(exc):
                 raise
@@ -108,9 +111,7 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
             return capture_cache.runtime_call(compiled, lifted, cached.entry.plan)
 
     def fw_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]):
-        status = cached.store(aten_gm)  # before the passes rewrite it in place
-        return compile_inference_graph(aten_gm, list(fake_inputs), full_inputs, len(lifted), opts, input_names,
-                                       capture_seconds=time.perf_counter() - capture_start, capture_cache=status)
+        return compile_captured(aten_gm, fake_inputs, cached.store(aten_gm))  # stored before the passes rewrite it
 
     try:
         compiled = compat.aot_inference_capture(gm, example_inputs, fw_compiler)

@@ -398,3 +398,21 @@ def test_a_hit_marks_its_entry_recently_used(cache):
         os.utime(path, (1_000_000, 1_000_000))
     _generate("llama")
     assert all(path.stat().st_mtime > 1_000_000 for path in cache.glob("*.json"))
+
+
+def test_version_bumps_on_a_torch_that_takes_one_tensor_per_call(monkeypatch):
+    real = torch.autograd.graph.increment_version
+
+    def one_at_a_time(t):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError("increment_version(): argument 'tensor' must be Tensor")
+        real(t)
+
+    monkeypatch.setattr(torch.autograd.graph, "increment_version", one_at_a_time)
+    monkeypatch.setattr(capture_cache, "_INCREMENT_MANY", True)
+    a, b = torch.zeros(2), torch.zeros(2)
+    before = (a._version, b._version)
+    capture_cache._increment_versions((a, b))
+    capture_cache._increment_versions((a, b))
+    assert (a._version - before[0], b._version - before[1]) == (2, 2)
+    assert capture_cache._INCREMENT_MANY is False
