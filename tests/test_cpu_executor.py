@@ -283,8 +283,13 @@ def test_fp32_decode_row_is_the_generated_gemv_under_inductor_only():
     if not compat.onednn_linear_available():
         pytest.skip("torch built without oneDNN: fp32 CPU linears run F.linear")
     assert [cpu_linear_kernel(torch.float32, m) for m in (1, 2, 4, None)] == ["fp32_gemv", "onednn", "onednn", "onednn"]
-    # large K (llama-1b's 2048 / 5632) stays on oneDNN: measured faster there (FP32_GEMV_MAX_K)
+    # large K (llama-1b's 2048 / 5632) stays on oneDNN: measured faster there (FP32_GEMV_MAX_K),
+    # except a small weight (FP32_GEMV_SMALL_WEIGHT: llama-100m's down_proj, llama-1b's o_proj)
     assert [cpu_linear_kernel(torch.float32, 1, k) for k in (768, 1024, 2048)] == ["fp32_gemv", "fp32_gemv", "onednn"]
+    shapes = [(768, 2048), (2048, 2048), (2560, 1536), (2560, 2048), (11264, 2048), (768, 5632), (256, 4096)]
+    assert [cpu_linear_kernel(torch.float32, 1, k, n) for n, k in shapes] == \
+        ["fp32_gemv", "fp32_gemv", "fp32_gemv", "onednn", "onednn", "onednn", "onednn"]
+    assert cpu_linear_kernel(torch.float32, 2, 2048, 768) == "onednn"
     assert FP32_GEMV_MAX_M == 1
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(2 * 24, 40, generator=g), torch.randn(2 * 24, generator=g)

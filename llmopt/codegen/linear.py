@@ -98,21 +98,42 @@ def onednn_runs(dtype: torch.dtype) -> bool:
 # machine: the step went 17.7-18.8 -> 14.2 ms with this and the traced attention twin.
 # K bound: on llama-1b (K = 2048 and 5632 everywhere) the generated GEMV made the whole
 # step 1.11x slower than oneDNN (176 vs 157 ms, 3 interleaved rounds, 2 threads, quiet
-# machine), so weights with K > 1024 stay on oneDNN. docs/executors.md.
+# machine), so weights with K > 1024 stay on oneDNN, except a small one: K <= 2048 and at
+# most FP32_GEMV_SMALL_WEIGHT elements. Whole decode step at batch 1, the generated GEMV
+# on those weights vs oneDNN (in-process interleaved rounds, 2 threads, greedy tokens
+# identical; #16, seventh session): llama-100m (down_proj [768, 2048]) 1.14x faster
+# (median of 7 rounds, 1.07-1.29x each), llama-50m ([512, 2048]) 1.09x, llama-500m
+# (qkv [2560, 1536], o_proj [1536, 1536]) 1.08x (5 rounds), llama-1b (o_proj [2048, 2048])
+# 1.04x (5 rounds, the machine's bandwidth moving 3-61 GB/s). Larger weights (llama-1b's
+# qkv, gate/up; every K = 4096 / 5632) stay on oneDNN, 1.15-1.4x faster alone there.
+# docs/executors.md.
 FP32_GEMV_MAX_M = 1
 FP32_GEMV_MAX_K = 1024
+FP32_GEMV_SMALL_MAX_K = 2048
+FP32_GEMV_SMALL_WEIGHT = 2**22  # elements (16 MiB of fp32)
 
 
-def cpu_linear_kernel(dtype: torch.dtype, rows, k: int | None = None) -> str:
-    """What :func:`linear_cpu` runs for ``rows`` rows (M) of ``dtype`` and ``k`` input
-    features (None: not known, the M rule alone): ``"fp32_gemv"`` (fp32, M <=
-    ``FP32_GEMV_MAX_M`` and K <= ``FP32_GEMV_MAX_K``: the generated GEMV inlined in a graph
+def fp32_gemv_shape(k: int | None, n: int | None = None) -> bool:
+    """Whether an fp32 weight of ``n`` output and ``k`` input features (None: not known)
+    takes the generated GEMV at a decode row (the shape half of :func:`cpu_linear_kernel`'s
+    fp32 rule): K <= ``FP32_GEMV_MAX_K``, or a small weight, K <= ``FP32_GEMV_SMALL_MAX_K``
+    and N * K <= ``FP32_GEMV_SMALL_WEIGHT``."""
+    if k is None or k <= FP32_GEMV_MAX_K:
+        return True
+    return n is not None and k <= FP32_GEMV_SMALL_MAX_K and n * k <= FP32_GEMV_SMALL_WEIGHT
+
+
+def cpu_linear_kernel(dtype: torch.dtype, rows, k: int | None = None, n: int | None = None) -> str:
+    """What :func:`linear_cpu` runs for ``rows`` rows (M) of ``dtype`` and a weight of ``k``
+    input and ``n`` output features (None: not known, the M rule alone): ``"fp32_gemv"``
+    (fp32, M <= ``FP32_GEMV_MAX_M`` and a weight shape :func:`fp32_gemv_shape` takes: the
+    generated GEMV inlined in a graph
     Inductor compiles, oneDNN when the op is called), ``"onednn"`` (fp32), ``"bf16_gemv"`` (bf16, M <=
     ``BF16_GEMV_MAX_M``: :mod:`llmopt.codegen.bf16_gemv_cpu`) or ``"mm"`` (``F.linear``).
     The one rule; the pass's kernel-choice reasons read it."""
     if onednn_runs(dtype):
-        small_k = k is None or k <= FP32_GEMV_MAX_K
-        return "fp32_gemv" if isinstance(rows, int) and 0 < rows <= FP32_GEMV_MAX_M and small_k else "onednn"
+        decode_row = isinstance(rows, int) and 0 < rows <= FP32_GEMV_MAX_M
+        return "fp32_gemv" if decode_row and fp32_gemv_shape(k, n) else "onednn"
     if bf16_gemv_runs(dtype, rows):
         return "bf16_gemv"
     return "mm"
@@ -129,7 +150,7 @@ def linear_cpu(x, weight, bias=None, residual=None, activation: str = ""):
     first; a compiled graph checked it when traced."""
     same = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    kernel = cpu_linear_kernel(x.dtype, rows, x.shape[-1]) if same else "mm"
+    kernel = cpu_linear_kernel(x.dtype, rows, x.shape[-1], weight.shape[0]) if same else "mm"
     if kernel == "fp32_gemv":
         if compat.is_traced(x):  # Inductor's retrace: the expression becomes the graph's C++
             y = bf16_gemv_expression(x.reshape(rows, x.shape[-1]), weight, bias)
@@ -209,4 +230,4 @@ def _linear_fake(x, weight, bias, residual, activation, kernels):
     return x.new_empty((*x.shape[:-1], n_out))
 
 
-__all__ = ["FP32_GEMV_MAX_K", "FP32_GEMV_MAX_M", "linear", "linear_cpu", "cpu_linear_kernel", "onednn_runs", "linear_ref", "linear_triton", "select_kernel"]
+__all__ = ["FP32_GEMV_MAX_K", "FP32_GEMV_MAX_M", "FP32_GEMV_SMALL_MAX_K", "FP32_GEMV_SMALL_WEIGHT", "fp32_gemv_shape", "linear", "linear_cpu", "cpu_linear_kernel", "onednn_runs", "linear_ref", "linear_triton", "select_kernel"]

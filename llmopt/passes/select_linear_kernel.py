@@ -305,8 +305,9 @@ def _cpu_reason(dtype, bucket: str) -> str:
     # A bucket's largest M; the bf16 GEMV's limit is a power of two, so a bucket is all in or out.
     kernel = _linear.cpu_linear_kernel(dtype, int(bucket) if bucket.isdigit() else None)
     if kernel == "fp32_gemv":
-        return (f"CPU: generated fp32 GEMV in the Inductor executor's code for K <= {_linear.FP32_GEMV_MAX_K}, "
-                "oneDNN linear on the plain weight above that and when the op is called")
+        return (f"CPU: generated fp32 GEMV in the Inductor executor's code for K <= {_linear.FP32_GEMV_MAX_K} "
+                f"(or K <= {_linear.FP32_GEMV_SMALL_MAX_K} and N*K <= {_linear.FP32_GEMV_SMALL_WEIGHT}), "
+                "oneDNN linear on the plain weight otherwise and when the op is called")
     if kernel == "onednn":
         return "CPU: oneDNN linear on the plain weight"
     if kernel == "bf16_gemv":
