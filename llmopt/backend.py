@@ -18,7 +18,7 @@ into it, so in-place writes (``p.copy_``, ``p.data.copy_``, ``load_state_dict``)
 compiled graph. A weight whose value the compiler consumed (quantized) raises at the next
 call when modified in place through the parameter; a replaced weight (``p.data = new``, a
 new ``nn.Parameter``) always raises at the next call. Recompile after such a change
-(``torch._dynamo.reset()`` then call the compiled model again). A float weight the
+(``torch.compiler.reset()`` then call the compiled model again). A float weight the
 graph reads only a quantized or sharded copy of is released after compiling
 (``weight_release``; ``options={"release_weights": False}`` keeps it).
 
@@ -82,6 +82,9 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
         isinstance(t, torch.Tensor) and t.requires_grad for t in full_inputs
     )
     if grad_recording:
+        weight_release.check_unoptimized_run(
+            full_inputs, "autograd is recording: grad mode is on and inputs require grad",
+            "call the compiled model under torch.no_grad() or torch.inference_mode()")
         report = CompileReport(options=opts.to_dict(), executor="eager (dynamo graph)")
         report.fallback(
             "whole graph",
@@ -118,6 +121,9 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
     except Exception as exc:
         if opts.strict or compat.is_dynamo_control_flow(exc):
             raise
+        weight_release.check_unoptimized_run(
+            full_inputs, f"AOTAutograd could not capture it: {one_line_error(exc)}",
+            "call torch.compiler.reset() and reload the model")
         report = CompileReport(options=opts.to_dict(), executor="eager (dynamo graph)")
         report.fallback("capture", f"AOTAutograd could not capture the graph: {type(exc).__name__}: {exc}")
         _finish_report(report, opts)

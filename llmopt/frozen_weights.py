@@ -54,7 +54,7 @@ from .weight_release import OPT_OUT, ReaderToken, ReleasedWeightError, layout, r
 LEDGER_KEY = "llmopt_frozen_weights"
 
 RECOMPILE_HINT = (
-    "Recompile after changing weights: call torch._dynamo.reset() and call the compiled "
+    "Recompile after changing weights: call torch.compiler.reset() and call the compiled "
     "model again, or compile with options={'freeze': False} to read the weights at every call."
 )
 
@@ -185,7 +185,7 @@ def _share_storage(gm, led: FrozenWeights, new: str, parts, fill: Callable[[int]
                 # The values are gone: a copy of them would be garbage (weight_release).
                 raise ReleasedWeightError(
                     f"llmopt: {led.weights[number].name} was released after an earlier compile and cannot be "
-                    f"re-arranged into {new}; call torch._dynamo.reset() and reload the model, or {OPT_OUT}")
+                    f"re-arranged into {new}; call torch.compiler.reset() and reload the model, or {OPT_OUT}")
             if value.shape != tensor.shape or value.dtype != tensor.dtype or value.device != tensor.device:
                 raise ValueError(f"share_storage: {led.weights[number].name} would change shape or dtype")
             if number in seen:

@@ -105,7 +105,21 @@ def check_readable(t: torch.Tensor, what: str) -> None:
     if record is not None:
         raise ReleasedWeightError(
             f"llmopt: {what} needs the values of {', '.join(record.names)}, whose memory was released after an "
-            f"earlier compile ({record.reason}); call torch._dynamo.reset() and reload the model, or {OPT_OUT}"
+            f"earlier compile ({record.reason}); call torch.compiler.reset() and reload the model, or {OPT_OUT}"
+        )
+
+
+def check_unoptimized_run(tensors: Iterable[Any], why: str, remedy: str) -> None:
+    """Raise when a graph about to run unoptimized (the backend's fallback: ``why``) reads a
+    released tensor among ``tensors``; running it would fail inside torch with a storage-size
+    error, or, were the memory reused, compute on garbage. ``remedy`` says what to do."""
+    records = {id(r): r for r in (released(t) for t in tensors) if r is not None}
+    if records:
+        names = [name for r in records.values() for name in r.names]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise ReleasedWeightError(
+            f"llmopt: this graph would run unoptimized ({why}), but it reads {shown}, whose memory was released "
+            f"after an earlier compile ({next(iter(records.values())).reason}): {remedy}, or {OPT_OUT}"
         )
 
 

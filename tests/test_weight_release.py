@@ -110,6 +110,23 @@ def test_a_compile_that_needs_released_values_raises_instead_of_reading_freed_me
         assert "release_weights" in str(info.value)
 
 
+def test_an_unoptimized_fallback_over_released_weights_raises_a_clear_error():
+    """A call with grad mode on recompiles; llmopt optimizes inference only and would hand
+    the Dynamo graph back to run as is, reading the released floats: that must be a
+    ReleasedWeightError naming the fix, not torch's storage-size error (found by calling a
+    quantized model outside torch.no_grad())."""
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="llmopt", options={"quantize": "int8"})  # not strict: it falls back
+    with torch.no_grad():
+        expected = compiled(tokens(1, 6)).logits
+    with pytest.raises(Exception, match="would run unoptimized.*autograd is recording.*reads model.layers.*"
+                                        "released.*torch.no_grad.*release_weights") as info:
+        compiled(tokens(1, 6))
+    assert "setStorage" not in str(info.value)
+    with torch.no_grad():
+        assert_close(compiled(tokens(1, 6)).logits, expected, torch.float32, what="the compiled model still works")
+
+
 def test_weights_another_compiled_graph_reads_in_place_are_not_released():
     model = tiny_model("llama")
     x = tokens(1, 6)

@@ -81,7 +81,7 @@ def assert_new_logits_or_raises(model, compiled, x, may_raise: bool):
         got = compiled_logits(compiled, x)
     except RuntimeError as exc:
         assert may_raise, f"raised on an in-place change the graph should see: {exc}"
-        assert CHANGED in str(exc) and "torch._dynamo.reset()" in str(exc)
+        assert CHANGED in str(exc) and "torch.compiler.reset()" in str(exc)
         return "raised"
     assert_close(got, want, torch.float32, what="compiled logits after the change vs eager")
     return "new logits"

@@ -68,7 +68,7 @@ def explain(
     ``[("generate", lambda m: llmopt.generate(m, ids, 4))]`` to see the prefill and decode
     graphs of a static-cache decode loop; the graphs each call compiled are labelled with it.
 
-    Runs under ``torch.no_grad()``. Resets Dynamo (``torch._dynamo.reset()``) before and
+    Runs under ``torch.no_grad()``. Resets Dynamo (as ``torch.compiler.reset()`` does) before and
     after, so compiled functions of the caller recompile at their next call.
     """
     from ..options import Options
