@@ -16,15 +16,22 @@ cycled so they stream from memory, ``llama-100m`` shapes, the machine shared wit
 jobs, ratios of interleaved medians): at M = 1 this GEMV is 1.6-2.8x ``F.linear`` and
 oneDNN's ``_linear_pointwise`` on the plain bf16 weight (which is within ~10% of
 ``F.linear``); at M = 2 1.0-1.8x; at M = 4 0.6-0.95x. Hence ``BF16_GEMV_MAX_M = 2``;
-above it ``F.linear`` runs. Rechecked for #16's bf16 batch 4 (same method, a [2048, 768]
+above it ``F.linear`` runs when called. Rechecked for #16's bf16 batch 4 (same method, a [2048, 768]
 weight, 24 copies cycled): M = 1/2/4/8 at 1.8-2.0x / 1.1-1.25x / 0.69-0.71x / 0.40-0.42x
 ``F.linear``, in both loop orders (rows outside the weight rows, or inside them with the
 result transposed): the time grows with M at a fixed weight, so the loop is bound by its
 arithmetic (a bf16-to-fp32 conversion and a multiply-add per weight element and row), not
-by reading the weight; raising the bound would slow batch 4 down.
+by reading the weight; raising the bound would slow batch 4 down. That was the broadcast
+form, which converts each weight element once per row. Inside a graph Inductor compiles,
+the expression now has one reduction per row (:func:`bf16_gemv_expression`), which
+Inductor fuses into one loop converting each weight element once, and its input is stored
+once instead of recomputed per weight row (``cpu_decompositions.INDUCTOR_CONFIG``): up to
+``INLINED_GEMV_MAX_M`` = 4 rows run it there (faster than ``F.linear`` in the whole step,
+docs/executors.md); the called kernel keeps ``BF16_GEMV_MAX_M``.
 
 The expression is dtype-generic (``.to(float32)`` is free on fp32): fp32 decode rows
-(M = 1) inside a graph Inductor compiles run it too (``linear.FP32_GEMV_MAX_M``).
+(M <= 4, small weights) inside a graph Inductor compiles run it too
+(``linear.FP32_GEMV_MAX_M``, ``linear.small_gemv_weight``).
 
 Two forms of one expression, :func:`bf16_gemv_expression`:
 - called (the aten executor, eager ``llmopt.linear``): the kernel compiled for the call's
@@ -46,14 +53,32 @@ import torch
 
 from .int8_weight_only_cpu import CompiledCpuGemv, compile_gemv
 
-# Rows up to which the GEMV beats F.linear in bf16 (measured, see the module docstring).
+# Rows up to which the compiled (called) GEMV beats F.linear in bf16 (measured, see the
+# module docstring).
 BF16_GEMV_MAX_M = 2
+# Rows up to which the bf16 expression runs inside a graph Inductor compiles
+# (linear.cpu_linear_kernel; fp32's bound is linear.FP32_GEMV_MAX_M): there, with the input stored once (cpu_decompositions.
+# INDUCTOR_CONFIG) and one accumulator per row, llama-100m's batch-4 decode step took 13 ms
+# in bf16 against 17 ms with F.linear (7 interleaved rounds, 2 threads; #16, seventh session).
+INLINED_GEMV_MAX_M = 4
 
 
 def bf16_gemv_expression(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``[M, N]`` = ``x [M, K] @ weight [N, K].T (+ bias)`` as a multiply-and-reduce in
-    float32, returned in ``x.dtype``: the expression both forms run."""
-    y = (x.to(torch.float32)[:, None, :] * weight.to(torch.float32)).sum(-1)
+    float32, returned in ``x.dtype``: the expression both forms run.
+
+    With several rows (a static M > 1) it is one reduction per row over the same weight,
+    stacked: Inductor fuses reductions of one iteration space into one loop, and CSE loads
+    and converts each weight element once for all the rows (M accumulators), where the
+    ``[M, N, K]`` broadcast form reads and converts the weight once per row. Measured alone
+    (2 threads, [2048, 768] weights cycled from memory, M = 4): bf16 335 -> 233 us, fp32
+    507 -> 345 us."""
+    xf, wf = x.to(torch.float32), weight.to(torch.float32)
+    rows = x.shape[0]
+    if isinstance(rows, int) and rows > 1:
+        y = torch.stack([(xf[m] * wf).sum(-1) for m in range(rows)])
+    else:
+        y = (xf[:, None, :] * wf).sum(-1)
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
@@ -72,10 +97,13 @@ def compile_bf16_gemv(args: tuple[torch.Tensor, ...]):
 BF16_GEMVS = CompiledCpuGemv(compiler=compile_bf16_gemv, label="bf16")
 
 
-def bf16_gemv_runs(dtype: torch.dtype, rows) -> bool:
+def bf16_gemv_runs(dtype: torch.dtype, rows, inlined: bool = False) -> bool:
     """Whether a CPU linear with ``rows`` rows (M; an int, or a symbolic size when traced
-    with dynamic shapes, which never qualifies) of ``dtype`` runs the GEMV."""
-    return dtype == torch.bfloat16 and isinstance(rows, int) and 0 < rows <= BF16_GEMV_MAX_M
+    with dynamic shapes, which never qualifies) of ``dtype`` runs the GEMV: up to
+    ``BF16_GEMV_MAX_M`` rows called, up to ``INLINED_GEMV_MAX_M`` when ``inlined`` in a
+    graph Inductor compiles."""
+    bound = INLINED_GEMV_MAX_M if inlined else BF16_GEMV_MAX_M
+    return dtype == torch.bfloat16 and isinstance(rows, int) and 0 < rows <= bound
 
 
 def bf16_gemv_cpu(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -89,5 +117,5 @@ def bf16_gemv_cpu(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return gemvs((x2, weight) if bias is None else (x2, weight, bias))
 
 
-__all__ = ["BF16_GEMV_MAX_M", "BF16_GEMVS", "bf16_gemv_cpu", "bf16_gemv_expression", "bf16_gemv_runs",
+__all__ = ["BF16_GEMV_MAX_M", "INLINED_GEMV_MAX_M", "BF16_GEMVS", "bf16_gemv_cpu", "bf16_gemv_expression", "bf16_gemv_runs",
            "compile_bf16_gemv"]

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from llmopt import compat
-from llmopt.codegen.bf16_gemv_cpu import bf16_gemv_cpu, bf16_gemv_expression, bf16_gemv_runs
+from llmopt.codegen.bf16_gemv_cpu import BF16_GEMV_MAX_M, bf16_gemv_cpu, bf16_gemv_expression, bf16_gemv_runs
 from llmopt.codegen.flat_gemm import flat_gemm_triton
 from llmopt.codegen.gemv import KERNEL_DTYPES, check_linear_args, epilogue_ref, gemv_ref, gemv_triton
 from llmopt.codegen.kernel_mode import use_triton
@@ -107,17 +107,22 @@ def onednn_runs(dtype: torch.dtype) -> bool:
 # 1.04x (5 rounds, the machine's bandwidth moving 3-61 GB/s). Larger weights (llama-1b's
 # qkv, gate/up; every K = 4096 / 5632) stay on oneDNN, 1.15-1.4x faster alone there.
 # docs/executors.md.
-FP32_GEMV_MAX_M = 1
+# M: up to 4 rows since the expression reduces each row in one shared loop over the weight
+# and Inductor stores its input once (bf16_gemv_cpu.INLINED_GEMV_MAX_M): llama-100m's batch-4
+# fp32 decode step 18.5 ms against 24.3 ms with oneDNN (5 interleaved rounds, 2 threads).
+FP32_GEMV_MAX_M = 4
 FP32_GEMV_MAX_K = 1024
 FP32_GEMV_SMALL_MAX_K = 2048
 FP32_GEMV_SMALL_WEIGHT = 2**22  # elements (16 MiB of fp32)
 
 
-def fp32_gemv_shape(k: int | None, n: int | None = None) -> bool:
-    """Whether an fp32 weight of ``n`` output and ``k`` input features (None: not known)
-    takes the generated GEMV at a decode row (the shape half of :func:`cpu_linear_kernel`'s
-    fp32 rule): K <= ``FP32_GEMV_MAX_K``, or a small weight, K <= ``FP32_GEMV_SMALL_MAX_K``
-    and N * K <= ``FP32_GEMV_SMALL_WEIGHT``."""
+def small_gemv_weight(k: int | None, n: int | None = None) -> bool:
+    """Whether a weight of ``n`` output and ``k`` input features (None: not known) takes
+    the generated GEMV inlined in Inductor's code (the shape half of :func:`cpu_linear_kernel`'s
+    rule: fp32 at M <= ``FP32_GEMV_MAX_M``, bf16 at 2 < M <= ``INLINED_GEMV_MAX_M``):
+    K <= ``FP32_GEMV_MAX_K``, or K <= ``FP32_GEMV_SMALL_MAX_K`` and N * K <=
+    ``FP32_GEMV_SMALL_WEIGHT`` elements. bf16 at 4 rows on llama-1b (every weight above
+    that) made the decode step 1.47x slower than F.linear (3 rounds, 2 threads)."""
     if k is None or k <= FP32_GEMV_MAX_K:
         return True
     return n is not None and k <= FP32_GEMV_SMALL_MAX_K and n * k <= FP32_GEMV_SMALL_WEIGHT
@@ -126,25 +131,27 @@ def fp32_gemv_shape(k: int | None, n: int | None = None) -> bool:
 def cpu_linear_kernel(dtype: torch.dtype, rows, k: int | None = None, n: int | None = None) -> str:
     """What :func:`linear_cpu` runs for ``rows`` rows (M) of ``dtype`` and a weight of ``k``
     input and ``n`` output features (None: not known, the M rule alone): ``"fp32_gemv"``
-    (fp32, M <= ``FP32_GEMV_MAX_M`` and a weight shape :func:`fp32_gemv_shape` takes: the
+    (fp32, M <= ``FP32_GEMV_MAX_M`` and a weight shape :func:`small_gemv_weight` takes: the
     generated GEMV inlined in a graph
     Inductor compiles, oneDNN when the op is called), ``"onednn"`` (fp32), ``"bf16_gemv"`` (bf16, M <=
-    ``BF16_GEMV_MAX_M``: :mod:`llmopt.codegen.bf16_gemv_cpu`) or ``"mm"`` (``F.linear``).
+    ``BF16_GEMV_MAX_M``, or up to ``INLINED_GEMV_MAX_M`` for a weight :func:`small_gemv_weight`
+    takes: :mod:`llmopt.codegen.bf16_gemv_cpu`; called, only up to ``BF16_GEMV_MAX_M``
+    rows, else ``F.linear``) or ``"mm"`` (``F.linear``).
     The one rule; the pass's kernel-choice reasons read it."""
     if onednn_runs(dtype):
         decode_row = isinstance(rows, int) and 0 < rows <= FP32_GEMV_MAX_M
-        return "fp32_gemv" if decode_row and fp32_gemv_shape(k, n) else "onednn"
-    if bf16_gemv_runs(dtype, rows):
+        return "fp32_gemv" if decode_row and small_gemv_weight(k, n) else "onednn"
+    if bf16_gemv_runs(dtype, rows) or (bf16_gemv_runs(dtype, rows, inlined=True) and small_gemv_weight(k, n)):
         return "bf16_gemv"
     return "mm"
 
 
 def linear_cpu(x, weight, bias=None, residual=None, activation: str = ""):
     """The CPU implementation, by :func:`cpu_linear_kernel`: oneDNN's linear on the plain
-    weight for fp32 (what :func:`compat.onednn_linear` explains; at M = 1 under Inductor's
+    weight for fp32 (what :func:`compat.onednn_linear` explains; at M <= 4 under Inductor's
     retrace the generated GEMV's expression instead), the generated bf16 GEMV
-    for bf16 decode rows (its compiled kernel when called, its expression when traced for
-    Inductor), ``F.linear`` otherwise (oneDNN is not faster there without a packed copy of
+    for bf16 decode rows (its compiled kernel when called, M <= 2; its expression when
+    traced for Inductor, M <= 4), ``F.linear`` otherwise (oneDNN is not faster there without a packed copy of
     the weight); the epilogue in torch. Traceable, so the Inductor executor fuses the
     epilogue into a C++ loop (docs/executors.md). Unchecked: the op checks its contract
     first; a compiled graph checked it when traced."""
@@ -158,7 +165,7 @@ def linear_cpu(x, weight, bias=None, residual=None, activation: str = ""):
         kernel = "onednn"  # called (aten executor, eager): not measured faster than oneDNN
     if kernel == "onednn":
         return epilogue_ref(compat.onednn_linear(x, weight, bias), residual, activation)
-    if kernel == "bf16_gemv":
+    if kernel == "bf16_gemv" and (compat.is_traced(x) or rows <= BF16_GEMV_MAX_M):
         x2 = x.reshape(rows, x.shape[-1])
         y = (bf16_gemv_expression(x2, weight, bias) if compat.is_traced(x)
              else bf16_gemv_cpu(x2, weight, bias))
@@ -230,4 +237,4 @@ def _linear_fake(x, weight, bias, residual, activation, kernels):
     return x.new_empty((*x.shape[:-1], n_out))
 
 
-__all__ = ["FP32_GEMV_MAX_K", "FP32_GEMV_MAX_M", "FP32_GEMV_SMALL_MAX_K", "FP32_GEMV_SMALL_WEIGHT", "fp32_gemv_shape", "linear", "linear_cpu", "cpu_linear_kernel", "onednn_runs", "linear_ref", "linear_triton", "select_kernel"]
+__all__ = ["FP32_GEMV_MAX_K", "FP32_GEMV_MAX_M", "FP32_GEMV_SMALL_MAX_K", "FP32_GEMV_SMALL_WEIGHT", "small_gemv_weight", "linear", "linear_cpu", "cpu_linear_kernel", "onednn_runs", "linear_ref", "linear_triton", "select_kernel"]

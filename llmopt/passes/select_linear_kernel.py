@@ -249,7 +249,7 @@ def _select(gm: fx.GraphModule, lin: fx.Node, ctx, chooser: _Chooser | None) -> 
                            "llmopt.linear needs one dtype; kept aten.linear")
         return 0
     if chooser is None:
-        kernels, reasons = CPU_KERNELS, {bucket: _cpu_reason(dtype, bucket) for bucket in M_BUCKETS}
+        kernels, reasons = CPU_KERNELS, {bucket: _cpu_reason(dtype, bucket, N, K) for bucket in M_BUCKETS}
     else:
         kernels, reasons = chooser.kernels(N, K, dtype)
     if chooser is not None and set(parse_kernels(kernels).values()) == {"mm"}:
@@ -301,9 +301,9 @@ def _bucket_kernels(kernels: str, reasons: dict[str, str]) -> list[BucketKernel]
 CPU_KERNELS = ",".join(f"{bucket}:mm" for bucket in M_BUCKETS)
 
 
-def _cpu_reason(dtype, bucket: str) -> str:
-    # A bucket's largest M; the bf16 GEMV's limit is a power of two, so a bucket is all in or out.
-    kernel = _linear.cpu_linear_kernel(dtype, int(bucket) if bucket.isdigit() else None)
+def _cpu_reason(dtype, bucket: str, n: int | None = None, k: int | None = None) -> str:
+    # A bucket's largest M; the GEMVs' limits are powers of two, so a bucket is all in or out.
+    kernel = _linear.cpu_linear_kernel(dtype, int(bucket) if bucket.isdigit() else None, k, n)
     if kernel == "fp32_gemv":
         return (f"CPU: generated fp32 GEMV in the Inductor executor's code for K <= {_linear.FP32_GEMV_MAX_K} "
                 f"(or K <= {_linear.FP32_GEMV_SMALL_MAX_K} and N*K <= {_linear.FP32_GEMV_SMALL_WEIGHT}), "
@@ -311,6 +311,9 @@ def _cpu_reason(dtype, bucket: str) -> str:
     if kernel == "onednn":
         return "CPU: oneDNN linear on the plain weight"
     if kernel == "bf16_gemv":
+        if bucket.isdigit() and int(bucket) > _linear.BF16_GEMV_MAX_M:
+            return ("CPU: generated bf16 GEMV in the Inductor executor's code (streams the weight once, fp32 "
+                    "accumulation), the PyTorch op when the op is called")
         return "CPU: generated bf16 GEMV (streams the weight once, fp32 accumulation)"
     return "CPU: the PyTorch op"
 

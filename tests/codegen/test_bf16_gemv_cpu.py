@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -76,7 +77,12 @@ def test_registered_op_uses_it_for_decode_rows_only():
 
 
 def test_the_rule_has_one_place():
-    assert [cpu_linear_kernel(BF16, m) for m in (1, 2, 3, 64)] == ["bf16_gemv", "bf16_gemv", "mm", "mm"]
+    assert [cpu_linear_kernel(BF16, m) for m in (1, 2, 3, 4, 5, 64)] == ["bf16_gemv"] * 4 + ["mm", "mm"]
+    assert bcpu.bf16_gemv_runs(BF16, 3, inlined=True) and not bcpu.bf16_gemv_runs(BF16, 3), \
+        "3-4 rows: the expression inlined in Inductor's code, F.linear when called"
+    # 3-4 rows only for a small weight (linear.small_gemv_weight); 1-2 rows for every weight
+    assert [cpu_linear_kernel(BF16, m, 768, 2048) for m in (1, 2, 4)] == ["bf16_gemv"] * 3
+    assert [cpu_linear_kernel(BF16, m, 5632, 2048) for m in (1, 2, 3, 4)] == ["bf16_gemv", "bf16_gemv", "mm", "mm"]
     assert cpu_linear_kernel(torch.float16, 1) == "mm"
     assert cpu_linear_kernel(BF16, None) == "mm", "a symbolic M (dynamic shapes) never takes the GEMV"
 
@@ -90,9 +96,43 @@ def test_traced_form_is_the_expression_not_a_matmul():
         gm = make_fx(lambda x, w, bias: linear_cpu(x, w, bias, None, ""), tracing_mode="fake")(x, w, bias)
         return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
 
-    decode, prefill = ops_of(1), ops_of(bcpu.BF16_GEMV_MAX_M + 1)
+    decode, rows, prefill = ops_of(1), ops_of(bcpu.INLINED_GEMV_MAX_M), ops_of(bcpu.INLINED_GEMV_MAX_M + 1)
     assert "aten.sum.dim_IntList" in decode and not {"aten.mm.default", "aten.addmm.default"} & decode
+    assert "aten.stack.default" in rows and not {"aten.mm.default", "aten.addmm.default"} & rows
     assert {"aten.mm.default", "aten.addmm.default", "aten.linear.default"} & prefill
+
+
+@given(m=st.integers(1, bcpu.INLINED_GEMV_MAX_M), n=st.sampled_from([1, 7, 40]), k=st.sampled_from([1, 17, 96]),
+       with_bias=st.booleans(), dtype=st.sampled_from([BF16, torch.float32]))
+def test_expression_of_every_inlined_row_count_matches_truth(m, n, k, with_bias, dtype):
+    """The traced form at every row count it runs for (one reduction per row above one
+    row), bf16 and fp32, against the fp64 truth."""
+    x, w, bias = (None if t is None else t.to(dtype) for t in _case(m, n, k, with_bias))
+    out = bcpu.bf16_gemv_expression(x, w, bias)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_close(out, F.linear(_f64(x), _f64(w), _f64(bias)), dtype, f"GEMV expression M={m}")
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_inductor_compiles_the_rows_expression_with_the_cpu_config(dtype):
+    """What the Inductor executor compiles at batch 3: the expression after an RMSNorm-like
+    producer (stored once under cpu_decompositions.INDUCTOR_CONFIG), as generated C++,
+    against the fp64 truth."""
+    from llmopt import compat
+    from llmopt.codegen.cpu_decompositions import INDUCTOR_CONFIG
+
+    def body(h, g, w):
+        x = (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype) * g
+        return (bcpu.bf16_gemv_expression(x, w),)
+
+    gen = torch.Generator().manual_seed(5)
+    h, g = torch.randn(3, 96, generator=gen).to(dtype), torch.randn(96, generator=gen).to(dtype)
+    w = (torch.randn(40, 96, generator=gen) / 96 ** 0.5).to(dtype)
+    run = compat.inductor_compile(make_fx(body)(h, g, w), [h, g, w], config=INDUCTOR_CONFIG)
+    (out,) = run([h, g, w])
+    h64 = _f64(h)
+    truth = (h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-6) * _f64(g)) @ _f64(w).T
+    assert_close(out, truth, dtype, f"Inductor-compiled rows GEMV {dtype}")
 
 
 def test_expression_matches_the_compiled_kernel():
