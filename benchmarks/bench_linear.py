@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from llmopt.codegen.locked_file import atomic_write_text  # noqa: E402
 from llmopt.codegen.timing import copy_bandwidth_gbs, cuda_time_us, time_cpu  # noqa: E402
 from llmopt.codegen.linear_tuning import cold_weight_copies, time_configs  # noqa: E402
 from llmopt.codegen.tuning_table import (  # noqa: E402
@@ -171,7 +172,7 @@ def main(argv=None):
     slug = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
     out = args.out or Path(__file__).resolve().parent / "results" / f"{slug}-{record['date']}-linear.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
 
 

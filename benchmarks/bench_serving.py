@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from common import environment, write_results  # noqa: E402
 from llmopt import compat  # noqa: E402
+from llmopt.codegen.locked_file import atomic_write_text  # noqa: E402
 from llmopt.runtime import SamplingParams, generate  # noqa: E402
 from llmopt.runtime.engine import Engine  # noqa: E402
 
@@ -368,7 +369,7 @@ def main(argv=None) -> dict:
         if args.out:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+            atomic_write_text(out, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
         else:
             out = write_results("serving", payload)
         print(f"wrote {out}")

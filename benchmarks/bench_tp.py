@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from examples._options import add_model_options  # noqa: E402
+from llmopt.codegen.locked_file import atomic_write_text  # noqa: E402
 
 
 def attention_heads(hidden: int) -> int:
@@ -128,7 +129,7 @@ def rank_main(args) -> None:
     if cuda:
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(args.out).write_text(json.dumps(result))
+        atomic_write_text(args.out, json.dumps(result))
     if world > 1:
         dist.destroy_process_group()
 

@@ -65,7 +65,9 @@ def write_results(name: str, payload: dict) -> Path:
     results = Path(os.environ.get("LLMOPT_BENCH_RESULTS") or RESULTS)
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{device_slug(env)}-{env['date']}-{name}.json"
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    from llmopt.codegen.locked_file import atomic_write_text  # the scripts put the checkout on sys.path
+
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     return path
 
 

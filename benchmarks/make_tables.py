@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from llmopt.codegen.locked_file import atomic_write_text  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SCHEMA = "llmopt.bench/1"
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             stale.append(str(path))
         else:
-            path.write_text(new, encoding="utf-8")
+            atomic_write_text(path, new)
             print(f"updated {path.relative_to(args.root) if path.is_relative_to(args.root) else path}")
     if stale:
         print("out of date (run python benchmarks/make_tables.py): " + ", ".join(stale), file=sys.stderr)

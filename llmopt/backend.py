@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 
 from . import capture_cache, compat, frozen_weights, heap_trim, weight_release
-from .codegen.cpu_decompositions import INDUCTOR_CONFIG as CPU_INDUCTOR_CONFIG, cpu_decompositions, twin_calls
+from .codegen.cpu_decompositions import cpu_decompositions, twin_calls
 from .codegen.kernel_mode import kernel_mode
 from .decompose import decompose
 from .frozen_weights import FrozenWeights
@@ -462,8 +462,7 @@ def _make_executor(gm, fake_inputs, executor, report, opts, device, static_idxs)
         try:
             run = compat.inductor_compile(gm, fake_inputs, cudagraphs=graphs, static_input_idxs=static_idxs,
                                           decompositions=_cpu_inductor_decompositions(gm, device.type),
-                                          decompose=decompose,
-                                          config=CPU_INDUCTOR_CONFIG if device.type == "cpu" else None)
+                                          decompose=decompose)
             return _refuse_nested_capture(run) if graphs else run
         except Exception as exc:
             if opts.strict or compat.is_dynamo_control_flow(exc):

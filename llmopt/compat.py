@@ -70,7 +70,6 @@ def inductor_compile(
     static_input_idxs: Sequence[int] = (),
     decompositions: dict | None = None,
     decompose: Callable[[torch.fx.GraphModule, Sequence[Any], dict], torch.fx.GraphModule] | None = None,
-    config: dict | None = None,
 ) -> Callable:
     """Compile an ATen inference graph with Inductor; returns a boxed callable.
 
@@ -81,12 +80,8 @@ def inductor_compile(
     the graph is retraced: llmopt ops named there are inlined as ATen (on CPU,
     ``codegen.cpu_decompositions``), the others stay extern calls. ``decompose(gm, inputs,
     table)`` applies the table (default: ``make_fx`` retraces the whole graph;
-    ``llmopt.decompose.decompose`` retraces only the nodes that need it). ``config``:
-    Inductor config values set for this compile only (``torch._inductor.config.patch``);
-    a name this torch's Inductor does not have is skipped (it names a heuristic, not a
-    result, so the graph is still compiled correctly without it).
+    ``llmopt.decompose.decompose`` retraces only the nodes that need it).
     """
-    import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx_inner
 
     # Frozen weights are real tensors in a graph otherwise traced with fake ones; Inductor's
@@ -117,9 +112,7 @@ def inductor_compile(
             from torch._inductor.utils import BoxedBool
 
             kwargs.update(cudagraphs=BoxedBool(True), static_input_idxs=list(static_input_idxs))
-        patch = {k: v for k, v in (config or {}).items() if hasattr(inductor_config, k)}
-        with inductor_config.patch(patch):
-            compiled = compile_fx_inner(gm, list(example_inputs), **kwargs)
+        compiled = compile_fx_inner(gm, list(example_inputs), **kwargs)
     finally:
         if fake_mode is not None:
             fake_mode.allow_non_fake_inputs = previous

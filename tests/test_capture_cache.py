@@ -83,8 +83,7 @@ def test_hit_gives_inductor_the_same_decomposed_graph(cache, monkeypatch):
 
     codes = []
 
-    def stand_in(gm, example_inputs, cudagraphs=False, static_input_idxs=(), decompositions=None, decompose=None,
-                 config=None):
+    def stand_in(gm, example_inputs, cudagraphs=False, static_input_idxs=(), decompositions=None, decompose=None):
         fake_mode = compat.detect_fake_mode(example_inputs)
         previous, fake_mode.allow_non_fake_inputs = fake_mode.allow_non_fake_inputs, True
         try:

@@ -25,12 +25,13 @@ by reading the weight; raising the bound would slow batch 4 down. That was the b
 form, which converts each weight element once per row. Inside a graph Inductor compiles,
 the expression now has one reduction per row (:func:`bf16_gemv_expression`), which
 Inductor fuses into one loop converting each weight element once, and its input is stored
-once instead of recomputed per weight row (``cpu_decompositions.INDUCTOR_CONFIG``): up to
-``INLINED_GEMV_MAX_M`` = 4 rows run it there (faster than ``F.linear`` in the whole step,
+once instead of recomputed per weight row (a fresh float32 copy viewed onto itself): up
+to ``INLINED_GEMV_MAX_M`` = 4 rows run it there, for a small weight (faster than ``F.linear`` in the whole step,
 docs/executors.md); the called kernel keeps ``BF16_GEMV_MAX_M``.
 
 The expression is dtype-generic (``.to(float32)`` is free on fp32): fp32 decode rows
-(M <= 4, small weights) inside a graph Inductor compiles run it too
+(M = 1, small weights) inside a graph Inductor compiles run it too, without the stored
+input
 (``linear.FP32_GEMV_MAX_M``, ``linear.small_gemv_weight``).
 
 Two forms of one expression, :func:`bf16_gemv_expression`:
@@ -57,8 +58,8 @@ from .int8_weight_only_cpu import CompiledCpuGemv, compile_gemv
 # module docstring).
 BF16_GEMV_MAX_M = 2
 # Rows up to which the bf16 expression runs inside a graph Inductor compiles
-# (linear.cpu_linear_kernel; fp32's bound is linear.FP32_GEMV_MAX_M): there, with the input stored once (cpu_decompositions.
-# INDUCTOR_CONFIG) and one accumulator per row, llama-100m's batch-4 decode step took 13 ms
+# (linear.cpu_linear_kernel; fp32's bound is linear.FP32_GEMV_MAX_M): there, with the input
+# stored once (bf16_gemv_expression) and one accumulator per row, llama-100m's batch-4 decode step took 13 ms
 # in bf16 against 17 ms with F.linear (7 interleaved rounds, 2 threads; #16, seventh session).
 INLINED_GEMV_MAX_M = 4
 
@@ -72,8 +73,22 @@ def bf16_gemv_expression(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     and converts each weight element once for all the rows (M accumulators), where the
     ``[M, N, K]`` broadcast form reads and converts the weight once per row. Measured alone
     (2 threads, [2048, 768] weights cycled from memory, M = 4): bf16 335 -> 233 us, fp32
-    507 -> 345 us."""
-    xf, wf = x.to(torch.float32), weight.to(torch.float32)
+    507 -> 345 us. In a bf16 decode step, the stored input (the ``as_strided`` below) is
+    what makes it pay: llama-100m batch 4, 26.7 ms without it, 12.6 ms with it."""
+    wf = weight.to(torch.float32)
+    if x.dtype == torch.float32:
+        xf = x
+    else:
+        # The input converted into a fresh contiguous buffer, then viewed onto itself:
+        # Inductor lowers as_strided by storing its input, so the loop below reads a stored
+        # [M, K] float32 buffer; without it Inductor inlined the input's producer (the
+        # RMSNorm's tail, the embedding gather) into the loop and recomputed it for every
+        # weight row and row. Only on the fresh buffer this line makes (offset 0,
+        # contiguous in the trace and in Inductor alike): on the input itself the view's
+        # offset would be the traced tensor's, and a node-by-node retrace traces a view
+        # input as a fresh tensor (an fp32 lm_head on the last position read row 0).
+        xf = x.to(torch.float32, memory_format=torch.contiguous_format)
+        xf = xf.as_strided(xf.shape, xf.stride(), 0)
     rows = x.shape[0]
     if isinstance(rows, int) and rows > 1:
         y = torch.stack([(xf[m] * wf).sum(-1) for m in range(rows)])

@@ -105,18 +105,6 @@ def _attention_decode(q, k_cache, v_cache, kv_lens, mask, scale, window=0, softc
     return cpu_twin(torch.ops.llmopt.attention_decode.default)(*args)
 
 
-# Inductor config for the CPU graphs llmopt compiles (compat.inductor_compile's ``config``).
-# realize_reads_threshold: Inductor inlines a pointwise value into each of its consumers
-# unless it is reused and reads more than this many buffers (default 4). The generated GEMV
-# of several rows (linear_cpu, M <= 4) reads its input once per row and per weight row, so
-# an inlined input (the RMSNorm's tail, with the embedding gather before it) was recomputed
-# N times per row: at batch 4, llama-100m's decode step took 27 ms in bf16 (the GEMV) where
-# F.linear's took 17. At 1 the input is stored once (M x K values) and the step took 13 ms
-# (bf16) and 18.5 ms (fp32, oneDNN 24 ms); prefill and the batch-1 step were unchanged
-# (0.996x and 1.00x, interleaved rounds in one process; #16, seventh session). docs/executors.md.
-INDUCTOR_CONFIG = {"realize_reads_threshold": 1}
-
-
 def cpu_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """op overload -> its CPU decomposition (see the module docstring)."""
     ops = torch.ops.llmopt

@@ -107,10 +107,10 @@ def onednn_runs(dtype: torch.dtype) -> bool:
 # 1.04x (5 rounds, the machine's bandwidth moving 3-61 GB/s). Larger weights (llama-1b's
 # qkv, gate/up; every K = 4096 / 5632) stay on oneDNN, 1.15-1.4x faster alone there.
 # docs/executors.md.
-# M: up to 4 rows since the expression reduces each row in one shared loop over the weight
-# and Inductor stores its input once (bf16_gemv_cpu.INLINED_GEMV_MAX_M): llama-100m's batch-4
-# fp32 decode step 18.5 ms against 24.3 ms with oneDNN (5 interleaved rounds, 2 threads).
-FP32_GEMV_MAX_M = 4
+# M: 1. With its input stored once, 4 rows were faster than oneDNN (llama-100m batch 4, 18.5
+# vs 24.3 ms), but fp32 has no conversion to store the input through safely
+# (bf16_gemv_expression) and the inlined input made 4 rows slower: docs/executors.md.
+FP32_GEMV_MAX_M = 1
 FP32_GEMV_MAX_K = 1024
 FP32_GEMV_SMALL_MAX_K = 2048
 FP32_GEMV_SMALL_WEIGHT = 2**22  # elements (16 MiB of fp32)
@@ -148,10 +148,10 @@ def cpu_linear_kernel(dtype: torch.dtype, rows, k: int | None = None, n: int | N
 
 def linear_cpu(x, weight, bias=None, residual=None, activation: str = ""):
     """The CPU implementation, by :func:`cpu_linear_kernel`: oneDNN's linear on the plain
-    weight for fp32 (what :func:`compat.onednn_linear` explains; at M <= 4 under Inductor's
+    weight for fp32 (what :func:`compat.onednn_linear` explains; at M = 1 under Inductor's
     retrace the generated GEMV's expression instead), the generated bf16 GEMV
     for bf16 decode rows (its compiled kernel when called, M <= 2; its expression when
-    traced for Inductor, M <= 4), ``F.linear`` otherwise (oneDNN is not faster there without a packed copy of
+    traced for Inductor, M <= 4 for a small weight), ``F.linear`` otherwise (oneDNN is not faster there without a packed copy of
     the weight); the epilogue in torch. Traceable, so the Inductor executor fuses the
     epilogue into a C++ loop (docs/executors.md). Unchecked: the op checks its contract
     first; a compiled graph checked it when traced."""

@@ -54,6 +54,7 @@ from typing import Any, Callable
 import torch
 
 from .. import compat
+from ..codegen.locked_file import atomic_write_text
 from ..codegen.timing import copy_bandwidth_gbs
 from .peak_memory import PeakMemory
 
@@ -479,10 +480,9 @@ def _num(v: float | None, digits: int) -> str:
 
 
 def write_json(data: dict[str, Any], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+    """``data`` to ``path`` (the ``--json`` the user named), atomically: a temporary file
+    renamed over it, so a reader never sees half a file."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def plot(data: dict[str, Any], path: str) -> None:

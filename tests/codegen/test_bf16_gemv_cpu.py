@@ -114,12 +114,11 @@ def test_expression_of_every_inlined_row_count_matches_truth(m, n, k, with_bias,
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])
-def test_inductor_compiles_the_rows_expression_with_the_cpu_config(dtype):
+def test_inductor_compiles_the_rows_expression_after_a_norm(dtype):
     """What the Inductor executor compiles at batch 3: the expression after an RMSNorm-like
-    producer (stored once under cpu_decompositions.INDUCTOR_CONFIG), as generated C++,
-    against the fp64 truth."""
+    producer (stored once through the expression's as_strided), as generated C++, against
+    the fp64 truth."""
     from llmopt import compat
-    from llmopt.codegen.cpu_decompositions import INDUCTOR_CONFIG
 
     def body(h, g, w):
         x = (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype) * g
@@ -128,11 +127,33 @@ def test_inductor_compiles_the_rows_expression_with_the_cpu_config(dtype):
     gen = torch.Generator().manual_seed(5)
     h, g = torch.randn(3, 96, generator=gen).to(dtype), torch.randn(96, generator=gen).to(dtype)
     w = (torch.randn(40, 96, generator=gen) / 96 ** 0.5).to(dtype)
-    run = compat.inductor_compile(make_fx(body)(h, g, w), [h, g, w], config=INDUCTOR_CONFIG)
+    gm = make_fx(body)(h, g, w)
+    assert ("aten.as_strided.default" in {str(n.target) for n in gm.graph.nodes}) == (dtype == BF16)
+    run = compat.inductor_compile(gm, [h, g, w])
     (out,) = run([h, g, w])
     h64 = _f64(h)
     truth = (h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-6) * _f64(g)) @ _f64(w).T
     assert_close(out, truth, dtype, f"Inductor-compiled rows GEMV {dtype}")
+
+
+def test_stored_input_reads_the_right_rows_of_a_view():
+    """The bf16 input is stored through a fresh contiguous copy (as_strided onto itself):
+    a view input (the last position's row, at a storage offset) still reads its own rows,
+    in eager, under make_fx and compiled by Inductor."""
+    from llmopt import compat
+
+    gen = torch.Generator().manual_seed(9)
+    h = torch.randn(2, 5, 64, generator=gen).to(BF16)
+    w = (torch.randn(24, 64, generator=gen) / 8).to(BF16)
+
+    def body(h, w):
+        return (bcpu.bf16_gemv_expression(h[:, -1], w),)  # a strided view at an offset
+
+    truth = _f64(h)[:, -1] @ _f64(w).T
+    assert_close(body(h, w)[0], truth, BF16, "eager")
+    gm = make_fx(body)(h, w)
+    assert_close(gm(h, w)[0], truth, BF16, "make_fx")
+    assert_close(compat.inductor_compile(make_fx(body)(h, w), [h, w])([h, w])[0], truth, BF16, "Inductor")
 
 
 def test_expression_matches_the_compiled_kernel():
