@@ -16,8 +16,8 @@ cycled so they stream from memory, ``llama-100m`` shapes, the machine shared wit
 jobs, ratios of interleaved medians): at M = 1 this GEMV is 1.6-2.8x ``F.linear`` and
 oneDNN's ``_linear_pointwise`` on the plain bf16 weight (which is within ~10% of
 ``F.linear``); at M = 2 1.0-1.8x; at M = 4 0.6-0.95x. Hence ``BF16_GEMV_MAX_M = 2``;
-above it ``F.linear`` runs when called. Rechecked for #16's bf16 batch 4 (same method, a [2048, 768]
-weight, 24 copies cycled): M = 1/2/4/8 at 1.8-2.0x / 1.1-1.25x / 0.69-0.71x / 0.40-0.42x
+above it ``F.linear`` runs when called. Rechecked for #16's bf16 batch 4 (same method, a
+[2048, 768] weight, 24 copies cycled): M = 1/2/4/8 at 1.8-2.0x / 1.1-1.25x / 0.69-0.71x / 0.40-0.42x
 ``F.linear``, in both loop orders (rows outside the weight rows, or inside them with the
 result transposed): the time grows with M at a fixed weight, so the loop is bound by its
 arithmetic (a bf16-to-fp32 conversion and a multiply-add per weight element and row), not
@@ -26,13 +26,13 @@ form, which converts each weight element once per row. Inside a graph Inductor c
 the expression now has one reduction per row (:func:`bf16_gemv_expression`), which
 Inductor fuses into one loop converting each weight element once, and its input is stored
 once instead of recomputed per weight row (a fresh float32 copy viewed onto itself): up
-to ``INLINED_GEMV_MAX_M`` = 4 rows run it there, for a small weight (faster than ``F.linear`` in the whole step,
-docs/executors.md); the called kernel keeps ``BF16_GEMV_MAX_M``.
+to ``INLINED_GEMV_MAX_M`` = 4 rows run it there, for a small weight (faster than
+``F.linear`` in the whole step, docs/executors.md); the called kernel keeps
+``BF16_GEMV_MAX_M``.
 
 The expression is dtype-generic (``.to(float32)`` is free on fp32): fp32 decode rows
 (M = 1, small weights) inside a graph Inductor compiles run it too, without the stored
-input
-(``linear.FP32_GEMV_MAX_M``, ``linear.small_gemv_weight``).
+input (``linear.FP32_GEMV_MAX_M``, ``linear.small_gemv_weight``).
 
 Two forms of one expression, :func:`bf16_gemv_expression`:
 - called (the aten executor, eager ``llmopt.linear``): the kernel compiled for the call's
@@ -58,9 +58,10 @@ from .int8_weight_only_cpu import CompiledCpuGemv, compile_gemv
 # module docstring).
 BF16_GEMV_MAX_M = 2
 # Rows up to which the bf16 expression runs inside a graph Inductor compiles
-# (linear.cpu_linear_kernel; fp32's bound is linear.FP32_GEMV_MAX_M): there, with the input
-# stored once (bf16_gemv_expression) and one accumulator per row, llama-100m's batch-4 decode step took 13 ms
-# in bf16 against 17 ms with F.linear (7 interleaved rounds, 2 threads; #16, seventh session).
+# (linear.cpu_linear_kernel; fp32's bound is linear.FP32_GEMV_MAX_M), for a small weight
+# (linear.small_gemv_weight): there, with the input stored once (bf16_gemv_expression) and
+# one accumulator per row, llama-100m's batch-4 decode step took 12.3 ms in bf16 against
+# 15.7 ms with F.linear (5 interleaved rounds, 2 threads; #16, seventh session).
 INLINED_GEMV_MAX_M = 4
 
 
@@ -132,5 +133,5 @@ def bf16_gemv_cpu(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return gemvs((x2, weight) if bias is None else (x2, weight, bias))
 
 
-__all__ = ["BF16_GEMV_MAX_M", "INLINED_GEMV_MAX_M", "BF16_GEMVS", "bf16_gemv_cpu", "bf16_gemv_expression", "bf16_gemv_runs",
-           "compile_bf16_gemv"]
+__all__ = ["BF16_GEMV_MAX_M", "INLINED_GEMV_MAX_M", "BF16_GEMVS", "bf16_gemv_cpu", "bf16_gemv_expression",
+           "bf16_gemv_runs", "compile_bf16_gemv"]

@@ -132,8 +132,8 @@ def cpu_linear_kernel(dtype: torch.dtype, rows, k: int | None = None, n: int | N
     """What :func:`linear_cpu` runs for ``rows`` rows (M) of ``dtype`` and a weight of ``k``
     input and ``n`` output features (None: not known, the M rule alone): ``"fp32_gemv"``
     (fp32, M <= ``FP32_GEMV_MAX_M`` and a weight shape :func:`small_gemv_weight` takes: the
-    generated GEMV inlined in a graph
-    Inductor compiles, oneDNN when the op is called), ``"onednn"`` (fp32), ``"bf16_gemv"`` (bf16, M <=
+    generated GEMV inlined in a graph Inductor compiles, oneDNN when the op is called),
+    ``"onednn"`` (fp32), ``"bf16_gemv"`` (bf16, M <=
     ``BF16_GEMV_MAX_M``, or up to ``INLINED_GEMV_MAX_M`` for a weight :func:`small_gemv_weight`
     takes: :mod:`llmopt.codegen.bf16_gemv_cpu`; called, only up to ``BF16_GEMV_MAX_M``
     rows, else ``F.linear``) or ``"mm"`` (``F.linear``).
@@ -151,8 +151,8 @@ def linear_cpu(x, weight, bias=None, residual=None, activation: str = ""):
     weight for fp32 (what :func:`compat.onednn_linear` explains; at M = 1 under Inductor's
     retrace the generated GEMV's expression instead), the generated bf16 GEMV
     for bf16 decode rows (its compiled kernel when called, M <= 2; its expression when
-    traced for Inductor, M <= 4 for a small weight), ``F.linear`` otherwise (oneDNN is not faster there without a packed copy of
-    the weight); the epilogue in torch. Traceable, so the Inductor executor fuses the
+    traced for Inductor, M <= 4 for a small weight), ``F.linear`` otherwise (oneDNN is not
+    faster there without a packed copy of the weight); the epilogue in torch. Traceable, so the Inductor executor fuses the
     epilogue into a C++ loop (docs/executors.md). Unchecked: the op checks its contract
     first; a compiled graph checked it when traced."""
     same = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
@@ -237,4 +237,5 @@ def _linear_fake(x, weight, bias, residual, activation, kernels):
     return x.new_empty((*x.shape[:-1], n_out))
 
 
-__all__ = ["FP32_GEMV_MAX_K", "FP32_GEMV_MAX_M", "FP32_GEMV_SMALL_MAX_K", "FP32_GEMV_SMALL_WEIGHT", "small_gemv_weight", "linear", "linear_cpu", "cpu_linear_kernel", "onednn_runs", "linear_ref", "linear_triton", "select_kernel"]
+__all__ = ["FP32_GEMV_MAX_K", "FP32_GEMV_MAX_M", "FP32_GEMV_SMALL_MAX_K", "FP32_GEMV_SMALL_WEIGHT", "small_gemv_weight",
+           "linear", "linear_cpu", "cpu_linear_kernel", "onednn_runs", "linear_ref", "linear_triton", "select_kernel"]
