@@ -82,15 +82,11 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
         isinstance(t, torch.Tensor) and t.requires_grad for t in full_inputs
     )
     if grad_recording:
-        weight_release.check_unoptimized_run(
-            full_inputs, "autograd is recording: grad mode is on and inputs require grad",
-            "call the compiled model under torch.no_grad() or torch.inference_mode()")
+        why = "autograd is recording (grad mode on, inputs require grad)"
+        remedy = "call the model under torch.no_grad() or torch.inference_mode()"
+        weight_release.check_unoptimized_run(full_inputs, why, remedy)
         report = CompileReport(options=opts.to_dict(), executor="eager (dynamo graph)")
-        report.fallback(
-            "whole graph",
-            "autograd is recording (grad mode on, inputs require grad): llmopt optimizes inference "
-            "only; call the model under torch.no_grad() or torch.inference_mode()",
-        )
+        report.fallback("whole graph", f"{why}: llmopt optimizes inference only; {remedy}")
         _finish_report(report, opts)
         return gm.forward
 

@@ -165,10 +165,10 @@ def linear_cpu(x, weight, bias=None, residual=None, activation: str = ""):
         kernel = "onednn"  # called (aten executor, eager): not measured faster than oneDNN
     if kernel == "onednn":
         return epilogue_ref(compat.onednn_linear(x, weight, bias), residual, activation)
-    if kernel == "bf16_gemv" and (compat.is_traced(x) or rows <= BF16_GEMV_MAX_M):
+    traced = kernel == "bf16_gemv" and compat.is_traced(x)
+    if kernel == "bf16_gemv" and (traced or rows <= BF16_GEMV_MAX_M):
         x2 = x.reshape(rows, x.shape[-1])
-        y = (bf16_gemv_expression(x2, weight, bias) if compat.is_traced(x)
-             else bf16_gemv_cpu(x2, weight, bias))
+        y = bf16_gemv_expression(x2, weight, bias) if traced else bf16_gemv_cpu(x2, weight, bias)
         if y is not None:
             return epilogue_ref(y.view(*x.shape[:-1], weight.shape[0]), residual, activation)
     return gemv_ref(x, weight, bias, residual, activation)
