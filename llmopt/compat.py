@@ -7,8 +7,9 @@ state), it is wrapped here so that a change in a new torch release is fixed in o
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import contextlib
 import functools
 
 import torch
@@ -551,25 +552,25 @@ def aot_output_plan(n_inputs: int) -> dict[str, list] | None:
     return {"outputs": plan, "versions": [int(i) for i in versions]}
 
 
-def aot_compile_context(fake_mode: Any) -> Any:
+@contextlib.contextmanager
+def aot_compile_context(fake_mode: Any) -> Iterator[None]:
     """The state AOTAutograd compiles a captured graph in (its ``fw_compiler`` runs inside
     it): ``fake_mode`` active, the Python dispatcher on when the mode has a shape
     environment, autograd's multithreading off, the RNG state restored afterwards. A capture
     cache hit compiles in the same state, so that what a pass or a decomposition traces
     there (``torch.arange`` inside a decomposition is fake, not a real constant) comes out
-    the same as after a capture."""
-    import contextlib
-
+    the same as after a capture. A context manager: if entering one of the states raises,
+    those entered before it are left again."""
     from torch._dispatch.python import enable_python_dispatcher
     from torch._dynamo.utils import preserve_rng_state
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autograd.set_multithreading_enabled(False))
-    stack.enter_context(preserve_rng_state())
-    stack.enter_context(fake_mode)
-    if getattr(fake_mode, "shape_env", None) is not None:
-        stack.enter_context(enable_python_dispatcher())
-    return stack
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autograd.set_multithreading_enabled(False))
+        stack.enter_context(preserve_rng_state())
+        stack.enter_context(fake_mode)
+        if getattr(fake_mode, "shape_env", None) is not None:
+            stack.enter_context(enable_python_dispatcher())
+        yield
 
 
 def inductor_cache_dir() -> str:

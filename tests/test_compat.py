@@ -1,4 +1,5 @@
 """Each private-API wrapper of llmopt.compat works on the installed torch."""
+import pytest
 import torch
 
 from llmopt import compat
@@ -267,6 +268,32 @@ def test_aot_compile_context_makes_factories_fake():
     with compat.aot_compile_context(mode):
         t = torch.arange(4)
     assert compat.detect_fake_mode([t]) is mode
+
+
+def test_aot_compile_context_leaves_what_it_entered_when_entering_fails(monkeypatch):
+    import contextlib
+
+    left = []
+
+    @contextlib.contextmanager
+    def recorded(enabled):
+        try:
+            yield
+        finally:
+            left.append(enabled)
+
+    class Broken:
+        def __enter__(self):
+            raise RuntimeError("cannot enter")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.autograd, "set_multithreading_enabled", recorded)
+    with pytest.raises(RuntimeError, match="cannot enter"):
+        with compat.aot_compile_context(Broken()):
+            pass
+    assert left == [False]
 
 
 def test_make_graph_module():
