@@ -75,7 +75,9 @@ def test_registered_op_uses_it_for_few_rows():
     big = torch.randn(i4cpu.CPU_INT4_GEMV_MAX_M + 1, k)
     assert_close(torch.ops.llmopt.int4_weight_only_linear(big, wp, s, z, group),
                  i4.int4_weight_only_linear_ref(f64(big), wp, f64(s), f64(z), group), torch.float32)
-    assert len(i4cpu.COMPILED_INT4_GEMVS) == before + 1, "no kernel compiled for prefill sizes"
+    assert len(i4cpu.COMPILED_INT4_GEMVS) == before + 1, "no GEMV compiled for prefill sizes"
+    assert any(key[1][0] == tuple(wp.shape) for key in i4cpu.COMPILED_INT4_DEQUANTIZERS.keys()), \
+        "prefill sizes take the generated dequantize"
     torch.ops.llmopt.int4_weight_only_linear(torch.randn(2, 1, k), wp, s, z, group)
     assert len(i4cpu.COMPILED_INT4_GEMVS) == before + 1, "same signature: the compiled kernel is reused"
 
@@ -91,9 +93,10 @@ def test_opcheck_and_fullgraph_compile_on_the_cpu_path():
 
 def test_reference_mode_bypasses_it(reference_kernels):
     wp, s, z = int4_weight(24, 64, 32)
-    before = len(i4cpu.COMPILED_INT4_GEMVS)
+    before = len(i4cpu.COMPILED_INT4_GEMVS), len(i4cpu.COMPILED_INT4_DEQUANTIZERS)
     torch.ops.llmopt.int4_weight_only_linear(torch.randn(3, 64), wp, s, z, 32)
-    assert len(i4cpu.COMPILED_INT4_GEMVS) == before
+    torch.ops.llmopt.int4_weight_only_linear(torch.randn(i4cpu.CPU_INT4_GEMV_MAX_M + 5, 64), wp, s, z, 32)
+    assert (len(i4cpu.COMPILED_INT4_GEMVS), len(i4cpu.COMPILED_INT4_DEQUANTIZERS)) == before
 
 
 def test_compile_failure_falls_back_to_the_reference(monkeypatch, caplog):
@@ -127,6 +130,71 @@ def test_an_explicit_cache_is_filled_instead_of_the_process_one():
     assert_close(i4cpu.int4_gemv_cpu(x, wp, s, z, gemvs=gemvs),
                  i4.int4_weight_only_linear_ref(f64(x), wp, f64(s), f64(z), 32), torch.float32)
     assert len(gemvs) == 1 and len(i4cpu.COMPILED_INT4_GEMVS) == before
+
+
+# ---------------------------------------------------------------------------- prefill
+@given(m=st.integers(i4cpu.CPU_INT4_GEMV_MAX_M + 1, 70), n=st.sampled_from([1, 7, 40, 130]),
+       kg=st.sampled_from([(32, 32), (96, 32), (128, 64), (256, 128), (768, 128)]),
+       dtype=st.sampled_from(DTYPES), layout=st.sampled_from(["contiguous", "transposed", "strided"]),
+       with_bias=st.booleans(), block_bytes=st.sampled_from([256, 4096, i4cpu.PREFILL_BLOCK_BYTES]))
+def test_prefill_matches_reference_and_truth(m, n, kg, dtype, layout, with_bias, block_bytes):
+    """The blocked dequantize + ``F.linear`` (several blocks, a remainder block, one block)
+    against the fp64 truth and the int4 reference, any row count past the GEMV's."""
+    k, group = kg
+    x = activations(m, k, dtype, layout)
+    wp, s, z = int4_weight(n, k, group)
+    bias = torch.randn(n) if with_bias else None
+    saved = i4cpu.PREFILL_BLOCK_BYTES
+    i4cpu.PREFILL_BLOCK_BYTES = block_bytes
+    try:
+        out = i4cpu.int4_prefill_cpu(x, wp, s, z, bias)
+    finally:
+        i4cpu.PREFILL_BLOCK_BYTES = saved
+    assert out is not None and out.shape == (m, n) and out.dtype == dtype
+    truth = i4.int4_weight_only_linear_ref(f64(x), wp, f64(s), f64(z), group, f64(bias))
+    assert_close(out, truth, dtype, "int4 prefill vs fp64")
+    reference = i4.int4_weight_only_linear_ref(x, wp, s, z, group, bias)
+    assert_close(out, reference.double(), dtype, "int4 prefill vs the int4 reference")
+
+
+def test_prefill_block_rows():
+    cap_rows = i4cpu.PREFILL_BLOCK_BYTES // (768 * 4)  # 1365 float32 rows of K = 768
+    assert i4cpu.prefill_block_rows(1280, 768, 4) == 1280, "fits: one block"
+    assert i4cpu.prefill_block_rows(2048, 768, 4) == 1024, "a divisor: one kernel signature"
+    assert i4cpu.prefill_block_rows(16000, 768, 4) == 1000
+    rows = i4cpu.prefill_block_rows(1367 * 2 + 1, 768, 4)  # odd: no multiple of 8 divides it
+    assert rows == cap_rows // 8 * 8
+    assert i4cpu.prefill_block_rows(3, 10**9, 4) == 3, "at least 8 rows (or all of them) per block"
+
+
+def test_prefill_nan_in_activations_stays_in_its_row():
+    n, k, group = 16, 64, 32
+    wp, s, z = int4_weight(n, k, group)
+    x = torch.randn(i4cpu.CPU_INT4_GEMV_MAX_M + 3, k)
+    x[2, 7] = float("nan")
+    out = i4cpu.int4_prefill_cpu(x, wp, s, z)
+    assert out[2].isnan().all() and not out[torch.arange(len(x)) != 2].isnan().any()
+
+
+def test_prefill_compile_failure_falls_back_to_the_reference(monkeypatch, caplog):
+    def no_compiler(args):
+        raise RuntimeError("no C++ compiler")
+
+    kernels = i4cpu.CompiledCpuGemv(compiler=no_compiler, label="int4 prefill")
+    monkeypatch.setattr(i4cpu, "COMPILED_INT4_DEQUANTIZERS", kernels)
+    wp, s, z = int4_weight(16, 64, 32)
+    x = torch.randn(i4cpu.CPU_INT4_GEMV_MAX_M + 1, 64)
+    with caplog.at_level(logging.WARNING, logger="llmopt.codegen.int8_weight_only_cpu"):
+        assert i4cpu.int4_prefill_cpu(x, wp, s, z) is None
+        y = torch.ops.llmopt.int4_weight_only_linear(x, wp, s, z, 32)
+    assert "no C++ compiler" in caplog.text and "int4 prefill" in caplog.text and kernels.failed
+    assert_close(y, i4.int4_weight_only_linear_ref(f64(x), wp, f64(s), f64(z), 32), torch.float32)
+
+
+def test_prefill_declines_out_of_contract_calls():
+    wp, s, z = int4_weight(8, 64, 32)
+    assert i4cpu.int4_prefill_cpu(torch.randn(0, 64), wp, s, z) is None
+    assert i4cpu.int4_prefill_cpu(torch.randn(20, 64, dtype=torch.float64), wp, s, z) is None
 
 
 def test_compiled_llama_decodes_the_reference_tokens(monkeypatch):
