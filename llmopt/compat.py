@@ -141,12 +141,41 @@ def _constants_by_reference(gm: torch.fx.GraphModule) -> None:
     only and looked up by name on this module when the compiled graph is loaded."""
     from torch._inductor.freezing_utils import record_has_frozen_params
 
+    _flat_constant_names(gm)
     for _, tensor in gm.named_buffers():
         tensor._is_frozen_param = True
     for name, value in vars(gm).items():
         if isinstance(value, torch.Tensor):
             value._is_frozen_param = True
     record_has_frozen_params(gm)
+
+
+def _flat_constant_names(gm: torch.fx.GraphModule) -> None:
+    """Point every ``get_attr`` of a submodule's tensor (``llmopt_qlinear_<layer>.qdata``,
+    what the quantize passes register) at a top-level alias of the same tensor.
+
+    On an FX graph cache hit, Inductor (up to 2.13 at least) looks each frozen constant up
+    with a flat ``getattr(gm, name)``, which fails for a dotted name: every warm compile
+    of a quantized model raised ``AttributeError`` there and fell back to the aten
+    executor. The alias is the same tensor (no copy); only this executor's graph (the
+    decomposed copy) changes, not the module the passes built."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or "." not in node.target:
+            continue
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        if not isinstance(value, torch.Tensor):
+            continue
+        flat = node.target.replace(".", "_")
+        while hasattr(gm, flat):
+            flat += "_"
+        object.__setattr__(gm, flat, value)  # a plain attribute, as Inductor's freezing makes them
+        node.target = flat
+        changed = True
+    if changed:
+        gm.recompile()
 
 
 def is_op_overload(target: Any) -> bool:

@@ -416,3 +416,18 @@ def test_version_bumps_on_a_torch_that_takes_one_tensor_per_call(monkeypatch):
     capture_cache._increment_versions((a, b))
     assert (a._version - before[0], b._version - before[1]) == (2, 2)
     assert capture_cache._INCREMENT_MANY is False
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
+def test_warm_compile_of_a_quantized_model_stays_on_inductor(cache, quantize):
+    """A quantized model's constants live in submodules (``llmopt_qlinear_<layer>.qdata``).
+    On a warm compile the capture cache hits, Inductor's FX graph cache hits too, and its
+    hit path looked each frozen constant up with a flat ``getattr``: the dotted names
+    raised and the model ran the aten executor (`compat._flat_constant_names`). Strict
+    mode raises instead of falling back, so both compiles must stay on Inductor."""
+    options = {"inner": "inductor", "quantize": quantize}
+    first, stored = _generate("llama", options)
+    second, statuses = _generate("llama", options)
+    assert stored[0] == "stored" and statuses[0] == "hit", (stored, statuses)
+    assert all(r.executor == "inductor" for r in llmopt.reports()), [r.executor for r in llmopt.reports()]
+    assert torch.equal(first, second)

@@ -317,3 +317,20 @@ def test_custom_op_fake_source():
     assert source is not None and "def test_custom_op_fake_source" in source  # this module
     assert compat.custom_op_fake_source(torch.ops.llmopt_test_compat.noop.default) == source
     assert compat.custom_op_fake_source(torch.ops.aten.add.Tensor) is None  # not a custom_op
+
+
+def test_constants_by_reference_flattens_submodule_constants():
+    """Inductor's FX-graph-cache hit path reads constants with a flat getattr: a get_attr
+    of a submodule's buffer gets a top-level alias (the same tensor, no copy)."""
+    root = torch.nn.Module()
+    root.sub = torch.nn.Module()
+    root.sub.register_buffer("qdata", torch.arange(4.0))
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(torch.add, (x, g.get_attr("sub.qdata"))))
+    gm = torch.fx.GraphModule(root, g)
+    compat._constants_by_reference(gm)
+    (attr,) = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    assert "." not in attr.target and getattr(gm, attr.target) is root.sub.qdata
+    assert getattr(gm, attr.target)._is_frozen_param
+    assert torch.equal(gm(torch.ones(4)), torch.arange(4.0) + 1)

@@ -41,17 +41,18 @@ for aten's bf16 int4 kernel; at N=768 K=2048 0.35 vs 1.34 ms (3.8x). Beyond
 (prefill): :func:`int4_prefill_cpu` below.
 
 Prefill (:func:`int4_prefill_cpu`, more rows than ``CPU_INT4_GEMV_MAX_M``): a block of
-weight rows at a time (at most ``PREFILL_BLOCK_BYTES`` of dequantized weight, so the block
+weight rows at a time (at most ``int8_weight_only_cpu.PREFILL_BLOCK_BYTES`` of dequantized weight, so the block
 stays in the core's cache between its write and the matmul's read), a generated
-dequantize kernel writes the block in the activations' dtype, then ``F.linear`` multiplies
-it. The kernel reads each packed byte once and writes both of its columns in one pass;
+dequantize kernel writes the block in the activations' dtype, then ``prefill_linear``
+multiplies it (oneDNN's linear in float32, as the int8 prefill; ``F.linear`` otherwise). The kernel reads each packed byte once and writes both of its columns in one pass;
 the reference's eager dequantize (``&``, ``>>``, ``stack``, a cast, ``-``, ``*``: six
 passes over the whole float weight in memory) was most of a prefill's time. To keep every
 load and store of that kernel contiguous, the block's columns come out permuted, the even
 columns of the weight first, then the odd ones, and ``x`` is permuted the same way once
 per call (an ``[M, K]`` copy): the product is the same sum in another order. Measured on
 the CI machine (2 threads, M=64 N=2048 K=768 group 128, weights cycled from memory):
-9.7 ms per linear through the reference, 2.1 ms here, 1.7 ms for the float32 linear. One
+9.7 ms per linear through the reference, 2.1 ms here with ``F.linear``, 1.7 ms for the
+float32 ``F.linear``; oneDNN's linear roughly halves both matmuls. One
 kernel per block signature (rows, K, groups, dtypes, thread count), a handful per model,
 in :data:`COMPILED_INT4_DEQUANTIZERS`; a compile failure falls back to the reference as
 for the GEMV.
@@ -66,9 +67,10 @@ A compile failure is logged once and :func:`int4_gemv_cpu` returns ``None`` from
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .int8_weight_only_cpu import CompiledCpuGemv, compile_gemv, gemv_call_supported
+from .int8_weight_only_cpu import (
+    CompiledCpuGemv, compile_gemv, gemv_call_supported, prefill_block_rows, prefill_linear,
+)
 
 # Rows up to which the generated GEMV is used. Measured (one thread, N=2048 K=768, weights
 # streamed): M=1 0.5 ms, M=4 1.7 ms, M=8 3.2 ms against 11-14 ms for the reference (whose
@@ -134,29 +136,9 @@ def compile_int4_dequantize(args: tuple[torch.Tensor, ...]):
 # The process's compiled prefill dequantize kernels (module docstring), owned like the GEMVs.
 COMPILED_INT4_DEQUANTIZERS = CompiledCpuGemv(compiler=compile_int4_dequantize, label="int4 prefill")
 
-# The most bytes of dequantized weight one block holds: small enough to stay in a core's
-# L2/L3 between the dequantize kernel's write and the matmul's read.
-PREFILL_BLOCK_BYTES = 4 * 2**20
-
-
-def prefill_block_rows(n: int, k: int, itemsize: int) -> int:
-    """Weight rows per dequantized block: all ``n`` when they fit ``PREFILL_BLOCK_BYTES``,
-    else a multiple of 8 that divides ``n`` if one lies between half the cap and the cap
-    (one kernel signature per weight), else the cap rounded down to a multiple of 8 (two:
-    the blocks and the remainder)."""
-    cap = max(8, PREFILL_BLOCK_BYTES // max(1, k * itemsize))
-    if n <= cap:
-        return n
-    top = cap // 8 * 8
-    for rows in range(top, max(cap // 2, 8) - 1, -8):
-        if n % rows == 0:
-            return rows
-    return top
-
-
 def int4_prefill_cpu(x2: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      bias=None, kernels: CompiledCpuGemv | None = None):
-    """``[M, N]`` result of the blocked dequantize + ``F.linear`` (module docstring), or
+    """``[M, N]`` result of the blocked dequantize + ``prefill_linear`` (module docstring), or
     ``None`` when it cannot run here (the caller then runs the reference). Any number of
     rows; contracts are checked by the caller. ``kernels``: the dequantize kernels to use
     and fill (default :data:`COMPILED_INT4_DEQUANTIZERS`)."""
@@ -174,7 +156,7 @@ def int4_prefill_cpu(x2: torch.Tensor, w_packed: torch.Tensor, scales: torch.Ten
         w = kernels((w_packed[i:i + rows], scales[i:i + rows], zeros[i:i + rows], like))
         if w is None:
             return None
-        outs.append(F.linear(xp, w, None if bias is None else bias[i:i + rows].to(x2.dtype)))
+        outs.append(prefill_linear(xp, w, None if bias is None else bias[i:i + rows].to(x2.dtype)))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .int8_weight_only_cpu import int8_gemv_cpu
+from .int8_weight_only_cpu import int8_gemv_cpu, int8_prefill_cpu
 from .kernel_mode import on_tensor_device
 from .quant_launch import (
     allocate_output, gemm_tile, implementation, launch_weight_only, load_tile, store_row, store_tile,
@@ -131,6 +131,8 @@ def int8_weight_only_linear_cpu(x, w_int8, scales, bias=None):
             y = y + bias.to(y.dtype)
     else:
         y = int8_gemv_cpu(x2, w_int8, scales, bias)
+        if y is None:
+            y = int8_prefill_cpu(x2, w_int8, scales, bias)
         if y is None:
             return int8_weight_only_linear_ref(x, w_int8, scales, bias)
     return y.reshape(*x.shape[:-1], n)

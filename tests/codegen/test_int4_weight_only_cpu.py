@@ -20,6 +20,7 @@ from conftest import assert_close
 
 import llmopt.codegen.int4_weight_only as i4
 import llmopt.codegen.int4_weight_only_cpu as i4cpu
+import llmopt.codegen.int8_weight_only_cpu as i8cpu
 
 
 @given(m=st.integers(1, i4cpu.CPU_INT4_GEMV_MAX_M), n=st.sampled_from([1, 7, 40, 130]),
@@ -136,7 +137,7 @@ def test_an_explicit_cache_is_filled_instead_of_the_process_one():
 @given(m=st.integers(i4cpu.CPU_INT4_GEMV_MAX_M + 1, 70), n=st.sampled_from([1, 7, 40, 130]),
        kg=st.sampled_from([(32, 32), (96, 32), (128, 64), (256, 128), (768, 128)]),
        dtype=st.sampled_from(DTYPES), layout=st.sampled_from(["contiguous", "transposed", "strided"]),
-       with_bias=st.booleans(), block_bytes=st.sampled_from([256, 4096, i4cpu.PREFILL_BLOCK_BYTES]))
+       with_bias=st.booleans(), block_bytes=st.sampled_from([256, 4096, i8cpu.PREFILL_BLOCK_BYTES]))
 def test_prefill_matches_reference_and_truth(m, n, kg, dtype, layout, with_bias, block_bytes):
     """The blocked dequantize + ``F.linear`` (several blocks, a remainder block, one block)
     against the fp64 truth and the int4 reference, any row count past the GEMV's."""
@@ -144,12 +145,12 @@ def test_prefill_matches_reference_and_truth(m, n, kg, dtype, layout, with_bias,
     x = activations(m, k, dtype, layout)
     wp, s, z = int4_weight(n, k, group)
     bias = torch.randn(n) if with_bias else None
-    saved = i4cpu.PREFILL_BLOCK_BYTES
-    i4cpu.PREFILL_BLOCK_BYTES = block_bytes
+    saved = i8cpu.PREFILL_BLOCK_BYTES
+    i8cpu.PREFILL_BLOCK_BYTES = block_bytes
     try:
         out = i4cpu.int4_prefill_cpu(x, wp, s, z, bias)
     finally:
-        i4cpu.PREFILL_BLOCK_BYTES = saved
+        i8cpu.PREFILL_BLOCK_BYTES = saved
     assert out is not None and out.shape == (m, n) and out.dtype == dtype
     truth = i4.int4_weight_only_linear_ref(f64(x), wp, f64(s), f64(z), group, f64(bias))
     assert_close(out, truth, dtype, "int4 prefill vs fp64")
@@ -158,13 +159,13 @@ def test_prefill_matches_reference_and_truth(m, n, kg, dtype, layout, with_bias,
 
 
 def test_prefill_block_rows():
-    cap_rows = i4cpu.PREFILL_BLOCK_BYTES // (768 * 4)  # 1365 float32 rows of K = 768
-    assert i4cpu.prefill_block_rows(1280, 768, 4) == 1280, "fits: one block"
-    assert i4cpu.prefill_block_rows(2048, 768, 4) == 1024, "a divisor: one kernel signature"
-    assert i4cpu.prefill_block_rows(16000, 768, 4) == 1000
-    rows = i4cpu.prefill_block_rows(1367 * 2 + 1, 768, 4)  # odd: no multiple of 8 divides it
+    cap_rows = i8cpu.PREFILL_BLOCK_BYTES // (768 * 4)  # 1365 float32 rows of K = 768
+    assert i8cpu.prefill_block_rows(1280, 768, 4) == 1280, "fits: one block"
+    assert i8cpu.prefill_block_rows(2048, 768, 4) == 1024, "a divisor: one kernel signature"
+    assert i8cpu.prefill_block_rows(16000, 768, 4) == 1000
+    rows = i8cpu.prefill_block_rows(1367 * 2 + 1, 768, 4)  # odd: no multiple of 8 divides it
     assert rows == cap_rows // 8 * 8
-    assert i4cpu.prefill_block_rows(3, 10**9, 4) == 3, "at least 8 rows (or all of them) per block"
+    assert i8cpu.prefill_block_rows(3, 10**9, 4) == 3, "at least 8 rows (or all of them) per block"
 
 
 def test_prefill_nan_in_activations_stays_in_its_row():

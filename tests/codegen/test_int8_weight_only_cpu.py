@@ -131,3 +131,64 @@ def test_reference_converts_the_weight_in_blocks(dtype):
     out = ql.int8_weight_only_linear_ref(x, w, s, bias)
     truth = x.double() @ (w.double() * s.double()[:, None]).t() + bias.double()
     assert_close(out, truth, dtype, "blockwise int8 reference vs fp64")
+
+
+# ---------------------------------------------------------------------------- prefill
+@given(m=st.integers(qcpu.CPU_GEMV_MAX_M + 1, 70), n=st.sampled_from([1, 7, 40, 130]),
+       k=st.sampled_from([1, 17, 96, 768]), with_bias=st.booleans(), transposed=st.booleans(),
+       block_bytes=st.sampled_from([64, 4096, qcpu.PREFILL_BLOCK_BYTES]))
+def test_prefill_matches_truth(m, n, k, with_bias, transposed, block_bytes):
+    """The float32 prefill (blocks of converted rows through oneDNN, the scale on the
+    output) against the fp64 truth: several blocks, a remainder block, one block."""
+    x = torch.randn(k, m).t() if transposed else torch.randn(m, k)
+    w, s = _int8_weight(n, k)
+    bias = torch.randn(n) if with_bias else None
+    saved = qcpu.PREFILL_BLOCK_BYTES
+    qcpu.PREFILL_BLOCK_BYTES = block_bytes
+    try:
+        out = qcpu.int8_prefill_cpu(x, w, s, bias)
+    finally:
+        qcpu.PREFILL_BLOCK_BYTES = saved
+    if not qcpu.compat.onednn_linear_available():
+        assert out is None
+        return
+    assert out is not None and out.shape == (m, n) and out.dtype == torch.float32
+    assert_close(out, ql.int8_weight_only_linear_ref(_f64(x), w, _f64(s), _f64(bias)), torch.float32,
+                 "int8 prefill vs fp64")
+
+
+def test_registered_op_routes_float32_prefill_to_it(monkeypatch):
+    calls = []
+    real = qcpu.int8_prefill_cpu
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(ql, "int8_prefill_cpu", spy)
+    w, s = _int8_weight(40, 64)
+    x = torch.randn(2, qcpu.CPU_GEMV_MAX_M + 3, 64)
+    y = torch.ops.llmopt.int8_weight_only_linear(x, w, s)
+    assert calls == [(2 * (qcpu.CPU_GEMV_MAX_M + 3), 64)]
+    assert_close(y, ql.int8_weight_only_linear_ref(_f64(x), w, _f64(s)), torch.float32)
+
+
+def test_prefill_declines_what_it_does_not_handle(monkeypatch):
+    w, s = _int8_weight(8, 64)
+    assert qcpu.int8_prefill_cpu(torch.randn(0, 64), w, s) is None
+    assert qcpu.int8_prefill_cpu(torch.randn(20, 64, dtype=torch.float64), w, s) is None
+    assert qcpu.int8_prefill_cpu(torch.randn(20, 64, dtype=torch.bfloat16), w, s) is None
+    monkeypatch.setattr(qcpu.compat, "onednn_linear_available", lambda: False)
+    assert qcpu.int8_prefill_cpu(torch.randn(20, 64), w, s) is None, "no oneDNN: the reference"
+    x = torch.randn(20, 64)
+    assert_close(torch.ops.llmopt.int8_weight_only_linear(x, w, s),
+                 ql.int8_weight_only_linear_ref(_f64(x), w, _f64(s)), torch.float32)
+
+
+def test_prefill_nan_in_activations_stays_in_its_row():
+    w, s = _int8_weight(16, 64)
+    x = torch.randn(qcpu.CPU_GEMV_MAX_M + 4, 64)
+    x[3, 1] = float("nan")
+    out = qcpu.int8_prefill_cpu(x, w, s)
+    if out is not None:
+        assert out[3].isnan().all() and not out[torch.arange(len(x)) != 3].isnan().any()
