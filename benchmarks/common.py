@@ -32,8 +32,14 @@ def environment() -> dict:
         tf_version = transformers.__version__
     except ImportError:
         tf_version = None
+    import importlib.metadata
+
+    try:  # the torchao peer's version, where it is installed (its speed differs by release)
+        torchao_version = importlib.metadata.version("torchao")
+    except importlib.metadata.PackageNotFoundError:
+        torchao_version = None
     cuda = torch.cuda.is_available()
-    return {
+    env = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "device_kind": "cuda" if cuda else "cpu",
         "torch": torch.__version__,
@@ -43,6 +49,9 @@ def environment() -> dict:
         "date": _dt.date.today().isoformat(),
         "threads": torch.get_num_threads(),
     }
+    if torchao_version is not None:
+        env["torchao"] = torchao_version
+    return env
 
 
 def device_slug(env: dict) -> str:
