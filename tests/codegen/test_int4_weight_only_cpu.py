@@ -100,20 +100,27 @@ def test_reference_mode_bypasses_it(reference_kernels):
     assert (len(i4cpu.COMPILED_INT4_GEMVS), len(i4cpu.COMPILED_INT4_DEQUANTIZERS)) == before
 
 
-def test_compile_failure_falls_back_to_the_reference(monkeypatch, caplog):
+@pytest.mark.parametrize("cache, label, rows, entry", [
+    ("COMPILED_INT4_GEMVS", "int4", 1, "int4_gemv_cpu"),
+    ("COMPILED_INT4_DEQUANTIZERS", "int4 prefill", i4cpu.CPU_INT4_GEMV_MAX_M + 1, "int4_prefill_cpu"),
+])
+def test_compile_failure_falls_back_to_the_reference(monkeypatch, caplog, cache, label, rows, entry):
+    """The GEMV (decode) and the prefill dequantize each fall back to the reference when
+    Inductor cannot compile, with one warning, and do not retry."""
     def no_compiler(args):
         raise RuntimeError("no C++ compiler")
 
-    gemvs = i4cpu.CompiledCpuGemv(compiler=no_compiler, label="int4")
-    monkeypatch.setattr(i4cpu, "COMPILED_INT4_GEMVS", gemvs)
+    kernels = i4cpu.CompiledCpuGemv(compiler=no_compiler, label=label)
+    monkeypatch.setattr(i4cpu, cache, kernels)
     wp, s, z = int4_weight(16, 64, 32)
-    x = torch.randn(1, 64)
+    x = torch.randn(rows, 64)
+    run = getattr(i4cpu, entry)
     with caplog.at_level(logging.WARNING, logger="llmopt.codegen.int8_weight_only_cpu"):
-        assert i4cpu.int4_gemv_cpu(x, wp, s, z) is None
+        assert run(x, wp, s, z) is None
         y = torch.ops.llmopt.int4_weight_only_linear(x, wp, s, z, 32)
-    assert "no C++ compiler" in caplog.text and "int4 GEMV" in caplog.text and gemvs.failed
+    assert "no C++ compiler" in caplog.text and f"{label} GEMV" in caplog.text and kernels.failed
     assert_close(y, i4.int4_weight_only_linear_ref(f64(x), wp, f64(s), f64(z), 32), torch.float32)
-    assert i4cpu.int4_gemv_cpu(x, wp, s, z) is None, "a failed compiler is not retried on every call"
+    assert run(x, wp, s, z) is None, "a failed compiler is not retried on every call"
 
 
 def test_out_of_contract_calls_are_declined():
@@ -175,21 +182,6 @@ def test_prefill_nan_in_activations_stays_in_its_row():
     x[2, 7] = float("nan")
     out = i4cpu.int4_prefill_cpu(x, wp, s, z)
     assert out[2].isnan().all() and not out[torch.arange(len(x)) != 2].isnan().any()
-
-
-def test_prefill_compile_failure_falls_back_to_the_reference(monkeypatch, caplog):
-    def no_compiler(args):
-        raise RuntimeError("no C++ compiler")
-
-    kernels = i4cpu.CompiledCpuGemv(compiler=no_compiler, label="int4 prefill")
-    monkeypatch.setattr(i4cpu, "COMPILED_INT4_DEQUANTIZERS", kernels)
-    wp, s, z = int4_weight(16, 64, 32)
-    x = torch.randn(i4cpu.CPU_INT4_GEMV_MAX_M + 1, 64)
-    with caplog.at_level(logging.WARNING, logger="llmopt.codegen.int8_weight_only_cpu"):
-        assert i4cpu.int4_prefill_cpu(x, wp, s, z) is None
-        y = torch.ops.llmopt.int4_weight_only_linear(x, wp, s, z, 32)
-    assert "no C++ compiler" in caplog.text and "int4 prefill" in caplog.text and kernels.failed
-    assert_close(y, i4.int4_weight_only_linear_ref(f64(x), wp, f64(s), f64(z), 32), torch.float32)
 
 
 def test_prefill_declines_out_of_contract_calls():
