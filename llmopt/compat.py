@@ -159,22 +159,23 @@ def _flat_constant_names(gm: torch.fx.GraphModule) -> None:
     of a quantized model raised ``AttributeError`` there and fell back to the aten
     executor. The alias is the same tensor (no copy); only this executor's graph (the
     decomposed copy) changes, not the module the passes built."""
-    changed = False
+    aliases: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op != "get_attr" or "." not in node.target:
             continue
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        if not isinstance(value, torch.Tensor):
-            continue
-        flat = node.target.replace(".", "_")
-        while hasattr(gm, flat):
-            flat += "_"
-        object.__setattr__(gm, flat, value)  # a plain attribute, as Inductor's freezing makes them
-        node.target = flat
-        changed = True
-    if changed:
+        if node.target not in aliases:
+            value = gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            if not isinstance(value, torch.Tensor):
+                continue
+            flat = node.target.replace(".", "_")
+            while hasattr(gm, flat):
+                flat += "_"
+            object.__setattr__(gm, flat, value)  # a plain attribute, as Inductor's freezing makes them
+            aliases[node.target] = flat
+        node.target = aliases[node.target]
+    if aliases:
         gm.recompile()
 
 

@@ -327,10 +327,13 @@ def test_constants_by_reference_flattens_submodule_constants():
     root.sub.register_buffer("qdata", torch.arange(4.0))
     g = torch.fx.Graph()
     x = g.placeholder("x")
-    g.output(g.call_function(torch.add, (x, g.get_attr("sub.qdata"))))
+    once = g.call_function(torch.add, (x, g.get_attr("sub.qdata")))
+    g.output(g.call_function(torch.add, (once, g.get_attr("sub.qdata"))))
     gm = torch.fx.GraphModule(root, g)
     compat._constants_by_reference(gm)
-    (attr,) = [n for n in gm.graph.nodes if n.op == "get_attr"]
-    assert "." not in attr.target and getattr(gm, attr.target) is root.sub.qdata
-    assert getattr(gm, attr.target)._is_frozen_param
-    assert torch.equal(gm(torch.ones(4)), torch.arange(4.0) + 1)
+    targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert len(targets) == 1, "one alias per constant, however many nodes read it"
+    (target,) = targets
+    assert "." not in target and getattr(gm, target) is root.sub.qdata
+    assert getattr(gm, target)._is_frozen_param
+    assert torch.equal(gm(torch.ones(4)), 2 * torch.arange(4.0) + 1)

@@ -17,9 +17,10 @@ CPU (:func:`int4_weight_only_linear_cpu_impl`): up to ``CPU_INT4_GEMV_MAX_M`` ro
 (decode), the int4 GEMV that Inductor generates (``int4_weight_only_cpu``: it streams the
 packed weight once, ~4-5x faster than the float32 ``F.linear`` at M = 1, float32-exact);
 more rows (prefill), a generated dequantize kernel writes the weight a cache-sized block
-of rows at a time and ``F.linear`` multiplies each block (``int4_prefill_cpu``, ~4.6x
-faster than the reference's whole-weight eager dequantize); the reference (dequantize,
-then ``F.linear``) where neither generated kernel runs. PyTorch's int4 CPU
+of rows at a time and oneDNN's linear (float32; ``F.linear`` otherwise) multiplies each
+block (``int4_prefill_cpu``, ~4.6x faster than the reference's whole-weight eager
+dequantize before oneDNN halved the matmul); the reference (dequantize, then
+``F.linear``) where neither generated kernel runs. PyTorch's int4 CPU
 kernel (``aten._weight_int4pack_mm_for_cpu``, 45 us against 116 us for the fp32 linear at
 M=1, K=768, N=2048, bfloat16 only: its float32 path is 5x slower than the float32 linear)
 reads its own blocked layout: ``quant_packing.pack_int4_for_cpu`` converts once, at load
@@ -137,8 +138,8 @@ def int4_weight_only_linear_ref(x, w_packed, scales, zeros, group_size, bias=Non
 
 def int4_weight_only_linear_cpu_impl(x, w_packed, scales, zeros, group_size, bias=None):
     """The CPU implementation of ``int4_weight_only_linear`` (portable layout): the generated
-    int4 GEMV for a few rows, the blocked generated dequantize + ``F.linear`` for more, the
-    reference where neither runs (module docstring)."""
+    int4 GEMV for a few rows, the blocked generated dequantize + ``prefill_linear`` for more,
+    the reference where neither runs (module docstring)."""
     n, k = check_int4_weight(OP, x, w_packed, scales, zeros, group_size, bias)
     x2 = x.reshape(-1, k)
     y = int4_gemv_cpu(x2, w_packed, scales, zeros, bias)

@@ -41,11 +41,12 @@ for aten's bf16 int4 kernel; at N=768 K=2048 0.35 vs 1.34 ms (3.8x). Beyond
 (prefill): :func:`int4_prefill_cpu` below.
 
 Prefill (:func:`int4_prefill_cpu`, more rows than ``CPU_INT4_GEMV_MAX_M``): a block of
-weight rows at a time (at most ``int8_weight_only_cpu.PREFILL_BLOCK_BYTES`` of dequantized weight, so the block
-stays in the core's cache between its write and the matmul's read), a generated
-dequantize kernel writes the block in the activations' dtype, then ``prefill_linear``
-multiplies it (oneDNN's linear in float32, as the int8 prefill; ``F.linear`` otherwise). The kernel reads each packed byte once and writes both of its columns in one pass;
-the reference's eager dequantize (``&``, ``>>``, ``stack``, a cast, ``-``, ``*``: six
+weight rows at a time (at most ``int8_weight_only_cpu.PREFILL_BLOCK_BYTES`` of dequantized
+weight, so the block stays in the core's cache between its write and the matmul's read),
+a generated dequantize kernel writes the block in the activations' dtype, then
+``prefill_linear`` multiplies it (oneDNN's linear in float32, as the int8 prefill;
+``F.linear`` otherwise). The kernel reads each packed byte once and writes both of its
+columns in one pass; the reference's eager dequantize (``&``, ``>>``, ``stack``, a cast, ``-``, ``*``: six
 passes over the whole float weight in memory) was most of a prefill's time. To keep every
 load and store of that kernel contiguous, the block's columns come out permuted, the even
 columns of the weight first, then the odd ones, and ``x`` is permuted the same way once
@@ -135,6 +136,7 @@ def compile_int4_dequantize(args: tuple[torch.Tensor, ...]):
 
 # The process's compiled prefill dequantize kernels (module docstring), owned like the GEMVs.
 COMPILED_INT4_DEQUANTIZERS = CompiledCpuGemv(compiler=compile_int4_dequantize, label="int4 prefill")
+
 
 def int4_prefill_cpu(x2: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      bias=None, kernels: CompiledCpuGemv | None = None):
