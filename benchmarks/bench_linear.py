@@ -171,7 +171,6 @@ def main(argv=None):
     }
     slug = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
     out = args.out or Path(__file__).resolve().parent / "results" / f"{slug}-{record['date']}-linear.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -368,7 +368,6 @@ def main(argv=None) -> dict:
     if not args.no_write:
         if args.out:
             out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
         else:
             out = write_results("serving", payload)

@@ -72,9 +72,9 @@ def write_results(name: str, payload: dict) -> Path:
     env = payload.setdefault("environment", environment())
     # LLMOPT_BENCH_RESULTS: another directory (python -m llmopt.tools.gpu_check --out DIR sets it)
     results = Path(os.environ.get("LLMOPT_BENCH_RESULTS") or RESULTS)
-    results.mkdir(parents=True, exist_ok=True)
     path = results / f"{device_slug(env)}-{env['date']}-{name}.json"
-    from llmopt.codegen.locked_file import atomic_write_text  # the scripts put the checkout on sys.path
+    # creates the directory; the scripts put the checkout on sys.path
+    from llmopt.codegen.locked_file import atomic_write_text
 
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     return path

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .int8_weight_only_cpu import int8_gemv_cpu, int8_prefill_cpu
+from .int8_weight_only_cpu import PREFILL_BLOCK_BYTES, int8_gemv_cpu, int8_prefill_cpu
 from .kernel_mode import on_tensor_device
 from .quant_launch import (
     allocate_output, gemm_tile, implementation, launch_weight_only, load_tile, store_row, store_tile,
@@ -39,8 +39,8 @@ OP = "int8_weight_only_linear"
 AUTOTUNE_KEY = ["M_BUCKET", "N", "K"]
 # Float bytes of one block of weight rows converted at a time by the reference: converting
 # a 32000 x 768 head whole allocates 98 MB and takes 60 ms at M = 16 (page faults), in 3 MB
-# blocks 14 ms.
-DEQUANT_BLOCK_BYTES = 4 * 2**20
+# blocks 14 ms. The same bound as the CPU prefill's blocks (int8_weight_only_cpu), one value.
+DEQUANT_BLOCK_BYTES = PREFILL_BLOCK_BYTES
 
 
 # ----------------------------------------------------------------------------------------
