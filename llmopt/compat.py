@@ -384,6 +384,12 @@ def recording_recompiles() -> _RecompileRecorder:
     return _RecompileRecorder()
 
 
+# Dynamo's config flag that lets it trace data-dependent output shapes (``nonzero``,
+# ``torch.where`` of one argument) into the graph instead of breaking it; llmopt only names
+# it in user messages (a per-expert MoE loop is traced whole with it set).
+DYNAMIC_OUTPUT_SHAPES_FLAG = "torch._dynamo.config.capture_dynamic_output_shape_ops"
+
+
 def dynamo_control_flow_exceptions() -> tuple[type[BaseException], ...]:
     """Exceptions with which Dynamo steers its own tracing (restart the analysis with other
     settings, skip a frame). A backend must let them propagate: catching one as a failure

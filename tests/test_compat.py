@@ -111,6 +111,15 @@ def test_dynamo_control_flow_exceptions_are_recognized():
     assert not compat.is_dynamo_control_flow(RuntimeError("a real failure"))
 
 
+def test_the_dynamic_output_shapes_flag_that_messages_name_exists():
+    """fuse_moe's hint tells users to set this flag: it must be a real config entry here."""
+    import torch._dynamo.config as dynamo_config
+
+    module, _, name = compat.DYNAMIC_OUTPUT_SHAPES_FLAG.rpartition(".")
+    assert module == "torch._dynamo.config"
+    assert isinstance(getattr(dynamo_config, name), bool)
+
+
 def test_mark_static_address_is_what_module_state_kind_reads():
     t = torch.zeros(3)
     assert compat.module_state_kind(t) is None

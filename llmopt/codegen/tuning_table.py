@@ -12,7 +12,7 @@ Candidates (:data:`KERNELS`): ``gemv`` (:mod:`llmopt.codegen.gemv`), ``flat_gemm
 (:mod:`llmopt.codegen.flat_gemm`) and ``mm`` (``torch.matmul`` / ``addmm``: cuBLAS on CUDA,
 oneDNN on CPU, the epilogue done in torch).
 
-The table is a JSON file (never pickle), by default ``$LLMOPT_CACHE_DIR/tuning.json``, else
+The table is a plain JSON file (nothing is unpickled), by default ``$LLMOPT_CACHE_DIR/tuning.json``, else
 ``$XDG_CACHE_HOME/llmopt/tuning.json``, else ``~/.cache/llmopt/tuning.json``. Its header
 records the llmopt and Triton versions and the device it was tuned on; a file that is
 corrupt or comes from another version or device is ignored with a warning (the heuristic

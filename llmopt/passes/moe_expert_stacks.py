@@ -2,9 +2,9 @@
 
 A per-expert loop reads ``3·E`` 2-D constants, one ``gate [I, H]``, ``up [I, H]`` and
 ``down [H, I]`` per expert, where transformers 5 reads two stacks. When Dynamo traces the
-loop into one graph (the user compiled with
-``torch._dynamo.config.capture_dynamic_output_shape_ops = True``, which lets it trace the
-data-dependent ``torch.where`` of each expert), ``fuse_moe`` finds the block but not its
+loop into one graph (the user compiled with Dynamo's flag
+``compat.DYNAMIC_OUTPUT_SHAPES_FLAG`` set to True, which lets it trace the data-dependent
+``torch.where`` of each expert), ``fuse_moe`` finds the block but not its
 stacks; this module builds them:
 
     gate_up [E, 2I, H] = stack_e(cat(gate_e, up_e)),  down [E, H, I] = stack_e(down_e)
@@ -16,8 +16,8 @@ proof holds, :func:`share` makes the stacks *the* storage of the per-expert weig
 (``frozen_weights.share_storage``: ``gate_e = gate_up[e, :I]``, ``up_e = gate_up[e, I:]``,
 ``down_e = down[e]``, the parameters' own shapes and strides): each weight held once.
 
-Source: transformers 4.48 ``MixtralSparseMoeBlock`` (the loop); Dynamo's
-``capture_dynamic_output_shape_ops`` (unbacked sizes for ``nonzero`` / ``torch.where``).
+Source: transformers 4.48 ``MixtralSparseMoeBlock`` (the loop); Dynamo's dynamic output
+shapes (unbacked sizes for ``nonzero`` / ``torch.where``).
 """
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ import math
 import torch
 import torch.fx as fx
 
+from ..compat import DYNAMIC_OUTPUT_SHAPES_FLAG
 from ..frozen_weights import ledger, share_storage
 from ..graph import add_constant, constant_value, real_tensors, tensor_meta
 from ..weight_release import check_readable, layout
 
 FLAG_HINT = (
-    "compile with torch._dynamo.config.capture_dynamic_output_shape_ops = True (Dynamo then traces the "
-    "per-expert loop into one graph and fuse_moe stacks the experts), or call llmopt.prepare_moe(model) "
-    "before torch.compile"
+    f"compile with {DYNAMIC_OUTPUT_SHAPES_FLAG} = True (Dynamo then traces the per-expert loop into one "
+    "graph and fuse_moe stacks the experts), or call llmopt.prepare_moe(model) before torch.compile"
 )
 
 

@@ -1,4 +1,4 @@
-"""Save and load quantized models: safetensors for tensors, JSON for the rest; no pickle.
+"""Save and load quantized models: safetensors for tensors, JSON for the rest; nothing is unpickled.
 
 A directory written by :func:`save_quantized` holds
 
