@@ -13,9 +13,11 @@ copies every other node as it is, with its metadata.
 It falls back to the whole-graph retrace whenever the shortcut cannot be shown to give the
 same graph: symbolic shapes, a call that is not an ATen/llmopt op (Python functions,
 higher-order ops, ``operator`` arithmetic on sizes), an input without fake metadata, or a
-decomposition whose outputs differ in shape, dtype or strides from the node's recorded
-value (its users' metadata would then be stale). Only the executor's graph changes; the
-report and the golden files read the graph before this step.
+decomposition whose outputs differ in shape or dtype from the node's recorded value (its
+users' metadata would then be stale). An output in another layout than the recorded one
+is copied into it (:func:`_recorded_outputs`): the graph's views were traced on it. Only
+the executor's graph changes; the report and the golden files read the graph before this
+step.
 """
 from __future__ import annotations
 
@@ -144,7 +146,7 @@ def _inline(graph: fx.Graph, node: fx.Node, env: dict, table: dict, constants: d
             result = fx.node.map_arg(sub_node.args[0], lambda n: mapping[n])
         else:
             raise _Unsupported(f"{sub_node.op} node in the decomposition of {node.name}")
-    _check_same_values(node, result)
+    result = _recorded_outputs(graph, node, result)
     if isinstance(result, list):
         result = tuple(result)
     return result
@@ -177,29 +179,51 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def _check_same_values(node: fx.Node, result: Any) -> None:
-    """The decomposition must produce what the node recorded: its users keep their metadata."""
+def _recorded_outputs(graph: fx.Graph, node: fx.Node, result: Any) -> Any:
+    """``result`` as ``node``'s users expect it: the values it recorded, in its layouts.
+
+    The decomposition must give as many tensors as the node recorded, each of the same
+    shape, dtype and device, or the shortcut does not apply. An output in another layout
+    is copied into the recorded one: the graph was traced on the eager kernel's layouts,
+    and a ``view`` after it may only be valid on them (an Inductor decomposition may
+    choose another layout: its ``cat`` with an empty operand returns the other operand as
+    it is, a transposed tensor for the empty first step of a dynamic KV cache, where eager
+    ``cat`` returns a contiguous one; the whole-graph retrace then fails on the ``view``)."""
     recorded = node.meta.get("val")
     if result is None:
         if node.users:
             raise _Unsupported(f"the decomposition of {node.name} returns nothing")
-        return
+        return result
     outputs = list(result) if isinstance(result, (tuple, list)) else [result]
     values = list(recorded) if isinstance(recorded, (tuple, list)) else [recorded]
     if len(outputs) != len(values):
         raise _Unsupported(f"the decomposition of {node.name} returns {len(outputs)} values, not {len(values)}")
+    kept = []
     for out, value in zip(outputs, values):
         if not isinstance(out, fx.Node):
             raise _Unsupported(f"the decomposition of {node.name} returns a constant")
         new = out.meta.get("val")
         if value is None and new is None:
+            kept.append(out)
             continue
         if not (isinstance(new, torch.Tensor) and isinstance(value, torch.Tensor)):
             raise _Unsupported(f"the decomposition of {node.name} returns a non-tensor")
-        if (new.shape, new.dtype, new.device) != (value.shape, value.dtype, value.device) or not _same_layout(new, value):
-            raise _Unsupported(f"the decomposition of {node.name} changes its output's layout: "
-                               f"{tuple(new.shape)} {new.dtype} {new.stride()}, recorded {tuple(value.shape)} "
-                               f"{value.dtype} {value.stride()}")
+        if (new.shape, new.dtype, new.device) != (value.shape, value.dtype, value.device):
+            raise _Unsupported(f"the decomposition of {node.name} changes its output: {tuple(new.shape)} "
+                               f"{new.dtype} {new.device}, recorded {tuple(value.shape)} {value.dtype} {value.device}")
+        kept.append(out if _same_layout(new, value) else _copy_into_layout(graph, out, value))
+    return kept if isinstance(result, (tuple, list)) else kept[0]
+
+
+def _copy_into_layout(graph: fx.Graph, out: fx.Node, value: torch.Tensor) -> fx.Node:
+    """``out``'s values in a new tensor of ``value``'s shape and strides (a functional
+    ``copy`` into ``empty_strided``; Inductor keeps a copy between different layouts)."""
+    empty = graph.call_function(torch.ops.aten.empty_strided.default, (list(value.shape), list(value.stride())),
+                                {"dtype": value.dtype, "device": value.device})
+    empty.meta["val"] = value.new_empty_strided(value.shape, value.stride())
+    copy = graph.call_function(torch.ops.aten.copy.default, (empty, out))
+    copy.meta["val"] = value
+    return copy
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
