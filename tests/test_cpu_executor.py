@@ -271,9 +271,10 @@ def test_bf16_decode_gives_eager_tokens(executor, shipped_default, monkeypatch):
 
 
 def test_fp32_decode_row_is_the_generated_gemv_under_inductor_only():
-    """fp32 at M = 1 (linear.FP32_GEMV_MAX_M): under Inductor's retrace (make_fx) the linear
+    """fp32 at M <= 4 (linear.FP32_GEMV_MAX_M): under Inductor's retrace (make_fx) the linear
     is the GEMV's multiply-and-reduce expression, which Inductor generates in the graph's
-    C++; more rows, and a call (aten executor, eager), stay oneDNN's linear. Both forms
+    C++ (above one row with the input stored once: a fresh product by 1.0 viewed onto
+    itself); more rows, and a call (aten executor, eager), stay oneDNN's linear. Both forms
     against the fp64 truth, epilogue included."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -282,7 +283,7 @@ def test_fp32_decode_row_is_the_generated_gemv_under_inductor_only():
 
     if not compat.onednn_linear_available():
         pytest.skip("torch built without oneDNN: fp32 CPU linears run F.linear")
-    assert [cpu_linear_kernel(torch.float32, m) for m in (1, 2, 4, None)] == ["fp32_gemv", "onednn", "onednn", "onednn"]
+    assert [cpu_linear_kernel(torch.float32, m) for m in (1, 2, 4, 5, None)] == ["fp32_gemv"] * 3 + ["onednn"] * 2
     # large K (llama-1b's 2048 / 5632) stays on oneDNN: measured faster there (FP32_GEMV_MAX_K),
     # except a small weight (FP32_GEMV_SMALL_WEIGHT: llama-100m's down_proj, llama-1b's o_proj)
     assert [cpu_linear_kernel(torch.float32, 1, k) for k in (768, 1024, 2048)] == ["fp32_gemv", "fp32_gemv", "onednn"]
@@ -290,7 +291,7 @@ def test_fp32_decode_row_is_the_generated_gemv_under_inductor_only():
     assert [cpu_linear_kernel(torch.float32, 1, k, n) for n, k in shapes] == \
         ["fp32_gemv", "fp32_gemv", "fp32_gemv", "onednn", "onednn", "onednn", "onednn"]
     assert cpu_linear_kernel(torch.float32, FP32_GEMV_MAX_M + 1, 2048, 768) == "onednn"
-    assert FP32_GEMV_MAX_M == 1
+    assert FP32_GEMV_MAX_M == 4
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(2 * 24, 40, generator=g), torch.randn(2 * 24, generator=g)
     r = torch.randn(1, 1, 24, generator=g)
@@ -304,9 +305,13 @@ def test_fp32_decode_row_is_the_generated_gemv_under_inductor_only():
 
     decode_gm, decode = targets(1)
     assert "aten.sum.dim_IntList" in decode and not any("linear_pointwise" in t for t in decode)
+    assert "aten.as_strided.default" not in decode, "one row: the input is read once per weight row anyway"
+    rows_gm, rows = targets(FP32_GEMV_MAX_M)
+    assert {"aten.as_strided.default", "aten.sum.dim_IntList"} <= rows and not any("linear_pointwise" in t for t in rows)
     assert any("linear_pointwise" in t for t in targets(FP32_GEMV_MAX_M + 1)[1])
-    x = torch.randn(1, 1, 40, generator=g)
-    y = (x.double() @ w.double().T + b.double())
-    truth = torch.nn.functional.silu(y[..., :24]) * y[..., 24:] + r.double()
-    assert_close(decode_gm(x, w, b, r), truth, torch.float32, what="traced fp32 GEMV vs fp64")
-    assert_close(run(x, w, b, r), truth, torch.float32, what="called (oneDNN) vs fp64")
+    for m, gm in ((1, decode_gm), (FP32_GEMV_MAX_M, rows_gm)):
+        x = torch.randn(m, 1, 40, generator=g)
+        y = (x.double() @ w.double().T + b.double())
+        truth = torch.nn.functional.silu(y[..., :24]) * y[..., 24:] + r.double()
+        assert_close(gm(x, w, b, r), truth, torch.float32, what=f"traced fp32 GEMV vs fp64, M={m}")
+        assert_close(run(x, w, b, r), truth, torch.float32, what=f"called (oneDNN) vs fp64, M={m}")

@@ -31,8 +31,9 @@ to ``INLINED_GEMV_MAX_M`` = 4 rows run it there, for a small weight (faster than
 ``BF16_GEMV_MAX_M``.
 
 The expression is dtype-generic (``.to(float32)`` is free on fp32): fp32 decode rows
-(M = 1, small weights) inside a graph Inductor compiles run it too, without the stored
-input (``linear.FP32_GEMV_MAX_M``, ``linear.small_gemv_weight``).
+(M <= 4, small weights) inside a graph Inductor compiles run it too, with the input
+stored through a product by 1.0 above one row (``linear.FP32_GEMV_MAX_M``,
+``linear.small_gemv_weight``).
 
 Two forms of one expression, :func:`bf16_gemv_expression`:
 - called (the aten executor, eager ``llmopt.linear``): the kernel compiled for the call's
@@ -77,21 +78,30 @@ def bf16_gemv_expression(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     507 -> 345 us. In a bf16 decode step, the stored input (the ``as_strided`` below) is
     what makes it pay: llama-100m batch 4, 26.7 ms without it, 12.6 ms with it."""
     wf = weight.to(torch.float32)
-    if x.dtype == torch.float32:
-        xf = x
-    else:
-        # The input converted into a fresh contiguous buffer, then viewed onto itself:
-        # Inductor lowers as_strided by storing its input, so the loop below reads a stored
-        # [M, K] float32 buffer; without it Inductor inlined the input's producer (the
-        # RMSNorm's tail, the embedding gather) into the loop and recomputed it for every
-        # weight row and row. Only on the fresh buffer this line makes (offset 0,
-        # contiguous in the trace and in Inductor alike): on the input itself the view's
-        # offset would be the traced tensor's, and a node-by-node retrace traces a view
-        # input as a fresh tensor (an fp32 lm_head on the last position read row 0).
+    rows = x.shape[0]
+    several = isinstance(rows, int) and rows > 1
+    # The input stored once in a fresh contiguous float32 buffer, then viewed onto itself:
+    # Inductor lowers as_strided by storing its input, so the loop below reads a stored
+    # [M, K] buffer; without it Inductor inlined the input's producer (the RMSNorm's tail,
+    # the embedding gather) into the loop and recomputed it for every weight row and row.
+    # Only on a fresh buffer (offset 0, contiguous in the trace and in Inductor alike): on
+    # the input itself the view's offset would be the traced tensor's, and a node-by-node
+    # retrace traces a view input as a fresh tensor (an fp32 lm_head on the last position
+    # read row 0). bf16 makes the buffer by its conversion. fp32 has none, and Inductor's
+    # post-grad passes drop ``clone`` and a ``copy`` whose metadata matches its source as
+    # no-ops, so fp32 makes it by a product by 1.0 (exact: signed zeros, infinities and NaN
+    # kept), after ``contiguous()`` so that eager's buffer is contiguous like Inductor's (a
+    # product keeps a dense input's strides). One fp32 row takes no buffer: the llama-100m
+    # batch-1 decode step measured the same with it (12.06 ms both, 7 interleaved rounds).
+    if x.dtype != torch.float32:
         xf = x.to(torch.float32, memory_format=torch.contiguous_format)
         xf = xf.as_strided(xf.shape, xf.stride(), 0)
-    rows = x.shape[0]
-    if isinstance(rows, int) and rows > 1:
+    elif several:
+        xf = x.contiguous().mul(1.0)
+        xf = xf.as_strided(xf.shape, xf.stride(), 0)
+    else:
+        xf = x
+    if several:
         y = torch.stack([(xf[m] * wf).sum(-1) for m in range(rows)])
     else:
         y = (xf[:, None, :] * wf).sum(-1)

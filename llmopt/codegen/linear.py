@@ -107,10 +107,14 @@ def onednn_runs(dtype: torch.dtype) -> bool:
 # 1.04x (5 rounds, the machine's bandwidth moving 3-61 GB/s). Larger weights (llama-1b's
 # qkv, gate/up; every K = 4096 / 5632) stay on oneDNN, 1.15-1.4x faster alone there.
 # docs/executors.md.
-# M: 1. With its input stored once, 4 rows were faster than oneDNN (llama-100m batch 4, 18.5
-# vs 24.3 ms), but fp32 has no conversion to store the input through safely
-# (bf16_gemv_expression) and the inlined input made 4 rows slower: docs/executors.md.
-FP32_GEMV_MAX_M = 1
+# M: up to 4, with the input stored once (bf16_gemv_expression: a product by 1.0 viewed onto
+# itself, which Inductor keeps; without it Inductor inlined the input's producer and 4 rows
+# were slower than oneDNN). Whole llama-100m decode step, fp32, against M = 1 (two compiled
+# copies in one process, 7 interleaved rounds, 2 threads; #16, ninth session): batch 4
+# 23.9 -> 17.6 ms at cache 88 (1.35x) and 25.7 -> 18.2 ms at 4096 (1.41x), batch 2
+# 19.2 -> 13.6 ms (1.41x); llama-1b batch 4 (only o_proj is a small weight) 210 -> 208 ms
+# (1.01x). docs/executors.md.
+FP32_GEMV_MAX_M = 4
 FP32_GEMV_MAX_K = 1024
 FP32_GEMV_SMALL_MAX_K = 2048
 FP32_GEMV_SMALL_WEIGHT = 2**22  # elements (16 MiB of fp32)

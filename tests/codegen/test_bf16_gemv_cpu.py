@@ -128,7 +128,7 @@ def test_inductor_compiles_the_rows_expression_after_a_norm(dtype):
     h, g = torch.randn(3, 96, generator=gen).to(dtype), torch.randn(96, generator=gen).to(dtype)
     w = (torch.randn(40, 96, generator=gen) / 96 ** 0.5).to(dtype)
     gm = make_fx(body)(h, g, w)
-    assert ("aten.as_strided.default" in {str(n.target) for n in gm.graph.nodes}) == (dtype == BF16)
+    assert "aten.as_strided.default" in {str(n.target) for n in gm.graph.nodes}, "the input stored once"
     run = compat.inductor_compile(gm, [h, g, w])
     (out,) = run([h, g, w])
     h64 = _f64(h)
@@ -136,24 +136,29 @@ def test_inductor_compiles_the_rows_expression_after_a_norm(dtype):
     assert_close(out, truth, dtype, f"Inductor-compiled rows GEMV {dtype}")
 
 
-def test_stored_input_reads_the_right_rows_of_a_view():
-    """The bf16 input is stored through a fresh contiguous copy (as_strided onto itself):
-    a view input (the last position's row, at a storage offset) still reads its own rows,
-    in eager, under make_fx and compiled by Inductor."""
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+@pytest.mark.parametrize("view", ["last position", "contiguous rows at an offset"])
+def test_stored_input_reads_the_right_rows_of_a_view(dtype, view):
+    """The input is stored through a fresh contiguous buffer (bf16: the conversion; fp32:
+    the product by 1.0) viewed onto itself: a view input at a storage offset (the last
+    position's rows, or whole rows further on) still reads its own rows, in eager, under
+    make_fx and compiled by Inductor."""
     from llmopt import compat
 
     gen = torch.Generator().manual_seed(9)
-    h = torch.randn(2, 5, 64, generator=gen).to(BF16)
-    w = (torch.randn(24, 64, generator=gen) / 8).to(BF16)
+    h = torch.randn(2, 5, 64, generator=gen).to(dtype)
+    w = (torch.randn(24, 64, generator=gen) / 8).to(dtype)
+    rows = (lambda h: h[:, -1]) if view == "last position" else (lambda h: h.view(10, 64)[6:9])
 
     def body(h, w):
-        return (bcpu.bf16_gemv_expression(h[:, -1], w),)  # a strided view at an offset
+        return (bcpu.bf16_gemv_expression(rows(h), w),)
 
-    truth = _f64(h)[:, -1] @ _f64(w).T
-    assert_close(body(h, w)[0], truth, BF16, "eager")
+    assert rows(h).storage_offset() > 0
+    truth = rows(_f64(h)) @ _f64(w).T
+    assert_close(body(h, w)[0], truth, dtype, "eager")
     gm = make_fx(body)(h, w)
-    assert_close(gm(h, w)[0], truth, BF16, "make_fx")
-    assert_close(compat.inductor_compile(make_fx(body)(h, w), [h, w])([h, w])[0], truth, BF16, "Inductor")
+    assert_close(gm(h, w)[0], truth, dtype, "make_fx")
+    assert_close(compat.inductor_compile(make_fx(body)(h, w), [h, w])([h, w])[0], truth, dtype, "Inductor")
 
 
 def test_expression_matches_the_compiled_kernel():
