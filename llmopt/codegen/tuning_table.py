@@ -12,12 +12,13 @@ Candidates (:data:`KERNELS`): ``gemv`` (:mod:`llmopt.codegen.gemv`), ``flat_gemm
 (:mod:`llmopt.codegen.flat_gemm`) and ``mm`` (``torch.matmul`` / ``addmm``: cuBLAS on CUDA,
 oneDNN on CPU, the epilogue done in torch).
 
-The table is a plain JSON file (nothing is unpickled), by default ``$LLMOPT_CACHE_DIR/tuning.json``, else
-``$XDG_CACHE_HOME/llmopt/tuning.json``, else ``~/.cache/llmopt/tuning.json``. Its header
-records the llmopt and Triton versions and the device it was tuned on; a file that is
-corrupt or comes from another version or device is ignored with a warning (the heuristic
-is used), never a crash; an impossible entry (:func:`config_problem`) is skipped with a
-warning naming the file and the entry, and the others are kept. :meth:`TuningTable.save`
+The table is a plain JSON file (nothing is unpickled), by default
+``$LLMOPT_CACHE_DIR/tuning.json``, else ``$XDG_CACHE_HOME/llmopt/tuning.json``, else
+``~/.cache/llmopt/tuning.json``. Its header records the llmopt and Triton versions and the
+device it was tuned on; a file that is corrupt or comes from another version or device is
+ignored with a warning (the heuristic is used), never a crash; an impossible entry
+(:func:`config_problem`) is skipped with a warning naming the file and the entry, and the
+others are kept. :meth:`TuningTable.save`
 merges with the file on disk under an exclusive lock and replaces it atomically
 (:mod:`llmopt.codegen.locked_file`), so concurrent ``llmopt autotune`` runs add up and an
 interrupted one resumes where it stopped.
