@@ -19,8 +19,8 @@ device it was tuned on; a file that is corrupt or comes from another version or 
 ignored with a warning (the heuristic is used), never a crash; an impossible entry
 (:func:`config_problem`) is skipped with a warning naming the file and the entry, and the
 others are kept. :meth:`TuningTable.save` merges with the file on disk under an exclusive
-lock and replaces it atomically (:mod:`llmopt.codegen.locked_file`), so concurrent ``llmopt autotune`` runs add up and an
-interrupted one resumes where it stopped.
+lock and replaces it atomically (:mod:`llmopt.codegen.locked_file`), so concurrent
+``llmopt autotune`` runs add up and an interrupted one resumes where it stopped.
 
 Heuristic used where the table has no entry (:func:`heuristic_kernel`):
 
