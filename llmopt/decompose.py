@@ -211,8 +211,25 @@ def _recorded_outputs(graph: fx.Graph, node: fx.Node, result: Any) -> Any:
         if (new.shape, new.dtype, new.device) != (value.shape, value.dtype, value.device):
             raise _Unsupported(f"the decomposition of {node.name} changes its output: {tuple(new.shape)} "
                                f"{new.dtype} {new.device}, recorded {tuple(value.shape)} {value.dtype} {value.device}")
-        kept.append(out if _same_layout(new, value) else _copy_into_layout(graph, out, value))
+        if _same_layout(new, value):
+            kept.append(out)
+        elif _dense(value):
+            kept.append(_copy_into_layout(graph, out, value))
+        else:  # an expanded or strided recorded value: no buffer of its own to copy into
+            raise _Unsupported(f"the decomposition of {node.name} changes its output's layout: {new.stride()}, "
+                               f"recorded {value.stride()} (not dense)")
     return kept if isinstance(result, (tuple, list)) else kept[0]
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory exactly once (a permuted contiguous tensor):
+    a buffer of these strides can be allocated and written."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _copy_into_layout(graph: fx.Graph, out: fx.Node, value: torch.Tensor) -> fx.Node:

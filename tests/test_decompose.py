@@ -175,6 +175,16 @@ def test_an_output_in_another_layout_is_copied_into_the_recorded_one(monkeypatch
     assert copy.meta["val"].stride() == (704, 176, 16, 1), "the recorded (eager cat's) layout"
     assert torch.equal(out(past, new), attention_keys(past, new))
 
+    # A recorded value that is not dense (an expanded tensor): no buffer to copy into, so
+    # the graph is retraced whole as before.
+    calls = []
+    monkeypatch.setattr(decompose_module, "whole_graph", lambda *a: calls.append(1) or a[0])
+    materialized = {torch.ops.aten.expand.default: lambda x, size, implicit=False: x.repeat(1, size[1] // x.shape[1])}
+    broadcast = _traced(lambda x: x.expand(3, 4) * 1, torch.randn(3, 1))
+    broadcast_inputs = [n.meta["val"] for n in broadcast.graph.nodes if n.op == "placeholder"]
+    decompose_module.decompose(broadcast, broadcast_inputs, materialized)
+    assert calls == [1]
+
     # Both layouts the same: nothing added.
     same = {torch.ops.aten.cat.default: lambda tensors, dim=0: next(t for t in tensors if t.numel()).contiguous()}
     assert "aten.copy.default" not in _histogram(decompose_module.decompose(gm, inputs, same))
