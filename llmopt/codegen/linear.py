@@ -113,7 +113,8 @@ def onednn_runs(dtype: torch.dtype) -> bool:
 # copies in one process, 7 interleaved rounds, 2 threads; #16, ninth session): batch 4
 # 23.9 -> 17.6 ms at cache 88 (1.35x) and 25.7 -> 18.2 ms at 4096 (1.41x), batch 2
 # 19.2 -> 13.6 ms (1.41x); llama-1b batch 4 (only o_proj is a small weight) 210 -> 208 ms
-# (1.01x). docs/executors.md.
+# (1.01x); llama-500m batch 4 (qkv and o_proj small, K = 1536) 86.4 -> 87.2 ms (0.99x).
+# docs/executors.md.
 FP32_GEMV_MAX_M = 4
 FP32_GEMV_MAX_K = 1024
 FP32_GEMV_SMALL_MAX_K = 2048
