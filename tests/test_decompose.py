@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.fx as fx
 
-import llmopt
 import llmopt.backend as backend
 from conftest import assert_close
 from llmopt import decompose as decompose_module
@@ -158,7 +157,8 @@ def test_an_output_in_another_layout_is_copied_into_the_recorded_one(monkeypatch
     on: Inductor's ``cat`` returns a lone non-empty operand as it is (Bloom's and GPT-2's
     prefill: an empty dynamic-cache tensor and a transposed one), where eager ``cat``
     returned a contiguous tensor that the graph then ``view``s. The shortcut copies the
-    output into the recorded layout; the whole-graph retrace failed on the ``view``."""
+    output into the recorded layout; the whole-graph retrace failed on the ``view``.
+    Bloom end to end on the Inductor executor: tests/models/test_more_architectures.py."""
     monkeypatch.setattr(decompose_module, "whole_graph", lambda *a: pytest.fail("retraced whole"))
     lone_operand = {torch.ops.aten.cat.default: lambda tensors, dim=0: next(t for t in tensors if t.numel()).clone()}
 
@@ -189,22 +189,3 @@ def test_an_output_in_another_layout_is_copied_into_the_recorded_one(monkeypatch
     same = {torch.ops.aten.cat.default: lambda tensors, dim=0: next(t for t in tensors if t.numel()).contiguous()}
     assert "aten.copy.default" not in _histogram(decompose_module.decompose(gm, inputs, same))
 
-
-def test_bloom_compiles_on_the_inductor_executor(monkeypatch):
-    """End to end: Bloom's prefill (the empty dynamic cache concatenated, then viewed) used
-    to fall back to the aten executor when the decomposition changed the layout."""
-    import transformers as tf
-
-    monkeypatch.delenv(CPU_EXECUTOR_ENV, raising=False)
-    torch.manual_seed(0)
-    config = tf.BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)
-    model = tf.BloomForCausalLM(config).eval()
-    prompt = tokens(2, 11)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        expected = model(prompt).logits
-        got = torch.compile(model.forward, backend="llmopt", options={"strict": True})(prompt).logits
-    torch._dynamo.reset()
-    report = llmopt.last_report()
-    assert not report.fallbacks and report.executor == "inductor"
-    assert_close(got, expected.double(), torch.float32, what="bloom prefill, Inductor executor")
