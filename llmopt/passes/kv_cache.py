@@ -31,9 +31,12 @@ and a recompile per shape bucket; the pass leaves it alone and says so in the re
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
+from ..codegen import zero_pages
 from ..codegen import attention_decode as _decode  # noqa: F401  (registers the op)
 from ..codegen import attention_prefill as _prefill  # noqa: F401
 from ..codegen import kv_cache as _kv  # noqa: F401
@@ -69,8 +72,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
             continue
         _rewrite(gm, node, args, k_upd, v_upd, write_backs, plans, ctx)
         count += 1
-    if ctx.executor == "aten":
-        count += _fresh_cache_updates_in_place(gm, ctx)
+    count += _first_writes_of_fresh_caches(gm, ctx)
     if count:
         ctx.report.notes.append(f"kv_cache: static cache (index_copy/index_put) updates in {count} attention(s) → in-place append")
     if dynamic_layers:
@@ -81,39 +83,75 @@ def run(gm: fx.GraphModule, ctx) -> int:
 FRESH_ALLOCATIONS = (aten.zeros.default, aten.full.default, aten.empty.memory_format)
 
 
-def _fresh_cache_updates_in_place(gm: fx.GraphModule, ctx) -> int:
-    """``index_copy(zeros(...), dim, pos, new)`` → ``index_copy_`` into a private ``zeros``.
+def _first_writes_of_fresh_caches(gm: fx.GraphModule, ctx) -> int:
+    """``index_copy(zeros(...), dim, pos, new)``: the first write into a cache the graph
+    allocates, written into its allocation instead of a copy of it.
 
     Hugging Face's ``StaticCache`` allocates its tensors lazily, inside the first forward:
     the prefill graph then allocates each cache and writes the prompt's K/V into it with a
-    functional ``index_copy``, which copies the whole freshly zeroed cache once more (for a
-    4096-slot cache of a 12-layer model, 24 extra copies of a few MB in the prefill). The
+    functional ``index_copy``, which copies the whole freshly zeroed cache once more. The
     allocation has no other reader, so writing into it in place is the same result. Each
     update gets its own allocation (CSE may have merged the identical ``zeros`` of K and V).
-    Only for the aten executor, which runs in-place ATen ops as written.
+
+    - A CPU allocation of at least ``zero_pages.MIN_BYTES`` (either executor) becomes
+      ``llmopt::zeros_index_copy``: the zeros are fresh pages the kernel supplies on first
+      write, so a 4096-slot cache costs a system call instead of a zero fill of its whole
+      capacity (page faults included: 50-60 ms of a ~130 ms bf16 prefill at batch 4 on the
+      CI machine, ``codegen/zero_pages.py``), and its resident memory grows with the tokens
+      written. Inductor calls it through its CPU twin.
+    - Otherwise, with the aten executor (which runs ATen as written): ``zeros`` +
+      ``index_copy_``. With Inductor: left as is (Inductor fuses the fill and the write
+      into one loop; a device allocator does not hand out zeroed pages).
     """
     g = gm.graph
     count = 0
     for node in list(g.nodes):
         if node.op != "call_function" or node.target != aten.index_copy.default:
             continue
-        cache = node.args[0]
-        if not (isinstance(cache, fx.Node) and cache.op == "call_function" and cache.target in FRESH_ALLOCATIONS):
+        cache, dim, pos, new = node.args[:4]
+        if not _is_zero_allocation(cache):
             continue
         if any(u.target != aten.index_copy.default or u.args[0] is not cache for u in cache.users):
             continue  # the allocation is read as is somewhere: keep the functional form
+        cv, nv, pv = tensor_meta(cache), tensor_meta(new), tensor_meta(pos)
+        if cv is None or nv is None or pv is None or cv.dtype != nv.dtype or cv.device != nv.device \
+                or pv.dim() > 1 or pv.dtype != torch.int64:
+            continue  # index_copy itself would refuse it: leave its error to it
+        lazy = zero_pages.lazily_zeroed(cv.shape, cv.dtype, cv.device) and all(isinstance(s, int) for s in cv.shape)
+        if not lazy and ctx.executor != "aten":
+            continue
         with g.inserting_before(node):
-            buf = g.call_function(cache.target, cache.args, dict(cache.kwargs))
-            buf.meta = dict(cache.meta)
-            inplace = g.call_function(aten.index_copy_.default, (buf, *node.args[1:]), dict(node.kwargs))
-            inplace.meta = dict(node.meta)
-        node.replace_all_uses_with(inplace)
+            if lazy:
+                written = g.call_function(llmopt.zeros_index_copy.default, (new, dim, pos, list(cache.args[0])))
+                how = "zero pages mapped lazily, update written in place"
+            else:
+                buf = g.call_function(cache.target, cache.args, dict(cache.kwargs))
+                buf.meta = dict(cache.meta)
+                written = g.call_function(aten.index_copy_.default, (buf, *node.args[1:]), dict(node.kwargs))
+                how = "update written in place"
+            written.meta = dict(node.meta)
+        node.replace_all_uses_with(written)
         g.erase_node(node)
         if not cache.users:
             g.erase_node(cache)
-        ctx.rewrite(inplace, "cache allocated in the graph (lazy StaticCache): update written in place")
+        ctx.rewrite(written, f"cache allocated in the graph (lazy StaticCache): {how}")
         count += 1
     return count
+
+
+def _is_zero_allocation(node) -> bool:
+    """A contiguous, strided, unpinned allocation whose contents are zeros or unspecified."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in FRESH_ALLOCATIONS):
+        return False
+    if node.target == aten.full.default:
+        value = node.args[1] if len(node.args) > 1 else node.kwargs.get("fill_value")
+        if not isinstance(value, (int, float, bool)) or value != 0 or math.copysign(1.0, value) < 0:
+            return False  # not zeros (or -0.0, whose sign a zero page would lose)
+    layout, pinned = node.kwargs.get("layout"), node.kwargs.get("pin_memory")
+    fmt = node.kwargs.get("memory_format")
+    val = tensor_meta(node)
+    return (layout in (None, torch.strided) and not pinned and fmt in (None, torch.contiguous_format)
+            and val is not None and val.is_contiguous())
 
 
 def _bind(node: fx.Node) -> dict:

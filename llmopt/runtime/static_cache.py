@@ -8,6 +8,12 @@ Layout (what the attention kernels read). Per decoder layer, two tensors
 
     keys, values: [batch, num_kv_heads, max_seq_len, head_dim]   (contiguous, given dtype/device)
 
+On the CPU a buffer of at least a megabyte is fresh anonymous memory that the kernel zeroes
+on first touch (``codegen/zero_pages.py``): building a 4096-slot cache costs a system call
+per buffer instead of a zero fill of its whole capacity, and its resident memory grows with
+the tokens written. ``reset()`` (which zeroes every slot, as Hugging Face's does) touches it
+all; ``reset(zero_memory=False)`` does not.
+
 Slot ``s`` of row ``b`` holds the token written by the ``s``-th cache update of that row. All
 rows advance together (a batch is left-padded, as in Hugging Face ``generate``): the number
 of slots written, ``cumulative_length``, is one int64 device tensor shared by all layers,
@@ -52,6 +58,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..codegen import zero_pages
+from ..compat import mark_static_address
 from .rank_heads import rank_kv_heads  # also registers llmopt::tp_local_heads / tp_full_heads
 
 try:
@@ -125,6 +133,23 @@ class StaticKVLayer(StaticLayerBase):
         self.num_tokens = 0
         self._owner = owner
         self._advances_counter = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> None:
+        """Hugging Face's, with K and V allocated by ``zero_pages.zeros`` (lazily zeroed pages
+        on the CPU, see the module docstring). Hugging Face's own runs first with no capacity,
+        so that every attribute its version sets is set; then the buffers get their size."""
+        capacity, self.max_cache_len = self.max_cache_len, 0
+        try:
+            super().lazy_initialization(key_states, value_states, *args, **kwargs)
+        finally:
+            self.max_cache_len = capacity
+        for name in ("keys", "values"):
+            empty = getattr(self, name)
+            batch, heads, _, dim = empty.shape
+            buffer = zero_pages.zeros((batch, heads, capacity, dim), empty.dtype, empty.device)
+            if not torch.compiler.is_compiling():
+                mark_static_address(buffer)
+            setattr(self, name, buffer)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         rank_heads = self._owner.rank_heads if self._owner is not None else None

@@ -156,6 +156,49 @@ def test_lazily_allocated_hf_static_cache_is_written_in_place(inner):
     assert len(in_place) == (2 * layers if inner == "aten" else 0)
 
 
+@needs_transformers("4.57", "4.48's StaticCache allocates in __init__ (it needs batch_size), nothing is lazy")
+@pytest.mark.parametrize("inner", ["aten", "inductor"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_lazily_allocated_large_hf_static_cache_gets_zero_pages(family, inner, monkeypatch):
+    """A cache the prefill graph allocates, of at least zero_pages.MIN_BYTES on the CPU (here
+    lowered so the tiny models' caches count): its first write becomes
+    llmopt::zeros_index_copy under either executor (fresh pages, no zero fill), the graph
+    returns that buffer itself as the cache, and prefill + decode logits equal eager."""
+    from transformers import StaticCache
+
+    from llmopt.codegen import zero_pages
+
+    monkeypatch.setattr(zero_pages, "MIN_BYTES", 1)
+    torch._dynamo.reset()
+    model = tiny_model(family)
+    compiled = torch.compile(model.forward, backend="llmopt", options={"strict": True, "inner": inner})
+    prompt = tokens(2, 6)
+    outs, caches = {}, {}
+    with torch.no_grad():
+        for name, fwd in (("eager", model.forward), ("llmopt", compiled)):
+            cache = StaticCache(config=model.config, max_cache_len=24)
+            first = fwd(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(6), use_cache=True)
+            if name == "llmopt":
+                report = llmopt.reports()[-1]
+            logits = [first.logits]
+            nxt = first.logits[:, -1:].argmax(-1)
+            for pos in (6, 7):
+                p = torch.tensor([pos])
+                out = fwd(input_ids=nxt, past_key_values=cache, cache_position=p, position_ids=p.expand(2, 1),
+                          use_cache=True)
+                logits.append(out.logits)
+                nxt = out.logits[:, -1:].argmax(-1)
+            outs[name], caches[name] = logits, cache
+    for got, want in zip(outs["llmopt"], outs["eager"]):
+        assert_close(got, want, torch.float32)
+    lazy = [r for r in report.rewrites if r.pass_name == PASS and "zero pages" in r.detail]
+    assert len(lazy) == 2 * model.config.num_hidden_layers
+    for layer, ref in zip(caches["llmopt"].layers, caches["eager"].layers):
+        for got, want in ((layer.keys, ref.keys), (layer.values, ref.values)):
+            assert not got.untyped_storage().resizable()  # the op's mapping itself, not a copy of it
+            assert_close(got, want, torch.float32)
+
+
 @needs_transformers("4.57", "Gemma 2 of 4.48 expects a window-sized HybridCache, StaticKVCache refuses it")
 def test_gemma2_batch_size_change_keeps_the_graph_ordered():
     # A second batch size makes the batch symbolic: the kv_lens plan reads q's size, and

@@ -44,6 +44,41 @@ def test_layout_is_batch_kvheads_seq_headdim_per_layer(kind, heads, dim):
     assert cache.num_tokens == 0 and int(cache.slots_written()) == 0
 
 
+def test_large_cpu_buffers_are_lazily_zeroed_pages():
+    """A buffer of at least zero_pages.MIN_BYTES is fresh anonymous memory (the kernel zeroes
+    a page on first write): building a large cache touches almost none of it."""
+    import resource
+
+    from llmopt.codegen import zero_pages
+
+    config = tiny_model("llama").config  # 2 layers, 2 KV heads of 16: 128 B per slot and row in fp32
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    cache = StaticKVCache(config, batch_size=8, max_seq_len=8192, dtype=torch.float32)  # 8 MiB per buffer
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    assert faults < 8 * 4 * 2048 // 20, f"{faults} page faults: the buffers were written, not mapped"
+    for layer in cache.layers:
+        for buffer in (layer.keys, layer.values):
+            assert zero_pages.lazily_zeroed(buffer.shape, buffer.dtype)
+            assert not buffer.untyped_storage().resizable() and buffer.is_contiguous()
+            assert buffer.shape == (8, 2, 8192, 16) and not buffer[:, :, ::512].any()
+    small = StaticKVCache(config, batch_size=1, max_seq_len=16)
+    assert small.layers[0].keys.untyped_storage().resizable()  # below MIN_BYTES: torch.zeros
+
+
+def test_generate_over_lazily_zeroed_buffers_equals_eager(monkeypatch):
+    from llmopt.codegen import zero_pages
+
+    monkeypatch.setattr(zero_pages, "MIN_BYTES", 1)
+    model = tiny_model("llama")
+    ids, mask = ragged_prompts(3)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    cache = StaticKVCache(model.config, batch_size=3, max_seq_len=32)
+    assert not cache.layers[0].keys.untyped_storage().resizable()
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, past_key_values=cache)
+    assert torch.equal(got, expected)
+    assert torch.equal(generate(model, ids, 8, attention_mask=mask, stop_token_ids=()), expected)
+
+
 def test_overrides_and_bad_arguments():
     config = tiny_model("llama").config
     assert StaticKVCache(config, 1, 8, num_kv_heads=3, head_dim=5).shape == (1, 3, 8, 5)
