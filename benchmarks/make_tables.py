@@ -224,8 +224,9 @@ def decode_tables(scripts: list[tuple[Path, dict]]) -> list[str]:
     """The newest ``bench_decode.py`` result per device, model, dtype and loop: decode
     tokens/s per backend and case (KV capacity, batch) with the median's spread over the
     interleaved rounds, llmopt's speed-up over each peer, roofline fraction (of the loop's
-    step, and of the forward step alone where the file has it), TTFT and, when measured,
-    peak memory."""
+    step, and of the forward step alone where the file has it), TTFT with its spread and,
+    where the file has it, llmopt's TTFT against each peer paired per round, and, when
+    measured, peak memory."""
     newest: dict[tuple, tuple[Path, dict]] = {}
     for path, data in sorted(scripts, key=lambda item: item[0].name):
         if data.get("benchmark") == "decode" and data.get("results") and "loop" in data:
@@ -243,19 +244,22 @@ def decode_tables(scripts: list[tuple[Path, dict]]) -> list[str]:
                 f"interleaved rounds, read bandwidth {bandwidth} GB/s; torch "
                 f"{env.get('torch')}, transformers {env.get('transformers')}; `{path.name}`)", "",
                 "| KV capacity | batch | backend | decode tok/s (spread) | × eager | llmopt × this | roofline | TTFT ms "
-                "| peak MB |",
-                "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+                "(spread) | llmopt TTFT × this, paired | peak MB |",
+                "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in data["results"]:
             lo, hi = r.get("decode_step_spread_s", [None, None])
             spread = f" ({r['batch'] / hi:.1f}–{r['batch'] / lo:.1f})" if lo and hi else ""
             mem = r.get("memory", {}).get("peak_MB")
             forward = r.get("forward_roofline_fraction")
             roofline = f"{r.get('roofline_fraction', 0):.0%}" + (f" (forward {forward:.0%})" if forward else "")
+            t_lo, t_hi = r.get("ttft_spread_s", [None, None])
+            ttft_spread = f" ({t_lo * 1e3:.1f}–{t_hi * 1e3:.1f})" if t_lo and t_hi else ""
+            paired = r.get("ttft_llmopt_speedup_paired")
             out.append(f"| {r.get('cache_len')} | {r.get('batch')} | {r['backend']} | "
                        f"{_num(r.get('decode_tokens_per_s'))}{spread} | {_num(r.get('vs_eager'), 2)}× | "
                        f"{_num(r.get('llmopt_speedup'), 2)}× | "
-                       f"{roofline} | {_num(r.get('ttft_s', 0) * 1e3)} | "
-                       f"{_num(mem, 0) if mem else '—'} |")
+                       f"{roofline} | {_num(r.get('ttft_s', 0) * 1e3)}{ttft_spread} | "
+                       f"{_num(paired, 3) + '×' if paired else '—'} | {_num(mem, 0) if mem else '—'} |")
         out.append("")
     return out
 
