@@ -126,31 +126,44 @@ def test_unified_max_option_reaches_the_decode_op():
             assert_close(out, ref(x, pos), torch.float32)
 
 
+def run_over_a_lazy_hf_static_cache(family, inner, batch, max_cache_len, steps):
+    """Prefill 6 tokens then ``steps`` greedy decode steps over a transformers StaticCache (it
+    allocates in the first forward, inside the compiled prefill), eager then compiled by
+    llmopt (strict): (logits per call by backend, cache by backend, the prefill's report)."""
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    model = tiny_model(family)
+    compiled = torch.compile(model.forward, backend="llmopt", options={"strict": True, "inner": inner})
+    prompt = tokens(batch, 6)
+    outs, caches = {}, {}
+    with torch.no_grad():
+        for name, fwd in (("eager", model.forward), ("llmopt", compiled)):
+            cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+            first = fwd(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(6), use_cache=True)
+            if name == "llmopt":
+                report = llmopt.reports()[-1]
+            logits = [first.logits]
+            nxt = first.logits[:, -1:].argmax(-1)
+            for pos in range(6, 6 + steps):
+                p = torch.tensor([pos])
+                out = fwd(input_ids=nxt, past_key_values=cache, cache_position=p, position_ids=p.expand(batch, 1),
+                          use_cache=True)
+                logits.append(out.logits)
+                nxt = out.logits[:, -1:].argmax(-1)
+            outs[name], caches[name] = logits, cache
+    for got, want in zip(outs["llmopt"], outs["eager"]):
+        assert_close(got, want, torch.float32)
+    return model, caches, report
+
+
 @needs_transformers("4.57", "4.48's StaticCache allocates in __init__ (it needs batch_size), nothing is lazy")
 @pytest.mark.parametrize("inner", ["aten", "inductor"])
 def test_lazily_allocated_hf_static_cache_is_written_in_place(inner):
     """transformers' StaticCache allocates its tensors in the first forward: the prefill
     graph's functional index_copy into a fresh zeros() becomes index_copy_ (aten executor
-    only), and prefill + decode logits still equal eager."""
-    from transformers import StaticCache
-
-    torch._dynamo.reset()
-    model = tiny_model("llama")
-    compiled = torch.compile(model.forward, backend="llmopt", options={"strict": True, "inner": inner})
-    prompt = tokens(1, 6)
-    outs = {}
-    with torch.no_grad():
-        for name, fwd in (("eager", model.forward), ("llmopt", compiled)):
-            cache = StaticCache(config=model.config, max_cache_len=16)
-            first = fwd(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(6), use_cache=True)
-            if name == "llmopt":
-                report = llmopt.reports()[-1]
-            nxt = first.logits[:, -1:].argmax(-1)
-            pos = torch.tensor([6])
-            second = fwd(input_ids=nxt, past_key_values=cache, cache_position=pos, position_ids=pos[None], use_cache=True)
-            outs[name] = (first.logits, second.logits)
-    for got, want in zip(outs["llmopt"], outs["eager"]):
-        assert_close(got, want, torch.float32)
+    only; a cache this small is not lazily mapped), and prefill + decode logits equal eager."""
+    model, _, report = run_over_a_lazy_hf_static_cache("llama", inner, batch=1, max_cache_len=16, steps=1)
     in_place = [r for r in report.rewrites if r.pass_name == PASS and "written in place" in r.detail]
     layers = model.config.num_hidden_layers
     assert len(in_place) == (2 * layers if inner == "aten" else 0)
@@ -164,33 +177,10 @@ def test_lazily_allocated_large_hf_static_cache_gets_zero_pages(family, inner, m
     lowered so the tiny models' caches count): its first write becomes
     llmopt::zeros_index_copy under either executor (fresh pages, no zero fill), the graph
     returns that buffer itself as the cache, and prefill + decode logits equal eager."""
-    from transformers import StaticCache
-
     from llmopt.codegen import zero_pages
 
     monkeypatch.setattr(zero_pages, "MIN_BYTES", 1)
-    torch._dynamo.reset()
-    model = tiny_model(family)
-    compiled = torch.compile(model.forward, backend="llmopt", options={"strict": True, "inner": inner})
-    prompt = tokens(2, 6)
-    outs, caches = {}, {}
-    with torch.no_grad():
-        for name, fwd in (("eager", model.forward), ("llmopt", compiled)):
-            cache = StaticCache(config=model.config, max_cache_len=24)
-            first = fwd(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(6), use_cache=True)
-            if name == "llmopt":
-                report = llmopt.reports()[-1]
-            logits = [first.logits]
-            nxt = first.logits[:, -1:].argmax(-1)
-            for pos in (6, 7):
-                p = torch.tensor([pos])
-                out = fwd(input_ids=nxt, past_key_values=cache, cache_position=p, position_ids=p.expand(2, 1),
-                          use_cache=True)
-                logits.append(out.logits)
-                nxt = out.logits[:, -1:].argmax(-1)
-            outs[name], caches[name] = logits, cache
-    for got, want in zip(outs["llmopt"], outs["eager"]):
-        assert_close(got, want, torch.float32)
+    model, caches, report = run_over_a_lazy_hf_static_cache(family, inner, batch=2, max_cache_len=24, steps=2)
     lazy = [r for r in report.rewrites if r.pass_name == PASS and "zero pages" in r.detail]
     assert len(lazy) == 2 * model.config.num_hidden_layers
     for layer, ref in zip(caches["llmopt"].layers, caches["eager"].layers):
