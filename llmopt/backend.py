@@ -88,6 +88,8 @@ def llmopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: A
         report = CompileReport(options=opts.to_dict(), executor="eager (dynamo graph)")
         report.fallback("whole graph", f"{why}: llmopt optimizes inference only; {remedy}")
         _finish_report(report, opts)
+        _warn_unoptimized_once(f"llmopt: a graph compiled while {why} runs unoptimized (llmopt optimizes inference "
+                               f"only); {remedy}. Said once per process; each such graph's report says it too.")
         return gm.forward
 
     capture_start = time.perf_counter()
@@ -543,6 +545,17 @@ def _frozen_call(inner: Callable, keep: list[int], weights: FrozenWeights, check
     run._boxed_call = True
     run.llmopt_reader = weights.reader  # alive as long as this graph: it reads those storages
     return run
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_unoptimized_once(message: str) -> None:
+    """One log warning per process for a model that runs unoptimized for a reason the user
+    controls (a training-mode call would otherwise be as slow as eager without a word)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 def _finish_report(report: CompileReport, opts: Options) -> None:

@@ -189,13 +189,21 @@ def test_graph_breaks_compile_piecewise():
     assert len(llmopt.reports()) == 2
 
 
-def test_grad_mode_falls_back_with_a_reason():
-    m = MLP()
+def test_grad_mode_falls_back_with_a_reason(monkeypatch, caplog):
+    from llmopt import backend
+
+    monkeypatch.setattr(backend, "_WARNED", set())
     x = torch.randn(2, 16)
-    out = torch.compile(m, backend="llmopt")(x)
-    out.sum().backward()  # autograd still works
-    assert m.a.weight.grad is not None
-    assert "inference only" in llmopt.last_report().fallbacks[0].reason
+    with caplog.at_level("WARNING", logger="llmopt"):
+        for _ in range(2):  # two models: two graphs, one warning
+            torch._dynamo.reset()
+            m = MLP()
+            out = torch.compile(m, backend="llmopt")(x)
+            out.sum().backward()  # autograd still works
+            assert m.a.weight.grad is not None
+            assert "inference only" in llmopt.last_report().fallbacks[0].reason
+    lines = [r.getMessage() for r in caplog.records if "runs unoptimized" in r.getMessage()]
+    assert len(lines) == 1 and "torch.no_grad()" in lines[0] and "autograd is recording" in lines[0], lines
 
 
 def test_unsupported_dtype_falls_back_without_crash():
