@@ -24,15 +24,7 @@ import torch
 
 import llmopt
 from llmopt.tools.model_spec import resolve
-
-
-def resident_mb() -> float:
-    """This process's resident memory (Linux), MB; 0 where /proc is not there."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-    except (OSError, StopIteration):
-        return 0.0
+from llmopt.tools.peak_memory import PeakMemory
 
 
 def main():
@@ -70,10 +62,10 @@ def main():
         from llmopt.runtime import StaticKVCache
 
         model.forward = torch.compile(model.forward, backend="llmopt")
-        rss_before = resident_mb()
-        cache = StaticKVCache(model.config, batch_size=args.batch, max_seq_len=capacity,
-                              dtype=spec.dtype, device=spec.device)
-        rss_built = resident_mb() - rss_before
+        with PeakMemory(torch.device(spec.device)) as building:  # peak RSS on CPU, allocated memory on CUDA
+            cache = StaticKVCache(model.config, batch_size=args.batch, max_seq_len=capacity,
+                                  dtype=spec.dtype, device=spec.device)
+        _, built_mb, _ = building.result()
         model.generate(ids, past_key_values=cache, **hf_kwargs)  # compiles prefill and decode graphs
         cache.reset()
         start = time.perf_counter()
@@ -88,7 +80,7 @@ def main():
     print(f"HF generate, llmopt forward : {new / compiled_s:8.1f} tokens/s")
     reserved = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     print(f"StaticKVCache: {capacity} slots, {reserved / 2**20:.1f} MB reserved; the process grew by "
-          f"{rss_built:.1f} MB building it")
+          f"{built_mb:.1f} MB building it")
     print(f"tokens equal (HF compiled vs eager): {torch.equal(compiled, eager)}")
     print(f"tokens equal (llmopt.generate vs eager): {torch.equal(ours, eager)}")
     print("first row:", ours[0, -args.new_tokens:].tolist())

@@ -5,7 +5,7 @@ in and zeroed twice (once by the kernel, once by the fill) before anything is st
 static KV cache is the extreme case: its capacity is reserved up front and mostly unused.
 Hugging Face's ``StaticCache`` with 4096 slots is 200 MB of K and V for a ~100M-parameter
 model at batch 4 in bf16, allocated in the first forward (inside the compiled prefill):
-measured on the 2-core CI machine, ~50k page faults and 50-60 ms of a ~130 ms prefill,
+measured on the 2-core CI machine, ~50k page faults and 50-60 ms of a ~180 ms prefill,
 for a prompt that writes 64 of the 4096 slots.
 
 :func:`zeros` instead maps fresh anonymous memory (``mmap``): the kernel hands out zero
@@ -46,7 +46,7 @@ def lazily_zeroed(shape: Sequence[int], dtype: torch.dtype, device: torch.device
     """Whether :func:`zeros` maps this allocation lazily (CPU, at least :data:`MIN_BYTES`)."""
     if torch.device(device).type != "cpu":
         return False
-    nbytes = math.prod(int(s) for s in shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(int(s) for s in shape) * dtype.itemsize
     return nbytes > 0 and nbytes >= MIN_BYTES
 
 
@@ -59,7 +59,7 @@ def zeros(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str =
     if not lazily_zeroed(shape, dtype, device):
         return torch.zeros(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
-    buffer = mmap.mmap(-1, numel * torch.empty((), dtype=dtype).element_size())  # private, anonymous: zero pages
+    buffer = mmap.mmap(-1, numel * dtype.itemsize)  # private, anonymous: zero pages
     return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)
 
 

@@ -96,7 +96,7 @@ def _first_writes_of_fresh_caches(gm: fx.GraphModule, ctx) -> int:
     - A CPU allocation of at least ``zero_pages.MIN_BYTES`` (either executor) becomes
       ``llmopt::zeros_index_copy``: the zeros are fresh pages the kernel supplies on first
       write, so a 4096-slot cache costs a system call instead of a zero fill of its whole
-      capacity (page faults included: 50-60 ms of a ~130 ms bf16 prefill at batch 4 on the
+      capacity (page faults included: 50-60 ms of a ~180 ms bf16 prefill at batch 4 on the
       CI machine, ``codegen/zero_pages.py``), and its resident memory grows with the tokens
       written. Inductor calls it through its CPU twin.
     - Otherwise, with the aten executor (which runs ATen as written): ``zeros`` +
@@ -117,7 +117,8 @@ def _first_writes_of_fresh_caches(gm: fx.GraphModule, ctx) -> int:
         if cv is None or nv is None or pv is None or cv.dtype != nv.dtype or cv.device != nv.device \
                 or pv.dim() > 1 or pv.dtype != torch.int64:
             continue  # index_copy itself would refuse it: leave its error to it
-        lazy = zero_pages.lazily_zeroed(cv.shape, cv.dtype, cv.device) and all(isinstance(s, int) for s in cv.shape)
+        # Concrete sizes first: lazily_zeroed reads them as ints (a symbolic size would be guarded on).
+        lazy = all(isinstance(s, int) for s in cv.shape) and zero_pages.lazily_zeroed(cv.shape, cv.dtype, cv.device)
         if not lazy and ctx.executor != "aten":
             continue
         with g.inserting_before(node):

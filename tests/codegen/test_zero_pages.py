@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmopt.codegen import zero_pages as Z
+from llmopt.tools.peak_memory import _proc_status_kb
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8, torch.int64, torch.bool]
 MB = 1 << 20
@@ -23,11 +24,9 @@ def minor_faults() -> int:
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
+    kb = _proc_status_kb("VmRSS")
+    assert kb is not None, "no VmRSS in /proc/self/status"
+    return kb * 1024
 
 
 @pytest.fixture
